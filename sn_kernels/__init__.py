@@ -1,0 +1,36 @@
+"""sn_kernels: fused spectral normalization for PyTorch.
+
+One op (``spectral_normalize``), three backends ("native", "triton", "torch")
+chosen by ``set_backend``, and drop-ins for both PyTorch front ends:
+``sn_kernels.spectral_norm`` (= ``torch.nn.utils.spectral_norm``) and
+``sn_kernels.parametrizations.spectral_norm``
+(= ``torch.nn.utils.parametrizations.spectral_norm``).
+"""
+from . import parametrizations
+from .dispatch import available_backends, explain, get_backend, set_backend, use_backend
+from .functional import spectral_normalize
+from .hooks import remove_spectral_norm, spectral_norm
+from .nn import (
+    SNConv1d,
+    SNConv2d,
+    SNConv3d,
+    SNConvTranspose1d,
+    SNConvTranspose2d,
+    SNConvTranspose3d,
+    SNEmbedding,
+    SNLinear,
+    apply_spectral_norm,
+    convert,
+    is_spectral_normalized,
+    sigmas,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "spectral_normalize", "spectral_norm", "remove_spectral_norm", "parametrizations",
+    "available_backends", "set_backend", "get_backend", "use_backend", "explain",
+    "apply_spectral_norm", "convert", "sigmas", "is_spectral_normalized",
+    "SNLinear", "SNConv1d", "SNConv2d", "SNConv3d",
+    "SNConvTranspose1d", "SNConvTranspose2d", "SNConvTranspose3d", "SNEmbedding",
+]

@@ -1,0 +1,147 @@
+"""Backend choice: the only place that decides which implementation runs.
+
+Backends, fastest first: "native" (the compiled extension ``sn_kernels._C``),
+"triton" (Triton kernels, CUDA tensors), "torch" (plain PyTorch, any device).
+"auto" picks the first that can run on the tensor's device and falls back;
+an explicitly requested backend that cannot run raises with the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("native", "triton", "torch")
+_CHOICES = ("auto",) + BACKENDS
+
+# name -> module path; each module exposes ``why_not(device) -> str | None``,
+# ``forward`` (a torch.library custom op) and ``backward`` (a callable).
+_MODULES = {
+    "native": "sn_kernels.native",
+    "triton": "sn_kernels.triton",
+    "torch": "sn_kernels.reference",
+}
+
+
+def _check_choice(name: str) -> str:
+    name = str(name).lower()
+    if name not in _CHOICES:
+        raise ValueError(f"unknown sn_kernels backend {name!r}; choose one of {_CHOICES}")
+    return name
+
+
+_selected = _check_choice(os.environ.get("SN_KERNELS_BACKEND", "auto") or "auto")
+_loaded: dict[str, object] = {}
+_load_errors: dict[str, str] = {}
+_fallback_notes: dict[tuple[str, str], str] = {}
+
+
+def _load(name: str):
+    """Import a backend module once; remember why it failed."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # an optional dependency may be missing or broken
+        _load_errors[name] = f"cannot import {_MODULES[name]}: {type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def why_not(name: str, device: torch.device | str, *, auto: bool = False) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (None when it can).
+
+    With ``auto=True`` the question is whether "auto" may pick it, which also
+    excludes slow stand-ins such as the Triton interpreter.
+    """
+    name = _check_choice(name)
+    if name == "auto":
+        return None
+    mod = _load(name)
+    if mod is None:
+        return _load_errors[name]
+    return mod.why_not(torch.device(device), auto=auto)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device`` here, fastest first."""
+    return [b for b in BACKENDS if why_not(b, device) is None]
+
+
+def set_backend(name: str) -> None:
+    """Select "auto" (default), "native", "triton" or "torch" for every later call."""
+    global _selected
+    _selected = _check_choice(name)
+
+
+def get_backend() -> str:
+    """The selected backend name ("auto" unless set)."""
+    return _selected
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily select a backend: ``with sn_kernels.use_backend("torch"): ...``."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+_resolved: dict[tuple[str, str], object] = {}
+
+
+def resolve(device: torch.device, backend: str | None = None):
+    """The backend module that will run a call on ``device``.
+
+    Cached per (selection, device type) so that the per-call cost is a dict lookup.
+    """
+    choice = _selected if backend is None else _check_choice(backend)
+    key = (choice, device.type)
+    mod = _resolved.get(key)
+    if mod is not None:
+        return mod
+    if choice != "auto":
+        reason = why_not(choice, device)
+        if reason is not None:
+            raise RuntimeError(f"sn_kernels backend {choice!r} cannot run on {device.type}: {reason}")
+        mod = _load(choice)
+    else:
+        skipped = []
+        for name in BACKENDS:
+            reason = why_not(name, device, auto=True)
+            if reason is None:
+                mod = _load(name)
+                break
+            skipped.append(f"{name}: {reason}")
+        if skipped and os.environ.get("SN_KERNELS_VERBOSE"):
+            print("sn_kernels: auto backend on %s skipped %s" % (device.type, "; ".join(skipped)))
+        _fallback_notes[key] = "; ".join(skipped)
+    _resolved[key] = mod
+    return mod
+
+
+def explain(device: torch.device | str = "cpu") -> str:
+    """A human-readable account of which backend "auto" picks on ``device`` and why."""
+    device = torch.device(device)
+    lines = []
+    for name in BACKENDS:
+        reason = why_not(name, device, auto=True)
+        lines.append(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)
+
+
+def _reset_cache() -> None:
+    """Forget resolved backends (after building the extension, in tests)."""
+    _resolved.clear()
+    _fallback_notes.clear()
+    _load_errors.clear()
+

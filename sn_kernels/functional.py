@@ -1,0 +1,164 @@
+"""The op: ``spectral_normalize`` and the glue every backend shares.
+
+Every backend provides two custom ops with these schemas (PyTorch allows an
+autograd formula only on functional ops, so the in-place power iteration and
+the differentiable division are separate ops; they are separate launches anyway,
+because W / sigma needs sigma, a reduction over all of W):
+
+    {backend}_power_iteration(Tensor weight, Tensor(a!) u, Tensor(b!) v,
+        int n_power_iterations, float eps, int dim, str order, bool training)
+        -> (Tensor sigma, Tensor u_used, Tensor v_used)
+    {backend}_normalize(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim)
+        -> Tensor weight_sn
+
+plus a backward callable ``backward(grad, weight, u, v, sigma, dim)`` for
+``normalize``.  ``u_used``/``v_used`` are copies of the vectors sigma was computed
+with: the buffers may be updated again (D(real) and D(fake) in one graph) before
+the backward runs, so the backward must not read them.  sigma is a 0-d tensor in
+the accumulation dtype (float32 for float16/bfloat16 weights).  This module gives
+every backend the same fake implementations and the same analytic gradient,
+
+    grad_W = (G - <G, W_sn> u v^T) / sigma,
+
+so no backend is ever differentiated through its power iteration.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+ORDERS = ("vu", "uv")  # "vu": torch.nn.utils.spectral_norm; "uv": parametrizations.spectral_norm
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for half types; float64 stays float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def matrix_shape(weight: Tensor, dim: int) -> tuple[int, int]:
+    """(m, n) of the matrix view of ``weight``: ``dim`` first, the rest flattened."""
+    m = weight.shape[dim]
+    return m, (weight.numel() // m if m else 0)
+
+
+def _fake_power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
+    return (weight.new_empty((), dtype=accumulation_dtype(weight.dtype)), torch.empty_like(u), torch.empty_like(v))
+
+
+def _fake_normalize(weight, u, v, sigma, dim):
+    return torch.empty_like(weight)
+
+
+def register_backend_ops(power_iteration, normalize, backward: Callable) -> None:
+    """Give a backend's two ops (custom ops, or qualified names of C++ ones) the
+    shared fake implementations and the analytic backward computed by ``backward``."""
+    torch.library.register_fake(power_iteration)(_fake_power_iteration)
+    torch.library.register_fake(normalize)(_fake_normalize)
+
+    def setup_context(ctx, inputs, output):
+        weight, u, v, sigma, dim = inputs
+        ctx.dim = dim
+        ctx.save_for_backward(weight, u, v, sigma)
+
+    def backward_fn(ctx, grad):
+        weight, u, v, sigma = ctx.saved_tensors
+        grad_weight = backward(grad, weight, u, v, sigma, ctx.dim) if ctx.needs_input_grad[0] else None
+        return grad_weight, None, None, None, None
+
+    torch.library.register_autograd(normalize, backward_fn, setup_context=setup_context)
+
+
+def define_backend_ops(backend: str, power_iteration: Callable, normalize: Callable, backward: Callable,
+                       device_types=None) -> SimpleNamespace:
+    """Register Python implementations as ``sn_kernels::{backend}_power_iteration`` and
+    ``sn_kernels::{backend}_normalize``; return them as ``.power_iteration``, ``.normalize``."""
+
+    def power_iteration_op(
+        weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int, order: str,
+        training: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training)
+
+    def normalize_op(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+        return normalize(weight, u, v, sigma, dim)
+
+    ns = f"sn_kernels::{backend}"
+    pi = torch.library.custom_op(f"{ns}_power_iteration", power_iteration_op, mutates_args=("u", "v"),
+                                 device_types=device_types)
+    nz = torch.library.custom_op(f"{ns}_normalize", normalize_op, mutates_args=(), device_types=device_types)
+    register_backend_ops(pi, nz, backward)
+    return SimpleNamespace(power_iteration=pi, normalize=nz)
+
+
+def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int, order: str) -> int:
+    """Validate the arguments of ``spectral_normalize``; return ``dim`` made non-negative."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"spectral norm needs a floating-point weight, got {weight.dtype}")
+    if weight.dim() == 0:
+        raise ValueError("spectral norm needs a weight with at least one dimension, got a 0-d tensor")
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations <= 0:
+        raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}")
+    if not eps > 0:
+        raise ValueError(f"Expected eps to be positive, but got eps={eps}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    ndim = weight.dim()
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}] but got {dim})")
+    dim = dim % ndim
+    m, n = matrix_shape(weight, dim)
+    if m == 0 or n == 0:
+        raise ValueError(f"spectral norm of an empty weight of shape {tuple(weight.shape)} is undefined")
+    for name, vec, size in (("u", u, m), ("v", v, n)):
+        if not isinstance(vec, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(vec).__name__}")
+        if vec.shape != (size,):
+            raise ValueError(
+                f"{name} must have shape ({size},) for a weight of shape {tuple(weight.shape)} "
+                f"with dim={dim}, got {tuple(vec.shape)}"
+            )
+        if vec.dtype != weight.dtype:
+            raise TypeError(f"{name} has dtype {vec.dtype} but the weight has {weight.dtype}")
+        if vec.device != weight.device:
+            raise ValueError(f"{name} is on {vec.device} but the weight is on {weight.device}")
+        if not vec.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    return dim
+
+
+def spectral_normalize(
+    weight: Tensor,
+    u: Tensor,
+    v: Tensor,
+    *,
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int = 0,
+    order: str = "vu",
+    training: bool = True,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Spectrally normalize ``weight``: return ``(weight / sigma, sigma)``.
+
+    In training mode runs ``n_power_iterations`` steps of power iteration in the
+    given ``order`` ("vu" as ``torch.nn.utils.spectral_norm``, "uv" as
+    ``torch.nn.utils.parametrizations.spectral_norm``), updating ``u`` (size m) and
+    ``v`` (size n) in place, and takes sigma from the last norm.  In eval mode
+    sigma = u . (W v) and u, v are left alone.  W is viewed as an (m, n) matrix
+    with ``dim`` first.  ``backend`` overrides the global selection for this call.
+    sigma carries no gradient; it is float32 for float16/bfloat16 weights.
+    """
+    dim = _check(weight, u, v, n_power_iterations, eps, dim, order)
+    ops = dispatch.resolve(weight.device, backend).ops
+    # the iteration is never differentiated: it sees a detached weight
+    sigma, u_used, v_used = ops.power_iteration(
+        weight.detach(), u, v, n_power_iterations, float(eps), dim, order, bool(training)
+    )
+    return ops.normalize(weight, u_used, v_used, sigma, dim), sigma

@@ -1,0 +1,140 @@
+"""Drop-in for ``torch.nn.utils.spectral_norm`` / ``remove_spectral_norm`` (the hook API).
+
+The hook subclasses PyTorch's own ``SpectralNorm`` and registers PyTorch's own
+state_dict hooks, so the parameter and buffer names (``weight_orig``,
+``weight_u``, ``weight_v``), the ``spectral_norm`` state_dict metadata, the
+loading of old checkpoints and even ``torch.nn.utils.remove_spectral_norm``
+behave exactly as with PyTorch; only the computation goes through
+``sn_kernels.spectral_normalize`` (order "vu").
+"""
+from __future__ import annotations
+
+import importlib
+import weakref
+
+import torch
+from torch import nn
+from torch.nn.functional import normalize
+
+from .functional import spectral_normalize
+
+# the module, not the function that torch.nn.utils re-exports under the same name
+_torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def default_dim(module: nn.Module) -> int:
+    """PyTorch's default: dim=1 for ConvTranspose*, 0 otherwise."""
+    return 1 if isinstance(module, _CONV_TRANSPOSE) else 0
+
+
+def _serializable(weight: torch.Tensor) -> torch.Tensor:
+    """Let ``copy.deepcopy``/``torch.save`` take a graph-attached normalized weight.
+
+    PyTorch leaves ``module.weight`` as a non-leaf tensor after a training forward,
+    and both deepcopy and pickling refuse non-leaf tensors.  Copies of it can only
+    be values anyway (a copy has no graph), so the tensor learns to copy and pickle
+    its detached value.  A weak reference avoids a tensor -> closure -> tensor cycle.
+    """
+    if weight.grad_fn is None:
+        return weight
+    ref = weakref.ref(weight)
+    weight.__deepcopy__ = lambda memo: ref().detach().clone()
+    weight.__reduce_ex__ = lambda protocol: ref().detach().__reduce_ex__(protocol)
+    return weight
+
+
+class SpectralNorm(_torch_sn.SpectralNorm):
+    """The forward pre-hook; PyTorch's class with the fused op inside."""
+
+    sigma: torch.Tensor | None = None  # latest sigma (detached), for ``sn_kernels.sigmas``
+
+    def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
+        if not eps > 0:
+            raise ValueError(f"Expected eps to be positive, but got eps={eps}")
+        super().__init__(name, n_power_iterations, dim, eps)
+
+    def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
+        weight = getattr(module, self.name + "_orig")
+        u = getattr(module, self.name + "_u")
+        v = getattr(module, self.name + "_v")
+        weight_sn, sigma = spectral_normalize(
+            weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
+            dim=self.dim, order="vu", training=do_power_iteration,
+        )
+        self.sigma = sigma.detach()
+        return weight_sn
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        weight = self.compute_weight(module, do_power_iteration=module.training)
+        if not torch.compiler.is_compiling():
+            weight = _serializable(weight)
+        setattr(module, self.name, weight)
+
+    @staticmethod
+    def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float) -> "SpectralNorm":
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _torch_sn.SpectralNorm) and hook.name == name:
+                raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+        if not isinstance(name, str) or name not in module._parameters:
+            raise KeyError(f"module {type(module).__name__} has no parameter named {name!r}")
+        weight = module._parameters[name]
+        if weight is None:
+            raise ValueError(f"`SpectralNorm` cannot be applied as parameter `{name}` is None")
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                "The module passed to `SpectralNorm` can't have uninitialized parameters. "
+                "Make sure to run the dummy forward before applying spectral normalization"
+            )
+        if not weight.is_floating_point():
+            raise TypeError(f"spectral norm needs a floating-point weight, got {weight.dtype} for {name!r}")
+        if weight.dim() == 0:
+            raise ValueError(f"spectral norm needs a weight with at least one dimension; {name!r} is 0-d")
+        if not -weight.dim() <= dim < weight.dim():
+            raise IndexError(
+                f"Dimension out of range (expected to be in range of [{-weight.dim()}, {weight.dim() - 1}] but got {dim})"
+            )
+        fn = SpectralNorm(name, n_power_iterations, dim, eps)
+
+        with torch.no_grad():
+            h, w = fn.reshape_weight_to_matrix(weight).size()
+            # same draws, in the same order, as PyTorch: seeded runs give identical u, v
+            u = normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
+            v = normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=fn.eps)
+
+        delattr(module, fn.name)
+        module.register_parameter(fn.name + "_orig", weight)
+        setattr(module, fn.name, weight.data)
+        module.register_buffer(fn.name + "_u", u)
+        module.register_buffer(fn.name + "_v", v)
+
+        module.register_forward_pre_hook(fn)
+        module._register_state_dict_hook(_torch_sn.SpectralNormStateDictHook(fn))
+        module._register_load_state_dict_pre_hook(_torch_sn.SpectralNormLoadStateDictPreHook(fn))
+        return fn
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
+                  dim: int | None = None) -> nn.Module:
+    """Apply spectral normalization to ``module.<name>`` with a forward pre-hook.
+
+    Same signature, defaults, state_dict and numbers as ``torch.nn.utils.spectral_norm``.
+    """
+    if dim is None:
+        dim = default_dim(module)
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+    return module
+
+
+def find_hook(module: nn.Module, name: str = "weight"):
+    """The spectral-norm hook (PyTorch's or ours) of ``module.<name>``, or None."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _torch_sn.SpectralNorm) and hook.name == name:
+            return hook
+    return None
+
+
+def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
+    """Remove the spectral-norm hook of ``module.<name>`` (ours or PyTorch's), keeping W/sigma."""
+    return _torch_sn.remove_spectral_norm(module, name)

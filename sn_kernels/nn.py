@@ -1,0 +1,150 @@
+"""Spectrally normalized layers and model-wide helpers."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import hooks, parametrizations
+from .functional import spectral_normalize
+from .hooks import _torch_sn
+
+#: layer types that ``apply_spectral_norm`` wraps by default
+SN_LAYER_TYPES = (
+    nn.Linear, nn.Bilinear,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Embedding,
+)
+APIS = ("hook", "parametrization")
+
+
+def _wrapper(api: str):
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
+    return hooks.spectral_norm if api == "hook" else parametrizations.spectral_norm
+
+
+def is_spectral_normalized(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module.<name>`` is spectrally normalized by either API (PyTorch's or ours)."""
+    return hooks.find_hook(module, name) is not None or parametrizations.is_spectral_norm_parametrized(module, name)
+
+
+def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iterations: int = 1, eps: float = 1e-12,
+                        layer_types: Iterable[type] = SN_LAYER_TYPES, exclude: Iterable[str] = ()) -> nn.Module:
+    """Wrap the ``weight`` of every Linear/Conv*/ConvTranspose*/Embedding in ``model`` (in place).
+
+    ``api`` is "hook" (``torch.nn.utils.spectral_norm`` keys) or "parametrization";
+    modules named in ``exclude`` and weights already normalized are left alone.
+    """
+    wrap = _wrapper(api)
+    layer_types = tuple(layer_types)
+    exclude = set(exclude)
+    for mod_name, module in model.named_modules():
+        if mod_name in exclude or not isinstance(module, layer_types):
+            continue
+        if getattr(module, "weight", None) is None or is_spectral_normalized(module):
+            continue
+        wrap(module, n_power_iterations=n_power_iterations, eps=eps)
+    return model
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace PyTorch's spectral norm (either API) inside ``model`` by sn_kernels', in place.
+
+    Every parameter and buffer is kept (the same tensor objects), so outputs,
+    state_dict keys and optimizer state are unchanged.
+    """
+    from torch.nn.utils.parametrizations import _SpectralNorm as _TorchParam
+
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, _torch_sn.SpectralNorm) and not isinstance(hook, hooks.SpectralNorm):
+                ours = hooks.SpectralNorm(hook.name, hook.n_power_iterations, hook.dim, hook.eps)
+                module._forward_pre_hooks[key] = ours
+                for table in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+                    for h in table.values():
+                        # PyTorch's state_dict hooks read the name/dim of the hook they hold;
+                        # load pre-hooks come wrapped in a _WrappedHook (.hook)
+                        inner = getattr(h, "hook", h)
+                        if getattr(inner, "fn", None) is hook:
+                            inner.fn = ours
+        if parametrize.is_parametrized(module):
+            for plist in module.parametrizations.values():
+                for i, p in enumerate(plist):
+                    if isinstance(p, _TorchParam):
+                        plist[i] = _adopt(p)
+    return model
+
+
+def _adopt(torch_param: nn.Module) -> parametrizations._SpectralNorm:
+    """Our parametrization holding the very buffers of PyTorch's."""
+    ours = parametrizations._SpectralNorm.__new__(parametrizations._SpectralNorm)
+    nn.Module.__init__(ours)
+    ours.dim, ours.eps, ours.sigma = torch_param.dim, torch_param.eps, None
+    if hasattr(torch_param, "n_power_iterations"):
+        ours.n_power_iterations = torch_param.n_power_iterations
+    for name, buf in torch_param._buffers.items():
+        ours.register_buffer(name, buf)
+    ours.train(torch_param.training)
+    return ours
+
+
+def _sn_weights(model: nn.Module):
+    """(qualified name, kind, module, param name, state) of every SN weight in ``model``."""
+    for mod_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _torch_sn.SpectralNorm):
+                yield f"{mod_name}.{hook.name}" if mod_name else hook.name, "hook", module, hook.name, hook
+        if parametrize.is_parametrized(module):
+            for pname in module.parametrizations:
+                for p in parametrizations.spectral_norm_parametrizations(module, pname):
+                    yield f"{mod_name}.{pname}" if mod_name else pname, "param", module, pname, p
+
+
+@torch.no_grad()
+def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The latest sigma of every spectrally normalized weight in ``model``, keyed by
+    qualified name (``"block1.c1.weight"``), for logging.  Weights not run yet (or
+    wrapped by PyTorch's own API) get sigma = u . (W v) from their current state.
+    Adds nothing to the state_dict."""
+    out = {}
+    for qual, kind, module, pname, state in _sn_weights(model):
+        sigma = getattr(state, "sigma", None)
+        if sigma is None:
+            if kind == "hook":
+                weight, u, v = (getattr(module, pname + s) for s in ("_orig", "_u", "_v"))
+            else:
+                weight = module.parametrizations[pname].original
+                if weight.ndim == 1:
+                    out[qual] = torch.linalg.vector_norm(weight)
+                    continue
+                u, v = state._u, state._v
+            _, sigma = spectral_normalize(weight, u, v, eps=state.eps, dim=state.dim, training=False)
+        out[qual] = sigma
+    return out
+
+
+def _sn_layer(base: type, doc: str) -> type:
+    """A subclass of ``base`` whose weight is spectrally normalized at construction."""
+
+    def __init__(self, *args, n_power_iterations: int = 1, eps: float = 1e-12, api: str = "hook", **kwargs):
+        base.__init__(self, *args, **kwargs)
+        _wrapper(api)(self, n_power_iterations=n_power_iterations, eps=eps)
+
+    return type("SN" + base.__name__, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+_DOC = ("``torch.nn.{0}`` with a spectrally normalized weight.  Extra keyword arguments: "
+        "``n_power_iterations=1``, ``eps=1e-12``, ``api='hook'`` (state_dict keys of "
+        "``torch.nn.utils.spectral_norm``) or ``'parametrization'``.")
+SNLinear = _sn_layer(nn.Linear, _DOC.format("Linear"))
+SNConv1d = _sn_layer(nn.Conv1d, _DOC.format("Conv1d"))
+SNConv2d = _sn_layer(nn.Conv2d, _DOC.format("Conv2d"))
+SNConv3d = _sn_layer(nn.Conv3d, _DOC.format("Conv3d"))
+SNConvTranspose1d = _sn_layer(nn.ConvTranspose1d, _DOC.format("ConvTranspose1d"))
+SNConvTranspose2d = _sn_layer(nn.ConvTranspose2d, _DOC.format("ConvTranspose2d"))
+SNConvTranspose3d = _sn_layer(nn.ConvTranspose3d, _DOC.format("ConvTranspose3d"))
+SNEmbedding = _sn_layer(nn.Embedding, _DOC.format("Embedding"))

@@ -1,0 +1,107 @@
+"""Drop-in for ``torch.nn.utils.parametrizations.spectral_norm``.
+
+A real ``torch.nn.utils.parametrize`` parametrization with PyTorch's buffer
+names (``parametrizations.weight.original``, ``parametrizations.weight.0._u``,
+``._v``), its initialisation (15 power iterations) and its iteration order
+("uv"), computed by ``sn_kernels.spectral_normalize``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .functional import spectral_normalize
+from .hooks import default_dim
+from .reference import as_matrix
+
+INIT_ITERATIONS = 15  # PyTorch warms u, v up with 15 iterations at wrapping time
+
+
+class _SpectralNorm(nn.Module):
+    """The parametrization module: ``forward(W) = W / sigma(W)``."""
+
+    def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
+                 *, init: bool = True) -> None:
+        super().__init__()
+        if not weight.is_floating_point():
+            raise TypeError(f"spectral norm needs a floating-point weight, got {weight.dtype}")
+        ndim = weight.ndim
+        if ndim == 0:
+            raise ValueError("spectral norm needs a weight with at least one dimension, got a 0-d tensor")
+        if dim >= ndim or dim < -ndim:
+            raise IndexError(
+                f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim})"
+            )
+        if n_power_iterations <= 0:
+            raise ValueError(
+                f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}"
+            )
+        if not eps > 0:
+            raise ValueError(f"Expected eps to be positive, but got eps={eps}")
+        self.dim = dim if dim >= 0 else dim + ndim
+        self.eps = eps
+        self.sigma: Tensor | None = None  # latest sigma (detached), not in the state_dict
+        if ndim > 1:
+            self.n_power_iterations = n_power_iterations
+            if init:
+                h, w = as_matrix(weight, self.dim).shape
+                # same draws, in the same order, as PyTorch: seeded runs give identical u, v
+                u = weight.new_empty(h).normal_(0, 1)
+                v = weight.new_empty(w).normal_(0, 1)
+                self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
+                self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
+                with torch.no_grad():
+                    spectral_normalize(weight.detach(), self._u, self._v, n_power_iterations=INIT_ITERATIONS,
+                                       eps=self.eps, dim=self.dim, order="uv")
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if weight.ndim == 1:
+            # a vector's spectral norm is its length: exact, as in PyTorch
+            return F.normalize(weight, dim=0, eps=self.eps)
+        weight_sn, sigma = spectral_normalize(
+            weight, self._u, self._v, n_power_iterations=self.n_power_iterations, eps=self.eps,
+            dim=self.dim, order="uv", training=self.training,
+        )
+        self.sigma = sigma.detach()
+        return weight_sn
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, eps={self.eps}, n_power_iterations={getattr(self, 'n_power_iterations', None)}"
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
+                  dim: int | None = None) -> nn.Module:
+    """Register a spectral-norm parametrization on ``module.<name>``.
+
+    Same signature, defaults, state_dict keys and numbers as
+    ``torch.nn.utils.parametrizations.spectral_norm``; undo with
+    ``torch.nn.utils.parametrize.remove_parametrizations``.
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if is_spectral_norm_parametrized(module, name):
+        raise RuntimeError(f"Cannot register two spectral_norm parametrizations on the same parameter {name}")
+    if dim is None:
+        dim = default_dim(module)
+    parametrize.register_parametrization(module, name, _SpectralNorm(weight, n_power_iterations, dim, eps))
+    return module
+
+
+def spectral_norm_parametrizations(module: nn.Module, name: str) -> list[nn.Module]:
+    """Spectral-norm parametrizations (PyTorch's or ours) registered on ``module.<name>``."""
+    from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
+
+    if not parametrize.is_parametrized(module, name):
+        return []
+    return [p for p in module.parametrizations[name] if isinstance(p, (_SpectralNorm, _TorchSpectralNorm))]
+
+
+def is_spectral_norm_parametrized(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module.<name>`` already carries a spectral-norm parametrization."""
+    return bool(spectral_norm_parametrizations(module, name))

@@ -1,0 +1,112 @@
+"""The "torch" backend (plain PyTorch, any device) and the float64/SVD oracles.
+
+The backend computes in float32 for float16/bfloat16 weights (float64 stays
+float64), keeps u and v in the weight's dtype, and takes sigma from the last
+norm of the power iteration instead of a third matrix-vector product:
+
+    "vu": sigma = u . (W v) = |W v|^2 / max(|W v|, eps)
+    "uv": sigma = v . (W^T u) = |W^T u|^2 / max(|W^T u|, eps)
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .functional import accumulation_dtype, define_backend_ops
+
+
+def why_not(device: torch.device, auto: bool = False) -> str | None:
+    """The torch backend runs wherever PyTorch does."""
+    return None
+
+
+def as_matrix(weight: Tensor, dim: int) -> Tensor:
+    """The (m, n) matrix view: ``dim`` moved to the front, the rest flattened
+    (the same element order as PyTorch's ``permute(dim, *others).reshape(m, -1)``)."""
+    if dim != 0:
+        weight = weight.movedim(dim, 0)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def outer_like(u: Tensor, v: Tensor, weight: Tensor, dim: int) -> Tensor:
+    """u v^T laid out like ``weight`` (the inverse of ``as_matrix``)."""
+    shape = list(weight.shape)
+    shape.insert(0, shape.pop(dim))
+    return torch.outer(u, v).reshape(shape).movedim(0, dim)
+
+
+def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x / max(|x|, eps), |x|^2 / max(|x|, eps)): the new vector and x . new vector."""
+    norm = torch.linalg.vector_norm(x)
+    denom = norm.clamp_min(eps)
+    return x / denom, norm * norm / denom
+
+
+def power_iteration(W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, order: str):
+    """Run the power iteration on the matrix ``W``; return (u, v, sigma) without touching inputs."""
+    for _ in range(n_power_iterations):
+        if order == "vu":
+            v, _ = _normalize(W.t() @ u, eps)
+            u, sigma = _normalize(W @ v, eps)
+        else:
+            u, _ = _normalize(W @ v, eps)
+            v, sigma = _normalize(W.t() @ u, eps)
+    return u, v, sigma
+
+
+@torch.no_grad()
+def _power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
+    """Plain-PyTorch power iteration: updates u, v in place (training); returns (sigma, u, v copies)."""
+    acc = accumulation_dtype(weight.dtype)
+    W = as_matrix(weight, dim).to(acc)
+    ua, va = u.to(acc), v.to(acc)
+    if training:
+        ua, va, sigma = power_iteration(W, ua, va, n_power_iterations, eps, order)
+        u.copy_(ua)
+        v.copy_(va)
+    else:
+        sigma = torch.dot(ua, W @ va)
+    return sigma, u.clone(), v.clone()
+
+
+def _normalize_weight(weight, u, v, sigma, dim):
+    """W / sigma, divided in the accumulation dtype."""
+    return (weight.to(sigma.dtype) / sigma).to(weight.dtype)
+
+
+def backward(grad, weight, u, v, sigma, dim):
+    """grad_W = (G - <G, W> / sigma * u v^T) / sigma, in plain (differentiable) torch ops."""
+    acc = sigma.dtype
+    G, W = grad.to(acc), weight.to(acc)
+    c = (G * W).sum() / sigma
+    return ((G - c * outer_like(u.to(acc), v.to(acc), weight, dim)) / sigma).to(weight.dtype)
+
+
+ops = define_backend_ops("torch", _power_iteration, _normalize_weight, backward)
+
+
+# ---------------------------------------------------------------- oracles for tests
+
+
+def pytorch_formula(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int = 1, eps: float = 1e-12,
+                    dim: int = 0, order: str = "vu", training: bool = True):
+    """PyTorch's own recipe, literally (third mat-vec for sigma), in float64, functional:
+    returns (weight_sn, sigma, u_new, v_new) and leaves the inputs alone."""
+    W = as_matrix(weight.double(), dim)
+    u, v = u.double(), v.double()
+    normalize = torch.nn.functional.normalize
+    if training:
+        for _ in range(n_power_iterations):
+            if order == "vu":
+                v = normalize(W.t() @ u, dim=0, eps=eps)
+                u = normalize(W @ v, dim=0, eps=eps)
+            else:
+                u = normalize(W @ v, dim=0, eps=eps)
+                v = normalize(W.t() @ u, dim=0, eps=eps)
+    sigma = torch.dot(u, W @ v)
+    return weight.double() / sigma, sigma, u, v
+
+
+def svd_sigma(weight: Tensor, dim: int = 0) -> Tensor:
+    """The exact largest singular value of the matrix view, in float64."""
+    return torch.linalg.svdvals(as_matrix(weight.double(), dim))[0]

@@ -1,0 +1,37 @@
+"""Test configuration: run Triton kernels under the interpreter when no GPU is visible.
+
+TRITON_INTERPRET must be set before the first ``import triton``.
+"""
+import os
+import shutil
+import subprocess
+
+
+def _gpu_visible() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except Exception:
+        return False
+
+
+if not _gpu_visible():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_report_header(config):
+    import sn_kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return [f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}",
+            f"sn_kernels backends on {dev}: {sn_kernels.available_backends(dev)}"]

@@ -1,0 +1,48 @@
+"""Shared test helpers: the one tolerance table, shapes, and comparison functions."""
+from __future__ import annotations
+
+import torch
+
+# One table by dtype: (rtol, atol) for comparing against float64 references and PyTorch.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+# (shape, dim) of odd and ordinary weights: 1xn, mx1, non-powers of two, conv, dim=1
+SHAPES = [
+    ((1, 7), 0),
+    ((7, 1), 0),
+    ((5,), 0),
+    ((13, 29), 0),
+    ((33, 17), 1),
+    ((6, 4, 3, 3), 0),
+    ((4, 6, 3, 3), 1),
+    ((3, 5, 2, 2, 2), 1),
+]
+
+
+def assert_close(actual, expected, dtype=None, scale=1.0, msg=""):
+    """Compare with the table's tolerance for ``dtype`` (default: the actual dtype), widened by ``scale``."""
+    dtype = dtype or actual.dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale,
+                               msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
+def max_rel_dev(actual, expected) -> float:
+    """max |a - e| / max(|e|), for reporting the deviations the tests saw."""
+    e = expected.double()
+    return ((actual.double() - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
+
+
+def planted(m: int, n: int, gap: float = 0.5, dtype=torch.float64, seed: int = 0, top: float = 3.0):
+    """An (m, n) matrix with singular values top, top*gap, ... (a clear spectral gap)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = top * gap ** torch.arange(k, dtype=torch.float64)
+    return ((U * s) @ V.t()).to(dtype)
