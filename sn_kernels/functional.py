@@ -67,8 +67,14 @@ def register_backend_ops(power_iteration, normalize, backward: Callable) -> None
 
     def backward_fn(ctx, grad):
         weight, u, v, sigma = ctx.saved_tensors
-        grad_weight = backward(grad, weight, u, v, sigma, ctx.dim) if ctx.needs_input_grad[0] else None
-        return grad_weight, None, None, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        if torch.is_grad_enabled():
+            # create_graph=True: the plain-torch formula is itself differentiable, kernels are not
+            from .reference import backward as differentiable_backward
+
+            return differentiable_backward(grad, weight, u, v, sigma, ctx.dim), None, None, None, None
+        return backward(grad, weight, u, v, sigma, ctx.dim), None, None, None, None
 
     torch.library.register_autograd(normalize, backward_fn, setup_context=setup_context)
 

@@ -75,11 +75,18 @@ def _normalize_weight(weight, u, v, sigma, dim):
 
 
 def backward(grad, weight, u, v, sigma, dim):
-    """grad_W = (G - <G, W> / sigma * u v^T) / sigma, in plain (differentiable) torch ops."""
+    """grad_W = (G - <G, W> / sigma * u v^T) / sigma, in plain torch ops.
+
+    Differentiable itself (create_graph=True): sigma is re-attached to W through
+    d sigma / dW = u v^T, so double backward is exact with u, v held constant.
+    """
     acc = sigma.dtype
     G, W = grad.to(acc), weight.to(acc)
+    uvT = outer_like(u.to(acc), v.to(acc), weight, dim)
+    if torch.is_grad_enabled() and W.requires_grad:
+        sigma = sigma + (uvT * (W - W.detach())).sum()  # same value, gradient u v^T
     c = (G * W).sum() / sigma
-    return ((G - c * outer_like(u.to(acc), v.to(acc), weight, dim)) / sigma).to(weight.dtype)
+    return ((G - c * uvT) / sigma).to(weight.dtype)
 
 
 ops = define_backend_ops("torch", _power_iteration, _normalize_weight, backward)

@@ -35,3 +35,12 @@ def pytest_report_header(config):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     return [f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}",
             f"sn_kernels backends on {dev}: {sn_kernels.available_backends(dev)}"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    from helpers import DEVIATIONS
+
+    if DEVIATIONS:
+        terminalreporter.write_sep("-", "largest relative deviations seen")
+        for (what, dtype), dev in sorted(DEVIATIONS.items()):
+            terminalreporter.write_line(f"{what:28s} {dtype:9s} {dev:.3e}")

@@ -46,3 +46,21 @@ def planted(m: int, n: int, gap: float = 0.5, dtype=torch.float64, seed: int = 0
     V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
     s = top * gap ** torch.arange(k, dtype=torch.float64)
     return ((U * s) @ V.t()).to(dtype)
+
+
+# The largest deviations the tests saw, by (what, dtype); printed at the end of the run.
+DEVIATIONS: dict[tuple[str, str], float] = {}
+
+
+def record(what: str, actual, expected) -> float:
+    """Remember the largest relative deviation seen for ``what`` at ``actual``'s dtype."""
+    dev = max_rel_dev(actual, expected)
+    key = (what, str(actual.dtype).replace("torch.", ""))
+    DEVIATIONS[key] = max(DEVIATIONS.get(key, 0.0), dev)
+    return dev
+
+
+def check(what: str, actual, expected, dtype=None, scale=1.0):
+    """``record`` then ``assert_close``: every comparison both reports and can fail."""
+    record(what, actual, expected)
+    assert_close(actual, expected, dtype=dtype, scale=scale, msg=what)

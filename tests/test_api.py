@@ -1,0 +1,159 @@
+"""Helpers and the dispatcher: apply_spectral_norm, convert, sigmas, SN layers, backends."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import sn_kernels
+from sn_kernels import dispatch
+from sn_kernels.reference import svd_sigma
+from helpers import check
+
+
+def small_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 4, 3), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 1))
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_apply_spectral_norm_wraps_every_layer(api):
+    model = nn.Sequential(small_model(), nn.Embedding(5, 3), nn.BatchNorm1d(3))
+    sn_kernels.apply_spectral_norm(model, api=api, exclude=["0.4"])
+    wrapped = {n for n, m in model.named_modules() if sn_kernels.is_spectral_normalized(m)}
+    assert wrapped == {"0.0", "0.2", "1"}
+    sn_kernels.apply_spectral_norm(model, api=api)  # idempotent for already wrapped layers
+    assert {n for n, m in model.named_modules() if sn_kernels.is_spectral_normalized(m)} == {"0.0", "0.2", "0.4", "1"}
+    with pytest.raises(ValueError, match="api"):
+        sn_kernels.apply_spectral_norm(model, api="hooks")
+
+
+@pytest.mark.parametrize("torch_wrap", [torch.nn.utils.spectral_norm, torch.nn.utils.parametrizations.spectral_norm])
+def test_convert_keeps_outputs_and_tensors(torch_wrap):
+    ref = small_model()
+    for i in (0, 2, 4):
+        torch_wrap(ref[i])
+    ref(torch.randn(2, 3, 6, 6))  # one training step moves u, v
+    ours = __import__("copy").deepcopy(ref) if torch_wrap is torch.nn.utils.parametrizations.spectral_norm else None
+    if ours is None:
+        # hook-API modules cannot be deep-copied by PyTorch after a forward: rebuild from the state_dict
+        ours = small_model()
+        for i in (0, 2, 4):
+            torch_wrap(ours[i])
+        ours.load_state_dict(ref.state_dict())
+    tensors = {k: v.data_ptr() for k, v in ours.state_dict().items()}
+    sn_kernels.convert(ours)
+    assert {k: v.data_ptr() for k, v in ours.state_dict().items()} == tensors
+    assert all(type(h).__module__.startswith("sn_kernels") for m in ours.modules() for h in m._forward_pre_hooks.values())
+    x = torch.randn(2, 3, 6, 6)
+    for mode in ("train", "eval"):
+        getattr(ref, mode)(), getattr(ours, mode)()
+        check("convert output vs PyTorch", ours(x), ref(x), scale=10)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+
+
+def test_convert_replaces_hook_in_state_dict_hooks():
+    m = torch.nn.utils.spectral_norm(nn.Linear(3, 4))
+    sn_kernels.convert(m)
+    ours = sn_kernels.hooks.find_hook(m)
+    assert isinstance(ours, sn_kernels.hooks.SpectralNorm)
+    assert all(getattr(getattr(h, "hook", h), "fn", ours) is ours
+               for table in (m._state_dict_hooks, m._load_state_dict_pre_hooks) for h in table.values())
+
+
+def test_sigmas_for_logging():
+    model = small_model()
+    sn_kernels.apply_spectral_norm(model)
+    keys_before = list(model.state_dict())
+    fresh = sn_kernels.sigmas(model)
+    assert set(fresh) == {"0.weight", "2.weight", "4.weight"}
+    for _ in range(50):
+        model(torch.randn(2, 3, 6, 6))
+    after = sn_kernels.sigmas(model)
+    for name, mod in (("0.weight", model[0]), ("2.weight", model[2]), ("4.weight", model[4])):
+        hook = sn_kernels.hooks.find_hook(mod)
+        check("sigmas() vs SVD", after[name], svd_sigma(mod.weight_orig.detach(), hook.dim).float(), scale=100)
+    assert list(model.state_dict()) == keys_before
+    assert not any(s.requires_grad for s in after.values())
+
+
+def test_sigmas_parametrization_and_torch_modules():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+    sn_kernels.parametrizations.spectral_norm(model[0])
+    torch.nn.utils.spectral_norm(model[1])
+    s = sn_kernels.sigmas(model)
+    assert set(s) == {"0.weight", "1.weight"}
+    model(torch.randn(2, 4))
+    s2 = sn_kernels.sigmas(model)
+    torch.testing.assert_close(s2["0.weight"], model[0].parametrizations.weight[0].sigma)
+
+
+@pytest.mark.parametrize("cls,args,x", [
+    (sn_kernels.SNLinear, (5, 3), torch.randn(2, 5)),
+    (sn_kernels.SNConv1d, (2, 3, 3), torch.randn(2, 2, 8)),
+    (sn_kernels.SNConv2d, (2, 3, 3), torch.randn(2, 2, 8, 8)),
+    (sn_kernels.SNConv3d, (2, 3, 3), torch.randn(1, 2, 5, 5, 5)),
+    (sn_kernels.SNConvTranspose1d, (2, 3, 3), torch.randn(2, 2, 8)),
+    (sn_kernels.SNConvTranspose2d, (2, 3, 3), torch.randn(2, 2, 8, 8)),
+    (sn_kernels.SNConvTranspose3d, (2, 3, 3), torch.randn(1, 2, 4, 4, 4)),
+    (sn_kernels.SNEmbedding, (10, 4), torch.randint(0, 10, (6,))),
+])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_sn_layers(cls, args, x, api):
+    layer = cls(*args, api=api)
+    base = cls.__mro__[1]
+    assert isinstance(layer, base) and sn_kernels.is_spectral_normalized(layer)
+    for _ in range(40):
+        layer(x)
+    layer.eval()
+    dim = 1 if "Transpose" in cls.__name__ else 0
+    w = layer.weight.detach()
+    check("SN layer |W_sn|_2 vs 1", svd_sigma(w, dim).float(), torch.ones(()), scale=10)
+
+
+# ------------------------------------------------------------------ dispatcher
+
+
+def test_backend_selection_and_reasons(monkeypatch):
+    assert "torch" in sn_kernels.available_backends("cpu")
+    assert sn_kernels.get_backend() == "auto"
+    with sn_kernels.use_backend("torch"):
+        assert sn_kernels.get_backend() == "torch"
+    assert sn_kernels.get_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown sn_kernels backend"):
+        sn_kernels.set_backend("fastest")
+    assert "torch" in sn_kernels.explain("cpu")
+
+    # an explicitly requested backend that cannot run raises with the reason; auto falls back
+    import sn_kernels.reference as ref
+
+    w, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
+    monkeypatch.setattr(ref, "why_not", lambda device, auto=False: "disabled for this test")
+    dispatch._reset_cache()
+    try:
+        with pytest.raises(RuntimeError, match="disabled for this test"):
+            sn_kernels.spectral_normalize(w, u, v, backend="torch")
+        assert "torch" not in sn_kernels.available_backends("cpu")
+    finally:
+        monkeypatch.undo()
+        dispatch._reset_cache()
+    sn_kernels.spectral_normalize(w, u, v, backend="torch")
+
+
+def test_auto_never_picks_unavailable(monkeypatch):
+    picked = dispatch.resolve(torch.device("cpu"), "auto")
+    name = next(k for k, mod in dispatch._loaded.items() if mod is picked)
+    assert dispatch.why_not(name, "cpu", auto=True) is None
+    assert name in sn_kernels.available_backends("cpu")
+
+
+def test_environment_variable():
+    code = "import sn_kernels; print(sn_kernels.get_backend())"
+    env = dict(os.environ, SN_KERNELS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "torch", out.stderr
+    env["SN_KERNELS_BACKEND"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "unknown sn_kernels backend 'bogus'" in out.stderr

@@ -1,0 +1,201 @@
+"""Both drop-in front ends against PyTorch's own, step after step: outputs, u, v,
+gradients, eval, removal, and state_dicts loaded across in both directions."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import sn_kernels
+from helpers import check
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(7, 5), lambda: torch.randn(4, 7)),
+    "conv2d": (lambda: nn.Conv2d(3, 6, 3, padding=1), lambda: torch.randn(2, 3, 5, 5)),
+    "convT2d": (lambda: nn.ConvTranspose2d(3, 6, 3, stride=2), lambda: torch.randn(2, 3, 4, 4)),
+    "embedding": (lambda: nn.Embedding(10, 6), lambda: torch.randint(0, 10, (5,))),
+    "linear_1xn": (lambda: nn.Linear(9, 1), lambda: torch.randn(3, 9)),
+    "linear_mx1": (lambda: nn.Linear(1, 9), lambda: torch.randn(3, 1)),
+}
+
+API = {
+    "hook": (torch.nn.utils.spectral_norm, sn_kernels.spectral_norm,
+             lambda m: (m.weight_u, m.weight_v), lambda m: m.weight_orig),
+    "param": (torch.nn.utils.parametrizations.spectral_norm, sn_kernels.parametrizations.spectral_norm,
+              lambda m: (m.parametrizations.weight[0]._u, m.parametrizations.weight[0]._v),
+              lambda m: m.parametrizations.weight.original),
+}
+
+
+def make_pair(layer, api, n_iter, seed=0):
+    """The same layer wrapped by PyTorch and by sn_kernels, with identical u, v draws."""
+    factory, _ = LAYERS[layer]
+    torch_wrap, our_wrap, _, _ = API[api]
+    torch.manual_seed(seed)
+    ref = factory()
+    ours = copy.deepcopy(ref)
+    torch.manual_seed(seed + 1)
+    torch_wrap(ref, n_power_iterations=n_iter)
+    torch.manual_seed(seed + 1)
+    our_wrap(ours, n_power_iterations=n_iter)
+    return ref, ours
+
+
+def compare_state(ref, ours, api, what):
+    _, _, vecs, orig = API[api]
+    for name, a, b in zip("uv", vecs(ours), vecs(ref)):
+        check(f"{what} {name} vs PyTorch", a, b)
+    if orig(ref).grad is not None:
+        check(f"{what} grad vs PyTorch", orig(ours).grad, orig(ref).grad, scale=10)
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("api", list(API))
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_step_by_step(layer, api, n_iter):
+    ref, ours = make_pair(layer, api, n_iter)
+    _, make_input = LAYERS[layer]
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
+    for step in range(4):
+        x = make_input()
+        y_ref, y_ours = ref(x), ours(x)
+        check(f"{api} output vs PyTorch", y_ours, y_ref, scale=10)
+        g = torch.randn_like(y_ref)
+        opt_ref.zero_grad()
+        opt_ours.zero_grad()
+        y_ref.backward(g)
+        y_ours.backward(g)
+        compare_state(ref, ours, api, api)
+        opt_ref.step()
+        opt_ours.step()
+
+    ref.eval()
+    ours.eval()
+    x = make_input()
+    u_before = [t.clone() for t in API[api][2](ours)]
+    check(f"{api} eval output vs PyTorch", ours(x), ref(x), scale=10)
+    assert all(torch.equal(a, b) for a, b in zip(u_before, API[api][2](ours))), "eval must not update u, v"
+
+    # state_dicts load across in both directions
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    if api == "hook":
+        assert ours.state_dict()._metadata[""]["spectral_norm"] == ref.state_dict()._metadata[""]["spectral_norm"]
+    ref2, ours2 = make_pair(layer, api, n_iter, seed=7)
+    ours2.load_state_dict(ref.state_dict())
+    ref2.load_state_dict(ours.state_dict())
+    ref2.eval()
+    ours2.eval()
+    check(f"{api} loaded across vs PyTorch", ours2(x), ref2(x), scale=10)
+
+    # removal keeps W / sigma
+    if api == "hook":
+        sn_kernels.remove_spectral_norm(ours)
+        torch.nn.utils.remove_spectral_norm(ref)
+        assert isinstance(ours.weight, nn.Parameter) and not hasattr(ours, "weight_orig")
+    else:
+        parametrize.remove_parametrizations(ours, "weight")
+        parametrize.remove_parametrizations(ref, "weight")
+        assert not parametrize.is_parametrized(ours)
+    check(f"{api} removed weight vs PyTorch", ours.weight, ref.weight, scale=10)
+
+
+def test_default_dims():
+    for cls, dim in [(nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 1), (nn.ConvTranspose3d, 1), (nn.Conv2d, 0)]:
+        m = cls(4, 6, 3)
+        sn_kernels.spectral_norm(m)
+        assert sn_kernels.hooks.find_hook(m).dim == dim
+        assert m.weight_u.shape == (m.weight_orig.shape[dim],)
+        p = cls(4, 6, 3)
+        sn_kernels.parametrizations.spectral_norm(p)
+        assert p.parametrizations.weight[0].dim == dim
+
+
+def test_old_checkpoint_without_version_loads():
+    """PyTorch's loader for pre-1.0 checkpoints (weight, weight_orig, weight_u; no v) works on ours."""
+    ref, _ = make_pair("linear", "hook", 1)
+    ref(torch.randn(2, 7))
+    sd = ref.state_dict()
+    old = {k: v for k, v in sd.items() if k != "weight_v"}
+    old["weight"] = ref.weight.detach()
+    old = type(sd)(old)
+    old._metadata = {"": {"version": 1}}
+    ref2, ours2 = make_pair("linear", "hook", 1, seed=3)
+    ours2.load_state_dict(old)
+    ref2.load_state_dict(old)
+    check("old checkpoint v vs PyTorch", ours2.weight_v, ref2.weight_v)
+
+
+def test_deepcopy_and_save_after_forward():
+    m = sn_kernels.SNLinear(6, 4)
+    y = m(torch.randn(3, 6))
+    assert m.weight.grad_fn is not None  # still attached to the graph, as in PyTorch
+    c = copy.deepcopy(m)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 6)
+    m.eval(), c.eval(), loaded.eval()
+    torch.testing.assert_close(c(x), m(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+    y.sum().backward()  # the original graph is intact
+    assert m.weight_orig.grad is not None
+
+
+def test_torch_remove_works_on_ours_and_ours_on_torch():
+    a = sn_kernels.spectral_norm(nn.Linear(3, 4))
+    torch.nn.utils.remove_spectral_norm(a)
+    b = torch.nn.utils.spectral_norm(nn.Linear(3, 4))
+    sn_kernels.remove_spectral_norm(b)
+    assert isinstance(a.weight, nn.Parameter) and isinstance(b.weight, nn.Parameter)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("wrap", [sn_kernels.spectral_norm, sn_kernels.parametrizations.spectral_norm])
+def test_refusals_leave_module_unchanged(wrap):
+    m = nn.Linear(3, 4)
+    before = dict(m.state_dict())
+    with pytest.raises(ValueError, match="n_power_iterations"):
+        wrap(m, n_power_iterations=0)
+    with pytest.raises(ValueError, match="eps"):
+        wrap(m, eps=0.0)
+    with pytest.raises((KeyError, ValueError), match="nonexistent"):
+        wrap(m, name="nonexistent")
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        wrap(m, dim=5)
+    assert list(m.state_dict()) == list(before) and not sn_kernels.is_spectral_normalized(m)
+    wrap(m)
+    with pytest.raises(RuntimeError, match="two spectral_norm"):
+        wrap(m)
+
+
+def test_refuses_non_floating_and_0d():
+    m = nn.Module()
+    m.weight = nn.Parameter(torch.tensor(2.0))
+    with pytest.raises(ValueError, match="0-d"):
+        sn_kernels.spectral_norm(m)
+    with pytest.raises(ValueError, match="0-d"):
+        sn_kernels.parametrizations.spectral_norm(m)
+    m = nn.Module()
+    m.register_buffer("weight", torch.ones(3, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="floating-point"):
+        sn_kernels.parametrizations.spectral_norm(m)
+    m = nn.Module()
+    m.weight = nn.Parameter(torch.ones(3, 3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="floating-point"):
+        sn_kernels.spectral_norm(m)
+
+
+@pytest.mark.parametrize("api", list(API))
+def test_loaded_vector_of_wrong_shape_names_the_key(api):
+    _, ours = make_pair("linear", api, 1)
+    sd = ours.state_dict()
+    key = "weight_u" if api == "hook" else "parametrizations.weight.0._u"
+    sd[key] = torch.randn(sd[key].numel() + 1)
+    with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
+        ours.load_state_dict(sd)
