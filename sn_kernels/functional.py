@@ -54,9 +54,43 @@ def _fake_normalize(weight, u, v, sigma, dim):
     return torch.empty_like(weight)
 
 
-def register_backend_ops(power_iteration, normalize, backward: Callable) -> None:
+def _weight_grad(backward: Callable, grad, weight, u, v, sigma, dim):
+    """The weight gradient of ``normalize``; with create_graph=True the plain-torch
+    formula, which is itself differentiable (kernels are not)."""
+    if torch.is_grad_enabled():
+        from .reference import backward as differentiable_backward
+
+        return differentiable_backward(grad, weight, u, v, sigma, dim)
+    return backward(grad, weight, u, v, sigma, dim)
+
+
+class _EagerNormalize(torch.autograd.Function):
+    """Eager-mode path of ``normalize``: calls the backend's functions directly,
+    skipping the custom-op wrapper's per-call checks (tens of microseconds that
+    dominate for small weights).  ``torch.compile`` traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, weight, u, v, sigma, dim, backend):
+        ctx.dim, ctx.backend = dim, backend
+        ctx.save_for_backward(weight, u, v, sigma)
+        return backend.normalize_impl(weight, u, v, sigma, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        weight, u, v, sigma = ctx.saved_tensors
+        return _weight_grad(ctx.backend.backward, grad, weight, u, v, sigma, ctx.dim), None, None, None, None, None
+
+
+def register_backend_ops(power_iteration, normalize, backward: Callable, *, power_iteration_impl=None,
+                         normalize_impl=None) -> SimpleNamespace:
     """Give a backend's two ops (custom ops, or qualified names of C++ ones) the
-    shared fake implementations and the analytic backward computed by ``backward``."""
+    shared fake implementations and the analytic backward computed by ``backward``.
+
+    Returns the backend's namespace: the ops, plus the raw callables used in eager
+    mode (``*_impl``, defaulting to the ops themselves) and ``backward``.
+    """
     torch.library.register_fake(power_iteration)(_fake_power_iteration)
     torch.library.register_fake(normalize)(_fake_normalize)
 
@@ -66,23 +100,27 @@ def register_backend_ops(power_iteration, normalize, backward: Callable) -> None
         ctx.save_for_backward(weight, u, v, sigma)
 
     def backward_fn(ctx, grad):
-        weight, u, v, sigma = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        if torch.is_grad_enabled():
-            # create_graph=True: the plain-torch formula is itself differentiable, kernels are not
-            from .reference import backward as differentiable_backward
-
-            return differentiable_backward(grad, weight, u, v, sigma, ctx.dim), None, None, None, None
-        return backward(grad, weight, u, v, sigma, ctx.dim), None, None, None, None
+        weight, u, v, sigma = ctx.saved_tensors
+        return _weight_grad(backward, grad, weight, u, v, sigma, ctx.dim), None, None, None, None
 
     torch.library.register_autograd(normalize, backward_fn, setup_context=setup_context)
+    if isinstance(power_iteration, str):
+        ns, name = power_iteration.split("::")
+        power_iteration = getattr(getattr(torch.ops, ns), name)
+    if isinstance(normalize, str):
+        ns, name = normalize.split("::")
+        normalize = getattr(getattr(torch.ops, ns), name)
+    return SimpleNamespace(power_iteration=power_iteration, normalize=normalize, backward=backward,
+                           power_iteration_impl=power_iteration_impl or power_iteration,
+                           normalize_impl=normalize_impl or normalize)
 
 
 def define_backend_ops(backend: str, power_iteration: Callable, normalize: Callable, backward: Callable,
                        device_types=None) -> SimpleNamespace:
     """Register Python implementations as ``sn_kernels::{backend}_power_iteration`` and
-    ``sn_kernels::{backend}_normalize``; return them as ``.power_iteration``, ``.normalize``."""
+    ``sn_kernels::{backend}_normalize``; return the backend namespace (see ``register_backend_ops``)."""
 
     def power_iteration_op(
         weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int, order: str,
@@ -97,8 +135,7 @@ def define_backend_ops(backend: str, power_iteration: Callable, normalize: Calla
     pi = torch.library.custom_op(f"{ns}_power_iteration", power_iteration_op, mutates_args=("u", "v"),
                                  device_types=device_types)
     nz = torch.library.custom_op(f"{ns}_normalize", normalize_op, mutates_args=(), device_types=device_types)
-    register_backend_ops(pi, nz, backward)
-    return SimpleNamespace(power_iteration=pi, normalize=nz)
+    return register_backend_ops(pi, nz, backward, power_iteration_impl=power_iteration, normalize_impl=normalize)
 
 
 def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int, order: str) -> int:
@@ -163,8 +200,12 @@ def spectral_normalize(
     """
     dim = _check(weight, u, v, n_power_iterations, eps, dim, order)
     ops = dispatch.resolve(weight.device, backend).ops
-    # the iteration is never differentiated: it sees a detached weight
-    sigma, u_used, v_used = ops.power_iteration(
-        weight.detach(), u, v, n_power_iterations, float(eps), dim, order, bool(training)
-    )
-    return ops.normalize(weight, u_used, v_used, sigma, dim), sigma
+    if torch.compiler.is_compiling():
+        # the iteration is never differentiated: it sees a detached weight
+        sigma, u_used, v_used = ops.power_iteration(
+            weight.detach(), u, v, n_power_iterations, float(eps), dim, order, bool(training)
+        )
+        return ops.normalize(weight, u_used, v_used, sigma, dim), sigma
+    with torch.no_grad():
+        sigma, u_used, v_used = ops.power_iteration_impl(weight, u, v, n_power_iterations, eps, dim, order, training)
+    return _EagerNormalize.apply(weight, u_used, v_used, sigma, dim, ops), sigma
