@@ -35,23 +35,35 @@ def outer_like(u: Tensor, v: Tensor, weight: Tensor, dim: int) -> Tensor:
     return torch.outer(u, v).reshape(shape).movedim(0, dim)
 
 
-def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(x / max(|x|, eps), |x|^2 / max(|x|, eps)): the new vector and x . new vector."""
+def _normalize(x: Tensor, previous: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x / max(|x|, eps), |x|^2 / max(|x|, eps)): the new vector and x . new vector.
+
+    A step whose norm is zero or not finite (a zero or non-finite weight) keeps the
+    previous vector, so u and v recover once the weight is finite again; the choice
+    is a tensor op, not a host synchronisation.
+    """
     norm = torch.linalg.vector_norm(x)
     denom = norm.clamp_min(eps)
-    return x / denom, norm * norm / denom
+    accept = torch.isfinite(norm) & (norm > 0)
+    return torch.where(accept, x / denom, previous), norm * norm / denom
 
 
 def power_iteration(W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, order: str):
     """Run the power iteration on the matrix ``W``; return (u, v, sigma) without touching inputs."""
     for _ in range(n_power_iterations):
         if order == "vu":
-            v, _ = _normalize(W.t() @ u, eps)
-            u, sigma = _normalize(W @ v, eps)
+            v, _ = _normalize(W.t() @ u, v, eps)
+            u, sigma = _normalize(W @ v, u, eps)
         else:
-            u, _ = _normalize(W @ v, eps)
-            v, sigma = _normalize(W.t() @ u, eps)
+            u, _ = _normalize(W @ v, u, eps)
+            v, sigma = _normalize(W.t() @ u, v, eps)
     return u, v, sigma
+
+
+def safe_sigma(sigma: Tensor) -> Tensor:
+    """sigma, or +inf where sigma == 0: a zero weight normalizes to 0 (and gets a zero
+    gradient) instead of 0/0 = NaN."""
+    return torch.where(sigma == 0, torch.full_like(sigma, float("inf")), sigma)
 
 
 @torch.no_grad()
@@ -70,8 +82,8 @@ def _power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training
 
 
 def _normalize_weight(weight, u, v, sigma, dim):
-    """W / sigma, divided in the accumulation dtype."""
-    return (weight.to(sigma.dtype) / sigma).to(weight.dtype)
+    """W / sigma, divided in the accumulation dtype (0 where sigma == 0)."""
+    return (weight.to(sigma.dtype) / safe_sigma(sigma)).to(weight.dtype)
 
 
 def backward(grad, weight, u, v, sigma, dim):
@@ -81,6 +93,7 @@ def backward(grad, weight, u, v, sigma, dim):
     d sigma / dW = u v^T, so double backward is exact with u, v held constant.
     """
     acc = sigma.dtype
+    sigma = safe_sigma(sigma)
     G, W = grad.to(acc), weight.to(acc)
     uvT = outer_like(u.to(acc), v.to(acc), weight, dim)
     if torch.is_grad_enabled() and W.requires_grad:
