@@ -176,6 +176,33 @@ def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: f
     return dim
 
 
+def _check_variant(weight: Tensor, coeff, soft: bool, gain) -> None:
+    if coeff is not None and not (isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and coeff > 0):
+        raise ValueError(f"coeff must be a positive number, got {coeff!r}")
+    if soft and coeff is None:
+        raise ValueError("soft=True needs a Lipschitz coefficient: pass coeff=...")
+    if gain is not None:
+        if not isinstance(gain, Tensor) or gain.numel() != 1:
+            raise TypeError("gain must be a one-element tensor (the learnable scalar gamma)")
+        if gain.device != weight.device:
+            raise ValueError(f"gain is on {gain.device} but the weight is on {weight.device}")
+
+
+def lipschitz_scale(sigma: Tensor, u: Tensor, coeff: float, soft: bool) -> tuple[Tensor, Tensor]:
+    """(sigma_eff, u_eff) so that ``normalize(W, u_eff, v, sigma_eff)`` is the Lipschitz variant.
+
+    hard: W coeff / sigma = W / (sigma / coeff);  soft: W / max(1, sigma / coeff).
+    The shared backward (G - <G, W>/sigma_eff u_eff v^T) / sigma_eff is exact with
+    u_eff = u / coeff where sigma_eff depends on sigma, and u_eff = 0 where the soft
+    form does not (sigma < coeff: W passes through unchanged, no gradient via sigma).
+    """
+    ratio = sigma / coeff
+    if not soft:
+        return ratio, u / coeff
+    active = ratio > 1
+    return ratio.clamp_min(1.0), u * (active.to(u.dtype) / coeff)
+
+
 def spectral_normalize(
     weight: Tensor,
     u: Tensor,
@@ -186,6 +213,9 @@ def spectral_normalize(
     dim: int = 0,
     order: str = "vu",
     training: bool = True,
+    coeff: float | None = None,
+    soft: bool = False,
+    gain: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Spectrally normalize ``weight``: return ``(weight / sigma, sigma)``.
@@ -197,15 +227,32 @@ def spectral_normalize(
     sigma = u . (W v) and u, v are left alone.  W is viewed as an (m, n) matrix
     with ``dim`` first.  ``backend`` overrides the global selection for this call.
     sigma carries no gradient; it is float32 for float16/bfloat16 weights.
+
+    Variants (defaults give PyTorch's spectral norm): ``coeff`` K returns
+    W K / sigma, or with ``soft=True`` W / max(1, sigma / K) (invertible ResNets,
+    SNGP, DUE); ``gain`` (a one-element tensor gamma, usually a Parameter) returns
+    gamma W / sigma.
     """
     dim = _check(weight, u, v, n_power_iterations, eps, dim, order)
+    _check_variant(weight, coeff, soft, gain)
     ops = dispatch.resolve(weight.device, backend).ops
-    if torch.compiler.is_compiling():
-        # the iteration is never differentiated: it sees a detached weight
-        sigma, u_used, v_used = ops.power_iteration(
-            weight.detach(), u, v, n_power_iterations, float(eps), dim, order, bool(training)
-        )
-        return ops.normalize(weight, u_used, v_used, sigma, dim), sigma
+    compiling = torch.compiler.is_compiling()
     with torch.no_grad():
-        sigma, u_used, v_used = ops.power_iteration_impl(weight, u, v, n_power_iterations, eps, dim, order, training)
-    return _EagerNormalize.apply(weight, u_used, v_used, sigma, dim, ops), sigma
+        if compiling:
+            sigma, u_used, v_used = ops.power_iteration(
+                weight.detach(), u, v, n_power_iterations, float(eps), dim, order, bool(training)
+            )
+        else:
+            sigma, u_used, v_used = ops.power_iteration_impl(
+                weight, u, v, n_power_iterations, eps, dim, order, training
+            )
+        sigma_eff = sigma
+        if coeff is not None:
+            sigma_eff, u_used = lipschitz_scale(sigma, u_used, float(coeff), soft)
+    if compiling:
+        weight_sn = ops.normalize(weight, u_used, v_used, sigma_eff, dim)
+    else:
+        weight_sn = _EagerNormalize.apply(weight, u_used, v_used, sigma_eff, dim, ops)
+    if gain is not None:
+        weight_sn = weight_sn * gain.reshape(()).to(weight_sn.dtype)
+    return weight_sn, sigma

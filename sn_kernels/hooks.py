@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.functional import normalize
 
-from .functional import spectral_normalize
+from .functional import _check_variant, spectral_normalize
 
 # the module, not the function that torch.nn.utils re-exports under the same name
 _torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
@@ -49,11 +49,16 @@ class SpectralNorm(_torch_sn.SpectralNorm):
     """The forward pre-hook; PyTorch's class with the fused op inside."""
 
     sigma: torch.Tensor | None = None  # latest sigma (detached), for ``sn_kernels.sigmas``
+    coeff: float | None = None  # class defaults keep hooks pickled before the variants loadable
+    soft: bool = False
+    gain: bool = False
 
-    def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
+    def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
+                 *, coeff: float | None = None, soft: bool = False, gain: bool = False):
         if not eps > 0:
             raise ValueError(f"Expected eps to be positive, but got eps={eps}")
         super().__init__(name, n_power_iterations, dim, eps)
+        self.coeff, self.soft, self.gain = coeff, soft, gain
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         weight = getattr(module, self.name + "_orig")
@@ -61,7 +66,8 @@ class SpectralNorm(_torch_sn.SpectralNorm):
         v = getattr(module, self.name + "_v")
         weight_sn, sigma = spectral_normalize(
             weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
-            dim=self.dim, order="vu", training=do_power_iteration,
+            dim=self.dim, order="vu", training=do_power_iteration, coeff=self.coeff, soft=self.soft,
+            gain=getattr(module, self.name + "_gain") if self.gain else None,
         )
         self.sigma = sigma.detach()
         return weight_sn
@@ -72,8 +78,14 @@ class SpectralNorm(_torch_sn.SpectralNorm):
             weight = _serializable(weight)
         setattr(module, self.name, weight)
 
+    def remove(self, module: nn.Module) -> None:
+        super().remove(module)  # keeps W / sigma (times the gain) as the new plain parameter
+        if self.gain:
+            delattr(module, self.name + "_gain")
+
     @staticmethod
-    def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float) -> "SpectralNorm":
+    def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float,
+              *, coeff: float | None = None, soft: bool = False, gain: bool = False) -> "SpectralNorm":
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, _torch_sn.SpectralNorm) and hook.name == name:
                 raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
@@ -95,19 +107,24 @@ class SpectralNorm(_torch_sn.SpectralNorm):
             raise IndexError(
                 f"Dimension out of range (expected to be in range of [{-weight.dim()}, {weight.dim() - 1}] but got {dim})"
             )
-        fn = SpectralNorm(name, n_power_iterations, dim, eps)
+        fn = SpectralNorm(name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain)
+        _check_variant(weight, coeff, soft, None)
 
         with torch.no_grad():
             h, w = fn.reshape_weight_to_matrix(weight).size()
             # same draws, in the same order, as PyTorch: seeded runs give identical u, v
             u = normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
             v = normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=fn.eps)
+            if gain:
+                gamma, u, v = exact_top_singular(fn.reshape_weight_to_matrix(weight))
 
         delattr(module, fn.name)
         module.register_parameter(fn.name + "_orig", weight)
         setattr(module, fn.name, weight.data)
         module.register_buffer(fn.name + "_u", u)
         module.register_buffer(fn.name + "_v", v)
+        if gain:
+            module.register_parameter(fn.name + "_gain", nn.Parameter(gamma))
 
         module.register_forward_pre_hook(fn)
         module._register_state_dict_hook(_torch_sn.SpectralNormStateDictHook(fn))
@@ -115,15 +132,27 @@ class SpectralNorm(_torch_sn.SpectralNorm):
         return fn
 
 
+def exact_top_singular(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma_1, u_1, v_1) of a matrix by SVD, in its dtype (computed in float32 or better)."""
+    work = mat.detach().to(torch.promote_types(mat.dtype, torch.float32))
+    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+    return S[0].to(mat.dtype), U[:, 0].contiguous().to(mat.dtype), Vh[0].contiguous().to(mat.dtype)
+
+
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None) -> nn.Module:
+                  dim: int | None = None, *, coeff: float | None = None, soft: bool = False,
+                  gain: bool = False) -> nn.Module:
     """Apply spectral normalization to ``module.<name>`` with a forward pre-hook.
 
     Same signature, defaults, state_dict and numbers as ``torch.nn.utils.spectral_norm``.
+    Variants (keyword-only, off by default): ``coeff`` K gives W K / sigma, with
+    ``soft=True`` W / max(1, sigma / K); ``gain=True`` adds a trainable scalar
+    ``<name>_gain`` initialised to the exact spectral norm (u, v start at the exact
+    singular vectors), so wrapping leaves the layer's output unchanged.
     """
     if dim is None:
         dim = default_dim(module)
-    SpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain)
     return module
 
 

@@ -33,11 +33,13 @@ def is_spectral_normalized(module: nn.Module, name: str = "weight") -> bool:
 
 
 def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iterations: int = 1, eps: float = 1e-12,
-                        layer_types: Iterable[type] = SN_LAYER_TYPES, exclude: Iterable[str] = ()) -> nn.Module:
+                        layer_types: Iterable[type] = SN_LAYER_TYPES, exclude: Iterable[str] = (),
+                        **variant) -> nn.Module:
     """Wrap the ``weight`` of every Linear/Conv*/ConvTranspose*/Embedding in ``model`` (in place).
 
     ``api`` is "hook" (``torch.nn.utils.spectral_norm`` keys) or "parametrization";
     modules named in ``exclude`` and weights already normalized are left alone.
+    ``variant`` keywords (``coeff``, ``soft``, ``gain``) go to ``spectral_norm``.
     """
     wrap = _wrapper(api)
     layer_types = tuple(layer_types)
@@ -47,7 +49,7 @@ def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iteratio
             continue
         if getattr(module, "weight", None) is None or is_spectral_normalized(module):
             continue
-        wrap(module, n_power_iterations=n_power_iterations, eps=eps)
+        wrap(module, n_power_iterations=n_power_iterations, eps=eps, **variant)
     return model
 
 
@@ -83,7 +85,7 @@ def _adopt(torch_param: nn.Module) -> parametrizations._SpectralNorm:
     """Our parametrization holding the very buffers of PyTorch's."""
     ours = parametrizations._SpectralNorm.__new__(parametrizations._SpectralNorm)
     nn.Module.__init__(ours)
-    ours.dim, ours.eps, ours.sigma = torch_param.dim, torch_param.eps, None
+    ours.dim, ours.eps, ours.sigma, ours.gain = torch_param.dim, torch_param.eps, None, None
     if hasattr(torch_param, "n_power_iterations"):
         ours.n_power_iterations = torch_param.n_power_iterations
     for name, buf in torch_param._buffers.items():
@@ -130,16 +132,18 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
 def _sn_layer(base: type, doc: str) -> type:
     """A subclass of ``base`` whose weight is spectrally normalized at construction."""
 
-    def __init__(self, *args, n_power_iterations: int = 1, eps: float = 1e-12, api: str = "hook", **kwargs):
+    def __init__(self, *args, n_power_iterations: int = 1, eps: float = 1e-12, api: str = "hook",
+                 coeff: float | None = None, soft: bool = False, gain: bool = False, **kwargs):
         base.__init__(self, *args, **kwargs)
-        _wrapper(api)(self, n_power_iterations=n_power_iterations, eps=eps)
+        _wrapper(api)(self, n_power_iterations=n_power_iterations, eps=eps, coeff=coeff, soft=soft, gain=gain)
 
     return type("SN" + base.__name__, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
 _DOC = ("``torch.nn.{0}`` with a spectrally normalized weight.  Extra keyword arguments: "
         "``n_power_iterations=1``, ``eps=1e-12``, ``api='hook'`` (state_dict keys of "
-        "``torch.nn.utils.spectral_norm``) or ``'parametrization'``.")
+        "``torch.nn.utils.spectral_norm``) or ``'parametrization'``, and the variants "
+        "``coeff``, ``soft``, ``gain`` of ``sn_kernels.spectral_norm``.")
 SNLinear = _sn_layer(nn.Linear, _DOC.format("Linear"))
 SNConv1d = _sn_layer(nn.Conv1d, _DOC.format("Conv1d"))
 SNConv2d = _sn_layer(nn.Conv2d, _DOC.format("Conv2d"))

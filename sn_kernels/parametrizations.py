@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .functional import spectral_normalize
-from .hooks import default_dim
+from .functional import _check_variant, spectral_normalize
+from .hooks import default_dim, exact_top_singular
 from .reference import as_matrix
 
 INIT_ITERATIONS = 15  # PyTorch warms u, v up with 15 iterations at wrapping time
@@ -22,8 +22,11 @@ INIT_ITERATIONS = 15  # PyTorch warms u, v up with 15 iterations at wrapping tim
 class _SpectralNorm(nn.Module):
     """The parametrization module: ``forward(W) = W / sigma(W)``."""
 
+    coeff: float | None = None
+    soft: bool = False
+
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
-                 *, init: bool = True) -> None:
+                 *, coeff: float | None = None, soft: bool = False, gain: bool = False, init: bool = True) -> None:
         super().__init__()
         if not weight.is_floating_point():
             raise TypeError(f"spectral norm needs a floating-point weight, got {weight.dtype}")
@@ -40,8 +43,16 @@ class _SpectralNorm(nn.Module):
             )
         if not eps > 0:
             raise ValueError(f"Expected eps to be positive, but got eps={eps}")
+        _check_variant(weight, coeff, soft, None)
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
+        self.coeff, self.soft = coeff, soft
+        self.gain = None
+        if gain:
+            # gamma starts at the exact spectral norm, so wrapping leaves the output unchanged
+            gamma = torch.linalg.vector_norm(weight.detach()) if ndim == 1 else \
+                exact_top_singular(as_matrix(weight.detach(), self.dim))[0]
+            self.gain = nn.Parameter(gamma.to(weight.dtype))
         self.sigma: Tensor | None = None  # latest sigma (detached), not in the state_dict
         if ndim > 1:
             self.n_power_iterations = n_power_iterations
@@ -55,14 +66,21 @@ class _SpectralNorm(nn.Module):
                 with torch.no_grad():
                     spectral_normalize(weight.detach(), self._u, self._v, n_power_iterations=INIT_ITERATIONS,
                                        eps=self.eps, dim=self.dim, order="uv")
+                    if gain:  # start at the exact singular vectors too: output unchanged by wrapping
+                        _, u1, v1 = exact_top_singular(as_matrix(weight.detach(), self.dim))
+                        self._u.copy_(u1)
+                        self._v.copy_(v1)
 
     def forward(self, weight: Tensor) -> Tensor:
-        if weight.ndim == 1:
+        if weight.ndim == 1 and self.coeff is None:
             # a vector's spectral norm is its length: exact, as in PyTorch
-            return F.normalize(weight, dim=0, eps=self.eps)
+            out = F.normalize(weight, dim=0, eps=self.eps)
+            return out if self.gain is None else out * self.gain
+        if weight.ndim == 1:
+            raise NotImplementedError("coeff is not supported for 1-D weights")
         weight_sn, sigma = spectral_normalize(
             weight, self._u, self._v, n_power_iterations=self.n_power_iterations, eps=self.eps,
-            dim=self.dim, order="uv", training=self.training,
+            dim=self.dim, order="uv", training=self.training, coeff=self.coeff, soft=self.soft, gain=self.gain,
         )
         self.sigma = sigma.detach()
         return weight_sn
@@ -75,12 +93,15 @@ class _SpectralNorm(nn.Module):
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None) -> nn.Module:
+                  dim: int | None = None, *, coeff: float | None = None, soft: bool = False,
+                  gain: bool = False) -> nn.Module:
     """Register a spectral-norm parametrization on ``module.<name>``.
 
     Same signature, defaults, state_dict keys and numbers as
     ``torch.nn.utils.parametrizations.spectral_norm``; undo with
-    ``torch.nn.utils.parametrize.remove_parametrizations``.
+    ``torch.nn.utils.parametrize.remove_parametrizations``.  Variants as in
+    ``sn_kernels.spectral_norm``: ``coeff``, ``soft``, ``gain`` (the trainable
+    scalar is ``parametrizations.<name>.0.gain``).
     """
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
@@ -89,7 +110,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
         raise RuntimeError(f"Cannot register two spectral_norm parametrizations on the same parameter {name}")
     if dim is None:
         dim = default_dim(module)
-    parametrize.register_parametrization(module, name, _SpectralNorm(weight, n_power_iterations, dim, eps))
+    parametrize.register_parametrization(
+        module, name, _SpectralNorm(weight, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain))
     return module
 
 
