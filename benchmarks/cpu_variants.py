@@ -1,0 +1,73 @@
+"""CPU cost of the variants (Lipschitz coefficient hard/soft, learnable gain) against plain
+spectral norm: forward+backward of one weight through ``spectral_normalize``, training
+mode, median of repeats, on the backend "auto" picks.  Writes
+benchmarks/results/cpu_variants.csv and prints a table.
+
+    python benchmarks/cpu_variants.py [--reps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import sn_kernels
+
+SHAPES = [(128, 1152), (512, 4608), (1536, 13824)]
+VARIANTS = {
+    "plain": {},
+    "coeff_hard": {"coeff": 0.9},
+    "coeff_soft": {"coeff": 0.9, "soft": True},
+    "gain": {"gain": "param"},
+}
+
+
+def time_variant(shape, kwargs, reps):
+    w = torch.randn(shape, requires_grad=True)
+    u = torch.nn.functional.normalize(torch.randn(shape[0]), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(shape[1]), dim=0)
+    G = torch.randn(shape)
+    kwargs = dict(kwargs)
+    if kwargs.get("gain") == "param":
+        kwargs["gain"] = torch.nn.Parameter(torch.tensor(1.0))
+    samples = []
+    for i in range(reps + 2):
+        w.grad = None
+        t0 = time.perf_counter()
+        out, _ = sn_kernels.spectral_normalize(w, u, v, **kwargs)
+        out.backward(G)
+        if i >= 2:
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args(argv)
+    rows = []
+    print(f"backend on cpu: {sn_kernels.available_backends('cpu')[0]} (auto), torch {torch.__version__}")
+    print(f"{'shape':>12s} {'variant':>11s} {'median ms':>10s} {'x plain':>8s}")
+    for shape in SHAPES:
+        base = None
+        for name, kwargs in VARIANTS.items():
+            med, lo, hi = time_variant(shape, kwargs, args.reps)
+            base = base or med
+            rows.append(dict(shape="x".join(map(str, shape)), variant=name, median_ms=med * 1e3, min_ms=lo * 1e3,
+                             max_ms=hi * 1e3, ratio_to_plain=med / base, torch=torch.__version__))
+            print(f"{rows[-1]['shape']:>12s} {name:>11s} {med * 1e3:10.3f} {med / base:8.2f}")
+    out = Path(__file__).resolve().parent / "results" / "cpu_variants.csv"
+    out.parent.mkdir(exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
