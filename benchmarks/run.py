@@ -25,11 +25,14 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
 
-MODES = ("fwd", "bwd", "fwd_bwd")
-# minimum device traffic per weight, in units of |W| (DESIGN.md section 2, W streamed)
-BYTES_MODEL = {"fwd": 4, "bwd": 4, "fwd_bwd": 8}
+MODES = ("fwd", "bwd", "fwd_bwd", "train_step")
+# minimum device traffic per weight, in units of |W| (DESIGN.md section 2, W streamed);
+# a training step also runs convolutions, so it has no bytes model
+BYTES_MODEL = {"fwd": 4, "bwd": 4, "fwd_bwd": 8, "train_step": float("nan")}
+TRAIN_BATCH = {"cuda": 64, "cpu": 8}  # batch 64 as specified on a GPU; 8 keeps a CPU run short
 
 
 def find_shapes(path: str | None) -> dict:
@@ -108,37 +111,75 @@ def timer(device):
     return measure, (lambda: None)
 
 
+def _copies(device, nbytes: int) -> int:
+    """How many copies of a weight set to rotate through so that each call reads weights
+    that are not in L2 from the previous call (GPU only; capped)."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(1, min(32, -(-2 * l2 // max(nbytes, 1))))
+
+
 def run_case(provider, shapes, dtype, device, mode, reps, warmup):
     """Seconds per call of ``mode`` over all weights of a set: list of ``reps`` samples."""
     backend = provider.removeprefix("sn_kernels_") if provider.startswith("sn_kernels_") else None
     ctx = sn_kernels.use_backend(backend) if backend else _null()
     with ctx:
-        holders, forward = build(provider, shapes, dtype, device)
+        if mode == "train_step":
+            return train_step_samples(provider, dtype, device, reps, warmup)
+        nbytes = sum(torch.Size(s).numel() for s in shapes) * torch.empty((), dtype=dtype).element_size()
+        sets = [build(provider, shapes, dtype, device) for _ in range(_copies(device, nbytes))]
         grads = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
         measure, sync = timer(device)
-        params = [p for h in holders for p in h.parameters()]
-
-        def fwd():
-            return forward()
-
-        def bwd_of(outs):
-            torch.autograd.backward(outs, grads)
 
         samples = []
         for i in range(warmup + reps):
-            for p in params:
-                p.grad = None
+            holders, forward = sets[i % len(sets)]
+            for h in holders:
+                for p in h.parameters():
+                    p.grad = None
             if mode == "fwd":
-                t = measure(fwd)
+                t = measure(forward)
             elif mode == "bwd":
                 outs = forward()
                 sync()
-                t = measure(lambda: bwd_of(outs))
+                t = measure(lambda: torch.autograd.backward(outs, grads))
             else:
-                t = measure(lambda: bwd_of(forward()))
+                t = measure(lambda: torch.autograd.backward(forward(), grads))
             if i >= warmup:
                 samples.append(t)
     return samples
+
+
+def train_step_samples(provider, dtype, device, reps, warmup):
+    """One discriminator step of the SNGAN ResNet (CIFAR, batch 64, hinge loss, Adam)."""
+    from models import SNGANDiscriminator, hinge_d_loss
+
+    torch.manual_seed(0)
+    D = SNGANDiscriminator().to(device=device, dtype=dtype)
+    layers = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if provider == "torch_hook":
+        for m in layers:
+            torch.nn.utils.spectral_norm(m)
+    elif provider in ("torch_param", "torch_compile"):
+        for m in layers:
+            torch.nn.utils.parametrizations.spectral_norm(m)
+    else:
+        sn_kernels.apply_spectral_norm(D, api="parametrization")
+    model = torch.compile(D) if provider == "torch_compile" else D
+    opt = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9))
+    batch = TRAIN_BATCH.get(device.type, 8)
+    real = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
+    fake = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
+    measure, _ = timer(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        hinge_d_loss(model(real), model(fake)).backward()
+        opt.step()
+
+    samples = [measure(step) for _ in range(warmup + reps)]
+    return samples[warmup:]
 
 
 class _null:
@@ -160,7 +201,7 @@ def main(argv=None):
     ap.add_argument("--providers", default=None, help="comma list (default: all that run here)")
     ap.add_argument("--sets", default="sngan_cifar_d,biggan128_d,single")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default=None, help="default float32,bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<device>.csv)")
@@ -170,11 +211,12 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     dev_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu-{platform.machine()}-{os.cpu_count()}cores"
     shape_sets = find_shapes(args.shapes)
+    args.dtypes = args.dtypes or ("float32,bfloat16" if on_gpu else "float32")
     backends = sn_kernels.available_backends(device)
     providers = (args.providers.split(",") if args.providers else
                  ["torch_hook", "torch_param"] + (["torch_compile"] if on_gpu else [])
                  + [f"sn_kernels_{b}" for b in backends if not (b == "triton" and not on_gpu)])
-    reps = args.reps or (50 if on_gpu else 5)
+    reps = args.reps or (100 if on_gpu else 5)
     warmup = 5 if on_gpu else 1
     measure, sync = timer(device)
     copy_gbps = copy_bandwidth(device, sync)
@@ -193,10 +235,12 @@ def main(argv=None):
             dtype = getattr(torch, dtype_name)
             nbytes = sum(torch.Size(s).numel() for s in shapes) * torch.empty((), dtype=dtype).element_size()
             for mode in args.modes.split(","):
+                if mode == "train_step" and set_name != "sngan_cifar_d":
+                    continue  # the training step is the SNGAN discriminator's
                 for provider in providers:
                     try:
                         samples = run_case(provider, shapes, dtype, device, mode, reps, warmup)
-                        note = ""
+                        note = f"batch {TRAIN_BATCH.get(device.type, 8)}" if mode == "train_step" else ""
                     except Exception as exc:  # a provider that cannot run this case is reported, not fatal
                         samples, note = [float("nan")], f"{type(exc).__name__}: {exc}"[:200]
                     med = statistics.median(samples)
@@ -224,7 +268,7 @@ def main(argv=None):
 def summary(rows):
     """Speed-up of each sn_kernels provider over torch_param, per set/dtype/mode."""
     base = {(r["shape_set"], r["dtype"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == "torch_param"}
-    print("\n| shape set | dtype | mode | provider | median ms | GB/s | x torch_param |")
+    print("\n| shape set | dtype | mode | provider | median ms | GB/s | × torch_param |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         if r["provider"] == "torch_param":
