@@ -139,9 +139,17 @@ def exact_top_singular(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return S[0].to(mat.dtype), U[:, 0].contiguous().to(mat.dtype), Vh[0].contiguous().to(mat.dtype)
 
 
+def check_mode(mode: str, dim, coeff, soft, gain) -> None:
+    """Refuse keyword combinations that ``mode="conv"`` does not support."""
+    if mode not in ("matrix", "conv"):
+        raise ValueError(f"mode must be 'matrix' or 'conv', got {mode!r}")
+    if mode == "conv" and (dim is not None or coeff is not None or soft or gain):
+        raise ValueError("mode='conv' normalizes by the convolution operator: dim, coeff, soft and gain do not apply")
+
+
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
                   dim: int | None = None, *, coeff: float | None = None, soft: bool = False,
-                  gain: bool = False) -> nn.Module:
+                  gain: bool = False, mode: str = "matrix", **conv_options) -> nn.Module:
     """Apply spectral normalization to ``module.<name>`` with a forward pre-hook.
 
     Same signature, defaults, state_dict and numbers as ``torch.nn.utils.spectral_norm``.
@@ -149,7 +157,17 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     ``soft=True`` W / max(1, sigma / K); ``gain=True`` adds a trainable scalar
     ``<name>_gain`` initialised to the exact spectral norm (u, v start at the exact
     singular vectors), so wrapping leaves the layer's output unchanged.
+    ``mode="conv"`` normalizes a Conv*/ConvTranspose* layer by the norm of its
+    convolution operator (see ``sn_kernels.conv_norm.spectral_norm_conv`` for
+    ``conv_options``: ``reinit_on_resize``, ``input_size``).
     """
+    check_mode(mode, dim, coeff, soft, gain)
+    if mode == "conv":
+        from .conv_norm import spectral_norm_conv
+
+        return spectral_norm_conv(module, name, n_power_iterations, eps, api="hook", **conv_options)
+    if conv_options:
+        raise TypeError(f"unexpected keyword arguments {sorted(conv_options)} (only for mode='conv')")
     if dim is None:
         dim = default_dim(module)
     SpectralNorm.apply(module, name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain)
@@ -165,5 +183,9 @@ def find_hook(module: nn.Module, name: str = "weight"):
 
 
 def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
-    """Remove the spectral-norm hook of ``module.<name>`` (ours or PyTorch's), keeping W/sigma."""
+    """Remove the spectral-norm hook of ``module.<name>`` (ours, PyTorch's, or mode="conv"), keeping W/sigma."""
+    from .conv_norm import _find_hook, remove_spectral_norm_conv
+
+    if _find_hook(module, name)[1] is not None:
+        return remove_spectral_norm_conv(module, name)
     return _torch_sn.remove_spectral_norm(module, name)

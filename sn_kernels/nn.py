@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import hooks, parametrizations
+from . import conv_norm, hooks, parametrizations
 from .functional import spectral_normalize
 from .hooks import _torch_sn
 
@@ -28,8 +28,9 @@ def _wrapper(api: str):
 
 
 def is_spectral_normalized(module: nn.Module, name: str = "weight") -> bool:
-    """Whether ``module.<name>`` is spectrally normalized by either API (PyTorch's or ours)."""
-    return hooks.find_hook(module, name) is not None or parametrizations.is_spectral_norm_parametrized(module, name)
+    """Whether ``module.<name>`` is spectrally normalized by either API (PyTorch's or ours, either mode)."""
+    return (hooks.find_hook(module, name) is not None or conv_norm._find_hook(module, name)[1] is not None
+            or parametrizations.is_spectral_norm_parametrized(module, name))
 
 
 def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iterations: int = 1, eps: float = 1e-12,
@@ -95,26 +96,35 @@ def _adopt(torch_param: nn.Module) -> parametrizations._SpectralNorm:
 
 
 def _sn_weights(model: nn.Module):
-    """(qualified name, kind, module, param name, state) of every SN weight in ``model``."""
+    """(qualified name, kind, module, param name, state) of every SN weight in ``model``;
+    kind is "hook", "param" or "conv" (mode="conv", either API)."""
     for mod_name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, _torch_sn.SpectralNorm):
                 yield f"{mod_name}.{hook.name}" if mod_name else hook.name, "hook", module, hook.name, hook
+            elif isinstance(hook, conv_norm.ConvSpectralNormHook):
+                yield f"{mod_name}.{hook.name}" if mod_name else hook.name, "conv", module, hook.name, hook
         if parametrize.is_parametrized(module):
             for pname in module.parametrizations:
                 for p in parametrizations.spectral_norm_parametrizations(module, pname):
                     yield f"{mod_name}.{pname}" if mod_name else pname, "param", module, pname, p
+                for p in module.parametrizations[pname]:
+                    if isinstance(p, conv_norm.ConvSpectralNorm):
+                        yield f"{mod_name}.{pname}" if mod_name else pname, "conv", module, pname, p
 
 
 @torch.no_grad()
 def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
     """The latest sigma of every spectrally normalized weight in ``model``, keyed by
     qualified name (``"block1.c1.weight"``), for logging.  Weights not run yet (or
-    wrapped by PyTorch's own API) get sigma = u . (W v) from their current state.
+    wrapped by PyTorch's own API) get sigma = u . (W v) from their current state;
+    mode="conv" weights appear once their first forward has drawn u, v.
     Adds nothing to the state_dict."""
     out = {}
     for qual, kind, module, pname, state in _sn_weights(model):
         sigma = getattr(state, "sigma", None)
+        if sigma is None and kind == "conv":
+            continue
         if sigma is None:
             if kind == "hook":
                 weight, u, v = (getattr(module, pname + s) for s in ("_orig", "_u", "_v"))

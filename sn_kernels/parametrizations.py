@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .functional import _check_variant, spectral_normalize
-from .hooks import default_dim, exact_top_singular
+from .hooks import check_mode, default_dim, exact_top_singular
 from .reference import as_matrix
 
 INIT_ITERATIONS = 15  # PyTorch warms u, v up with 15 iterations at wrapping time
@@ -94,15 +94,22 @@ class _SpectralNorm(nn.Module):
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
                   dim: int | None = None, *, coeff: float | None = None, soft: bool = False,
-                  gain: bool = False) -> nn.Module:
+                  gain: bool = False, mode: str = "matrix", **conv_options) -> nn.Module:
     """Register a spectral-norm parametrization on ``module.<name>``.
 
     Same signature, defaults, state_dict keys and numbers as
     ``torch.nn.utils.parametrizations.spectral_norm``; undo with
     ``torch.nn.utils.parametrize.remove_parametrizations``.  Variants as in
     ``sn_kernels.spectral_norm``: ``coeff``, ``soft``, ``gain`` (the trainable
-    scalar is ``parametrizations.<name>.0.gain``).
+    scalar is ``parametrizations.<name>.0.gain``), ``mode="conv"``.
     """
+    check_mode(mode, dim, coeff, soft, gain)
+    if mode == "conv":
+        from .conv_norm import spectral_norm_conv
+
+        return spectral_norm_conv(module, name, n_power_iterations, eps, api="parametrization", **conv_options)
+    if conv_options:
+        raise TypeError(f"unexpected keyword arguments {sorted(conv_options)} (only for mode='conv')")
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
@@ -125,5 +132,7 @@ def spectral_norm_parametrizations(module: nn.Module, name: str) -> list[nn.Modu
 
 
 def is_spectral_norm_parametrized(module: nn.Module, name: str = "weight") -> bool:
-    """Whether ``module.<name>`` already carries a spectral-norm parametrization."""
-    return bool(spectral_norm_parametrizations(module, name))
+    """Whether ``module.<name>`` already carries a spectral-norm parametrization (either mode)."""
+    from .conv_norm import _find_parametrization
+
+    return bool(spectral_norm_parametrizations(module, name)) or _find_parametrization(module, name) is not None

@@ -121,3 +121,34 @@ def test_bad_variant_arguments():
         sn_kernels.spectral_normalize(w, u, v, gain=torch.ones(2))
     with pytest.raises(ValueError, match="coeff"):
         sn_kernels.spectral_norm(nn.Linear(3, 3), coeff=-1.0)
+
+
+@pytest.mark.parametrize("api", list(WRAPS))
+def test_conv_mode_through_front_ends(api):
+    from sn_kernels.conv_norm import dense_operator_norm
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    WRAPS[api](conv, mode="conv")
+    assert sn_kernels.is_spectral_normalized(conv)
+    x = torch.randn(1, 2, 6, 6)
+    for _ in range(200):
+        conv(x)
+    sigma = sn_kernels.sigmas(conv)["weight"]
+    raw = conv.weight_orig if api == "hook" else conv.parametrizations.weight.original
+    check("conv mode sigma vs dense operator norm", sigma.double(),
+          dense_operator_norm(conv, (2, 6, 6), weight=raw.detach()), dtype=torch.float32, scale=10)
+    if api == "hook":
+        sn_kernels.remove_spectral_norm(conv)
+        assert not sn_kernels.is_spectral_normalized(conv)
+    with pytest.raises(ValueError, match="mode='conv'"):
+        WRAPS[api](nn.Conv2d(2, 3, 3), mode="conv", coeff=1.0)
+    with pytest.raises(ValueError, match="mode must be"):
+        WRAPS[api](nn.Conv2d(2, 3, 3), mode="operator")
+
+
+def test_singular_values_is_exported():
+    lin = sn_kernels.spectral_norm(nn.Linear(8, 6))
+    s = sn_kernels.singular_values(lin, k=3, iters=50)
+    check("singular_values vs svdvals", s.double(), torch.linalg.svdvals(lin.weight_orig.detach().double())[:3],
+          dtype=torch.float32, scale=100)

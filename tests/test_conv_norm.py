@@ -1,0 +1,348 @@
+"""Spectral norm by the convolution operator norm (sn_kernels.conv_norm)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from helpers import check, record
+from sn_kernels.conv_norm import (
+    conv_adjoint,
+    conv_apply,
+    conv_power_iteration,
+    conv_spec,
+    conv_spectral_normalize,
+    dense_operator_norm,
+    fft_operator_norm,
+    remove_spectral_norm_conv,
+    reset_spectral_norm_conv,
+    spectral_norm_conv,
+)
+from sn_kernels.reference import as_matrix
+
+# (constructor, input spatial size): every padding mode, stride 1/2, 'same'/'valid',
+# asymmetric 'same', dilation, groups, output_padding, 1-D/2-D/3-D, transposed
+CONFIGS = [
+    (lambda: nn.Conv1d(3, 4, 3), (9,)),
+    (lambda: nn.Conv1d(3, 4, 4, stride=2, padding=1, dilation=2, padding_mode="circular"), (9,)),
+    (lambda: nn.Conv1d(4, 6, 3, padding="same", groups=2, padding_mode="replicate"), (7,)),
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (6, 6)),
+    (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), (7, 6)),
+    (lambda: nn.Conv2d(4, 4, 4, padding="same"), (5, 6)),  # asymmetric zero 'same'
+    (lambda: nn.Conv2d(4, 6, 3, padding="same", dilation=2, groups=2), (6, 5)),
+    (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, padding_mode="reflect"), (7, 7)),
+    (lambda: nn.Conv2d(3, 4, (3, 2), padding=(1, 2), padding_mode="circular"), (5, 6)),
+    (lambda: nn.Conv2d(2, 3, 2, padding="same", padding_mode="reflect"), (5, 5)),  # asymmetric reflect
+    (lambda: nn.Conv2d(3, 4, 3, padding="valid", stride=(2, 1)), (7, 6)),
+    (lambda: nn.Conv3d(2, 3, 3, stride=2, padding=1), (5, 4, 5)),
+    (lambda: nn.Conv3d(2, 4, 2, padding="same", padding_mode="replicate", groups=2), (4, 3, 4)),
+    (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1, output_padding=1), (6,)),
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (4, 5)),
+    (lambda: nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1), (4, 4)),
+    (lambda: nn.ConvTranspose2d(2, 3, 3, stride=3, dilation=2, output_padding=2), (3, 3)),
+    (lambda: nn.ConvTranspose3d(2, 3, 3, stride=2, padding=1, output_padding=1), (3, 3, 2)),
+]
+IDS = [f"cfg{i}" for i in range(len(CONFIGS))]
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
+
+def make(i, dtype=torch.float64):
+    ctor, spatial = CONFIGS[i]
+    torch.manual_seed(i)
+    return ctor().to(dtype), spatial
+
+
+def input_shape(module, spatial):
+    c_in = module.in_channels
+    return (1, c_in, *spatial)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny convs on a shared 2-core machine: a second thread only adds contention
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def converged_sigma(spec, weight, shape, max_iters=4000, chunk=50):
+    """(u, v, sigma) after power iteration from a fixed random start, run until sigma stops
+    moving (sigma rises monotonically: a change below 1e-13 over a chunk means converged)."""
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(shape, generator=g, dtype=weight.dtype)
+    u = conv_apply(spec, weight, v)
+    u, v, sigma = conv_power_iteration(spec, weight, u / u.norm(), v / v.norm(), chunk, 1e-12)
+    for _ in range(max_iters // chunk):
+        previous = sigma
+        u, v, sigma = conv_power_iteration(spec, weight, u, v, chunk, 1e-12)
+        if sigma - previous <= 1e-13 * sigma:
+            break
+    return u, v, sigma
+
+
+@pytest.mark.parametrize("i", range(len(CONFIGS)), ids=IDS)
+def test_operator_and_adjoint(i):
+    """A is the layer's map without bias; <A x, y> = <x, A^T y>; A^T equals autograd's vjp."""
+    m, spatial = make(i)
+    spec = conv_spec(m)
+    x = torch.randn(input_shape(m, spatial), dtype=torch.float64)
+    w = m.weight.detach()
+    with torch.no_grad():
+        y_layer = m(x)
+    ax = conv_apply(spec, w, x)
+    bias = m.bias.detach().view(1, -1, *([1] * spec.ndim))
+    check("conv A vs layer", ax + bias, y_layer)
+    y = torch.randn_like(ax)
+    aty = conv_adjoint(spec, w, y, x.shape)
+    assert aty.shape == x.shape
+    lhs, rhs = (ax * y).sum(), (x * aty).sum()
+    check("conv adjoint identity", lhs.reshape(1), rhs.reshape(1), scale=10)
+    xr = torch.zeros_like(x, requires_grad=True)
+    (vjp,) = torch.autograd.grad(conv_apply(spec, w, xr), xr, y)
+    check("conv adjoint vs vjp", aty, vjp)
+
+
+@pytest.mark.parametrize("i", range(len(CONFIGS)), ids=IDS)
+def test_sigma_matches_dense_norm(i):
+    m, spatial = make(i)
+    spec = conv_spec(m)
+    shape = input_shape(m, spatial)
+    _, _, sigma = converged_sigma(spec, m.weight.detach(), shape)
+    dense = dense_operator_norm(m, shape)
+    record("conv sigma vs dense", sigma.reshape(1), dense.reshape(1))
+    torch.testing.assert_close(sigma, dense, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("k,n", [(3, 8), (5, 7)])
+def test_sigma_matches_fft_norm_circular(k, n):
+    m = nn.Conv2d(4, 5, k, padding="same", padding_mode="circular").double()
+    spec = conv_spec(m)
+    shape = (1, 4, n, n)
+    _, _, sigma = converged_sigma(spec, m.weight.detach(), shape)
+    fft = fft_operator_norm(m.weight.detach(), (n, n))
+    dense = dense_operator_norm(m, shape)
+    record("conv sigma vs fft", sigma.reshape(1), fft.reshape(1))
+    torch.testing.assert_close(fft, dense, rtol=1e-10, atol=0)
+    torch.testing.assert_close(sigma, fft, rtol=1e-6, atol=0)
+
+
+def test_operator_norm_differs_from_matrix_sigma():
+    """The reshaped-matrix sigma is a proxy whose ratio to the operator norm depends on stride."""
+    torch.manual_seed(0)
+    ratios = []
+    for stride in (1, 2):
+        m = nn.Conv2d(4, 4, 3, stride=stride, padding=1).double()
+        matrix_sigma = torch.linalg.svdvals(as_matrix(m.weight.detach(), 0))[0]
+        ratios.append((dense_operator_norm(m, (1, 4, 8, 8)) / matrix_sigma).item())
+    assert all(abs(r - 1) > 0.1 for r in ratios), ratios
+    assert abs(ratios[0] - ratios[1]) > 0.1, ratios
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("i", [4, 7, 14], ids=["conv_s2", "reflect", "convT_groups"])
+def test_normalized_layer_has_unit_norm(api, i):
+    m, spatial = make(i)
+    spectral_norm_conv(m, api=api, n_power_iterations=50)
+    x = torch.randn(input_shape(m, spatial), dtype=torch.float64)
+    for _ in range(6):
+        m(x)
+    m.eval()
+    m(x)
+    norm = dense_operator_norm(m, x.shape)
+    record("conv W/sigma dense norm", norm.reshape(1), torch.ones(1, dtype=torch.float64))
+    torch.testing.assert_close(norm, torch.tensor(1.0, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("i", [3, 9, 14], ids=["conv", "reflect_same", "convT"])
+def test_gradcheck_eval(i):
+    m, spatial = make(i)
+    spec = conv_spec(m)
+    shape = input_shape(m, spatial)
+    u = torch.randn(conv_apply(spec, m.weight.detach(), torch.zeros(shape, dtype=torch.float64)).shape,
+                    dtype=torch.float64)
+    v = torch.randn(shape, dtype=torch.float64)
+    w = m.weight.detach().clone().requires_grad_()
+    f = lambda w: conv_spectral_normalize(spec, w, u, v, training=False)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (w,), fast_mode=True)
+
+
+def test_gradcheck_training_at_convergence():
+    m, spatial = make(3)
+    spec = conv_spec(m)
+    u, v, _ = converged_sigma(spec, m.weight.detach(), input_shape(m, spatial))
+    w = m.weight.detach().clone().requires_grad_()
+    f = lambda w: conv_spectral_normalize(spec, w, u.clone(), v.clone(), training=True)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (w,), atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def test_training_gradient_matches_autograd_formula():
+    """grad of W/sigma with u, v constants equals autograd through sigma_attached = <u, A_W v>."""
+    m, spatial = make(7)
+    spec = conv_spec(m)
+    shape = input_shape(m, spatial)
+    v0 = torch.randn(shape, dtype=torch.float64)  # u, v far from converged on purpose
+    u0 = conv_apply(spec, m.weight.detach(), v0)
+    u, v = u0.clone(), v0.clone()
+    w = m.weight.detach().clone().requires_grad_()
+    out, sigma = conv_spectral_normalize(spec, w, u, v, training=True)
+    G = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, w, G)
+    w2 = m.weight.detach().clone().requires_grad_()
+    s_att = (u * conv_apply(spec, w2, v)).sum()  # u, v: the updated buffers = the vectors used
+    (ref,) = torch.autograd.grad(w2 / (sigma + (s_att - s_att.detach())), w2, G)
+    check("conv grad vs autograd", grad, ref)
+
+
+def test_eval_leaves_uv_and_training_updates():
+    m, spatial = make(3)
+    spectral_norm_conv(m)
+    x = torch.randn(input_shape(m, spatial), dtype=torch.float64)
+    m(x)
+    u, v = m.weight_u.clone(), m.weight_v.clone()
+    m.eval()
+    m(x)
+    assert torch.equal(u, m.weight_u) and torch.equal(v, m.weight_v)
+    m.train()
+    m(x)
+    assert not torch.equal(u, m.weight_u)
+
+
+def test_front_ends_agree_and_keys():
+    outs, keys = [], []
+    for api in ("hook", "parametrization"):
+        m, spatial = make(4)
+        spectral_norm_conv(m, api=api)
+        x = torch.randn(input_shape(m, spatial), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(5)
+        outs.append(m(x))
+        keys.append(sorted(m.state_dict()))
+    assert torch.equal(outs[0], outs[1])
+    assert keys[0] == ["bias", "weight_orig", "weight_u", "weight_v"]
+    assert keys[1] == ["bias", "parametrizations.weight.0._u", "parametrizations.weight.0._v",
+                       "parametrizations.weight.original"]
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_state_dict_round_trip(api):
+    a, spatial = make(5)
+    spectral_norm_conv(a, api=api)
+    x = torch.randn(input_shape(a, spatial), dtype=torch.float64)
+    a(x)
+    a(x)
+    b, _ = make(5)
+    spectral_norm_conv(b, api=api)
+    b.load_state_dict(a.state_dict())
+    for k, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[k]), k
+    a.eval(), b.eval()
+    assert torch.equal(a(x), b(x))
+    # a second round trip through a deepcopy-ed, already initialised module of another size
+    c = copy.deepcopy(b)
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(c(x), a(x))
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_input_size_change(api):
+    m, _ = make(3)
+    spectral_norm_conv(m, api=api)
+    m(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"initialised for input size \(8, 8\) but got \(6, 5\)"):
+        m(torch.randn(1, 3, 6, 5, dtype=torch.float64))
+    reset_spectral_norm_conv(m)
+    m(torch.randn(2, 3, 6, 5, dtype=torch.float64))
+    m2, _ = make(3)
+    spectral_norm_conv(m2, api=api, reinit_on_resize=True)
+    m2(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    m2(torch.randn(3, 6, 5, dtype=torch.float64))  # unbatched, new size: re-drawn
+    v = m2.weight_v if api == "hook" else m2.parametrizations.weight[0]._v
+    assert v.shape == (1, 3, 6, 5)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_remove(api):
+    m, spatial = make(14)
+    spectral_norm_conv(m, api=api)
+    x = torch.randn(input_shape(m, spatial), dtype=torch.float64)
+    m(x)
+    m.eval()
+    y = m(x)
+    remove_spectral_norm_conv(m)
+    assert isinstance(m.weight, nn.Parameter) and not parametrize.is_parametrized(m)
+    assert not m._forward_pre_hooks and not m._forward_pre_hooks_with_kwargs and not m._load_state_dict_pre_hooks
+    torch.testing.assert_close(m(x), y, rtol=1e-12, atol=1e-12)
+    assert sorted(m.state_dict()) == ["bias", "weight"]
+    with pytest.raises(ValueError):
+        remove_spectral_norm_conv(m)
+
+
+def test_parametrization_before_forward_and_input_size():
+    m, _ = make(3)
+    spectral_norm_conv(m, api="parametrization")
+    with pytest.raises(RuntimeError, match="first forward"):
+        m.weight
+    m2, _ = make(3)
+    spectral_norm_conv(m2, api="parametrization", input_size=(8, 8))
+    assert m2.parametrizations.weight[0]._v.shape == (1, 3, 8, 8)
+    m2.weight  # now fine
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weights(dtype):
+    m = nn.Conv2d(3, 4, 3, padding=1).to(dtype)
+    spectral_norm_conv(m)
+    x = torch.randn(1, 3, 6, 6, dtype=dtype)
+    m(x).float().sum().backward()
+    hook = next(iter(m._forward_pre_hooks.values()))
+    assert m.weight_u.dtype == dtype and m.weight_v.dtype == dtype and hook.sigma.dtype == torch.float32
+    assert m.weight.dtype == dtype and m.weight_orig.grad.dtype == dtype
+    ref = dense_operator_norm(m, x.shape, weight=m.weight_orig.detach())
+    torch.testing.assert_close(hook.sigma.double(), ref, rtol=2e-2, atol=0)
+
+
+def test_bad_module_type():
+    with pytest.raises(TypeError, match="Linear"):
+        conv_spec(nn.Linear(3, 4))
+    with pytest.raises(TypeError, match="Embedding"):
+        spectral_norm_conv(nn.Embedding(3, 4))
+    m = nn.Conv2d(3, 4, 3)
+    spectral_norm_conv(m)
+    with pytest.raises(RuntimeError, match="two"):
+        spectral_norm_conv(m)
+    with pytest.raises(ValueError, match="api"):
+        spectral_norm_conv(nn.Conv2d(3, 4, 3), api="nope")
+
+
+def test_pickle_and_output_size():
+    import io
+
+    m = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1)
+    spectral_norm_conv(m)
+    x = torch.randn(1, 3, 5, 5)
+    m(x)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m2 = torch.load(buf, weights_only=False)
+    m.eval(), m2.eval()
+    assert torch.equal(m(x), m2(x))
+    with pytest.raises(NotImplementedError, match="output_size"):
+        m(x, output_size=(10, 10))
+
+
+def test_zero_weight_keeps_vectors_finite():
+    m = nn.Conv2d(2, 3, 3, padding=1)
+    spectral_norm_conv(m)
+    x = torch.randn(1, 2, 5, 5)
+    m(x)
+    with torch.no_grad():
+        m.weight_orig.zero_()
+    m(x)
+    # sigma = 0 gives 0/0 as in torch; u, v keep their last finite values and recover
+    assert torch.isfinite(m.weight_u).all() and torch.isfinite(m.weight_v).all()
+    with torch.no_grad():
+        m.weight_orig.normal_()
+    m(x)
+    assert torch.isfinite(m.weight).all()
