@@ -10,6 +10,15 @@ import sn_kernels
 from sn_kernels import reference
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles the same front-end code for a new model: start from an empty
+    cache so the recompile limit counts this test only."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _sample_args(dtype=torch.float32, shape=(6, 4, 3, 3), dim=0):
     w = torch.randn(shape, dtype=dtype)
     m, n = reference.as_matrix(w, dim).shape

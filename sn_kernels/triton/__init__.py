@@ -1,5 +1,83 @@
-"""The "triton" backend (placeholder until its kernels land)."""
+"""The "triton" backend: Triton kernels for CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
+
+Registers ``sn_kernels::triton_power_iteration``, ``sn_kernels::triton_normalize``
+(with the shared fake implementations and analytic gradient of functional.py)
+and ``sn_kernels::triton_backward``, the gradient as a custom op of its own so
+torch.compile can trace it.  Importing this module never fails because triton
+is missing: ``why_not`` then says so.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ..functional import define_backend_ops
+
+try:
+    import triton  # noqa: F401
+
+    from . import host as _host
+    from . import kernels as _kernels
+    _IMPORT_ERROR = None
+except Exception as exc:  # triton missing or broken: keep the reason for why_not
+    _host = _kernels = None
+    _IMPORT_ERROR = f"triton is not installed or failed to import ({type(exc).__name__}: {exc})"
 
 
-def why_not(device, auto=False):
-    return "the triton backend is not implemented yet"
+def _interpreted() -> bool:
+    """Whether the kernels were built by the interpreter (TRITON_INTERPRET=1 before import)."""
+    return _kernels is not None and type(_kernels.divide_kernel).__name__ == "InterpretedFunction"
+
+
+def why_not(device: torch.device, auto: bool = False) -> str | None:
+    """None when the backend can run on ``device``; otherwise the reason."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _interpreted():
+            return "triton was imported with TRITON_INTERPRET=1, which runs on cpu tensors only"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    if device.type == "cpu":
+        if auto:
+            return "auto never picks the Triton interpreter"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "cpu tensors need TRITON_INTERPRET=1 (set before the first import of triton)"
+        if not _interpreted():
+            return "TRITON_INTERPRET=1 was set after triton was imported"
+        return None
+    return f"triton does not run on {device.type} tensors"
+
+
+def _unavailable(*args, **kwargs):
+    raise RuntimeError(_IMPORT_ERROR)
+
+
+@torch.library.custom_op("sn_kernels::triton_backward", mutates_args=())
+def triton_backward(grad: Tensor, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    """grad_W = (G - <G, W>/sigma u v^T) / sigma (two launches)."""
+    if _host is None:
+        _unavailable()
+    return _host.backward(grad, weight, u, v, sigma, dim)
+
+
+@triton_backward.register_fake
+def _(grad, weight, u, v, sigma, dim):
+    return torch.empty_like(weight)
+
+
+def backward(grad: Tensor, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    """The backward callable of the contract: one custom-op call."""
+    return triton_backward(grad, weight, u, v, sigma, dim)
+
+
+ops = define_backend_ops(
+    "triton",
+    _host.power_iteration if _host is not None else _unavailable,
+    _host.normalize if _host is not None else _unavailable,
+    backward,
+)

@@ -1,0 +1,144 @@
+"""Ahead-of-time compilation of every kernel, for every dtype and tile config of the table.
+
+``python -m sn_kernels.triton.aot [--arch 90]`` compiles them all for a CUDA
+target without a GPU (the real compiler catches code the interpreter accepts)
+and prints one line per kernel plus a summary; exit status 1 on any failure.
+Must run WITHOUT TRITON_INTERPRET (the interpreter replaces @jit functions).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import traceback
+
+PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "float64": "*fp64"}
+
+
+def configs():
+    """Yield (name, kernel, signature, constexprs, num_warps) for every variant the host launches."""
+    from . import host
+    from . import kernels as K
+
+    tiles = sorted({t for cls in host.TILES.values() for t in cls.values()})
+    for dt, ptr in PTR.items():
+        acc = "*fp64" if dt == "float64" else "*fp32"
+        for bm, bn, warps in tiles:
+            for kern in (K.row_pass_kernel, K.col_pass_kernel):
+                # the first pass reads the stored vectors, later ones the acc ones (x and y_prev apart)
+                for x, prev in sorted({(a, b) for a in (ptr, acc) for b in (ptr, acc)}):
+                    for split in (False, True):
+                        for final in (False, True):
+                            sig = {"W": ptr, "x": x, "y_raw": acc, "y_prev": prev, "partials": acc, "counter": "*i32",
+                                   "y_acc": acc, "y_out": ptr, "y_copy": ptr, "sigma": acc,
+                                   "M": "i32", "N": "i32", "B": "i32", "MB": "i32", "eps": "fp32"}
+                            cx = {"SPLIT": split, "FINAL": final, "BLOCK_M": bm, "BLOCK_N": bn,
+                                  "BLOCK_V": host.FINISH_BLOCK}
+                            yield f"{kern.__name__}[{dt},x={x},prev={prev},{bm}x{bn},split={split},final={final}]", \
+                                kern, sig, cx, warps
+            for split in (False, True):
+                sig = {"W": ptr, "u": ptr, "v": ptr, "partials": acc, "counter": "*i32", "u_copy": ptr,
+                       "v_copy": ptr, "sigma": acc, "M": "i32", "N": "i32", "B": "i32", "MB": "i32"}
+                cx = {"SPLIT": split, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_V": host.FINISH_BLOCK}
+                yield f"eval_pass_kernel[{dt},{bm}x{bn},split={split}]", K.eval_pass_kernel, sig, cx, warps
+        w = host.ELEM_WARPS
+        yield f"divide_kernel[{dt}]", K.divide_kernel, \
+            {"W": ptr, "sigma": acc, "out": ptr, "numel": "i32"}, {"BLOCK": host.ELEM_BLOCK}, w
+        yield f"dot_pass_kernel[{dt}]", K.dot_pass_kernel, \
+            {"G": ptr, "W": ptr, "partials": acc, "counter": "*i32", "sigma": acc, "c_out": acc, "numel": "i32"}, \
+            {"BLOCK": host.ELEM_BLOCK, "BLOCK_V": host.FINISH_BLOCK}, w
+        yield f"grad_pass_kernel[{dt}]", K.grad_pass_kernel, \
+            {"G": ptr, "u": ptr, "v": ptr, "c_ptr": acc, "sigma": acc, "out": ptr, "numel": "i32", "M": "i32",
+             "B": "i32"}, {"BLOCK": host.ELEM_BLOCK}, w
+
+
+def stop_at_llir() -> None:
+    """Make triton.compile stop after LLVM IR: for machines without a working ptxas
+    (the PTX and cubin stages need it). Still catches what the interpreter lets through."""
+    from triton import knobs
+
+    os.environ.setdefault("TRITON_MOCK_PTX_VERSION", "12.8")  # the backend hash asks ptxas its version
+
+    def hook(backend=None, stages=None, options=None, language=None, capability=None):
+        if stages is None:  # asked for a cache key: keep these builds apart from full ones
+            return "sn_kernels_stop_at_llir_v3", "v3"
+        stages.pop("ptx", None)
+        stages.pop("cubin", None)
+        make_llir = stages["llir"]
+
+        def llir(src, metadata):
+            ir = make_llir(src, metadata)
+            # the PTX stage names the kernel; without it, take the name from the LLVM IR
+            metadata.setdefault("name", re.search(r"define\s[^@]*@([A-Za-z_][A-Za-z0-9_]*)", ir).group(1))
+            return ir
+
+        stages["llir"] = llir
+        stages["cubin"] = lambda src, metadata: b""  # CompiledKernel insists on a binary
+
+    knobs.runtime.add_stages_inspection_hook = hook
+
+
+def ptxas_works(arch: int = 90) -> bool:
+    """Whether triton finds a ptxas that runs (triton wheels ship one)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        return bool(get_ptxas_version(arch))
+    except Exception:
+        return False
+
+
+def compile_one(kernel, signature, constexprs, num_warps, arch=90):
+    """Compile one variant for ``cuda:arch``; return the compiled kernel (its .asm has ttir..cubin)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})  # triton >= 3.2 lists constexprs in the signature too
+    sig = {name: sig[name] for name in kernel.arg_names}  # in argument order
+    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def main(argv=None) -> int:
+    """Compile everything; print one line each and a summary; 0 when all compiled."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("aot: unset TRITON_INTERPRET (the interpreter replaces @triton.jit functions)", file=sys.stderr)
+        return 2
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--quick", action="store_true", help="one tile config per kernel and dtype")
+    ap.add_argument("--dtype", choices=sorted(PTR), action="append", help="only these weight dtypes")
+    ap.add_argument("--stop-at-llir", action="store_true", help="skip PTX/cubin (forced when ptxas is missing)")
+    args = ap.parse_args(argv)
+    final = "cubin"
+    if args.stop_at_llir or not ptxas_works(args.arch):
+        print("aot: no working ptxas (or --stop-at-llir): compiling to LLVM IR only")
+        stop_at_llir()
+        final = "llir"
+    failures, n, seen = 0, 0, set()
+    for name, kernel, sig, cx, warps in configs():
+        if args.dtype and name.split("[")[1].split(",")[0].rstrip("]") not in args.dtype:
+            continue
+        key = (kernel.__name__, tuple(sig.values()), cx.get("SPLIT"), cx.get("FINAL"))  # --quick: one tile
+        if args.quick and key in seen:
+            continue
+        seen.add(key)
+        n += 1
+        try:
+            compiled = compile_one(kernel, sig, cx, warps, args.arch)
+            stages = [s for s in ("ttir", "ttgir", "llir", "ptx", "cubin") if s in compiled.asm]
+            ok = len(compiled.asm.get(final) or "") > 0
+            print(f"{'ok ' if ok else 'BAD'} {name}: {'/'.join(stages)}")
+            failures += not ok
+        except Exception:
+            failures += 1
+            print(f"FAIL {name}\n{traceback.format_exc()}")
+    print(f"aot sm_{args.arch}: {n - failures}/{n} kernel variants compiled to {final}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The "triton" backend against the "torch" backend and the float64 references.
+
+On a machine without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1
+(conftest.py sets it): shapes stay small.  With a GPU the same tests run on CUDA.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sn_kernels
+from sn_kernels import dispatch
+from sn_kernels.functional import spectral_normalize
+from sn_kernels.reference import as_matrix, pytorch_formula
+
+from helpers import SHAPES, TOL, assert_close, planted
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+DEV = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def _tb():
+    import sn_kernels.triton as tb
+    return tb
+
+
+def _inputs(shape, dim, dtype, seed=0, converged=False):
+    """(weight, u, v) with unit u, v; ``converged`` warms them up (well-conditioned eval sigma)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    m, n = as_matrix(w, dim).shape
+    u = F.normalize(torch.randn(m, generator=g, dtype=torch.float64), dim=0)
+    v = F.normalize(torch.randn(n, generator=g, dtype=torch.float64), dim=0)
+    if converged:
+        _, _, u, v = pytorch_formula(w, u, v, n_power_iterations=5, dim=dim, order="uv")
+    return w.to(DEV, dtype), u.to(DEV, dtype), v.to(DEV, dtype)
+
+
+def test_why_not():
+    tb = _tb()
+    assert tb.why_not(torch.device("cpu"), auto=True) is not None  # auto never picks the interpreter
+    assert dispatch.why_not("triton", "cpu", auto=True) is not None
+    if DEV.type == "cpu":
+        assert tb.why_not(torch.device("cpu")) is None
+        assert "triton" not in [b for b in dispatch.BACKENDS if dispatch.why_not(b, "cpu", auto=True) is None]
+    else:
+        assert tb.why_not(DEV) is None and tb.why_not(DEV, auto=True) is None
+    assert tb.why_not(torch.device("meta")) is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_matches_torch_backend(dtype, shape, dim, order, training, n_iter):
+    w, u, v = _inputs(shape, dim, dtype, converged=not training)
+    u_t, v_t = u.clone(), v.clone()
+    out, sigma = spectral_normalize(w, u, v, n_power_iterations=n_iter, dim=dim, order=order,
+                                    training=training, backend="triton")
+    out_t, sigma_t = spectral_normalize(w, u_t, v_t, n_power_iterations=n_iter, dim=dim, order=order,
+                                        training=training, backend="torch")
+    assert out.dtype == dtype and out.shape == w.shape
+    assert sigma.dtype == sigma_t.dtype and sigma.dim() == 0
+    assert_close(out, out_t, dtype, msg="weight_sn vs torch backend")
+    assert_close(sigma, sigma_t, dtype, msg="sigma vs torch backend")
+    assert_close(u, u_t, dtype, msg="u")
+    assert_close(v, v_t, dtype, msg="v")
+    # and PyTorch's own recipe (third mat-vec for sigma) in float64
+    w_ref, sigma_ref, u_ref, v_ref = pytorch_formula(w, *_inputs(shape, dim, dtype, converged=not training)[1:],
+                                                     n_power_iterations=n_iter, dim=dim, order=order,
+                                                     training=training)
+    assert_close(sigma, sigma_ref, dtype, msg="sigma vs pytorch_formula")
+    assert_close(out, w_ref, dtype, msg="weight_sn vs pytorch_formula")
+    assert_close(u, u_ref, dtype, msg="u vs pytorch_formula")
+
+
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_vectors_in_place_and_copies(order, training):
+    w, u, v = _inputs((13, 29), 0, torch.float32)
+    u0, v0 = u.clone(), v.clone()
+    sigma, u_used, v_used = _tb().ops.power_iteration(w, u, v, 2, 1e-12, 0, order, training)
+    assert u_used.data_ptr() != u.data_ptr() and v_used.data_ptr() != v.data_ptr()
+    assert torch.equal(u_used, u) and torch.equal(v_used, v)
+    if training:
+        assert not torch.equal(u, u0) and not torch.equal(v, v0)
+    else:
+        assert torch.equal(u, u0) and torch.equal(v, v0)
+
+
+def test_non_contiguous_and_channels_last():
+    w, u, v = _inputs((6, 4, 3, 3), 0, torch.float32)
+    for weight in (w.to(memory_format=torch.channels_last), w.transpose(2, 3).contiguous().transpose(2, 3)):
+        u1, v1, u2, v2 = u.clone(), v.clone(), u.clone(), v.clone()
+        out, s = spectral_normalize(weight, u1, v1, backend="triton")
+        out_t, s_t = spectral_normalize(weight, u2, v2, backend="torch")
+        assert_close(out, out_t)
+        assert_close(s, s_t)
+        if weight.is_contiguous(memory_format=torch.channels_last):
+            assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("n_iter", [1, 2])
+def test_zero_and_non_finite_weight(order, n_iter):
+    """As reference.py: a zero/non-finite step keeps the previous u, v; a zero weight
+    normalizes to 0 (sigma 0, not 0/0) with a zero gradient."""
+    w, u, v = _inputs((5, 7), 0, torch.float32)
+    zero = torch.zeros_like(w).requires_grad_(True)
+    u0, v0 = u.clone(), v.clone()
+    out, sigma = spectral_normalize(zero, u, v, n_power_iterations=n_iter, order=order, backend="triton")
+    assert torch.equal(u, u0) and torch.equal(v, v0)
+    assert sigma.item() == 0.0 and torch.equal(out, torch.zeros_like(out))
+    out.backward(torch.randn_like(out))
+    assert torch.equal(zero.grad, torch.zeros_like(zero.grad))
+    bad = w.clone()
+    bad[1, 2] = float("nan")
+    spectral_normalize(bad, u, v, n_power_iterations=n_iter, order=order, backend="triton")
+    assert torch.equal(u, u0) and torch.equal(v, v0)
+    u_t, v_t = u.clone(), v.clone()
+    bad[1, 2] = float("inf")
+    _, s = spectral_normalize(bad, u, v, n_power_iterations=n_iter, order=order, backend="triton")
+    _, s_t = spectral_normalize(bad, u_t, v_t, n_power_iterations=n_iter, order=order, backend="torch")
+    assert torch.equal(u, u_t) and torch.equal(v, v_t)
+    assert torch.equal(s.isfinite(), s_t.isfinite())
+
+
+@pytest.mark.parametrize("shape,dim", [((13, 29), 0), ((4, 6, 3, 3), 1), ((1, 7), 0), ((5,), 0)], ids=str)
+def test_gradcheck_eval(shape, dim):
+    w, u, v = _inputs(shape, dim, torch.float64, converged=True)
+    w.requires_grad_(True)
+
+    def f(weight):
+        return spectral_normalize(weight, u.clone(), v.clone(), dim=dim, training=False, backend="triton")[0]
+
+    assert torch.autograd.gradcheck(f, (w,))
+
+
+@pytest.mark.parametrize("order", ["vu", "uv"])
+def test_gradcheck_training_converged(order):
+    """With converged u, v the iteration barely moves them, so treating them as
+    constants (as PyTorch's autograd does) matches the finite differences."""
+    w = planted(9, 6).to(DEV)
+    _, _, u, v = pytorch_formula(w, torch.ones(9, dtype=torch.float64), torch.ones(6, dtype=torch.float64),
+                                 n_power_iterations=200, order=order)
+    u, v = u.to(DEV), v.to(DEV)
+    w.requires_grad_(True)
+
+    def f(weight):
+        return spectral_normalize(weight, u.clone(), v.clone(), order=order, backend="triton")[0]
+
+    assert torch.autograd.gradcheck(f, (w,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", [((13, 29), 0), ((4, 6, 3, 3), 1), ((3, 5, 2, 2, 2), 1)], ids=str)
+def test_backward_matches_torch(dtype, shape, dim):
+    w, u, v = _inputs(shape, dim, dtype, converged=True)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEV, dtype)
+    grads = []
+    for backend in ("triton", "torch"):
+        ww = w.clone().requires_grad_(True)
+        out, _ = spectral_normalize(ww, u.clone(), v.clone(), dim=dim, backend=backend)
+        out.backward(g)
+        grads.append(ww.grad)
+    assert grads[0].dtype == dtype
+    # the gradient is a difference of two O(1) terms: allow 4x the table for half types
+    assert_close(grads[0], grads[1], dtype, scale=1 if dtype in (torch.float64, torch.float32) else 4)
+
+
+def test_opcheck():
+    tb = _tb()
+    w, u, v = _inputs((13, 29), 0, torch.float32)
+    torch.library.opcheck(tb.ops.power_iteration, (w, u, v, 1, 1e-12, 0, "vu", True))
+    torch.library.opcheck(tb.ops.power_iteration, (w, u, v, 2, 1e-12, 0, "uv", False))
+    w4, u4, v4 = _inputs((4, 6, 3, 3), 1, torch.float32)
+    sigma, uu, vv = tb.ops.power_iteration(w4, u4, v4, 1, 1e-12, 1, "uv", True)
+    torch.library.opcheck(tb.ops.normalize, (w4.clone().requires_grad_(True), uu, vv, sigma, 1))
+    torch.library.opcheck(tb.triton_backward, (torch.randn_like(w4), w4, uu, vv, sigma, 1))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_deterministic(training):
+    w, u, v = _inputs((64, 48), 0, torch.float32)
+    g = torch.randn_like(w)
+    results = []
+    for _ in range(2):
+        ww = w.clone().requires_grad_(True)
+        uu, vv = u.clone(), v.clone()
+        out, sigma = spectral_normalize(ww, uu, vv, n_power_iterations=2, training=training, backend="triton")
+        out.backward(g)
+        results.append((out, sigma, uu, vv, ww.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+class _Count:
+    """Counts kernel launches by wrapping the kernels that host.py looks up at call time."""
+
+    def __init__(self, kernels):
+        self.kernels, self.n, self.saved = kernels, 0, {}
+
+    def __enter__(self):
+        for name in ("row_pass_kernel", "col_pass_kernel", "eval_pass_kernel", "divide_kernel",
+                     "dot_pass_kernel", "grad_pass_kernel"):
+            fn = getattr(self.kernels, name)
+            self.saved[name] = fn
+            count = self
+
+            class Proxy:
+                def __getitem__(self, grid, fn=fn):
+                    count.n += 1
+                    return fn[grid]
+
+            setattr(self.kernels, name, Proxy())
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(self.kernels, name, fn)
+
+
+@pytest.mark.parametrize("shape", [(13, 29), (200, 3), (3, 200), (70, 90)], ids=str)
+def test_launch_budget(shape):
+    from sn_kernels.triton import kernels
+
+    w, u, v = _inputs(shape, 0, torch.float32)
+    with _Count(kernels) as c:
+        spectral_normalize(w, u, v, training=True, backend="triton")
+    assert c.n == 3  # pass 1 mat-vec, pass 2 mat-vec + normalization, pass 3 division
+    with _Count(kernels) as c:
+        spectral_normalize(w, u, v, training=False, backend="triton")
+    assert c.n == 2
+    with _Count(kernels) as c:
+        spectral_normalize(w, u, v, n_power_iterations=3, training=True, backend="triton")
+    assert c.n == 7
+    ww = w.clone().requires_grad_(True)
+    out, _ = spectral_normalize(ww, u, v, backend="triton")
+    with _Count(kernels) as c:
+        out.backward(torch.ones_like(out))
+    assert c.n == 2
+
+
+def _hook_model():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.ConvTranspose2d(6, 4, 2),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 7))
+
+
+@pytest.mark.parametrize("front", ["hooks", "parametrizations"])
+def test_front_ends_match_torch_backend(front):
+    wrap = sn_kernels.spectral_norm if front == "hooks" else sn_kernels.parametrizations.spectral_norm
+    x = torch.randn(2, 3, 6, 6, device=DEV)
+    results = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        with sn_kernels.use_backend(backend):
+            model = _hook_model().to(DEV)
+            for mod in model:
+                if hasattr(mod, "weight"):
+                    wrap(mod)
+            for _ in range(2):
+                model.train()
+                y = model(x)
+                y.square().sum().backward()
+            model.eval()
+            y_eval = model(x)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        results.append((y, y_eval, list(model.state_dict().values()), grads))
+    (y, ye, sd, gr), (y_t, ye_t, sd_t, gr_t) = results
+    assert_close(y, y_t)
+    assert_close(ye, ye_t)
+    assert len(sd) == len(sd_t) and len(gr) == len(gr_t) > 0
+    for a, b in zip(sd, sd_t):
+        assert_close(a, b)
+    for a, b in zip(gr, gr_t):
+        assert_close(a, b, scale=10)  # gradients of a 3-layer net: rounding adds up through the layers
+
+
+def test_tile_table_covers_classes():
+    from sn_kernels.triton import host
+
+    assert {host.shape_class(m, n) for m, n in [(4, 4), (8, 4096), (4096, 8), (512, 512)]} == set(host.TILES)
+    # a "large" matrix runs under the interpreter too (several programs per pass: the ticket logic)
+    w, u, v = _inputs((70, 90), 0, torch.float32)
+    assert host.shape_class(70, 90) == "large"
+    u2, v2 = u.clone(), v.clone()
+    out, s = spectral_normalize(w, u, v, n_power_iterations=2, backend="triton")
+    out_t, s_t = spectral_normalize(w, u2, v2, n_power_iterations=2, backend="torch")
+    assert_close(out, out_t)
+    assert_close(u, u2)
+    assert_close(v, v2)
