@@ -1,5 +1,132 @@
-"""The "native" backend (placeholder until the compiled extension lands)."""
+"""The "native" backend: the compiled extension ``sn_kernels._C`` (C++ CPU kernels, CUDA kernels).
+
+The extension defines ``sn_kernels::native_power_iteration``, ``native_normalize`` and
+``native_backward`` with ``TORCH_LIBRARY`` and registers CPU (and, in a CUDA build,
+CUDA) kernels.  It is normally built by ``pip install --no-build-isolation -e .``; when
+it is absent, an explicit request for the native backend (``set_backend("native")``,
+``backend="native"``) builds it just in time with ninja into ``~/.cache/sn_kernels``
+(override with ``SN_KERNELS_CACHE``).  ``auto`` never triggers that build.
+"""
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from . import functional
+
+NOT_BUILT = "extension not built (pip install -e . builds it; or set_backend('native') to build it just in time)"
+
+_state = {"loaded": False, "error": None, "how": None, "build_failed": None}
 
 
-def why_not(device, auto=False):
-    return "the native backend is not implemented yet"
+def _import_prebuilt() -> str | None:
+    """Import ``sn_kernels._C``; None on success, else why not."""
+    try:
+        from . import _C  # noqa: F401  (registers the ops)
+    except ImportError as exc:
+        return f"{NOT_BUILT}: {exc}"
+    _state["how"] = "sn_kernels._C"
+    return None
+
+
+def _load(build: bool) -> str | None:
+    """Make the ops available; None on success, else the reason.  With ``build`` a missing
+    extension is JIT-built (errors are raised in full, not swallowed)."""
+    if _state["loaded"]:
+        return None
+    if _state["error"] is not None and not build:
+        return _state["error"]
+    reason = _import_prebuilt()
+    if reason is not None:
+        if not build:
+            _state["error"] = reason
+            return reason
+        if _state["build_failed"] is not None:  # one attempt per process: its error was shown in full
+            return _state["build_failed"]
+        from . import _build
+
+        try:
+            path = _build.jit_build()  # raises with the compiler's output on failure
+        except Exception as exc:
+            _state["build_failed"] = f"building the native extension failed: {type(exc).__name__}: {exc}"
+            raise
+        _state["how"] = path
+    _finish()
+    return None
+
+
+def _raw(name: str):
+    """The C++ entry point of ``torch.ops.sn_kernels.<name>.default`` (skips a Python frame per call)."""
+    overload = getattr(torch.ops.sn_kernels, name).default
+    return getattr(overload, "_op", overload)
+
+
+_calls: dict = {}
+
+
+def backward(grad, weight, u, v, sigma, dim):
+    """grad_W = (G - <G, W>/sigma u v^T) / sigma: the C++/CUDA kernel (two passes over W)."""
+    return _calls["backward"](grad, weight, u, v, sigma, dim)
+
+
+def _power_iteration_impl(weight, u, v, n_power_iterations, eps, dim, order, training):
+    """Eager path (called under no_grad): the op itself, straight to the C++ kernel."""
+    return _calls["power_iteration"](weight, u, v, n_power_iterations, float(eps), dim, order, bool(training))
+
+
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _normalize_impl(weight, u, v, sigma, dim):
+    """Eager path (inside functional's autograd.Function): skip the op's Python autograd kernel."""
+    with _below_autograd():
+        return _calls["normalize"](weight, u, v, sigma, dim)
+
+
+ops: SimpleNamespace | None = None
+
+
+def _finish() -> None:
+    global ops
+    _calls.update(power_iteration=_raw("native_power_iteration"), normalize=_raw("native_normalize"),
+                  backward=_raw("native_backward"))
+    ops = functional.register_backend_ops(
+        "sn_kernels::native_power_iteration", "sn_kernels::native_normalize", backward,
+        power_iteration_impl=_power_iteration_impl, normalize_impl=_normalize_impl)
+    torch.library.register_fake("sn_kernels::native_backward")(
+        lambda grad, weight, u, v, sigma, dim: torch.empty_like(weight))
+    _state["loaded"] = True
+    _state["error"] = None
+
+
+def has_kernel(device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("sn_kernels::native_normalize", key)
+
+
+def why_not(device: torch.device, auto: bool = False) -> str | None:
+    """None when the extension is loaded and has kernels for ``device``'s type; else why not.
+
+    ``auto=False`` (an explicit request) builds a missing extension just in time."""
+    device = torch.device(device)
+    try:
+        reason = _load(build=not auto)
+    except Exception as exc:
+        # an explicit request: show the build error in full
+        reason = f"building the native extension failed: {type(exc).__name__}: {exc}"
+        _state["error"] = reason
+        print(f"sn_kernels: {reason}", file=sys.stderr)
+    if reason is not None:
+        return reason
+    if not has_kernel(device.type):
+        if device.type == "cuda":
+            return ("the native extension was built without CUDA kernels (CPU-only torch or no CUDA toolkit "
+                    "at build time, or SN_KERNELS_BUILD=cpu)")
+        return f"the native extension has no kernels for device type {device.type!r}"
+    return None
+
+
+# load a prebuilt extension at import (cheap); never build here
+_load(build=False)

@@ -1,0 +1,234 @@
+"""CPU benchmark of the native backend through the parametrization front end.
+
+For every spectral-norm weight of a shape set (default: sngan_cifar_d and biggan128_d from
+shapes.json), one training step's spectral-norm work in float32:
+
+    forward  = access module.weight (power iteration + W / sigma)
+    backward = module.weight.backward(G) with a fixed G
+
+``sn_kernels.parametrizations.spectral_norm`` with use_backend("native") against
+``torch.nn.utils.parametrizations.spectral_norm``; median (p20, p80) of several runs in one
+process.  Also measures the machine's copy bandwidth (clone of a large tensor: bytes read +
+written / time) and reports our GB/s under the bytes model forward 4|W| + backward 4|W|.
+
+    python benchmarks/cpu_native.py [--shapes PATH] [--sets sngan_cifar_d biggan128_d] [--repeats N]
+
+Writes benchmarks/results/cpu_native.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import sn_kernels
+from sn_kernels import native
+from sn_kernels.parametrizations import spectral_norm as sn_spectral_norm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLUMNS = ["provider", "shape_set", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "torch", "note"]
+
+
+def find_shapes(path: str | None) -> str:
+    for p in [path, os.path.join(ROOT, "..", "shared", "shapes.json"), os.path.join(ROOT, "shared", "shapes.json"),
+              "/work/shared/shapes.json"]:
+        if p and os.path.isfile(p):
+            return os.path.abspath(p)
+    raise SystemExit("shapes.json not found: pass --shapes PATH")
+
+
+class Holder(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(shape) * 0.05)
+
+
+def make_modules(shapes, provider):
+    torch.manual_seed(0)
+    mods = []
+    for shape in shapes:
+        h = Holder(shape)
+        if provider == "torch":
+            torch.nn.utils.parametrizations.spectral_norm(h)
+        else:
+            with sn_kernels.use_backend("native"):
+                sn_spectral_norm(h)
+        h.train()
+        mods.append(h)
+    return mods
+
+
+def quantiles(xs):
+    xs = sorted(xs)
+    q = lambda f: xs[min(len(xs) - 1, int(round(f * (len(xs) - 1))))]  # noqa: E731
+    return statistics.median(xs), q(0.2), q(0.8)
+
+
+def one_step(mods, grads):
+    """Forward + backward of every weight; returns (total, forward) seconds."""
+    for h in mods:
+        h.parametrizations.weight.original.grad = None
+    t0 = time.perf_counter()
+    tf = 0.0
+    for h, G in zip(mods, grads):
+        a = time.perf_counter()
+        w = h.weight
+        tf += time.perf_counter() - a
+        w.backward(G)
+    return time.perf_counter() - t0, tf
+
+
+def time_providers(mods_by_provider, grads, repeats, warmup=2):
+    """Runs alternate between providers (fair under a changing machine load)."""
+    out = {p: ([], [], []) for p in mods_by_provider}
+    for r in range(warmup + repeats):
+        for provider, mods in mods_by_provider.items():
+            ctx = sn_kernels.use_backend("native") if provider == "native" else _null()
+            with ctx:
+                total, fwd = one_step(mods, grads)
+            if r >= warmup:
+                out[provider][0].append(total)
+                out[provider][1].append(fwd)
+                out[provider][2].append(total - fwd)
+    return {p: (t, statistics.median(f), statistics.median(b)) for p, (t, f, b) in out.items()}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def copy_bandwidth(nbytes=512 * 2**20, repeats=7):
+    x = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        times.append(time.perf_counter() - t0)
+    times_clone = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        z = x.clone()
+        times_clone.append(time.perf_counter() - t0)
+        del z
+    return 2 * nbytes / statistics.median(times) / 1e9, 2 * nbytes / statistics.median(times_clone) / 1e9
+
+
+def overhead_breakdown(shapes, repeats=50):
+    """Where the time goes for small weights: op calls alone vs the front end."""
+    from sn_kernels import spectral_normalize
+
+    ws = [torch.randn(s) for s in shapes]
+    us = [torch.randn(s[0]) for s in shapes]
+    vs = [torch.randn(w.numel() // s[0]) for w, s in zip(ws, shapes)]
+    out = {}
+
+    def bench(fn):
+        xs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            xs.append(time.perf_counter() - t0)
+        return statistics.median(xs) * 1e3
+
+    ops = torch.ops.sn_kernels
+
+    def raw_ops():
+        for w, u, v in zip(ws, us, vs):
+            s, a, b = ops.native_power_iteration(w, u, v, 1, 1e-12, 0, "uv", True)
+            ops.native_normalize(w, a, b, s, 0)
+
+    def functional():
+        for w, u, v in zip(ws, us, vs):
+            spectral_normalize(w, u, v, order="uv", backend="native")
+
+    def raw_backward():
+        for w, u, v in zip(ws, us, vs):
+            ops.native_backward(w, w, u, v, torch.tensor(1.0), 0)
+
+    out["raw_ops_forward_ms"] = bench(raw_ops)
+    out["functional_forward_ms"] = bench(functional)
+    out["raw_backward_ms"] = bench(raw_backward)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=None)
+    ap.add_argument("--sets", nargs="+", default=["sngan_cifar_d", "biggan128_d"])
+    ap.add_argument("--repeats", type=int, default=0, help="runs per provider (default: 30 small, 7 large)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_native.csv"))
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--append", action="store_true", help="append rows to the CSV instead of rewriting it")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reason = native.why_not(torch.device("cpu"))
+    if reason is not None:
+        raise SystemExit(f"native backend unavailable: {reason}")
+    torch.set_grad_enabled(True)
+    shape_sets = json.load(open(find_shapes(args.shapes)))
+    copy_gbps, clone_gbps = copy_bandwidth()
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    print(f"THP_MEM_ALLOC_ENABLE={thp} (1: torch backs large CPU tensors with huge pages: fewer page faults)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {copy_gbps:.1f} GB/s "
+          f"(copy_), {clone_gbps:.1f} GB/s (clone, incl. allocation)")
+    rows = []
+    for set_name in args.sets:
+        shapes = [tuple(e["shape"]) for e in shape_sets[set_name]]
+        nbytes = sum(torch.Size(s).numel() * 4 for s in shapes)
+        repeats = args.repeats or (30 if nbytes < 64 * 2**20 else 7)
+        g = torch.Generator().manual_seed(1)
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        mods = {p: make_modules(shapes, p) for p in ("torch", "native")}
+        timed = time_providers(mods, grads, repeats)
+        del mods
+        res = {p: (quantiles(t), f, b) for p, (t, f, b) in timed.items()}
+        t_med = res["torch"][0][0]
+        for provider in ("torch", "native"):
+            (med, p20, p80), fwd, bwd = res[provider]
+            gbps = 8 * nbytes / med / 1e9
+            note = (f"fwd {fwd * 1e3:.2f} ms, bwd {bwd * 1e3:.2f} ms; {t_med / med:.2f}x vs torch; "
+                    f"{gbps / copy_gbps:.0%} of copy bandwidth {copy_gbps:.1f} GB/s (copy_ into an existing tensor), "
+                    f"{gbps / clone_gbps:.0%} of clone bandwidth {clone_gbps:.1f} GB/s (fresh tensor: page faults); "
+                    f"{len(shapes)} weights, "
+                    f"{nbytes / 2**20:.1f} MiB; THP_MEM_ALLOC_ENABLE={thp}")
+            rows.append(dict(provider=provider if provider == "torch" else "native", shape_set=set_name,
+                             mode=f"fwd+bwd,{torch.get_num_threads()}thr", dtype="float32", device="cpu", median_ms=f"{med * 1e3:.3f}",
+                             p20_ms=f"{p20 * 1e3:.3f}", p80_ms=f"{p80 * 1e3:.3f}", gbps=f"{gbps:.2f}",
+                             torch=torch.__version__, note=note))
+            print(f"{set_name:14s} {provider:7s} median {med * 1e3:9.2f} ms (p20 {p20 * 1e3:.2f}, p80 {p80 * 1e3:.2f})"
+                  f"  {note}")
+        print(f"{set_name:14s} floor: 8|W| at copy bandwidth {8 * nbytes / copy_gbps / 1e6:.2f} ms, "
+              f"at clone bandwidth {8 * nbytes / clone_gbps / 1e6:.2f} ms")
+        if nbytes < 64 * 2**20:
+            br = overhead_breakdown(shapes)
+            print(f"{set_name:14s} where the time goes (all {len(shapes)} weights): " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in br.items()))
+            rows.append(dict(provider="native-breakdown", shape_set=set_name, mode="fwd", dtype="float32",
+                             device="cpu", median_ms=f"{br['functional_forward_ms']:.3f}", p20_ms="", p80_ms="",
+                             gbps="", torch=torch.__version__,
+                             note="; ".join(f"{k} {v:.3f}" for k, v in br.items())))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    append = args.append and os.path.isfile(args.out)
+    with open(args.out, "a" if append else "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=COLUMNS)
+        if not append:
+            wr.writeheader()
+        wr.writerows(rows)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

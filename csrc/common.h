@@ -1,0 +1,60 @@
+// Shared declarations of the native backend: the matrix view of a weight.
+//
+// W (the weight with `dim` moved to the front, the rest flattened) is an (m, n)
+// matrix.  For a contiguous weight with dim = d its elements are addressed as a
+// strided 3-level index (outer, m, inner):
+//
+//     W[i, o * inner + k] = w[(o * m + i) * inner + k],
+//     outer = prod(shape[:d]), m = shape[d], inner = prod(shape[d+1:]),
+//
+// so no permuted copy is ever made (dim = 0 is outer = 1, inner = n).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+namespace sn_kernels {
+
+struct MatrixView {
+  int64_t outer = 1, m = 1, inner = 1;
+  int64_t n() const { return outer * inner; }
+};
+
+inline MatrixView matrix_view(const at::Tensor& weight, int64_t dim) {
+  const int64_t ndim = weight.dim();
+  TORCH_CHECK(ndim >= 1, "sn_kernels: spectral norm needs a weight with at least one dimension");
+  TORCH_CHECK(dim >= -ndim && dim < ndim, "sn_kernels: dim ", dim, " out of range for a ", ndim, "-d weight");
+  if (dim < 0) dim += ndim;
+  MatrixView v;
+  for (int64_t d = 0; d < dim; ++d) v.outer *= weight.size(d);
+  v.m = weight.size(dim);
+  for (int64_t d = dim + 1; d < ndim; ++d) v.inner *= weight.size(d);
+  return v;
+}
+
+inline void check_args(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, const MatrixView& mv) {
+  TORCH_CHECK(weight.is_floating_point(), "sn_kernels: weight must be floating point, got ", weight.scalar_type());
+  TORCH_CHECK(mv.m > 0 && mv.n() > 0, "sn_kernels: spectral norm of an empty weight is undefined");
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == mv.m, "sn_kernels: u must have shape (", mv.m, ",), got ", u.sizes());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == mv.n(), "sn_kernels: v must have shape (", mv.n(), ",), got ",
+              v.sizes());
+  TORCH_CHECK(u.scalar_type() == weight.scalar_type() && v.scalar_type() == weight.scalar_type(),
+              "sn_kernels: u, v must have the weight's dtype ", weight.scalar_type());
+  TORCH_CHECK(u.device() == weight.device() && v.device() == weight.device(),
+              "sn_kernels: u, v must be on the weight's device");
+}
+
+inline bool order_is_vu(const std::string& order) {
+  TORCH_CHECK(order == "vu" || order == "uv", "sn_kernels: order must be \"vu\" or \"uv\", got \"", order, "\"");
+  return order == "vu";
+}
+
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace sn_kernels

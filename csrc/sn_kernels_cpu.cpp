@@ -1,0 +1,368 @@
+// The native backend: op schemas and CPU kernels.
+//
+// Every pass streams W once; work is split with at::parallel_for, and every
+// reduction uses a partition fixed by the shape alone (row dot products, a fixed
+// number of row chunks for W^T u combined in order, fixed element blocks for
+// <G, W>), so results are bit-identical for any number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <cstdlib>
+#include <string>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "cpu_loops.h"
+
+namespace sn_kernels {
+namespace baseline {
+#include "cpu_f32_loops.h"
+}  // namespace baseline
+}  // namespace sn_kernels
+
+// `import sn_kernels._C` only has to load the library: the ops register themselves.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sn_kernels native ops", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace sn_kernels {
+namespace {
+
+constexpr int LANES = 16;             // independent accumulators: lets -O3 vectorise reductions exactly
+// elements per parallel task, at least: smaller work runs inline on the calling thread.  Large on
+// purpose: an OpenMP region costs microseconds when idle and milliseconds when the cores are busy
+// (e.g. the forward thread's spinning team against the autograd thread's team on a 2-core machine).
+constexpr int64_t GRAIN = 1 << 19;
+constexpr int64_t MAX_CHUNKS = 32;    // row chunks of W^T u
+constexpr int64_t MIN_CHUNK_ROWS = 32;
+constexpr int64_t DOT_BLOCK = 1 << 14;  // elements per partial of <G, W>
+
+// A fresh large CPU tensor is fresh mmap'ed memory: the first write page-faults every 4 KiB page,
+// which costs about as much as the write itself.  Asking for transparent huge pages before the
+// first touch (what torch does for all tensors under THP_MEM_ALLOC_ENABLE=1) cuts that cost.
+at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& opts) {
+  at::Tensor out = at::empty_strided(sizes, strides, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+  const size_t nbytes = out.storage().nbytes();
+  if (nbytes >= 4 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.storage().mutable_data());
+    const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + nbytes) & ~(kHuge - 1);
+    if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // a hint: errors are harmless
+  }
+#endif
+  return out;
+}
+
+template <typename acc_t>
+inline acc_t lane_sum(const acc_t* acc) {
+  // fixed pairwise order
+  acc_t a[LANES];
+  for (int l = 0; l < LANES; ++l) a[l] = acc[l];
+  for (int w = LANES / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return a[0];
+}
+
+// sum_k a[k] * b[k], a in the weight dtype, b in the accumulation dtype
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const scalar_t* __restrict a, const acc_t* __restrict b, int64_t len) {
+  acc_t acc[LANES] = {};
+  int64_t k = 0;
+  for (; k + LANES <= len; k += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += static_cast<acc_t>(a[k + l]) * b[k + l];
+  for (int l = 0; k < len; ++k, ++l) acc[l] += static_cast<acc_t>(a[k]) * b[k];
+  return lane_sum(acc);
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t dot2(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t len) {
+  acc_t acc[LANES] = {};
+  int64_t k = 0;
+  for (; k + LANES <= len; k += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += static_cast<acc_t>(a[k + l]) * static_cast<acc_t>(b[k + l]);
+  for (int l = 0; k < len; ++k, ++l) acc[l] += static_cast<acc_t>(a[k]) * static_cast<acc_t>(b[k]);
+  return lane_sum(acc);
+}
+
+// y[k] += alpha * a[k]
+template <typename scalar_t, typename acc_t>
+inline void axpy(acc_t* __restrict y, const scalar_t* __restrict a, acc_t alpha, int64_t len) {
+  for (int64_t k = 0; k < len; ++k) y[k] += alpha * static_cast<acc_t>(a[k]);
+}
+
+// float32 goes through the run-time selected loop table (AVX2+FMA when available)
+const F32Loops& f32() {
+  static const F32Loops* table = [] {
+    const char* isa = std::getenv("SN_KERNELS_CPU_ISA");
+    const bool baseline_only = isa != nullptr && std::string(isa) == "baseline";
+    const F32Loops* t = baseline_only ? nullptr : f32_loops_avx2();
+    return t != nullptr ? t : &baseline::table;
+  }();
+  return *table;
+}
+
+template <>
+inline float dot<float, float>(const float* __restrict a, const float* __restrict b, int64_t len) {
+  return f32().dot(a, b, len);
+}
+template <>
+inline float dot2<float, float>(const float* __restrict a, const float* __restrict b, int64_t len) {
+  return f32().dot(a, b, len);
+}
+template <>
+inline void axpy<float, float>(float* __restrict y, const float* __restrict a, float alpha, int64_t len) {
+  f32().axpy(y, a, alpha, len);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void divide(scalar_t* __restrict y, const scalar_t* __restrict w, acc_t sig, int64_t len) {
+  for (int64_t k = 0; k < len; ++k) y[k] = static_cast<scalar_t>(static_cast<acc_t>(w[k]) / sig);
+}
+template <>
+inline void divide<float, float>(float* __restrict y, const float* __restrict w, float sig, int64_t len) {
+  f32().divide(y, w, sig, len);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void grad_row(scalar_t* __restrict y, const scalar_t* __restrict g, const acc_t* __restrict v, acc_t c,
+                     acc_t ui, acc_t sig, int64_t len) {
+  for (int64_t k = 0; k < len; ++k)
+    y[k] = static_cast<scalar_t>((static_cast<acc_t>(g[k]) - c * (ui * v[k])) / sig);
+}
+template <>
+inline void grad_row<float, float>(float* __restrict y, const float* __restrict g, const float* __restrict v, float c,
+                                   float ui, float sig, int64_t len) {
+  f32().grad_row(y, g, v, c, ui, sig, len);
+}
+
+template <typename acc_t>
+inline acc_t sumsq(const acc_t* x, int64_t len) { return dot<acc_t, acc_t>(x, x, len); }
+
+// s = W x   (x has n entries, s has m)
+template <typename scalar_t, typename acc_t>
+void matvec(const scalar_t* w, const MatrixView& mv, const acc_t* x, acc_t* s) {
+  const int64_t m = mv.m, inner = mv.inner, outer = mv.outer, n = mv.n();
+  at::parallel_for(0, m, std::max<int64_t>(1, GRAIN / n), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      acc_t acc = 0;
+      for (int64_t o = 0; o < outer; ++o) acc += dot(w + (o * m + i) * inner, x + o * inner, inner);
+      s[i] = acc;
+    }
+  });
+}
+
+// t = W^T y   (y has m entries, t has n): fixed row chunks, partials combined in order
+template <typename scalar_t, typename acc_t>
+void matvec_t(const scalar_t* w, const MatrixView& mv, const acc_t* y, acc_t* t, std::vector<acc_t>& scratch) {
+  const int64_t m = mv.m, inner = mv.inner, outer = mv.outer, n = mv.n();
+  const int64_t rows = std::max<int64_t>(MIN_CHUNK_ROWS, (m + MAX_CHUNKS - 1) / MAX_CHUNKS);
+  const int64_t chunks = (m + rows - 1) / rows;
+  auto chunk_sum = [&](int64_t c, acc_t* out) {
+    std::fill(out, out + n, acc_t(0));
+    const int64_t r1 = std::min(m, (c + 1) * rows);
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t i = c * rows; i < r1; ++i) axpy(out + o * inner, w + (o * m + i) * inner, y[i], inner);
+  };
+  if (chunks == 1) {
+    // few rows: split the columns instead (each column is still summed in row order)
+    if (outer == 1) {
+      at::parallel_for(0, n, std::max<int64_t>(1024, GRAIN / m), [&](int64_t j0, int64_t j1) {
+        std::fill(t + j0, t + j1, acc_t(0));
+        for (int64_t i = 0; i < m; ++i) axpy(t + j0, w + i * n + j0, y[i], j1 - j0);
+      });
+    } else {
+      at::parallel_for(0, outer, std::max<int64_t>(1, GRAIN / (m * inner)), [&](int64_t o0, int64_t o1) {
+        for (int64_t o = o0; o < o1; ++o) {
+          acc_t* out = t + o * inner;
+          std::fill(out, out + inner, acc_t(0));
+          for (int64_t i = 0; i < m; ++i) axpy(out, w + (o * m + i) * inner, y[i], inner);
+        }
+      });
+    }
+    return;
+  }
+  scratch.resize(static_cast<size_t>(chunks * n));
+  acc_t* part = scratch.data();
+  at::parallel_for(0, chunks, std::max<int64_t>(1, GRAIN / (rows * n)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) chunk_sum(c, part + c * n);
+  });
+  at::parallel_for(0, n, GRAIN / 4, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) t[j] = part[j];
+    for (int64_t c = 1; c < chunks; ++c) {
+      const acc_t* p = part + c * n;
+      for (int64_t j = j0; j < j1; ++j) t[j] += p[j];
+    }
+  });
+}
+
+// prev <- x / max(|x|, eps), unless |x| is zero or not finite (a zero or non-finite weight): then
+// prev is kept, so u and v recover once the weight is finite again.  Returns |x|^2 / max(|x|, eps).
+template <typename acc_t>
+acc_t normalize_into(const acc_t* x, acc_t* prev, int64_t len, double eps) {
+  const acc_t norm = std::sqrt(sumsq(x, len));
+  const acc_t denom = std::max(norm, static_cast<acc_t>(eps));
+  if (std::isfinite(norm) && norm > 0)
+    for (int64_t k = 0; k < len; ++k) prev[k] = x[k] / denom;
+  return norm * norm / denom;
+}
+
+// sigma, or +inf where sigma == 0: a zero weight normalizes to 0 (and gets a zero gradient), not 0/0
+template <typename acc_t>
+inline acc_t safe_sigma(acc_t s) {
+  return s == 0 ? std::numeric_limits<acc_t>::infinity() : s;
+}
+
+template <typename scalar_t, typename acc_t>
+void to_acc_vec(const at::Tensor& src, acc_t* dst) {
+  const scalar_t* p = src.const_data_ptr<scalar_t>();
+  for (int64_t k = 0, len = src.numel(); k < len; ++k) dst[k] = static_cast<acc_t>(p[k]);
+}
+
+template <typename scalar_t, typename acc_t>
+void from_acc_vec(const acc_t* src, at::Tensor& dst) {
+  scalar_t* p = dst.mutable_data_ptr<scalar_t>();
+  for (int64_t k = 0, len = dst.numel(); k < len; ++k) p[k] = static_cast<scalar_t>(src[k]);
+}
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Tensor& weight_, at::Tensor& u,
+                                                                   at::Tensor& v, int64_t n_power_iterations,
+                                                                   double eps, int64_t dim, c10::string_view order_,
+                                                                   bool training) {
+  const MatrixView mv = matrix_view(weight_, dim);
+  check_args(weight_, u, v, mv);
+  TORCH_CHECK(u.is_contiguous() && v.is_contiguous(), "sn_kernels: u and v must be contiguous");
+  TORCH_CHECK(n_power_iterations > 0, "sn_kernels: n_power_iterations must be positive");
+  TORCH_CHECK(eps > 0, "sn_kernels: eps must be positive");
+  const bool vu = order_is_vu(std::string(order_.data(), order_.size()));
+  const at::Tensor weight = weight_.contiguous();
+  const auto acc_dtype = accumulation_type(weight.scalar_type());
+  at::Tensor sigma = at::empty({}, weight.options().dtype(acc_dtype));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_power_iteration_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    const int64_t m = mv.m, n = mv.n();
+    std::vector<acc_t> ua(m), va(n), s(m), t(n), scratch;
+    to_acc_vec<scalar_t, acc_t>(u, ua.data());
+    to_acc_vec<scalar_t, acc_t>(v, va.data());
+    acc_t sig = 0;
+    if (training) {
+      for (int64_t it = 0; it < n_power_iterations; ++it) {
+        if (vu) {
+          matvec_t(w, mv, ua.data(), t.data(), scratch);
+          normalize_into(t.data(), va.data(), n, eps);
+          matvec(w, mv, va.data(), s.data());
+          sig = normalize_into(s.data(), ua.data(), m, eps);
+        } else {
+          matvec(w, mv, va.data(), s.data());
+          normalize_into(s.data(), ua.data(), m, eps);
+          matvec_t(w, mv, ua.data(), t.data(), scratch);
+          sig = normalize_into(t.data(), va.data(), n, eps);
+        }
+      }
+      from_acc_vec<scalar_t, acc_t>(ua.data(), u);
+      from_acc_vec<scalar_t, acc_t>(va.data(), v);
+    } else {
+      matvec(w, mv, va.data(), s.data());
+      sig = dot(ua.data(), s.data(), m);
+    }
+    *sigma.mutable_data_ptr<acc_t>() = sig;
+  });
+  return {sigma, u.clone(), v.clone()};
+}
+
+at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma,
+                         int64_t dim) {
+  TORCH_CHECK(sigma.numel() == 1, "sn_kernels: sigma must have one element");
+  TORCH_CHECK(sigma.scalar_type() == accumulation_type(weight_.scalar_type()),
+              "sn_kernels: sigma must be in the accumulation dtype");
+  // elementwise: a dense weight keeps its layout (out has the same strides); anything else is made contiguous
+  const at::Tensor weight = weight_.is_non_overlapping_and_dense() ? weight_ : weight_.contiguous();
+  at::Tensor out = empty_output(weight.sizes(), weight.strides(), weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_normalize_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, weight.numel(), GRAIN, [&](int64_t k0, int64_t k1) { divide(y + k0, w + k0, sig, k1 - k0); });
+  });
+  return out;
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad_, const at::Tensor& weight_, const at::Tensor& u_,
+                        const at::Tensor& v_, const at::Tensor& sigma, int64_t dim) {
+  const MatrixView mv = matrix_view(weight_, dim);
+  check_args(weight_, u_, v_, mv);
+  TORCH_CHECK(grad_.sizes() == weight_.sizes(), "sn_kernels: grad must have the weight's shape");
+  TORCH_CHECK(grad_.scalar_type() == weight_.scalar_type(), "sn_kernels: grad must have the weight's dtype");
+  TORCH_CHECK(sigma.numel() == 1 && sigma.scalar_type() == accumulation_type(weight_.scalar_type()),
+              "sn_kernels: sigma must be one element in the accumulation dtype");
+  const at::Tensor weight = weight_.contiguous(), grad = grad_.contiguous();
+  at::Tensor out = empty_output(weight.sizes(), weight.strides(), weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const int64_t numel = weight.numel(), m = mv.m, inner = mv.inner, n = mv.n();
+    // c = <G, W> / sigma: fixed blocks, partials summed in order
+    const int64_t blocks = (numel + DOT_BLOCK - 1) / DOT_BLOCK;
+    std::vector<acc_t> part(blocks);
+    at::parallel_for(0, blocks, std::max<int64_t>(1, GRAIN / DOT_BLOCK), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t k0 = b * DOT_BLOCK;
+        part[b] = dot2<scalar_t, acc_t>(g + k0, w + k0, std::min(DOT_BLOCK, numel - k0));
+      }
+    });
+    acc_t c = 0;
+    for (int64_t b = 0; b < blocks; ++b) c += part[b];
+    c = c / sig;
+    std::vector<acc_t> ua(m), va(n);
+    to_acc_vec<scalar_t, acc_t>(u_.contiguous(), ua.data());
+    to_acc_vec<scalar_t, acc_t>(v_.contiguous(), va.data());
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    // grad_W = (G - c u v^T) / sigma, row by row of the (outer * m, inner) layout
+    at::parallel_for(0, mv.outer * m, std::max<int64_t>(1, GRAIN / inner), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r / m, i = r % m;
+        const acc_t ui = ua[i];
+        const acc_t* vr = va.data() + o * inner;
+        grad_row(y + r * inner, g + r * inner, vr, c, ui, sig, inner);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sn_kernels, m) {
+  m.def("native_power_iteration(Tensor weight, Tensor(a!) u, Tensor(b!) v, int n_power_iterations, float eps, "
+        "int dim, str order, bool training) -> (Tensor, Tensor, Tensor)");
+  m.def("native_normalize(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
+  m.def("native_backward(Tensor grad, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sn_kernels, CPU, m) {
+  m.impl("native_power_iteration", &power_iteration_cpu);
+  m.impl("native_normalize", &normalize_cpu);
+  m.impl("native_backward", &backward_cpu);
+}
+
+}  // namespace sn_kernels

@@ -1,0 +1,338 @@
+"""The native backend (compiled extension sn_kernels._C) against the float64 oracle and the torch backend."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sn_kernels
+from sn_kernels import native, reference
+from sn_kernels.reference import pytorch_formula
+
+from helpers import SHAPES, TOL, assert_close, planted
+
+_REASON = native.why_not(torch.device("cpu"), auto=True)  # never builds
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"native extension not available: {_REASON}")
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and native.has_kernel("cuda") else [])
+
+
+def _ops():
+    return torch.ops.sn_kernels
+
+
+def _inputs(shape, dim, dtype, device="cpu", seed=0, converged=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    m = w.shape[dim]
+    n = w.numel() // m
+    u = torch.nn.functional.normalize(torch.randn(m, generator=g, dtype=torch.float64), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(n, generator=g, dtype=torch.float64), dim=0)
+    if converged:  # a realistic sigma (random u, v can make u.Wv tiny and the half-precision gradient overflow)
+        _, _, u, v = pytorch_formula(w, u, v, 50, 1e-12, dim)
+    return w.to(device, dtype), u.to(device, dtype), v.to(device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_training_forward_matches_oracle(device, dtype, shape, dim, order, n_iter):
+    w, u, v = _inputs(shape, dim, dtype, device)
+    w_sn_ref, sigma_ref, u_ref, v_ref = pytorch_formula(w.cpu(), u.cpu(), v.cpu(), n_iter, 1e-12, dim, order, True)
+    u0, v0 = u.clone(), v.clone()
+    sigma, u_used, v_used = _ops().native_power_iteration(w, u, v, n_iter, 1e-12, dim, order, True)
+    assert sigma.shape == () and sigma.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert u_used.dtype == dtype and v_used.dtype == dtype
+    assert_close(sigma.cpu(), sigma_ref, dtype, msg="sigma")
+    assert_close(u.cpu(), u_ref, dtype, msg="u in place")
+    assert_close(v.cpu(), v_ref, dtype, msg="v in place")
+    assert torch.equal(u_used, u) and torch.equal(v_used, v)
+    assert u_used.data_ptr() != u.data_ptr() and v_used.data_ptr() != v.data_ptr()
+    w_sn = _ops().native_normalize(w, u_used, v_used, sigma, dim)
+    assert w_sn.dtype == dtype and w_sn.shape == w.shape
+    assert_close(w_sn.cpu(), w_sn_ref, dtype, msg="weight_sn")
+    # the torch backend from the same start: same numbers to rounding
+    u1, v1 = u0.clone(), v0.clone()
+    sigma_t, _, _ = reference.ops.power_iteration(w, u1, v1, n_iter, 1e-12, dim, order, True)
+    assert_close(sigma, sigma_t, dtype)
+    assert_close(u, u1, dtype)
+    assert_close(v, v1, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+def test_eval_forward_and_backward(device, dtype, shape, dim):
+    w, u, v = _inputs(shape, dim, dtype, device, converged=True)
+    u0, v0 = u.clone(), v.clone()
+    sigma, u_used, v_used = _ops().native_power_iteration(w, u, v, 1, 1e-12, dim, "uv", False)
+    assert torch.equal(u, u0) and torch.equal(v, v0), "eval must not touch u, v"
+    assert torch.equal(u_used, u0) and torch.equal(v_used, v0) and u_used.data_ptr() != u.data_ptr()
+    _, sigma_ref, _, _ = pytorch_formula(w.cpu(), u.cpu(), v.cpu(), 1, 1e-12, dim, "uv", False)
+    assert_close(sigma.cpu(), sigma_ref, dtype, msg="eval sigma")
+    G = torch.randn(w.shape, dtype=torch.float64).to(device, dtype)
+    grad = _ops().native_backward(G, w, u, v, sigma, dim)
+    grad_ref = reference.backward(G.double(), w.double(), u.double(), v.double(), sigma.double(), dim)
+    assert grad.dtype == dtype and grad.shape == w.shape
+    assert_close(grad.cpu(), grad_ref.cpu(), dtype, msg="backward")
+
+
+def test_non_contiguous_weight():
+    w = torch.randn(8, 6, 3, 3).to(memory_format=torch.channels_last)
+    u = torch.randn(8)
+    v = torch.randn(54)
+    for training in (True, False):
+        uu, vv = u.clone(), v.clone()
+        sigma, uu2, vv2 = _ops().native_power_iteration(w, uu, vv, 1, 1e-12, 0, "vu", training)
+        _, sigma_ref, _, _ = pytorch_formula(w, u, v, 1, 1e-12, 0, "vu", training)
+        assert_close(sigma, sigma_ref, torch.float32)
+        out = _ops().native_normalize(w, uu2, vv2, sigma, 0)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_close(out, w.double() / sigma.double(), torch.float32)
+    wt = torch.randn(20, 30).t()  # strided transpose, dim=1
+    u, v = torch.randn(20), torch.randn(30)
+    sigma, uu2, vv2 = _ops().native_power_iteration(wt, u.clone(), v.clone(), 2, 1e-12, 1, "uv", True)
+    assert_close(sigma, pytorch_formula(wt, u, v, 2, 1e-12, 1, "uv", True)[1], torch.float32)
+    G = torch.randn(20, 30).t()
+    assert_close(_ops().native_backward(G, wt, uu2, vv2, sigma, 1),
+                 reference.backward(G.double(), wt.double(), uu2.double(), vv2.double(), sigma.double(), 1),
+                 torch.float32)
+
+
+def test_eps_clamp():
+    w = torch.zeros(4, 5)
+    u, v = torch.zeros(4), torch.zeros(5)
+    sigma, uu, vv = _ops().native_power_iteration(w, u, v, 1, 1e-12, 0, "vu", True)
+    assert sigma.item() == 0 and not torch.isnan(uu).any() and not torch.isnan(vv).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("n_iter", [1, 2])
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+def test_faulty_weight_keeps_vectors(device, order, n_iter, bad):
+    """Zero or non-finite weight: u, v keep their previous values (as the torch backend);
+    a zero weight normalizes to 0 with a zero gradient instead of 0/0."""
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        w = torch.full((6, 5), bad, dtype=dtype, device=device) if bad == 0 else torch.randn(6, 5).to(device, dtype)
+        if bad != 0:
+            w[2, 3] = bad
+        u = torch.nn.functional.normalize(torch.randn(6), dim=0).to(device, dtype)
+        v = torch.nn.functional.normalize(torch.randn(5), dim=0).to(device, dtype)
+        u0, v0 = u.clone(), v.clone()
+        ur, vr = u.clone(), v.clone()
+        sigma, uu, vv = _ops().native_power_iteration(w, u, v, n_iter, 1e-12, 0, order, True)
+        sigma_t, _, _ = reference.ops.power_iteration(w, ur, vr, n_iter, 1e-12, 0, order, True)
+        assert torch.equal(u, u0) and torch.equal(v, v0) and torch.equal(uu, u0) and torch.equal(vv, v0)
+        assert torch.equal(u, ur) and torch.equal(v, vr)
+        torch.testing.assert_close(sigma, sigma_t, equal_nan=True)
+        if bad == 0:
+            assert sigma.item() == 0
+            out = _ops().native_normalize(w, uu, vv, sigma, 0)
+            assert torch.equal(out, torch.zeros_like(w))
+            g = _ops().native_backward(torch.randn(6, 5).to(device, dtype), w, uu, vv, sigma, 0)
+            assert torch.equal(g, torch.zeros_like(w))
+
+
+def _f64_inputs(m=6, n=5, seed=0):
+    W = planted(m, n, seed=seed)
+    u, v = torch.randn(m, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    _, _, u, v = pytorch_formula(W, u, v, 200)  # converged
+    return W, u, v
+
+
+@pytest.mark.parametrize("order", ["vu", "uv"])
+def test_gradcheck_float64(order):
+    W, u, v = _f64_inputs()
+    Wr = W.clone().requires_grad_()
+
+    def f_eval(x):
+        return sn_kernels.spectral_normalize(x, u.clone(), v.clone(), training=False, backend="native")[0]
+
+    def f_train(x):
+        return sn_kernels.spectral_normalize(x, u.clone(), v.clone(), order=order, backend="native")[0]
+
+    assert torch.autograd.gradcheck(f_eval, (Wr,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(f_train, (Wr,), eps=1e-6, atol=1e-5)
+    # conv-shaped, dim=1
+    W4 = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    u4, v4 = torch.randn(4, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x: sn_kernels.spectral_normalize(x, u4.clone(), v4.clone(), dim=1, training=False,
+                                                backend="native")[0], (W4,), eps=1e-6, atol=1e-7)
+
+
+def test_opcheck():
+    w, u, v = _inputs((7, 3, 2), 1, torch.float32)
+    torch.library.opcheck(_ops().native_power_iteration, (w, u.clone(), v.clone(), 2, 1e-12, 1, "vu", True))
+    torch.library.opcheck(_ops().native_power_iteration, (w, u.clone(), v.clone(), 1, 1e-12, 1, "uv", False))
+    sigma, uu, vv = _ops().native_power_iteration(w, u.clone(), v.clone(), 1, 1e-12, 1, "uv", True)
+    torch.library.opcheck(_ops().native_normalize, (w, uu, vv, sigma, 1))
+    torch.library.opcheck(_ops().native_normalize, (w.clone().requires_grad_(), uu, vv, sigma, 1))
+    torch.library.opcheck(_ops().native_backward, (torch.randn_like(w), w, uu, vv, sigma, 1))
+
+
+@pytest.mark.parametrize("shape,dim", [((300, 700), 0), ((1100, 1000), 0), ((64, 96, 10, 10), 1), ((20, 40000), 0)],
+                         ids=str)
+def test_deterministic_across_thread_counts(shape, dim):
+    w, u, v = _inputs(shape, dim, torch.float32)
+    G = torch.randn(shape)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for order in ("vu", "uv"):
+                uu, vv = u.clone(), v.clone()
+                sigma, a, b = _ops().native_power_iteration(w, uu, vv, 2, 1e-12, dim, order, True)
+                results.append((order, threads, sigma, a, b, _ops().native_normalize(w, a, b, sigma, dim),
+                                _ops().native_backward(G, w, a, b, sigma, dim)))
+    finally:
+        torch.set_num_threads(before)
+    for order in ("vu", "uv"):
+        rs = [r for r in results if r[0] == order]
+        for r in rs[1:]:
+            for x, y in zip(rs[0][2:], r[2:]):
+                assert torch.equal(x, y), f"threads {rs[0][1]} vs {r[1]} differ ({order})"
+
+
+def _grads_equal(make, x, backend_a="native", backend_b="torch", dtype=torch.float32):
+    outs = []
+    for backend in (backend_a, backend_b):
+        torch.manual_seed(0)
+        with sn_kernels.use_backend(backend):
+            mod = make()
+            for _ in range(2):
+                mod.zero_grad()
+                y = mod(x)
+                y.square().sum().backward()
+            outs.append((y.detach(), {k: b.detach().clone() for k, b in mod.named_buffers()},
+                         {k: p.grad.clone() for k, p in mod.named_parameters()}))
+    (ya, ba, ga), (yb, bb, gb) = outs
+    assert_close(ya, yb, dtype, msg="output")
+    assert ba.keys() == bb.keys() and ga.keys() == gb.keys()
+    for k in ba:
+        assert_close(ba[k], bb[k], dtype, msg=k)
+    for k in ga:
+        assert_close(ga[k], gb[k], dtype, scale=10, msg=k)
+
+
+def test_front_ends_match_torch_backend():
+    from sn_kernels.parametrizations import spectral_norm as sn_param
+
+    x = torch.randn(4, 3, 8, 8)
+    _grads_equal(lambda: sn_param(torch.nn.Conv2d(3, 5, 3)), x)
+    _grads_equal(lambda: sn_kernels.spectral_norm(torch.nn.Conv2d(3, 5, 3)), x)
+    _grads_equal(lambda: sn_kernels.spectral_norm(torch.nn.ConvTranspose2d(3, 5, 3)), x)
+    _grads_equal(lambda: sn_param(torch.nn.ConvTranspose2d(3, 5, 3), n_power_iterations=2), x)
+    _grads_equal(lambda: sn_param(torch.nn.Linear(7, 4)), torch.randn(3, 7))
+    with sn_kernels.use_backend("native"):
+        lin = sn_param(torch.nn.Linear(7, 4)).eval()
+        y = lin(torch.randn(2, 7))
+    assert y.shape == (2, 4)
+
+
+def test_why_not():
+    assert native.why_not(torch.device("cpu")) is None
+    assert native.why_not(torch.device("cpu"), auto=True) is None
+    assert sn_kernels.dispatch.why_not("native", "cpu") is None
+    reason = native.why_not(torch.device("meta"))
+    assert reason is not None
+
+
+def test_cuda_kernels_registered_in_cuda_builds():
+    if not torch.version.cuda:
+        pytest.skip("torch is not a CUDA build")
+    if os.environ.get("SN_KERNELS_BUILD", "auto").lower() in ("cpu", "none"):
+        pytest.skip("SN_KERNELS_BUILD asks for a CPU-only extension")
+    from sn_kernels import _build
+
+    if _build.find_cuda_home() is None:
+        pytest.skip("no CUDA toolkit here, so the extension was built CPU-only")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sn_kernels::native_normalize", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sn_kernels::native_power_iteration", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sn_kernels::native_backward", "CUDA")
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _library_path() -> str:
+    spec = importlib.util.find_spec("sn_kernels._C")
+    assert spec is not None and spec.origin, "sn_kernels._C not found"
+    return spec.origin
+
+
+@pytest.mark.parametrize("first", ["extension", "python"])
+def test_load_order(first):
+    path = _library_path()
+    code = f"""
+        import torch
+        if {first == "extension"!r}:
+            torch.ops.load_library({path!r})   # the C++ TORCH_LIBRARY before any Python fragment
+        import sn_kernels
+        from sn_kernels import native, reference
+        if {first == "python"!r}:
+            torch.ops.load_library({path!r})   # again, after the Python fragments: a no-op
+        assert native.why_not(torch.device("cpu")) is None, native.why_not(torch.device("cpu"))
+        w = torch.randn(5, 4); u = torch.randn(5); v = torch.randn(4)
+        with sn_kernels.use_backend("native"):
+            a, sa = sn_kernels.spectral_normalize(w, u.clone(), v.clone())
+        b, sb = sn_kernels.spectral_normalize(w, u.clone(), v.clone(), backend="torch")
+        torch.testing.assert_close(a, b)
+        print("ok")
+    """
+    r = _run_python(code)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_not_built_message_without_building():
+    code = """
+        import sys
+        sys.modules["sn_kernels._C"] = None   # as if the extension were not built
+        import torch
+        from sn_kernels import native, dispatch
+        reason = native.why_not(torch.device("cpu"), auto=True)
+        assert reason is not None and "not built" in reason, reason
+        assert dispatch.why_not("native", "cpu", auto=True) is not None
+        print("ok")
+    """
+    r = _run_python(code)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    assert "building" not in r.stderr
+
+
+def test_baseline_isa_matches():
+    """The float32 loops have a baseline and an AVX2+FMA build; both must agree with the oracle."""
+    code = """
+        import torch
+        import sn_kernels.native
+        from sn_kernels.reference import pytorch_formula
+        w = torch.randn(70, 45); u = torch.randn(70); v = torch.randn(45); G = torch.randn(70, 45)
+        ops = torch.ops.sn_kernels
+        for order in ("vu", "uv"):
+            uu, vv = u.clone(), v.clone()
+            s, a, b = ops.native_power_iteration(w, uu, vv, 2, 1e-12, 0, order, True)
+            ref = pytorch_formula(w, u, v, 2, 1e-12, 0, order, True)
+            torch.testing.assert_close(s.double(), ref[1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ops.native_normalize(w, a, b, s, 0).double(), ref[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ops.native_backward(G, w, a, b, s, 0).double(),
+                (G.double() - (G.double() * w.double()).sum() / s.double() * torch.outer(a.double(), b.double()))
+                / s.double(), rtol=1e-5, atol=1e-6)
+        print("ok")
+    """
+    env = dict(os.environ, SN_KERNELS_CPU_ISA="baseline")
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
