@@ -78,3 +78,41 @@ def test_double_backward_through_weight_gradient():
     v = torch.nn.functional.normalize(torch.randn(4, dtype=torch.float64), dim=0)
     fn = lambda w: sn_kernels.spectral_normalize(w, u, v, training=False)[0]  # noqa: E731
     assert torch.autograd.gradgradcheck(fn, (w,))
+
+
+@pytest.mark.parametrize("api", list(WRAPS))
+def test_alternating_updates_second_backward_after_step(api):
+    """The usual loop: a D step (backward, optimizer step), then a G step whose backward
+    goes through D again after D's weights changed in place; then D again."""
+    ref, ours = discriminator_pair(api)
+    torch.manual_seed(5)
+    gen_ref = nn.Sequential(nn.Linear(6, 3 * 8 * 8), nn.Unflatten(1, (3, 8, 8)))
+    gen_ours = copy.deepcopy(gen_ref)
+    pairs = []
+    for D, G in ((ref, gen_ref), (ours, gen_ours)):
+        pairs.append((D, G, torch.optim.Adam(D.parameters(), lr=1e-2), torch.optim.Adam(G.parameters(), lr=1e-2)))
+    for step in range(3):
+        z, real = torch.randn(4, 6), torch.randn(4, 3, 8, 8)
+        for D, G, opt_d, opt_g in pairs:
+            opt_d.zero_grad()
+            fake = G(z)
+            (torch.relu(1 - D(real)).mean() + torch.relu(1 + D(fake.detach())).mean()).backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            (-D(fake).mean()).backward()  # through D after its in-place update
+            opt_g.step()
+        compare_grads(ref, ours, "alternating D")
+        for a, b in zip(gen_ours.parameters(), gen_ref.parameters()):
+            check("alternating G params vs PyTorch", a, b, scale=100)
+
+
+def test_reusing_a_graph_after_the_step_fails_like_pytorch():
+    """backward through a graph built before an optimizer step changed W in place: PyTorch
+    refuses (the saved W is stale) and so do we, rather than use the new weights silently."""
+    lin = sn_kernels.spectral_norm(nn.Linear(4, 2))
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    out = lin(torch.randn(3, 4))
+    out.sum().backward(retain_graph=True)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
