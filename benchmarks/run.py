@@ -55,20 +55,24 @@ class Holder(nn.Module):
         return self.weight
 
 
+def wrap(provider: str, modules) -> None:
+    """Apply ``provider``'s spectral norm to the ``weight`` of each module."""
+    if provider == "torch_hook":
+        sn = torch.nn.utils.spectral_norm
+    elif provider in ("torch_param", "torch_compile"):
+        sn = torch.nn.utils.parametrizations.spectral_norm
+    elif provider.startswith("sn_kernels_"):
+        sn = sn_kernels.parametrizations.spectral_norm
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    for m in modules:
+        sn(m)
+
+
 def build(provider: str, shapes, dtype, device):
     """Holders wrapped by ``provider``; returns a callable producing the normalized weights."""
     holders = [Holder(s, dtype, device) for s in shapes]
-    if provider == "torch_hook":
-        for h in holders:
-            torch.nn.utils.spectral_norm(h)
-    elif provider in ("torch_param", "torch_compile"):
-        for h in holders:
-            torch.nn.utils.parametrizations.spectral_norm(h)
-    elif provider.startswith("sn_kernels_"):
-        for h in holders:
-            sn_kernels.parametrizations.spectral_norm(h)
-    else:
-        raise ValueError(provider)
+    wrap(provider, holders)
 
     def forward():
         return [h() for h in holders]
@@ -157,15 +161,7 @@ def train_step_samples(provider, dtype, device, reps, warmup):
 
     torch.manual_seed(0)
     D = SNGANDiscriminator().to(device=device, dtype=dtype)
-    layers = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if provider == "torch_hook":
-        for m in layers:
-            torch.nn.utils.spectral_norm(m)
-    elif provider in ("torch_param", "torch_compile"):
-        for m in layers:
-            torch.nn.utils.parametrizations.spectral_norm(m)
-    else:
-        sn_kernels.apply_spectral_norm(D, api="parametrization")
+    wrap(provider, [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
     model = torch.compile(D) if provider == "torch_compile" else D
     opt = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9))
     batch = TRAIN_BATCH.get(device.type, 8)

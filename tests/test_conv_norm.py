@@ -58,13 +58,7 @@ def input_shape(module, spatial):
     return (1, c_in, *spatial)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convs on a shared 2-core machine: a second thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def converged_sigma(spec, weight, shape, max_iters=4000, chunk=50):

@@ -10,13 +10,7 @@ from sn_kernels.monitor import BASIS_PREFIX, singular_values
 from sn_kernels.reference import as_matrix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small matmuls on a shared 2-core machine: a second thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 WRAPPERS = {
