@@ -55,6 +55,17 @@ class Holder(nn.Module):
         return self.weight
 
 
+class _Container(nn.Module):
+    """All holders of a set as one model, so ``sn_kernels.group`` can normalize them together."""
+
+    def __init__(self, holders):
+        super().__init__()
+        self.holders = nn.ModuleList(holders)
+
+    def forward(self):
+        return [h() for h in self.holders]
+
+
 def wrap(provider: str, modules) -> None:
     """Apply ``provider``'s spectral norm to the ``weight`` of each module."""
     if provider == "torch_hook":
@@ -73,6 +84,10 @@ def build(provider: str, shapes, dtype, device):
     """Holders wrapped by ``provider``; returns a callable producing the normalized weights."""
     holders = [Holder(s, dtype, device) for s in shapes]
     wrap(provider, holders)
+    if provider == "sn_kernels_grouped":
+        container = _Container(holders)
+        sn_kernels.group(container)
+        return holders, container
 
     def forward():
         return [h() for h in holders]
@@ -127,6 +142,7 @@ def _copies(device, nbytes: int) -> int:
 def run_case(provider, shapes, dtype, device, mode, reps, warmup):
     """Seconds per call of ``mode`` over all weights of a set: list of ``reps`` samples."""
     backend = provider.removeprefix("sn_kernels_") if provider.startswith("sn_kernels_") else None
+    backend = None if backend == "grouped" else backend  # grouping runs on the "auto" backend
     ctx = sn_kernels.use_backend(backend) if backend else _null()
     with ctx:
         if mode == "train_step":
@@ -163,6 +179,8 @@ def train_step_samples(provider, dtype, device, reps, warmup):
     D = SNGANDiscriminator().to(device=device, dtype=dtype)
     wrap(provider, [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
     model = torch.compile(D) if provider == "torch_compile" else D
+    if provider == "sn_kernels_grouped":
+        sn_kernels.group(D)
     opt = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9))
     batch = TRAIN_BATCH.get(device.type, 8)
     real = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
@@ -211,7 +229,8 @@ def main(argv=None):
     backends = sn_kernels.available_backends(device)
     providers = (args.providers.split(",") if args.providers else
                  ["torch_hook", "torch_param"] + (["torch_compile"] if on_gpu else [])
-                 + [f"sn_kernels_{b}" for b in backends if not (b == "triton" and not on_gpu)])
+                 + [f"sn_kernels_{b}" for b in backends if not (b == "triton" and not on_gpu)]
+                 + ["sn_kernels_grouped"])
     reps = args.reps or (100 if on_gpu else 5)
     warmup = 5 if on_gpu else 1
     measure, sync = timer(device)

@@ -9,6 +9,7 @@ chosen by ``set_backend``, and drop-ins for both PyTorch front ends:
 from . import parametrizations
 from .dispatch import available_backends, explain, get_backend, set_backend, use_backend
 from .functional import spectral_normalize
+from .grouped import SNGroup, group
 from .hooks import remove_spectral_norm, spectral_norm
 from .monitor import singular_values
 from .nn import (
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "spectral_normalize", "spectral_norm", "remove_spectral_norm", "parametrizations",
     "available_backends", "set_backend", "get_backend", "use_backend", "explain",
-    "apply_spectral_norm", "convert", "sigmas", "is_spectral_normalized", "singular_values",
+    "apply_spectral_norm", "convert", "sigmas", "is_spectral_normalized", "singular_values", "group", "SNGroup",
     "SNLinear", "SNConv1d", "SNConv2d", "SNConv3d",
     "SNConvTranspose1d", "SNConvTranspose2d", "SNConvTranspose3d", "SNEmbedding",
 ]

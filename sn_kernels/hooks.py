@@ -73,7 +73,10 @@ class SpectralNorm(_torch_sn.SpectralNorm):
         return weight_sn
 
     def __call__(self, module: nn.Module, inputs) -> None:
-        weight = self.compute_weight(module, do_power_iteration=module.training)
+        # a grouped pre-computation (sn_kernels.group) is used once, then it is per call again
+        weight = self.__dict__.pop("pending", None)
+        if weight is None:
+            weight = self.compute_weight(module, do_power_iteration=module.training)
         if not torch.compiler.is_compiling():
             weight = _serializable(weight)
         setattr(module, self.name, weight)

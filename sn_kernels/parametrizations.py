@@ -72,6 +72,12 @@ class _SpectralNorm(nn.Module):
                         self._v.copy_(v1)
 
     def forward(self, weight: Tensor) -> Tensor:
+        # a grouped pre-computation (sn_kernels.group) is used once, then it is per access again
+        pending = self.__dict__.pop("pending", None)
+        return pending if pending is not None else self.compute(weight)
+
+    def compute(self, weight: Tensor) -> Tensor:
+        """W / sigma(W) (one power iteration in training mode)."""
         if weight.ndim == 1 and self.coeff is None:
             # a vector's spectral norm is its length: exact, as in PyTorch
             out = F.normalize(weight, dim=0, eps=self.eps)
