@@ -6,6 +6,7 @@ namespace sn_kernels {
 struct F32Loops {
   float (*dot)(const float*, const float*, long);
   void (*axpy)(float*, const float*, float, long);
+  void (*axpy4)(float*, const float*, const float*, const float*, const float*, const float*, long);
   void (*divide)(float*, const float*, float, long);
   void (*grad_row)(float*, const float*, const float*, float, float, float, long);
 };

@@ -84,12 +84,19 @@ class _EagerNormalize(torch.autograd.Function):
 
 
 def register_backend_ops(power_iteration, normalize, backward: Callable, *, power_iteration_impl=None,
-                         normalize_impl=None) -> SimpleNamespace:
+                         normalize_impl=None, eager_normalize=None,
+                         eager_spectral_normalize=None) -> SimpleNamespace:
     """Give a backend's two ops (custom ops, or qualified names of C++ ones) the
     shared fake implementations and the analytic backward computed by ``backward``.
 
     Returns the backend's namespace: the ops, plus the raw callables used in eager
     mode (``*_impl``, defaulting to the ops themselves) and ``backward``.
+    ``eager_normalize`` (optional) is a differentiable ``normalize`` with its own
+    autograd formula (a C++ autograd function); eager mode then calls it instead of
+    ``_EagerNormalize``.  ``eager_spectral_normalize`` (optional) runs the power
+    iteration and that differentiable ``normalize`` in one call: (weight, u, v,
+    n_power_iterations, eps, dim, order, training) -> (weight_sn, sigma), for eager
+    calls without ``coeff``.
     """
     torch.library.register_fake(power_iteration)(_fake_power_iteration)
     torch.library.register_fake(normalize)(_fake_normalize)
@@ -114,7 +121,8 @@ def register_backend_ops(power_iteration, normalize, backward: Callable, *, powe
         normalize = getattr(getattr(torch.ops, ns), name)
     return SimpleNamespace(power_iteration=power_iteration, normalize=normalize, backward=backward,
                            power_iteration_impl=power_iteration_impl or power_iteration,
-                           normalize_impl=normalize_impl or normalize)
+                           normalize_impl=normalize_impl or normalize, eager_normalize=eager_normalize,
+                           eager_spectral_normalize=eager_spectral_normalize)
 
 
 def define_backend_ops(backend: str, power_iteration: Callable, normalize: Callable, backward: Callable,
@@ -139,26 +147,41 @@ def define_backend_ops(backend: str, power_iteration: Callable, normalize: Calla
 
 
 def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int, order: str) -> int:
-    """Validate the arguments of ``spectral_normalize``; return ``dim`` made non-negative."""
+    """Validate the arguments of ``spectral_normalize``; return ``dim`` made non-negative.
+
+    Runs on every call, so the common case is a handful of cheap tests; the error
+    messages are built only when raising (``_vector_error``)."""
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
         raise TypeError(f"spectral norm needs a floating-point weight, got {weight.dtype}")
-    if weight.dim() == 0:
+    shape = weight.shape
+    ndim = len(shape)
+    if ndim == 0:
         raise ValueError("spectral norm needs a weight with at least one dimension, got a 0-d tensor")
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations <= 0:
+    if type(n_power_iterations) is not int or n_power_iterations <= 0:  # bool is refused too
         raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}")
     if not eps > 0:
         raise ValueError(f"Expected eps to be positive, but got eps={eps}")
-    if order not in ORDERS:
+    if order != "uv" and order != "vu":
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    ndim = weight.dim()
     if not -ndim <= dim < ndim:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}] but got {dim})")
     dim = dim % ndim
-    m, n = matrix_shape(weight, dim)
+    m = shape[dim]
+    n = weight.numel() // m if m else 0
     if m == 0 or n == 0:
-        raise ValueError(f"spectral norm of an empty weight of shape {tuple(weight.shape)} is undefined")
+        raise ValueError(f"spectral norm of an empty weight of shape {tuple(shape)} is undefined")
+    # fast path: both vectors fine (the same tests as _vector_error, which names the first failure)
+    if not (isinstance(u, Tensor) and isinstance(v, Tensor) and u.shape == (m,) and v.shape == (n,)
+            and u.dtype == weight.dtype == v.dtype and u.device == weight.device == v.device
+            and u.is_contiguous() and v.is_contiguous()):
+        _vector_error(weight, u, v, m, n, dim)
+    return dim
+
+
+def _vector_error(weight: Tensor, u, v, m: int, n: int, dim: int) -> None:
+    """Raise the error for the first bad vector argument of ``spectral_normalize``."""
     for name, vec, size in (("u", u, m), ("v", v, n)):
         if not isinstance(vec, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(vec).__name__}")
@@ -173,7 +196,7 @@ def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: f
             raise ValueError(f"{name} is on {vec.device} but the weight is on {weight.device}")
         if not vec.is_contiguous():
             raise ValueError(f"{name} must be contiguous (it is updated in place)")
-    return dim
+    raise AssertionError("unreachable: _vector_error found no bad vector")
 
 
 def _check_variant(weight: Tensor, coeff, soft: bool, gain) -> None:
@@ -234,9 +257,17 @@ def spectral_normalize(
     gamma W / sigma.
     """
     dim = _check(weight, u, v, n_power_iterations, eps, dim, order)
-    _check_variant(weight, coeff, soft, gain)
+    if coeff is not None or soft or gain is not None:
+        _check_variant(weight, coeff, soft, gain)
     ops = dispatch.resolve(weight.device, backend).ops
     compiling = torch.compiler.is_compiling()
+    if not compiling and coeff is None and ops.eager_spectral_normalize is not None:
+        # eager, no Lipschitz scaling: power iteration + differentiable W / sigma in one C++ call
+        weight_sn, sigma = ops.eager_spectral_normalize(weight, u, v, n_power_iterations, float(eps), dim, order,
+                                                        bool(training))
+        if gain is not None:
+            weight_sn = weight_sn * gain.reshape(()).to(weight_sn.dtype)
+        return weight_sn, sigma
     with torch.no_grad():
         if compiling:
             sigma, u_used, v_used = ops.power_iteration(
@@ -251,6 +282,8 @@ def spectral_normalize(
             sigma_eff, u_used = lipschitz_scale(sigma, u_used, float(coeff), soft)
     if compiling:
         weight_sn = ops.normalize(weight, u_used, v_used, sigma_eff, dim)
+    elif ops.eager_normalize is not None:
+        weight_sn = ops.eager_normalize(weight, u_used, v_used, sigma_eff, dim)
     else:
         weight_sn = _EagerNormalize.apply(weight, u_used, v_used, sigma_eff, dim, ops)
     if gain is not None:

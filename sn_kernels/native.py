@@ -94,9 +94,15 @@ def _finish() -> None:
                   backward=_raw("native_backward"))
     ops = functional.register_backend_ops(
         "sn_kernels::native_power_iteration", "sn_kernels::native_normalize", backward,
-        power_iteration_impl=_power_iteration_impl, normalize_impl=_normalize_impl)
+        power_iteration_impl=_power_iteration_impl, normalize_impl=_normalize_impl,
+        eager_normalize=_raw("native_normalize_eager"),
+        eager_spectral_normalize=_raw("native_spectral_normalize_eager"))
     torch.library.register_fake("sn_kernels::native_backward")(
         lambda grad, weight, u, v, sigma, dim: torch.empty_like(weight))
+    torch.library.register_fake("sn_kernels::native_normalize_eager")(functional._fake_normalize)
+    torch.library.register_fake("sn_kernels::native_spectral_normalize_eager")(
+        lambda weight, u, v, n_power_iterations, eps, dim, order, training: (
+            torch.empty_like(weight), weight.new_empty((), dtype=functional.accumulation_dtype(weight.dtype))))
     _state["loaded"] = True
     _state["error"] = None
 

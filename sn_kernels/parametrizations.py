@@ -84,11 +84,17 @@ class _SpectralNorm(nn.Module):
             return out if self.gain is None else out * self.gain
         if weight.ndim == 1:
             raise NotImplementedError("coeff is not supported for 1-D weights")
+        # runs on every access of the parametrized weight: buffers read from _buffers and sigma stored
+        # in __dict__ directly (what nn.Module's __getattr__/__setattr__ do, minus their generic lookups)
+        buffers = self._buffers
+        u, v = buffers.get("_u"), buffers.get("_v")
+        if u is None or v is None:  # not registered (yet): the attribute lookup raises as before
+            u, v = self._u, self._v
         weight_sn, sigma = spectral_normalize(
-            weight, self._u, self._v, n_power_iterations=self.n_power_iterations, eps=self.eps,
+            weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
             dim=self.dim, order="uv", training=self.training, coeff=self.coeff, soft=self.soft, gain=self.gain,
         )
-        self.sigma = sigma.detach()
+        self.__dict__["sigma"] = sigma.detach() if sigma.requires_grad else sigma
         return weight_sn
 
     def right_inverse(self, value: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ discriminator with each API; u, v and weights must be identical on both ranks af
 every step (DDP broadcasts rank 0's buffers, so rank 0's u, v win)."""
 import os
 import sys
+import traceback
 
 import pytest
 import torch
@@ -14,6 +15,18 @@ STEPS = 3
 
 
 def _worker(rank, world, init_file, api, results):
+    # os._exit: gloo's threads can abort the interpreter's normal shutdown ("terminate called
+    # without an active exception") after all work is done; the exit code must reflect the work
+    try:
+        _train(rank, world, init_file, api, results)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
+
+
+def _train(rank, world, init_file, api, results):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))

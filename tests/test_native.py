@@ -170,6 +170,67 @@ def test_gradcheck_float64(order):
                                                 backend="native")[0], (W4,), eps=1e-6, atol=1e-7)
 
 
+def test_eager_path_is_the_cpp_autograd_function():
+    """Eager calls go through native_spectral_normalize_eager (C++ autograd), not a Python Function."""
+    assert native.ops.eager_spectral_normalize is not None and native.ops.eager_normalize is not None
+    w, u, v = _inputs((6, 3, 2, 2), 0, torch.float32)
+    w.requires_grad_()
+    u0, v0 = u.clone(), v.clone()
+    out, sigma = sn_kernels.spectral_normalize(w, u, v, order="uv", backend="native")
+    assert "NormalizeFunction" in out.grad_fn.name(), out.grad_fn.name()
+    assert not sigma.requires_grad and sigma.grad_fn is None
+    # the same numbers as the separate ops, and u, v updated in place
+    uu, vv = u0.clone(), v0.clone()
+    s2, a, b = _ops().native_power_iteration(w.detach(), uu, vv, 1, 1e-12, 0, "uv", True)
+    assert torch.equal(sigma, s2) and torch.equal(u, uu) and torch.equal(v, vv)
+    assert torch.equal(out.detach(), _ops().native_normalize(w.detach(), a, b, s2, 0))
+    G = torch.randn_like(w)
+    out.backward(G)
+    assert torch.equal(w.grad, _ops().native_backward(G, w.detach(), a, b, s2, 0))
+    # no graph under no_grad / inference_mode (the op's below-autograd kernel)
+    with torch.no_grad():
+        assert sn_kernels.spectral_normalize(w, u, v, backend="native")[0].grad_fn is None
+    with torch.inference_mode():
+        y, _ = sn_kernels.spectral_normalize(w, u, v, backend="native")
+        assert y.grad_fn is None
+    # the eager W / sigma op alone (the Lipschitz variant's path)
+    y = _ops().native_normalize_eager(w, a, b, s2, 0)
+    y.backward(G)
+    assert torch.equal(w.grad, 2 * _ops().native_backward(G, w.detach(), a, b, s2, 0))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradgradcheck_float64(training):
+    """create_graph=True: the C++ backward switches to the differentiable formula (WGAN-GP): exact in eval
+    mode (u, v are inputs), and in training the same second derivatives as the torch backend (both hold the
+    power iteration's u, v constant)."""
+    W, u, v = _f64_inputs()
+    f64 = dict(dtype=torch.float64)
+    conv = (torch.randn(3, 4, 2, 2, **f64), torch.randn(4, **f64), torch.randn(12, **f64), 1)
+    for x, uu, vv, dim in ((W, u, v, 0), conv):
+        xr = x.clone().requires_grad_()
+
+        def f(t, uu=uu, vv=vv, dim=dim):
+            return sn_kernels.spectral_normalize(t, uu.clone(), vv.clone(), dim=dim, order="uv", training=training,
+                                                 backend="native")[0]
+
+        if not training:
+            assert torch.autograd.gradgradcheck(f, (xr,), eps=1e-6, atol=1e-5)
+        # the same second derivatives as the torch backend
+        G = torch.randn_like(x)
+
+        def hvp(backend):
+            t = x.clone().requires_grad_()
+            y = sn_kernels.spectral_normalize(t, uu.clone(), vv.clone(), dim=dim, order="uv", training=training,
+                                              backend=backend)[0]
+            (g,) = torch.autograd.grad(y, t, G, create_graph=True)
+            (h,) = torch.autograd.grad(g.square().sum(), t)
+            return g.detach(), h
+
+        for a, b in zip(hvp("native"), hvp("torch")):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_opcheck():
     w, u, v = _inputs((7, 3, 2), 1, torch.float32)
     torch.library.opcheck(_ops().native_power_iteration, (w, u.clone(), v.clone(), 2, 1e-12, 1, "vu", True))
