@@ -22,27 +22,29 @@ VARIANTS = {
     "plain": {},
     "coeff_hard": {"coeff": 0.9},
     "coeff_soft": {"coeff": 0.9, "soft": True},
-    "gain": {"gain": "param"},
+    "gain": {},  # the Parameter is made per run
 }
 
 
-def time_variant(shape, kwargs, reps):
+def time_variants(shape, reps, warmup=3):
+    """Samples (seconds) per variant, measured round-robin on the same tensors so that
+    allocation, page faults and machine noise fall on every variant alike."""
     w = torch.randn(shape, requires_grad=True)
     u = torch.nn.functional.normalize(torch.randn(shape[0]), dim=0)
     v = torch.nn.functional.normalize(torch.randn(shape[1]), dim=0)
     G = torch.randn(shape)
-    kwargs = dict(kwargs)
-    if kwargs.get("gain") == "param":
-        kwargs["gain"] = torch.nn.Parameter(torch.tensor(1.0))
-    samples = []
-    for i in range(reps + 2):
-        w.grad = None
-        t0 = time.perf_counter()
-        out, _ = sn_kernels.spectral_normalize(w, u, v, **kwargs)
-        out.backward(G)
-        if i >= 2:
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples), min(samples), max(samples)
+    kwargs = {name: dict(kw) for name, kw in VARIANTS.items()}
+    kwargs["gain"]["gain"] = torch.nn.Parameter(torch.tensor(1.0))
+    samples = {name: [] for name in VARIANTS}
+    for i in range(warmup + reps):
+        for name, kw in kwargs.items():
+            w.grad = None
+            t0 = time.perf_counter()
+            out, _ = sn_kernels.spectral_normalize(w, u, v, **kw)
+            out.backward(G)
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - t0)
+    return samples
 
 
 def main(argv=None):
@@ -53,10 +55,10 @@ def main(argv=None):
     print(f"backend on cpu: {sn_kernels.available_backends('cpu')[0]} (auto), torch {torch.__version__}")
     print(f"{'shape':>12s} {'variant':>11s} {'median ms':>10s} {'x plain':>8s}")
     for shape in SHAPES:
-        base = None
-        for name, kwargs in VARIANTS.items():
-            med, lo, hi = time_variant(shape, kwargs, args.reps)
-            base = base or med
+        samples = time_variants(shape, args.reps)
+        base = statistics.median(samples["plain"])
+        for name, xs in samples.items():
+            med, lo, hi = statistics.median(xs), min(xs), max(xs)
             rows.append(dict(shape="x".join(map(str, shape)), variant=name, median_ms=med * 1e3, min_ms=lo * 1e3,
                              max_ms=hi * 1e3, ratio_to_plain=med / base, torch=torch.__version__))
             print(f"{rows[-1]['shape']:>12s} {name:>11s} {med * 1e3:10.3f} {med / base:8.2f}")
