@@ -73,6 +73,23 @@ def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy,
 
 
 @triton.jit
+def _publish(y, idx, mask, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps,
+             FINAL: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Store this program's slice of y and its partial |y|^2; the last program to take a
+    ticket combines the partials in a fixed order and normalizes y (deterministic)."""
+    tl.store(y_raw + idx, y, mask=mask)
+    tl.store(partials + tl.program_id(0), tl.sum(y * y, axis=0))
+    # every thread's stores must precede the ticket (release), and the last program
+    # reads the others' stores after it (acquire, volatile loads)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter, 1)
+    if ticket == tl.num_programs(0) - 1:
+        _finish_normalize(y_raw, y_prev, partials, tl.num_programs(0), L, y_acc, y_out, y_copy, sigma, eps,
+                          FINAL, BLOCK_V)
+        tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
 def row_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy, sigma,
                     M, N, B, MB, eps,
                     SPLIT: tl.constexpr, FINAL: tl.constexpr,
@@ -92,17 +109,8 @@ def row_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy
         w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
         xv = tl.load(x + cols, mask=cmask, other=0.0).to(ACC)
         acc += w.to(ACC) * xv[None, :]
-    y = tl.sum(acc, axis=1)
-    tl.store(y_raw + rows, y, mask=rmask)
-    tl.store(partials + pid, tl.sum(y * y, axis=0))
-    # every thread's stores must precede the ticket (release), and the last program
-    # reads the others' stores after it (acquire, volatile loads)
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter, 1)
-    if ticket == tl.num_programs(0) - 1:
-        _finish_normalize(y_raw, y_prev, partials, tl.num_programs(0), M, y_acc, y_out, y_copy, sigma, eps,
-                          FINAL, BLOCK_V)
-        tl.atomic_xchg(counter, 0)
+    _publish(tl.sum(acc, axis=1), rows, rmask, y_raw, y_prev, partials, counter, M, y_acc, y_out, y_copy, sigma,
+             eps, FINAL, BLOCK_V)
 
 
 @triton.jit
@@ -122,15 +130,8 @@ def col_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy
         w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
         xv = tl.load(x + rows, mask=rmask, other=0.0).to(ACC)
         acc += w.to(ACC) * xv[:, None]
-    y = tl.sum(acc, axis=0)
-    tl.store(y_raw + cols, y, mask=cmask)
-    tl.store(partials + pid, tl.sum(y * y, axis=0))
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter, 1)
-    if ticket == tl.num_programs(0) - 1:
-        _finish_normalize(y_raw, y_prev, partials, tl.num_programs(0), N, y_acc, y_out, y_copy, sigma, eps,
-                          FINAL, BLOCK_V)
-        tl.atomic_xchg(counter, 0)
+    _publish(tl.sum(acc, axis=0), cols, cmask, y_raw, y_prev, partials, counter, N, y_acc, y_out, y_copy, sigma,
+             eps, FINAL, BLOCK_V)
 
 
 @triton.jit
