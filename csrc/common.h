@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <string>
@@ -51,6 +52,17 @@ inline void check_args(const at::Tensor& weight, const at::Tensor& u, const at::
 inline bool order_is_vu(const std::string& order) {
   TORCH_CHECK(order == "vu" || order == "uv", "sn_kernels: order must be \"vu\" or \"uv\", got \"", order, "\"");
   return order == "vu";
+}
+
+// The checks shared by the CPU and CUDA power iterations; returns whether the order is "vu".
+inline bool check_power_iteration_args(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                       const MatrixView& mv, int64_t n_power_iterations, double eps,
+                                       c10::string_view order) {
+  check_args(weight, u, v, mv);
+  TORCH_CHECK(u.is_contiguous() && v.is_contiguous(), "sn_kernels: u and v must be contiguous");
+  TORCH_CHECK(n_power_iterations > 0, "sn_kernels: n_power_iterations must be positive");
+  TORCH_CHECK(eps > 0, "sn_kernels: eps must be positive");
+  return order_is_vu(std::string(order.data(), order.size()));
 }
 
 inline at::ScalarType accumulation_type(at::ScalarType t) {

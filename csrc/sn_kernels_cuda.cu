@@ -405,11 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(const at::Te
                                                                     double eps, int64_t dim, c10::string_view order_,
                                                                     bool training) {
   const MatrixView mv = matrix_view(weight_, dim);
-  check_args(weight_, u, v, mv);
-  TORCH_CHECK(u.is_contiguous() && v.is_contiguous(), "sn_kernels: u and v must be contiguous");
-  TORCH_CHECK(n_power_iterations > 0, "sn_kernels: n_power_iterations must be positive");
-  TORCH_CHECK(eps > 0, "sn_kernels: eps must be positive");
-  const bool vu = order_is_vu(std::string(order_.data(), order_.size()));
+  const bool vu = check_power_iteration_args(weight_, u, v, mv, n_power_iterations, eps, order_);
   const c10::cuda::CUDAGuard guard(weight_.device());
   const at::Tensor weight = weight_.contiguous();
   const auto acc_dtype = accumulation_type(weight.scalar_type());
