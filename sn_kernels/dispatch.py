@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -36,7 +37,6 @@ def _check_choice(name: str) -> str:
 _selected = _check_choice(os.environ.get("SN_KERNELS_BACKEND", "auto") or "auto")
 _loaded: dict[str, object] = {}
 _load_errors: dict[str, str] = {}
-_fallback_notes: dict[tuple[str, str], str] = {}
 
 
 def _load(name: str):
@@ -124,12 +124,17 @@ def resolve(device: torch.device, backend: str | None = None):
         for name in BACKENDS:
             reason = why_not(name, device, auto=True)
             if reason is None:
-                mod = _load(name)
+                mod, picked = _load(name), name
                 break
-            skipped.append(f"{name}: {reason}")
+            skipped.append((name, reason))
+        # the fallback users care about: the compiled extension missing or broken
+        native_reason = dict(skipped).get("native")
+        if native_reason and device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+            warnings.warn(f"sn_kernels: the native backend is unavailable on {device.type} ({native_reason}); "
+                          f"using {picked!r}", stacklevel=3)
         if skipped and os.environ.get("SN_KERNELS_VERBOSE"):
-            print("sn_kernels: auto backend on %s skipped %s" % (device.type, "; ".join(skipped)))
-        _fallback_notes[key] = "; ".join(skipped)
+            notes = "; ".join(f"{n}: {r}" for n, r in skipped)
+            print(f"sn_kernels: auto backend on {device.type} skipped {notes}")
     _resolved[key] = mod
     return mod
 
@@ -147,6 +152,5 @@ def explain(device: torch.device | str = "cpu") -> str:
 def _reset_cache() -> None:
     """Forget resolved backends (after building the extension, in tests)."""
     _resolved.clear()
-    _fallback_notes.clear()
     _load_errors.clear()
 

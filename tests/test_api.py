@@ -142,6 +142,20 @@ def test_backend_selection_and_reasons(monkeypatch):
     sn_kernels.spectral_normalize(w, u, v, backend="torch")
 
 
+def test_auto_fallback_from_native_is_visible(monkeypatch):
+    import sn_kernels.native as native
+
+    monkeypatch.setattr(native, "why_not", lambda device, auto=False: "extension not built (test)")
+    dispatch._reset_cache()
+    try:
+        with pytest.warns(UserWarning, match=r"native backend is unavailable on cpu \(extension not built \(test\)\); "
+                                             r"using 'torch'"):
+            sn_kernels.spectral_normalize(torch.randn(4, 3), torch.randn(4), torch.randn(3))
+    finally:
+        monkeypatch.undo()
+        dispatch._reset_cache()
+
+
 def test_auto_never_picks_unavailable(monkeypatch):
     picked = dispatch.resolve(torch.device("cpu"), "auto")
     name = next(k for k, mod in dispatch._loaded.items() if mod is picked)

@@ -4,7 +4,7 @@ import torch
 
 import sn_kernels
 from sn_kernels.reference import as_matrix, pytorch_formula, svd_sigma
-from helpers import SHAPES, TOL, check, planted
+from helpers import SHAPES, check, planted
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 

@@ -14,7 +14,7 @@ import sn_kernels
 from sn_kernels import native, reference
 from sn_kernels.reference import pytorch_formula
 
-from helpers import SHAPES, TOL, assert_close, planted
+from helpers import SHAPES, assert_close, planted
 
 _REASON = native.why_not(torch.device("cpu"), auto=True)  # never builds
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"native extension not available: {_REASON}")

@@ -17,7 +17,7 @@ from sn_kernels import dispatch
 from sn_kernels.functional import spectral_normalize
 from sn_kernels.reference import as_matrix, pytorch_formula
 
-from helpers import SHAPES, TOL, assert_close, planted
+from helpers import SHAPES, assert_close, planted
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
