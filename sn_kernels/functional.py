@@ -146,32 +146,36 @@ def define_backend_ops(backend: str, power_iteration: Callable, normalize: Calla
     return register_backend_ops(pi, nz, backward, power_iteration_impl=power_iteration, normalize_impl=normalize)
 
 
-def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int, order: str) -> int:
-    """Validate the arguments of ``spectral_normalize``; return ``dim`` made non-negative.
-
-    Runs on every call, so the common case is a handful of cheap tests; the error
-    messages are built only when raising (``_vector_error``)."""
+def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: int) -> int:
+    """Refuse what the op and every front end refuse (a non-floating or 0-d weight,
+    n_power_iterations <= 0, eps <= 0, dim out of range); return ``dim`` made non-negative."""
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
         raise TypeError(f"spectral norm needs a floating-point weight, got {weight.dtype}")
-    shape = weight.shape
-    ndim = len(shape)
+    ndim = weight.dim()
     if ndim == 0:
         raise ValueError("spectral norm needs a weight with at least one dimension, got a 0-d tensor")
     if type(n_power_iterations) is not int or n_power_iterations <= 0:  # bool is refused too
         raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}")
     if not eps > 0:
         raise ValueError(f"Expected eps to be positive, but got eps={eps}")
-    if order != "uv" and order != "vu":
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if not -ndim <= dim < ndim:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}] but got {dim})")
-    dim = dim % ndim
-    m = shape[dim]
-    n = weight.numel() // m if m else 0
+    return dim % ndim
+
+
+def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int, order: str) -> int:
+    """Validate the arguments of ``spectral_normalize``; return ``dim`` made non-negative.
+
+    Runs on every call, so the common case is a handful of cheap tests; the error
+    messages are built only when raising (``_vector_error``)."""
+    if order != "uv" and order != "vu":
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    dim = check_weight_args(weight, n_power_iterations, eps, dim)
+    m, n = matrix_shape(weight, dim)
     if m == 0 or n == 0:
-        raise ValueError(f"spectral norm of an empty weight of shape {tuple(shape)} is undefined")
+        raise ValueError(f"spectral norm of an empty weight of shape {tuple(weight.shape)} is undefined")
     # fast path: both vectors fine (the same tests as _vector_error, which names the first failure)
     if not (isinstance(u, Tensor) and isinstance(v, Tensor) and u.shape == (m,) and v.shape == (n,)
             and u.dtype == weight.dtype == v.dtype and u.device == weight.device == v.device

@@ -23,22 +23,20 @@ difference from per-module semantics, and grouping is opt-in for that reason.
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from . import hooks, parametrizations
+from .nn import _sn_weights
 
 
 def _members(model: nn.Module):
     """(state, compute) for every sn_kernels matrix-mode spectral norm in ``model``."""
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, hooks.SpectralNorm):
-                yield hook, (lambda m=module, h=hook: h.compute_weight(m, do_power_iteration=m.training))
-        if parametrize.is_parametrized(module):
-            for name, plist in module.parametrizations.items():
-                for p in plist:
-                    if isinstance(p, parametrizations._SpectralNorm) and len(plist) == 1:
-                        yield p, (lambda pl=plist, p=p: p.compute(pl.original))
+    for _, kind, module, name, state in _sn_weights(model):
+        if kind == "hook" and isinstance(state, hooks.SpectralNorm):
+            yield state, (lambda m=module, h=state: h.compute_weight(m, do_power_iteration=m.training))
+        elif kind == "param" and isinstance(state, parametrizations._SpectralNorm) \
+                and len(module.parametrizations[name]) == 1:
+            plist = module.parametrizations[name]
+            yield state, (lambda pl=plist, p=state: p.compute(pl.original))
 
 
 class SNGroup:

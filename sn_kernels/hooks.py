@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.functional import normalize
 
-from .functional import _check_variant, spectral_normalize
+from .functional import _check_variant, check_weight_args, spectral_normalize
 
 # the module, not the function that torch.nn.utils re-exports under the same name
 _torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
@@ -102,14 +102,7 @@ class SpectralNorm(_torch_sn.SpectralNorm):
                 "The module passed to `SpectralNorm` can't have uninitialized parameters. "
                 "Make sure to run the dummy forward before applying spectral normalization"
             )
-        if not weight.is_floating_point():
-            raise TypeError(f"spectral norm needs a floating-point weight, got {weight.dtype} for {name!r}")
-        if weight.dim() == 0:
-            raise ValueError(f"spectral norm needs a weight with at least one dimension; {name!r} is 0-d")
-        if not -weight.dim() <= dim < weight.dim():
-            raise IndexError(
-                f"Dimension out of range (expected to be in range of [{-weight.dim()}, {weight.dim() - 1}] but got {dim})"
-            )
+        check_weight_args(weight, n_power_iterations, eps, dim)  # the hook keeps dim as given, like PyTorch's
         fn = SpectralNorm(name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain)
         _check_variant(weight, coeff, soft, None)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .functional import _check_variant, spectral_normalize
+from .functional import _check_variant, check_weight_args, spectral_normalize
 from .hooks import check_mode, default_dim, exact_top_singular
 from .reference import as_matrix
 
@@ -28,23 +28,9 @@ class _SpectralNorm(nn.Module):
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False, init: bool = True) -> None:
         super().__init__()
-        if not weight.is_floating_point():
-            raise TypeError(f"spectral norm needs a floating-point weight, got {weight.dtype}")
-        ndim = weight.ndim
-        if ndim == 0:
-            raise ValueError("spectral norm needs a weight with at least one dimension, got a 0-d tensor")
-        if dim >= ndim or dim < -ndim:
-            raise IndexError(
-                f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim})"
-            )
-        if n_power_iterations <= 0:
-            raise ValueError(
-                f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}"
-            )
-        if not eps > 0:
-            raise ValueError(f"Expected eps to be positive, but got eps={eps}")
+        self.dim = check_weight_args(weight, n_power_iterations, eps, dim)
         _check_variant(weight, coeff, soft, None)
-        self.dim = dim if dim >= 0 else dim + ndim
+        ndim = weight.ndim
         self.eps = eps
         self.coeff, self.soft = coeff, soft
         self.gain = None
