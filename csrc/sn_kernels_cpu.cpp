@@ -13,9 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <cstdlib>
 #include <string>
 #include <cmath>
@@ -23,6 +20,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_block_cache.h"
 #include "cpu_loops.h"
 
 namespace sn_kernels {
@@ -51,23 +49,6 @@ constexpr int64_t GRAIN = 1 << 15;
 constexpr int64_t MAX_CHUNKS = 32;    // row chunks of W^T u
 constexpr int64_t MIN_CHUNK_ROWS = 32;
 constexpr int64_t DOT_BLOCK = 1 << 14;  // elements per partial of <G, W>
-
-// A fresh large CPU tensor is fresh mmap'ed memory: the first write page-faults every 4 KiB page,
-// which costs about as much as the write itself.  Asking for transparent huge pages before the
-// first touch (what torch does for all tensors under THP_MEM_ALLOC_ENABLE=1) cuts that cost.
-at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& opts) {
-  at::Tensor out = at::empty_strided(sizes, strides, opts);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = 2u << 20;
-  const size_t nbytes = out.storage().nbytes();
-  if (nbytes >= 4 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(out.storage().mutable_data());
-    const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + nbytes) & ~(kHuge - 1);
-    if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // a hint: errors are harmless
-  }
-#endif
-  return out;
-}
 
 template <typename acc_t>
 inline acc_t lane_sum(const acc_t* acc) {
@@ -194,18 +175,31 @@ void matvec(const scalar_t* w, const MatrixView& mv, const acc_t* x, acc_t* s) {
   });
 }
 
+// The fixed row chunks of W^T y: the partition depends on m alone, so sums are thread-count independent.
+struct RowChunks {
+  int64_t rows, count;
+  explicit RowChunks(int64_t m)
+      : rows(std::max<int64_t>(MIN_CHUNK_ROWS, (m + MAX_CHUNKS - 1) / MAX_CHUNKS)), count((m + rows - 1) / rows) {}
+};
+
+// t = sum of the chunk partials part[c * n, (c + 1) * n), added in chunk order
+template <typename acc_t>
+void combine_chunks(const acc_t* part, int64_t chunks, int64_t n, acc_t* t) {
+  at::parallel_for(0, n, GRAIN / 4, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) t[j] = part[j];
+    for (int64_t c = 1; c < chunks; ++c) {
+      const acc_t* p = part + c * n;
+      for (int64_t j = j0; j < j1; ++j) t[j] += p[j];
+    }
+  });
+}
+
 // t = W^T y   (y has m entries, t has n): fixed row chunks, partials combined in order
 template <typename scalar_t, typename acc_t>
 void matvec_t(const scalar_t* w, const MatrixView& mv, const acc_t* y, acc_t* t, std::vector<acc_t>& scratch) {
   const int64_t m = mv.m, inner = mv.inner, outer = mv.outer, n = mv.n();
-  const int64_t rows = std::max<int64_t>(MIN_CHUNK_ROWS, (m + MAX_CHUNKS - 1) / MAX_CHUNKS);
-  const int64_t chunks = (m + rows - 1) / rows;
-  auto chunk_sum = [&](int64_t c, acc_t* out) {
-    std::fill(out, out + n, acc_t(0));
-    const int64_t r1 = std::min(m, (c + 1) * rows);
-    for (int64_t o = 0; o < outer; ++o) add_rows(out + o * inner, w, o, m, 0, inner, y, c * rows, r1, inner);
-  };
-  if (chunks == 1) {
+  const RowChunks rc(m);
+  if (rc.count == 1) {
     // few rows: split the columns instead (each column is still summed in row order)
     if (outer == 1) {
       at::parallel_for(0, n, std::max<int64_t>(1024, GRAIN / m), [&](int64_t j0, int64_t j1) {
@@ -223,18 +217,50 @@ void matvec_t(const scalar_t* w, const MatrixView& mv, const acc_t* y, acc_t* t,
     }
     return;
   }
-  scratch.resize(static_cast<size_t>(chunks * n));
+  scratch.resize(static_cast<size_t>(rc.count * n));
   acc_t* part = scratch.data();
-  at::parallel_for(0, chunks, std::max<int64_t>(1, GRAIN / (rows * n)), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) chunk_sum(c, part + c * n);
-  });
-  at::parallel_for(0, n, GRAIN / 4, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) t[j] = part[j];
-    for (int64_t c = 1; c < chunks; ++c) {
-      const acc_t* p = part + c * n;
-      for (int64_t j = j0; j < j1; ++j) t[j] += p[j];
+  at::parallel_for(0, rc.count, std::max<int64_t>(1, GRAIN / (rc.rows * n)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* out = part + c * n;
+      std::fill(out, out + n, acc_t(0));
+      const int64_t r1 = std::min(m, (c + 1) * rc.rows);
+      for (int64_t o = 0; o < outer; ++o) add_rows(out + o * inner, w, o, m, 0, inner, y, c * rc.rows, r1, inner);
     }
   });
+  combine_chunks(part, rc.count, n, t);
+}
+
+// s = W v and r = W^T s in ONE pass over W (the "uv" step reads W once, not twice): each group of
+// four rows is dotted with v, then added into its chunk's partial of r while still in L1.  Since
+// u = s / |s|, W^T u = r / |s|.  Same row chunks and row order as matvec_t, so deterministic too.
+// Only for the dim = 0 layout with several chunks (returns false otherwise: use matvec + matvec_t).
+template <typename scalar_t, typename acc_t>
+bool matvec_and_back(const scalar_t* w, const MatrixView& mv, const acc_t* v, acc_t* s, acc_t* r,
+                     std::vector<acc_t>& scratch) {
+  const int64_t m = mv.m, n = mv.n();
+  const RowChunks rc(m);
+  if (mv.outer != 1 || rc.count == 1) return false;
+  scratch.resize(static_cast<size_t>(rc.count * n));
+  acc_t* part = scratch.data();
+  at::parallel_for(0, rc.count, std::max<int64_t>(1, GRAIN / (rc.rows * n)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* out = part + c * n;
+      std::fill(out, out + n, acc_t(0));
+      const int64_t r1 = std::min(m, (c + 1) * rc.rows);
+      int64_t i = c * rc.rows;
+      for (; i + 4 <= r1; i += 4) {
+        const scalar_t* row = w + i * n;
+        for (int q = 0; q < 4; ++q) s[i + q] = dot(row + q * n, v, n);
+        axpy4(out, row, row + n, row + 2 * n, row + 3 * n, s + i, n);
+      }
+      for (; i < r1; ++i) {
+        s[i] = dot(w + i * n, v, n);
+        axpy(out, w + i * n, s[i], n);
+      }
+    }
+  });
+  combine_chunks(part, rc.count, n, r);
+  return true;
 }
 
 // prev <- x / max(|x|, eps), unless |x| is zero or not finite (a zero or non-finite weight): then
@@ -246,6 +272,19 @@ acc_t normalize_into(const acc_t* x, acc_t* prev, int64_t len, double eps) {
   if (std::isfinite(norm) && norm > 0)
     for (int64_t k = 0; k < len; ++k) prev[k] = x[k] / denom;
   return norm * norm / denom;
+}
+
+// After matvec_and_back: u <- s / max(|s|, eps) and t <- r / max(|s|, eps) = W^T u.  Returns false,
+// changing nothing, when that shortcut does not give normalize_into + matvec_t's result: |s| zero
+// or not finite (u must keep its previous value) or r overflowed (|W|^2 beyond the dtype's range).
+template <typename acc_t>
+bool scale_back(const acc_t* s, acc_t* u, acc_t* t, int64_t m, int64_t n, double eps) {
+  const acc_t norm = std::sqrt(sumsq(s, m));
+  if (!(std::isfinite(norm) && norm > 0) || !std::isfinite(sumsq(t, n))) return false;
+  const acc_t denom = std::max(norm, static_cast<acc_t>(eps));
+  for (int64_t k = 0; k < m; ++k) u[k] = s[k] / denom;
+  for (int64_t k = 0; k < n; ++k) t[k] /= denom;
+  return true;
 }
 
 // sigma, or +inf where sigma == 0: a zero weight normalizes to 0 (and gets a zero gradient), not 0/0
@@ -294,6 +333,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
           normalize_into(t.data(), va.data(), n, eps);
           matvec(w, mv, va.data(), s.data());
           sig = normalize_into(s.data(), ua.data(), m, eps);
+        } else if (matvec_and_back(w, mv, va.data(), s.data(), t.data(), scratch) &&
+                   scale_back(s.data(), ua.data(), t.data(), m, n, eps)) {
+          sig = normalize_into(t.data(), va.data(), n, eps);
         } else {
           matvec(w, mv, va.data(), s.data());
           normalize_into(s.data(), ua.data(), m, eps);
@@ -319,7 +361,7 @@ at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const a
               "sn_kernels: sigma must be in the accumulation dtype");
   // elementwise: a dense weight keeps its layout (out has the same strides); anything else is made contiguous
   const at::Tensor weight = weight_.is_non_overlapping_and_dense() ? weight_ : weight_.contiguous();
-  at::Tensor out = empty_output(weight.sizes(), weight.strides(), weight.options());
+  at::Tensor out = cached_empty_cpu(weight.sizes(), weight.strides(), weight.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_normalize_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
@@ -339,7 +381,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_, const at::Tensor& weight_, cons
   TORCH_CHECK(sigma.numel() == 1 && sigma.scalar_type() == accumulation_type(weight_.scalar_type()),
               "sn_kernels: sigma must be one element in the accumulation dtype");
   const at::Tensor weight = weight_.contiguous(), grad = grad_.contiguous();
-  at::Tensor out = empty_output(weight.sizes(), weight.strides(), weight.options());
+  at::Tensor out = cached_empty_cpu(weight.sizes(), weight.strides(), weight.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
@@ -386,6 +428,9 @@ TORCH_LIBRARY(sn_kernels, m) {
   m.def("native_normalize_eager(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
   m.def("native_spectral_normalize_eager(Tensor weight, Tensor(a!) u, Tensor(b!) v, int n_power_iterations, "
         "float eps, int dim, str order, bool training) -> (Tensor, Tensor)");
+  // the block cache of CPU outputs (cpu_block_cache.h): statistics and release of idle blocks
+  m.def("native_cpu_cache_stats() -> int[]", &cpu_cache_stats);
+  m.def("native_cpu_cache_clear() -> ()", &cpu_cache_clear);
 }
 
 TORCH_LIBRARY_IMPL(sn_kernels, CPU, m) {

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"native extension n
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and native.has_kernel("cuda") else [])
+# more than 32 rows: the CPU "uv" step's one-pass W v + W^T s over several row chunks (with a
+# remainder chunk and rows beyond the groups of four), which the shared SHAPES never reach
+CHUNKED = [((70, 45), 0), ((129, 33), 0), ((40, 3, 3, 3), 0)]
 
 
 def _ops():
@@ -41,7 +44,7 @@ def _inputs(shape, dim, dtype, device="cpu", seed=0, converged=False):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+@pytest.mark.parametrize("shape,dim", SHAPES + CHUNKED, ids=str)
 @pytest.mark.parametrize("order", ["vu", "uv"])
 @pytest.mark.parametrize("n_iter", [1, 3])
 def test_training_forward_matches_oracle(device, dtype, shape, dim, order, n_iter):
@@ -118,14 +121,15 @@ def test_eps_clamp():
 @pytest.mark.parametrize("order", ["vu", "uv"])
 @pytest.mark.parametrize("n_iter", [1, 2])
 @pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
-def test_faulty_weight_keeps_vectors(device, order, n_iter, bad):
+@pytest.mark.parametrize("m", [6, 70])
+def test_faulty_weight_keeps_vectors(device, order, n_iter, bad, m):
     """Zero or non-finite weight: u, v keep their previous values (as the torch backend);
     a zero weight normalizes to 0 with a zero gradient instead of 0/0."""
     for dtype in (torch.float32, torch.float16, torch.float64):
-        w = torch.full((6, 5), bad, dtype=dtype, device=device) if bad == 0 else torch.randn(6, 5).to(device, dtype)
+        w = torch.full((m, 5), bad, dtype=dtype, device=device) if bad == 0 else torch.randn(m, 5).to(device, dtype)
         if bad != 0:
             w[2, 3] = bad
-        u = torch.nn.functional.normalize(torch.randn(6), dim=0).to(device, dtype)
+        u = torch.nn.functional.normalize(torch.randn(m), dim=0).to(device, dtype)
         v = torch.nn.functional.normalize(torch.randn(5), dim=0).to(device, dtype)
         u0, v0 = u.clone(), v.clone()
         ur, vr = u.clone(), v.clone()
@@ -138,8 +142,22 @@ def test_faulty_weight_keeps_vectors(device, order, n_iter, bad):
             assert sigma.item() == 0
             out = _ops().native_normalize(w, uu, vv, sigma, 0)
             assert torch.equal(out, torch.zeros_like(w))
-            g = _ops().native_backward(torch.randn(6, 5).to(device, dtype), w, uu, vv, sigma, 0)
+            g = _ops().native_backward(torch.randn(m, 5).to(device, dtype), w, uu, vv, sigma, 0)
             assert torch.equal(g, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("scale", [1e-18, 1e17])
+def test_extreme_scales_match_oracle(scale):
+    """Weights near the ends of float32's range, where W^T (W v) over- or underflows although
+    W^T u does not: the one-pass "uv" step must fall back, not skip the update or lose precision."""
+    w, u, v = _inputs((70, 45), 0, torch.float64)
+    w = w * scale
+    _, sigma_ref, u_ref, v_ref = pytorch_formula(w, u, v, 2, 1e-40, 0, "uv", True)
+    w32, u32, v32 = w.float(), u.float(), v.float()
+    sigma, _, _ = _ops().native_power_iteration(w32, u32, v32, 2, 1e-40, 0, "uv", True)
+    assert_close(sigma.double() / scale, sigma_ref / scale, torch.float32, msg="sigma")
+    assert_close(u32, u_ref, torch.float32, msg="u")
+    assert_close(v32, v_ref, torch.float32, msg="v")
 
 
 def _f64_inputs(m=6, n=5, seed=0):
