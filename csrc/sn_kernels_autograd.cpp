@@ -110,12 +110,20 @@ at::Tensor normalize_eager_plain(const at::Tensor& weight, const at::Tensor& u, 
   return normalize_op().call(weight, u, v, sigma, dim);
 }
 
+// The kernels check devices too, but a mixed call (a meta or CUDA vector with a CPU weight) would be
+// dispatched to the other device's kernel, or to the shape-only fake: refuse it before dispatching.
+void check_one_device(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v) {
+  TORCH_CHECK(u.device() == weight.device() && v.device() == weight.device(),
+              "sn_kernels: u, v must be on the weight's device ", weight.device());
+}
+
 // power iteration (u, v updated in place, never differentiated) then W / sigma with its gradient:
 // the whole default forward of spectral_normalize in one call
 std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_autograd(const at::Tensor& weight, at::Tensor& u,
                                                                      at::Tensor& v, int64_t n_power_iterations,
                                                                      double eps, int64_t dim, c10::string_view order,
                                                                      bool training) {
+  check_one_device(weight, u, v);
   at::Tensor sigma, u_used, v_used;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -129,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_plain(const at::Tens
                                                                   at::Tensor& v, int64_t n_power_iterations,
                                                                   double eps, int64_t dim, c10::string_view order,
                                                                   bool training) {
+  check_one_device(weight, u, v);
   auto [sigma, u_used, v_used] = power_iteration_op().call(weight, u, v, n_power_iterations, eps, dim, order, training);
   return {normalize_op().call(weight, u_used, v_used, sigma, dim), sigma};
 }

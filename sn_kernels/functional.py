@@ -260,18 +260,28 @@ def spectral_normalize(
     SNGP, DUE); ``gain`` (a one-element tensor gamma, usually a Parameter) returns
     gamma W / sigma.
     """
+    compiling = torch.compiler.is_compiling()
+    if (not compiling and coeff is None and not soft and gain is None and isinstance(weight, Tensor)
+            and type(n_power_iterations) is int):
+        fused = dispatch.resolve(weight.device, backend).ops.eager_spectral_normalize
+        if fused is not None:
+            # eager, plain spectral norm: power iteration + differentiable W / sigma in one C++ call.  The
+            # C++ op checks every argument before touching u, v, so the Python checks (a few microseconds,
+            # as much as the op itself for a small weight) run only to name a refused argument precisely.
+            try:
+                return fused(weight, u, v, n_power_iterations, float(eps), dim, order, bool(training))
+            except (RuntimeError, TypeError):
+                _check(weight, u, v, n_power_iterations, eps, dim, order)
+                raise
     dim = _check(weight, u, v, n_power_iterations, eps, dim, order)
     if coeff is not None or soft or gain is not None:
         _check_variant(weight, coeff, soft, gain)
     ops = dispatch.resolve(weight.device, backend).ops
-    compiling = torch.compiler.is_compiling()
     if not compiling and coeff is None and ops.eager_spectral_normalize is not None:
-        # eager, no Lipschitz scaling: power iteration + differentiable W / sigma in one C++ call
+        # eager gain: the same C++ call, then gamma
         weight_sn, sigma = ops.eager_spectral_normalize(weight, u, v, n_power_iterations, float(eps), dim, order,
                                                         bool(training))
-        if gain is not None:
-            weight_sn = weight_sn * gain.reshape(()).to(weight_sn.dtype)
-        return weight_sn, sigma
+        return (weight_sn if gain is None else weight_sn * gain.reshape(()).to(weight_sn.dtype)), sigma
     with torch.no_grad():
         if compiling:
             sigma, u_used, v_used = ops.power_iteration(
