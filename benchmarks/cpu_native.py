@@ -4,14 +4,17 @@ For every spectral-norm weight of a shape set (default: sngan_cifar_d and biggan
 shapes.json), one training step's spectral-norm work in float32:
 
     forward  = access module.weight (power iteration + W / sigma)
-    backward = module.weight.backward(G) with a fixed G
+    backward = module.weight.backward(G) per weight with a fixed G ("per-weight"), or one
+               torch.autograd.backward over all weights ("one": the shape of a training step)
 
 ``sn_kernels.parametrizations.spectral_norm`` with use_backend("native") against
-``torch.nn.utils.parametrizations.spectral_norm``; median (p20, p80) of several runs in one
-process.  Also measures the machine's copy bandwidth (clone of a large tensor: bytes read +
+``torch.nn.utils.parametrizations.spectral_norm`` in one process, in paired rounds (both
+providers back to back, alternating which goes first); medians (p20, p80) of the times and
+of the per-round speedups.  Also measures the machine's copy bandwidth (clone of a large tensor: bytes read +
 written / time) and reports our GB/s under the bytes model forward 4|W| + backward 4|W|.
 
-    python benchmarks/cpu_native.py [--shapes PATH] [--sets sngan_cifar_d biggan128_d] [--repeats N]
+    python benchmarks/cpu_native.py [--shapes PATH] [--sets sngan_cifar_d biggan128_d] [--rounds N]
+        [--backward per-weight one]
 
 Writes benchmarks/results/cpu_native.csv.
 """
@@ -32,7 +35,8 @@ from sn_kernels import native
 from sn_kernels.parametrizations import spectral_norm as sn_spectral_norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLUMNS = ["provider", "shape_set", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "torch", "note"]
+COLUMNS = ["provider", "shape_set", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "speedup",
+           "speedup_p20", "speedup_p80", "torch", "note"]
 
 
 def find_shapes(path: str | None) -> str:
@@ -70,11 +74,20 @@ def quantiles(xs):
     return statistics.median(xs), q(0.2), q(0.8)
 
 
-def one_step(mods, grads):
-    """Forward + backward of every weight; returns (total, forward) seconds."""
+def one_step(mods, grads, backward="per-weight"):
+    """Forward + backward of every weight; returns (total, forward) seconds.
+
+    backward="per-weight": each weight's own ``backward(G)`` call (the autograd engine starts
+    once per weight); "one": every weight accessed, then one ``torch.autograd.backward`` over
+    all of them, the shape of a training step."""
     for h in mods:
         h.parametrizations.weight.original.grad = None
     t0 = time.perf_counter()
+    if backward == "one":
+        ws = [h.weight for h in mods]
+        tf = time.perf_counter() - t0
+        torch.autograd.backward(ws, grads)
+        return time.perf_counter() - t0, tf
     tf = 0.0
     for h, G in zip(mods, grads):
         a = time.perf_counter()
@@ -84,19 +97,26 @@ def one_step(mods, grads):
     return time.perf_counter() - t0, tf
 
 
-def time_providers(mods_by_provider, grads, repeats, warmup=2):
-    """Runs alternate between providers (fair under a changing machine load)."""
-    out = {p: ([], [], []) for p in mods_by_provider}
-    for r in range(warmup + repeats):
-        for provider, mods in mods_by_provider.items():
+def time_providers(mods_by_provider, grads, rounds, backward, warmup=3):
+    """Paired rounds: every round times each provider once, back to back, first one then the
+    other alternately, so a machine whose speed drifts (a shared VM) slows both alike.  Returns
+    per provider (totals, median forward, median backward) and the per-round ratios torch/native."""
+    out = {p: ([], []) for p in mods_by_provider}
+    ratios = []
+    names = list(mods_by_provider)
+    for r in range(warmup + rounds):
+        this = {}
+        for provider in (names if r % 2 == 0 else names[::-1]):
             ctx = sn_kernels.use_backend("native") if provider == "native" else _null()
             with ctx:
-                total, fwd = one_step(mods, grads)
-            if r >= warmup:
+                this[provider] = one_step(mods_by_provider[provider], grads, backward)
+        if r >= warmup:
+            for provider, (total, fwd) in this.items():
                 out[provider][0].append(total)
                 out[provider][1].append(fwd)
-                out[provider][2].append(total - fwd)
-    return {p: (t, statistics.median(f), statistics.median(b)) for p, (t, f, b) in out.items()}
+            ratios.append(this["torch"][0] / this["native"][0])
+    res = {p: (t, statistics.median(f), statistics.median(t) - statistics.median(f)) for p, (t, f) in out.items()}
+    return res, ratios
 
 
 class _null:
@@ -166,7 +186,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--sets", nargs="+", default=["sngan_cifar_d", "biggan128_d"])
-    ap.add_argument("--repeats", type=int, default=0, help="runs per provider (default: 30 small, 7 large)")
+    ap.add_argument("--rounds", type=int, default=0, help="paired rounds (default: 300 small sets, 7 large)")
+    ap.add_argument("--backward", nargs="+", default=["per-weight", "one"], choices=["per-weight", "one"],
+                    help="one backward call per weight, or one for all weights (a training step)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_native.csv"))
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--append", action="store_true", help="append rows to the CSV instead of rewriting it")
@@ -188,28 +210,34 @@ def main():
     for set_name in args.sets:
         shapes = [tuple(e["shape"]) for e in shape_sets[set_name]]
         nbytes = sum(torch.Size(s).numel() * 4 for s in shapes)
-        repeats = args.repeats or (30 if nbytes < 64 * 2**20 else 7)
+        rounds = args.rounds or (300 if nbytes < 64 * 2**20 else 7)
         g = torch.Generator().manual_seed(1)
         grads = [torch.randn(s, generator=g) for s in shapes]
         mods = {p: make_modules(shapes, p) for p in ("torch", "native")}
-        timed = time_providers(mods, grads, repeats)
+        for backward in args.backward:
+            timed, ratios = time_providers(mods, grads, rounds, backward)
+            r_med, r20, r80 = quantiles(ratios)
+            for provider in ("torch", "native"):
+                totals, fwd, bwd = timed[provider]
+                med, p20, p80 = quantiles(totals)
+                gbps = 8 * nbytes / med / 1e9
+                speedup = "" if provider == "torch" else (
+                    f"{r_med:.2f}x vs torch (median of {len(ratios)} paired rounds, p20 {r20:.2f}, p80 {r80:.2f}); ")
+                note = (f"fwd {fwd * 1e3:.2f} ms, bwd {bwd * 1e3:.2f} ms; {speedup}"
+                        f"{gbps / copy_gbps:.0%} of copy bandwidth {copy_gbps:.1f} GB/s (copy_ into an existing "
+                        f"tensor), {gbps / clone_gbps:.0%} of clone bandwidth {clone_gbps:.1f} GB/s (fresh tensor: "
+                        f"page faults); {len(shapes)} weights, {nbytes / 2**20:.1f} MiB; THP_MEM_ALLOC_ENABLE={thp}")
+                rows.append(dict(provider=provider, shape_set=set_name,
+                                 mode=f"fwd+bwd ({backward} backward),{torch.get_num_threads()}thr", dtype="float32",
+                                 device="cpu", median_ms=f"{med * 1e3:.3f}", p20_ms=f"{p20 * 1e3:.3f}",
+                                 p80_ms=f"{p80 * 1e3:.3f}", gbps=f"{gbps:.2f}",
+                                 speedup="" if provider == "torch" else f"{r_med:.3f}",
+                                 speedup_p20="" if provider == "torch" else f"{r20:.3f}",
+                                 speedup_p80="" if provider == "torch" else f"{r80:.3f}",
+                                 torch=torch.__version__, note=note))
+                print(f"{set_name:14s} {backward:10s} {provider:7s} median {med * 1e3:9.2f} ms "
+                      f"(p20 {p20 * 1e3:.2f}, p80 {p80 * 1e3:.2f})  {note}")
         del mods
-        res = {p: (quantiles(t), f, b) for p, (t, f, b) in timed.items()}
-        t_med = res["torch"][0][0]
-        for provider in ("torch", "native"):
-            (med, p20, p80), fwd, bwd = res[provider]
-            gbps = 8 * nbytes / med / 1e9
-            note = (f"fwd {fwd * 1e3:.2f} ms, bwd {bwd * 1e3:.2f} ms; {t_med / med:.2f}x vs torch; "
-                    f"{gbps / copy_gbps:.0%} of copy bandwidth {copy_gbps:.1f} GB/s (copy_ into an existing tensor), "
-                    f"{gbps / clone_gbps:.0%} of clone bandwidth {clone_gbps:.1f} GB/s (fresh tensor: page faults); "
-                    f"{len(shapes)} weights, "
-                    f"{nbytes / 2**20:.1f} MiB; THP_MEM_ALLOC_ENABLE={thp}")
-            rows.append(dict(provider=provider if provider == "torch" else "native", shape_set=set_name,
-                             mode=f"fwd+bwd,{torch.get_num_threads()}thr", dtype="float32", device="cpu", median_ms=f"{med * 1e3:.3f}",
-                             p20_ms=f"{p20 * 1e3:.3f}", p80_ms=f"{p80 * 1e3:.3f}", gbps=f"{gbps:.2f}",
-                             torch=torch.__version__, note=note))
-            print(f"{set_name:14s} {provider:7s} median {med * 1e3:9.2f} ms (p20 {p20 * 1e3:.2f}, p80 {p80 * 1e3:.2f})"
-                  f"  {note}")
         print(f"{set_name:14s} floor: 8|W| at copy bandwidth {8 * nbytes / copy_gbps / 1e6:.2f} ms, "
               f"at clone bandwidth {8 * nbytes / clone_gbps / 1e6:.2f} ms")
         if nbytes < 64 * 2**20:

@@ -230,6 +230,26 @@ def lipschitz_scale(sigma: Tensor, u: Tensor, coeff: float, soft: bool) -> tuple
     return ratio.clamp_min(1.0), u * (active.to(u.dtype) / coeff)
 
 
+def eager_fused(weight, u, v, n_power_iterations, eps, dim, order, training, backend=None):
+    """Plain spectral norm (no coeff, soft or gain) in eager mode as one C++ call, power iteration
+    plus differentiable W / sigma, when the selected backend has one; None when it does not apply
+    (compiling, or a backend without that op).  The front ends call it first, with positional
+    arguments: for a small weight the Python around the op costs as much as the op itself.
+
+    The C++ op checks every argument before touching u, v, so the Python checks run only to
+    name a refused argument precisely."""
+    if type(n_power_iterations) is not int or not isinstance(weight, Tensor) or torch.compiler.is_compiling():
+        return None
+    fused = dispatch.resolve(weight.device, backend).ops.eager_spectral_normalize
+    if fused is None:
+        return None
+    try:
+        return fused(weight, u, v, n_power_iterations, float(eps), dim, order, bool(training))
+    except (RuntimeError, TypeError):
+        _check(weight, u, v, n_power_iterations, eps, dim, order)
+        raise
+
+
 def spectral_normalize(
     weight: Tensor,
     u: Tensor,
@@ -260,19 +280,11 @@ def spectral_normalize(
     SNGP, DUE); ``gain`` (a one-element tensor gamma, usually a Parameter) returns
     gamma W / sigma.
     """
+    if coeff is None and not soft and gain is None:
+        out = eager_fused(weight, u, v, n_power_iterations, eps, dim, order, training, backend)
+        if out is not None:
+            return out
     compiling = torch.compiler.is_compiling()
-    if (not compiling and coeff is None and not soft and gain is None and isinstance(weight, Tensor)
-            and type(n_power_iterations) is int):
-        fused = dispatch.resolve(weight.device, backend).ops.eager_spectral_normalize
-        if fused is not None:
-            # eager, plain spectral norm: power iteration + differentiable W / sigma in one C++ call.  The
-            # C++ op checks every argument before touching u, v, so the Python checks (a few microseconds,
-            # as much as the op itself for a small weight) run only to name a refused argument precisely.
-            try:
-                return fused(weight, u, v, n_power_iterations, float(eps), dim, order, bool(training))
-            except (RuntimeError, TypeError):
-                _check(weight, u, v, n_power_iterations, eps, dim, order)
-                raise
     dim = _check(weight, u, v, n_power_iterations, eps, dim, order)
     if coeff is not None or soft or gain is not None:
         _check_variant(weight, coeff, soft, gain)

@@ -107,6 +107,20 @@ def _finish() -> None:
     _state["error"] = None
 
 
+def cache_stats() -> dict[str, int]:
+    """The CPU output block cache (W / sigma and grad_W of weights of 64 KiB or more come from
+    it, so a training step's outputs reuse the previous step's memory instead of page-faulting
+    fresh memory): idle bytes and blocks held, bytes handed out, hits and misses."""
+    keys = ("idle_bytes", "idle_blocks", "in_use_bytes", "hits", "misses")
+    return dict(zip(keys, torch.ops.sn_kernels.native_cpu_cache_stats()))
+
+
+def empty_cache() -> None:
+    """Free the idle blocks of the CPU output cache (its size limit: SN_KERNELS_CPU_CACHE_MB,
+    default 1024; 0 turns the cache off)."""
+    torch.ops.sn_kernels.native_cpu_cache_clear()
+
+
 def has_kernel(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("sn_kernels::native_normalize", key)

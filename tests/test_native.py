@@ -415,3 +415,54 @@ def test_baseline_isa_matches():
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_cpu_output_cache_reuses_blocks():
+    """Large CPU outputs come from the block cache: a freed output's memory serves the next one
+    of its size, the values are right, and empty_cache() gives idle blocks back."""
+    w, u, v = _inputs((96, 200), 0, torch.float32)  # 75 KiB: above the 64 KiB threshold
+    sigma, a, b = _ops().native_power_iteration(w, u, v, 1, 1e-12, 0, "uv", True)
+    native.empty_cache()
+    before = native.cache_stats()
+    out = _ops().native_normalize(w, a, b, sigma, 0)
+    ptr = out.data_ptr()
+    del out
+    assert native.cache_stats()["idle_blocks"] == before["idle_blocks"] + 1
+    out = _ops().native_normalize(w, a, b, sigma, 0)
+    assert out.data_ptr() == ptr and native.cache_stats()["hits"] == before["hits"] + 1
+    assert_close(out, w.double() / sigma.double(), torch.float32)
+    G = torch.randn_like(w)
+    grad = _ops().native_backward(G, w, a, b, sigma, 0)  # a second block of the same size
+    assert grad.data_ptr() != ptr
+    assert_close(grad, reference.backward(G.double(), w.double(), a.double(), b.double(), sigma.double(), 0),
+                 torch.float32)
+    out.resize_(200, 200)  # a cached storage can still grow
+    out.fill_(1.0)
+    del out, grad
+    assert native.cache_stats()["idle_bytes"] > 0
+    native.empty_cache()
+    stats = native.cache_stats()
+    assert stats["idle_bytes"] == 0 and stats["idle_blocks"] == 0
+    small = _ops().native_normalize(w[:8], a[:8], b, sigma, 0)  # below the threshold: plain malloc
+    assert native.cache_stats()["misses"] == stats["misses"] and small.shape == (8, 200)
+
+
+def test_cpu_output_cache_off():
+    """SN_KERNELS_CPU_CACHE_MB=0 turns the cache off: nothing is kept, results are unchanged."""
+    code = textwrap.dedent("""
+        import torch
+        from sn_kernels import native
+        w = torch.randn(96, 200)
+        u, v = torch.randn(96), torch.randn(200)
+        s, a, b = torch.ops.sn_kernels.native_power_iteration(w, u, v, 1, 1e-12, 0, "uv", True)
+        for _ in range(3):
+            out = torch.ops.sn_kernels.native_normalize(w, a, b, s, 0)
+        torch.testing.assert_close(out, w / s)
+        del out
+        st = native.cache_stats()
+        assert st["hits"] == st["misses"] == st["idle_bytes"] == 0, st
+        print("ok")
+    """)
+    env = dict(os.environ, SN_KERNELS_CPU_CACHE_MB="0")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
