@@ -10,8 +10,11 @@ shapes.json), one training step's spectral-norm work in float32:
 ``sn_kernels.parametrizations.spectral_norm`` with use_backend("native") against
 ``torch.nn.utils.parametrizations.spectral_norm`` in one process, in paired rounds (both
 providers back to back, alternating which goes first); medians (p20, p80) of the times and
-of the per-round speedups.  Also measures the machine's copy bandwidth (clone of a large tensor: bytes read +
-written / time) and reports our GB/s under the bytes model forward 4|W| + backward 4|W|.
+of the per-round speedups.  Also measures the machine's copy bandwidth (copy_ of a large
+tensor: bytes read + written / time) and reports GB/s under DESIGN.md's bytes model, forward
+4|W| + backward 4|W|.  The native "uv" forward reads W twice, not three times (W v and
+W^T (W v) in one pass), so it moves 3|W| + 4|W|, mostly reads, while a copy's writes also
+cost a read for ownership: the fraction of the copy bandwidth can pass 100 %.
 
     python benchmarks/cpu_native.py [--shapes PATH] [--sets sngan_cifar_d biggan128_d] [--rounds N]
         [--backward per-weight one]
