@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <cmath>
 #include <limits>
@@ -305,6 +306,13 @@ void from_acc_vec(const acc_t* src, at::Tensor& dst) {
   for (int64_t k = 0, len = dst.numel(); k < len; ++k) p[k] = static_cast<scalar_t>(src[k]);
 }
 
+// a copy of a small contiguous vector: memcpy, without clone()'s general strided-copy machinery
+at::Tensor contiguous_copy(const at::Tensor& x) {
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  std::memcpy(out.mutable_data_ptr(), x.const_data_ptr(), x.nbytes());
+  return out;
+}
+
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -351,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
     }
     *sigma.mutable_data_ptr<acc_t>() = sig;
   });
-  return {sigma, u.clone(), v.clone()};
+  return {sigma, contiguous_copy(u), contiguous_copy(v)};
 }
 
 at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma,
