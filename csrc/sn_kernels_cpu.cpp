@@ -1,9 +1,11 @@
 // The native backend: op schemas and CPU kernels.
 //
-// Every pass streams W once; work is split with at::parallel_for, and every
-// reduction uses a partition fixed by the shape alone (row dot products, a fixed
-// number of row chunks for W^T u combined in order, fixed element blocks for
-// <G, W>), so results are bit-identical for any number of threads.
+// Every pass streams W once.  The "uv" training step computes W v and W^T (W v) in one pass,
+// so its forward reads W twice: once there, once for W / sigma.  Work is split with
+// at::parallel_for, and every reduction uses a partition fixed by the shape alone (row dot
+// products, a fixed number of row chunks for W^T u combined in order, fixed element blocks
+// for <G, W>), so results are bit-identical for any number of threads.  Large outputs come
+// from a block cache (cpu_block_cache.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
