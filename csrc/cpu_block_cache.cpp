@@ -13,6 +13,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace sn_kernels {
 namespace {
@@ -31,6 +34,12 @@ class BlockCache final : public c10::Allocator {
   BlockCache() {
     const char* env = std::getenv("SN_KERNELS_CPU_CACHE_MB");
     limit_ = (env != nullptr ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(1024)) << 20;
+#if defined(__unix__)
+    // fork() (DataLoader workers) while another thread holds the lock would leave it locked forever in
+    // the child: the forking thread takes it first and both sides release it
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+#endif
   }
 
   bool enabled() const { return limit_ > 0; }

@@ -466,3 +466,26 @@ def test_cpu_output_cache_off():
     env = dict(os.environ, SN_KERNELS_CPU_CACHE_MB="0")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_cpu_output_cache_after_fork():
+    """A forked child (a DataLoader worker) can still take and free cached outputs."""
+    code = textwrap.dedent("""
+        import os, torch
+        from sn_kernels import native
+        w = torch.randn(96, 200)
+        u, v = torch.randn(96), torch.randn(200)
+        s, a, b = torch.ops.sn_kernels.native_power_iteration(w, u, v, 1, 1e-12, 0, "uv", True)
+        kept = torch.ops.sn_kernels.native_normalize(w, a, b, s, 0)
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(3):
+                out = torch.ops.sn_kernels.native_normalize(w, a, b, s, 0)
+                ok = torch.equal(out, kept)
+                del out
+            os._exit(0 if ok and native.cache_stats()["hits"] >= 2 else 1)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "child 0" in r.stdout, r.stdout + r.stderr
