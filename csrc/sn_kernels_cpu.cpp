@@ -197,6 +197,23 @@ void combine_chunks(const acc_t* part, int64_t chunks, int64_t n, acc_t* t) {
   });
 }
 
+// t = sum over the row chunks of chunk_sum(i0, i1, out), each writing its rows [i0, i1) into a zeroed
+// partial `out` of n entries; chunks run in parallel, partials are added in chunk order
+template <typename acc_t, typename ChunkSum>
+void sum_row_chunks(const RowChunks& rc, int64_t m, int64_t n, std::vector<acc_t>& scratch, acc_t* t,
+                    const ChunkSum& chunk_sum) {
+  scratch.resize(static_cast<size_t>(rc.count * n));
+  acc_t* part = scratch.data();
+  at::parallel_for(0, rc.count, std::max<int64_t>(1, GRAIN / (rc.rows * n)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* out = part + c * n;
+      std::fill(out, out + n, acc_t(0));
+      chunk_sum(c * rc.rows, std::min(m, (c + 1) * rc.rows), out);
+    }
+  });
+  combine_chunks(part, rc.count, n, t);
+}
+
 // t = W^T y   (y has m entries, t has n): fixed row chunks, partials combined in order
 template <typename scalar_t, typename acc_t>
 void matvec_t(const scalar_t* w, const MatrixView& mv, const acc_t* y, acc_t* t, std::vector<acc_t>& scratch) {
@@ -220,17 +237,9 @@ void matvec_t(const scalar_t* w, const MatrixView& mv, const acc_t* y, acc_t* t,
     }
     return;
   }
-  scratch.resize(static_cast<size_t>(rc.count * n));
-  acc_t* part = scratch.data();
-  at::parallel_for(0, rc.count, std::max<int64_t>(1, GRAIN / (rc.rows * n)), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t* out = part + c * n;
-      std::fill(out, out + n, acc_t(0));
-      const int64_t r1 = std::min(m, (c + 1) * rc.rows);
-      for (int64_t o = 0; o < outer; ++o) add_rows(out + o * inner, w, o, m, 0, inner, y, c * rc.rows, r1, inner);
-    }
+  sum_row_chunks(rc, m, n, scratch, t, [&](int64_t i0, int64_t i1, acc_t* out) {
+    for (int64_t o = 0; o < outer; ++o) add_rows(out + o * inner, w, o, m, 0, inner, y, i0, i1, inner);
   });
-  combine_chunks(part, rc.count, n, t);
 }
 
 // s = W v and r = W^T s in ONE pass over W (the "uv" step reads W once, not twice): each group of
@@ -243,26 +252,18 @@ bool matvec_and_back(const scalar_t* w, const MatrixView& mv, const acc_t* v, ac
   const int64_t m = mv.m, n = mv.n();
   const RowChunks rc(m);
   if (mv.outer != 1 || rc.count == 1) return false;
-  scratch.resize(static_cast<size_t>(rc.count * n));
-  acc_t* part = scratch.data();
-  at::parallel_for(0, rc.count, std::max<int64_t>(1, GRAIN / (rc.rows * n)), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t* out = part + c * n;
-      std::fill(out, out + n, acc_t(0));
-      const int64_t r1 = std::min(m, (c + 1) * rc.rows);
-      int64_t i = c * rc.rows;
-      for (; i + 4 <= r1; i += 4) {
-        const scalar_t* row = w + i * n;
-        for (int q = 0; q < 4; ++q) s[i + q] = dot(row + q * n, v, n);
-        axpy4(out, row, row + n, row + 2 * n, row + 3 * n, s + i, n);
-      }
-      for (; i < r1; ++i) {
-        s[i] = dot(w + i * n, v, n);
-        axpy(out, w + i * n, s[i], n);
-      }
+  sum_row_chunks(rc, m, n, scratch, r, [&](int64_t i0, int64_t i1, acc_t* out) {
+    int64_t i = i0;
+    for (; i + 4 <= i1; i += 4) {
+      const scalar_t* row = w + i * n;
+      for (int q = 0; q < 4; ++q) s[i + q] = dot(row + q * n, v, n);
+      axpy4(out, row, row + n, row + 2 * n, row + 3 * n, s + i, n);
+    }
+    for (; i < i1; ++i) {
+      s[i] = dot(w + i * n, v, n);
+      axpy(out, w + i * n, s[i], n);
     }
   });
-  combine_chunks(part, rc.count, n, r);
   return true;
 }
 
