@@ -230,11 +230,11 @@ def lipschitz_scale(sigma: Tensor, u: Tensor, coeff: float, soft: bool) -> tuple
     return ratio.clamp_min(1.0), u * (active.to(u.dtype) / coeff)
 
 
-def eager_fused(weight, u, v, n_power_iterations, eps, dim, order, training, backend=None):
+def _eager_fused(weight, u, v, n_power_iterations, eps, dim, order, training, backend=None):
     """Plain spectral norm (no coeff, soft or gain) in eager mode as one C++ call, power iteration
     plus differentiable W / sigma, when the selected backend has one; None when it does not apply
-    (compiling, or a backend without that op).  The front ends call it first, with positional
-    arguments: for a small weight the Python around the op costs as much as the op itself.
+    (compiling, or a backend without that op).  For a small weight the Python around the op
+    costs as much as the op itself, hence this short path ahead of the general one.
 
     The C++ op checks every argument before touching u, v, so the Python checks run only to
     name a refused argument precisely."""
@@ -281,7 +281,7 @@ def spectral_normalize(
     gamma W / sigma.
     """
     if coeff is None and not soft and gain is None:
-        out = eager_fused(weight, u, v, n_power_iterations, eps, dim, order, training, backend)
+        out = _eager_fused(weight, u, v, n_power_iterations, eps, dim, order, training, backend)
         if out is not None:
             return out
     compiling = torch.compiler.is_compiling()
@@ -289,11 +289,11 @@ def spectral_normalize(
     if coeff is not None or soft or gain is not None:
         _check_variant(weight, coeff, soft, gain)
     ops = dispatch.resolve(weight.device, backend).ops
-    if not compiling and coeff is None and ops.eager_spectral_normalize is not None:
+    if not compiling and coeff is None and gain is not None and ops.eager_spectral_normalize is not None:
         # eager gain: the same C++ call, then gamma
         weight_sn, sigma = ops.eager_spectral_normalize(weight, u, v, n_power_iterations, float(eps), dim, order,
                                                         bool(training))
-        return (weight_sn if gain is None else weight_sn * gain.reshape(()).to(weight_sn.dtype)), sigma
+        return weight_sn * gain.reshape(()).to(weight_sn.dtype), sigma
     with torch.no_grad():
         if compiling:
             sigma, u_used, v_used = ops.power_iteration(

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.functional import normalize
 
-from .functional import _check_variant, check_weight_args, eager_fused, spectral_normalize
+from .functional import _check_variant, check_weight_args, spectral_normalize
 
 # the module, not the function that torch.nn.utils re-exports under the same name
 _torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
@@ -64,16 +64,11 @@ class SpectralNorm(_torch_sn.SpectralNorm):
         weight = getattr(module, self.name + "_orig")
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
-        out = None
-        if self.coeff is None and not self.gain:
-            out = eager_fused(weight, u, v, self.n_power_iterations, self.eps, self.dim, "vu", do_power_iteration)
-        if out is None:
-            out = spectral_normalize(
-                weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
-                dim=self.dim, order="vu", training=do_power_iteration, coeff=self.coeff, soft=self.soft,
-                gain=getattr(module, self.name + "_gain") if self.gain else None,
-            )
-        weight_sn, sigma = out
+        weight_sn, sigma = spectral_normalize(
+            weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
+            dim=self.dim, order="vu", training=do_power_iteration, coeff=self.coeff, soft=self.soft,
+            gain=getattr(module, self.name + "_gain") if self.gain else None,
+        )
         self.sigma = sigma.detach()
         return weight_sn
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .functional import _check_variant, check_weight_args, eager_fused, spectral_normalize
+from .functional import _check_variant, check_weight_args, spectral_normalize
 from .hooks import check_mode, default_dim, exact_top_singular
 from .reference import as_matrix
 
@@ -76,15 +76,10 @@ class _SpectralNorm(nn.Module):
         u, v = buffers.get("_u"), buffers.get("_v")
         if u is None or v is None:  # not registered (yet): the attribute lookup raises as before
             u, v = self._u, self._v
-        out = None
-        if self.coeff is None and self.gain is None:
-            out = eager_fused(weight, u, v, self.n_power_iterations, self.eps, self.dim, "uv", self.training)
-        if out is None:
-            out = spectral_normalize(
-                weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
-                dim=self.dim, order="uv", training=self.training, coeff=self.coeff, soft=self.soft, gain=self.gain,
-            )
-        weight_sn, sigma = out
+        weight_sn, sigma = spectral_normalize(
+            weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
+            dim=self.dim, order="uv", training=self.training, coeff=self.coeff, soft=self.soft, gain=self.gain,
+        )
         self.__dict__["sigma"] = sigma.detach() if sigma.requires_grad else sigma
         return weight_sn
 
