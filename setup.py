@@ -6,10 +6,10 @@ Install with torch already importable (the extension compiles against it)::
     pip install --no-build-isolation --no-deps --no-index -e .   # offline (the GPU machine)
 
 What gets built (environment variable SN_KERNELS_BUILD):
-    auto (default)  CUDA + CPU kernels when torch is a CUDA build and a CUDA toolkit is
-                    found (CUDA_HOME, or the real folder behind ``nvcc`` on PATH),
-                    CPU kernels only otherwise
-    cuda            CUDA + CPU kernels, or fail
+    auto (default)  CUDA + CPU kernels when torch is a CUDA build and a CUDA toolkit of
+                    torch's CUDA release is found; CPU kernels only otherwise, with a
+                    banner saying why
+    cuda            CUDA + CPU kernels, or fail with the reason / the compiler's message
     cpu             CPU kernels only
     none            no extension: the pure-Python package (the native backend then
                     JIT-builds on first explicit use, ``set_backend("native")``)
@@ -17,9 +17,14 @@ What gets built (environment variable SN_KERNELS_BUILD):
 Without torch at build time (pip's default build isolation) the auto mode builds no
 extension and says so; cuda/cpu fail instead.
 
+Which toolkit (``sn_kernels/_build.py: find_toolkit``): the first of $CUDA_HOME,
+$CUDA_PATH, the registry's compiler packages in site-packages (``nvidia/cu13``, from
+``pip install "nvidia-cuda-nvcc==<torch.version.cuda>.*" ...``, all of one release), ``nvcc`` on PATH and
+/usr/local/cuda* whose nvcc release equals ``torch.version.cuda``.  Another release's
+compiler is never mixed with torch's headers.  The build prints the toolkit and why.
+
 TORCH_CUDA_ARCH_LIST overrides the default "8.0;9.0+PTX"; MAX_JOBS bounds ninja's
-parallelism.  The CUDA build adds ``site-packages/nvidia/cu13/include`` (and cu12)
-to the include path, where pip-installed CUDA torch keeps cusparse/cublas headers.
+parallelism.
 """
 import importlib.util
 import os
@@ -33,13 +38,18 @@ _build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_build)
 
 
+def _banner(msg: str) -> None:
+    line = "!" * 88
+    print(f"\n{line}\n{msg}\n{line}\n", file=sys.stderr, flush=True)
+
+
 def _extensions():
     mode = _build.build_mode()
     if mode == "none":
         print("sn_kernels: SN_KERNELS_BUILD=none, building no extension", file=sys.stderr)
         return [], {}
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError as exc:
         msg = ("sn_kernels: building the extension needs torch importable at build time: install with "
                "`pip install --no-build-isolation -e .`")
@@ -51,14 +61,21 @@ def _extensions():
         return [], {}
     cuda, why = _build.want_cuda(mode)
     if cuda:
-        _build.prepare_cuda_env()
+        home = _build.prepare_cuda_env()
+        print(f"sn_kernels: building sn_kernels._C with CUDA and CPU kernels: {why}", file=sys.stderr)
+    elif mode == "auto" and torch.version.cuda:
+        _banner(f"sn_kernels: building the CPU kernels only, WITHOUT the CUDA kernels: {why}. "
+                "The install goes on; SN_KERNELS_BUILD=cuda makes this an error.")
+    else:
+        print(f"sn_kernels: building sn_kernels._C with CPU kernels ({why})", file=sys.stderr)
+    _build.write_build_info(cuda, why)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    print(f"sn_kernels: building sn_kernels._C with {'CUDA' if cuda else 'CPU'} kernels ({why})", file=sys.stderr)
     srcs = [os.path.relpath(p, _here) for p in _build.sources(cuda)]
     kw = dict(name="sn_kernels._C", sources=srcs, include_dirs=_build.include_dirs(cuda),
               extra_link_args=_build.ldflags())
     if cuda:
+        kw["library_dirs"] = _build.cudart_link_dir(home, os.path.join(_here, "build"))
         ext = CUDAExtension(extra_compile_args={"cxx": _build.cxx_flags(True), "nvcc": _build.nvcc_flags()}, **kw)
     else:
         ext = CppExtension(extra_compile_args={"cxx": _build.cxx_flags(False)}, **kw)

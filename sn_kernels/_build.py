@@ -5,8 +5,8 @@ torch only inside functions.
 
 Environment:
     SN_KERNELS_BUILD        auto (default) | cuda | cpu | none
-    CUDA_HOME / CUDA_PATH   the CUDA toolkit folder (default: found from ``nvcc`` on PATH,
-                            following wrapper scripts to the real toolkit)
+    CUDA_HOME / CUDA_PATH   a CUDA toolkit folder to try first (see ``find_toolkit``: a
+                            toolkit is used only when its nvcc release equals torch's CUDA)
     TORCH_CUDA_ARCH_LIST    default "8.0;9.0+PTX"
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import site
+import subprocess
 import sys
 import sysconfig
 
@@ -52,22 +53,6 @@ def _nvcc_target(nvcc: str) -> str:
     return nvcc
 
 
-def find_cuda_home() -> str | None:
-    """The CUDA toolkit folder (with bin/nvcc and include/cuda_runtime.h), or None."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if _is_toolkit(os.environ.get(var)):
-            return os.path.realpath(os.environ[var])
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        home = os.path.dirname(os.path.dirname(_nvcc_target(nvcc)))
-        if _is_toolkit(home):
-            return home
-    for home in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
-        if _is_toolkit(home):
-            return os.path.realpath(home)
-    return None
-
-
 def _site_dirs() -> list[str]:
     dirs = []
     for d in [sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib")] + list(
@@ -77,15 +62,160 @@ def _site_dirs() -> list[str]:
     return dirs
 
 
-def nvidia_include_dirs() -> list[str]:
-    """Headers of the pip-installed CUDA libraries (torch's CUDA headers need cusparse, cublas, ...)."""
-    out = []
+def pip_cuda_root(major: str) -> str | None:
+    """``site-packages/nvidia/cu<major>``: where the registry's CUDA packages (torch's runtime
+    libraries and headers, and the optional nvcc/crt/nvvm compiler packages) install."""
     for sp in _site_dirs():
-        for pattern in ("nvidia/cu13/include", "nvidia/cu12/include", "nvidia/*/include"):
-            for d in sorted(glob.glob(os.path.join(sp, pattern))):
-                if os.path.isdir(d) and d not in out:
-                    out.append(d)
-    return out
+        d = os.path.join(sp, "nvidia", f"cu{major}")
+        if os.path.isdir(d):
+            return d
+    return None
+
+
+def toolkit_version(home: str) -> str | None:
+    """"major.minor" of the toolkit's nvcc (``nvcc --version``), or None if it does not run."""
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+COMPILER_PACKAGES = ("nvidia-cuda-nvcc", "nvidia-cuda-crt", "nvidia-nvvm")
+
+
+def _pip_compiler_mismatch(want: str) -> str | None:
+    """Why the registry's compiler packages cannot be used for CUDA ``want``, or None.
+
+    They are separate packages (nvcc, its crt headers, the nvvm/cicc front end); an
+    unpinned install can mix releases (nvcc 13.0 with nvvm 13.5 emits PTX its ptxas refuses)."""
+    from importlib import metadata
+
+    bad = []
+    for pkg in COMPILER_PACKAGES:
+        try:
+            got = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            got = "missing"
+        if not got.startswith(want + "."):
+            bad.append(f"{pkg} {got}")
+    return f"compiler packages of another release ({', '.join(bad)})" if bad else None
+
+
+def _candidates(major: str) -> list[tuple[str, str]]:
+    """(folder, where it came from) of every CUDA toolkit in sight, in order of preference."""
+    out = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            out.append((os.environ[var], f"${var}"))
+    pip_root = pip_cuda_root(major)
+    if pip_root:
+        out.append((pip_root, "the registry's compiler packages (nvidia-cuda-nvcc) in site-packages"))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        out.append((os.path.dirname(os.path.dirname(_nvcc_target(nvcc))), "nvcc on PATH"))
+    for home in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        out.append((home, "the default install folder"))
+    seen, unique = set(), []
+    for home, where in out:
+        real = os.path.realpath(home)
+        if real not in seen:
+            seen.add(real)
+            unique.append((real, where))
+    return unique
+
+
+def find_toolkit() -> tuple[str | None, str]:
+    """(CUDA toolkit folder whose nvcc matches ``torch.version.cuda``, or None; the reason).
+
+    The rule: the first toolkit among $CUDA_HOME, $CUDA_PATH, the registry's compiler
+    packages in site-packages (``nvidia/cu<major>``, all of one release), ``nvcc`` on PATH
+    and /usr/local/cuda*
+    whose nvcc release (major.minor) equals torch's CUDA version.  A toolkit of another
+    release is never used: its compiler would meet torch's headers and libraries of
+    another CUDA (nvcc 13.0 refuses CCCL 13.2 headers, for one)."""
+    import torch
+
+    want = torch.version.cuda
+    if not want:
+        return None, f"torch {torch.__version__} is not a CUDA build"
+    skipped = []
+    for home, where in _candidates(want.split(".")[0]):
+        if not _is_toolkit(home):
+            if where.startswith("$") or where.startswith("the registry"):
+                skipped.append(f"{home} ({where}): no bin/nvcc or include/cuda_runtime.h")
+            continue
+        got = toolkit_version(home)
+        if got == want and where.startswith("the registry"):
+            mixed = _pip_compiler_mismatch(want)
+            if mixed:
+                skipped.append(f"{home} ({where}): {mixed}")
+                continue
+        if got == want:
+            note = f"; skipped {'; '.join(skipped)}" if skipped else ""
+            return home, f"CUDA {got} toolkit {home}, from {where}, matches torch's CUDA {want}{note}"
+        skipped.append(f"{home} ({where}): nvcc {got or 'does not run'}")
+    return None, (f"no CUDA toolkit matches torch's CUDA {want} ({'; '.join(skipped) or 'none found'}); "
+                  f"install the registry's compiler packages for it: {compiler_packages_hint()}")
+
+
+def compiler_packages_hint() -> str:
+    """The pip command that installs the CUDA compiler matching the installed torch.
+
+    Each package is pinned to torch's release: the ``cuda-toolkit[nvcc]`` extra of some
+    releases pins only nvcc and lets crt and nvvm float to the newest."""
+    import torch
+
+    v = torch.version.cuda
+    return "pip install " + " ".join(f'"{p}=={v}.*"' for p in COMPILER_PACKAGES + ("nvidia-cuda-cccl",))
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit folder that matches torch's CUDA version, or None."""
+    return find_toolkit()[0]
+
+
+def nvidia_include_dirs(home: str) -> list[str]:
+    """Headers of torch's pip-installed CUDA libraries (ATen's CUDA headers include cublas and
+    cusparse, which a system toolkit may lack), only when they are of the toolkit's release."""
+    import torch
+
+    root = pip_cuda_root(torch.version.cuda.split(".")[0])
+    if root is None or os.path.realpath(root) == os.path.realpath(home):
+        return []  # the registry's toolkit already has them in its own include/
+    hdr = os.path.join(root, "include", "cuda_runtime_api.h")
+    try:
+        with open(hdr) as f:
+            m = re.search(r"#define CUDART_VERSION\s+(\d+)", f.read())
+    except OSError:
+        m = None
+    if m is None:
+        return []
+    ver = int(m.group(1))
+    if f"{ver // 1000}.{ver % 1000 // 10}" != toolkit_version(home):
+        return []  # another release's headers: never mixed with this compiler
+    return [os.path.join(root, "include")]
+
+
+def cudart_link_dir(home: str, build_dir: str) -> list[str]:
+    """A linker folder holding ``libcudart.so`` when the toolkit has only ``libcudart.so.<N>``
+    (the registry's packages ship just the versioned name), as a symlink in ``build_dir``."""
+    for sub in ("lib64", "lib"):
+        if os.path.exists(os.path.join(home, sub, "libcudart.so")):
+            return []
+    for sub in ("lib64", "lib"):
+        found = sorted(glob.glob(os.path.join(home, sub, "libcudart.so.*")))
+        if found:
+            link_dir = os.path.join(build_dir, "cudart-link")
+            os.makedirs(link_dir, exist_ok=True)
+            link = os.path.join(link_dir, "libcudart.so")
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(found[0], link)
+            return [link_dir]
+    return []
 
 
 def torch_uses_openmp() -> bool:
@@ -95,33 +225,45 @@ def torch_uses_openmp() -> bool:
 
 
 def want_cuda(mode: str | None = None) -> tuple[bool, str]:
-    """(build the CUDA kernels?, why) for the given (or the environment's) build mode."""
+    """(build the CUDA kernels?, why) for the given (or the environment's) build mode.
+
+    ``cuda`` mode raises when no matching toolkit is found; ``auto`` falls back to the CPU
+    kernels and the caller says so loudly."""
     import torch
 
     mode = mode or build_mode()
-    if mode == "cpu":
-        return False, "SN_KERNELS_BUILD=cpu"
-    if mode == "none":
-        return False, "SN_KERNELS_BUILD=none"
-    if not torch.version.cuda:
+    if mode in ("cpu", "none"):
+        return False, f"SN_KERNELS_BUILD={mode}"
+    home, why = find_toolkit()
+    if home is None:
         if mode == "cuda":
-            raise RuntimeError("SN_KERNELS_BUILD=cuda but torch is not a CUDA build")
-        return False, f"torch {torch.__version__} is not a CUDA build"
-    if find_cuda_home() is None:
-        if mode == "cuda":
-            raise RuntimeError("SN_KERNELS_BUILD=cuda but no CUDA toolkit was found (set CUDA_HOME)")
-        return False, "no CUDA toolkit found (set CUDA_HOME)"
-    return True, f"CUDA toolkit {find_cuda_home()}"
+            raise RuntimeError(f"SN_KERNELS_BUILD=cuda but {why}")
+        return False, why
+    return True, why
 
 
 def prepare_cuda_env() -> str:
-    """Point torch.utils.cpp_extension at the real toolkit and the default arch list; return CUDA_HOME.
-
-    Must run before ``torch.utils.cpp_extension`` is imported (it reads CUDA_HOME at import)."""
+    """Point torch.utils.cpp_extension at the matching toolkit and the default arch list;
+    return CUDA_HOME.  Must run before ``torch.utils.cpp_extension`` is imported (it reads
+    CUDA_HOME at import).  Its nvcc goes first on PATH so nothing finds another one."""
     home = find_cuda_home()
     os.environ["CUDA_HOME"] = home
+    os.environ["PATH"] = os.path.join(home, "bin") + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     return home
+
+
+BUILD_INFO = os.path.join(ROOT, "sn_kernels", "_build_info.json")
+
+
+def write_build_info(cuda: bool, why: str) -> None:
+    """Record what setup.py built and why (read by ``sn_kernels.native.build_info()``)."""
+    import json
+
+    import torch
+
+    with open(BUILD_INFO, "w") as f:
+        json.dump({"cuda_kernels": cuda, "why": why, "torch": torch.__version__}, f, indent=1)
 
 
 def sources(cuda: bool) -> list[str]:
@@ -149,7 +291,7 @@ def nvcc_flags() -> list[str]:
 
 
 def include_dirs(cuda: bool) -> list[str]:
-    return [CSRC] + (nvidia_include_dirs() if cuda else [])
+    return [CSRC] + (nvidia_include_dirs(os.environ["CUDA_HOME"]) if cuda else [])
 
 
 def jit_build_dir(cuda: bool) -> str:
@@ -183,5 +325,6 @@ def jit_build(verbose: bool = False) -> str:
                   is_python_module=False, with_cuda=cuda, verbose=verbose)
     if cuda:
         kwargs["extra_cuda_cflags"] = nvcc_flags()
+        kwargs["extra_ldflags"] += [f"-L{d}" for d in cudart_link_dir(os.environ["CUDA_HOME"], build_dir)]
     cpp_extension.load(**kwargs)
     return os.path.join(build_dir, "sn_kernels_native.so")

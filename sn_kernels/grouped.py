@@ -57,7 +57,7 @@ class SNGroup:
         """Stop grouping; drop any pre-computed weight not yet used."""
         self._handle.remove()
         for state, _ in self.members:
-            state.__dict__.pop("pending", None)
+            state.pending = None
 
     def __len__(self) -> int:
         return len(self.members)

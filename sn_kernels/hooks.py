@@ -52,6 +52,7 @@ class SpectralNorm(_torch_sn.SpectralNorm):
     coeff: float | None = None  # class defaults keep hooks pickled before the variants loadable
     soft: bool = False
     gain: bool = False
+    pending: torch.Tensor | None = None  # W/sigma computed ahead by sn_kernels.group, used by the next call
 
     def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False):
@@ -74,9 +75,11 @@ class SpectralNorm(_torch_sn.SpectralNorm):
 
     def __call__(self, module: nn.Module, inputs) -> None:
         # a grouped pre-computation (sn_kernels.group) is used once, then it is per call again
-        weight = self.__dict__.pop("pending", None)
+        weight = self.pending
         if weight is None:
             weight = self.compute_weight(module, do_power_iteration=module.training)
+        else:
+            self.pending = None
         if not torch.compiler.is_compiling():
             weight = _serializable(weight)
         setattr(module, self.name, weight)

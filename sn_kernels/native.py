@@ -9,6 +9,8 @@ it is absent, an explicit request for the native backend (``set_backend("native"
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 from types import SimpleNamespace
 
@@ -121,6 +123,15 @@ def empty_cache() -> None:
     torch.ops.sn_kernels.native_cpu_cache_clear()
 
 
+def build_info() -> dict:
+    """What setup.py built: ``{"cuda_kernels": bool, "why": str, "torch": str}`` ({} when unknown)."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_build_info.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def has_kernel(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("sn_kernels::native_normalize", key)
@@ -142,8 +153,8 @@ def why_not(device: torch.device, auto: bool = False) -> str | None:
         return reason
     if not has_kernel(device.type):
         if device.type == "cuda":
-            return ("the native extension was built without CUDA kernels (CPU-only torch or no CUDA toolkit "
-                    "at build time, or SN_KERNELS_BUILD=cpu)")
+            why = build_info().get("why", "CPU-only torch, no matching CUDA toolkit, or SN_KERNELS_BUILD=cpu")
+            return f"the native extension was built without CUDA kernels: {why}"
         return f"the native extension has no kernels for device type {device.type!r}"
     return None
 

@@ -24,6 +24,7 @@ class _SpectralNorm(nn.Module):
 
     coeff: float | None = None
     soft: bool = False
+    pending: Tensor | None = None  # W/sigma computed ahead by sn_kernels.group, used by the next access
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False, init: bool = True) -> None:
@@ -59,8 +60,11 @@ class _SpectralNorm(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         # a grouped pre-computation (sn_kernels.group) is used once, then it is per access again
-        pending = self.__dict__.pop("pending", None)
-        return pending if pending is not None else self.compute(weight)
+        pending = self.pending
+        if pending is None:
+            return self.compute(weight)
+        self.pending = None
+        return pending
 
     def compute(self, weight: Tensor) -> Tensor:
         """W / sigma(W) (one power iteration in training mode)."""
