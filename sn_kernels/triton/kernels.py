@@ -9,7 +9,7 @@ of the sums does not, so results are bit-identical.
 
 The accumulation dtype ``ACC`` (float32, or float64 for float64 weights) is
 read from the element type of a workspace pointer, so one kernel body serves
-every dtype.  Only core ``tl`` APIs are used (triton 3.6 and 3.8).
+every dtype.  Only core ``tl`` APIs are used (triton 3.6 to 3.9).
 
 Matrix view of a contiguous weight with ``dim`` moved first: with
 A = prod(shape[:dim]), M = shape[dim], B = prod(shape[dim+1:]), element (i, j)
@@ -149,7 +149,9 @@ def eval_pass_kernel(W, u, v, partials, counter, u_copy, v_copy, sigma,
         cmask = cols < N
         w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
         xv = tl.load(v + cols, mask=cmask, other=0.0)
-        tl.store(v_copy + cols, xv, mask=cmask & (pid == 0))  # program 0 copies v on the way
+        # program 0 copies v on the way; the scalar test is broadcast to the block by hand
+        # (the triton 3.9 interpreter refuses a block mask `&` a scalar bool)
+        tl.store(v_copy + cols, xv, mask=cmask & ((cols * 0 + pid) == 0))
         acc += w.to(ACC) * xv.to(ACC)[None, :]
     s = tl.sum(acc, axis=1)
     ur = tl.load(u + rows, mask=rmask, other=0.0)
