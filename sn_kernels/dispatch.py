@@ -139,6 +139,23 @@ def resolve(device: torch.device, backend: str | None = None):
     return mod
 
 
+# backends whose kernels are real-only: complex weights go to the torch backend
+_REAL_ONLY = {
+    "native": "its C++/CUDA kernels handle real dtypes only (float16, bfloat16, float32, float64)",
+    "triton": "its Triton kernels handle real dtypes only (float16, bfloat16, float32, float64)",
+}
+
+
+def resolve_complex(device: torch.device, backend: str | None = None):
+    """The backend module for a complex weight: "auto" and "torch" give the torch backend;
+    "native" and "triton", requested by name, raise with the reason."""
+    choice = _selected if backend is None else _check_choice(backend)
+    if choice in _REAL_ONLY:
+        raise RuntimeError(f"sn_kernels backend {choice!r} cannot run complex weights: {_REAL_ONLY[choice]}; "
+                           "use 'auto' or 'torch'")
+    return _load("torch")
+
+
 def explain(device: torch.device | str = "cpu") -> str:
     """A human-readable account of which backend "auto" picks on ``device`` and why."""
     device = torch.device(device)
@@ -146,6 +163,7 @@ def explain(device: torch.device | str = "cpu") -> str:
     for name in BACKENDS:
         reason = why_not(name, device, auto=True)
         lines.append(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    lines.append("complex weights: torch backend (" + "; ".join(f"{n}: {r}" for n, r in _REAL_ONLY.items()) + ")")
     return "\n".join(lines)
 
 

@@ -147,12 +147,13 @@ def define_backend_ops(backend: str, power_iteration: Callable, normalize: Calla
 
 
 def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: int) -> int:
-    """Refuse what the op and every front end refuse (a non-floating or 0-d weight,
-    n_power_iterations <= 0, eps <= 0, dim out of range); return ``dim`` made non-negative."""
+    """Refuse what the op and every front end refuse (a weight neither floating-point nor
+    complex, a 0-d weight, n_power_iterations <= 0, eps <= 0, dim out of range); return
+    ``dim`` made non-negative."""
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise TypeError(f"spectral norm needs a floating-point weight, got {weight.dtype}")
+    if not (weight.is_floating_point() or weight.is_complex()):
+        raise TypeError(f"spectral norm needs a floating-point or complex weight, got {weight.dtype}")
     ndim = weight.dim()
     if ndim == 0:
         raise ValueError("spectral norm needs a weight with at least one dimension, got a 0-d tensor")
@@ -250,6 +251,16 @@ def _eager_fused(weight, u, v, n_power_iterations, eps, dim, order, training, ba
         raise
 
 
+def _complex(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain, backend):
+    """A complex weight: the torch backend's differentiable complex path (conjugate transposes,
+    sigma = u^H W v as PyTorch's parametrization); the real-only backends refuse with the reason."""
+    dim = _check(weight, u, v, n_power_iterations, eps, dim, order)
+    if coeff is not None or soft or gain is not None:
+        raise ValueError("coeff, soft and gain support real weights only, got a complex weight")
+    mod = dispatch.resolve_complex(weight.device, backend)
+    return mod.complex_spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order, training)
+
+
 def spectral_normalize(
     weight: Tensor,
     u: Tensor,
@@ -274,12 +285,18 @@ def spectral_normalize(
     sigma = u . (W v) and u, v are left alone.  W is viewed as an (m, n) matrix
     with ``dim`` first.  ``backend`` overrides the global selection for this call.
     sigma carries no gradient; it is float32 for float16/bfloat16 weights.
+    Complex weights use conjugate transposes and divide by sigma = u^H W v, as
+    ``torch.nn.utils.parametrizations.spectral_norm``; they run on the torch
+    backend ("auto" picks it; "native" and "triton" refuse) and the returned sigma
+    is its real part.
 
     Variants (defaults give PyTorch's spectral norm): ``coeff`` K returns
     W K / sigma, or with ``soft=True`` W / max(1, sigma / K) (invertible ResNets,
     SNGP, DUE); ``gain`` (a one-element tensor gamma, usually a Parameter) returns
     gamma W / sigma.
     """
+    if isinstance(weight, Tensor) and weight.is_complex():
+        return _complex(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain, backend)
     if coeff is None and not soft and gain is None:
         out = _eager_fused(weight, u, v, n_power_iterations, eps, dim, order, training, backend)
         if out is not None:

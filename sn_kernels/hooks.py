@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.functional import normalize
 
 from .functional import _check_variant, check_weight_args, spectral_normalize
+from .meta import guard_if_meta
 
 # the module, not the function that torch.nn.utils re-exports under the same name
 _torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
@@ -105,6 +106,13 @@ class SpectralNorm(_torch_sn.SpectralNorm):
                 "The module passed to `SpectralNorm` can't have uninitialized parameters. "
                 "Make sure to run the dummy forward before applying spectral normalization"
             )
+        if isinstance(weight, torch.Tensor) and weight.is_complex():
+            raise TypeError(
+                f"the hook API (sn_kernels.spectral_norm, as torch.nn.utils.spectral_norm) refuses complex weights "
+                f"({weight.dtype}): PyTorch's hook iterates with plain transposes and gets sigma wrong for them; "
+                "use sn_kernels.parametrizations.spectral_norm, which matches "
+                "torch.nn.utils.parametrizations.spectral_norm (conjugate transposes)"
+            )
         check_weight_args(weight, n_power_iterations, eps, dim)  # the hook keeps dim as given, like PyTorch's
         fn = SpectralNorm(name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain)
         _check_variant(weight, coeff, soft, None)
@@ -128,6 +136,7 @@ class SpectralNorm(_torch_sn.SpectralNorm):
         module.register_forward_pre_hook(fn)
         module._register_state_dict_hook(_torch_sn.SpectralNormStateDictHook(fn))
         module._register_load_state_dict_pre_hook(_torch_sn.SpectralNormLoadStateDictPreHook(fn))
+        guard_if_meta(module, fn.name + "_u", weight)
         return fn
 
 

@@ -1,6 +1,7 @@
 """Spectrally normalized layers and model-wide helpers."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -58,13 +59,17 @@ def convert(model: nn.Module) -> nn.Module:
     """Replace PyTorch's spectral norm (either API) inside ``model`` by sn_kernels', in place.
 
     Every parameter and buffer is kept (the same tensor objects), so outputs,
-    state_dict keys and optimizer state are unchanged.
+    state_dict keys and optimizer state are unchanged.  PyTorch's hook on a complex
+    weight is left in place, with a warning (sn_kernels' hook API refuses complex weights).
     """
-    from torch.nn.utils.parametrizations import _SpectralNorm as _TorchParam
-
     for module in model.modules():
         for key, hook in list(module._forward_pre_hooks.items()):
             if isinstance(hook, _torch_sn.SpectralNorm) and not isinstance(hook, hooks.SpectralNorm):
+                if getattr(module, hook.name + "_orig").is_complex():
+                    warnings.warn(f"sn_kernels.convert: left PyTorch's hook spectral norm on the complex weight "
+                                  f"{type(module).__name__}.{hook.name} in place (the hook API refuses complex "
+                                  "weights; the parametrization API supports them)", stacklevel=2)
+                    continue
                 ours = hooks.SpectralNorm(hook.name, hook.n_power_iterations, hook.dim, hook.eps)
                 module._forward_pre_hooks[key] = ours
                 for table in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
@@ -77,7 +82,7 @@ def convert(model: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(module):
             for plist in module.parametrizations.values():
                 for i, p in enumerate(plist):
-                    if isinstance(p, _TorchParam):
+                    if isinstance(p, parametrizations.TorchSpectralNorm):
                         plist[i] = _adopt(p)
     return model
 

@@ -14,9 +14,12 @@ from torch.nn.utils import parametrize
 
 from .functional import _check_variant, check_weight_args, spectral_normalize
 from .hooks import check_mode, default_dim, exact_top_singular
+from .meta import guard_if_meta
 from .reference import as_matrix
 
 INIT_ITERATIONS = 15  # PyTorch warms u, v up with 15 iterations at wrapping time
+# PyTorch's class, taken at import: sn_kernels.patch_torch() replaces the module attribute
+TorchSpectralNorm = torch.nn.utils.parametrizations._SpectralNorm
 
 
 class _SpectralNorm(nn.Module):
@@ -31,6 +34,8 @@ class _SpectralNorm(nn.Module):
         super().__init__()
         self.dim = check_weight_args(weight, n_power_iterations, eps, dim)
         _check_variant(weight, coeff, soft, None)
+        if weight.is_complex() and (coeff is not None or soft or gain):
+            raise ValueError("coeff, soft and gain support real weights only, got a complex weight")
         ndim = weight.ndim
         self.eps = eps
         self.coeff, self.soft = coeff, soft
@@ -115,22 +120,21 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
-    if is_spectral_norm_parametrized(module, name):
-        raise RuntimeError(f"Cannot register two spectral_norm parametrizations on the same parameter {name}")
+    # a second spectral norm on the same parameter stacks, as PyTorch's does (W / sigma1 / sigma2)
     if dim is None:
         dim = default_dim(module)
     parametrize.register_parametrization(
         module, name, _SpectralNorm(weight, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain))
+    if weight.ndim > 1:
+        guard_if_meta(module, f"parametrizations.{name}.{len(module.parametrizations[name]) - 1}._u", weight)
     return module
 
 
 def spectral_norm_parametrizations(module: nn.Module, name: str) -> list[nn.Module]:
     """Spectral-norm parametrizations (PyTorch's or ours) registered on ``module.<name>``."""
-    from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
-
     if not parametrize.is_parametrized(module, name):
         return []
-    return [p for p in module.parametrizations[name] if isinstance(p, (_SpectralNorm, _TorchSpectralNorm))]
+    return [p for p in module.parametrizations[name] if isinstance(p, (_SpectralNorm, TorchSpectralNorm))]
 
 
 def is_spectral_norm_parametrized(module: nn.Module, name: str = "weight") -> bool:

@@ -105,6 +105,32 @@ def backward(grad, weight, u, v, sigma, dim):
 ops = define_backend_ops("torch", _power_iteration, _normalize_weight, backward)
 
 
+def complex_spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float,
+                               dim: int, order: str, training: bool) -> tuple[Tensor, Tensor]:
+    """Complex weights, as ``torch.nn.utils.parametrizations.spectral_norm``: power iteration
+    with conjugate transposes (u, v updated in place), then W / sigma with sigma = u^H W v
+    differentiated by autograd (u, v constants; a complex sigma, as PyTorch's).  Returns
+    (W / sigma, real part of sigma, detached); a zero sigma divides by 1 (a zero weight stays 0)."""
+    W = as_matrix(weight, dim)
+    if training:
+        with torch.no_grad():
+            Wd = W.detach()
+            uu, vv = u, v
+            for _ in range(n_power_iterations):
+                if order == "vu":
+                    vv = _normalize(Wd.mH @ uu, vv, eps)[0]
+                    uu = _normalize(Wd @ vv, uu, eps)[0]
+                else:
+                    uu = _normalize(Wd @ vv, uu, eps)[0]
+                    vv = _normalize(Wd.mH @ uu, vv, eps)[0]
+            u.copy_(uu)
+            v.copy_(vv)
+    # copies: a later call updates the buffers in place before this graph's backward runs
+    sigma = torch.vdot(u.clone(), W @ v.clone())
+    weight_sn = weight / torch.where(sigma == 0, torch.ones_like(sigma), sigma)
+    return weight_sn, sigma.detach().real
+
+
 # ---------------------------------------------------------------- oracles for tests
 
 

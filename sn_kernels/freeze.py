@@ -1,0 +1,36 @@
+"""Fold spectral norm into plain weights for inference and export: ``freeze(model)``."""
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import conv_norm, hooks
+from .nn import _sn_weights
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace every spectral norm in ``model`` (either API, ours or PyTorch's, either mode)
+    by a plain parameter holding W / sigma as eval mode computes it (no power iteration,
+    u, v and the other SN state dropped), in place.
+
+    The frozen model gives the outputs of the unfrozen one in eval mode, its state_dict
+    has the plain ``<name>`` keys of an unwrapped layer, and ``torch.export`` or any
+    runtime sees ordinary layers.  A parametrized tensor carrying spectral norm is
+    folded with all its parametrizations (``remove_parametrizations``).
+    """
+    for _, kind, module, name, _ in list(_sn_weights(model)):
+        if not _still_wrapped(module, name):
+            continue  # a stacked second spectral norm, folded with the first
+        if parametrize.is_parametrized(module, name):
+            module.parametrizations[name].eval()  # fold the eval-mode value: no power iteration
+        if kind == "conv":
+            conv_norm.remove_spectral_norm_conv(module, name)
+        elif kind == "hook":
+            hooks.remove_spectral_norm(module, name)  # computes W / sigma without iterating
+        else:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model
+
+
+def _still_wrapped(module: nn.Module, name: str) -> bool:
+    return parametrize.is_parametrized(module, name) or name + "_orig" in module._parameters

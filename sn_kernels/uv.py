@@ -1,0 +1,73 @@
+"""(Re)initialise the power-iteration vectors u, v of every spectral norm in a model.
+
+For a model built on the meta device and materialised with ``to_empty()`` (u, v are
+then uninitialised memory), and for a weight-averaged copy (EMA, SWA) whose u, v no
+longer match its averaged weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import conv_norm
+from .functional import spectral_normalize
+from .meta import remove_guards
+from .nn import _sn_weights
+
+
+def _input_of(plist: nn.Module, target: nn.Module) -> Tensor:
+    """The tensor the parametrization ``target`` receives: ``original`` through the ones before it (eval)."""
+    x = plist.original
+    for p in plist:
+        if p is target:
+            return x
+        training = p.training
+        p.eval()
+        try:
+            x = p(x)
+        finally:
+            p.train(training)
+    raise ValueError("parametrization not in its list")
+
+
+def _fresh(vec: Tensor, eps: float, redraw: bool) -> None:
+    """Set ``vec`` to a unit vector: itself normalized (``redraw=False``, when finite and nonzero), else a draw."""
+    if not redraw:
+        norm = torch.linalg.vector_norm(vec)
+        if torch.isfinite(norm) and norm > 0:
+            vec.div_(norm)
+            return
+    vec.copy_(F.normalize(torch.randn_like(vec), dim=0, eps=eps))
+
+
+@torch.no_grad()
+def reset_uv(model: nn.Module, n_power_iterations: int = 15, *, redraw: bool = True) -> nn.Module:
+    """Re-initialise u, v of every spectral norm in ``model`` (either API, ours or PyTorch's), in place.
+
+    ``redraw=True``: fresh random unit vectors (torch's global RNG), then
+    ``n_power_iterations`` power-iteration steps on the current weight, as
+    ``parametrizations.spectral_norm`` does at wrapping time.  Call it after
+    ``to_empty()`` once the weights are initialised (it also lifts the meta-device
+    guard).  ``redraw=False``: start from the current u, v (normalized; only vectors
+    that are zero or not finite are redrawn), e.g. on an EMA model after averaging.
+    ``mode="conv"`` weights forget u, v; their next forward draws them.
+    """
+    for _, kind, module, name, state in _sn_weights(model):
+        remove_guards(module)
+        if kind == "conv":
+            conv_norm.reset_spectral_norm_conv(module, name)
+            continue
+        if kind == "hook":
+            weight, u, v, order = (getattr(module, name + "_orig"), getattr(module, name + "_u"),
+                                   getattr(module, name + "_v"), "vu")
+        else:
+            weight = _input_of(module.parametrizations[name], state)
+            if weight.ndim == 1:
+                continue  # a vector needs no u, v
+            u, v, order = state._u, state._v, "uv"
+        _fresh(u, state.eps, redraw)
+        _fresh(v, state.eps, redraw)
+        spectral_normalize(weight.detach(), u, v, n_power_iterations=n_power_iterations, eps=state.eps,
+                           dim=state.dim, order=order, training=True)
+    return model
