@@ -55,6 +55,8 @@ def reset_uv(model: nn.Module, n_power_iterations: int = 15, *, redraw: bool = T
     """
     for _, kind, module, name, state in _sn_weights(model):
         remove_guards(module)
+        if getattr(state, "sigma", None) is not None:
+            state.sigma = None  # stale: sigmas() recomputes it from the new u, v
         if kind == "conv":
             conv_norm.reset_spectral_norm_conv(module, name)
             continue

@@ -1,0 +1,211 @@
+"""A model's life around training: torch.export, freeze() to plain weights, meta-device
+construction with reset_uv(), and weight averaging (EMA) with AveragedModel."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import sn_kernels
+from sn_kernels.meta import MetaGuard
+
+APIS = ["hook", "parametrization"]
+
+
+def disc(api="hook", torch_sn=False):
+    """A small discriminator; ``torch_sn`` wraps it with PyTorch's own spectral norm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.ConvTranspose2d(4, 4, 2), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 1))
+    if torch_sn:
+        wrap = torch.nn.utils.spectral_norm if api == "hook" else torch.nn.utils.parametrizations.spectral_norm
+        for i in (0, 2, 4):
+            wrap(model[i])
+    else:
+        sn_kernels.apply_spectral_norm(model, api=api)
+    return model
+
+
+def train_a_little(model, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 6, 6)).square().mean().backward()
+        opt.step()
+
+
+def sn_ops(graph_module):
+    return [n for n in graph_module.graph.nodes if "sn_kernels" in str(n.target)]
+
+
+# ----------------------------------------------------------------------------- torch.export
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("training", [False, True])
+def test_export_matches_eager(api, training):
+    model = disc(api)
+    train_a_little(model)
+    model.train(training)
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "tensor attributes assigned during export" (W/sigma, sigma)
+        exported = torch.export.export(model, (x,))
+    assert sn_ops(exported.graph_module), "the exported graph should hold sn_kernels' ops"
+    program = exported.module()
+    for _ in range(2):  # training mode: u, v updates are part of the program
+        torch.testing.assert_close(program(x), eager(x), rtol=1e-5, atol=1e-6)
+    if training:
+        for a, b in zip(program.buffers(), eager.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- freeze
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("torch_sn", [False, True], ids=["ours", "pytorch"])
+def test_freeze_matches_eval_mode(api, torch_sn):
+    model = disc(api, torch_sn)
+    train_a_little(model)
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    model.train()  # freeze folds the eval-mode value whatever the mode: no power iteration
+    assert sn_kernels.freeze(model) is model
+    assert not sn_kernels.sigmas(model), "no spectral norm may remain"
+    assert set(model.state_dict()) == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    assert all(isinstance(model[i].weight, nn.Parameter) for i in (0, 2, 4))
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    exported = torch.export.export(model.eval(), (x,))
+    assert not sn_ops(exported.graph_module)
+    torch.testing.assert_close(exported.module()(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_freeze_variants_and_stacking():
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(sn_kernels.SNConv2d(3, 4, 3, gain=True), nn.ReLU(),
+                          sn_kernels.SNConv2d(4, 2, 3, api="parametrization", coeff=2.0))
+    conv_mode = sn_kernels.spectral_norm(nn.Conv2d(2, 2, 3, padding=1), mode="conv")
+    stacked = sn_kernels.parametrizations.spectral_norm(
+        sn_kernels.parametrizations.spectral_norm(nn.Conv2d(2, 2, 1)))
+    model.extend([conv_mode, stacked])
+    model(x)
+    model.eval()
+    expected = model(x)
+    sn_kernels.freeze(model)
+    assert not sn_kernels.sigmas(model) and not any(m._forward_pre_hooks for m in model)
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- meta device
+
+
+def meta_model():
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        return nn.Sequential(sn_kernels.SNConv2d(3, 4, 3), nn.Flatten(),
+                             sn_kernels.SNLinear(4 * 4 * 4, 8, api="parametrization"), nn.ReLU(),
+                             nn.Linear(8, 1))
+
+
+def guards(model):
+    return [h for m in model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, MetaGuard)]
+
+
+def test_meta_construction_then_reset_uv():
+    model = meta_model()
+    x = torch.randn(2, 3, 6, 6)
+    assert model(x.to("meta")).shape == (2, 1)  # shapes work on meta
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        # initialise the parameters themselves (weight_orig, parametrizations.weight.original):
+        # reset_parameters() would write to the computed W / sigma, with PyTorch's spectral norm too
+        for p in model.parameters():
+            p.uniform_(-0.3, 0.3)
+        for b in model.buffers():
+            b.fill_(float("nan"))  # the worst uninitialised memory
+    with pytest.raises(RuntimeError, match="meta device.*reset_uv"):
+        model(x)
+    sn_kernels.reset_uv(model)
+    assert not guards(model)
+    for name, sigma in sn_kernels.sigmas(model).items():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        weight = module.weight_orig if hasattr(module, "weight_orig") else module.parametrizations.weight.original
+        exact = torch.linalg.matrix_norm(weight.detach().flatten(1), 2)
+        assert torch.isfinite(sigma) and 0.9 * exact <= sigma <= exact * (1 + 1e-5), (name, sigma, exact)
+    assert torch.isfinite(model(x)).all()
+
+
+def test_meta_guard_lifted_by_loading_a_checkpoint():
+    ref = nn.Sequential(sn_kernels.SNConv2d(3, 4, 3), nn.Flatten(),
+                        sn_kernels.SNLinear(4 * 4 * 4, 8, api="parametrization"), nn.ReLU(), nn.Linear(8, 1))
+    train_a_little(ref)
+    model = meta_model()
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    assert not guards(model)
+    x = torch.randn(2, 3, 6, 6)
+    ref.eval(), model.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_no_guard_off_meta_and_partial_load_keeps_it():
+    assert not guards(disc("hook")) and not guards(disc("parametrization"))
+    model = meta_model()
+    model.to_empty(device="cpu")
+    sd = {k: v for k, v in nn.Sequential(*[copy.deepcopy(m) for m in model]).state_dict().items()
+          if not k.startswith("0.")}
+    model.load_state_dict(sd, strict=False)  # u, v of layer 0 not in it: its guard stays
+    assert len(guards(model)) == 1
+
+
+def test_reset_uv_warm_start_keeps_direction():
+    model = disc("parametrization")
+    train_a_little(model)
+    sn = model[0].parametrizations.weight[0]
+    u_before = sn._u.clone()
+    with torch.no_grad():
+        sn._u.mul_(0.5)  # averaged vectors are shorter than unit
+    sn_kernels.reset_uv(model, n_power_iterations=1, redraw=False)
+    assert torch.linalg.vector_norm(sn._u).item() == pytest.approx(1, abs=1e-6)
+    assert torch.dot(sn._u, u_before).item() > 0.99
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_ema_sigma_stays_sane(api, use_buffers):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    sn_kernels.apply_spectral_norm(model, api=api)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.95), use_buffers=use_buffers)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(60):
+        x = torch.randn(32, 8)
+        opt.zero_grad()
+        (model(x) - x.sum(1, keepdim=True)).square().mean().backward()
+        opt.step()
+        ema.update_parameters(model)
+    ema.eval()
+    x = torch.randn(3, 8)
+
+    def check(tol):
+        ema(x)  # eval: sigma = u.(W v) from the EMA's u, v, no iteration
+        for name, sigma in sn_kernels.sigmas(ema.module).items():
+            module = ema.module.get_submodule(name.rsplit(".", 1)[0])
+            weight = module.weight_orig if api == "hook" else module.parametrizations.weight.original
+            exact = torch.linalg.matrix_norm(weight.detach(), 2)
+            # u.(W v) never exceeds sigma for unit u, v; it is below it by the vectors' mismatch
+            assert torch.isfinite(sigma) and (1 - tol) * exact <= sigma <= exact * (1 + 1e-5), (name, sigma, exact)
+
+    # use_buffers=False: the live model's u, v, copied at each update (close);
+    # use_buffers=True: averaged vectors, shorter than unit, so sigma comes out low
+    check(tol=1.0 if use_buffers else 5e-2)
+    sn_kernels.reset_uv(ema, redraw=False)
+    check(tol=1e-4)  # refitted to the averaged weights

@@ -1,0 +1,176 @@
+"""patch_torch / unpatch_torch against the ways real code reaches PyTorch's spectral norm,
+the class API ``SpectralNorm.apply``, and convert() for what the patch cannot reach."""
+import importlib
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import sn_kernels
+from sn_kernels import hooks, parametrizations
+
+TORCH_SN_MODULE = sys.modules["torch.nn.utils.spectral_norm"]
+TORCH_PARAM_MODULE = sys.modules["torch.nn.utils.parametrizations"]
+
+# a "model library" per import style: each builds a Linear + Conv2d discriminator
+STYLES = {
+    "utils_attr": "from torch.nn.utils import spectral_norm as sn",
+    "module_func": "from torch.nn.utils.spectral_norm import spectral_norm as sn",
+    "dotted_call": "import torch.nn as _nn\nsn = lambda m: _nn.utils.spectral_norm(m)",
+    "class_apply": ("from torch.nn.utils.spectral_norm import SpectralNorm\n"
+                    "def sn(m):\n    SpectralNorm.apply(m, 'weight', 1, 0, 1e-12)\n    return m"),
+    "param_func": "from torch.nn.utils.parametrizations import spectral_norm as sn",
+}
+LIBRARY = """
+import torch
+from torch import nn
+{style}
+
+def build():
+    return nn.Sequential(sn(nn.Conv2d(3, 4, 3)), nn.Flatten(), sn(nn.Linear(4 * 4 * 4, 1)))
+"""
+
+
+@pytest.fixture(autouse=True)
+def _unpatched():
+    sn_kernels.unpatch_torch()
+    yield
+    sn_kernels.unpatch_torch()
+
+
+@pytest.fixture
+def library(tmp_path, monkeypatch):
+    """import_library(style) imports a freshly written module of that import style."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = []
+
+    def import_library(style):
+        name = f"sn_lib_{style}_{len(names)}"
+        (tmp_path / f"{name}.py").write_text(LIBRARY.format(style=textwrap.dedent(STYLES[style])))
+        names.append(name)
+        importlib.invalidate_caches()
+        return importlib.import_module(name)
+
+    yield import_library
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def kinds(model):
+    """'ours'/'torch' per spectral norm of ``model``."""
+    out = []
+    for _, kind, _, _, state in sn_kernels.nn._sn_weights(model):
+        ours = isinstance(state, (hooks.SpectralNorm, parametrizations._SpectralNorm))
+        out.append("ours" if ours else "torch")
+    return out
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_import_after_patch(library, style):
+    sn_kernels.patch_torch()
+    assert kinds(library(style).build()) == ["ours", "ours"]
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_reference_taken_before_patch_still_builds_ours(library, style):
+    """PyTorch's functions look the class up when called, and the patch replaces the class too."""
+    lib = library(style)
+    assert kinds(lib.build()) == ["torch", "torch"]
+    with sn_kernels.patch_torch():
+        assert kinds(lib.build()) == ["ours", "ours"]
+    assert kinds(lib.build()) == ["torch", "torch"], "the context manager must undo the patch"
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_model_built_before_patch_needs_convert(library, style):
+    model = library(style).build()
+    sn_kernels.patch_torch()
+    assert kinds(model) == ["torch", "torch"]
+    x = torch.randn(2, 3, 6, 6)
+    model.eval()
+    before = model(x)
+    sn_kernels.convert(model)
+    assert kinds(model) == ["ours", "ours"]
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_unpatch_restores_every_original():
+    originals = [torch.nn.utils.spectral_norm, TORCH_SN_MODULE.spectral_norm,
+                 TORCH_SN_MODULE.SpectralNorm.__dict__["apply"], TORCH_PARAM_MODULE.spectral_norm,
+                 TORCH_PARAM_MODULE._SpectralNorm]
+    handle = sn_kernels.patch_torch()
+    assert sn_kernels.is_patched() and handle.applied
+    assert torch.nn.utils.spectral_norm is sn_kernels.spectral_norm
+    assert TORCH_SN_MODULE.spectral_norm is sn_kernels.spectral_norm
+    assert TORCH_PARAM_MODULE.spectral_norm is sn_kernels.parametrizations.spectral_norm
+    assert not sn_kernels.patch_torch().applied, "patching twice is a no-op"
+    with sn_kernels.patch_torch():  # nested: must not undo the outer patch
+        pass
+    assert sn_kernels.is_patched()
+    sn_kernels.unpatch_torch()
+    assert not sn_kernels.is_patched()
+    now = [torch.nn.utils.spectral_norm, TORCH_SN_MODULE.spectral_norm,
+           TORCH_SN_MODULE.SpectralNorm.__dict__["apply"], TORCH_PARAM_MODULE.spectral_norm,
+           TORCH_PARAM_MODULE._SpectralNorm]
+    assert all(a is b for a, b in zip(now, originals))
+    sn_kernels.unpatch_torch()  # no-op
+
+
+def test_patched_layers_match_pytorch_numbers():
+    """Seeded builds under the patch give PyTorch's u, v draws and outputs (hook and parametrization)."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(torch.nn.utils.spectral_norm(nn.Linear(6, 5)),
+                             torch.nn.utils.parametrizations.spectral_norm(nn.Linear(5, 3)))
+
+    ref = build()
+    with sn_kernels.patch_torch():
+        ours = build()
+    assert kinds(ours) == ["ours", "ours"]
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for a, b in zip(ours.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_pytorch_remove_and_our_extensions_work_while_patched():
+    with sn_kernels.patch_torch():
+        m = torch.nn.utils.spectral_norm(nn.Linear(3, 4))
+        m(torch.randn(2, 3))
+        torch.nn.utils.remove_spectral_norm(m)
+        assert isinstance(m.weight, nn.Parameter)
+        g = torch.nn.utils.spectral_norm(nn.Linear(3, 4), coeff=2.0)  # our keywords pass through
+        assert hooks.find_hook(g).coeff == 2.0
+
+
+# ----------------------------------------------------------------------------- the class API
+
+
+def test_class_apply_matches_pytorch_class():
+    """``SpectralNorm.apply(module, name, n_power_iterations, dim, eps)``: ours against PyTorch's."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(3, 4, 3)
+    ours = nn.Conv2d(3, 4, 3)
+    ours.load_state_dict(ref.state_dict())
+    torch.manual_seed(1)
+    fn_ref = TORCH_SN_MODULE.SpectralNorm.apply(ref, "weight", 2, 0, 1e-12)
+    torch.manual_seed(1)
+    fn_ours = sn_kernels.SpectralNorm.apply(ours, "weight", 2, 0, 1e-12)
+    assert isinstance(fn_ours, sn_kernels.SpectralNorm) and fn_ours.n_power_iterations == 2
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(3):
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.weight_u, ref.weight_u, rtol=1e-5, atol=1e-6)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+
+
+def test_convert_catches_class_built_modules():
+    m = nn.Linear(4, 3)
+    TORCH_SN_MODULE.SpectralNorm.apply(m, "weight", 1, 0, 1e-12)
+    assert kinds(m) == ["torch"]
+    sn_kernels.convert(m)
+    assert kinds(m) == ["ours"]
+    m(torch.randn(2, 4))
