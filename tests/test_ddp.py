@@ -1,6 +1,11 @@
 """DistributedDataParallel on the CPU: two gloo processes on loopback train a small SN
 discriminator with each API; u, v and weights must be identical on both ranks after
-every step (DDP broadcasts rank 0's buffers, so rank 0's u, v win)."""
+every step (DDP broadcasts rank 0's buffers, so rank 0's u, v win).
+
+Each step is the GAN pattern of pytorch#175024 / #66363: D(real) and D(fake) as two DDP
+forwards with broadcast_buffers=True (each overwrites u, v in place), then one backward
+of both: no "modified by an inplace operation" error, because the backward reads the
+copies of u, v that each forward used."""
 import os
 import sys
 import traceback
@@ -37,7 +42,7 @@ def _train(rank, world, init_file, api, results):
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(4 * 4 * 4, 1))
         torch.manual_seed(100 + rank)
         sn_kernels.apply_spectral_norm(model, api=api)
-        ddp = nn.parallel.DistributedDataParallel(model)
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=True)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(rank)
         for _ in range(STEPS):
