@@ -7,8 +7,8 @@ Install with torch already importable (the extension compiles against it)::
 
 What gets built (environment variable SN_KERNELS_BUILD):
     auto (default)  CUDA + CPU kernels when torch is a CUDA build and a CUDA toolkit of
-                    torch's CUDA release is found; CPU kernels only otherwise, with a
-                    banner saying why
+                    torch's CUDA release is found; CPU kernels only otherwise, or when the
+                    CUDA build fails, with a banner saying why
     cuda            CUDA + CPU kernels, or fail with the reason / the compiler's message
     cpu             CPU kernels only
     none            no extension: the pure-Python package (the native backend then
@@ -71,15 +71,36 @@ def _extensions():
     _build.write_build_info(cuda, why)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    srcs = [os.path.relpath(p, _here) for p in _build.sources(cuda)]
-    kw = dict(name="sn_kernels._C", sources=srcs, include_dirs=_build.include_dirs(cuda),
-              extra_link_args=_build.ldflags())
-    if cuda:
+    def make_ext(cuda: bool):
+        srcs = [os.path.relpath(p, _here) for p in _build.sources(cuda)]
+        kw = dict(name="sn_kernels._C", sources=srcs, include_dirs=_build.include_dirs(cuda),
+                  extra_link_args=_build.ldflags())
+        if not cuda:
+            return CppExtension(extra_compile_args={"cxx": _build.cxx_flags(False)}, **kw)
         kw["library_dirs"] = _build.cudart_link_dir(home, os.path.join(_here, "build"))
-        ext = CUDAExtension(extra_compile_args={"cxx": _build.cxx_flags(True), "nvcc": _build.nvcc_flags()}, **kw)
-    else:
-        ext = CppExtension(extra_compile_args={"cxx": _build.cxx_flags(False)}, **kw)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+        return CUDAExtension(extra_compile_args={"cxx": _build.cxx_flags(True), "nvcc": _build.nvcc_flags()}, **kw)
+
+    class BuildExt(BuildExtension):
+        """In auto mode a CUDA build that fails to compile or link falls back to the CPU kernels."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                if not (cuda and mode == "auto"):
+                    raise
+                reason = f"the CUDA build failed ({type(exc).__name__}: {exc}; the compiler's output is above)"
+                _banner(f"sn_kernels: building the CPU kernels only, WITHOUT the CUDA kernels: {reason}. "
+                        "The install goes on; SN_KERNELS_BUILD=cuda makes this an error.")
+                _build.write_build_info(False, reason)
+                copied = os.path.join(self.build_lib, "sn_kernels")
+                if os.path.isdir(copied):  # build_py has already copied the record (a wheel build)
+                    _build.write_build_info(False, reason, copied)
+                # the same Extension object (setuptools keeps private state on it), CPU-only fields
+                ext.__dict__.update({k: v for k, v in vars(make_ext(False)).items() if not k.startswith("_")})
+                super().build_extension(ext)
+
+    return [make_ext(cuda)], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -256,13 +256,14 @@ def prepare_cuda_env() -> str:
 BUILD_INFO = os.path.join(ROOT, "sn_kernels", "_build_info.json")
 
 
-def write_build_info(cuda: bool, why: str) -> None:
+def write_build_info(cuda: bool, why: str, folder: str | None = None) -> None:
     """Record what setup.py built and why (read by ``sn_kernels.native.build_info()``)."""
     import json
 
     import torch
 
-    with open(BUILD_INFO, "w") as f:
+    path = os.path.join(folder, os.path.basename(BUILD_INFO)) if folder else BUILD_INFO
+    with open(path, "w") as f:
         json.dump({"cuda_kernels": cuda, "why": why, "torch": torch.__version__}, f, indent=1)
 
 
