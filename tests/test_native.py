@@ -88,6 +88,36 @@ def test_eval_forward_and_backward(device, dtype, shape, dim):
     assert_close(grad.cpu(), grad_ref.cpu(), dtype, msg="backward")
 
 
+# CUDA plans the shared shapes never reach: a row split over several warps (few rows, long rows),
+# many row chunks, the transposed kernels (inner == 1: dim = the last dimension), the flattened
+# non-vector row pass (outer > 1, inner 16 and 70), rows that do not fill a vector
+CUDA_PLANS = [((3, 5000), 0), ((5000, 3), 0), ((700, 300), 1), ((64, 40, 4, 4), 1), ((37, 1001), 0),
+              ((9, 11, 70), 1), ((6, 50, 8), 2)]
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="no CUDA device with the native CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,dim", CUDA_PLANS, ids=str)
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_plans_match_oracle(dtype, shape, dim, order, training):
+    w, u, v = _inputs(shape, dim, dtype, "cuda", converged=not training)
+    w_ref, sigma_ref, u_ref, v_ref = pytorch_formula(w.cpu(), u.cpu(), v.cpu(), 2, 1e-12, dim, order, training)
+    sigma, u_used, v_used = _ops().native_power_iteration(w, u, v, 2, 1e-12, dim, order, training)
+    assert_close(sigma.cpu(), sigma_ref, dtype, msg="sigma")
+    assert_close(u.cpu(), u_ref, dtype, msg="u")
+    assert_close(v.cpu(), v_ref, dtype, msg="v")
+    assert torch.equal(u_used, u) and torch.equal(v_used, v)
+    assert_close(_ops().native_normalize(w, u_used, v_used, sigma, dim).cpu(), w_ref, dtype, msg="weight_sn")
+    G = torch.randn(w.shape, dtype=torch.float64).to("cuda", dtype)
+    grad = _ops().native_backward(G, w, u, v, sigma, dim)
+    grad_ref = reference.backward(G.double(), w.double(), u.double(), v.double(), sigma.double(), dim)
+    assert_close(grad.cpu(), grad_ref.cpu(), dtype, scale=1 if dtype == torch.float32 else 4, msg="backward")
+    again = _ops().native_power_iteration(w, u.clone(), v.clone(), 2, 1e-12, dim, order, training)
+    assert torch.equal(again[0], _ops().native_power_iteration(w, u.clone(), v.clone(), 2, 1e-12, dim, order,
+                                                                training)[0]), "not deterministic"
+
+
 def test_non_contiguous_weight():
     w = torch.randn(8, 6, 3, 3).to(memory_format=torch.channels_last)
     u = torch.randn(8)

@@ -148,9 +148,8 @@ def test_gradcheck_training_converged(order):
     """With converged u, v the iteration barely moves them, so treating them as
     constants (as PyTorch's autograd does) matches the finite differences."""
     w = planted(9, 6).to(DEV)
-    _, _, u, v = pytorch_formula(w, torch.ones(9, dtype=torch.float64), torch.ones(6, dtype=torch.float64),
-                                 n_power_iterations=200, order=order)
-    u, v = u.to(DEV), v.to(DEV)
+    ones = torch.ones(9, dtype=torch.float64, device=DEV), torch.ones(6, dtype=torch.float64, device=DEV)
+    _, _, u, v = pytorch_formula(w, *ones, n_power_iterations=200, order=order)
     w.requires_grad_(True)
 
     def f(weight):
@@ -296,3 +295,63 @@ def test_tile_table_covers_classes():
     assert_close(out, out_t)
     assert_close(u, u2)
     assert_close(v, v2)
+
+
+# Shapes whose passes split the reduced dimension (host.splits): the wide row pass, the tall
+# column pass and the column pass of a matrix with few column tiles; with a dim=1 layout too.
+TWO_STAGE = [((3, 5000), 0), ((5000, 3), 0), ((300, 300), 0), ((20, 40, 8, 8), 1)]
+
+
+def test_split_plans():
+    from sn_kernels.triton import host
+
+    for (shape, dim), passes in zip(TWO_STAGE, [("row",), ("col",), ("col",), ("row",)]):
+        m = shape[dim]
+        pl = host.plan(m, torch.Size(shape).numel() // m)
+        for name in passes:
+            tiles, n_split, length, (bm, bn, _) = pl[name]
+            assert n_split > 1 and pl["counters"] >= 1 + tiles, (shape, name, pl)
+            k = torch.Size(shape).numel() // m if name == "row" else m
+            assert length % (bn if name == "row" else bm) == 0 and (n_split - 1) * length < k <= n_split * length
+    # enough programs already: one stage; the split depends on the shape only
+    assert host.splits(host.TARGET_PROGRAMS, 10**6, 64) == (1, 10**6)
+    assert host.splits(4, 4096, 64) == host.splits(4, 4096, 64)
+    n, chunk = host.dot_grid(10**7)
+    assert n <= host.MAX_DOT_PROGRAMS and chunk % host.ELEM_BLOCK == 0 and (n - 1) * chunk < 10**7 <= n * chunk
+
+
+@pytest.mark.parametrize("shape,dim", TWO_STAGE, ids=str)
+@pytest.mark.parametrize("order", ["vu", "uv"])
+def test_two_stage_passes_match_torch_backend(shape, dim, order):
+    """Split reductions (tickets per tile, fixed-order sums of the splits) against the torch backend,
+    training with two iterations (first and later passes) and eval, and bit-identical on a rerun."""
+    w, u, v = _inputs(shape, dim, torch.float32, converged=True)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEV, torch.float32)
+    for training in (True, False):
+        runs = []
+        for backend in ("triton", "triton", "torch"):
+            ww, uu, vv = w.clone().requires_grad_(True), u.clone(), v.clone()
+            out, sigma = spectral_normalize(ww, uu, vv, n_power_iterations=2, dim=dim, order=order,
+                                            training=training, backend=backend)
+            out.backward(g)
+            runs.append((out.detach(), sigma, uu, vv, ww.grad))
+        for a, b in zip(runs[0], runs[1]):
+            assert torch.equal(a, b)
+        for a, b, scale in zip(runs[0], runs[2], (1, 1, 1, 1, 4)):
+            assert_close(a, b, scale=scale)
+
+
+def test_counters_per_stream_never_freed():
+    """The eager counters: one zeroed buffer per (device, stream), grown by retiring the old one."""
+    from sn_kernels.triton import host
+
+    dev = torch.device(DEV)
+    small = host._counters(dev, 3)
+    assert small.dtype == torch.int32 and small.numel() >= 3 and not small.any()
+    assert host._counters(dev, 2) is small  # reused: no allocation, no memset per call
+    big = host._counters(dev, small.numel() + 1)
+    assert big is not small and not big.any() and any(r is small for r in host._retired)
+    assert host._counters(dev, 1) is big
+    if dev.type == "cuda":
+        with torch.cuda.stream(torch.cuda.Stream()):
+            assert host._counters(dev, 1) is not big  # another stream, other counters

@@ -24,30 +24,33 @@ def configs():
     tiles = sorted({t for cls in host.TILES.values() for t in cls.values()})
     for dt, ptr in PTR.items():
         acc = "*fp64" if dt == "float64" else "*fp32"
+        # (x, y_prev): the first pass of "vu"/"uv" reads the stored vectors (ptr, ptr), its second
+        # pass the acc vector with the stored previous one (acc, ptr), later iterations (acc, acc)
+        vectors = sorted({(ptr, ptr), (acc, ptr), (acc, acc)})
         for bm, bn, warps in tiles:
             for kern in (K.row_pass_kernel, K.col_pass_kernel):
-                # the first pass reads the stored vectors, later ones the acc ones (x and y_prev apart)
-                for x, prev in sorted({(a, b) for a in (ptr, acc) for b in (ptr, acc)}):
+                for x, prev in vectors:
                     for split in (False, True):
-                        for final in (False, True):
+                        for two in (False, True):
                             sig = {"W": ptr, "x": x, "y_raw": acc, "y_prev": prev, "partials": acc, "counter": "*i32",
-                                   "y_acc": acc, "y_out": ptr, "y_copy": ptr, "sigma": acc,
-                                   "M": "i32", "N": "i32", "B": "i32", "MB": "i32", "eps": "fp32"}
-                            cx = {"SPLIT": split, "FINAL": final, "BLOCK_M": bm, "BLOCK_N": bn,
-                                  "BLOCK_V": host.FINISH_BLOCK}
-                            yield f"{kern.__name__}[{dt},x={x},prev={prev},{bm}x{bn},split={split},final={final}]", \
+                                   "y_acc": acc, "y_out": ptr, "y_copy": ptr, "sigma": acc, "y_part": acc,
+                                   "M": "i32", "N": "i32", "B": "i32", "MB": "i32", "eps": "fp32", "K_SPLIT": "i32",
+                                   "final": "i32"}
+                            cx = {"SPLIT": split, "TWO_STAGE": two, "BLOCK_M": bm, "BLOCK_N": bn,
+                                  "BLOCK_V": host.FINISH_BLOCK, "SPLIT_BLOCK": host.SPLIT_BLOCK}
+                            yield f"{kern.__name__}[{dt},x={x},prev={prev},{bm}x{bn},split={split},two={two}]", \
                                 kern, sig, cx, warps
             for split in (False, True):
                 sig = {"W": ptr, "u": ptr, "v": ptr, "partials": acc, "counter": "*i32", "u_copy": ptr,
-                       "v_copy": ptr, "sigma": acc, "M": "i32", "N": "i32", "B": "i32", "MB": "i32"}
+                       "v_copy": ptr, "sigma": acc, "M": "i32", "N": "i32", "B": "i32", "MB": "i32", "K_SPLIT": "i32"}
                 cx = {"SPLIT": split, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_V": host.FINISH_BLOCK}
                 yield f"eval_pass_kernel[{dt},{bm}x{bn},split={split}]", K.eval_pass_kernel, sig, cx, warps
         w = host.ELEM_WARPS
         yield f"divide_kernel[{dt}]", K.divide_kernel, \
             {"W": ptr, "sigma": acc, "out": ptr, "numel": "i32"}, {"BLOCK": host.ELEM_BLOCK}, w
         yield f"dot_pass_kernel[{dt}]", K.dot_pass_kernel, \
-            {"G": ptr, "W": ptr, "partials": acc, "counter": "*i32", "sigma": acc, "c_out": acc, "numel": "i32"}, \
-            {"BLOCK": host.ELEM_BLOCK, "BLOCK_V": host.FINISH_BLOCK}, w
+            {"G": ptr, "W": ptr, "partials": acc, "counter": "*i32", "sigma": acc, "c_out": acc, "numel": "i32",
+             "CHUNK": "i32"}, {"BLOCK": host.ELEM_BLOCK, "BLOCK_V": host.FINISH_BLOCK}, w
         yield f"grad_pass_kernel[{dt}]", K.grad_pass_kernel, \
             {"G": ptr, "u": ptr, "v": ptr, "c_ptr": acc, "sigma": acc, "out": ptr, "numel": "i32", "M": "i32",
              "B": "i32"}, {"BLOCK": host.ELEM_BLOCK}, w
@@ -89,8 +92,12 @@ def ptxas_works(arch: int = 90) -> bool:
         return False
 
 
-def compile_one(kernel, signature, constexprs, num_warps, arch=90):
-    """Compile one variant for ``cuda:arch``; return the compiled kernel (its .asm has ttir..cubin)."""
+def compile_one(kernel, signature, constexprs, num_warps, arch=90, aligned=False):
+    """Compile one variant for ``cuda:arch``; return the compiled kernel (its .asm has ttir..cubin).
+
+    ``aligned``: mark every pointer and every int argument but ``final`` divisible by 16, as
+    the JIT does for 16-byte aligned tensors and sizes that are multiples of 16 (the variant
+    a large power-of-two weight runs)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -98,8 +105,46 @@ def compile_one(kernel, signature, constexprs, num_warps, arch=90):
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})  # triton >= 3.2 lists constexprs in the signature too
     sig = {name: sig[name] for name in kernel.arg_names}  # in argument order
-    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+             if aligned and name != "final" and (ty.startswith("*") or ty == "i32")}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def resources(compiled, arch: int = 90) -> str:
+    """'regs R, spill S B, smem M B' of a compiled variant, from ``ptxas -v`` on its PTX (no GPU needed)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+                              "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return (f"regs {regs.group(1) if regs else '?'}, spill {spill.group(1) if spill else '?'} B, "
+            f"smem {compiled.metadata.shared} B")
+
+
+def dump(compiled, name: str, folder: str) -> None:
+    """Write the variant's PTX and its SASS (cuobjdump from triton's package) to ``folder``."""
+    import subprocess
+
+    from triton import knobs
+
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, re.sub(r"[^A-Za-z0-9_.=-]+", "_", name))
+    with open(stem + ".ptx", "w") as f:
+        f.write(compiled.asm["ptx"])
+    with open(stem + ".cubin", "wb") as f:
+        f.write(compiled.asm["cubin"])
+    cuobjdump = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
+    with open(stem + ".sass", "w") as f:
+        subprocess.run([cuobjdump, "-sass", stem + ".cubin"], stdout=f, stderr=subprocess.STDOUT)
 
 
 def main(argv=None) -> int:
@@ -112,6 +157,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one tile config per kernel and dtype")
     ap.add_argument("--dtype", choices=sorted(PTR), action="append", help="only these weight dtypes")
     ap.add_argument("--stop-at-llir", action="store_true", help="skip PTX/cubin (forced when ptxas is missing)")
+    ap.add_argument("--report", action="store_true", help="print registers, spills and shared memory per variant")
+    ap.add_argument("--only", default=None, help="only variants whose name contains this string")
+    ap.add_argument("--aligned", action="store_true", help="pointers and sizes divisible by 16 (the JIT's variant "
+                    "for large power-of-two weights)")
+    ap.add_argument("--dump", default=None, help="folder: write each variant's PTX and SASS there")
     args = ap.parse_args(argv)
     final = "cubin"
     if args.stop_at_llir or not ptxas_works(args.arch):
@@ -122,16 +172,21 @@ def main(argv=None) -> int:
     for name, kernel, sig, cx, warps in configs():
         if args.dtype and name.split("[")[1].split(",")[0].rstrip("]") not in args.dtype:
             continue
-        key = (kernel.__name__, tuple(sig.values()), cx.get("SPLIT"), cx.get("FINAL"))  # --quick: one tile
+        if args.only and args.only not in name:
+            continue
+        key = (kernel.__name__, tuple(sig.values()), cx.get("SPLIT"), cx.get("TWO_STAGE"))  # --quick: one tile
         if args.quick and key in seen:
             continue
         seen.add(key)
         n += 1
         try:
-            compiled = compile_one(kernel, sig, cx, warps, args.arch)
+            compiled = compile_one(kernel, sig, cx, warps, args.arch, args.aligned)
+            if args.dump and final == "cubin":
+                dump(compiled, name, args.dump)
             stages = [s for s in ("ttir", "ttgir", "llir", "ptx", "cubin") if s in compiled.asm]
             ok = len(compiled.asm.get(final) or "") > 0
-            print(f"{'ok ' if ok else 'BAD'} {name}: {'/'.join(stages)}")
+            extra = f"  [{resources(compiled, args.arch)}]" if args.report and final == "cubin" else ""
+            print(f"{'ok ' if ok else 'BAD'} {name}: {'/'.join(stages)}{extra}")
             failures += not ok
         except Exception:
             failures += 1

@@ -6,8 +6,15 @@ Launches (no host sync anywhere, so every path is CUDA-graph capturable):
     eval                    1 pass (reads |W|)
     normalize               1 elementwise pass (reads |W|, writes |W|)
     backward                2 passes (<G, W>: reads 2|W|; grad: reads |G|, writes |W|)
+
+Every launch runs on the weight's device (a device guard when it is not the current
+one) and on that device's current stream.  The ticket counters the kernels use are
+per (device, stream) and never freed; under CUDA graph capture each launch gets
+counters of its own, owned by the graph (see ``_counters``).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -26,6 +33,10 @@ TILES = {
 }
 ELEM_BLOCK, ELEM_WARPS = 1024, 4     # elementwise and <G, W> passes
 FINISH_BLOCK = 1024                  # block of the last program's fixed-order reduction
+SPLIT_BLOCK = 16                     # splits a tile's last program sums per load (two-stage passes)
+TARGET_PROGRAMS = 1024               # programs wanted per mat-vec pass (about 8 per SM on an H100/H200)
+MIN_SPLIT_STEPS = 4                  # a split covers at least this many tile steps of the reduced dim
+MAX_DOT_PROGRAMS = 1024              # programs of the <G, W> pass
 MAX_INDEX = 2**31 - 1                # kernels index with int32
 
 
@@ -40,22 +51,92 @@ def shape_class(m: int, n: int) -> str:
     return "large"
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
+def splits(tiles: int, k: int, block_k: int) -> tuple[int, int]:
+    """(number of splits, length of each) of the reduced dimension ``k`` for a pass of ``tiles``
+    programs: enough programs to fill the device, each split at least MIN_SPLIT_STEPS tile steps.
+    Depends on the shape only, so the fixed-order sums are the same on every run."""
+    if tiles >= TARGET_PROGRAMS // 2:
+        return 1, max(k, 1)
+    n = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(k, block_k * MIN_SPLIT_STEPS)))
+    length = triton.cdiv(triton.cdiv(k, n), block_k) * block_k
+    return triton.cdiv(k, length), length
 
 
-def _counter(device: torch.device) -> torch.Tensor:
-    """A persistent zeroed int32 ticket counter per device; every kernel resets it to 0.
+def dot_grid(numel: int) -> tuple[int, int]:
+    """(programs, elements per program) of the <G, W> pass: at most MAX_DOT_PROGRAMS programs
+    over contiguous chunks of whole blocks (shape-only, so the partial sums are too)."""
+    n = max(1, min(MAX_DOT_PROGRAMS, triton.cdiv(numel, ELEM_BLOCK)))
+    chunk = triton.cdiv(triton.cdiv(numel, n), ELEM_BLOCK) * ELEM_BLOCK
+    return triton.cdiv(numel, chunk), chunk
 
-    Allocated once (before any CUDA graph capture: a warm-up call does it), so a
-    call costs no memset launch.  Kernels on one device share it, which assumes
-    they are ordered on one stream (as a training step is)."""
-    c = _counters.get(device)
-    if c is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("sn_kernels triton backend: run one call eagerly before CUDA graph capture")
-        c = torch.zeros(1, dtype=torch.int32, device=device)
-        _counters[device] = c
+
+@functools.lru_cache(maxsize=1024)
+def plan(m: int, n: int):
+    """Grids and workspace sizes of the passes for an (m, n) matrix (host arithmetic, cached).
+
+    Returns a dict: ``row``/``col``/``eval``: (tiles, splits, split length, (BLOCK_M, BLOCK_N,
+    warps)); ``partials``: floats for the per-program partials; ``split``: floats for the
+    split partial vectors; ``counters``: int32 tickets a launch needs (1 + tiles of a
+    two-stage pass)."""
+    tiles = TILES[shape_class(m, n)]
+    bm, bn, _ = tiles["row"]
+    row_tiles = triton.cdiv(m, bm)
+    row = (row_tiles, *splits(row_tiles, n, bn), tiles["row"])
+    bm, bn, _ = tiles["col"]
+    col_tiles = triton.cdiv(n, bn)
+    col = (col_tiles, *splits(col_tiles, m, bm), tiles["col"])
+    two = [p for p in (row, col) if p[1] > 1]
+    return {
+        "row": row, "col": col, "eval": row,  # the eval pass runs on the row pass's grid
+        "partials": max(row[0], col[0]),
+        "split": max([row[1] * m if row[1] > 1 else 0, col[1] * n if col[1] > 1 else 0]),
+        "counters": 1 + max([p[0] for p in two], default=0),
+    }
+
+
+_counter_buffers: dict[tuple, torch.Tensor] = {}
+_retired: list[torch.Tensor] = []  # outgrown counter buffers: never freed (a queued kernel may still use one)
+
+
+def _stream_key(device: torch.device) -> tuple:
+    """(device type, index, current raw stream) of ``device``."""
+    if device.type != "cuda":
+        return (device.type, device.index, 0)
+    return ("cuda", device.index, torch._C._cuda_getCurrentRawStream(device.index))
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` int32 ticket counters, all 0, for the launches about to be made on ``device``'s
+    current stream; every kernel resets the counters it used to 0.
+
+    Eager: one buffer per (device, stream), zeroed once on that stream and never freed
+    (it grows by retiring the old one), so kernels on two streams never share a counter
+    and a call costs no memset.  Under CUDA graph capture: a fresh zeroed tensor from the
+    graph's private pool, its memset captured before the kernel, so a graph's counters are
+    its own (two graphs, or a graph and eager calls, can run at once on any streams)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = _stream_key(device)
+    c = _counter_buffers.get(key)
+    if c is None or c.numel() < n:
+        if c is not None:
+            _retired.append(c)
+        c = torch.zeros(max(64, 1 << (n - 1).bit_length()), dtype=torch.int32, device=device)
+        _counter_buffers[key] = c
     return c
+
+
+def _on_weight_device(fn):
+    """Run ``fn`` with the device of its first (tensor) argument current, as Triton launches
+    on the current device and stream."""
+    @functools.wraps(fn)
+    def run(t, *args):
+        dev = t.device
+        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return fn(t, *args)
+        return fn(t, *args)
+    return run
 
 
 def _geometry(weight: torch.Tensor, dim: int):
@@ -70,16 +151,18 @@ def _geometry(weight: torch.Tensor, dim: int):
     return w, m, n, b, b != n  # b == n exactly when dim == 0 (or every leading size is 1)
 
 
-def _launch_pass(kernel, tiles, W, x, prev, ws, out, final, m, n, b, split, eps):
-    """One mat-vec pass reading ``x``; ``prev`` is the vector kept on a zero/non-finite
-    step; ``out`` = (y_acc, y_out, y_copy, sigma)."""
-    bm, bn, warps = tiles
-    y_raw, partials = ws
-    grid = (triton.cdiv(m, bm),) if kernel is K.row_pass_kernel else (triton.cdiv(n, bn),)
-    kernel[grid](W, x, y_raw, prev, partials, _counter(W.device), *out, m, n, b, m * b, eps,
-                 SPLIT=split, FINAL=final, BLOCK_M=bm, BLOCK_N=bn, BLOCK_V=FINISH_BLOCK, num_warps=warps)
+def _launch_pass(kernel, p, W, x, prev, ws, out, final, m, n, b, split, eps, counters):
+    """One mat-vec pass reading ``x`` with plan ``p`` = (tiles, splits, split length, tiles
+    config); ``prev`` is the vector kept on a zero/non-finite step; ``ws`` = (y_raw,
+    partials, split partials); ``out`` = (y_acc, y_out, y_copy, sigma)."""
+    tiles, n_split, length, (bm, bn, warps) = p
+    y_raw, partials, y_part = ws
+    kernel[(tiles, n_split)](W, x, y_raw, prev, partials, counters, *out, y_part, m, n, b, m * b, eps, length,
+                             int(final), SPLIT=split, TWO_STAGE=n_split > 1, BLOCK_M=bm, BLOCK_N=bn,
+                             BLOCK_V=FINISH_BLOCK, SPLIT_BLOCK=SPLIT_BLOCK, num_warps=warps)
 
 
+@_on_weight_device
 def power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
     """Power iteration (training) or sigma = u . (W v) (eval); see functional.py for the contract."""
     W, m, n, b, split = _geometry(weight, dim)
@@ -87,33 +170,40 @@ def power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training)
     dev = weight.device
     sigma = torch.empty((), dtype=acc, device=dev)
     u_used, v_used = torch.empty_like(u), torch.empty_like(v)
-    tiles = TILES[shape_class(m, n)]
+    pl = plan(m, n)
     if not training:
-        bm, bn, warps = tiles["row"]
-        grid = (triton.cdiv(m, bm),)
-        partials = torch.empty(grid[0], dtype=acc, device=dev)
-        K.eval_pass_kernel[grid](W, u, v, partials, _counter(dev), u_used, v_used, sigma, m, n, b, m * b,
-                                 SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_V=FINISH_BLOCK, num_warps=warps)
+        tiles, n_split, length, (bm, bn, warps) = pl["eval"]
+        partials = torch.empty(tiles * n_split, dtype=acc, device=dev)
+        K.eval_pass_kernel[(tiles, n_split)](W, u, v, partials, _counters(dev, 1), u_used, v_used, sigma,
+                                             m, n, b, m * b, length, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn,
+                                             BLOCK_V=FINISH_BLOCK, num_warps=warps)
         return sigma, u_used, v_used
-    # workspace: raw and normalized vectors in the accumulation dtype, one partial per program
-    n_parts = max(triton.cdiv(m, tiles["row"][0]), triton.cdiv(n, tiles["col"][1]))
-    ws = torch.empty(2 * (m + n) + n_parts, dtype=acc, device=dev)
+    # workspace: raw and normalized vectors in the accumulation dtype, one partial per program,
+    # the split partial vectors of a two-stage pass
+    ws = torch.empty(2 * (m + n) + pl["partials"] + max(pl["split"], 1), dtype=acc, device=dev)
     u_raw, u_acc, v_raw, v_acc = ws[:m], ws[m:2 * m], ws[2 * m:2 * m + n], ws[2 * m + n:2 * (m + n)]
-    partials = ws[2 * (m + n):]
+    partials = ws[2 * (m + n):2 * (m + n) + pl["partials"]]
+    y_part = ws[2 * (m + n) + pl["partials"]:]
+    counters = _counters(dev, pl["counters"])
     eps = float(eps)
     u_in, v_in = u, v  # the first pass reads the stored vector, later ones the fp32/fp64 one
+
+    def to_v(x, final):  # v = normalize(W^T x)
+        _launch_pass(K.col_pass_kernel, pl["col"], W, x, v_in, (v_raw, partials, y_part), (v_acc, v, v_used, sigma),
+                     final, m, n, b, split, eps, counters)
+
+    def to_u(x, final):  # u = normalize(W x)
+        _launch_pass(K.row_pass_kernel, pl["row"], W, x, u_in, (u_raw, partials, y_part), (u_acc, u, u_used, sigma),
+                     final, m, n, b, split, eps, counters)
+
     for it in range(n_power_iterations):
         final = it == n_power_iterations - 1
         if order == "vu":
-            _launch_pass(K.col_pass_kernel, tiles["col"], W, u_in, v_in, (v_raw, partials), (v_acc, v, v_used, sigma),
-                         final, m, n, b, split, eps)
-            _launch_pass(K.row_pass_kernel, tiles["row"], W, v_acc, u_in, (u_raw, partials), (u_acc, u, u_used, sigma),
-                         final, m, n, b, split, eps)
+            to_v(u_in, final)
+            to_u(v_acc, final)
         else:
-            _launch_pass(K.row_pass_kernel, tiles["row"], W, v_in, u_in, (u_raw, partials), (u_acc, u, u_used, sigma),
-                         final, m, n, b, split, eps)
-            _launch_pass(K.col_pass_kernel, tiles["col"], W, u_acc, v_in, (v_raw, partials), (v_acc, v, v_used, sigma),
-                         final, m, n, b, split, eps)
+            to_u(v_in, final)
+            to_v(u_acc, final)
         u_in, v_in = u_acc, v_acc
     return sigma, u_used, v_used
 
@@ -140,6 +230,7 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+@_on_weight_device
 def normalize(weight, u, v, sigma, dim):
     """W / sigma (0 where sigma == 0) in the weight's layout and dtype; one launch, sigma read on device."""
     W, out = _dense_like(weight)
@@ -150,16 +241,18 @@ def normalize(weight, u, v, sigma, dim):
     return out
 
 
+@_on_weight_device
 def backward(grad, weight, u, v, sigma, dim):
     """grad_W = (G - <G, W>/sigma u v^T) / sigma in two launches (4|W| bytes)."""
     W, m, n, b, _ = _geometry(weight, dim)
     G = grad.contiguous()
     numel = W.numel()
-    grid = (triton.cdiv(numel, ELEM_BLOCK),)
-    ws = torch.empty(grid[0] + 1, dtype=sigma.dtype, device=W.device)  # partials, then c
-    partials, c = ws[:grid[0]], ws[grid[0]:]
-    K.dot_pass_kernel[grid](G, W, partials, _counter(W.device), sigma, c, numel,
-                            BLOCK=ELEM_BLOCK, BLOCK_V=FINISH_BLOCK, num_warps=ELEM_WARPS)
+    n_dot, chunk = dot_grid(numel)
+    ws = torch.empty(n_dot + 1, dtype=sigma.dtype, device=W.device)  # partials, then c
+    partials, c = ws[:n_dot], ws[n_dot:]
+    K.dot_pass_kernel[(n_dot,)](G, W, partials, _counters(W.device, 1), sigma, c, numel, chunk,
+                                BLOCK=ELEM_BLOCK, BLOCK_V=FINISH_BLOCK, num_warps=ELEM_WARPS)
     out = torch.empty_like(W)
-    K.grad_pass_kernel[grid](G, u, v, c, sigma, out, numel, m, b, BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS)
+    K.grad_pass_kernel[(triton.cdiv(numel, ELEM_BLOCK),)](G, u, v, c, sigma, out, numel, m, b,
+                                                          BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS)
     return out

@@ -7,6 +7,13 @@ a fixed order (a tl.sum over a fixed-size block), finishes the pass and resets
 the counter to 0.  Which program finishes varies from run to run; the order
 of the sums does not, so results are bit-identical.
 
+The mat-vec passes run on a (tiles, splits) grid: program (t, s) reduces split s
+of the reduced dimension for output tile t.  With more than one split
+(``TWO_STAGE``) each program stores its partial vector, the last split of a tile
+to take a ticket of that tile (``counter[1 + t]``) sums the splits in a fixed
+order, and then publishes the tile as a one-stage program does (``counter[0]``).
+The split count depends on the shape only (host.py), so the sums do too.
+
 The accumulation dtype ``ACC`` (float32, or float64 for float64 weights) is
 read from the element type of a workspace pointer, so one kernel body serves
 every dtype.  Only core ``tl`` APIs are used (triton 3.6 to 3.9).
@@ -48,8 +55,8 @@ def _safe_div(x, s):
 
 
 @triton.jit
-def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy, sigma, eps,
-                      FINAL: tl.constexpr, BLOCK: tl.constexpr):
+def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy, sigma, eps, final,
+                      BLOCK: tl.constexpr):
     """Last program of a mat-vec pass: y = y_raw / max(|y_raw|, eps) and sigma = |y|^2 / max(|y|, eps).
 
     A zero or non-finite norm keeps the previous vector ``y_prev`` (reference._normalize),
@@ -66,15 +73,15 @@ def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy,
         prev = tl.load(y_prev + idx, mask=mask, other=0.0).to(y.dtype)
         y = tl.where(accept, y, prev)
         tl.store(y_acc + idx, y, mask=mask)
-        if FINAL:
+        if final:
             tl.store(y_out + idx, y.to(y_out.dtype.element_ty), mask=mask)
             tl.store(y_copy + idx, y.to(y_copy.dtype.element_ty), mask=mask)
     tl.store(sigma, norm * norm / denom)
 
 
 @triton.jit
-def _publish(y, idx, mask, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps,
-             FINAL: tl.constexpr, BLOCK_V: tl.constexpr):
+def _publish(y, idx, mask, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps, final,
+             BLOCK_V: tl.constexpr):
     """Store this program's slice of y and its partial |y|^2; the last program to take a
     ticket combines the partials in a fixed order and normalizes y (deterministic)."""
     tl.store(y_raw + idx, y, mask=mask)
@@ -85,82 +92,126 @@ def _publish(y, idx, mask, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_
     ticket = tl.atomic_add(counter, 1)
     if ticket == tl.num_programs(0) - 1:
         _finish_normalize(y_raw, y_prev, partials, tl.num_programs(0), L, y_acc, y_out, y_copy, sigma, eps,
-                          FINAL, BLOCK_V)
+                          final, BLOCK_V)
         tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def row_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy, sigma,
-                    M, N, B, MB, eps,
-                    SPLIT: tl.constexpr, FINAL: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """y = normalize(W x): one program per BLOCK_M rows, looping over all columns.
+def _sum_splits(y_part, idx, mask, L, n_split, SPLIT_BLOCK: tl.constexpr):
+    """Fixed-order sum over s of ``y_part[s * L + idx]`` (volatile: written by other programs).
+
+    SPLIT_BLOCK splits are loaded as one [SPLIT_BLOCK, len(idx)] tile, so their loads are
+    in flight together, and summed by a fixed tree."""
+    srange = tl.arange(0, SPLIT_BLOCK)
+    tot = tl.zeros(idx.shape, dtype=y_part.dtype.element_ty)
+    for s0 in range(0, n_split, SPLIT_BLOCK):
+        s = s0 + srange
+        part = tl.load(y_part + s[:, None] * L + idx[None, :], mask=(s < n_split)[:, None] & mask[None, :],
+                       other=0.0, volatile=True)
+        tot += tl.sum(part, axis=0)
+    return tot
+
+
+@triton.jit
+def _finish_tile(y, idx, mask, y_part, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps, final,
+                 TWO_STAGE: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """End of a mat-vec program holding the partial ``y`` of tile program_id(0): publish it
+    directly (one split) or, with several splits, let the tile's last split sum them first."""
+    if TWO_STAGE:
+        ps = tl.program_id(1)
+        n_split = tl.num_programs(1)
+        tl.store(y_part + ps * L + idx, y, mask=mask)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter + 1 + tl.program_id(0), 1)
+        if ticket == n_split - 1:
+            tl.atomic_xchg(counter + 1 + tl.program_id(0), 0)
+            _publish(_sum_splits(y_part, idx, mask, L, n_split, SPLIT_BLOCK), idx, mask, y_raw, y_prev, partials,
+                     counter, L, y_acc, y_out, y_copy, sigma, eps, final, BLOCK_V)
+    else:
+        _publish(y, idx, mask, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps, final, BLOCK_V)
+
+
+@triton.jit(do_not_specialize=["final"])  # a runtime flag: one compiled kernel, not two
+def row_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy, sigma, y_part,
+                    M, N, B, MB, eps, K_SPLIT, final,
+                    SPLIT: tl.constexpr, TWO_STAGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """y = normalize(W x): program (t, s) reduces columns [s*K_SPLIT, (s+1)*K_SPLIT) of rows tile t.
 
     ``x`` may be the weight-dtype vector (first pass) or the accumulation-dtype
     one of the previous pass: it is cast to ACC on load either way."""
     ACC = y_raw.dtype.element_ty
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
+    lo = tl.program_id(1) * K_SPLIT
+    hi = tl.minimum(N, lo + K_SPLIT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for j0 in range(0, N, BLOCK_N):
+    for j0 in range(lo, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
+        cmask = cols < hi
         w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
         xv = tl.load(x + cols, mask=cmask, other=0.0).to(ACC)
         acc += w.to(ACC) * xv[None, :]
-    _publish(tl.sum(acc, axis=1), rows, rmask, y_raw, y_prev, partials, counter, M, y_acc, y_out, y_copy, sigma,
-             eps, FINAL, BLOCK_V)
+    _finish_tile(tl.sum(acc, axis=1), rows, rmask, y_part, y_raw, y_prev, partials, counter, M, y_acc, y_out, y_copy,
+                 sigma, eps, final, TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
 
 
-@triton.jit
-def col_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy, sigma,
-                    M, N, B, MB, eps,
-                    SPLIT: tl.constexpr, FINAL: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """y = normalize(W^T x): one program per BLOCK_N columns, looping over all rows."""
+@triton.jit(do_not_specialize=["final"])  # a runtime flag: one compiled kernel, not two
+def col_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy, sigma, y_part,
+                    M, N, B, MB, eps, K_SPLIT, final,
+                    SPLIT: tl.constexpr, TWO_STAGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """y = normalize(W^T x): program (t, s) reduces rows [s*K_SPLIT, (s+1)*K_SPLIT) of columns tile t."""
     ACC = y_raw.dtype.element_ty
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
+    lo = tl.program_id(1) * K_SPLIT
+    hi = tl.minimum(M, lo + K_SPLIT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for i0 in range(0, M, BLOCK_M):
+    for i0 in range(lo, hi, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
-        rmask = rows < M
+        rmask = rows < hi
         w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
         xv = tl.load(x + rows, mask=rmask, other=0.0).to(ACC)
         acc += w.to(ACC) * xv[:, None]
-    _publish(tl.sum(acc, axis=0), cols, cmask, y_raw, y_prev, partials, counter, N, y_acc, y_out, y_copy, sigma,
-             eps, FINAL, BLOCK_V)
+    _finish_tile(tl.sum(acc, axis=0), cols, cmask, y_part, y_raw, y_prev, partials, counter, N, y_acc, y_out, y_copy,
+                 sigma, eps, final, TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
 
 
 @triton.jit
 def eval_pass_kernel(W, u, v, partials, counter, u_copy, v_copy, sigma,
-                     M, N, B, MB,
+                     M, N, B, MB, K_SPLIT,
                      SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """sigma = u . (W v) in one pass; also writes the copies of u and v."""
+    """sigma = u . (W v) in one pass; also writes the copies of u and v.
+
+    Program (t, s) adds u_i (W v)_i over rows tile t and columns split s: every program's
+    partial is a scalar, so one fixed-order sum over all programs finishes it."""
     ACC = partials.dtype.element_ty
     pid = tl.program_id(0)
+    ps = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
+    lo = ps * K_SPLIT
+    hi = tl.minimum(N, lo + K_SPLIT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for j0 in range(0, N, BLOCK_N):
+    for j0 in range(lo, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
+        cmask = cols < hi
         w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
         xv = tl.load(v + cols, mask=cmask, other=0.0)
-        # program 0 copies v on the way; the scalar test is broadcast to the block by hand
-        # (the triton 3.9 interpreter refuses a block mask `&` a scalar bool)
+        # the programs of rows tile 0 copy v on the way; the scalar test is broadcast to the block by
+        # hand (the triton 3.9 interpreter refuses a block mask `&` a scalar bool)
         tl.store(v_copy + cols, xv, mask=cmask & ((cols * 0 + pid) == 0))
         acc += w.to(ACC) * xv.to(ACC)[None, :]
     s = tl.sum(acc, axis=1)
     ur = tl.load(u + rows, mask=rmask, other=0.0)
-    tl.store(u_copy + rows, ur, mask=rmask)
-    tl.store(partials + pid, tl.sum(ur.to(ACC) * s, axis=0))
+    tl.store(u_copy + rows, ur, mask=rmask & ((rows * 0 + ps) == 0))  # split 0 copies u
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(partials + pid * tl.num_programs(1) + ps, tl.sum(ur.to(ACC) * s, axis=0))
     tl.debug_barrier()
     ticket = tl.atomic_add(counter, 1)
-    if ticket == tl.num_programs(0) - 1:
-        tl.store(sigma, _sum_partials(partials, tl.num_programs(0), BLOCK_V))
+    if ticket == nprog - 1:
+        tl.store(sigma, _sum_partials(partials, nprog, BLOCK_V))
         tl.atomic_xchg(counter, 0)
 
 
@@ -175,15 +226,21 @@ def divide_kernel(W, sigma, out, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def dot_pass_kernel(G, W, partials, counter, sigma, c_out, numel, BLOCK: tl.constexpr, BLOCK_V: tl.constexpr):
-    """c = <G, W> / sigma: per-program partials, the last program sums them in fixed order."""
+def dot_pass_kernel(G, W, partials, counter, sigma, c_out, numel, CHUNK, BLOCK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """c = <G, W> / sigma: program p sums elements [p*CHUNK, (p+1)*CHUNK) (CHUNK a multiple of
+    BLOCK, shape-only), the last program sums the partials in fixed order."""
     ACC = partials.dtype.element_ty
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
-    w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(partials + pid, tl.sum(g * w, axis=0))
+    lo = pid * CHUNK
+    hi = tl.minimum(numel, lo + CHUNK)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for k0 in range(lo, hi, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mask = offs < hi
+        g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
+        w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
+        acc += g * w
+    tl.store(partials + pid, tl.sum(acc, axis=0))
     tl.debug_barrier()
     ticket = tl.atomic_add(counter, 1)
     if ticket == tl.num_programs(0) - 1:
