@@ -30,22 +30,22 @@ fi
 stamp="$VENV/.sn_kernels-stamp"
 want=$(cat "$LOCK" setup.py pyproject.toml sn_kernels/_build.py csrc/* | sha256sum | cut -c1-16)-${SN_KERNELS_BUILD:-auto}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && (cd "$SRC" && "$VENV/bin/python" -c "import sn_kernels._C") 2>/dev/null; then
+        && (cd "$SRC" && "$VENV_ABS/bin/python" -c "import sn_kernels._C") 2>/dev/null; then
     echo "== $VENV is up to date with $LOCK and the sources"
 else
     rm -f "$stamp"
     echo "== installing $LOCK into $VENV"
     "$VENV/bin/python" -m pip install --disable-pip-version-check "pip==$PIP_VERSION"
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -r "$LOCK"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -r "$LOCK"
     echo "== building sn_kernels in $SRC (a minute or two: the CUDA kernels compile for sm_80 and sm_90)"
     # --no-build-isolation: built against the torch just installed; --no-deps: the lock has them all;
     # -v only shows the toolkit choice and the compiler lines, which a failure needs anyway
-    (cd "$SRC" && "$VENV/bin/python" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v -e . \
-        > "$VENV/build.log" 2>&1) || { cat "$VENV/build.log"; echo "== the build failed: its whole log is above" >&2; exit 1; }
+    (cd "$SRC" && "$VENV_ABS/bin/python" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v -e . \
+        > "$VENV_ABS/build.log" 2>&1) || { cat "$VENV/build.log"; echo "== the build failed: its whole log is above" >&2; exit 1; }
     grep "^ *sn_kernels:" "$VENV/build.log" | sort -u || true
     echo "$want" > "$stamp"
 fi
-(cd "$SRC" && "$VENV/bin/python" - <<'PY'
+(cd "$SRC" && "$VENV_ABS/bin/python" - <<'PY'
 import torch, triton, sn_kernels
 from sn_kernels import native
 info = native.build_info()
