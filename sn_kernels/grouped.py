@@ -1,68 +1,356 @@
-"""Grouped spectral norm: every SN weight of a model normalized up front, once per model call.
+"""Grouped spectral norm: every SN weight of a model normalized together, up front.
 
-``sn_kernels.group(model)`` registers a forward pre-hook on ``model`` that computes
-the normalized weight of every sn_kernels spectral norm inside it (both APIs,
-matrix mode) before the model runs; each layer then uses its pre-computed weight
-instead of computing its own.  The semantics are exactly the per-module ones: one
-power iteration per layer per model call, the same u, v, outputs and gradients.
+``sn_kernels.group(model)`` computes the normalized weight of every sn_kernels
+spectral norm inside ``model`` (both APIs, matrix mode) in one go, and each layer
+then uses its pre-computed weight instead of computing its own.  Two refresh
+policies:
 
-This is the seam for a multi-tensor launch (all weights of a model in one launch
-per dependent pass, as ``multi_tensor_apply`` does for optimizers); today every
-weight still goes through ``spectral_normalize`` one at a time.
+``group(model)`` (per call)
+    At every call of ``model``: one power iteration per layer, the same u, v, sigma,
+    outputs and gradients as without grouping (bit-identical on the native and torch
+    backends: the same kernels run in the same order).  All the weights of one
+    (device, dtype) share ONE autograd node, whose backward computes every weight
+    gradient.  The one difference from per-module semantics: a layer that the model
+    does not call in some forward still had its power iteration run.  A layer called
+    twice in one model call computes normally the second time (a second power
+    iteration, as PyTorch), and so does the second access of a parametrized weight.
 
-Cases handled per layer, exactly as without grouping:
-  * a layer called twice in one model call: the second call (or, for a
-    parametrization, the second access of ``module.weight``) computes normally,
-    running a second power iteration as PyTorch would;
-  * weights on several devices or of several dtypes: each is computed on its own.
-Not grouped: ``mode="conv"`` layers and PyTorch's own spectral norm (call
-``sn_kernels.convert`` first).  A layer that the model does not call in some
-forward still had its power iteration run by the group: this is the one
-difference from per-module semantics, and grouping is opt-in for that reason.
+``group(model, optimizer=opt)`` (once per optimizer step)
+    W/sigma is computed once after each ``opt.step()`` (at the first use of any
+    grouped layer) and shared by every forward until the next step: D(real), D(fake)
+    and a gradient penalty in one GAN step share one power iteration, one W/sigma
+    and one autograd node, into which the gradients of all those forwards flow (the
+    node keeps what it needs until the next refresh, so several ``backward()`` calls
+    through it work).  Only the weights that can share the node are cached; layers computed
+    alone (see below) compute at every call as usual.  How this differs from PyTorch, which iterates at every
+    forward: k forwards per optimizer step run 1 power iteration instead of k, and
+    every forward of a step sees the same u, v, sigma (PyTorch's second forward sees
+    u, v advanced by the first).  sigma still tracks the top singular value: each step
+    moves W a little and one iteration per step follows it (tested against the SVD:
+    ``tests/test_grouped.py::test_refresh_sigma_tracks_svd``).  The cache is also
+    refreshed when a grouped weight is changed in place other than through the
+    optimizer (its version counter moved: ``load_state_dict``, ``copy_``; not writes
+    through ``.data``), when a layer's train/eval mode changed, or when the grad mode or a
+    weight's ``requires_grad`` changed (a W/sigma without a graph cannot serve a forward that
+    needs one: that costs one more power iteration in the step).  A layer called
+    twice in one model call uses the shared W/sigma both times.
+
+Not grouped (computed per layer as usual): ``mode="conv"`` layers, PyTorch's own
+spectral norm (call ``sn_kernels.convert`` first) and stacked parametrizations.
+Computed one at a time inside the group (same numbers, no shared node): weights
+with ``coeff``, ``soft`` or ``gain``, complex weights and 1-D parametrized weights.
+
+A grouped model copies and saves like any model: the group is plain data stored in
+the model's hook dicts (module references, names), so ``copy.deepcopy(model)`` gives
+an independent grouped copy and ``torch.save(model)``/``torch.load`` a grouped model.
+A copy is not attached to any optimizer, so it refreshes per call (exact per-module
+semantics; safe for an EMA copy updated through ``.data``) until ``attach(opt)``.
+``sn_kernels.grouped.find_group(copy)`` returns its handle.
 """
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from . import hooks, parametrizations
+from . import dispatch, functional, hooks, parametrizations
 from .nn import _sn_weights
 
+REFRESH = ("call", "step")
 
-def _members(model: nn.Module):
-    """(state, compute) for every sn_kernels matrix-mode spectral norm in ``model``."""
-    for _, kind, module, name, state in _sn_weights(model):
-        if kind == "hook" and isinstance(state, hooks.SpectralNorm):
-            yield state, (lambda m=module, h=state: h.compute_weight(m, do_power_iteration=m.training))
-        elif kind == "param" and isinstance(state, parametrizations._SpectralNorm) \
-                and len(module.parametrizations[name]) == 1:
-            plist = module.parametrizations[name]
-            yield state, (lambda pl=plist, p=state: p.compute(pl.original))
+
+class _Member:
+    """One grouped weight: plain data (module reference, parameter name, its SN state)."""
+
+    __slots__ = ("kind", "module", "name", "state")
+
+    def __init__(self, kind: str, module: nn.Module, name: str, state) -> None:
+        self.kind, self.module, self.name, self.state = kind, module, name, state
+
+    def __getstate__(self):
+        return (self.kind, self.module, self.name, self.state)
+
+    def __setstate__(self, s) -> None:
+        self.kind, self.module, self.name, self.state = s
+
+    def live(self) -> bool:
+        """Whether the spectral norm is still on the module (not removed since grouping)."""
+        if self.kind == "hook":
+            return any(h is self.state for h in self.module._forward_pre_hooks.values())
+        plists = self.module._modules.get("parametrizations")
+        plist = plists._modules.get(self.name) if plists is not None else None
+        return plist is not None and len(plist) == 1 and plist[0] is self.state
+
+    def training(self) -> bool:
+        return self.module.training if self.kind == "hook" else self.state.training
+
+    def tensors(self):
+        """(weight, u, v, order) when this weight can join the group's shared node, else None."""
+        st = self.state
+        if st.coeff is not None or st.soft:
+            return None
+        if self.kind == "hook":
+            if st.gain:
+                return None
+            p, b = self.module._parameters, self.module._buffers
+            w = p[self.name + "_orig"]
+            u, v, order = b[self.name + "_u"], b[self.name + "_v"], "vu"
+        else:
+            if st.gain is not None:
+                return None
+            w = self.module.parametrizations[self.name].original
+            if w.ndim < 2:
+                return None
+            u, v, order = st._buffers["_u"], st._buffers["_v"], "uv"
+        if w.is_complex():
+            return None
+        return w, u, v, order
+
+    def compute_alone(self) -> Tensor:
+        """The layer's own computation (variants, complex, 1-D): same numbers as without grouping."""
+        if self.kind == "hook":
+            return self.state.compute_weight(self.module, do_power_iteration=self.module.training)
+        return self.state.compute(self.module.parametrizations[self.name].original)
+
+    def set_sigma(self, sigma: Tensor) -> None:
+        if self.kind == "hook":
+            self.state.sigma = sigma
+        else:
+            self.state.__dict__["sigma"] = sigma
+
+
+class _Shared:
+    """What the group's backward needs for one (device, dtype) group; kept on the node (not saved
+    tensors), so that every forward sharing it in "step" mode can backward through it."""
+
+    __slots__ = ("weights", "versions", "us", "vs", "sigmas", "dims", "ops")
+
+
+class _GroupNormalize(torch.autograd.Function):
+    """W_i / sigma_i for every weight of one (device, dtype) group: ONE autograd node, whose
+    backward computes all the weight gradients (grad_W = (G - <G, W_sn> u v^T) / sigma)."""
+
+    @staticmethod
+    def forward(ctx, shared: _Shared, *weights):
+        ctx.set_materialize_grads(False)
+        ctx.shared = shared
+        return tuple(ops.normalize_impl(w, u, v, s, d)
+                     for ops, w, u, v, s, d in zip(shared.ops, weights, shared.us, shared.vs, shared.sigmas,
+                                                   shared.dims))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        sh = ctx.shared
+        out = [None]
+        for i, g in enumerate(grads):
+            if g is None or not ctx.needs_input_grad[i + 1]:
+                out.append(None)
+                continue
+            w = sh.weights[i]
+            if w._version != sh.versions[i]:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: a grouped spectral-norm weight of shape {tuple(w.shape)} changed after its "
+                    "W/sigma was computed (sn_kernels.group)")
+            out.append(functional._weight_grad(sh.ops[i].backward, g, w, sh.us[i], sh.vs[i], sh.sigmas[i],
+                                               sh.dims[i]))
+        return tuple(out)
+
+
+def _normalize_group(items) -> list[Tensor]:
+    """Power iteration then W/sigma for one (device, dtype) group of (member, weight, u, v, order)."""
+    sh = _Shared()
+    sh.weights, sh.versions, sh.us, sh.vs, sh.sigmas, sh.dims, sh.ops = [], [], [], [], [], [], []
+    with torch.no_grad():
+        for mem, w, u, v, order in items:
+            st = mem.state
+            dim = functional._check(w, u, v, st.n_power_iterations, st.eps, st.dim, order)
+            ops = dispatch.resolve(w.device).ops
+            sigma, u_used, v_used = ops.power_iteration_impl(w, u, v, st.n_power_iterations, float(st.eps), dim,
+                                                             order, bool(mem.training()))
+            mem.set_sigma(sigma)
+            sh.weights.append(w)
+            sh.us.append(u_used)
+            sh.vs.append(v_used)
+            sh.sigmas.append(sigma)
+            sh.dims.append(dim)
+            sh.ops.append(ops)
+    return _attach(sh)
+
+
+def _attach(sh: _Shared) -> list[Tensor]:
+    """The differentiable W/sigma of a computed group (one node when any weight needs a gradient)."""
+    sh.versions = [w._version for w in sh.weights]
+    if torch.is_grad_enabled() and any(w.requires_grad for w in sh.weights):
+        return list(_GroupNormalize.apply(sh, *sh.weights))
+    with torch.no_grad():
+        return [ops.normalize_impl(w, u, v, s, d)
+                for ops, w, u, v, s, d in zip(sh.ops, sh.weights, sh.us, sh.vs, sh.sigmas, sh.dims)]
 
 
 class SNGroup:
-    """Handle returned by ``sn_kernels.group``; ``remove()`` restores per-layer computation."""
+    """Handle returned by ``sn_kernels.group``: ``remove()`` restores per-layer computation,
+    ``attach(optimizer)`` / ``detach()`` switch the once-per-step refresh on and off.
 
-    def __init__(self, model: nn.Module):
+    Stored in ``model``'s hook dicts and made of plain data, so it is deep-copied and pickled
+    with the model (``find_group`` gets the copy's handle)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        if find_group(model) is not None:
+            raise ValueError("sn_kernels.group: the model is already grouped (find_group(model).remove() first)")
         self.model = model
-        self.members = list(_members(model))
+        self.members: list[_Member] = []
+        for _, kind, module, name, state in _sn_weights(model):
+            if kind == "hook" and isinstance(state, hooks.SpectralNorm):
+                self.members.append(_Member("hook", module, name, state))
+            elif kind == "param" and isinstance(state, parametrizations._SpectralNorm) \
+                    and len(module.parametrizations[name]) == 1:
+                self.members.append(_Member("param", module, name, state))
         if not self.members:
             raise ValueError("sn_kernels.group: the model has no sn_kernels spectral norm to group")
-        self._handle = model.register_forward_pre_hook(self._normalize_all)
+        self._stale = True
+        self._cache: list[Tensor] | None = None
+        self._key = None
+        self._optimizer_handle = None
+        self._handles = [
+            model.register_forward_pre_hook(self._model_pre),
+            model.register_forward_hook(self._model_post, always_call=True),
+        ]
+        # "step" refresh: each layer takes the shared W/sigma right before its own spectral norm runs
+        for mem in self.members:
+            self._handles.append(mem.module.register_forward_pre_hook(_LayerHook(self, mem), prepend=True))
+        if optimizer is not None:
+            self.attach(optimizer)
 
-    def _normalize_all(self, model: nn.Module, inputs) -> None:
-        for state, compute in self.members:
-            state.pending = compute()
+    # -- refresh policy ---------------------------------------------------------------------------
+    @property
+    def refresh(self) -> str:
+        """"step" while attached to an optimizer, else "call"."""
+        return "call" if self._optimizer_handle is None else "step"
 
+    def attach(self, optimizer: torch.optim.Optimizer) -> "SNGroup":
+        """Refresh W/sigma once per ``optimizer.step()`` (see the module docstring)."""
+        self.detach()
+        self._optimizer_handle = optimizer.register_step_post_hook(self._mark_stale)
+        self._stale, self._cache = True, None
+        return self
+
+    def detach(self) -> None:
+        """Back to one refresh per model call (exact per-module semantics)."""
+        if self._optimizer_handle is not None:
+            self._optimizer_handle.remove()
+            self._optimizer_handle = None
+        self._cache = None
+
+    def _mark_stale(self, *args) -> None:
+        self._stale = True
+
+    # -- computation ------------------------------------------------------------------------------
+    def _live_members(self) -> list[_Member]:
+        live = [m for m in self.members if m.live()]
+        if len(live) != len(self.members):
+            self.members = live
+        return live
+
+    def _compute_all(self, members: list[_Member], alone: bool = True) -> dict:
+        """{member: W/sigma}: the groupable weights per (device, dtype) in one node each; the others
+        by their layer's own computation (skipped when not ``alone``: the layer computes them itself)."""
+        out: dict = {}
+        groups: dict = {}
+        for mem in members:
+            t = mem.tensors()
+            if t is not None:
+                groups.setdefault((t[0].device, t[0].dtype), []).append((mem,) + t)
+            elif alone:
+                out[mem] = mem.compute_alone()
+        for items in groups.values():
+            for item, w_sn in zip(items, _normalize_group(items)):
+                out[item[0]] = w_sn
+        return out
+
+    def _key_now(self):
+        """What the cached W/sigma depends on besides the optimizer: versions, modes, grad mode."""
+        return (torch.is_grad_enabled(),) + tuple(
+            (m.training(),) + tuple((t._version, t.requires_grad) for t in (m.tensors() or ())[:3])
+            for m in self.members)
+
+    def _model_pre(self, model: nn.Module, inputs) -> None:
+        if torch.compiler.is_compiling():
+            return  # each layer computes its own W/sigma (the compiled route)
+        members = self._live_members()
+        if self.refresh == "step":
+            # once per model call: a weight changed in place, a mode switched or the grad mode changed
+            if self._cache is not None and self._key_now() != self._key:
+                self._stale = True
+            return  # _LayerHook hands out the shared W/sigma
+        for mem, w_sn in self._compute_all(members).items():
+            mem.state.pending = w_sn
+
+    def _layer_pre(self, mem: _Member) -> None:
+        if self.refresh != "step" or torch.compiler.is_compiling():
+            return
+        if self._stale or self._cache is None:
+            self._cache = self._compute_all(self._live_members(), alone=False)
+            self._stale = False
+            self._key = self._key_now()  # after the iteration (u, v versions moved)
+        w_sn = self._cache.get(mem)
+        if w_sn is not None:
+            mem.state.pending = w_sn
+
+    def _model_post(self, model: nn.Module, inputs, output) -> None:
+        # a pre-computed weight that no layer used (a skipped layer) is dropped, not kept past the call
+        for mem in self.members:
+            if mem.state.__dict__.get("pending") is not None:
+                mem.state.pending = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
     def remove(self) -> None:
         """Stop grouping; drop any pre-computed weight not yet used."""
-        self._handle.remove()
-        for state, _ in self.members:
-            state.pending = None
+        self.detach()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for mem in self.members:
+            mem.state.pending = None
 
     def __len__(self) -> int:
         return len(self.members)
 
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) is independent of the optimizer and of this model's graph:
+        # no cached W/sigma, no optimizer hook; it refreshes per call until attach()
+        state = self.__dict__.copy()
+        state.update(_cache=None, _key=None, _stale=True, _optimizer_handle=None)
+        return state
 
-def group(model: nn.Module) -> SNGroup:
-    """Normalize every sn_kernels SN weight of ``model`` up front at each model call."""
-    return SNGroup(model)
+
+class _LayerHook:
+    """A grouped layer's forward pre-hook (runs before its spectral norm): plain data, picklable."""
+
+    __slots__ = ("group", "member")
+
+    def __init__(self, group: SNGroup, member: _Member) -> None:
+        self.group, self.member = group, member
+
+    def __getstate__(self):
+        return (self.group, self.member)
+
+    def __setstate__(self, s) -> None:
+        self.group, self.member = s
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        self.group._layer_pre(self.member)
+
+
+def find_group(model: nn.Module) -> SNGroup | None:
+    """The ``SNGroup`` that groups ``model`` (also in a deep copy or a loaded model), or None."""
+    for hook in model._forward_pre_hooks.values():
+        group = getattr(hook, "__self__", None)
+        if isinstance(group, SNGroup) and group.model is model:
+            return group
+    return None
+
+
+def group(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> SNGroup:
+    """Normalize every sn_kernels SN weight of ``model`` together: at each model call, or, with
+    ``optimizer``, once per ``optimizer.step()`` shared by every forward until the next step."""
+    return SNGroup(model, optimizer)
