@@ -1,14 +1,19 @@
 """One-call check of a backend ("triton" by default, or "native") on the lent GPU; prints a short table last.
 
-    python benchmarks/gpu_check.py            # on the GPU machine (writes CSV under $OUT)
-    python benchmarks/gpu_check.py --smoke    # anywhere: CPU, "torch" backend, no pytest
+    python benchmarks/gpu_check.py --backend triton --out DIR      # on the GPU machine
+    python benchmarks/gpu_check.py --smoke --backend triton         # the CPU dress rehearsal (CI)
 
-Steps: (1) the test suite with SN_KERNELS_BACKEND=triton, (2) large shapes against
-the torch backend, (3) bit-for-bit determinism over two runs, (4) CUDA-graph
-capture + replay of a forward + backward and of a whole SNGAN discriminator training
-step, (5) float16/bfloat16 autocast, (6) torch.compile(fullgraph=True) of a small SN
-discriminator against eager, (7) a few timings (CUDA events).
-Each step is independent: one failing does not hide the others.
+Steps: (1) optionally the test suite (--pytest; output streamed to DIR/pytest_<backend>.log),
+(2) large shapes against the torch backend, (3) bit-for-bit determinism over two runs, (4) CUDA-graph
+capture + replay of a forward + backward and of a whole SNGAN discriminator training step against
+the same steps run eagerly (independent optimizer states), (5) float16/bfloat16 autocast, (6)
+torch.compile(fullgraph=True) of a small SN discriminator against eager, (7) a few timings (CUDA
+events).  Each step is independent: one failing does not hide the others.  Every row is written to
+DIR/gpu_check_<device>_<backend>.csv as soon as it is known.
+
+--smoke runs the same path on the CPU with tiny shapes (the triton backend under
+TRITON_INTERPRET=1): CUDA-graph capture becomes a stand-in that re-runs the step eagerly, autocast
+runs on the CPU in bfloat16, and the timings are skipped; harness bugs then fail CI, not a GPU run.
 """
 from __future__ import annotations
 
@@ -33,25 +38,33 @@ from sn_kernels.functional import spectral_normalize  # noqa: E402
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.float16: (1e-2, 1e-3),
        torch.bfloat16: (2e-2, 1e-2)}
 LARGE = [(1, 7), (257, 1023), (1536, 13824), (4096, 4096), (13824, 1536), (3, 100000), (100000, 3)]
-SMOKE = [(1, 7), (33, 17), (257, 1023)]
+SMOKE = [(1, 7), (33, 17), (40, 90)]
 
 ROWS: list[dict] = []
+CSV_PATH: Path | None = None  # set by main; every row is appended as soon as it is recorded
+FIELDS = ["step", "case", "ok", "detail"]
 
 
 def record(step: str, case: str, ok: bool, detail: str = "") -> None:
-    ROWS.append({"step": step, "case": case, "ok": "PASS" if ok else "FAIL", "detail": detail})
-    print(f"[{'PASS' if ok else 'FAIL'}] {step} {case} {detail}", flush=True)
+    row = {"step": step, "case": case, "ok": "PASS" if ok else "FAIL", "detail": detail}
+    ROWS.append(row)
+    print(f"[{row['ok']}] {step} {case} {detail}", flush=True)
+    if CSV_PATH is not None:
+        with open(CSV_PATH, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS).writerow(row)
 
 
 def guarded(step):
     """Run a step; a crash becomes one FAIL row instead of ending the script."""
     def wrap(fn):
         def run(*a, **k):
+            t0 = time.time()
             try:
                 fn(*a, **k)
             except Exception as exc:
                 record(step, "crash", False, f"{type(exc).__name__}: {exc}")
                 traceback.print_exc()
+            print(f"    ({fn.__name__}: {time.time() - t0:.1f}s)", flush=True)
         return run
     return wrap
 
@@ -72,18 +85,28 @@ def _step(backend, w, u, v, g, training=True, n_iter=1):
 
 
 @guarded("pytest")
-def run_pytest(backend):
-    # the backend test files (test_triton.py, test_native.py) put their tensors on the GPU
-    # when one is visible; the rest of the suite runs as in CI
+def run_pytest(out: Path, backend: str, workers: int, timeout: float):
+    """The whole suite with a GPU visible, its output streamed to out/pytest_<backend>.log (a timeout
+    keeps what ran).  The backend test files put their tensors on the GPU when one is visible."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env.pop("SN_KERNELS_BACKEND", None)
+    log = out / f"pytest_{backend}.log"
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "--durations=25"]
+    if workers > 1:
+        cmd += ["-n", str(workers)]
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
-    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
-    print(proc.stdout[-4000:], proc.stderr[-2000:])
-    record("pytest", "whole suite, GPU visible", proc.returncode == 0, f"{tail} [{time.time() - t0:.0f}s]")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "timeout"
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    tail = next((ln for ln in reversed(lines) if " passed" in ln or " failed" in ln or "error" in ln),
+                lines[-1] if lines else "")
+    record("pytest", "whole suite, GPU visible", rc == 0, f"{tail} [{time.time() - t0:.0f}s, rc={rc}, {log}]")
 
 
 @guarded("vs-torch")
@@ -123,143 +146,181 @@ def check_determinism(backend, dev, shapes):
             record("determinism", f"{tuple(shape)} {str(dtype)[6:]}", ok, "bit-identical" if ok else "differs")
 
 
-@guarded("cuda-graph")
-def check_cuda_graph(backend, dev):
+class Replay:
+    """CUDA-graph capture of ``fn`` (nothing runs at capture) and ``replay()``; read ``out`` after a
+    replay.  On the CPU (the dress rehearsal) a stand-in: capture does nothing, a replay runs ``fn``
+    eagerly, so the comparisons around it run unchanged."""
+
+    def __init__(self, fn, dev):
+        self.fn, self.out, self.graph = fn, None, None
+        if dev.type == "cuda":
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = fn()
+
+    def replay(self):
+        if self.graph is None:
+            self.out = self.fn()
+        else:
+            self.graph.replay()
+
+
+def _warm_up(fn, dev, n):
+    """``n`` calls of ``fn`` (on a side stream on a GPU, as capture wants)."""
     if dev.type != "cuda":
-        record("cuda-graph", "skipped", True, "no CUDA device")
+        for _ in range(n):
+            fn()
         return
-    w, u0, v0 = _inputs((1536, 4608), torch.float32, dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(n):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+
+
+@guarded("cuda-graph")
+def check_cuda_graph(backend, dev, shape):
+    w, u0, v0 = _inputs(shape, torch.float32, dev)
     g = torch.randn_like(w)
     weight = w.clone().requires_grad_(True)
     u, v = u0.clone(), v0.clone()
 
     def fwd_bwd():
-        weight.grad = None
+        weight.grad = None  # the captured backward assigns the gradient; a replay rewrites it
         out, sigma = spectral_normalize(weight, u, v, backend=backend)
         out.backward(g)
         return out, sigma
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up: compiles the kernels, allocates the ticket counter
-        for _ in range(2):
-            fwd_bwd()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    weight.grad = None
-    with torch.cuda.graph(graph):
-        out_g, sigma_g = spectral_normalize(weight, u, v, backend=backend)
-        out_g.backward(g)
+    _warm_up(fwd_bwd, dev, 2)  # compiles the kernels
+    graph = Replay(fwd_bwd, dev)
     u.copy_(u0)
     v.copy_(v0)
     graph.replay()
     graph.replay()
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    out_g, sigma_g = graph.out
     got = (out_g.detach().clone(), sigma_g.clone(), u.clone(), v.clone(), weight.grad.clone())
     uu, vv = u0.clone(), v0.clone()
     _step(backend, w, uu, vv, g)
     ref = _step(backend, w, uu, vv, g)  # two eager steps, as two replays
     ok = all(torch.equal(a, b) for a, b in zip(got, ref))
-    record("cuda-graph", "fwd+bwd 1536x4608 fp32, 2 replays", ok, "equal to eager" if ok else "differs from eager")
+    what = "CUDA graph" if dev.type == "cuda" else "stand-in (CPU)"
+    record("cuda-graph", f"fwd+bwd {shape[0]}x{shape[1]} fp32, 2 replays, {what}", ok,
+           "equal to eager" if ok else "differs from eager")
+
+
+def _storages(opt) -> set[int]:
+    return {t.untyped_storage().data_ptr() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
 
 
 @guarded("cuda-graph")
-def check_train_step_graph(backend, dev):
-    """A whole SNGAN discriminator training step (forward x2, hinge loss, backward, Adam)
-    captured in one CUDA graph and replayed, against the same steps run eagerly."""
-    if dev.type != "cuda":
-        record("cuda-graph", "train step skipped", True, "no CUDA device")
-        return
+def check_train_step_graph(backend, dev, ch, batch, size, small=False):
+    """A whole discriminator training step (forward x2, hinge loss, backward, Adam) captured in one
+    CUDA graph and replayed, against the same steps run eagerly on an independent copy (model and
+    optimizer state deep-copied before the capture).  The SNGAN ResNet discriminator; ``small``
+    (the dress rehearsal): a 3-layer one, as every launch costs about 50 ms under the interpreter."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from models import SNGANDiscriminator, hinge_d_loss
 
+    cuda = dev.type == "cuda"
+    name = "3-layer D" if small else "SNGAN D"
     with sn_kernels.use_backend(backend):
         torch.manual_seed(0)
-        D = SNGANDiscriminator(ch=64).to(dev)
-        sn_kernels.apply_spectral_norm(D)
-        opt = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9), capturable=True)
-        real, fake = torch.randn(16, 3, 32, 32, device=dev), torch.randn(16, 3, 32, 32, device=dev)
+        D = (_plain_discriminator(ch, size) if small else SNGANDiscriminator(ch=ch)).to(dev)
+        sn_kernels.apply_spectral_norm(D)  # the hook API, on the weights already on dev
+        opt = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9), capturable=cuda)
+        real, fake = torch.randn(batch, 3, size, size, device=dev), torch.randn(batch, 3, size, size, device=dev)
 
-        def step():
-            opt.zero_grad(set_to_none=False)
-            loss = hinge_d_loss(D(real), D(fake))
+        def step(model, optim):
+            optim.zero_grad(set_to_none=False)
+            loss = hinge_d_loss(model(real), model(fake))
             loss.backward()
-            opt.step()
+            optim.step()
             return loss
 
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
+        _warm_up(lambda: step(D, opt), dev, 1 if small else 3)  # also creates the Adam state
         twin = copy.deepcopy(D)
-        twin_opt = torch.optim.Adam(twin.parameters(), lr=2e-4, betas=(0.0, 0.9), capturable=True)
-        twin_opt.load_state_dict(opt.state_dict())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_loss = step()
-        # capture does not run the step: replay from the snapshot, compare with eager steps on the twin
+        twin_opt = torch.optim.Adam(twin.parameters(), lr=2e-4, betas=(0.0, 0.9), capturable=cuda)
+        twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # a copy: load_state_dict keeps the tensors
+        shared = _storages(opt) & _storages(twin_opt)
+        record("cuda-graph", "train step: independent Adam states", not shared,
+               f"{len(shared)} shared state tensors" if shared else "no shared state tensor")
+        graph = Replay(lambda: step(D, opt), dev)
+        # the capture ran nothing; in case it touched state anyway, restart both from the snapshot, in place
         with torch.no_grad():
             for a, b in zip(D.state_dict().values(), twin.state_dict().values()):
                 a.copy_(b)
-        opt.load_state_dict(twin_opt.state_dict())
+            for p, q in zip(D.parameters(), twin.parameters()):
+                for k, t in opt.state[p].items():
+                    if torch.is_tensor(t):
+                        t.copy_(twin_opt.state[q][k])
         losses = []
-        for _ in range(3):
+        for _ in range(2 if small else 3):
             graph.replay()
-            losses.append(static_loss.item())
-            twin_opt.zero_grad(set_to_none=False)
-            eager_loss = hinge_d_loss(twin(real), twin(fake))
-            eager_loss.backward()
-            twin_opt.step()
-            losses.append(eager_loss.item())
-    torch.cuda.synchronize()
+            eager_loss = step(twin, twin_opt)
+            losses.append((graph.out.item(), eager_loss.item()))
+    if cuda:
+        torch.cuda.synchronize()
     dev_max = max((a.float() - b.float()).abs().max().item()
                   for a, b in zip(D.state_dict().values(), twin.state_dict().values()))
-    ok = dev_max < 1e-4
-    record("cuda-graph", f"SNGAN D train step ({backend}), 3 replays vs eager", ok, f"max |state diff| {dev_max:.1e}")
+    loss_dev = max(abs(a - b) for a, b in losses)
+    ok = dev_max < 1e-4 and loss_dev < 1e-4
+    what = "CUDA graph" if cuda else "stand-in (CPU)"
+    record("cuda-graph", f"{name} train step ({backend}, {what}), {len(losses)} replays vs eager", ok,
+           f"max |state diff| {dev_max:.1e}, max |loss diff| {loss_dev:.1e}")
 
 
 @guarded("autocast")
-def check_autocast(backend, dev):
-    """float16 and bfloat16 autocast of a small SN discriminator: finite, close to float32."""
-    if dev.type != "cuda":
-        record("autocast", "skipped", True, "no CUDA device")
-        return
+def check_autocast(backend, dev, ch):
+    """float16 and bfloat16 autocast (bfloat16 on the CPU) of a small SN discriminator: finite, close
+    to float32."""
     with sn_kernels.use_backend(backend):
         torch.manual_seed(0)
-        model = _discriminator().to(dev)
+        model = _discriminator(dev, ch)
         ref = copy.deepcopy(model)
         x = torch.randn(8, 3, 16, 16, device=dev)
         y_ref = ref(x)
-        for dtype in (torch.float16, torch.bfloat16):
+        for dtype in (torch.float16, torch.bfloat16) if dev.type == "cuda" else (torch.bfloat16,):
             m = copy.deepcopy(model)
-            with torch.autocast("cuda", dtype=dtype):
+            with torch.autocast(dev.type, dtype=dtype):
                 y = m(x)
             y.float().sum().backward()
             finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(p.grad).all()) for p in m.parameters())
             err = ((y.float() - y_ref).abs().max() / y_ref.abs().max()).item()
-            record("autocast", f"{dtype} ({backend})", finite and err < 5e-2, f"rel err {err:.1e}")
+            record("autocast", f"{dtype} ({backend}, {dev.type})", finite and err < 5e-2, f"rel err {err:.1e}")
 
 
-def _discriminator():
+def _plain_discriminator(ch, size):
+    """Two convolutions and a linear layer for ``size`` x ``size`` inputs, no SN applied."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, ch, 3, padding=1), torch.nn.LeakyReLU(0.1),
+        torch.nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.1),
+        torch.nn.Flatten(), torch.nn.Linear(2 * ch * (size // 2) ** 2, 1))
+
+
+def _discriminator(dev, ch=32):
+    """A small SN discriminator for 16x16 inputs, built on ``dev`` and then wrapped (wrapping runs
+    the backend on the weights, which must already be on ``dev``)."""
     from sn_kernels.parametrizations import spectral_norm as sn
 
-    return torch.nn.Sequential(
-        sn(torch.nn.Conv2d(3, 32, 3, padding=1)), torch.nn.LeakyReLU(0.1),
-        sn(torch.nn.Conv2d(32, 64, 4, stride=2, padding=1)), torch.nn.LeakyReLU(0.1),
-        torch.nn.Flatten(), sn(torch.nn.Linear(64 * 8 * 8, 1)))
+    model = _plain_discriminator(ch, 16).to(dev)
+    for i in (0, 2, 5):
+        sn(model[i])
+    return model
 
 
 @guarded("torch.compile")
-def check_compile(backend, dev, compile_backend):
+def check_compile(backend, dev, compile_backend, ch, steps):
     torch.manual_seed(0)
+    torch._dynamo.reset()
     with sn_kernels.use_backend(backend):
-        eager = _discriminator().to(dev)
+        eager = _discriminator(dev, ch)
         compiled_model = copy.deepcopy(eager)
         cfn = torch.compile(compiled_model, fullgraph=True, backend=compile_backend)
         x = torch.randn(8, 3, 16, 16, device=dev)
-        for step in range(3):
+        for _ in range(steps):
             ye = eager(x)
             ye.sum().backward()
             yc = cfn(x)
@@ -269,7 +330,7 @@ def check_compile(backend, dev, compile_backend):
         ok &= bool(torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5))
     for (name, a), (_, b) in zip(eager.named_buffers(), compiled_model.named_buffers()):
         ok &= bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))  # u, v updated in place by both
-    record("torch.compile", f"fullgraph SN discriminator ({compile_backend}), 3 steps", ok,
+    record("torch.compile", f"fullgraph SN discriminator ({compile_backend}), {steps} steps", ok,
            f"max |dy| {(ye - yc).abs().max().item():.1e}")
 
 
@@ -302,10 +363,14 @@ def timings(backends, dev, shapes):
 
 
 def main(argv=None) -> int:
+    global CSV_PATH
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="CPU + torch backend, no pytest: checks the script itself")
+    ap.add_argument("--smoke", action="store_true", help="the CPU dress rehearsal: tiny shapes, CPU stand-ins")
     ap.add_argument("--backend", default=None, help="default: triton (torch with --smoke)")
-    ap.add_argument("--no-pytest", action="store_true")
+    ap.add_argument("--pytest", action="store_true", help="also run the test suite (streamed to a log)")
+    ap.add_argument("--no-pytest", action="store_true", help=argparse.SUPPRESS)  # the default now
+    ap.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for --pytest")
+    ap.add_argument("--pytest-timeout", type=float, default=420)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     backend = args.backend or ("torch" if args.smoke else "triton")
@@ -318,30 +383,32 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     header = f"device {name}; torch {torch.__version__}; triton {triton_version}; backend {backend}"
     print(header, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = ("smoke" if args.smoke else name.replace(" ", "_").replace("/", "_")) + f"_{backend}"
+    CSV_PATH = out / f"gpu_check_{tag}.csv"
+    with open(CSV_PATH, "w", newline="") as f:
+        f.write(f"# {header}\n")
+        csv.DictWriter(f, fieldnames=FIELDS).writeheader()
 
-    if not (args.smoke or args.no_pytest):
-        run_pytest(backend)
-    check_against_torch(backend, dev, SMOKE if args.smoke else LARGE,
-                        [torch.float32] if args.smoke else [torch.float32, torch.float16, torch.bfloat16,
-                                                            torch.float64])
-    check_determinism(backend, dev, SMOKE if args.smoke else [(1536, 13824), (8192, 8192), (100000, 3)])
-    check_cuda_graph(backend, dev)
-    check_train_step_graph(backend, dev)
-    check_autocast(backend, dev)
-    check_compile(backend, dev, "aot_eager" if args.smoke else "inductor")
+    t0 = time.time()
+    if args.pytest and not args.smoke:
+        run_pytest(out, backend, args.workers, args.pytest_timeout)
+    small = args.smoke
+    check_against_torch(backend, dev, SMOKE if small else LARGE,
+                        [torch.float32] if small else [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+    check_determinism(backend, dev, SMOKE if small else [(1536, 13824), (8192, 8192), (100000, 3)])
+    check_cuda_graph(backend, dev, (24, 40) if small else (1536, 4608))
+    if small:
+        check_train_step_graph(backend, dev, ch=8, batch=2, size=8, small=True)
+    else:
+        check_train_step_graph(backend, dev, ch=64, batch=16, size=32)
+    check_autocast(backend, dev, 8 if small else 32)
+    check_compile(backend, dev, "aot_eager" if small else "inductor", 8 if small else 32, 2 if small else 3)
     timings([backend, "torch"] if backend != "torch" else ["torch"], dev,
             [(256, 1152), (1536, 13824), (8192, 8192)])
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "smoke" if args.smoke else name.replace(" ", "_")
-    path = out / f"gpu_check_{tag}.csv"
-    with open(path, "w", newline="") as f:
-        f.write(f"# {header}\n")
-        wr = csv.DictWriter(f, fieldnames=["step", "case", "ok", "detail"])
-        wr.writeheader()
-        wr.writerows(ROWS)
-    print(f"\n{header}\nwrote {path}\n")
+    print(f"\n{header}\nwrote {CSV_PATH} ({time.time() - t0:.0f}s)\n")
     width = max(len(r["step"]) + len(r["case"]) for r in ROWS) + 3
     for r in ROWS:
         print(f"{r['ok']:4s}  {(r['step'] + ': ' + r['case']).ljust(width)} {r['detail']}")

@@ -7,10 +7,20 @@ is installed) and prints a summary table last.
 
     python benchmarks/run.py                      # everything that runs here
     python benchmarks/run.py --sets sngan_cifar_d --modes fwd_bwd --dtypes float32
+    python benchmarks/run.py --out X.csv --resume # add the cases X.csv lacks (rows are written as they come)
+    python benchmarks/run.py --report X.csv       # summary, targets and plot of an existing CSV
+
+Each (provider, shape set, dtype) is built once and serves every mode.  ``torch_compile``
+(torch.compile(fullgraph=True) of PyTorch's parametrization) is compiled there, warmed up, and timed
+under ``torch._dynamo.config.error_on_recompile``: a recompile during timing fails the case instead
+of timing an eager fallback.  On a GPU the L2 cache is flushed before every sample (outside the
+timed region), so a small set is read from memory as in training.  ``--per-weight SETS`` times each
+weight of those sets on its own (set name ``set/shape``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -29,6 +39,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd_bwd", "train_step")
+# sets beside shapes.json (which is shared): large weights normalized along dim=1 (ConvTranspose
+# layout; a 2-D one is the transposed-kernel case), each of 64 MB in float32 but the first
+EXTRA_SETS = {
+    "single_dim1": [{"name": "convT512x256x4x4", "shape": [512, 256, 4, 4], "dim": 1},
+                    {"name": "convT1024x1024x4x4", "shape": [1024, 1024, 4, 4], "dim": 1},
+                    {"name": "4096x4096.dim1", "shape": [4096, 4096], "dim": 1}],
+}
+FIELDS = ["provider", "shape_set", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw",
+          "copy_gbps", "weight_mb", "torch", "triton", "reps", "note"]
 # minimum device traffic per weight, in units of |W| (DESIGN.md section 2, W streamed);
 # a training step also runs convolutions, so it has no bytes model
 BYTES_MODEL = {"fwd": 4, "bwd": 4, "fwd_bwd": 8, "train_step": float("nan")}
@@ -36,19 +55,34 @@ TRAIN_BATCH = {"cuda": 64, "cpu": 8}  # batch 64 as specified on a GPU; 8 keeps 
 
 
 def find_shapes(path: str | None) -> dict:
-    """shapes.json: --shapes, else ../shared/shapes.json beside the repository, else the bundled copy."""
+    """shapes.json (--shapes, else ../shared/shapes.json beside the repository, else the bundled
+    copy) plus EXTRA_SETS."""
     for cand in ([Path(path)] if path else []) + [ROOT.parent / "shared" / "shapes.json",
                                                    ROOT / "benchmarks" / "shapes.json"]:
         if cand.is_file():
-            return json.loads(cand.read_text())
+            return {**EXTRA_SETS, **json.loads(cand.read_text())}  # the file wins
     raise SystemExit("shapes.json not found: pass --shapes PATH")
+
+
+def cases(shape_sets: dict, names: list[str], per_weight: set[str]) -> list[tuple[str, list[tuple]]]:
+    """(case name, [(shape, dim)]) per set, or per weight for the sets in ``per_weight``."""
+    out = []
+    for name in names:
+        entries = [(tuple(e["shape"]), e.get("dim", 0)) for e in shape_sets[name]]
+        if name in per_weight:
+            out += [(f"{name}/{'x'.join(map(str, shape))}" + (f".dim{dim}" if dim else ""), [(shape, dim)])
+                    for shape, dim in entries]
+        else:
+            out.append((name, entries))
+    return out
 
 
 class Holder(nn.Module):
     """A module whose forward returns its (spectrally normalized) weight."""
 
-    def __init__(self, shape, dtype, device):
+    def __init__(self, shape, dtype, device, dim=0):
         super().__init__()
+        self.dim = dim
         self.weight = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) / shape[-1] ** 0.5)
 
     def forward(self):
@@ -67,7 +101,7 @@ class _Container(nn.Module):
 
 
 def wrap(provider: str, modules) -> None:
-    """Apply ``provider``'s spectral norm to the ``weight`` of each module."""
+    """Apply ``provider``'s spectral norm to the ``weight`` of each module (along its ``dim``, if any)."""
     if provider == "torch_hook":
         sn = torch.nn.utils.spectral_norm
     elif provider in ("torch_param", "torch_compile"):
@@ -77,24 +111,74 @@ def wrap(provider: str, modules) -> None:
     else:
         raise ValueError(f"unknown provider {provider!r}")
     for m in modules:
-        sn(m)
+        if getattr(m, "dim", 0):
+            sn(m, dim=m.dim)
+        else:
+            sn(m)
 
 
-def build(provider: str, shapes, dtype, device):
-    """Holders wrapped by ``provider``; returns a callable producing the normalized weights."""
-    holders = [Holder(s, dtype, device) for s in shapes]
-    wrap(provider, holders)
-    if provider == "sn_kernels_grouped":
-        container = _Container(holders)
-        sn_kernels.group(container)
-        return holders, container
+def backend_context(provider: str):
+    """``use_backend`` for an ``sn_kernels_<backend>`` provider (grouping runs on "auto")."""
+    backend = provider.removeprefix("sn_kernels_") if provider.startswith("sn_kernels_") else None
+    return sn_kernels.use_backend(backend) if backend not in (None, "grouped") else contextlib.nullcontext()
 
-    def forward():
-        return [h() for h in holders]
 
-    if provider == "torch_compile":
-        forward = torch.compile(forward)
-    return holders, forward
+class Case:
+    """One provider's holders for a shape set, built once and timed in every mode.
+
+    ``torch_compile``: the forward is compiled once here (fullgraph) and warmed up by the first
+    samples; timing then runs under error_on_recompile."""
+
+    def __init__(self, provider, entries, dtype, device, compile_backend="inductor"):
+        self.provider, self.device = provider, device
+        self.ctx = lambda: backend_context(provider)  # a fresh context per use (use_backend is one-shot)
+        with self.ctx():
+            self.holders = [Holder(shape, dtype, device, dim) for shape, dim in entries]
+            wrap(provider, self.holders)
+            if provider == "sn_kernels_grouped":
+                self.container = _Container(self.holders)
+                sn_kernels.group(self.container)
+                self.forward = self.container
+            else:
+                def forward():
+                    return [h() for h in self.holders]
+                self.forward = forward
+        self.compiled = provider == "torch_compile"
+        if self.compiled:
+            self.forward = torch.compile(self.forward, fullgraph=True, backend=compile_backend)
+        self.grads = [torch.randn(shape, dtype=dtype, device=device) for shape, _ in entries]
+        self.first_call_s = None
+
+    def samples(self, mode, reps, warmup, measure, sync, flush):
+        """Seconds per call of ``mode`` over all weights: ``reps`` samples after ``warmup`` calls."""
+        grads = self.grads
+        out = []
+        with self.ctx():
+            for i in range(warmup + reps):
+                for h in self.holders:
+                    for p in h.parameters():
+                        p.grad = None
+                with _no_recompile(self.compiled and i >= warmup):
+                    flush()
+                    if mode == "fwd":
+                        t = measure(self.forward)
+                    elif mode == "bwd":
+                        outs = self.forward()
+                        sync()
+                        t = measure(lambda: torch.autograd.backward(outs, grads))
+                    else:
+                        t = measure(lambda: torch.autograd.backward(self.forward(), grads))
+                if self.first_call_s is None:
+                    self.first_call_s = t
+                if i >= warmup:
+                    out.append(t)
+        return out
+
+
+def _no_recompile(on: bool):
+    """Make a dynamo recompile an error (a recompile while timing would time compilation, or an
+    eager fallback after the recompile limit, under the torch_compile label)."""
+    return torch._dynamo.config.patch(error_on_recompile=True) if on else contextlib.nullcontext()
 
 
 def copy_bandwidth(device, sync) -> float:
@@ -130,78 +214,43 @@ def timer(device):
     return measure, (lambda: None)
 
 
-def _copies(device, nbytes: int) -> int:
-    """How many copies of a weight set to rotate through so that each call reads weights
-    that are not in L2 from the previous call (GPU only; capped)."""
+def l2_flush(device):
+    """A callable that evicts the L2 cache (writes twice its size), or does nothing off a GPU."""
     if device.type != "cuda":
-        return 1
+        return lambda: None
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-    return max(1, min(32, -(-2 * l2 // max(nbytes, 1))))
+    buf = torch.empty(2 * l2, dtype=torch.int8, device=device)
+    return buf.zero_
 
 
-def run_case(provider, shapes, dtype, device, mode, reps, warmup):
-    """Seconds per call of ``mode`` over all weights of a set: list of ``reps`` samples."""
-    backend = provider.removeprefix("sn_kernels_") if provider.startswith("sn_kernels_") else None
-    backend = None if backend == "grouped" else backend  # grouping runs on the "auto" backend
-    ctx = sn_kernels.use_backend(backend) if backend else _null()
-    with ctx:
-        if mode == "train_step":
-            return train_step_samples(provider, dtype, device, reps, warmup)
-        nbytes = sum(torch.Size(s).numel() for s in shapes) * torch.empty((), dtype=dtype).element_size()
-        sets = [build(provider, shapes, dtype, device) for _ in range(_copies(device, nbytes))]
-        grads = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
-        measure, sync = timer(device)
-
-        samples = []
-        for i in range(warmup + reps):
-            holders, forward = sets[i % len(sets)]
-            for h in holders:
-                for p in h.parameters():
-                    p.grad = None
-            if mode == "fwd":
-                t = measure(forward)
-            elif mode == "bwd":
-                outs = forward()
-                sync()
-                t = measure(lambda: torch.autograd.backward(outs, grads))
-            else:
-                t = measure(lambda: torch.autograd.backward(forward(), grads))
-            if i >= warmup:
-                samples.append(t)
-    return samples
-
-
-def train_step_samples(provider, dtype, device, reps, warmup):
+def train_step_samples(provider, dtype, device, reps, warmup, compile_backend="inductor"):
     """One discriminator step of the SNGAN ResNet (CIFAR, batch 64, hinge loss, Adam)."""
     from models import SNGANDiscriminator, hinge_d_loss
 
     torch.manual_seed(0)
-    D = SNGANDiscriminator().to(device=device, dtype=dtype)
-    wrap(provider, [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
-    model = torch.compile(D) if provider == "torch_compile" else D
-    if provider == "sn_kernels_grouped":
-        sn_kernels.group(D)
-    opt = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9))
-    batch = TRAIN_BATCH.get(device.type, 8)
-    real = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
-    fake = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
-    measure, _ = timer(device)
+    with backend_context(provider):
+        D = SNGANDiscriminator().to(device=device, dtype=dtype)
+        wrap(provider, [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
+        compiled = provider == "torch_compile"
+        model = torch.compile(D, fullgraph=True, backend=compile_backend) if compiled else D
+        if provider == "sn_kernels_grouped":
+            sn_kernels.group(D)
+        opt = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9))
+        batch = TRAIN_BATCH.get(device.type, 8)
+        real = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
+        fake = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
+        measure, _ = timer(device)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        hinge_d_loss(model(real), model(fake)).backward()
-        opt.step()
+        def step():
+            opt.zero_grad(set_to_none=True)
+            hinge_d_loss(model(real), model(fake)).backward()
+            opt.step()
 
-    samples = [measure(step) for _ in range(warmup + reps)]
+        samples = []
+        for i in range(warmup + reps):
+            with _no_recompile(compiled and i >= warmup):
+                samples.append(measure(step))
     return samples[warmup:]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def percentile(xs, q):
@@ -209,17 +258,40 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a CSV written by main, numbers converted."""
+    rows = []
+    with path.open() as f:
+        for r in csv.DictReader(f):
+            for k in ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw", "copy_gbps", "weight_mb"):
+                r[k] = float(r[k])
+            rows.append(r)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--providers", default=None, help="comma list (default: all that run here)")
     ap.add_argument("--sets", default="sngan_cifar_d,biggan128_d,single")
+    ap.add_argument("--per-weight", default="", help="comma list of sets whose weights are timed one by one")
+    ap.add_argument("--min-mb", type=float, default=0.0, help="per-weight cases: only weights of at least this size")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--dtypes", default=None, help="default float32,bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--shapes", default=None)
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of torch_compile")
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<device>.csv)")
+    ap.add_argument("--resume", action="store_true", help="keep the CSV's rows and run only the cases it lacks")
+    ap.add_argument("--report", default=None, metavar="CSV", help="only print the summary and plot of this CSV")
     args = ap.parse_args(argv)
+    if args.report:
+        rows = read_rows(Path(args.report))
+        summary(rows)
+        targets(rows)
+        plot(rows, Path(args.report).with_suffix(".png"))
+        return
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -232,8 +304,9 @@ def main(argv=None):
                  + [f"sn_kernels_{b}" for b in backends if not (b == "triton" and not on_gpu)]
                  + ["sn_kernels_grouped"])
     reps = args.reps or (100 if on_gpu else 5)
-    warmup = 5 if on_gpu else 1
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     measure, sync = timer(device)
+    flush = l2_flush(device)
     copy_gbps = copy_bandwidth(device, sync)
     try:
         import triton
@@ -243,40 +316,69 @@ def main(argv=None):
     print(f"# device {dev_name}, torch {torch.__version__}, triton {triton_version}, copy {copy_gbps:.1f} GB/s",
           flush=True)
 
-    rows = []
-    for set_name in args.sets.split(","):
-        shapes = [tuple(e["shape"]) for e in shape_sets[set_name]]
-        for dtype_name in args.dtypes.split(","):
-            dtype = getattr(torch, dtype_name)
-            nbytes = sum(torch.Size(s).numel() for s in shapes) * torch.empty((), dtype=dtype).element_size()
-            for mode in args.modes.split(","):
-                if mode == "train_step" and set_name != "sngan_cifar_d":
-                    continue  # the training step is the SNGAN discriminator's
-                for provider in providers:
-                    try:
-                        samples = run_case(provider, shapes, dtype, device, mode, reps, warmup)
-                        note = f"batch {TRAIN_BATCH.get(device.type, 8)}" if mode == "train_step" else ""
-                    except Exception as exc:  # a provider that cannot run this case is reported, not fatal
-                        samples, note = [float("nan")], f"{type(exc).__name__}: {exc}"[:200]
-                    med = statistics.median(samples)
-                    gbps = BYTES_MODEL[mode] * nbytes / med / 1e9
-                    rows.append(dict(provider=provider, shape_set=set_name, mode=mode, dtype=dtype_name,
-                                     device=dev_name, median_ms=med * 1e3, p20_ms=percentile(samples, 0.2) * 1e3,
-                                     p80_ms=percentile(samples, 0.8) * 1e3, gbps=gbps,
-                                     frac_copy_bw=gbps / copy_gbps, copy_gbps=copy_gbps, weight_mb=nbytes / 1e6,
-                                     torch=torch.__version__, triton=triton_version, reps=len(samples), note=note))
-                    print(f"{set_name:14s} {dtype_name:8s} {mode:7s} {provider:20s} {med * 1e3:10.3f} ms"
-                          f" {gbps:8.2f} GB/s {note}", flush=True)
-
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
         dev_name.replace(" ", "_").replace("/", "_") + ".csv")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    rows = read_rows(out) if args.resume and out.is_file() else []
+    done = {(r["provider"], r["shape_set"], r["mode"], r["dtype"]) for r in rows}
+    if not (args.resume and out.is_file()):
+        with out.open("w", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS).writeheader()
+
+    def add(row):
+        rows.append(row)
+        with out.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS).writerow(row)
+        gb = f"{row['gbps']:8.2f} GB/s ({row['frac_copy_bw'] * 100:3.0f}%)" if row["gbps"] == row["gbps"] else ""
+        print(f"{row['shape_set']:28s} {row['dtype']:8s} {row['mode']:10s} {row['provider']:20s}"
+              f" {row['median_ms']:10.3f} ms {gb} {row['note']}", flush=True)
+
+    modes = args.modes.split(",")
+    per_weight = set(filter(None, args.per_weight.split(",")))
+    for case_name, entries in cases(shape_sets, args.sets.split(","), per_weight):
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            size = torch.empty((), dtype=dtype).element_size()
+            nbytes = sum(torch.Size(shape).numel() for shape, _ in entries) * size
+            if "/" in case_name and nbytes < args.min_mb * 1e6:
+                continue
+            base = dict(shape_set=case_name, dtype=dtype_name, device=dev_name, copy_gbps=copy_gbps,
+                        weight_mb=nbytes / 1e6, torch=torch.__version__, triton=triton_version)
+            for provider in providers:
+                todo = [m for m in modes if (provider, case_name, m, dtype_name) not in done
+                        and (m != "train_step" or case_name == "sngan_cifar_d")]  # the SNGAN D's step
+                if not todo:
+                    continue
+                case, build_note = None, ""
+                if any(m != "train_step" for m in todo):
+                    try:
+                        case = Case(provider, entries, dtype, device, args.compile_backend)
+                    except Exception as exc:  # a provider that cannot run this set is reported, not fatal
+                        build_note = f"{type(exc).__name__}: {exc}"[:200]
+                for mode in todo:
+                    note = build_note
+                    try:
+                        if mode == "train_step":
+                            samples = train_step_samples(provider, dtype, device, reps, warmup, args.compile_backend)
+                            note = f"batch {TRAIN_BATCH.get(device.type, 8)}"
+                        elif case is None:
+                            raise RuntimeError(build_note)
+                        else:
+                            samples = case.samples(mode, reps, warmup, measure, sync, flush)
+                            if case.compiled:
+                                note = f"compiled, first call {case.first_call_s:.1f}s, no recompile while timing"
+                    except Exception as exc:
+                        samples, note = [float("nan")], f"{type(exc).__name__}: {exc}"[:200]
+                    med = statistics.median(samples)
+                    gbps = BYTES_MODEL[mode] * nbytes / med / 1e9
+                    add(dict(provider=provider, mode=mode, median_ms=med * 1e3, p20_ms=percentile(samples, 0.2) * 1e3,
+                             p80_ms=percentile(samples, 0.8) * 1e3, gbps=gbps, frac_copy_bw=gbps / copy_gbps,
+                             reps=len(samples), note=note, **base))
+                del case
+
     print(f"# wrote {out}")
     summary(rows)
+    targets(rows)
     plot(rows, out.with_suffix(".png"))
 
 
@@ -292,6 +394,31 @@ def summary(rows):
         speedup = b / r["median_ms"] if b else float("nan")
         print(f"| {r['shape_set']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['median_ms']:.3f} |"
               f" {r['gbps']:.1f} | {speedup:.2f} |")
+
+
+def targets(rows):
+    """Issue 14's targets (float32 fwd_bwd): single weights of 64 MB or more at 80 % of the copy
+    bandwidth or better (per-weight cases), and biggan128_d at least 2.5x torch_param and faster
+    than torch_compile."""
+    fb = [r for r in rows if r["dtype"] == "float32" and r["mode"] == "fwd_bwd"]
+    lines = []
+    for r in fb:
+        if "/" in r["shape_set"] and r["weight_mb"] >= 64 and r["provider"] in ("sn_kernels_native",
+                                                                                  "sn_kernels_triton"):
+            ok = r["frac_copy_bw"] >= 0.8
+            lines.append(f"{'met ' if ok else 'MISS'} {r['shape_set']} {r['provider']}: "
+                         f"{r['frac_copy_bw'] * 100:.0f}% of copy bandwidth (target 80%)")
+    big = {r["provider"]: r["median_ms"] for r in fb if r["shape_set"] == "biggan128_d"}
+    for p in ("sn_kernels_native", "sn_kernels_triton", "sn_kernels_grouped"):
+        if p in big and "torch_param" in big:
+            x = big["torch_param"] / big[p]
+            c = big.get("torch_compile", float("nan"))
+            ok = x >= 2.5 and big[p] < c
+            lines.append(f"{'met ' if ok else 'MISS'} biggan128_d {p}: {x:.2f}x torch_param (target 2.5x), "
+                         f"{big[p]:.3f} ms vs torch_compile {c:.3f} ms")
+    if lines:
+        print("\n# targets (float32 fwd_bwd)")
+        print("\n".join(lines))
 
 
 def plot(rows, path):
