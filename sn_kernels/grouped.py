@@ -10,7 +10,10 @@ policies:
     outputs and gradients as without grouping (bit-identical on the native and torch
     backends: the same kernels run in the same order).  All the weights of one
     (device, dtype) share ONE autograd node, whose backward computes every weight
-    gradient.  The one difference from per-module semantics: a layer that the model
+    gradient (weights with different order, n_power_iterations, eps or train/eval
+    mode form separate groups).  On the native backend the forward of a group is one
+    C++ call (``native_group_forward``) and its backward another
+    (``native_group_backward``); other backends loop over the weights in Python.  The one difference from per-module semantics: a layer that the model
     does not call in some forward still had its power iteration run.  A layer called
     twice in one model call computes normally the second time (a second power
     iteration, as PyTorch), and so does the second access of a parametrized weight.
@@ -48,6 +51,8 @@ semantics; safe for an EMA copy updated through ``.data``) until ``attach(opt)``
 ``sn_kernels.grouped.find_group(copy)`` returns its handle.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -119,72 +124,104 @@ class _Member:
 
 
 class _Shared:
-    """What the group's backward needs for one (device, dtype) group; kept on the node (not saved
-    tensors), so that every forward sharing it in "step" mode can backward through it."""
+    """What the group's backward needs for one group of weights; kept on the node (not saved tensors),
+    so that every forward sharing it in "step" mode can backward through it."""
 
-    __slots__ = ("weights", "versions", "us", "vs", "sigmas", "dims", "ops")
+    __slots__ = ("weights", "versions", "us", "vs", "sigmas", "dims", "ops", "outputs", "fused")
 
 
 class _GroupNormalize(torch.autograd.Function):
-    """W_i / sigma_i for every weight of one (device, dtype) group: ONE autograd node, whose
-    backward computes all the weight gradients (grad_W = (G - <G, W_sn> u v^T) / sigma)."""
+    """W_i / sigma_i for every weight of one group: ONE autograd node, whose backward computes all
+    the weight gradients (grad_W = (G - <G, W_sn> u v^T) / sigma), in one C++ call on the native
+    backend (``native_group_backward``)."""
 
     @staticmethod
     def forward(ctx, shared: _Shared, *weights):
         ctx.set_materialize_grads(False)
         ctx.shared = shared
-        return tuple(ops.normalize_impl(w, u, v, s, d)
-                     for ops, w, u, v, s, d in zip(shared.ops, weights, shared.us, shared.vs, shared.sigmas,
-                                                   shared.dims))
+        return tuple(shared.outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         sh = ctx.shared
-        out = [None]
-        for i, g in enumerate(grads):
-            if g is None or not ctx.needs_input_grad[i + 1]:
-                out.append(None)
-                continue
+        todo = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[i + 1]]
+        for i in todo:
             w = sh.weights[i]
             if w._version != sh.versions[i]:
                 raise RuntimeError(
                     "one of the variables needed for gradient computation has been modified by an inplace "
                     f"operation: a grouped spectral-norm weight of shape {tuple(w.shape)} changed after its "
                     "W/sigma was computed (sn_kernels.group)")
-            out.append(functional._weight_grad(sh.ops[i].backward, g, w, sh.us[i], sh.vs[i], sh.sigmas[i],
-                                               sh.dims[i]))
+        out = [None] * (len(grads) + 1)
+        if sh.fused and not torch.is_grad_enabled():
+            pick = lambda seq: [seq[i] for i in todo]  # noqa: E731
+            res = torch.ops.sn_kernels.native_group_backward(
+                [grads[i] for i in todo], pick(sh.weights), pick(sh.us), pick(sh.vs), pick(sh.sigmas),
+                pick(sh.dims))
+            for i, g in zip(todo, res):
+                out[i + 1] = g
+            return tuple(out)
+        for i in todo:  # per weight; with create_graph=True the differentiable formula
+            out[i + 1] = functional._weight_grad(sh.ops[i].backward, grads[i], sh.weights[i], sh.us[i], sh.vs[i],
+                                                 sh.sigmas[i], sh.dims[i])
         return tuple(out)
 
 
-def _normalize_group(items) -> list[Tensor]:
-    """Power iteration then W/sigma for one (device, dtype) group of (member, weight, u, v, order)."""
+_FAKES: list = []
+
+
+def _has_group_ops() -> bool:
+    """Whether the native extension has the grouped ops (csrc/sn_kernels_grouped_cpu.cpp); registers
+    their fake implementations (torch.compile) the first time."""
+    if _FAKES:
+        return True
+    if not hasattr(torch.ops.sn_kernels, "native_group_forward"):
+        return False  # not cached: the extension may load later
+    torch.library.register_fake("sn_kernels::native_group_forward")(_fake_group_forward)
+    torch.library.register_fake("sn_kernels::native_group_backward")(
+        lambda grads, weights, us, vs, sigmas, dims: [torch.empty_like(w) for w in weights])
+    _FAKES.append(True)
+    return True
+
+
+def _fake_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
+    return ([torch.empty_like(w) for w in weights],
+            [w.new_empty((), dtype=functional.accumulation_dtype(w.dtype)) for w in weights],
+            [torch.empty_like(u) for u in us], [torch.empty_like(v) for v in vs])
+
+
+def _normalize_group(items, order: str, n_power_iterations: int, eps: float, training: bool) -> list[Tensor]:
+    """Power iteration then W/sigma for one group of (member, weight, u, v, order) sharing a device,
+    dtype, order, iteration count, eps and mode: one C++ call on the native backend."""
     sh = _Shared()
-    sh.weights, sh.versions, sh.us, sh.vs, sh.sigmas, sh.dims, sh.ops = [], [], [], [], [], [], []
+    sh.weights = [it[1] for it in items]
+    device = sh.weights[0].device
+    ops = dispatch.resolve(device).ops
+    sh.ops = [ops] * len(items)
+    sh.fused = ops is getattr(sys.modules.get(__package__ + ".native"), "ops", None) and _has_group_ops()
     with torch.no_grad():
-        for mem, w, u, v, order in items:
-            st = mem.state
-            dim = functional._check(w, u, v, st.n_power_iterations, st.eps, st.dim, order)
-            ops = dispatch.resolve(w.device).ops
-            sigma, u_used, v_used = ops.power_iteration_impl(w, u, v, st.n_power_iterations, float(st.eps), dim,
-                                                             order, bool(mem.training()))
-            mem.set_sigma(sigma)
-            sh.weights.append(w)
-            sh.us.append(u_used)
-            sh.vs.append(v_used)
-            sh.sigmas.append(sigma)
-            sh.dims.append(dim)
-            sh.ops.append(ops)
-    return _attach(sh)
-
-
-def _attach(sh: _Shared) -> list[Tensor]:
-    """The differentiable W/sigma of a computed group (one node when any weight needs a gradient)."""
+        if sh.fused:  # the C++ op checks every argument before touching u, v
+            sh.dims = [it[0].state.dim for it in items]
+            sh.outputs, sh.sigmas, sh.us, sh.vs = torch.ops.sn_kernels.native_group_forward(
+                sh.weights, [it[2] for it in items], [it[3] for it in items], sh.dims, n_power_iterations,
+                float(eps), order, training)
+        else:
+            sh.dims, sh.sigmas, sh.us, sh.vs, sh.outputs = [], [], [], [], []
+            for mem, w, u, v, _ in items:
+                dim = functional._check(w, u, v, n_power_iterations, eps, mem.state.dim, order)
+                sigma, u_used, v_used = ops.power_iteration_impl(w, u, v, n_power_iterations, float(eps), dim,
+                                                                 order, training)
+                sh.dims.append(dim)
+                sh.sigmas.append(sigma)
+                sh.us.append(u_used)
+                sh.vs.append(v_used)
+                sh.outputs.append(ops.normalize_impl(w, u_used, v_used, sigma, dim))
+    for it, sigma in zip(items, sh.sigmas):
+        it[0].set_sigma(sigma)
     sh.versions = [w._version for w in sh.weights]
     if torch.is_grad_enabled() and any(w.requires_grad for w in sh.weights):
         return list(_GroupNormalize.apply(sh, *sh.weights))
-    with torch.no_grad():
-        return [ops.normalize_impl(w, u, v, s, d)
-                for ops, w, u, v, s, d in zip(sh.ops, sh.weights, sh.us, sh.vs, sh.sigmas, sh.dims)]
+    return sh.outputs
 
 
 class SNGroup:
@@ -252,18 +289,21 @@ class SNGroup:
         return live
 
     def _compute_all(self, members: list[_Member], alone: bool = True) -> dict:
-        """{member: W/sigma}: the groupable weights per (device, dtype) in one node each; the others
+        """{member: W/sigma}: the groupable weights in one node per (device, dtype, order, iteration
+        count, eps, mode), one C++ call each on the native backend; the others
         by their layer's own computation (skipped when not ``alone``: the layer computes them itself)."""
         out: dict = {}
         groups: dict = {}
         for mem in members:
             t = mem.tensors()
             if t is not None:
-                groups.setdefault((t[0].device, t[0].dtype), []).append((mem,) + t)
+                st = mem.state
+                key = (t[0].device, t[0].dtype, t[3], st.n_power_iterations, st.eps, mem.training())
+                groups.setdefault(key, []).append((mem,) + t)
             elif alone:
                 out[mem] = mem.compute_alone()
-        for items in groups.values():
-            for item, w_sn in zip(items, _normalize_group(items)):
+        for (_, _, order, iters, eps, training), items in groups.items():
+            for item, w_sn in zip(items, _normalize_group(items, order, iters, eps, training)):
                 out[item[0]] = w_sn
         return out
 

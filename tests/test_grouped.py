@@ -270,3 +270,82 @@ def test_refresh_sigma_tracks_svd(forwards, one_thread):
         torch.testing.assert_close(errors["ours"], errors["theirs"], rtol=1e-3, atol=1e-5)
     else:
         assert max(errors["ours"][10:]) < 2e-3 and max(errors["theirs"][10:]) < 2e-3  # steps 110-140
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the sn_kernels ops a region dispatches (the CPU launch counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "sn_kernels":
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _native_group_ops():
+    return "native" in sn_kernels.available_backends("cpu") and sn_kernels.grouped._has_group_ops()
+
+
+class _Layers(nn.ModuleDict):
+    def forward(self):
+        return [_call(layer) for layer in self.values()]
+
+
+def _stack(shapes, api="hook"):
+    layers = _Layers({f"l{k}": nn.Linear(n, m, bias=False) for k, (m, n) in enumerate(shapes)})
+    sn_kernels.apply_spectral_norm(layers, api=api)
+    return layers
+
+
+def _call(layer):
+    """The layer's output on a fixed input (its spectral norm runs), weighted per element."""
+    w = layer.weight_orig if hasattr(layer, "weight_orig") else layer.parametrizations.weight.original
+    x = torch.linspace(-1, 1, layer.in_features, dtype=w.dtype).unsqueeze(0)
+    return (layer(x) * torch.linspace(0.5, 1.5, layer.out_features, dtype=w.dtype)).sum()
+
+
+@pytest.mark.parametrize("shapes", [[(3, 4)], [(3, 64), (300, 400), (4, 3)], [(2 + k % 7, 3 + k % 5) for k in range(200)]],
+                         ids=["one", "sizes_differ_1e4x", "200_weights"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_group_forward_backward_counts_and_identity(shapes, backend, one_thread):
+    if backend == "native" and not _native_group_ops():
+        pytest.skip("native extension without the grouped ops")
+    torch.manual_seed(0)
+    grouped = _stack(shapes)
+    per_module = copy.deepcopy(grouped)
+    sn_kernels.group(grouped)
+    with sn_kernels.use_backend(backend):
+        for _ in range(2):
+            with _Ops() as counter:
+                loss = sum(grouped())
+                loss.backward()
+            ref = sum(per_module())
+            ref.backward()
+            assert torch.equal(loss, ref)
+    for a, b in zip(_state(grouped) + [p.grad for p in grouped.parameters()],
+                    _state(per_module) + [p.grad for p in per_module.parameters()]):
+        assert torch.equal(a, b)
+    if backend == "native":  # one C++ call forward, one backward, whatever the number of weights
+        assert counter.ops == ["native_group_forward", "native_group_backward"]
+
+
+def test_group_mixed_dtypes_eval_and_iterations(one_thread):
+    torch.manual_seed(0)
+    model = _Layers({"a": nn.Linear(5, 7), "b": nn.Linear(7, 3).double(), "c": nn.Linear(4, 6)})
+    for name, layer in model.items():
+        sn_kernels.spectral_norm(layer, n_power_iterations=3 if name == "c" else 1)
+    ref = copy.deepcopy(model)
+    sn_kernels.group(model)
+    for training in (True, False):
+        model.train(training), ref.train(training)
+        outs = model()
+        for k, out in zip("abc", outs):
+            assert torch.equal(out, _call(ref[k]))
+        assert all(torch.equal(a, b) for a, b in zip(_state(model), _state(ref)))
+    # three groups (float32 x 1 iteration, float64, float32 x 3 iterations): three nodes
+    model.train()
+    outs = model()
+    assert len({model[k].weight.grad_fn for k in "abc"}) == 3
