@@ -357,7 +357,8 @@ __global__ void __launch_bounds__(THREADS) dot_partial_kernel(const scalar_t* __
       V a, b;
     };
     grid_strided<ELEM_UNROLL>(
-        numel / VEC, [&](int64_t q) { return Pair{reinterpret_cast<const V*>(g)[q], reinterpret_cast<const V*>(w)[q]}; },
+        numel / VEC,
+        [&](int64_t q) { return Pair{reinterpret_cast<const V*>(g)[q], reinterpret_cast<const V*>(w)[q]}; },
         [&](int64_t, const Pair& p) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) acc += static_cast<acc_t>(p.a.v[e]) * static_cast<acc_t>(p.b.v[e]);
@@ -385,7 +386,8 @@ __global__ void __launch_bounds__(THREADS) grad_kernel(const scalar_t* __restric
   const acc_t sig = safe_sigma(*sigma);
   c = c / sig;
   const auto grad = [&](scalar_t ge, scalar_t ui, scalar_t vj) {
-    return static_cast<scalar_t>((static_cast<acc_t>(ge) - c * (static_cast<acc_t>(ui) * static_cast<acc_t>(vj))) / sig);
+    const acc_t uv = static_cast<acc_t>(ui) * static_cast<acc_t>(vj);
+    return static_cast<scalar_t>((static_cast<acc_t>(ge) - c * uv) / sig);
   };
   if constexpr (VEC > 1) {
     // outer == 1 and inner % VEC == 0: a vector lies in one row
@@ -468,35 +470,45 @@ int64_t grid_for(const void* kernel, int64_t work, int64_t per_block) {
   return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, wave));
 }
 
-// The row pass (W x, row_dot_kernel): a row's columns are split over `wpr` warps of `span` columns.
-struct RowPlan {
-  int vec;
-  int64_t wpr, span, blocks;
+// Launch plan of the mat-vec passes (host arithmetic on the shape, and on the alignment that picks
+// the vector width, only: the fixed-order sums are the same on every run).
+//   row pass (W x, row_dot_kernel): a row's columns are split over `wpr` warps of `span` columns;
+//   column pass (W^T y, col_partial_kernel): `tiles` column tiles x `chunks` row chunks of `rows` rows.
+struct Plan {
+  int vec;  // elements per load: a 16-byte vector when every row is whole aligned vectors, else 1
+  int64_t wpr, span, row_blocks;
+  int64_t tiles, chunks, rows;
 };
 
 template <typename scalar_t>
-RowPlan row_plan(const scalar_t* w, const MatrixView& mv) {
+Plan make_plan(const scalar_t* w, const MatrixView& mv) {
   constexpr int VEC = 16 / sizeof(scalar_t);
-  RowPlan p;
+  Plan p;
   p.vec = (mv.outer == 1 && mv.inner % VEC == 0 && aligned16(w)) ? VEC : 1;
   const int64_t n = mv.n(), lane_step = 32 * p.vec;
-  // about TARGET_WARPS warps in all, each with at least 8 lane steps; depends on the shape only
+  // about TARGET_WARPS warps in all, each with at least 8 lane steps
   const int64_t most = std::max<int64_t>(1, n / (8 * lane_step));
   p.wpr = std::min<int64_t>(std::max<int64_t>(1, TARGET_WARPS / mv.m), most);
   p.span = ((n + p.wpr - 1) / p.wpr + lane_step - 1) / lane_step * lane_step;
   p.wpr = (n + p.span - 1) / p.span;
-  p.blocks = (mv.m * p.wpr + WARPS - 1) / WARPS;
+  p.row_blocks = (mv.m * p.wpr + WARPS - 1) / WARPS;
+  // about TARGET_BLOCKS blocks in all, at least 8 rows per chunk
+  p.tiles = (n + THREADS * p.vec - 1) / (THREADS * p.vec);
+  const int64_t want = std::max<int64_t>(1, TARGET_BLOCKS / p.tiles);
+  p.chunks = std::min<int64_t>({want, std::max<int64_t>(1, mv.m / 8), 65535});
+  p.rows = (mv.m + p.chunks - 1) / p.chunks;
+  p.chunks = (mv.m + p.rows - 1) / p.rows;
   return p;
 }
 
 template <typename scalar_t, typename x_t>
-void launch_row_dot(const scalar_t* w, const MatrixView& mv, const RowPlan& p, const x_t* x, acc_type_t<scalar_t>* s_part,
+void launch_row_dot(const scalar_t* w, const MatrixView& mv, const Plan& p, const x_t* x, acc_type_t<scalar_t>* s_part,
                     acc_type_t<scalar_t>* s, unsigned int* counter, Finish fin, scalar_t* u_out, scalar_t* u_used,
                     acc_type_t<scalar_t>* sigma, const scalar_t* u_in, const scalar_t* v_in, scalar_t* v_used,
                     acc_type_t<scalar_t>* u_acc, cudaStream_t stream) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const dim3 grid(static_cast<unsigned>(p.blocks));
+  const dim3 grid(static_cast<unsigned>(p.row_blocks));
   if (p.vec == VEC && VEC > 1) {
     row_dot_kernel<scalar_t, acc_t, x_t, VEC><<<grid, THREADS, 0, stream>>>(
         w, mv.outer, mv.m, mv.inner, x, p.wpr, p.span, s_part, s, counter, fin, u_out, u_used, sigma, u_in, v_in,
@@ -509,28 +521,8 @@ void launch_row_dot(const scalar_t* w, const MatrixView& mv, const RowPlan& p, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The column pass (W^T y, col_partial_kernel): `tiles` column tiles x `chunks` row chunks of `rows` rows.
-struct ColPlan {
-  int vec;
-  int64_t tiles, chunks, rows;
-};
-
-template <typename scalar_t>
-ColPlan col_plan(const scalar_t* w, const MatrixView& mv) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  ColPlan p;
-  p.vec = (mv.outer == 1 && mv.inner % VEC == 0 && aligned16(w)) ? VEC : 1;
-  const int64_t n = mv.n();
-  p.tiles = (n + THREADS * p.vec - 1) / (THREADS * p.vec);
-  const int64_t want = std::max<int64_t>(1, TARGET_BLOCKS / p.tiles);
-  p.chunks = std::min<int64_t>({want, std::max<int64_t>(1, mv.m / 8), 65535});
-  p.rows = (mv.m + p.chunks - 1) / p.chunks;
-  p.chunks = (mv.m + p.rows - 1) / p.rows;
-  return p;
-}
-
 template <typename scalar_t, typename y_t>
-void launch_col_partial(const scalar_t* w, const MatrixView& mv, const ColPlan& p, const y_t* y,
+void launch_col_partial(const scalar_t* w, const MatrixView& mv, const Plan& p, const y_t* y,
                         acc_type_t<scalar_t>* partial, acc_type_t<scalar_t>* t, acc_type_t<scalar_t>* tile_sq,
                         unsigned int* counters, Finish fin, scalar_t* v_out, scalar_t* v_used,
                         acc_type_t<scalar_t>* sigma, acc_type_t<scalar_t>* v_acc, const scalar_t* v_in,
@@ -582,42 +574,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(const at::Te
     scalar_t* uu = u_used.mutable_data_ptr<scalar_t>();
     scalar_t* vv = v_used.mutable_data_ptr<scalar_t>();
     acc_t* sig = sigma.mutable_data_ptr<acc_t>();
-    const RowPlan rp = row_plan(w, kv);
-    const int64_t s_len = kv.m + (rp.wpr > 1 ? kv.m * rp.wpr : 0);  // s, then the row slices' partials
+    const Plan plan = make_plan(w, kv);
+    const int64_t s_len = kv.m + (plan.wpr > 1 ? kv.m * plan.wpr : 0);  // s, then the row slices' partials
     if (!training) {
       at::Tensor s = at::empty({s_len}, weight.options().dtype(acc_dtype));
       acc_t* sp = s.mutable_data_ptr<acc_t>();
       unsigned int* counter = stream_counters(weight.device(), stream, 1, keep_counters);
       // sigma = u . (W v) = v . (W^T u): the row pass over the kernels' matrix, its vector as x
       const Finish fin{eps, true, false, true};
+      acc_t* slices = plan.wpr > 1 ? sp + kv.m : sp;
       if (transposed)
-        launch_row_dot<scalar_t, scalar_t>(w, kv, rp, up, rp.wpr > 1 ? sp + kv.m : sp, sp, counter, fin, nullptr, vv,
-                                           sig, vp, up, uu, nullptr, stream);
+        launch_row_dot<scalar_t, scalar_t>(w, kv, plan, up, slices, sp, counter, fin, nullptr, vv, sig, vp, up, uu,
+                                           nullptr, stream);
       else
-        launch_row_dot<scalar_t, scalar_t>(w, kv, rp, vp, rp.wpr > 1 ? sp + kv.m : sp, sp, counter, fin, nullptr, uu,
-                                           sig, up, vp, vv, nullptr, stream);
+        launch_row_dot<scalar_t, scalar_t>(w, kv, plan, vp, slices, sp, counter, fin, nullptr, uu, sig, up, vp, vv,
+                                           nullptr, stream);
       return;
     }
-    const ColPlan cp = col_plan(w, kv);
     // workspace: partials (chunks * kv.n) | u (m) | v (n) | s, row slices (s_len) | t = column sums (kv.n) | tile sums
-    at::Tensor ws = at::empty({cp.chunks * kv.n() + m + n + s_len + kv.n() + cp.tiles}, weight.options().dtype(acc_dtype));
+    at::Tensor ws =
+        at::empty({plan.chunks * kv.n() + m + n + s_len + kv.n() + plan.tiles}, weight.options().dtype(acc_dtype));
     acc_t* partial = ws.mutable_data_ptr<acc_t>();
-    acc_t* ua = partial + cp.chunks * kv.n();
+    acc_t* ua = partial + plan.chunks * kv.n();
     acc_t* va = ua + m;
     acc_t* sb = va + n;
-    acc_t* s_part = rp.wpr > 1 ? sb + kv.m : sb;
+    acc_t* s_part = plan.wpr > 1 ? sb + kv.m : sb;
     acc_t* tb = sb + s_len;
     acc_t* tile_sq = tb + kv.n();
-    unsigned int* counters = stream_counters(weight.device(), stream, cp.tiles + 1, keep_counters);
+    unsigned int* counters = stream_counters(weight.device(), stream, plan.tiles + 1, keep_counters);
     // y = normalize(A x) by the row pass (A = the kernels' matrix) or A^T x by the column pass, into the
     // vector (out, used, acc, the stored previous one on the first iteration)
     const auto row_pass = [&](const auto* x, const Finish& fin, scalar_t* out, scalar_t* used, acc_t* acc,
                               const scalar_t* prev) {
-      launch_row_dot<scalar_t>(w, kv, rp, x, s_part, sb, counters, fin, out, used, sig, prev, nullptr, nullptr, acc, stream);
+      launch_row_dot<scalar_t>(w, kv, plan, x, s_part, sb, counters, fin, out, used, sig, prev, nullptr, nullptr, acc,
+                               stream);
     };
     const auto col_pass = [&](const auto* x, const Finish& fin, scalar_t* out, scalar_t* used, acc_t* acc,
                               const scalar_t* prev) {
-      launch_col_partial<scalar_t>(w, kv, cp, x, partial, tb, tile_sq, counters, fin, out, used, sig, acc, prev, stream);
+      launch_col_partial<scalar_t>(w, kv, plan, x, partial, tb, tile_sq, counters, fin, out, used, sig, acc, prev,
+                                   stream);
     };
     const auto to_u = [&](const auto* x, const Finish& fin, const scalar_t* prev) {  // u = normalize(W x)
       if (transposed)
@@ -721,7 +716,8 @@ at::Tensor backward_cuda(const at::Tensor& grad_, const at::Tensor& weight_, con
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const scalar_t* vp = v.const_data_ptr<scalar_t>();
     const bool small = numel <= INT32_MAX;  // then the (o, i, k) of an element come from 32-bit dividers
-    const Div32 div_inner(small ? static_cast<unsigned>(mv.inner) : 1u), div_m(small ? static_cast<unsigned>(mv.m) : 1u);
+    const Div32 div_inner(small ? static_cast<unsigned>(mv.inner) : 1u);
+    const Div32 div_m(small ? static_cast<unsigned>(mv.m) : 1u);
     if (vec_ok && mv.outer == 1 && mv.inner % VEC == 0) {
       const auto kernel = grad_kernel<scalar_t, acc_t, VEC>;
       kernel<<<grid_for(reinterpret_cast<const void*>(kernel), numel / VEC, THREADS), THREADS, 0, stream>>>(

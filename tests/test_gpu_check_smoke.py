@@ -50,8 +50,8 @@ def test_run_py_rehearsal(tmp_path):
     shapes.write_text(json.dumps({"tiny": [{"name": "a", "shape": [24, 40]}, {"name": "b", "shape": [6, 4, 3, 3]}],
                                   "single_dim1": [{"name": "c", "shape": [6, 8, 2, 2], "dim": 1}]}))
     out_csv = tmp_path / "bench.csv"
-    args = [sys.executable, "benchmarks/run.py", "--device", "cpu", "--shapes", str(shapes), "--sets", "tiny,single_dim1",
-            "--per-weight", "single_dim1", "--providers", "torch_param,torch_compile,sn_kernels_native",
+    args = [sys.executable, "benchmarks/run.py", "--device", "cpu", "--shapes", str(shapes),
+            "--sets", "tiny,single_dim1", "--per-weight", "single_dim1", "--providers", "torch_param,torch_compile,sn_kernels_native",
             "--modes", "fwd,fwd_bwd", "--reps", "2", "--warmup", "1", "--compile-backend", "aot_eager",
             "--out", str(out_csv)]
     _run(args, _env())

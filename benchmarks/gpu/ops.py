@@ -130,7 +130,8 @@ def main(argv=None) -> int:
                             continue
                         gbps = BYTES[op] * mb * 1e6 / (us * 1e-6) / 1e9
                         row = dict(backend=backend, shape="x".join(map(str, shape)), dim=dim, dtype=dtype_name, op=op,
-                                   us=round(us, 2), gbps=round(gbps, 1), frac_copy_bw=round(gbps / bw, 3), mb=round(mb, 2))
+                                   us=round(us, 2), gbps=round(gbps, 1), frac_copy_bw=round(gbps / bw, 3),
+                                   mb=round(mb, 2))
                         wr.writerow(row)
                         f.flush()
                         print(f"{backend:7s} {row['shape']:>14s} dim{dim} {dtype_name:8s} {op:9s} {us:9.1f} us "

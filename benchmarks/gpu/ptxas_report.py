@@ -22,7 +22,7 @@ def demangle(names: list[str]) -> list[str]:
 
 
 def short(sig: str) -> str:
-    """'sn_kernels::(anonymous namespace)::row_dot_kernel<float, float, float, 4>(...)' -> 'row_dot_kernel<float, float, float, 4>'."""
+    """'void sn_kernels::(anonymous namespace)::row_dot_kernel<float, ...>(...)' -> 'row_dot_kernel<float, ...>'."""
     name = sig.removeprefix("void ").replace("(anonymous namespace)::", "")
     name = name.split("(")[0].replace("sn_kernels::", "").replace("c10::", "")
     return re.sub(r"\bat::cuda::detail::IntDivider<unsigned int>", "Div32", name)
