@@ -197,9 +197,10 @@ def _f64_inputs(m=6, n=5, seed=0):
     return W, u, v
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("order", ["vu", "uv"])
-def test_gradcheck_float64(order):
-    W, u, v = _f64_inputs()
+def test_gradcheck_float64(order, device):
+    W, u, v = (t.to(device) for t in _f64_inputs())
     Wr = W.clone().requires_grad_()
 
     def f_eval(x):
@@ -211,8 +212,8 @@ def test_gradcheck_float64(order):
     assert torch.autograd.gradcheck(f_eval, (Wr,), eps=1e-6, atol=1e-7)
     assert torch.autograd.gradcheck(f_train, (Wr,), eps=1e-6, atol=1e-5)
     # conv-shaped, dim=1
-    W4 = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
-    u4, v4 = torch.randn(4, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    W4 = torch.randn(3, 4, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    u4, v4 = torch.randn(4, dtype=torch.float64, device=device), torch.randn(12, dtype=torch.float64, device=device)
     assert torch.autograd.gradcheck(
         lambda x: sn_kernels.spectral_normalize(x, u4.clone(), v4.clone(), dim=1, training=False,
                                                 backend="native")[0], (W4,), eps=1e-6, atol=1e-7)
