@@ -1,5 +1,6 @@
-"""The SNGAN ResNet discriminator for CIFAR-10 (Miyato et al. 2018; pfnet-research/
-sngan_projection snresnet_32, ch=128): its 11 weights are the `sngan_cifar_d` set."""
+"""SNGAN discriminators for CIFAR-10 (Miyato et al. 2018): the ResNet (pfnet-research/
+sngan_projection snresnet_32, ch=128; its 11 weights are the `sngan_cifar_d` set) and the
+standard CNN (7 convolutions + 1 linear; benchmarks/compile_step.py)."""
 from __future__ import annotations
 
 import torch
@@ -52,6 +53,24 @@ class SNGANDiscriminator(nn.Module):
     def forward(self, x):
         h = self.block4(self.block3(self.block2(self.block1(x))))
         return self.l5(F.relu(h).sum(dim=(2, 3)))
+
+
+class SNGANCNNDiscriminator(nn.Module):
+    """The SNGAN "standard CNN" discriminator for 32x32 images (Miyato et al. 2018, table 3b):
+    7 convolutions (3x3 stride 1, 4x4 stride 2, alternating; 64-128-256-512 channels),
+    LeakyReLU 0.1, one linear layer (no SN applied here)."""
+
+    def __init__(self):
+        super().__init__()
+        spec = [(3, 64, 3, 1), (64, 64, 4, 2), (64, 128, 3, 1), (128, 128, 4, 2), (128, 256, 3, 1),
+                (256, 256, 4, 2), (256, 512, 3, 1)]
+        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, k, s, padding=1) for cin, cout, k, s in spec)
+        self.l8 = nn.Linear(512 * 4 * 4, 1)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+        return self.l8(x.flatten(1))
 
 
 def hinge_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:

@@ -102,15 +102,23 @@ def register_backend_ops(power_iteration, normalize, backward: Callable, *, powe
     torch.library.register_fake(normalize)(_fake_normalize)
 
     def setup_context(ctx, inputs, output):
+        # W / sigma is kept, not W: the convolution's backward keeps it anyway, while a kept W is
+        # one more copy per step under torch.compile (in the layout inductor picks for it)
         weight, u, v, sigma, dim = inputs
         ctx.dim = dim
-        ctx.save_for_backward(weight, u, v, sigma)
+        ctx.save_for_backward(output, u, v, sigma)
 
     def backward_fn(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        weight, u, v, sigma = ctx.saved_tensors
-        return _weight_grad(backward, grad, weight, u, v, sigma, ctx.dim), None, None, None, None
+        if torch.is_grad_enabled():  # the differentiable formula needs W itself
+            raise RuntimeError("sn_kernels: double backward through the custom ops (the torch.compile route) "
+                               "is not supported; eager calls support it")
+        weight_sn, u, v, sigma = ctx.saved_tensors
+        # (G - <G, W_sn> u v^T) / sigma is backward's (G - <G, W>/sigma u v^T) / sigma with
+        # W_sn for W and sigma u for u
+        u_sigma = (u.to(sigma.dtype) * sigma).to(u.dtype)
+        return backward(grad, weight_sn, u_sigma, v, sigma, ctx.dim), None, None, None, None
 
     torch.library.register_autograd(normalize, backward_fn, setup_context=setup_context)
     if isinstance(power_iteration, str):
@@ -261,6 +269,28 @@ def _complex(weight, u, v, n_power_iterations, eps, dim, order, training, coeff,
     return mod.complex_spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order, training)
 
 
+# device types where "auto" traces the torch formulation under torch.compile (measured: benchmarks/NOTES.md)
+TRACED_DEVICE_TYPES = ("cpu",)
+
+
+@torch.compiler.assume_constant_result
+def _compiled_backend(choice: str, device_type: str) -> str:
+    """The backend a compiled call runs: "traced" (the torch backend's formulation, inlined
+    for inductor to fuse) for "torch", and for "auto" on ``TRACED_DEVICE_TYPES``; otherwise
+    the name of the backend whose custom ops "auto" or ``choice`` resolves to.  Runs once
+    per trace, outside it (dynamo cannot trace the imports and checks of a first resolution)."""
+    if choice == "torch" or (choice == "auto" and device_type in TRACED_DEVICE_TYPES):
+        return "traced"
+    module = dispatch.resolve(torch.device(device_type), choice)
+    return next(name for name, path in dispatch._MODULES.items() if path == module.__name__)
+
+
+def _compiled_ops(device: torch.device, backend: str | None) -> SimpleNamespace:
+    """The ops namespace a compiled call traces (see ``_compiled_backend``)."""
+    name = _compiled_backend(dispatch.get_backend() if backend is None else backend.lower(), device.type)
+    return _traced.ops if name == "traced" else dispatch._loaded[name].ops
+
+
 def spectral_normalize(
     weight: Tensor,
     u: Tensor,
@@ -305,7 +335,7 @@ def spectral_normalize(
     dim = _check(weight, u, v, n_power_iterations, eps, dim, order)
     if coeff is not None or soft or gain is not None:
         _check_variant(weight, coeff, soft, gain)
-    ops = dispatch.resolve(weight.device, backend).ops
+    ops = _compiled_ops(weight.device, backend) if compiling else dispatch.resolve(weight.device, backend).ops
     if not compiling and coeff is None and gain is not None and ops.eager_spectral_normalize is not None:
         # eager gain: the same C++ call, then gamma
         weight_sn, sigma = ops.eager_spectral_normalize(weight, u, v, n_power_iterations, float(eps), dim, order,
@@ -332,3 +362,6 @@ def spectral_normalize(
     if gain is not None:
         weight_sn = weight_sn * gain.reshape(()).to(weight_sn.dtype)
     return weight_sn, sigma
+
+
+from . import traced as _traced  # noqa: E402  (imports this module's names)

@@ -1,0 +1,111 @@
+"""The torch.compile route of the "torch" backend: plain torch ops that inductor sees through.
+
+Under ``torch.compile`` an opaque custom op costs more than its kernels: inductor cannot
+fuse it with its neighbours and must hand it the strides it was traced with.  In a
+convolutional model inductor lays the weights out channels-last, so each SN weight is
+copied back to contiguous for the ops and W / sigma copied again to channels-last for the
+convolution, forward and backward (benchmarks/NOTES.md, "torch.compile").  Traced as torch
+ops, the power iteration, W / sigma and its analytic backward fuse with those layout
+changes instead, and the u, v updates become buffer mutations that functionalization
+writes back once per graph.
+
+The numbers are the torch backend's (``reference``): sigma from the last norm of the
+iteration, a step with a zero or non-finite norm keeps the previous vector, a zero weight
+normalizes to 0, and the backward is grad_W = (G - <G, W_sn> u v^T) / sigma with u, v
+held constant.  ``ops`` has the two entry points every backend's namespace has.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from .functional import accumulation_dtype
+from .reference import _normalize, outer_like, safe_sigma
+
+
+def _mv(W: Tensor, v: Tensor, dim: int) -> Tensor:
+    """W v for the (m, n) matrix view of ``W`` (``dim`` first), as a multiply-and-sum over W's
+    own dims: inductor orders the loops by the layout it picks for W (channels-last for a
+    convolution's weight).  On the flattened view (``reference.as_matrix``) the column index
+    of a channels-last weight is not affine, and every load becomes a gather."""
+    others = [d for d in range(W.dim()) if d != dim]
+    return (W * v.view([W.shape[d] for d in others]).unsqueeze(dim)).sum(others)
+
+
+def _mtv(W: Tensor, u: Tensor, dim: int) -> Tensor:
+    """W^T u for the matrix view, the same way (the other dims flattened in order)."""
+    shape = [1] * W.dim()
+    shape[dim] = -1
+    return (W * u.view(shape)).sum(dim).reshape(-1)
+
+
+@torch.library.custom_op("sn_kernels::snapshot", mutates_args=())
+def _snapshot(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Copies of u, v taken before the power iteration updates them in place.
+
+    An opaque op on purpose.  AOTAutograd's partitioner (torch 2.11) may recompute a value in
+    the backward instead of saving it, re-reading graph inputs there; for u, v, which the
+    forward has updated by then, that gives silently wrong gradients (W^T u recomputed with
+    the new u; pytorch/pytorch#197039).  It never recomputes a custom op, so every chain it
+    replays starts from these copies."""
+    return u.clone(), v.clone()
+
+
+@_snapshot.register_fake
+def _(u, v):
+    return torch.empty_like(u), torch.empty_like(v)
+
+
+@torch.no_grad()
+def _power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
+    """``reference._power_iteration`` with ``_mv``, ``_mtv``: u, v updated in place (training);
+    returns (sigma, u, v copies)."""
+    acc = accumulation_dtype(weight.dtype)
+    W = weight.to(acc) if weight.dim() > 1 else weight.to(acc).unsqueeze(1)
+    if not training:
+        return torch.dot(u.to(acc), _mv(W, v.to(acc), dim)), u.clone(), v.clone()
+    ua, va = (x.to(acc) for x in _snapshot(u, v))
+    for _ in range(n_power_iterations):
+        if order == "vu":
+            va, _ = _normalize(_mtv(W, ua, dim), va, eps)
+            ua, sigma = _normalize(_mv(W, va, dim), ua, eps)
+        else:
+            ua, _ = _normalize(_mv(W, va, dim), ua, eps)
+            va, sigma = _normalize(_mtv(W, ua, dim), va, eps)
+    u.copy_(ua)
+    v.copy_(va)
+    return sigma, u.clone(), v.clone()
+
+
+class _Normalize(torch.autograd.Function):
+    """W / sigma with its analytic backward, grad_W = (G - <G, W_sn> u v^T) / sigma; dynamo
+    traces both into the graph.  The backward reads W_sn, which the convolution's backward
+    keeps anyway, not W: a W kept for the backward is an extra copy in the layout inductor
+    picks for it (channels-last next to a convolution), written every step.
+
+    No no-op ``.to(dtype)`` in ``forward``: under dynamo (torch 2.11) an autograd.Function
+    whose forward contains one gets a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+        if weight.dtype == sigma.dtype:
+            out = weight / safe_sigma(sigma)
+        else:
+            out = (weight.to(sigma.dtype) / safe_sigma(sigma)).to(weight.dtype)
+        ctx.dim = dim
+        ctx.save_for_backward(out, u, v, sigma)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight_sn, u, v, sigma = ctx.saved_tensors
+        acc = sigma.dtype
+        G = grad.to(acc)
+        uvT = outer_like(u.to(acc), v.to(acc), weight_sn, ctx.dim)
+        grad_weight = (G - (G * weight_sn.to(acc)).sum() * uvT) / safe_sigma(sigma)
+        return grad_weight.to(grad.dtype), None, None, None, None
+
+
+ops = SimpleNamespace(power_iteration=_power_iteration, normalize=_Normalize.apply)
