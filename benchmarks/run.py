@@ -273,7 +273,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--providers", default=None, help="comma list (default: all that run here)")
-    ap.add_argument("--sets", default="sngan_cifar_d,biggan128_d,single")
+    ap.add_argument("--sets", default=None, help="default sngan_cifar_d,biggan128_d,single on a GPU; without "
+                    "single on the CPU, where its large weights alone take minutes per provider")
     ap.add_argument("--per-weight", default="", help="comma list of sets whose weights are timed one by one")
     ap.add_argument("--min-mb", type=float, default=0.0, help="per-weight cases: only weights of at least this size")
     ap.add_argument("--modes", default=",".join(MODES))
@@ -298,6 +299,7 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu-{platform.machine()}-{os.cpu_count()}cores"
     shape_sets = find_shapes(args.shapes)
     args.dtypes = args.dtypes or ("float32,bfloat16" if on_gpu else "float32")
+    args.sets = args.sets or ("sngan_cifar_d,biggan128_d,single" if on_gpu else "sngan_cifar_d,biggan128_d")
     backends = sn_kernels.available_backends(device)
     providers = (args.providers.split(",") if args.providers else
                  ["torch_hook", "torch_param"] + (["torch_compile"] if on_gpu else [])
