@@ -269,37 +269,26 @@ def _complex(weight, u, v, n_power_iterations, eps, dim, order, training, coeff,
     return mod.complex_spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order, training)
 
 
-# Under torch.compile on these device types W / sigma and its backward are traced: plain torch
-# ops that inductor fuses with the layout changes around a convolution (an opaque op there costs
-# copies to and from channels-last); the power iteration stays the backend's op, which compiles
-# to one call (traced, it is several big C++ kernels to compile).  Elsewhere the backend's custom
-# ops.  The "torch" backend is traced whole on every device.  Measured: benchmarks/NOTES.md.
-TRACED_NORMALIZE_DEVICE_TYPES = ("cpu",)
-
-# the ops namespaces compiled calls trace, by the names _compiled_backend returns
-_COMPILED_OPS: dict[str, SimpleNamespace] = {}
+# device types where "auto" traces the torch formulation under torch.compile (measured: benchmarks/NOTES.md)
+TRACED_DEVICE_TYPES = ("cpu",)
 
 
 @torch.compiler.assume_constant_result
 def _compiled_backend(choice: str, device_type: str) -> str:
-    """The key in ``_COMPILED_OPS`` of the ops a compiled call traces (see above).  Runs once
-    per trace, outside it: dynamo cannot trace the imports and checks of a first resolution."""
-    module = None if choice == "torch" else dispatch.resolve(torch.device(device_type), choice)
-    if module is None or module is dispatch._load("torch"):
-        name, ops = "traced", _traced.ops
-    elif device_type in TRACED_NORMALIZE_DEVICE_TYPES:
-        name = module.__name__ + "+traced_normalize"
-        ops = SimpleNamespace(power_iteration=module.ops.power_iteration, normalize=_traced.ops.normalize)
-    else:
-        name, ops = module.__name__, module.ops
-    _COMPILED_OPS.setdefault(name, ops)
-    return name
+    """The backend a compiled call runs: "traced" (the torch backend's formulation, inlined
+    for inductor to fuse) for "torch", and for "auto" on ``TRACED_DEVICE_TYPES``; otherwise
+    the name of the backend whose custom ops "auto" or ``choice`` resolves to.  Runs once
+    per trace, outside it (dynamo cannot trace the imports and checks of a first resolution)."""
+    if choice == "torch" or (choice == "auto" and device_type in TRACED_DEVICE_TYPES):
+        return "traced"
+    module = dispatch.resolve(torch.device(device_type), choice)
+    return next(name for name, path in dispatch._MODULES.items() if path == module.__name__)
 
 
 def _compiled_ops(device: torch.device, backend: str | None) -> SimpleNamespace:
-    """The ops namespace a compiled call traces."""
-    return _COMPILED_OPS[_compiled_backend(dispatch.get_backend() if backend is None else backend.lower(),
-                                           device.type)]
+    """The ops namespace a compiled call traces (see ``_compiled_backend``)."""
+    name = _compiled_backend(dispatch.get_backend() if backend is None else backend.lower(), device.type)
+    return _traced.ops if name == "traced" else dispatch._loaded[name].ops
 
 
 def spectral_normalize(

@@ -41,21 +41,15 @@ def _mtv(W: Tensor, u: Tensor, dim: int) -> Tensor:
     return (W * u.view(shape)).sum(dim).reshape(-1)
 
 
-# The first product of the power iteration reads the old u (order "vu") or v ("uv"), which the
-# forward then updates in place.  AOTAutograd's partitioner (torch 2.11) may recompute a value
-# in the backward instead of saving it, re-reading graph inputs there, and then reads the
-# updated vector: silently wrong gradients (pytorch/pytorch#197039).  It does not recompute a
-# reduction whose output is 4x smaller than its input, so the product is safe when the dim it
-# sums over is longer than 4; up to this length (a margin over 4) u, v go through
-# ``_snapshot`` first.  Only there: the opaque op splits inductor's fused kernels, and every
-# extra C++ kernel costs compile time.
-SNAPSHOT_MAX_SUMMED = 16
-
-
 @torch.library.custom_op("sn_kernels::snapshot", mutates_args=())
 def _snapshot(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Copies of u, v taken before the power iteration updates them in place: an op the
-    partitioner never recomputes, so every chain it replays starts from these copies."""
+    """Copies of u, v taken before the power iteration updates them in place.
+
+    An opaque op on purpose.  AOTAutograd's partitioner (torch 2.11) may recompute a value in
+    the backward instead of saving it, re-reading graph inputs there; for u, v, which the
+    forward has updated by then, that gives silently wrong gradients (W^T u recomputed with
+    the new u; pytorch/pytorch#197039).  It never recomputes a custom op, so every chain it
+    replays starts from these copies."""
     return u.clone(), v.clone()
 
 
@@ -72,8 +66,7 @@ def _power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training
     W = weight.to(acc) if weight.dim() > 1 else weight.to(acc).unsqueeze(1)
     if not training:
         return torch.dot(u.to(acc), _mv(W, v.to(acc), dim)), u.clone(), v.clone()
-    summed = W.shape[dim] if order == "vu" else W.numel() // W.shape[dim]  # by the first product
-    ua, va = (x.to(acc) for x in (_snapshot(u, v) if summed <= SNAPSHOT_MAX_SUMMED else (u, v)))
+    ua, va = (x.to(acc) for x in _snapshot(u, v))
     for _ in range(n_power_iterations):
         if order == "vu":
             va, _ = _normalize(_mtv(W, ua, dim), va, eps)

@@ -45,7 +45,6 @@ def test_opcheck_torch_backend(dim, training, order):
 
 # the Triton interpreter is not compilable; triton is checked on the GPU (benchmarks/gpu_check.py)
 COMPILED_BACKENDS = ["auto"] + [b for b in sn_kernels.available_backends("cpu") if b != "triton"]
-NATIVE_ON_CPU = "native" in COMPILED_BACKENDS
 
 
 class _Graphs:
@@ -63,17 +62,15 @@ class _Graphs:
                 if n.op == "call_function" and str(n.target).startswith("sn_kernels.")}
 
 
-@pytest.mark.parametrize("backend, expected", [
-    ("auto", {"sn_kernels.native_power_iteration"} if NATIVE_ON_CPU else set()),
-    ("native", {"sn_kernels.native_power_iteration"}),
-    ("torch", set()),
-])
+@pytest.mark.parametrize("backend, expected", [("auto", {"sn_kernels.snapshot"}), ("torch", {"sn_kernels.snapshot"}),
+                                               ("native", {"sn_kernels.native_power_iteration",
+                                                           "sn_kernels.native_normalize"})])
 def test_compile_route(backend, expected):
-    """On the CPU, W / sigma and its backward compile to torch ops that inductor fuses; the power
-    iteration is the native op ("auto", "native") or torch ops too ("torch", or "auto" without
-    the extension).  The first resolution of the backend can happen inside the trace."""
-    if backend == "native" and not NATIVE_ON_CPU:
-        pytest.skip("native unavailable")
+    """On the CPU "auto" (and "torch") compile to torch ops that inductor fuses (and the one
+    copy of u, v in sn_kernels.snapshot); an explicit "native" keeps its custom ops.  The first
+    resolution of the backend can happen inside the trace."""
+    if backend not in sn_kernels.available_backends("cpu") + ["auto"]:
+        pytest.skip(f"{backend} unavailable")
     w, u, v = _sample_args()
     w.requires_grad_()
     graphs = _Graphs()
@@ -150,15 +147,11 @@ def test_compile_fullgraph_matches_eager(api, backend):
     _compare_compiled(api, "aot_eager", backend)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("model", ["disc", "mlp"])
 @pytest.mark.parametrize("api", ["hook", "parametrization"])
-def test_compile_inductor_matches_eager(api, model, backend):
-    """The real compiler (it builds C++ on the CPU: two steps only), on the default route and on
-    the one traced whole ("torch")."""
-    if backend == "auto" and not NATIVE_ON_CPU:
-        pytest.skip("'auto' is 'torch' without the native extension")
-    _compare_compiled(api, "inductor", backend, steps=2, model=model)
+def test_compile_inductor_matches_eager(api, model):
+    """The real compiler on the default route (it builds C++ on the CPU: two steps only)."""
+    _compare_compiled(api, "inductor", steps=2, model=model)
 
 
 @pytest.mark.parametrize("kwargs", [dict(coeff=2.0), dict(coeff=0.5, soft=True), dict(gain=True)])
