@@ -17,8 +17,13 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace sn_kernels {
+
+// The accumulation type: float for float16/bfloat16/float32, double for double.
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 struct MatrixView {
   int64_t outer = 1, m = 1, inner = 1;

@@ -316,9 +316,6 @@ at::Tensor contiguous_copy(const at::Tensor& x) {
   return out;
 }
 
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Tensor& weight_, at::Tensor& u,
                                                                    at::Tensor& v, int64_t n_power_iterations,
                                                                    double eps, int64_t dim, c10::string_view order_,

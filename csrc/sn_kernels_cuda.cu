@@ -43,9 +43,6 @@ constexpr int MAX_DOT_BLOCKS = 1024;
 constexpr int UNROLL = 8;       // loads in flight per thread in the finishing loops
 constexpr int ELEM_UNROLL = 4;  // vector loads in flight per thread in the elementwise kernels
 
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];

@@ -37,8 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .functional import accumulation_dtype
-from .reference import _normalize
+from .backends.contract import accumulation_dtype
+from .backends.pytorch import normalize_step
+from .checks import INIT_ITERATIONS, check_api, check_iterations_eps
+from .find import find
+from .serialize import serializable
 
 __all__ = [
     "ConvSpec", "conv_spec", "conv_apply", "conv_adjoint", "conv_weight_grad", "conv_power_iteration",
@@ -50,10 +53,6 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-APIS = ("hook", "parametrization")
-#: iterations run when u, v are (re)drawn, so that sigma is already close in the first
-#: forward, even in eval mode (torch's parametrization warms up the same way)
-INIT_ITERATIONS = 15
 
 
 # ----------------------------------------------------------------------------- the operator
@@ -189,9 +188,9 @@ def conv_power_iteration(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor, n
     """``n_power_iterations`` "uv" steps on A; returns new (u, v, sigma), inputs untouched."""
     sigma = None
     for _ in range(n_power_iterations):
-        u, _ = _normalize(conv_apply(spec, weight, v), u, eps)
+        u, _ = normalize_step(conv_apply(spec, weight, v), u, eps)
         # sigma = v . (A^T u) = |A^T u|^2 / max(|A^T u|, eps): no third pass needed
-        v, sigma = _normalize(conv_adjoint(spec, weight, u, v.shape), v, eps)
+        v, sigma = normalize_step(conv_adjoint(spec, weight, u, v.shape), v, eps)
     return u, v, sigma
 
 
@@ -275,10 +274,7 @@ class _State:
     """The settings both front ends share, and the initialise/check step of a forward."""
 
     def __init__(self, spec, name, n_power_iterations, eps, reinit_on_resize):
-        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations <= 0:
-            raise ValueError(f"Expected n_power_iterations to be positive, but got {n_power_iterations}")
-        if not eps > 0:
-            raise ValueError(f"Expected eps to be positive, but got eps={eps}")
+        check_iterations_eps(n_power_iterations, eps)
         self.spec, self.name = spec, name
         self.n_power_iterations, self.eps, self.reinit_on_resize = n_power_iterations, eps, reinit_on_resize
 
@@ -321,6 +317,7 @@ class ConvSpectralNormHook(_State):
     State: parameter ``<name>_orig``, buffers ``<name>_u`` (1, C_out, *out) and
     ``<name>_v`` (1, C_in, *in), empty until the first forward."""
 
+    sn_kind = "conv"
     sigma: Tensor | None = None  # latest sigma (detached), for logging
 
     def __call__(self, module: nn.Module, inputs, kwargs=None) -> None:
@@ -331,25 +328,16 @@ class ConvSpectralNormHook(_State):
         setattr(module, self.name, self.compute_weight(module, module.training))
 
     def compute_weight(self, module: nn.Module, training: bool) -> Tensor:
-        from .hooks import _serializable
-
         weight_sn, sigma = conv_spectral_normalize(
             self.spec, getattr(module, self.name + "_orig"), getattr(module, self.name + "_u"),
             getattr(module, self.name + "_v"), n_power_iterations=self.n_power_iterations, eps=self.eps,
             training=training,
         )
         self.sigma = sigma.detach()
-        return weight_sn if torch.compiler.is_compiling() else _serializable(weight_sn)
+        return weight_sn if torch.compiler.is_compiling() else serializable(weight_sn)
 
     def load_pre_hook(self, module, state_dict, prefix, *args) -> None:
         _resize_on_load(module, state_dict, prefix, (self.name + "_u", self.name + "_v"))
-
-
-def _find_hook(module: nn.Module, name: str):
-    for key, hook in module._forward_pre_hooks.items():
-        if isinstance(hook, ConvSpectralNormHook) and hook.name == name:
-            return key, hook
-    return None, None
 
 
 # ----------------------------------------------------------------------------- parametrization front end
@@ -362,6 +350,8 @@ class ConvSpectralNorm(_State, nn.Module):
     checks u, v for the input size before the module reads its weight.  Reading
     ``module.<name>`` before the first forward (or ``input_size=``) is an error.
     """
+
+    sn_kind = "conv"
 
     def __init__(self, spec: ConvSpec, weight: Tensor, name: str = "weight", n_power_iterations: int = 1,
                  eps: float = 1e-12, reinit_on_resize: bool = False) -> None:
@@ -401,7 +391,7 @@ class _InputSizeHook:
         self.name = name
 
     def __call__(self, module: nn.Module, inputs, kwargs=None) -> None:
-        param = _find_parametrization(module, self.name)
+        param = _conv_parametrization(module, self.name)
         if param is None:  # parametrization removed by torch's remove_parametrizations: nothing to do
             return
         _check_output_size(param.spec, inputs, kwargs)
@@ -409,10 +399,9 @@ class _InputSizeHook:
                       _spatial(param.spec, inputs[0]), f"{type(module).__name__}.{self.name}")
 
 
-def _find_parametrization(module: nn.Module, name: str) -> ConvSpectralNorm | None:
-    if not parametrize.is_parametrized(module, name):
-        return None
-    return next((p for p in module.parametrizations[name] if isinstance(p, ConvSpectralNorm)), None)
+def _conv_parametrization(module: nn.Module, name: str) -> ConvSpectralNorm | None:
+    site = find(module, name, kind="conv", api="parametrization")
+    return None if site is None else site.state
 
 
 # ----------------------------------------------------------------------------- public front ends
@@ -431,9 +420,8 @@ def spectral_norm_conv(module: nn.Module, name: str = "weight", n_power_iteratio
     ``remove_spectral_norm_conv``.
     """
     spec = conv_spec(module)
-    if api not in APIS:
-        raise ValueError(f"api must be one of {APIS}, got {api!r}")
-    if _find_hook(module, name)[1] is not None or _find_parametrization(module, name) is not None:
+    check_api(api)
+    if find(module, name, kind="conv") is not None:
         raise RuntimeError(f"Cannot register two spectral_norm_conv on the same parameter {name}")
     weight = module._parameters.get(name)
     if weight is None and not parametrize.is_parametrized(module, name):
@@ -465,8 +453,9 @@ def spectral_norm_conv(module: nn.Module, name: str = "weight", n_power_iteratio
 
 def remove_spectral_norm_conv(module: nn.Module, name: str = "weight") -> nn.Module:
     """Undo ``spectral_norm_conv`` (either API), keeping the weight W / sigma as a plain parameter."""
-    key, hook = _find_hook(module, name)
-    if hook is not None:
+    site = find(module, name, kind="conv")
+    if site is not None and site.api == "hook":
+        key, hook = site.key, site.state
         if getattr(module, name + "_v").numel() == 0:
             raise RuntimeError("spectral_norm_conv: sigma is unknown before the first forward; nothing to keep")
         with torch.no_grad():
@@ -481,7 +470,7 @@ def remove_spectral_norm_conv(module: nn.Module, name: str = "weight") -> nn.Mod
             delattr(module, name + suffix)
         module.register_parameter(name, nn.Parameter(weight))
         return module
-    if _find_parametrization(module, name) is not None:
+    if site is not None:
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         for k, h in list(module._forward_pre_hooks.items()):
             if isinstance(h, _InputSizeHook) and h.name == name:
@@ -493,13 +482,10 @@ def remove_spectral_norm_conv(module: nn.Module, name: str = "weight") -> nn.Mod
 
 def reset_spectral_norm_conv(module: nn.Module, name: str = "weight") -> nn.Module:
     """Forget u, v (either API): the next forward draws them again for its input size."""
-    _, hook = _find_hook(module, name)
-    if hook is not None:
-        owner, names = module, (name + "_u", name + "_v")
-    else:
-        owner, names = _find_parametrization(module, name), ("_u", "_v")
-        if owner is None:
-            raise ValueError(f"spectral_norm_conv of '{name}' not found in {module}")
+    site = find(module, name, kind="conv")
+    if site is None:
+        raise ValueError(f"spectral_norm_conv of '{name}' not found in {module}")
+    owner, names = (module, (name + "_u", name + "_v")) if site.api == "hook" else (site.state, ("_u", "_v"))
     for n in names:
         owner._buffers[n] = owner._buffers[n].new_empty(0)
     return module

@@ -15,16 +15,11 @@ from typing import Iterator
 
 import torch
 
-BACKENDS = ("native", "triton", "torch")
-_CHOICES = ("auto",) + BACKENDS
+from .backends import MODULES, NAMES
+from .backends.contract import Backend
 
-# name -> module path; each module exposes ``why_not(device) -> str | None``,
-# ``forward`` (a torch.library custom op) and ``backward`` (a callable).
-_MODULES = {
-    "native": "sn_kernels.native",
-    "triton": "sn_kernels.triton",
-    "torch": "sn_kernels.reference",
-}
+BACKENDS = NAMES
+_CHOICES = ("auto",) + BACKENDS
 
 
 def _check_choice(name: str) -> str:
@@ -40,15 +35,15 @@ _load_errors: dict[str, str] = {}
 
 
 def _load(name: str):
-    """Import a backend module once; remember why it failed."""
+    """Import a backend's module once (its ``why_not`` and ``backend``); remember why it failed."""
     if name in _loaded:
         return _loaded[name]
     if name in _load_errors:
         return None
     try:
-        mod = importlib.import_module(_MODULES[name])
+        mod = importlib.import_module(MODULES[name])
     except Exception as exc:  # an optional dependency may be missing or broken
-        _load_errors[name] = f"cannot import {_MODULES[name]}: {type(exc).__name__}: {exc}"
+        _load_errors[name] = f"cannot import {MODULES[name]}: {type(exc).__name__}: {exc}"
         return None
     _loaded[name] = mod
     return mod
@@ -101,30 +96,35 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-_resolved: dict[tuple[str, str], object] = {}
+def loaded_backend(name: str) -> Backend:
+    """The ``Backend`` of an already resolved backend ``name`` (a dict lookup dynamo can trace)."""
+    return _loaded[name].backend
 
 
-def resolve(device: torch.device, backend: str | None = None):
-    """The backend module that will run a call on ``device``.
+_resolved: dict[tuple[str, str], Backend] = {}
+
+
+def resolve(device: torch.device, backend: str | None = None) -> Backend:
+    """The backend that will run a call on ``device`` (a ``backends.contract.Backend``).
 
     Cached per (selection, device type) so that the per-call cost is a dict lookup.
     """
     choice = _selected if backend is None else _check_choice(backend)
     key = (choice, device.type)
-    mod = _resolved.get(key)
-    if mod is not None:
-        return mod
+    chosen = _resolved.get(key)
+    if chosen is not None:
+        return chosen
     if choice != "auto":
         reason = why_not(choice, device)
         if reason is not None:
             raise RuntimeError(f"sn_kernels backend {choice!r} cannot run on {device.type}: {reason}")
-        mod = _load(choice)
+        chosen = _load(choice).backend
     else:
         skipped = []
         for name in BACKENDS:
             reason = why_not(name, device, auto=True)
             if reason is None:
-                mod, picked = _load(name), name
+                chosen, picked = _load(name).backend, name
                 break
             skipped.append((name, reason))
         # the fallback users care about: the compiled extension missing or broken
@@ -135,8 +135,8 @@ def resolve(device: torch.device, backend: str | None = None):
         if skipped and os.environ.get("SN_KERNELS_VERBOSE"):
             notes = "; ".join(f"{n}: {r}" for n, r in skipped)
             print(f"sn_kernels: auto backend on {device.type} skipped {notes}")
-    _resolved[key] = mod
-    return mod
+    _resolved[key] = chosen
+    return chosen
 
 
 # backends whose kernels are real-only: complex weights go to the torch backend
@@ -146,14 +146,13 @@ _REAL_ONLY = {
 }
 
 
-def resolve_complex(device: torch.device, backend: str | None = None):
-    """The backend module for a complex weight: "auto" and "torch" give the torch backend;
-    "native" and "triton", requested by name, raise with the reason."""
+def check_complex(backend: str | None = None) -> None:
+    """Complex weights run on the torch backend: "auto" and "torch" pass; "native" and
+    "triton", requested by name, raise with the reason."""
     choice = _selected if backend is None else _check_choice(backend)
     if choice in _REAL_ONLY:
         raise RuntimeError(f"sn_kernels backend {choice!r} cannot run complex weights: {_REAL_ONLY[choice]}; "
                            "use 'auto' or 'torch'")
-    return _load("torch")
 
 
 def explain(device: torch.device | str = "cpu") -> str:

@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import conv_norm, hooks
-from .nn import _sn_weights
+from .find import walk
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -18,7 +18,8 @@ def freeze(model: nn.Module) -> nn.Module:
     runtime sees ordinary layers.  A parametrized tensor carrying spectral norm is
     folded with all its parametrizations (``remove_parametrizations``).
     """
-    for _, kind, module, name, _ in list(_sn_weights(model)):
+    for _, site in list(walk(model)):
+        kind, module, name = site.kind, site.module, site.name
         if not _still_wrapped(module, name):
             continue  # a stacked second spectral norm, folded with the first
         if parametrize.is_parametrized(module, name):

@@ -52,13 +52,13 @@ semantics; safe for an EMA copy updated through ``.data``) until ``attach(opt)``
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor, nn
 
-from . import dispatch, functional, hooks, parametrizations
-from .nn import _sn_weights
+from . import dispatch, hooks, parametrizations
+from .backends import pytorch
+from .checks import check_call
+from .find import walk
 
 REFRESH = ("call", "step")
 
@@ -127,7 +127,7 @@ class _Shared:
     """What the group's backward needs for one group of weights; kept on the node (not saved tensors),
     so that every forward sharing it in "step" mode can backward through it."""
 
-    __slots__ = ("weights", "versions", "us", "vs", "sigmas", "dims", "ops", "outputs", "fused")
+    __slots__ = ("weights", "versions", "us", "vs", "sigmas", "dims", "backend", "outputs", "fused")
 
 
 class _GroupNormalize(torch.autograd.Function):
@@ -161,33 +161,16 @@ class _GroupNormalize(torch.autograd.Function):
             for i, g in zip(todo, res):
                 out[i + 1] = g
             return tuple(out)
-        for i in todo:  # per weight; with create_graph=True the differentiable formula
-            out[i + 1] = functional._weight_grad(sh.ops[i].backward, grads[i], sh.weights[i], sh.us[i], sh.vs[i],
-                                                 sh.sigmas[i], sh.dims[i])
+        # per weight; with create_graph=True the differentiable formula (kernels are not differentiable)
+        backward = pytorch.backward if torch.is_grad_enabled() else sh.backend.backward
+        for i in todo:
+            out[i + 1] = backward(grads[i], sh.weights[i], sh.us[i], sh.vs[i], sh.sigmas[i], sh.dims[i])
         return tuple(out)
 
 
-_FAKES: list = []
-
-
 def _has_group_ops() -> bool:
-    """Whether the native extension has the grouped ops (csrc/sn_kernels_grouped_cpu.cpp); registers
-    their fake implementations (torch.compile) the first time."""
-    if _FAKES:
-        return True
-    if not hasattr(torch.ops.sn_kernels, "native_group_forward"):
-        return False  # not cached: the extension may load later
-    torch.library.register_fake("sn_kernels::native_group_forward")(_fake_group_forward)
-    torch.library.register_fake("sn_kernels::native_group_backward")(
-        lambda grads, weights, us, vs, sigmas, dims: [torch.empty_like(w) for w in weights])
-    _FAKES.append(True)
-    return True
-
-
-def _fake_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
-    return ([torch.empty_like(w) for w in weights],
-            [w.new_empty((), dtype=functional.accumulation_dtype(w.dtype)) for w in weights],
-            [torch.empty_like(u) for u in us], [torch.empty_like(v) for v in vs])
+    """Whether the loaded native extension has the grouped ops (csrc/sn_kernels_grouped_cpu.cpp)."""
+    return hasattr(torch.ops.sn_kernels, "native_group_forward")
 
 
 def _normalize_group(items, order: str, n_power_iterations: int, eps: float, training: bool) -> list[Tensor]:
@@ -196,9 +179,8 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
     sh = _Shared()
     sh.weights = [it[1] for it in items]
     device = sh.weights[0].device
-    ops = dispatch.resolve(device).ops
-    sh.ops = [ops] * len(items)
-    sh.fused = ops is getattr(sys.modules.get(__package__ + ".native"), "ops", None) and _has_group_ops()
+    sh.backend = dispatch.resolve(device)
+    sh.fused = sh.backend.name == "native" and _has_group_ops()
     with torch.no_grad():
         if sh.fused:  # the C++ op checks every argument before touching u, v
             sh.dims = [it[0].state.dim for it in items]
@@ -208,14 +190,14 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
         else:
             sh.dims, sh.sigmas, sh.us, sh.vs, sh.outputs = [], [], [], [], []
             for mem, w, u, v, _ in items:
-                dim = functional._check(w, u, v, n_power_iterations, eps, mem.state.dim, order)
-                sigma, u_used, v_used = ops.power_iteration_impl(w, u, v, n_power_iterations, float(eps), dim,
-                                                                 order, training)
+                dim = check_call(w, u, v, n_power_iterations, eps, mem.state.dim, order)
+                sigma, u_used, v_used = sh.backend.power_iteration(w, u, v, n_power_iterations, float(eps), dim,
+                                                                   order, training)
                 sh.dims.append(dim)
                 sh.sigmas.append(sigma)
                 sh.us.append(u_used)
                 sh.vs.append(v_used)
-                sh.outputs.append(ops.normalize_impl(w, u_used, v_used, sigma, dim))
+                sh.outputs.append(sh.backend.normalize(w, u_used, v_used, sigma, dim))
     for it, sigma in zip(items, sh.sigmas):
         it[0].set_sigma(sigma)
     sh.versions = [w._version for w in sh.weights]
@@ -236,10 +218,11 @@ class SNGroup:
             raise ValueError("sn_kernels.group: the model is already grouped (find_group(model).remove() first)")
         self.model = model
         self.members: list[_Member] = []
-        for _, kind, module, name, state in _sn_weights(model):
+        for _, site in walk(model):
+            kind, module, name, state = site.kind, site.module, site.name, site.state
             if kind == "hook" and isinstance(state, hooks.SpectralNorm):
                 self.members.append(_Member("hook", module, name, state))
-            elif kind == "param" and isinstance(state, parametrizations._SpectralNorm) \
+            elif kind == "param" and isinstance(state, parametrizations.SpectralNormParametrization) \
                     and len(module.parametrizations[name]) == 1:
                 self.members.append(_Member("param", module, name, state))
         if not self.members:

@@ -9,45 +9,23 @@ behave exactly as with PyTorch; only the computation goes through
 """
 from __future__ import annotations
 
-import importlib
-import weakref
-
 import torch
 from torch import nn
 from torch.nn.functional import normalize
 
-from .functional import _check_variant, check_weight_args, spectral_normalize
+from . import conv_norm
+from .backends.pytorch import exact_top_singular
+from .checks import check_iterations_eps, check_mode, check_variant, check_weight_args, default_dim
+from .find import find, torch_sn
+from .functional import spectral_normalize
 from .meta import guard_if_meta
-
-# the module, not the function that torch.nn.utils re-exports under the same name
-_torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
-
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+from .serialize import serializable
 
 
-def default_dim(module: nn.Module) -> int:
-    """PyTorch's default: dim=1 for ConvTranspose*, 0 otherwise."""
-    return 1 if isinstance(module, _CONV_TRANSPOSE) else 0
-
-
-def _serializable(weight: torch.Tensor) -> torch.Tensor:
-    """Let ``copy.deepcopy``/``torch.save`` take a graph-attached normalized weight.
-
-    PyTorch leaves ``module.weight`` as a non-leaf tensor after a training forward,
-    and both deepcopy and pickling refuse non-leaf tensors.  Copies of it can only
-    be values anyway (a copy has no graph), so the tensor learns to copy and pickle
-    its detached value.  A weak reference avoids a tensor -> closure -> tensor cycle.
-    """
-    if weight.grad_fn is None:
-        return weight
-    ref = weakref.ref(weight)
-    weight.__deepcopy__ = lambda memo: ref().detach().clone()
-    weight.__reduce_ex__ = lambda protocol: ref().detach().__reduce_ex__(protocol)
-    return weight
-
-
-class SpectralNorm(_torch_sn.SpectralNorm):
+class SpectralNorm(torch_sn.SpectralNorm):
     """The forward pre-hook; PyTorch's class with the fused op inside."""
+
+    sn_kind = "hook"
 
     sigma: torch.Tensor | None = None  # latest sigma (detached), for ``sn_kernels.sigmas``
     coeff: float | None = None  # class defaults keep hooks pickled before the variants loadable
@@ -57,8 +35,7 @@ class SpectralNorm(_torch_sn.SpectralNorm):
 
     def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False):
-        if not eps > 0:
-            raise ValueError(f"Expected eps to be positive, but got eps={eps}")
+        check_iterations_eps(n_power_iterations, eps)
         super().__init__(name, n_power_iterations, dim, eps)
         self.coeff, self.soft, self.gain = coeff, soft, gain
 
@@ -82,7 +59,7 @@ class SpectralNorm(_torch_sn.SpectralNorm):
         else:
             self.pending = None
         if not torch.compiler.is_compiling():
-            weight = _serializable(weight)
+            weight = serializable(weight)
         setattr(module, self.name, weight)
 
     def remove(self, module: nn.Module) -> None:
@@ -93,9 +70,8 @@ class SpectralNorm(_torch_sn.SpectralNorm):
     @staticmethod
     def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float,
               *, coeff: float | None = None, soft: bool = False, gain: bool = False) -> "SpectralNorm":
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, _torch_sn.SpectralNorm) and hook.name == name:
-                raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+        if find(module, name, kind="hook") is not None:
+            raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
         if not isinstance(name, str) or name not in module._parameters:
             raise KeyError(f"module {type(module).__name__} has no parameter named {name!r}")
         weight = module._parameters[name]
@@ -115,7 +91,7 @@ class SpectralNorm(_torch_sn.SpectralNorm):
             )
         check_weight_args(weight, n_power_iterations, eps, dim)  # the hook keeps dim as given, like PyTorch's
         fn = SpectralNorm(name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain)
-        _check_variant(weight, coeff, soft, None)
+        check_variant(weight, coeff, soft, None)
 
         with torch.no_grad():
             h, w = fn.reshape_weight_to_matrix(weight).size()
@@ -134,25 +110,10 @@ class SpectralNorm(_torch_sn.SpectralNorm):
             module.register_parameter(fn.name + "_gain", nn.Parameter(gamma))
 
         module.register_forward_pre_hook(fn)
-        module._register_state_dict_hook(_torch_sn.SpectralNormStateDictHook(fn))
-        module._register_load_state_dict_pre_hook(_torch_sn.SpectralNormLoadStateDictPreHook(fn))
+        module._register_state_dict_hook(torch_sn.SpectralNormStateDictHook(fn))
+        module._register_load_state_dict_pre_hook(torch_sn.SpectralNormLoadStateDictPreHook(fn))
         guard_if_meta(module, fn.name + "_u", weight)
         return fn
-
-
-def exact_top_singular(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sigma_1, u_1, v_1) of a matrix by SVD, in its dtype (computed in float32 or better)."""
-    work = mat.detach().to(torch.promote_types(mat.dtype, torch.float32))
-    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
-    return S[0].to(mat.dtype), U[:, 0].contiguous().to(mat.dtype), Vh[0].contiguous().to(mat.dtype)
-
-
-def check_mode(mode: str, dim, coeff, soft, gain) -> None:
-    """Refuse keyword combinations that ``mode="conv"`` does not support."""
-    if mode not in ("matrix", "conv"):
-        raise ValueError(f"mode must be 'matrix' or 'conv', got {mode!r}")
-    if mode == "conv" and (dim is not None or coeff is not None or soft or gain):
-        raise ValueError("mode='conv' normalizes by the convolution operator: dim, coeff, soft and gain do not apply")
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
@@ -169,31 +130,16 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     convolution operator (see ``sn_kernels.conv_norm.spectral_norm_conv`` for
     ``conv_options``: ``reinit_on_resize``, ``input_size``).
     """
-    check_mode(mode, dim, coeff, soft, gain)
-    if mode == "conv":
-        from .conv_norm import spectral_norm_conv
-
-        return spectral_norm_conv(module, name, n_power_iterations, eps, api="hook", **conv_options)
-    if conv_options:
-        raise TypeError(f"unexpected keyword arguments {sorted(conv_options)} (only for mode='conv')")
+    if check_mode(mode, dim, coeff, soft, gain, conv_options):
+        return conv_norm.spectral_norm_conv(module, name, n_power_iterations, eps, api="hook", **conv_options)
     if dim is None:
         dim = default_dim(module)
     SpectralNorm.apply(module, name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain)
     return module
 
 
-def find_hook(module: nn.Module, name: str = "weight"):
-    """The spectral-norm hook (PyTorch's or ours) of ``module.<name>``, or None."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, _torch_sn.SpectralNorm) and hook.name == name:
-            return hook
-    return None
-
-
 def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     """Remove the spectral-norm hook of ``module.<name>`` (ours, PyTorch's, or mode="conv"), keeping W/sigma."""
-    from .conv_norm import _find_hook, remove_spectral_norm_conv
-
-    if _find_hook(module, name)[1] is not None:
-        return remove_spectral_norm_conv(module, name)
-    return _torch_sn.remove_spectral_norm(module, name)
+    if find(module, name, kind="conv", api="hook") is not None:
+        return conv_norm.remove_spectral_norm_conv(module, name)
+    return torch_sn.remove_spectral_norm(module, name)

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .functional import accumulation_dtype
-from .hooks import default_dim, find_hook
-from .reference import as_matrix
+from .backends.contract import accumulation_dtype
+from .backends.pytorch import as_matrix
+from .checks import default_dim
+from .find import find
 
 BASIS_PREFIX = "_sn_svd_basis_"
 
@@ -28,8 +29,8 @@ def raw_weight(module: nn.Module, name: str = "weight") -> tuple[Tensor, int]:
         dims = [p.dim for p in plist if isinstance(getattr(p, "dim", None), int)]
         return plist.original, dims[0] if dims else default_dim(module)
     if name + "_orig" in module._parameters:  # hook API (matrix or conv mode)
-        hook = find_hook(module, name)
-        return module._parameters[name + "_orig"], hook.dim if hook is not None else default_dim(module)
+        site = find(module, name, kind="hook")
+        return module._parameters[name + "_orig"], site.state.dim if site is not None else default_dim(module)
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"module {type(module).__name__} has no weight named {name!r}")

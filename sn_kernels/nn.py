@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import conv_norm, hooks, parametrizations
+from . import hooks, parametrizations
+from .checks import check_api
+from .find import TorchSpectralNorm, sites, torch_sn, walk
 from .functional import spectral_normalize
-from .hooks import _torch_sn
 
 #: layer types that ``apply_spectral_norm`` wraps by default
 SN_LAYER_TYPES = (
@@ -19,19 +20,15 @@ SN_LAYER_TYPES = (
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.Embedding,
 )
-APIS = ("hook", "parametrization")
 
 
 def _wrapper(api: str):
-    if api not in APIS:
-        raise ValueError(f"api must be one of {APIS}, got {api!r}")
-    return hooks.spectral_norm if api == "hook" else parametrizations.spectral_norm
+    return hooks.spectral_norm if check_api(api) == "hook" else parametrizations.spectral_norm
 
 
 def is_spectral_normalized(module: nn.Module, name: str = "weight") -> bool:
     """Whether ``module.<name>`` is spectrally normalized by either API (PyTorch's or ours, either mode)."""
-    return (hooks.find_hook(module, name) is not None or conv_norm._find_hook(module, name)[1] is not None
-            or parametrizations.is_spectral_norm_parametrized(module, name))
+    return bool(sites(module, name))
 
 
 def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iterations: int = 1, eps: float = 1e-12,
@@ -64,7 +61,7 @@ def convert(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, _torch_sn.SpectralNorm) and not isinstance(hook, hooks.SpectralNorm):
+            if isinstance(hook, torch_sn.SpectralNorm) and not isinstance(hook, hooks.SpectralNorm):
                 if getattr(module, hook.name + "_orig").is_complex():
                     warnings.warn(f"sn_kernels.convert: left PyTorch's hook spectral norm on the complex weight "
                                   f"{type(module).__name__}.{hook.name} in place (the hook API refuses complex "
@@ -82,14 +79,14 @@ def convert(model: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(module):
             for plist in module.parametrizations.values():
                 for i, p in enumerate(plist):
-                    if isinstance(p, parametrizations.TorchSpectralNorm):
+                    if isinstance(p, TorchSpectralNorm):
                         plist[i] = _adopt(p)
     return model
 
 
-def _adopt(torch_param: nn.Module) -> parametrizations._SpectralNorm:
+def _adopt(torch_param: nn.Module) -> parametrizations.SpectralNormParametrization:
     """Our parametrization holding the very buffers of PyTorch's."""
-    ours = parametrizations._SpectralNorm.__new__(parametrizations._SpectralNorm)
+    ours = parametrizations.SpectralNormParametrization.__new__(parametrizations.SpectralNormParametrization)
     nn.Module.__init__(ours)
     ours.dim, ours.eps, ours.sigma, ours.gain = torch_param.dim, torch_param.eps, None, None
     if hasattr(torch_param, "n_power_iterations"):
@@ -100,24 +97,6 @@ def _adopt(torch_param: nn.Module) -> parametrizations._SpectralNorm:
     return ours
 
 
-def _sn_weights(model: nn.Module):
-    """(qualified name, kind, module, param name, state) of every SN weight in ``model``;
-    kind is "hook", "param" or "conv" (mode="conv", either API)."""
-    for mod_name, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, _torch_sn.SpectralNorm):
-                yield f"{mod_name}.{hook.name}" if mod_name else hook.name, "hook", module, hook.name, hook
-            elif isinstance(hook, conv_norm.ConvSpectralNormHook):
-                yield f"{mod_name}.{hook.name}" if mod_name else hook.name, "conv", module, hook.name, hook
-        if parametrize.is_parametrized(module):
-            for pname in module.parametrizations:
-                for p in parametrizations.spectral_norm_parametrizations(module, pname):
-                    yield f"{mod_name}.{pname}" if mod_name else pname, "param", module, pname, p
-                for p in module.parametrizations[pname]:
-                    if isinstance(p, conv_norm.ConvSpectralNorm):
-                        yield f"{mod_name}.{pname}" if mod_name else pname, "conv", module, pname, p
-
-
 @torch.no_grad()
 def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
     """The latest sigma of every spectrally normalized weight in ``model``, keyed by
@@ -126,7 +105,8 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
     mode="conv" weights appear once their first forward has drawn u, v.
     Adds nothing to the state_dict."""
     out = {}
-    for qual, kind, module, pname, state in _sn_weights(model):
+    for qual, site in walk(model):
+        kind, module, pname, state = site.kind, site.module, site.name, site.state
         sigma = getattr(state, "sigma", None)
         if sigma is None and kind == "conv":
             continue

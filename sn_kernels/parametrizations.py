@@ -12,56 +12,53 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .functional import _check_variant, check_weight_args, spectral_normalize
-from .hooks import check_mode, default_dim, exact_top_singular
+from . import conv_norm
+from .backends.pytorch import as_matrix, exact_top_singular
+from .checks import INIT_ITERATIONS, check_mode, check_variant, check_weight_args, default_dim
+from .find import TorchSpectralNorm, sites
+from .functional import spectral_normalize
 from .meta import guard_if_meta
-from .reference import as_matrix
 
-INIT_ITERATIONS = 15  # PyTorch warms u, v up with 15 iterations at wrapping time
-# PyTorch's class, taken at import: sn_kernels.patch_torch() replaces the module attribute
-TorchSpectralNorm = torch.nn.utils.parametrizations._SpectralNorm
+__all__ = ["spectral_norm", "SpectralNormParametrization", "TorchSpectralNorm"]
 
 
-class _SpectralNorm(nn.Module):
+class SpectralNormParametrization(nn.Module):
     """The parametrization module: ``forward(W) = W / sigma(W)``."""
 
+    sn_kind = "param"
     coeff: float | None = None
     soft: bool = False
     pending: Tensor | None = None  # W/sigma computed ahead by sn_kernels.group, used by the next access
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
-                 *, coeff: float | None = None, soft: bool = False, gain: bool = False, init: bool = True) -> None:
+                 *, coeff: float | None = None, soft: bool = False, gain: bool = False) -> None:
         super().__init__()
         self.dim = check_weight_args(weight, n_power_iterations, eps, dim)
-        _check_variant(weight, coeff, soft, None)
-        if weight.is_complex() and (coeff is not None or soft or gain):
-            raise ValueError("coeff, soft and gain support real weights only, got a complex weight")
+        check_variant(weight, coeff, soft, bool(gain))
         ndim = weight.ndim
         self.eps = eps
         self.coeff, self.soft = coeff, soft
         self.gain = None
+        # with a gain, gamma, u and v start at the exact top singular triple: wrapping leaves the output unchanged
+        top = exact_top_singular(as_matrix(weight.detach(), self.dim)) if gain and ndim > 1 else None
         if gain:
-            # gamma starts at the exact spectral norm, so wrapping leaves the output unchanged
-            gamma = torch.linalg.vector_norm(weight.detach()) if ndim == 1 else \
-                exact_top_singular(as_matrix(weight.detach(), self.dim))[0]
+            gamma = torch.linalg.vector_norm(weight.detach()) if ndim == 1 else top[0]
             self.gain = nn.Parameter(gamma.to(weight.dtype))
         self.sigma: Tensor | None = None  # latest sigma (detached), not in the state_dict
         if ndim > 1:
             self.n_power_iterations = n_power_iterations
-            if init:
-                h, w = as_matrix(weight, self.dim).shape
-                # same draws, in the same order, as PyTorch: seeded runs give identical u, v
-                u = weight.new_empty(h).normal_(0, 1)
-                v = weight.new_empty(w).normal_(0, 1)
-                self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
-                self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
-                with torch.no_grad():
-                    spectral_normalize(weight.detach(), self._u, self._v, n_power_iterations=INIT_ITERATIONS,
-                                       eps=self.eps, dim=self.dim, order="uv")
-                    if gain:  # start at the exact singular vectors too: output unchanged by wrapping
-                        _, u1, v1 = exact_top_singular(as_matrix(weight.detach(), self.dim))
-                        self._u.copy_(u1)
-                        self._v.copy_(v1)
+            h, w = as_matrix(weight, self.dim).shape
+            # same draws, in the same order, as PyTorch: seeded runs give identical u, v
+            u = weight.new_empty(h).normal_(0, 1)
+            v = weight.new_empty(w).normal_(0, 1)
+            self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
+            self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
+            with torch.no_grad():
+                spectral_normalize(weight.detach(), self._u, self._v, n_power_iterations=INIT_ITERATIONS,
+                                   eps=self.eps, dim=self.dim, order="uv")
+                if top is not None:
+                    self._u.copy_(top[1])
+                    self._v.copy_(top[2])
 
     def forward(self, weight: Tensor) -> Tensor:
         # a grouped pre-computation (sn_kernels.group) is used once, then it is per access again
@@ -110,13 +107,9 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     ``sn_kernels.spectral_norm``: ``coeff``, ``soft``, ``gain`` (the trainable
     scalar is ``parametrizations.<name>.0.gain``), ``mode="conv"``.
     """
-    check_mode(mode, dim, coeff, soft, gain)
-    if mode == "conv":
-        from .conv_norm import spectral_norm_conv
-
-        return spectral_norm_conv(module, name, n_power_iterations, eps, api="parametrization", **conv_options)
-    if conv_options:
-        raise TypeError(f"unexpected keyword arguments {sorted(conv_options)} (only for mode='conv')")
+    if check_mode(mode, dim, coeff, soft, gain, conv_options):
+        return conv_norm.spectral_norm_conv(module, name, n_power_iterations, eps, api="parametrization",
+                                            **conv_options)
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
@@ -124,21 +117,16 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     if dim is None:
         dim = default_dim(module)
     parametrize.register_parametrization(
-        module, name, _SpectralNorm(weight, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain))
+        module, name, SpectralNormParametrization(weight, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain))
     if weight.ndim > 1:
         guard_if_meta(module, f"parametrizations.{name}.{len(module.parametrizations[name]) - 1}._u", weight)
     return module
 
 
-def spectral_norm_parametrizations(module: nn.Module, name: str) -> list[nn.Module]:
-    """Spectral-norm parametrizations (PyTorch's or ours) registered on ``module.<name>``."""
-    if not parametrize.is_parametrized(module, name):
-        return []
-    return [p for p in module.parametrizations[name] if isinstance(p, (_SpectralNorm, TorchSpectralNorm))]
+# the name under which models pickled before 0.1.0's restructure refer to the class
+_SpectralNorm = SpectralNormParametrization
 
 
 def is_spectral_norm_parametrized(module: nn.Module, name: str = "weight") -> bool:
     """Whether ``module.<name>`` already carries a spectral-norm parametrization (either mode)."""
-    from .conv_norm import _find_parametrization
-
-    return bool(spectral_norm_parametrizations(module, name)) or _find_parametrization(module, name) is not None
+    return any(site.api == "parametrization" for site in sites(module, name))

@@ -23,6 +23,7 @@ import importlib
 import torch
 
 from . import hooks, parametrizations
+from .find import torch_sn
 
 _torch_param = importlib.import_module("torch.nn.utils.parametrizations")
 
@@ -31,10 +32,10 @@ def _targets():
     """(owner, attribute, sn_kernels replacement) for every patched name."""
     return [
         (torch.nn.utils, "spectral_norm", hooks.spectral_norm),
-        (hooks._torch_sn, "spectral_norm", hooks.spectral_norm),
-        (hooks._torch_sn.SpectralNorm, "apply", hooks.SpectralNorm.__dict__["apply"]),
+        (torch_sn, "spectral_norm", hooks.spectral_norm),
+        (torch_sn.SpectralNorm, "apply", hooks.SpectralNorm.__dict__["apply"]),
         (_torch_param, "spectral_norm", parametrizations.spectral_norm),
-        (_torch_param, "_SpectralNorm", parametrizations._SpectralNorm),
+        (_torch_param, "_SpectralNorm", parametrizations.SpectralNormParametrization),
     ]
 
 

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from . import conv_norm
 from .functional import spectral_normalize
+from .find import walk
 from .meta import remove_guards
-from .nn import _sn_weights
 
 
 def _input_of(plist: nn.Module, target: nn.Module) -> Tensor:
@@ -53,7 +53,8 @@ def reset_uv(model: nn.Module, n_power_iterations: int = 15, *, redraw: bool = T
     that are zero or not finite are redrawn), e.g. on an EMA model after averaging.
     ``mode="conv"`` weights forget u, v; their next forward draws them.
     """
-    for _, kind, module, name, state in _sn_weights(model):
+    for _, site in walk(model):
+        kind, module, name, state = site.kind, site.module, site.name, site.state
         remove_guards(module)
         if getattr(state, "sigma", None) is not None:
             state.sigma = None  # stale: sigmas() recomputes it from the new u, v

@@ -1,15 +1,9 @@
-"""Shared test helpers: the one tolerance table, shapes, and comparison functions."""
+"""Shared test helpers: shapes and comparison functions (the tolerance table is sn_kernels.testing.TOL)."""
 from __future__ import annotations
 
 import torch
 
-# One table by dtype: (rtol, atol) for comparing against float64 references and PyTorch.
-TOL = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-5, 1e-6),
-    torch.float16: (1e-2, 1e-3),
-    torch.bfloat16: (2e-2, 1e-2),
-}
+from sn_kernels.testing import TOL, pytorch_formula  # TOL: the one tolerance table, (rtol, atol) by dtype
 
 # (shape, dim) of odd and ordinary weights: 1xn, mx1, non-powers of two, conv, dim=1
 SHAPES = [
@@ -22,6 +16,27 @@ SHAPES = [
     ((4, 6, 3, 3), 1),
     ((3, 5, 2, 2, 2), 1),
 ]
+
+
+def sample_inputs(device="cpu", dtype=torch.float32, shape=(13, 29), dim=0, *, seed=0, warmup=0, warmup_order="vu",
+                  grad=False):
+    """The one input factory: ``(weight, u, v)`` (and ``grad``, a tensor like ``weight``, when asked)
+    on ``device`` in ``dtype``, drawn in float64 from a generator seeded with ``seed``; u, v are unit
+    vectors of the matrix view with ``dim`` first.  ``warmup`` power-iteration steps in ``warmup_order``
+    (float64, PyTorch's formula) bring u, v near the singular vectors: a well-conditioned eval sigma
+    (random u, v can make u.Wv tiny and the half-precision gradient overflow)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    m = w.shape[dim]
+    n = w.numel() // m
+    u = torch.nn.functional.normalize(torch.randn(m, generator=g, dtype=torch.float64), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(n, generator=g, dtype=torch.float64), dim=0)
+    if warmup:
+        _, _, u, v = pytorch_formula(w, u, v, warmup, 1e-12, dim, warmup_order)
+    out = [w, u, v]
+    if grad:
+        out.append(torch.randn(shape, generator=g, dtype=torch.float64))
+    return tuple(t.to(device, dtype) for t in out)
 
 
 def assert_close(actual, expected, dtype=None, scale=1.0, msg=""):
@@ -64,3 +79,11 @@ def check(what: str, actual, expected, dtype=None, scale=1.0):
     """``record`` then ``assert_close``: every comparison both reports and can fail."""
     record(what, actual, expected)
     assert_close(actual, expected, dtype=dtype, scale=scale, msg=what)
+
+
+def hook_of(module, name="weight"):
+    """The hook-API spectral norm (PyTorch's or ours) of ``module.<name>``, or None."""
+    from sn_kernels.find import find
+
+    site = find(module, name, kind="hook")
+    return None if site is None else site.state

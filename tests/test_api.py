@@ -9,8 +9,8 @@ from torch import nn
 
 import sn_kernels
 from sn_kernels import dispatch
-from sn_kernels.reference import svd_sigma
-from helpers import check
+from sn_kernels.testing import svd_sigma
+from helpers import check, hook_of
 
 
 def small_model():
@@ -57,7 +57,7 @@ def test_convert_keeps_outputs_and_tensors(torch_wrap):
 def test_convert_replaces_hook_in_state_dict_hooks():
     m = torch.nn.utils.spectral_norm(nn.Linear(3, 4))
     sn_kernels.convert(m)
-    ours = sn_kernels.hooks.find_hook(m)
+    ours = hook_of(m)
     assert isinstance(ours, sn_kernels.hooks.SpectralNorm)
     assert all(getattr(getattr(h, "hook", h), "fn", ours) is ours
                for table in (m._state_dict_hooks, m._load_state_dict_pre_hooks) for h in table.values())
@@ -73,7 +73,7 @@ def test_sigmas_for_logging():
         model(torch.randn(2, 3, 6, 6))
     after = sn_kernels.sigmas(model)
     for name, mod in (("0.weight", model[0]), ("2.weight", model[2]), ("4.weight", model[4])):
-        hook = sn_kernels.hooks.find_hook(mod)
+        hook = hook_of(mod)
         check("sigmas() vs SVD", after[name], svd_sigma(mod.weight_orig.detach(), hook.dim).float(), scale=100)
     assert list(model.state_dict()) == keys_before
     assert not any(s.requires_grad for s in after.values())
@@ -127,7 +127,7 @@ def test_backend_selection_and_reasons(monkeypatch):
     assert "torch" in sn_kernels.explain("cpu")
 
     # an explicitly requested backend that cannot run raises with the reason; auto falls back
-    import sn_kernels.reference as ref
+    import sn_kernels.backends.pytorch as ref
 
     w, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
     monkeypatch.setattr(ref, "why_not", lambda device, auto=False: "disabled for this test")
@@ -143,7 +143,7 @@ def test_backend_selection_and_reasons(monkeypatch):
 
 
 def test_auto_fallback_from_native_is_visible(monkeypatch):
-    import sn_kernels.native as native
+    import sn_kernels.backends.native as native
 
     monkeypatch.setattr(native, "why_not", lambda device, auto=False: "extension not built (test)")
     dispatch._reset_cache()
@@ -157,8 +157,7 @@ def test_auto_fallback_from_native_is_visible(monkeypatch):
 
 
 def test_auto_never_picks_unavailable(monkeypatch):
-    picked = dispatch.resolve(torch.device("cpu"), "auto")
-    name = next(k for k, mod in dispatch._loaded.items() if mod is picked)
+    name = dispatch.resolve(torch.device("cpu"), "auto").name
     assert dispatch.why_not(name, "cpu", auto=True) is None
     assert name in sn_kernels.available_backends("cpu")
 

@@ -92,7 +92,7 @@ def test_cudart_link_dir_for_versioned_only_libraries(tmp_path):
 
 
 def test_this_build_is_recorded():
-    from sn_kernels import native
+    from sn_kernels.backends import native
 
     info = native.build_info()
     if not info:

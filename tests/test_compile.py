@@ -11,7 +11,8 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import sn_kernels
-from sn_kernels import dispatch, reference
+from sn_kernels import dispatch
+from sn_kernels.backends import pytorch
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +27,7 @@ def _fresh_dynamo():
 
 def _sample_args(dtype=torch.float32, shape=(6, 4, 3, 3), dim=0):
     w = torch.randn(shape, dtype=dtype)
-    m, n = reference.as_matrix(w, dim).shape
+    m, n = pytorch.as_matrix(w, dim).shape
     u = torch.nn.functional.normalize(torch.randn(m, dtype=dtype), dim=0)
     v = torch.nn.functional.normalize(torch.randn(n, dtype=dtype), dim=0)
     return w, u, v
@@ -37,7 +38,7 @@ def _sample_args(dtype=torch.float32, shape=(6, 4, 3, 3), dim=0):
 @pytest.mark.parametrize("order", ["vu", "uv"])
 def test_opcheck_torch_backend(dim, training, order):
     w, u, v = _sample_args(torch.float64, dim=dim)
-    ops = reference.ops
+    ops = pytorch.backend
     torch.library.opcheck(ops.power_iteration, (w, u, v, 2, 1e-12, dim, order, training))
     sigma, uu, vv = ops.power_iteration(w, u.clone(), v.clone(), 1, 1e-12, dim, order, training)
     torch.library.opcheck(ops.normalize, (w.requires_grad_(), uu, vv, sigma, dim))

@@ -19,7 +19,7 @@ from sn_kernels.conv_norm import (
     reset_spectral_norm_conv,
     spectral_norm_conv,
 )
-from sn_kernels.reference import as_matrix
+from sn_kernels.testing import as_matrix
 
 # (constructor, input spatial size): every padding mode, stride 1/2, 'same'/'valid',
 # asymmetric 'same', dilation, groups, output_padding, 1-D/2-D/3-D, transposed

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sn_kernels
-from helpers import check
+from helpers import check, hook_of
 
 LAYERS = {
     "linear": (lambda: nn.Linear(7, 5), lambda: torch.randn(4, 7)),
@@ -106,7 +106,7 @@ def test_default_dims():
     for cls, dim in [(nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 1), (nn.ConvTranspose3d, 1), (nn.Conv2d, 0)]:
         m = cls(4, 6, 3)
         sn_kernels.spectral_norm(m)
-        assert sn_kernels.hooks.find_hook(m).dim == dim
+        assert hook_of(m).dim == dim
         assert m.weight_u.shape == (m.weight_orig.shape[dim],)
         p = cls(4, 6, 3)
         sn_kernels.parametrizations.spectral_norm(p)

@@ -4,17 +4,8 @@ import torch
 from torch import nn
 
 import sn_kernels
-from sn_kernels.reference import svd_sigma
+from sn_kernels.testing import svd_sigma
 from helpers import check
-
-BACKENDS = sn_kernels.available_backends("cpu")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with sn_kernels.use_backend(request.param):
-        yield request.param
-
 
 @pytest.mark.parametrize("order", ["vu", "uv"])
 @pytest.mark.parametrize("training", [True, False])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sn_kernels
-from sn_kernels.reference import as_matrix, pytorch_formula, svd_sigma
+from sn_kernels.testing import as_matrix, pytorch_formula, svd_sigma
 from helpers import SHAPES, check, planted
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]

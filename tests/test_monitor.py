@@ -7,7 +7,7 @@ import sn_kernels
 from helpers import check, planted
 from sn_kernels.conv_norm import spectral_norm_conv
 from sn_kernels.monitor import BASIS_PREFIX, singular_values
-from sn_kernels.reference import as_matrix
+from sn_kernels.testing import as_matrix
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sn_kernels
-from sn_kernels import native, reference
-from sn_kernels.reference import pytorch_formula
+from sn_kernels.backends import native, pytorch
+from sn_kernels.testing import pytorch_formula
 
 from helpers import SHAPES, assert_close, planted
 
@@ -64,7 +64,7 @@ def test_training_forward_matches_oracle(device, dtype, shape, dim, order, n_ite
     assert_close(w_sn.cpu(), w_sn_ref, dtype, msg="weight_sn")
     # the torch backend from the same start: same numbers to rounding
     u1, v1 = u0.clone(), v0.clone()
-    sigma_t, _, _ = reference.ops.power_iteration(w, u1, v1, n_iter, 1e-12, dim, order, True)
+    sigma_t, _, _ = pytorch.backend.power_iteration(w, u1, v1, n_iter, 1e-12, dim, order, True)
     assert_close(sigma, sigma_t, dtype)
     assert_close(u, u1, dtype)
     assert_close(v, v1, dtype)
@@ -83,7 +83,7 @@ def test_eval_forward_and_backward(device, dtype, shape, dim):
     assert_close(sigma.cpu(), sigma_ref, dtype, msg="eval sigma")
     G = torch.randn(w.shape, dtype=torch.float64).to(device, dtype)
     grad = _ops().native_backward(G, w, u, v, sigma, dim)
-    grad_ref = reference.backward(G.double(), w.double(), u.double(), v.double(), sigma.double(), dim)
+    grad_ref = pytorch.backward(G.double(), w.double(), u.double(), v.double(), sigma.double(), dim)
     assert grad.dtype == dtype and grad.shape == w.shape
     assert_close(grad.cpu(), grad_ref.cpu(), dtype, msg="backward")
 
@@ -111,7 +111,7 @@ def test_cuda_plans_match_oracle(dtype, shape, dim, order, training):
     assert_close(_ops().native_normalize(w, u_used, v_used, sigma, dim).cpu(), w_ref, dtype, msg="weight_sn")
     G = torch.randn(w.shape, dtype=torch.float64).to("cuda", dtype)
     grad = _ops().native_backward(G, w, u, v, sigma, dim)
-    grad_ref = reference.backward(G.double(), w.double(), u.double(), v.double(), sigma.double(), dim)
+    grad_ref = pytorch.backward(G.double(), w.double(), u.double(), v.double(), sigma.double(), dim)
     assert_close(grad.cpu(), grad_ref.cpu(), dtype, scale=1 if dtype == torch.float32 else 4, msg="backward")
     again = _ops().native_power_iteration(w, u.clone(), v.clone(), 2, 1e-12, dim, order, training)
     assert torch.equal(again[0], _ops().native_power_iteration(w, u.clone(), v.clone(), 2, 1e-12, dim, order,
@@ -136,7 +136,7 @@ def test_non_contiguous_weight():
     assert_close(sigma, pytorch_formula(wt, u, v, 2, 1e-12, 1, "uv", True)[1], torch.float32)
     G = torch.randn(20, 30).t()
     assert_close(_ops().native_backward(G, wt, uu2, vv2, sigma, 1),
-                 reference.backward(G.double(), wt.double(), uu2.double(), vv2.double(), sigma.double(), 1),
+                 pytorch.backward(G.double(), wt.double(), uu2.double(), vv2.double(), sigma.double(), 1),
                  torch.float32)
 
 
@@ -164,7 +164,7 @@ def test_faulty_weight_keeps_vectors(device, order, n_iter, bad, m):
         u0, v0 = u.clone(), v.clone()
         ur, vr = u.clone(), v.clone()
         sigma, uu, vv = _ops().native_power_iteration(w, u, v, n_iter, 1e-12, 0, order, True)
-        sigma_t, _, _ = reference.ops.power_iteration(w, ur, vr, n_iter, 1e-12, 0, order, True)
+        sigma_t, _, _ = pytorch.backend.power_iteration(w, ur, vr, n_iter, 1e-12, 0, order, True)
         assert torch.equal(u, u0) and torch.equal(v, v0) and torch.equal(uu, u0) and torch.equal(vv, v0)
         assert torch.equal(u, ur) and torch.equal(v, vr)
         torch.testing.assert_close(sigma, sigma_t, equal_nan=True)
@@ -221,7 +221,8 @@ def test_gradcheck_float64(order, device):
 
 def test_eager_path_is_the_cpp_autograd_function():
     """Eager calls go through native_spectral_normalize_eager (C++ autograd), not a Python Function."""
-    assert native.ops.eager_spectral_normalize is not None and native.ops.eager_normalize is not None
+    assert native.backend.eager_checks_args
+    assert torch.ops.sn_kernels.native_spectral_normalize_eager in native.backend.ops
     w, u, v = _inputs((6, 3, 2, 2), 0, torch.float32)
     w.requires_grad_()
     u0, v0 = u.clone(), v.clone()
@@ -392,7 +393,7 @@ def test_load_order(first):
         if {first == "extension"!r}:
             torch.ops.load_library({path!r})   # the C++ TORCH_LIBRARY before any Python fragment
         import sn_kernels
-        from sn_kernels import native, reference
+        from sn_kernels.backends import native
         if {first == "python"!r}:
             torch.ops.load_library({path!r})   # again, after the Python fragments: a no-op
         assert native.why_not(torch.device("cpu")) is None, native.why_not(torch.device("cpu"))
@@ -412,7 +413,8 @@ def test_not_built_message_without_building():
         import sys
         sys.modules["sn_kernels._C"] = None   # as if the extension were not built
         import torch
-        from sn_kernels import native, dispatch
+        from sn_kernels import dispatch
+        from sn_kernels.backends import native
         reason = native.why_not(torch.device("cpu"), auto=True)
         assert reason is not None and "not built" in reason, reason
         assert dispatch.why_not("native", "cpu", auto=True) is not None
@@ -427,8 +429,8 @@ def test_baseline_isa_matches():
     """The float32 loops have a baseline and an AVX2+FMA build; both must agree with the oracle."""
     code = """
         import torch
-        import sn_kernels.native
-        from sn_kernels.reference import pytorch_formula
+        import sn_kernels.backends.native
+        from sn_kernels.testing import pytorch_formula
         w = torch.randn(70, 45); u = torch.randn(70); v = torch.randn(45); G = torch.randn(70, 45)
         ops = torch.ops.sn_kernels
         for order in ("vu", "uv"):
@@ -465,7 +467,7 @@ def test_cpu_output_cache_reuses_blocks():
     G = torch.randn_like(w)
     grad = _ops().native_backward(G, w, a, b, sigma, 0)  # a second block of the same size
     assert grad.data_ptr() != ptr
-    assert_close(grad, reference.backward(G.double(), w.double(), a.double(), b.double(), sigma.double(), 0),
+    assert_close(grad, pytorch.backward(G.double(), w.double(), a.double(), b.double(), sigma.double(), 0),
                  torch.float32)
     out.resize_(200, 200)  # a cached storage can still grow
     out.fill_(1.0)
@@ -482,7 +484,7 @@ def test_cpu_output_cache_off():
     """SN_KERNELS_CPU_CACHE_MB=0 turns the cache off: nothing is kept, results are unchanged."""
     code = textwrap.dedent("""
         import torch
-        from sn_kernels import native
+        from sn_kernels.backends import native
         w = torch.randn(96, 200)
         u, v = torch.randn(96), torch.randn(200)
         s, a, b = torch.ops.sn_kernels.native_power_iteration(w, u, v, 1, 1e-12, 0, "uv", True)
@@ -503,7 +505,7 @@ def test_cpu_output_cache_after_fork():
     """A forked child (a DataLoader worker) can still take and free cached outputs."""
     code = textwrap.dedent("""
         import os, torch
-        from sn_kernels import native
+        from sn_kernels.backends import native
         w = torch.randn(96, 200)
         u, v = torch.randn(96), torch.randn(200)
         s, a, b = torch.ops.sn_kernels.native_power_iteration(w, u, v, 1, 1e-12, 0, "uv", True)

@@ -10,6 +10,7 @@ from torch import nn
 
 import sn_kernels
 from sn_kernels import hooks, parametrizations
+from helpers import hook_of
 
 TORCH_SN_MODULE = sys.modules["torch.nn.utils.spectral_norm"]
 TORCH_PARAM_MODULE = sys.modules["torch.nn.utils.parametrizations"]
@@ -61,8 +62,8 @@ def library(tmp_path, monkeypatch):
 def kinds(model):
     """'ours'/'torch' per spectral norm of ``model``."""
     out = []
-    for _, kind, _, _, state in sn_kernels.nn._sn_weights(model):
-        ours = isinstance(state, (hooks.SpectralNorm, parametrizations._SpectralNorm))
+    for _, kind, _, _, state in ((q, site.kind, site.module, site.name, site.state) for q, site in sn_kernels.find.walk(model)):
+        ours = isinstance(state, (hooks.SpectralNorm, parametrizations.SpectralNormParametrization))
         out.append("ours" if ours else "torch")
     return out
 
@@ -143,7 +144,7 @@ def test_pytorch_remove_and_our_extensions_work_while_patched():
         torch.nn.utils.remove_spectral_norm(m)
         assert isinstance(m.weight, nn.Parameter)
         g = torch.nn.utils.spectral_norm(nn.Linear(3, 4), coeff=2.0)  # our keywords pass through
-        assert hooks.find_hook(g).coeff == 2.0
+        assert hook_of(g).coeff == 2.0
 
 
 # ----------------------------------------------------------------------------- the class API

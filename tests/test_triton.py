@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import sn_kernels
 from sn_kernels import dispatch
 from sn_kernels.functional import spectral_normalize
-from sn_kernels.reference import as_matrix, pytorch_formula
+from sn_kernels.testing import as_matrix, pytorch_formula
 
 from helpers import SHAPES, assert_close, planted
 
@@ -26,7 +26,7 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def _tb():
-    import sn_kernels.triton as tb
+    import sn_kernels.backends.triton as tb
     return tb
 
 
@@ -86,7 +86,7 @@ def test_matches_torch_backend(dtype, shape, dim, order, training, n_iter):
 def test_vectors_in_place_and_copies(order, training):
     w, u, v = _inputs((13, 29), 0, torch.float32)
     u0, v0 = u.clone(), v.clone()
-    sigma, u_used, v_used = _tb().ops.power_iteration(w, u, v, 2, 1e-12, 0, order, training)
+    sigma, u_used, v_used = _tb().backend.power_iteration(w, u, v, 2, 1e-12, 0, order, training)
     assert u_used.data_ptr() != u.data_ptr() and v_used.data_ptr() != v.data_ptr()
     assert torch.equal(u_used, u) and torch.equal(v_used, v)
     if training:
@@ -110,7 +110,7 @@ def test_non_contiguous_and_channels_last():
 @pytest.mark.parametrize("order", ["vu", "uv"])
 @pytest.mark.parametrize("n_iter", [1, 2])
 def test_zero_and_non_finite_weight(order, n_iter):
-    """As reference.py: a zero/non-finite step keeps the previous u, v; a zero weight
+    """As the torch backend (backends/pytorch.py): a zero/non-finite step keeps the previous u, v; a zero weight
     normalizes to 0 (sigma 0, not 0/0) with a zero gradient."""
     w, u, v = _inputs((5, 7), 0, torch.float32)
     zero = torch.zeros_like(w).requires_grad_(True)
@@ -177,11 +177,11 @@ def test_backward_matches_torch(dtype, shape, dim):
 def test_opcheck():
     tb = _tb()
     w, u, v = _inputs((13, 29), 0, torch.float32)
-    torch.library.opcheck(tb.ops.power_iteration, (w, u, v, 1, 1e-12, 0, "vu", True))
-    torch.library.opcheck(tb.ops.power_iteration, (w, u, v, 2, 1e-12, 0, "uv", False))
+    torch.library.opcheck(tb.backend.power_iteration, (w, u, v, 1, 1e-12, 0, "vu", True))
+    torch.library.opcheck(tb.backend.power_iteration, (w, u, v, 2, 1e-12, 0, "uv", False))
     w4, u4, v4 = _inputs((4, 6, 3, 3), 1, torch.float32)
-    sigma, uu, vv = tb.ops.power_iteration(w4, u4, v4, 1, 1e-12, 1, "uv", True)
-    torch.library.opcheck(tb.ops.normalize, (w4.clone().requires_grad_(True), uu, vv, sigma, 1))
+    sigma, uu, vv = tb.backend.power_iteration(w4, u4, v4, 1, 1e-12, 1, "uv", True)
+    torch.library.opcheck(tb.backend.normalize, (w4.clone().requires_grad_(True), uu, vv, sigma, 1))
     torch.library.opcheck(tb.triton_backward, (torch.randn_like(w4), w4, uu, vv, sigma, 1))
 
 
@@ -228,7 +228,7 @@ class _Count:
 
 @pytest.mark.parametrize("shape", [(13, 29), (200, 3), (3, 200), (70, 90)], ids=str)
 def test_launch_budget(shape):
-    from sn_kernels.triton import kernels
+    from sn_kernels.backends.triton import kernels
 
     w, u, v = _inputs(shape, 0, torch.float32)
     with _Count(kernels) as c:
@@ -283,7 +283,7 @@ def test_front_ends_match_torch_backend(front):
 
 
 def test_tile_table_covers_classes():
-    from sn_kernels.triton import host
+    from sn_kernels.backends.triton import host
 
     assert {host.shape_class(m, n) for m, n in [(4, 4), (8, 4096), (4096, 8), (512, 512)]} == set(host.TILES)
     # a "large" matrix runs under the interpreter too (several programs per pass: the ticket logic)
@@ -303,7 +303,7 @@ TWO_STAGE = [((3, 5000), 0), ((5000, 3), 0), ((300, 300), 0), ((20, 40, 8, 8), 1
 
 
 def test_split_plans():
-    from sn_kernels.triton import host
+    from sn_kernels.backends.triton import host
 
     for (shape, dim), passes in zip(TWO_STAGE, [("row",), ("col",), ("col",), ("row",)]):
         m = shape[dim]
@@ -343,7 +343,7 @@ def test_two_stage_passes_match_torch_backend(shape, dim, order):
 
 def test_counters_per_stream_never_freed():
     """The eager counters: one zeroed buffer per (device, stream), grown by retiring the old one."""
-    from sn_kernels.triton import host
+    from sn_kernels.backends.triton import host
 
     dev = torch.device(DEV)
     small = host._counters(dev, 3)

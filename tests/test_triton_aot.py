@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _aot(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "sn_kernels.triton.aot", *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "sn_kernels.backends.triton.aot", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"aot failed (rc={proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
@@ -52,6 +52,6 @@ def test_stop_at_llir_path():
 
 def test_aot_refuses_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "sn_kernels.triton.aot", "--quick"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "sn_kernels.backends.triton.aot", "--quick"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr

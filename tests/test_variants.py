@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sn_kernels
-from sn_kernels.reference import svd_sigma
+from sn_kernels.testing import svd_sigma
 from helpers import check, planted
 
 WRAPS = {"hook": sn_kernels.spectral_norm, "param": sn_kernels.parametrizations.spectral_norm}

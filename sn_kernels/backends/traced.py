@@ -9,26 +9,25 @@ ops, the power iteration, W / sigma and its analytic backward fuse with those la
 changes instead, and the u, v updates become buffer mutations that functionalization
 writes back once per graph.
 
-The numbers are the torch backend's (``reference``): sigma from the last norm of the
+The numbers are the torch backend's (``backends/pytorch.py``): sigma from the last norm of the
 iteration, a step with a zero or non-finite norm keeps the previous vector, a zero weight
 normalizes to 0, and the backward is grad_W = (G - <G, W_sn> u v^T) / sigma with u, v
-held constant.  ``ops`` has the two entry points every backend's namespace has.
+held constant.  ``power_iteration`` and ``normalize`` take the arguments of the backend contract's two ops
+(backends/contract.py).
 """
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-from .functional import accumulation_dtype
-from .reference import _normalize, outer_like, safe_sigma
+from .contract import accumulation_dtype
+from .pytorch import normalize_step, outer_like, safe_sigma
 
 
 def _mv(W: Tensor, v: Tensor, dim: int) -> Tensor:
     """W v for the (m, n) matrix view of ``W`` (``dim`` first), as a multiply-and-sum over W's
     own dims: inductor orders the loops by the layout it picks for W (channels-last for a
-    convolution's weight).  On the flattened view (``reference.as_matrix``) the column index
+    convolution's weight).  On the flattened view (``pytorch.as_matrix``) the column index
     of a channels-last weight is not affine, and every load becomes a gather."""
     others = [d for d in range(W.dim()) if d != dim]
     return (W * v.view([W.shape[d] for d in others]).unsqueeze(dim)).sum(others)
@@ -59,8 +58,8 @@ def _(u, v):
 
 
 @torch.no_grad()
-def _power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
-    """``reference._power_iteration`` with ``_mv``, ``_mtv``: u, v updated in place (training);
+def power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
+    """``pytorch._power_iteration`` with ``_mv``, ``_mtv``: u, v updated in place (training);
     returns (sigma, u, v copies)."""
     acc = accumulation_dtype(weight.dtype)
     W = weight.to(acc) if weight.dim() > 1 else weight.to(acc).unsqueeze(1)
@@ -69,11 +68,11 @@ def _power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training
     ua, va = (x.to(acc) for x in _snapshot(u, v))
     for _ in range(n_power_iterations):
         if order == "vu":
-            va, _ = _normalize(_mtv(W, ua, dim), va, eps)
-            ua, sigma = _normalize(_mv(W, va, dim), ua, eps)
+            va, _ = normalize_step(_mtv(W, ua, dim), va, eps)
+            ua, sigma = normalize_step(_mv(W, va, dim), ua, eps)
         else:
-            ua, _ = _normalize(_mv(W, va, dim), ua, eps)
-            va, sigma = _normalize(_mtv(W, ua, dim), va, eps)
+            ua, _ = normalize_step(_mv(W, va, dim), ua, eps)
+            va, sigma = normalize_step(_mtv(W, ua, dim), va, eps)
     u.copy_(ua)
     v.copy_(va)
     return sigma, u.clone(), v.clone()
@@ -108,4 +107,4 @@ class _Normalize(torch.autograd.Function):
         return grad_weight.to(grad.dtype), None, None, None, None
 
 
-ops = SimpleNamespace(power_iteration=_power_iteration, normalize=_Normalize.apply)
+normalize = _Normalize.apply

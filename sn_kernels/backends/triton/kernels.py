@@ -50,7 +50,7 @@ def _sum_partials(partials, n_parts, BLOCK: tl.constexpr):
 @triton.jit
 def _safe_div(x, s):
     """x / s, or x / inf (0, keeping NaN/inf of x) where s == 0: a zero weight normalizes
-    to 0 rather than 0/0 (reference.safe_sigma), without an inf literal."""
+    to 0 rather than 0/0 (pytorch.safe_sigma), without an inf literal."""
     return tl.where(s == 0, x * 0.0, x / s)
 
 
@@ -59,7 +59,7 @@ def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy,
                       BLOCK: tl.constexpr):
     """Last program of a mat-vec pass: y = y_raw / max(|y_raw|, eps) and sigma = |y|^2 / max(|y|, eps).
 
-    A zero or non-finite norm keeps the previous vector ``y_prev`` (reference._normalize),
+    A zero or non-finite norm keeps the previous vector ``y_prev`` (pytorch.normalize_step),
     so u, v survive a bad step.  Writes the accumulation-dtype vector for the next pass
     and, on the final pass, the weight-dtype vector in place plus its copy (no extra launch)."""
     norm = tl.sqrt(_sum_partials(partials, n_parts, BLOCK))

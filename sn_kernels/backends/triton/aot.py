@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every kernel, for every dtype and tile config of the table.
 
-``python -m sn_kernels.triton.aot [--arch 90]`` compiles them all for a CUDA
+``python -m sn_kernels.backends.triton.aot [--arch 90]`` compiles them all for a CUDA
 target without a GPU (the real compiler catches code the interpreter accepts)
 and prints one line per kernel plus a summary; exit status 1 on any failure.
 Must run WITHOUT TRITON_INTERPRET (the interpreter replaces @jit functions).

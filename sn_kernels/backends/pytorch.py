@@ -1,4 +1,4 @@
-"""The "torch" backend (plain PyTorch, any device) and the float64/SVD oracles.
+"""The "torch" backend: plain PyTorch, any device (docs/design.md#iteration-orders).
 
 The backend computes in float32 for float16/bfloat16 weights (float64 stays
 float64), keeps u and v in the weight's dtype, and takes sigma from the last
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import accumulation_dtype, define_backend_ops
+from .contract import Backend, accumulation_dtype, composed_eager, define_ops, differentiable
 
 
 def why_not(device: torch.device, auto: bool = False) -> str | None:
@@ -35,7 +35,7 @@ def outer_like(u: Tensor, v: Tensor, weight: Tensor, dim: int) -> Tensor:
     return torch.outer(u, v).reshape(shape).movedim(0, dim)
 
 
-def _normalize(x: Tensor, previous: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def normalize_step(x: Tensor, previous: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(x / max(|x|, eps), |x|^2 / max(|x|, eps)): the new vector and x . new vector.
 
     A step whose norm is zero or not finite (a zero or non-finite weight) keeps the
@@ -52,11 +52,11 @@ def power_iteration(W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, ep
     """Run the power iteration on the matrix ``W``; return (u, v, sigma) without touching inputs."""
     for _ in range(n_power_iterations):
         if order == "vu":
-            v, _ = _normalize(W.t() @ u, v, eps)
-            u, sigma = _normalize(W @ v, u, eps)
+            v, _ = normalize_step(W.t() @ u, v, eps)
+            u, sigma = normalize_step(W @ v, u, eps)
         else:
-            u, _ = _normalize(W @ v, u, eps)
-            v, sigma = _normalize(W.t() @ u, v, eps)
+            u, _ = normalize_step(W @ v, u, eps)
+            v, sigma = normalize_step(W.t() @ u, v, eps)
     return u, v, sigma
 
 
@@ -102,7 +102,6 @@ def backward(grad, weight, u, v, sigma, dim):
     return ((G - c * uvT) / sigma).to(weight.dtype)
 
 
-ops = define_backend_ops("torch", _power_iteration, _normalize_weight, backward)
 
 
 def complex_spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float,
@@ -118,11 +117,11 @@ def complex_spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_ite
             uu, vv = u, v
             for _ in range(n_power_iterations):
                 if order == "vu":
-                    vv = _normalize(Wd.mH @ uu, vv, eps)[0]
-                    uu = _normalize(Wd @ vv, uu, eps)[0]
+                    vv = normalize_step(Wd.mH @ uu, vv, eps)[0]
+                    uu = normalize_step(Wd @ vv, uu, eps)[0]
                 else:
-                    uu = _normalize(Wd @ vv, uu, eps)[0]
-                    vv = _normalize(Wd.mH @ uu, vv, eps)[0]
+                    uu = normalize_step(Wd @ vv, uu, eps)[0]
+                    vv = normalize_step(Wd.mH @ uu, vv, eps)[0]
             u.copy_(uu)
             v.copy_(vv)
     # copies: a later call updates the buffers in place before this graph's backward runs
@@ -131,28 +130,18 @@ def complex_spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_ite
     return weight_sn, sigma.detach().real
 
 
-# ---------------------------------------------------------------- oracles for tests
+def exact_top_singular(mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sigma_1, u_1, v_1) of a matrix by SVD, in its dtype (computed in float32 or better)."""
+    work = mat.detach().to(torch.promote_types(mat.dtype, torch.float32))
+    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+    return S[0].to(mat.dtype), U[:, 0].contiguous().to(mat.dtype), Vh[0].contiguous().to(mat.dtype)
 
 
-def pytorch_formula(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int = 1, eps: float = 1e-12,
-                    dim: int = 0, order: str = "vu", training: bool = True):
-    """PyTorch's own recipe, literally (third mat-vec for sigma), in float64, functional:
-    returns (weight_sn, sigma, u_new, v_new) and leaves the inputs alone."""
-    W = as_matrix(weight.double(), dim)
-    u, v = u.double(), v.double()
-    normalize = torch.nn.functional.normalize
-    if training:
-        for _ in range(n_power_iterations):
-            if order == "vu":
-                v = normalize(W.t() @ u, dim=0, eps=eps)
-                u = normalize(W @ v, dim=0, eps=eps)
-            else:
-                u = normalize(W @ v, dim=0, eps=eps)
-                v = normalize(W.t() @ u, dim=0, eps=eps)
-    sigma = torch.dot(u, W @ v)
-    return weight.double() / sigma, sigma, u, v
+_power_iteration_op, _normalize_op = define_ops("torch", _power_iteration, _normalize_weight, backward)
 
-
-def svd_sigma(weight: Tensor, dim: int = 0) -> Tensor:
-    """The exact largest singular value of the matrix view, in float64."""
-    return torch.linalg.svdvals(as_matrix(weight.double(), dim))[0]
+backend = Backend(
+    name="torch", device_types=("*",), why_not=why_not,
+    power_iteration=_power_iteration_op, normalize=_normalize_op, backward=backward,
+    eager=composed_eager(_power_iteration, differentiable(_normalize_weight, backward, backward)),
+    ops=(_power_iteration_op, _normalize_op),
+)

@@ -19,7 +19,7 @@ import functools
 import torch
 import triton
 
-from ..functional import accumulation_dtype, matrix_shape
+from ..contract import accumulation_dtype, matrix_shape
 from . import kernels as K
 
 # Tile table by shape class (not tuned to one shape).  "row" is the program per
@@ -164,7 +164,7 @@ def _launch_pass(kernel, p, W, x, prev, ws, out, final, m, n, b, split, eps, cou
 
 @_on_weight_device
 def power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
-    """Power iteration (training) or sigma = u . (W v) (eval); see functional.py for the contract."""
+    """Power iteration (training) or sigma = u . (W v) (eval); see backends/contract.py for the contract."""
     W, m, n, b, split = _geometry(weight, dim)
     acc = accumulation_dtype(weight.dtype)
     dev = weight.device

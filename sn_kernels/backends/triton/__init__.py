@@ -1,8 +1,8 @@
 """The "triton" backend: Triton kernels for CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
 
 Registers ``sn_kernels::triton_power_iteration``, ``sn_kernels::triton_normalize``
-(with the shared fake implementations and analytic gradient of functional.py)
-and ``sn_kernels::triton_backward``, the gradient as a custom op of its own so
+(with the contract's shared fake implementations and analytic gradient) and
+``sn_kernels::triton_backward``, the gradient as a custom op of its own so
 torch.compile can trace it.  Importing this module never fails because triton
 is missing: ``why_not`` then says so.
 """
@@ -13,7 +13,8 @@ import os
 import torch
 from torch import Tensor
 
-from ..functional import define_backend_ops
+from .. import pytorch
+from ..contract import Backend, composed_eager, define_ops, differentiable
 
 try:
     import triton  # noqa: F401
@@ -75,9 +76,13 @@ def backward(grad: Tensor, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, 
     return triton_backward(grad, weight, u, v, sigma, dim)
 
 
-ops = define_backend_ops(
-    "triton",
-    _host.power_iteration if _host is not None else _unavailable,
-    _host.normalize if _host is not None else _unavailable,
-    backward,
+_power_iteration = _host.power_iteration if _host is not None else _unavailable
+_normalize = _host.normalize if _host is not None else _unavailable
+_power_iteration_op, _normalize_op = define_ops("triton", _power_iteration, _normalize, backward)
+
+backend = Backend(
+    name="triton", device_types=("cuda", "cpu"), why_not=why_not,
+    power_iteration=_power_iteration_op, normalize=_normalize_op, backward=backward,
+    eager=composed_eager(_power_iteration, differentiable(_normalize, backward, pytorch.backward)),
+    ops=(_power_iteration_op, _normalize_op, triton_backward),
 )

@@ -1,0 +1,196 @@
+"""The backend contract: what every backend ("native", "triton", "torch") provides.
+
+A backend is one ``Backend`` object.  Its two custom ops carry the whole computation
+under ``torch.compile``; PyTorch allows an autograd formula only on functional ops, so
+the in-place power iteration and the differentiable division are separate ops (they
+are separate launches anyway: W / sigma needs sigma, a reduction over all of W):
+
+    {name}_power_iteration(Tensor weight, Tensor(a!) u, Tensor(b!) v,
+        int n_power_iterations, float eps, int dim, str order, bool training)
+        -> (Tensor sigma, Tensor u_used, Tensor v_used)
+    {name}_normalize(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim)
+        -> Tensor weight_sn
+
+``u_used``/``v_used`` are copies of the vectors sigma was computed with: the buffers may
+be updated again (D(real) and D(fake) in one graph) before the backward runs, so the
+backward must not read them.  sigma is a 0-d tensor in the accumulation dtype (float32
+for float16/bfloat16 weights).  ``register_ops`` gives every backend's ops the same fake
+implementations and the same analytic gradient (docs/design.md#backward),
+
+    grad_W = (G - <G, W_sn> u v^T) / sigma,
+
+so no backend is ever differentiated through its power iteration.  In eager mode the op
+calls ``Backend.eager`` instead, which skips the custom-op wrappers' per-call checks
+(tens of microseconds, as much as the kernels of a small weight).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+ORDERS = ("vu", "uv")  # "vu": torch.nn.utils.spectral_norm; "uv": parametrizations.spectral_norm
+
+WhyNot = Callable[..., Optional[str]]  # why_not(device, auto=False) -> None when it can run, else the reason
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of spectral normalization.
+
+    - ``power_iteration``, ``normalize``: the two custom ops of the schemas above (what
+      ``torch.compile`` traces), with the shared fakes and autograd formula.
+    - ``backward(grad, weight, u, v, sigma, dim) -> grad_weight``: the analytic gradient
+      (G - <G, W>/sigma u v^T) / sigma for the ``weight`` the forward divided.
+    - ``eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+      -> (weight_sn, sigma)``: the whole eager forward, differentiable with respect to
+      ``weight``; ``dim`` is non-negative and the arguments were checked, unless
+      ``eager_checks_args``, in which case the backend checks them itself before it
+      touches u, v (and the caller re-checks in Python only to name a refused argument).
+    - ``ops``: every custom op the backend registers, the two above included, for
+      ``torch.library.opcheck`` (tests/test_contract.py).
+    """
+
+    name: str
+    device_types: tuple[str, ...]
+    why_not: WhyNot
+    power_iteration: Callable
+    normalize: Callable
+    backward: Callable
+    eager: Callable
+    eager_checks_args: bool = False
+    ops: tuple = field(default=())
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for half types; float64 stays float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def matrix_shape(weight: Tensor, dim: int) -> tuple[int, int]:
+    """(m, n) of the matrix view of ``weight``: ``dim`` first, the rest flattened."""
+    m = weight.shape[dim]
+    return m, (weight.numel() // m if m else 0)
+
+
+def lipschitz_scale(sigma: Tensor, u: Tensor, coeff: float, soft: bool) -> tuple[Tensor, Tensor]:
+    """(sigma_eff, u_eff) so that ``normalize(W, u_eff, v, sigma_eff)`` is the Lipschitz variant.
+
+    hard: W coeff / sigma = W / (sigma / coeff);  soft: W / max(1, sigma / coeff).
+    The shared backward (G - <G, W>/sigma_eff u_eff v^T) / sigma_eff is exact with
+    u_eff = u / coeff where sigma_eff depends on sigma, and u_eff = 0 where the soft
+    form does not (sigma < coeff: W passes through unchanged, no gradient via sigma).
+    """
+    ratio = sigma / coeff
+    if not soft:
+        return ratio, u / coeff
+    active = ratio > 1
+    return ratio.clamp_min(1.0), u * (active.to(u.dtype) / coeff)
+
+
+def fake_power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
+    """Shapes and dtypes of ``power_iteration``'s outputs (torch.compile)."""
+    return (weight.new_empty((), dtype=accumulation_dtype(weight.dtype)), torch.empty_like(u), torch.empty_like(v))
+
+
+def fake_like_weight(weight, *args):
+    """An output shaped like ``weight`` (normalize, backward)."""
+    return torch.empty_like(weight)
+
+
+def _op(op):
+    """``torch.ops.<ns>.<name>`` for a qualified name; the op itself otherwise."""
+    if isinstance(op, str):
+        ns, name = op.split("::")
+        return getattr(getattr(torch.ops, ns), name)
+    return op
+
+
+def register_ops(power_iteration, normalize, backward: Callable) -> tuple[Callable, Callable]:
+    """Give a backend's two ops (custom ops, or qualified names of C++ ones) the shared fake
+    implementations and the analytic autograd formula computed by ``backward``; return the ops."""
+    torch.library.register_fake(power_iteration)(fake_power_iteration)
+    torch.library.register_fake(normalize)(fake_like_weight)
+
+    def setup_context(ctx, inputs, output):
+        # W / sigma is kept, not W: the convolution's backward keeps it anyway, while a kept W is
+        # one more copy per step under torch.compile (in the layout inductor picks for it)
+        weight, u, v, sigma, dim = inputs
+        ctx.dim = dim
+        ctx.save_for_backward(output, u, v, sigma)
+
+    def backward_fn(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        if torch.is_grad_enabled():  # the differentiable formula needs W itself
+            raise RuntimeError("sn_kernels: double backward through the custom ops (the torch.compile route) "
+                               "is not supported; eager calls support it")
+        weight_sn, u, v, sigma = ctx.saved_tensors
+        # (G - <G, W_sn> u v^T) / sigma is backward's (G - <G, W>/sigma u v^T) / sigma with
+        # W_sn for W and sigma u for u
+        u_sigma = (u.to(sigma.dtype) * sigma).to(u.dtype)
+        return backward(grad, weight_sn, u_sigma, v, sigma, ctx.dim), None, None, None, None
+
+    torch.library.register_autograd(normalize, backward_fn, setup_context=setup_context)
+    return _op(power_iteration), _op(normalize)
+
+
+def define_ops(name: str, power_iteration: Callable, normalize: Callable, backward: Callable,
+               device_types=None) -> tuple[Callable, Callable]:
+    """Register Python functions as ``sn_kernels::{name}_power_iteration`` and
+    ``sn_kernels::{name}_normalize`` (see ``register_ops``); return the two ops."""
+
+    def power_iteration_op(
+        weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int, order: str,
+        training: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training)
+
+    def normalize_op(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+        return normalize(weight, u, v, sigma, dim)
+
+    ns = f"sn_kernels::{name}"
+    pi = torch.library.custom_op(f"{ns}_power_iteration", power_iteration_op, mutates_args=("u", "v"),
+                                 device_types=device_types)
+    nz = torch.library.custom_op(f"{ns}_normalize", normalize_op, mutates_args=(), device_types=device_types)
+    return register_ops(pi, nz, backward)
+
+
+def composed_eager(power_iteration: Callable, normalize: Callable) -> Callable:
+    """The default ``Backend.eager``: ``power_iteration`` under no_grad, the Lipschitz scaling
+    when ``coeff`` is given, then ``normalize`` (differentiable with respect to ``weight``)."""
+
+    def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft):
+        with torch.no_grad():
+            sigma, u_used, v_used = power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training)
+            sigma_eff = sigma
+            if coeff is not None:
+                sigma_eff, u_used = lipschitz_scale(sigma, u_used, float(coeff), soft)
+        return normalize(weight, u_used, v_used, sigma_eff, dim), sigma
+
+    return eager
+
+
+def differentiable(normalize_impl: Callable, backward: Callable, differentiable_backward: Callable) -> Callable:
+    """``normalize_impl`` (W / sigma, not differentiable) as a differentiable function whose
+    backward runs ``backward``, or ``differentiable_backward`` when the graph of the gradient
+    is being built (create_graph=True: kernels are not differentiable)."""
+
+    class Normalize(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, weight, u, v, sigma, dim):
+            ctx.dim = dim
+            ctx.save_for_backward(weight, u, v, sigma)
+            return normalize_impl(weight, u, v, sigma, dim)
+
+        @staticmethod
+        def backward(ctx, grad):
+            if not ctx.needs_input_grad[0]:
+                return None, None, None, None, None
+            weight, u, v, sigma = ctx.saved_tensors
+            fn = differentiable_backward if torch.is_grad_enabled() else backward
+            return fn(grad, weight, u, v, sigma, ctx.dim), None, None, None, None
+
+    return Normalize.apply

@@ -1,0 +1,177 @@
+"""The "native" backend: the compiled extension ``sn_kernels._C`` (C++ CPU kernels, CUDA kernels).
+
+The extension defines ``sn_kernels::native_power_iteration``, ``native_normalize`` and
+``native_backward`` with ``TORCH_LIBRARY`` and registers CPU (and, in a CUDA build,
+CUDA) kernels.  It is normally built by ``pip install --no-build-isolation -e .``; when
+it is absent, an explicit request for the native backend (``set_backend("native")``,
+``backend="native"``) builds it just in time with ninja into ``~/.cache/sn_kernels``
+(override with ``SN_KERNELS_CACHE``).  ``auto`` never triggers that build.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import torch
+
+from .contract import Backend, accumulation_dtype, composed_eager, fake_like_weight, register_ops
+
+NOT_BUILT = "extension not built (pip install -e . builds it; or set_backend('native') to build it just in time)"
+
+_state = {"loaded": False, "error": None, "build_failed": None}
+
+
+def _import_prebuilt() -> str | None:
+    """Import ``sn_kernels._C``; None on success, else why not."""
+    try:
+        from .. import _C  # noqa: F401  (registers the ops)
+    except ImportError as exc:
+        return f"{NOT_BUILT}: {exc}"
+    return None
+
+
+def _load(build: bool) -> str | None:
+    """Make the ops available; None on success, else the reason.  With ``build`` a missing
+    extension is JIT-built (errors are raised in full, not swallowed)."""
+    if _state["loaded"]:
+        return None
+    if _state["error"] is not None and not build:
+        return _state["error"]
+    reason = _import_prebuilt()
+    if reason is not None:
+        if not build:
+            _state["error"] = reason
+            return reason
+        if _state["build_failed"] is not None:  # one attempt per process: its error was shown in full
+            return _state["build_failed"]
+        from .. import _build
+
+        try:
+            _build.jit_build()  # raises with the compiler's output on failure
+        except Exception as exc:
+            _state["build_failed"] = f"building the native extension failed: {type(exc).__name__}: {exc}"
+            raise
+    _finish()
+    return None
+
+
+def _raw(name: str):
+    """The C++ entry point of ``torch.ops.sn_kernels.<name>.default`` (skips a Python frame per call)."""
+    overload = getattr(torch.ops.sn_kernels, name).default
+    return getattr(overload, "_op", overload)
+
+
+_calls: dict = {}
+
+
+def backward(grad, weight, u, v, sigma, dim):
+    """grad_W = (G - <G, W>/sigma u v^T) / sigma: the C++/CUDA kernel (two passes over W)."""
+    return _calls["backward"](grad, weight, u, v, sigma, dim)
+
+
+def _power_iteration_impl(weight, u, v, n_power_iterations, eps, dim, order, training):
+    """Eager path (called under no_grad): the op itself, straight to the C++ kernel."""
+    return _calls["power_iteration"](weight, u, v, n_power_iterations, float(eps), dim, order, bool(training))
+
+
+backend: Backend | None = None  # created when the extension loads (``_finish``)
+
+
+def _finish() -> None:
+    """Register the fakes and autograd formula of the loaded extension's ops; create ``backend``."""
+    global backend
+    _calls.update(power_iteration=_raw("native_power_iteration"), backward=_raw("native_backward"))
+    power_iteration, normalize = register_ops("sn_kernels::native_power_iteration", "sn_kernels::native_normalize",
+                                              backward)
+    torch.library.register_fake("sn_kernels::native_backward")(fake_like_weight)
+    torch.library.register_fake("sn_kernels::native_normalize_eager")(fake_like_weight)
+    torch.library.register_fake("sn_kernels::native_spectral_normalize_eager")(
+        lambda weight, u, v, n_power_iterations, eps, dim, order, training: (
+            torch.empty_like(weight), weight.new_empty((), dtype=accumulation_dtype(weight.dtype))))
+    # eager: one C++ call (power iteration + W / sigma with a C++ autograd formula); the Lipschitz
+    # variants put their scaling between the same C++ power iteration and W / sigma
+    fused = _raw("native_spectral_normalize_eager")
+    composed = composed_eager(_power_iteration_impl, _raw("native_normalize_eager"))
+
+    def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft):
+        if coeff is None:
+            return fused(weight, u, v, n_power_iterations, float(eps), dim, order, bool(training))
+        dim = dim + weight.dim() if dim < 0 else dim  # out of range: the C++ check refuses it
+        return composed(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+
+    group_ops = ()
+    if hasattr(torch.ops.sn_kernels, "native_group_forward"):  # sn_kernels.group's ops (grouped.py)
+        torch.library.register_fake("sn_kernels::native_group_forward")(_fake_group_forward)
+        torch.library.register_fake("sn_kernels::native_group_backward")(
+            lambda grads, weights, us, vs, sigmas, dims: [torch.empty_like(w) for w in weights])
+        group_ops = (torch.ops.sn_kernels.native_group_forward, torch.ops.sn_kernels.native_group_backward)
+    backend = Backend(
+        name="native", device_types=("cpu", "cuda"), why_not=why_not,
+        power_iteration=power_iteration, normalize=normalize, backward=backward, eager=eager,
+        eager_checks_args=True,
+        ops=(power_iteration, normalize, torch.ops.sn_kernels.native_backward,
+             torch.ops.sn_kernels.native_normalize_eager, torch.ops.sn_kernels.native_spectral_normalize_eager)
+        + group_ops,
+    )
+    _state["loaded"] = True
+    _state["error"] = None
+
+
+def _fake_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
+    return ([torch.empty_like(w) for w in weights],
+            [w.new_empty((), dtype=accumulation_dtype(w.dtype)) for w in weights],
+            [torch.empty_like(u) for u in us], [torch.empty_like(v) for v in vs])
+
+
+def cache_stats() -> dict[str, int]:
+    """The CPU output block cache (W / sigma and grad_W of weights of 64 KiB or more come from
+    it, so a training step's outputs reuse the previous step's memory instead of page-faulting
+    fresh memory): idle bytes and blocks held, bytes handed out, hits and misses."""
+    keys = ("idle_bytes", "idle_blocks", "in_use_bytes", "hits", "misses")
+    return dict(zip(keys, torch.ops.sn_kernels.native_cpu_cache_stats()))
+
+
+def empty_cache() -> None:
+    """Free the idle blocks of the CPU output cache (its size limit: SN_KERNELS_CPU_CACHE_MB,
+    default 1024; 0 turns the cache off)."""
+    torch.ops.sn_kernels.native_cpu_cache_clear()
+
+
+def build_info() -> dict:
+    """What setup.py built: ``{"cuda_kernels": bool, "why": str, "torch": str}`` ({} when unknown)."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_build_info.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def has_kernel(device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("sn_kernels::native_normalize", key)
+
+
+def why_not(device: torch.device, auto: bool = False) -> str | None:
+    """None when the extension is loaded and has kernels for ``device``'s type; else why not.
+
+    ``auto=False`` (an explicit request) builds a missing extension just in time."""
+    device = torch.device(device)
+    try:
+        reason = _load(build=not auto)
+    except Exception as exc:
+        # an explicit request: show the build error in full
+        reason = f"building the native extension failed: {type(exc).__name__}: {exc}"
+        _state["error"] = reason
+        print(f"sn_kernels: {reason}", file=sys.stderr)
+    if reason is not None:
+        return reason
+    if not has_kernel(device.type):
+        if device.type == "cuda":
+            why = build_info().get("why", "CPU-only torch, no matching CUDA toolkit, or SN_KERNELS_BUILD=cpu")
+            return f"the native extension was built without CUDA kernels: {why}"
+        return f"the native extension has no kernels for device type {device.type!r}"
+    return None
+
+
+# load a prebuilt extension at import (cheap); never build here
+_load(build=False)

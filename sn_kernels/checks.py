@@ -1,0 +1,126 @@
+"""Argument checks and constants shared by the op and every front end (defined once here)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .backends.contract import ORDERS, matrix_shape
+
+#: the two front ends: "hook" (torch.nn.utils.spectral_norm), "parametrization"
+#: (torch.nn.utils.parametrizations.spectral_norm)
+APIS = ("hook", "parametrization")
+MODES = ("matrix", "conv")
+#: power iterations run when u, v are drawn, so that sigma is already close at the first
+#: forward, even in eval mode (PyTorch's parametrization warms up the same way)
+INIT_ITERATIONS = 15
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def default_dim(module: nn.Module) -> int:
+    """PyTorch's default: dim=1 for ConvTranspose*, 0 otherwise."""
+    return 1 if isinstance(module, _CONV_TRANSPOSE) else 0
+
+
+def check_api(api: str) -> str:
+    """Refuse an ``api`` other than "hook" or "parametrization"."""
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
+    return api
+
+
+def check_iterations_eps(n_power_iterations: int, eps: float) -> None:
+    """n_power_iterations a positive int (bool refused), eps > 0: PyTorch's messages."""
+    if type(n_power_iterations) is not int or n_power_iterations <= 0:
+        raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}")
+    if not eps > 0:
+        raise ValueError(f"Expected eps to be positive, but got eps={eps}")
+
+
+def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: int) -> int:
+    """Refuse what the op and every front end refuse (a weight neither floating-point nor
+    complex, a 0-d weight, n_power_iterations <= 0, eps <= 0, dim out of range); return
+    ``dim`` made non-negative."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+    if not (weight.is_floating_point() or weight.is_complex()):
+        raise TypeError(f"spectral norm needs a floating-point or complex weight, got {weight.dtype}")
+    ndim = weight.dim()
+    if ndim == 0:
+        raise ValueError("spectral norm needs a weight with at least one dimension, got a 0-d tensor")
+    check_iterations_eps(n_power_iterations, eps)
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}] but got {dim})")
+    return dim % ndim
+
+
+def check_call(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int,
+               order: str) -> int:
+    """Validate the arguments of ``spectral_normalize``; return ``dim`` made non-negative.
+
+    Runs on every call, so the common case is a handful of cheap tests; the error
+    messages are built only when raising (``_vector_error``)."""
+    if order != "uv" and order != "vu":
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    dim = check_weight_args(weight, n_power_iterations, eps, dim)
+    m, n = matrix_shape(weight, dim)
+    if m == 0 or n == 0:
+        raise ValueError(f"spectral norm of an empty weight of shape {tuple(weight.shape)} is undefined")
+    # fast path: both vectors fine (the same tests as _vector_error, which names the first failure)
+    if not (isinstance(u, Tensor) and isinstance(v, Tensor) and u.shape == (m,) and v.shape == (n,)
+            and u.dtype == weight.dtype == v.dtype and u.device == weight.device == v.device
+            and u.is_contiguous() and v.is_contiguous()):
+        _vector_error(weight, u, v, m, n, dim)
+    return dim
+
+
+def _vector_error(weight: Tensor, u, v, m: int, n: int, dim: int) -> None:
+    """Raise the error for the first bad vector argument of ``spectral_normalize``."""
+    for name, vec, size in (("u", u, m), ("v", v, n)):
+        if not isinstance(vec, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(vec).__name__}")
+        if vec.shape != (size,):
+            raise ValueError(
+                f"{name} must have shape ({size},) for a weight of shape {tuple(weight.shape)} "
+                f"with dim={dim}, got {tuple(vec.shape)}"
+            )
+        if vec.dtype != weight.dtype:
+            raise TypeError(f"{name} has dtype {vec.dtype} but the weight has {weight.dtype}")
+        if vec.device != weight.device:
+            raise ValueError(f"{name} is on {vec.device} but the weight is on {weight.device}")
+        if not vec.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    raise AssertionError("unreachable: _vector_error found no bad vector")
+
+
+def check_variant(weight: Tensor, coeff, soft: bool, gain) -> None:
+    """Refuse a bad Lipschitz ``coeff``, ``soft`` without ``coeff``, a bad ``gain``, and any
+    variant on a complex weight."""
+    if coeff is not None and not (isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and coeff > 0):
+        raise ValueError(f"coeff must be a positive number, got {coeff!r}")
+    if soft and coeff is None:
+        raise ValueError("soft=True needs a Lipschitz coefficient: pass coeff=...")
+    if isinstance(gain, bool):  # a front end's "add a gain" flag
+        has_gain = gain
+    else:  # the op's gamma
+        has_gain = gain is not None
+        if has_gain and (not isinstance(gain, Tensor) or gain.numel() != 1):
+            raise TypeError("gain must be a one-element tensor (the learnable scalar gamma)")
+        if has_gain and gain.device != weight.device:
+            raise ValueError(f"gain is on {gain.device} but the weight is on {weight.device}")
+    if isinstance(weight, Tensor) and weight.is_complex() and (coeff is not None or soft or has_gain):
+        raise ValueError("coeff, soft and gain support real weights only, got a complex weight")
+
+
+def check_mode(mode: str, dim, coeff, soft, gain, conv_options: dict) -> bool:
+    """Whether ``mode`` is "conv"; refuse keyword combinations that it does not support, and
+    ``conv_options`` in matrix mode."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'matrix' or 'conv', got {mode!r}")
+    if mode == "conv":
+        if dim is not None or coeff is not None or soft or gain:
+            raise ValueError("mode='conv' normalizes by the convolution operator: dim, coeff, soft and gain "
+                             "do not apply")
+        return True
+    if conv_options:
+        raise TypeError(f"unexpected keyword arguments {sorted(conv_options)} (only for mode='conv')")
+    return False
