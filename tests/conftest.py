@@ -29,6 +29,51 @@ def _seed():
     yield
 
 
+# The devices the ``backend`` fixture covers; a module sets BACKEND_DEVICES to widen it
+# (tests/test_contract.py: the CPU and, when there is one, the GPU).
+CPU_ONLY = ("cpu",)
+
+
+def _parametrized(metafunc, name):
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = [a.strip() for a in names.split(",")] if isinstance(names, str) else list(names)
+        if name in names:
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc):
+    """``backend``: every backend that runs on the module's BACKEND_DEVICES (default: the CPU), as
+    (device type, name); a test that parametrizes ``backend`` itself keeps its own values."""
+    if "backend" not in metafunc.fixturenames or _parametrized(metafunc, "backend"):
+        return
+    import sn_kernels
+
+    devices = getattr(metafunc.module, "BACKEND_DEVICES", CPU_ONLY)
+    params = [(dev, name) for dev in devices for name in sn_kernels.available_backends(dev)]
+    ids = [name if dev == "cpu" else f"{dev}-{name}" for dev, name in params]
+    metafunc.parametrize("backend", params, ids=ids, indirect=True)
+
+
+@pytest.fixture
+def backend(request):
+    """The one backend fixture: the ``Backend`` object (sn_kernels/backends/contract.py) of one
+    backend that runs here, selected globally (``use_backend``) while the test runs."""
+    import sn_kernels
+    from sn_kernels import dispatch
+
+    device, name = request.param
+    with sn_kernels.use_backend(name):
+        yield dispatch.resolve(torch.device(device), name)
+
+
+@pytest.fixture
+def backend_device(request, backend):
+    """The device of the ``backend`` fixture's parameter."""
+    return torch.device(request.node.callspec.params["backend"][0])
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny ops: on a shared 2-core machine a second

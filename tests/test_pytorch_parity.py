@@ -20,15 +20,8 @@ from torch.nn.utils import parametrize
 import sn_kernels
 from helpers import assert_close
 
-BACKENDS = sn_kernels.available_backends("cpu")
 hook_sn = sn_kernels.spectral_norm
 param_sn = sn_kernels.parametrizations.spectral_norm
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with sn_kernels.use_backend(request.param):
-        yield request.param
 
 
 def same(a, b):

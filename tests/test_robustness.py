@@ -8,15 +8,6 @@ from torch import nn
 import sn_kernels
 from helpers import check
 
-BACKENDS = sn_kernels.available_backends("cpu")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with sn_kernels.use_backend(request.param):
-        yield request.param
-
-
 def test_autocast_bfloat16_close_to_float32(backend):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 1))
