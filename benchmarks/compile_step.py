@@ -36,9 +36,7 @@ import contextlib
 import csv
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +51,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sn_kernels  # noqa: E402
+from _common import device_name, quantiles  # noqa: E402
 from models import SNGANCNNDiscriminator  # noqa: E402
 
 VARIANTS = ("none", "torch_param", "torch_hook", "sn_param", "sn_hook", "sn_param_native", "sn_param_torch")
@@ -106,25 +105,13 @@ def make_step(variant: str, model: nn.Module, compiled: bool, x: torch.Tensor, s
     return step
 
 
-def quantiles(xs):
-    xs = sorted(xs)
-    q = lambda f: xs[min(len(xs) - 1, int(round(f * (len(xs) - 1))))]  # noqa: E731
-    return statistics.median(xs), q(0.2), q(0.8)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "_")
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
-
-
 def row(measure, variant, mode, clock, values, unit, ratios, ratio_to, args, device, note=""):
     med, p20, p80 = quantiles(values)
     rmed, r20, r80 = quantiles(ratios) if ratios else (float("nan"),) * 3
     return dict(measure=measure, model="sngan_cnn_d", variant=variant, mode=mode, clock=clock, median=med, p20=p20,
                 p80=p80,
                 unit=unit, ratio=rmed, ratio_p20=r20, ratio_p80=r80, ratio_to=ratio_to, runs=len(values),
-                batch=args.batch, threads=torch.get_num_threads(), device=device_name(device),
+                batch=args.batch, threads=torch.get_num_threads(), device=device_name(device).replace(" ", "_"),
                 torch=torch.__version__, note=note)
 
 
@@ -301,7 +288,7 @@ def main(argv=None):
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    print(f"# {device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"# {device_name(device).replace(' ', '_')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch}", flush=True)
     if args.measure == "profile":
         return profile(args, device)

@@ -11,7 +11,7 @@ shapes.json), one training step's spectral-norm work in float32:
 ``torch.nn.utils.parametrizations.spectral_norm`` in one process, in paired rounds (both
 providers back to back, alternating which goes first); medians (p20, p80) of the times and
 of the per-round speedups.  Also measures the machine's copy bandwidth (copy_ of a large
-tensor: bytes read + written / time) and reports GB/s under DESIGN.md's bytes model, forward
+tensor: bytes read + written / time) and reports GB/s under docs/design.md#bytes-model, forward
 4|W| + backward 4|W|.  The native "uv" forward reads W twice, not three times (W v and
 W^T (W v) in one pass), so it moves 3|W| + 4|W|, mostly reads, while a copy's writes also
 cost a read for ownership: the fraction of the copy bandwidth can pass 100 %.
@@ -24,43 +24,37 @@ Writes benchmarks/results/cpu_native.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import contextlib
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-from torch import nn
 
 import sn_kernels
-from sn_kernels import native
+from sn_kernels import dispatch
 from sn_kernels.parametrizations import spectral_norm as sn_spectral_norm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Holder, copy_bandwidth, load_shapes, quantiles, write_csv  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["provider", "shape_set", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "speedup",
            "speedup_p20", "speedup_p80", "torch", "note"]
 
 
-def find_shapes(path: str | None) -> str:
-    for p in [path, os.path.join(ROOT, "..", "shared", "shapes.json"), os.path.join(ROOT, "shared", "shapes.json"),
-              "/work/shared/shapes.json"]:
-        if p and os.path.isfile(p):
-            return os.path.abspath(p)
-    raise SystemExit("shapes.json not found: pass --shapes PATH")
-
-
-class Holder(nn.Module):
-    def __init__(self, shape):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(shape) * 0.05)
+# where this script has always looked for shapes.json after --shapes (no fallback to the bundled copy)
+SHAPES_SEARCH = (os.path.join(ROOT, "..", "shared", "shapes.json"), os.path.join(ROOT, "shared", "shapes.json"),
+                 "/work/shared/shapes.json")
 
 
 def make_modules(shapes, provider):
     torch.manual_seed(0)
     mods = []
     for shape in shapes:
-        h = Holder(shape)
+        h = Holder(shape, scale=0.05)
         if provider == "torch":
             torch.nn.utils.parametrizations.spectral_norm(h)
         else:
@@ -69,12 +63,6 @@ def make_modules(shapes, provider):
         h.train()
         mods.append(h)
     return mods
-
-
-def quantiles(xs):
-    xs = sorted(xs)
-    q = lambda f: xs[min(len(xs) - 1, int(round(f * (len(xs) - 1))))]  # noqa: E731
-    return statistics.median(xs), q(0.2), q(0.8)
 
 
 def one_step(mods, grads, backward="per-weight"):
@@ -110,7 +98,7 @@ def time_providers(mods_by_provider, grads, rounds, backward, warmup=3):
     for r in range(warmup + rounds):
         this = {}
         for provider in (names if r % 2 == 0 else names[::-1]):
-            ctx = sn_kernels.use_backend("native") if provider == "native" else _null()
+            ctx = sn_kernels.use_backend("native") if provider == "native" else contextlib.nullcontext()
             with ctx:
                 this[provider] = one_step(mods_by_provider[provider], grads, backward)
         if r >= warmup:
@@ -120,31 +108,6 @@ def time_providers(mods_by_provider, grads, rounds, backward, warmup=3):
             ratios.append(this["torch"][0] / this["native"][0])
     res = {p: (t, statistics.median(f), statistics.median(t) - statistics.median(f)) for p, (t, f) in out.items()}
     return res, ratios
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def copy_bandwidth(nbytes=512 * 2**20, repeats=7):
-    x = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
-    y = torch.empty_like(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        y.copy_(x)
-        times.append(time.perf_counter() - t0)
-    times_clone = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        z = x.clone()
-        times_clone.append(time.perf_counter() - t0)
-        del z
-    return 2 * nbytes / statistics.median(times) / 1e9, 2 * nbytes / statistics.median(times_clone) / 1e9
 
 
 def overhead_breakdown(shapes, repeats=50):
@@ -199,12 +162,14 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    reason = native.why_not(torch.device("cpu"))
+    reason = dispatch.why_not("native", torch.device("cpu"))
     if reason is not None:
         raise SystemExit(f"native backend unavailable: {reason}")
     torch.set_grad_enabled(True)
-    shape_sets = json.load(open(find_shapes(args.shapes)))
-    copy_gbps, clone_gbps = copy_bandwidth()
+    shape_sets = load_shapes(args.shapes, SHAPES_SEARCH)
+    # 512 MB, median of 7: copy_ into an existing tensor, then clone (a fresh tensor)
+    copy_gbps = copy_bandwidth("cpu", 512 * 2**20 // 4, repeats=7)
+    clone_gbps = copy_bandwidth("cpu", 512 * 2**20 // 4, repeats=7, clone=True)
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     print(f"THP_MEM_ALLOC_ENABLE={thp} (1: torch backs large CPU tensors with huge pages: fewer page faults)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {copy_gbps:.1f} GB/s "
@@ -251,13 +216,7 @@ def main():
                              device="cpu", median_ms=f"{br['functional_forward_ms']:.3f}", p20_ms="", p80_ms="",
                              gbps="", torch=torch.__version__,
                              note="; ".join(f"{k} {v:.3f}" for k, v in br.items())))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    append = args.append and os.path.isfile(args.out)
-    with open(args.out, "a" if append else "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS)
-        if not append:
-            wr.writeheader()
-        wr.writerows(rows)
+    write_csv(args.out, rows, COLUMNS, append=args.append)
     print(f"wrote {args.out}")
 
 

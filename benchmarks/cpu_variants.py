@@ -8,14 +8,17 @@ benchmarks/results/cpu_variants.csv and prints a table.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import sn_kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_csv  # noqa: E402
 
 SHAPES = [(128, 1152), (512, 4608), (1536, 13824)]
 VARIANTS = {
@@ -63,11 +66,7 @@ def main(argv=None):
                              max_ms=hi * 1e3, ratio_to_plain=med / base, torch=torch.__version__))
             print(f"{rows[-1]['shape']:>12s} {name:>11s} {med * 1e3:10.3f} {med / base:8.2f}")
     out = Path(__file__).resolve().parent / "results" / "cpu_variants.csv"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows)
     print(f"wrote {out}")
 
 

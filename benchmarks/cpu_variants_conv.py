@@ -17,11 +17,10 @@ Writes benchmarks/results/cpu_variants_conv.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +28,9 @@ from torch import nn
 import sn_kernels
 from sn_kernels.conv_norm import spectral_norm_conv
 from sn_kernels.monitor import singular_values
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, quantiles, write_csv  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["provider", "layer", "op", "weight_shape", "input", "median_ms", "p20_ms", "p80_ms", "threads",
@@ -44,12 +46,6 @@ PROVIDERS = {
     "matrix": sn_kernels.spectral_norm,
     "torch_matrix": torch.nn.utils.spectral_norm,
 }
-
-
-def quantiles(xs):
-    xs = sorted(xs)
-    q = lambda f: xs[min(len(xs) - 1, int(round(f * (len(xs) - 1))))]  # noqa: E731
-    return statistics.median(xs), q(0.2), q(0.8)
 
 
 def sn_step(module, x, G):
@@ -78,7 +74,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_variants_conv.csv"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    device = device_name("cpu")
     rows = []
     for layer, (ctor, spatial) in LAYERS.items():
         torch.manual_seed(0)
@@ -106,11 +102,7 @@ def main():
                              input="x".join(map(str, spatial)),
                              median_ms=f"{med * 1e3:.4f}", p20_ms=f"{p20 * 1e3:.4f}", p80_ms=f"{p80 * 1e3:.4f}",
                              threads=args.threads, torch=torch.__version__, device=device))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.out, rows, COLUMNS)
     print(f"torch {torch.__version__}, {device}, threads={args.threads}, float32, repeats={args.repeats}")
     print(f"{'layer':28s} {'provider':13s} {'op':20s} {'median ms':>10s} {'p20':>8s} {'p80':>8s}")
     for r in rows:

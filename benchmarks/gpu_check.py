@@ -29,14 +29,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
 import sn_kernels  # noqa: E402
+from _common import triton_version  # noqa: E402
 from sn_kernels.functional import spectral_normalize  # noqa: E402
+from sn_kernels.testing import TOL  # noqa: E402  (the one tolerance table: dtype -> (rtol, atol))
 
-TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.float16: (1e-2, 1e-3),
-       torch.bfloat16: (2e-2, 1e-2)}
 LARGE = [(1, 7), (257, 1023), (1536, 13824), (4096, 4096), (13824, 1536), (3, 100000), (100000, 3)]
 SMOKE = [(1, 7), (33, 17), (40, 90)]
 
@@ -221,7 +222,6 @@ def check_train_step_graph(backend, dev, ch, batch, size, small=False):
     CUDA graph and replayed, against the same steps run eagerly on an independent copy (model and
     optimizer state deep-copied before the capture).  The SNGAN ResNet discriminator; ``small``
     (the dress rehearsal): a 3-layer one, as every launch costs about 50 ms under the interpreter."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from models import SNGANDiscriminator, hinge_d_loss
 
     cuda = dev.type == "cuda"
@@ -375,13 +375,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     backend = args.backend or ("torch" if args.smoke else "triton")
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = "none"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    header = f"device {name}; torch {torch.__version__}; triton {triton_version}; backend {backend}"
+    header = f"device {name}; torch {torch.__version__}; triton {triton_version()}; backend {backend}"
     print(header, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import os
 import platform
 import statistics
@@ -36,6 +34,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import sn_kernels  # noqa: E402
+from _common import BUNDLED_SHAPES, Holder, load_shapes, write_csv  # noqa: E402
 from models import SNGANDiscriminator, hinge_d_loss  # noqa: E402
 
 
@@ -44,11 +43,7 @@ class Weights(nn.Module):
 
     def __init__(self, shapes):
         super().__init__()
-        self.holders = nn.ModuleList()
-        for shape in shapes:
-            h = nn.Module()
-            h.weight = nn.Parameter(torch.randn(*shape) / (shape[-1] ** 0.5))
-            self.holders.append(h)
+        self.holders = nn.ModuleList(Holder(shape) for shape in shapes)
 
     def forward(self):
         return [h.weight for h in self.holders]
@@ -147,18 +142,14 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "grouped_cpu.csv"))
     args = ap.parse_args()
-    shapes = json.load(open(os.path.join(HERE, "shapes.json")))
+    shapes = load_shapes(search=[BUNDLED_SHAPES])  # benchmarks/shapes.json
     extra = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", threads=torch.get_num_threads(),
                  torch=torch.__version__)
     rows = []
     for name, rounds in (("sngan_cifar_d", args.rounds), ("biggan128_d", args.big_rounds)):
         summarize(name, weights_bench([tuple(e["shape"]) for e in shapes[name]], rounds), rows, extra)
     summarize(f"sngan_d_step_b{args.batch}", sngan_step_bench(args.step_rounds, args.batch), rows, extra)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.out, rows)
     print("wrote", args.out)
 
 

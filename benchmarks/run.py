@@ -1,7 +1,7 @@
 """Benchmark: sn_kernels against PyTorch's spectral norm on whatever device is present.
 
 Providers x shape sets x modes x dtypes; medians with p20/p80, GB/s under the
-bytes model of DESIGN.md and the fraction of the device's copy bandwidth measured
+bytes model of docs/design.md#bytes-model and the fraction of the device's copy bandwidth measured
 in the same run.  Writes benchmarks/results/<device>.csv (+ a PNG when matplotlib
 is installed) and prints a summary table last.
 
@@ -22,12 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
+from _common import (Holder, copy_bandwidth, device_name, l2_flush, load_shapes, percentile, timer,  # noqa: E402
+                     triton_version)
 
 MODES = ("fwd", "bwd", "fwd_bwd", "train_step")
 # sets beside shapes.json (which is shared): large weights normalized along dim=1 (ConvTranspose
@@ -48,7 +46,7 @@ EXTRA_SETS = {
 }
 FIELDS = ["provider", "shape_set", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw",
           "copy_gbps", "weight_mb", "torch", "triton", "reps", "note"]
-# minimum device traffic per weight, in units of |W| (DESIGN.md section 2, W streamed);
+# minimum device traffic per weight, in units of |W| (docs/design.md#bytes-model, W streamed);
 # a training step also runs convolutions, so it has no bytes model
 BYTES_MODEL = {"fwd": 4, "bwd": 4, "fwd_bwd": 8, "train_step": float("nan")}
 TRAIN_BATCH = {"cuda": 64, "cpu": 8}  # batch 64 as specified on a GPU; 8 keeps a CPU run short
@@ -57,11 +55,7 @@ TRAIN_BATCH = {"cuda": 64, "cpu": 8}  # batch 64 as specified on a GPU; 8 keeps 
 def find_shapes(path: str | None) -> dict:
     """shapes.json (--shapes, else ../shared/shapes.json beside the repository, else the bundled
     copy) plus EXTRA_SETS."""
-    for cand in ([Path(path)] if path else []) + [ROOT.parent / "shared" / "shapes.json",
-                                                   ROOT / "benchmarks" / "shapes.json"]:
-        if cand.is_file():
-            return {**EXTRA_SETS, **json.loads(cand.read_text())}  # the file wins
-    raise SystemExit("shapes.json not found: pass --shapes PATH")
+    return {**EXTRA_SETS, **load_shapes(path)}  # the file wins
 
 
 def cases(shape_sets: dict, names: list[str], per_weight: set[str]) -> list[tuple[str, list[tuple]]]:
@@ -75,18 +69,6 @@ def cases(shape_sets: dict, names: list[str], per_weight: set[str]) -> list[tupl
         else:
             out.append((name, entries))
     return out
-
-
-class Holder(nn.Module):
-    """A module whose forward returns its (spectrally normalized) weight."""
-
-    def __init__(self, shape, dtype, device, dim=0):
-        super().__init__()
-        self.dim = dim
-        self.weight = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) / shape[-1] ** 0.5)
-
-    def forward(self):
-        return self.weight
 
 
 class _Container(nn.Module):
@@ -181,48 +163,6 @@ def _no_recompile(on: bool):
     return torch._dynamo.config.patch(error_on_recompile=True) if on else contextlib.nullcontext()
 
 
-def copy_bandwidth(device, sync) -> float:
-    """Device copy bandwidth in GB/s (bytes read + written), median of repeats."""
-    n = (256 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(10):
-        sync()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / statistics.median(times[2:]) / 1e9
-
-
-def timer(device):
-    if device.type == "cuda":
-        def measure(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return measure, torch.cuda.synchronize
-
-    def measure(fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return measure, (lambda: None)
-
-
-def l2_flush(device):
-    """A callable that evicts the L2 cache (writes twice its size), or does nothing off a GPU."""
-    if device.type != "cuda":
-        return lambda: None
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-    buf = torch.empty(2 * l2, dtype=torch.int8, device=device)
-    return buf.zero_
-
-
 def train_step_samples(provider, dtype, device, reps, warmup, compile_backend="inductor"):
     """One discriminator step of the SNGAN ResNet (CIFAR, batch 64, hinge loss, Adam)."""
     from models import SNGANDiscriminator, hinge_d_loss
@@ -251,11 +191,6 @@ def train_step_samples(provider, dtype, device, reps, warmup, compile_backend="i
             with _no_recompile(compiled and i >= warmup):
                 samples.append(measure(step))
     return samples[warmup:]
-
-
-def percentile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -296,7 +231,7 @@ def main(argv=None):
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    dev_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    dev_name = device_name(device)
     shape_sets = find_shapes(args.shapes)
     args.dtypes = args.dtypes or ("float32,bfloat16" if on_gpu else "float32")
     args.sets = args.sets or ("sngan_cifar_d,biggan128_d,single" if on_gpu else "sngan_cifar_d,biggan128_d")
@@ -309,13 +244,10 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     measure, sync = timer(device)
     flush = l2_flush(device)
-    copy_gbps = copy_bandwidth(device, sync)
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = "none"
-    print(f"# device {dev_name}, torch {torch.__version__}, triton {triton_version}, copy {copy_gbps:.1f} GB/s",
+    # 256 MB on a GPU, 64 MB on the CPU; median of 8 after 2 warm-up copies
+    copy_gbps = copy_bandwidth(device, ((256 << 20) if on_gpu else (64 << 20)) // 4, repeats=8, warmup=2, sync=sync)
+    triton_ver = triton_version()
+    print(f"# device {dev_name}, torch {torch.__version__}, triton {triton_ver}, copy {copy_gbps:.1f} GB/s",
           flush=True)
 
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
@@ -345,7 +277,7 @@ def main(argv=None):
             if "/" in case_name and nbytes < args.min_mb * 1e6:
                 continue
             base = dict(shape_set=case_name, dtype=dtype_name, device=dev_name, copy_gbps=copy_gbps,
-                        weight_mb=nbytes / 1e6, torch=torch.__version__, triton=triton_version)
+                        weight_mb=nbytes / 1e6, torch=torch.__version__, triton=triton_ver)
             for provider in providers:
                 todo = [m for m in modes if (provider, case_name, m, dtype_name) not in done
                         and (m != "train_step" or case_name == "sngan_cifar_d")]  # the SNGAN D's step

@@ -74,7 +74,7 @@ ensure_built() {
   local stamp
   stamp=$(cat csrc/* setup.py pyproject.toml sn_kernels/_build.py 2> /dev/null | sha256sum | cut -c1-16)
   if [ "$(cat "$WORK/build.stamp" 2> /dev/null)" = "$stamp" ] &&
-    "$PY" -c "import sys, sn_kernels.native as n; sys.exit(0 if n.has_kernel('cuda') else 1)" 2> /dev/null; then
+    "$PY" -c "import sys, sn_kernels.backends.native as n; sys.exit(0 if n.has_kernel('cuda') else 1)" 2> /dev/null; then
     log "extension already built from these sources"
     return 0
   fi

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sn_kernels  # noqa: E402,F401  (registers the ops)
+from _common import copy_bandwidth, l2_flush, timer  # noqa: E402
 from sn_kernels import dispatch  # noqa: E402
 
 # (shape, dim): the NOTES cases (N1-N6) and the 64 MB targets
@@ -42,39 +42,28 @@ SANITIZE_SHAPES = [((1, 7), 0), ((7, 1), 0), ((33, 17), 1), ((37, 1001), 0), ((3
 BYTES = {"pi_vu": 2, "pi_uv": 2, "eval": 1, "normalize": 2, "backward": 4}  # in units of |W|
 
 
-def ops_of(backend: str):
-    """The backend's op namespace (power_iteration, normalize, backward) after why_not loaded it."""
-    return importlib.import_module(f"sn_kernels.{backend}").ops
+def ops_of(backend: str, device: torch.device):
+    """The backend's ops (.power_iteration, .normalize, .backward) on ``device``, after why_not passed."""
+    return dispatch.resolve(torch.device(device), backend)
 
 
 def time_op(fn, reps, flush, cuda=True):
     """Median microseconds of ``fn`` (CUDA events, L2 flushed before each sample; host timer off a GPU)."""
+    measure, _ = timer(torch.device("cuda" if cuda else "cpu"))
     for _ in range(3):
         fn()
     out = []
     for _ in range(reps):
         flush()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e6)
+        out.append(measure(fn) * 1e6)
     return statistics.median(out)
 
 
 def copy_gbps(device):
-    src = torch.randn((256 << 18) if device.type == "cuda" else (16 << 18), device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    us = time_op(lambda: dst.copy_(src), 10, lambda: None, device.type == "cuda")
-    return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
+    """Copy bandwidth (GB/s): 256 MB (16 MB off a GPU), median of 10 copies timed as the ops are."""
+    measure, _ = timer(device)
+    return copy_bandwidth(device, (256 << 18) if device.type == "cuda" else (16 << 18), repeats=10, warmup=6,
+                          measure=measure)
 
 
 def main(argv=None) -> int:
@@ -92,8 +81,7 @@ def main(argv=None) -> int:
         return 0
     cuda = device.type == "cuda"
     bw = copy_gbps(device)
-    flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size, dtype=torch.int8,
-                        device=device).zero_ if cuda else (lambda: None)
+    flush = l2_flush(device)
     print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, copy {bw:.0f} GB/s", flush=True)
     fields = ["backend", "shape", "dim", "dtype", "op", "us", "gbps", "frac_copy_bw", "mb"]
     with open(args.out, "w", newline="") as f:
@@ -104,7 +92,7 @@ def main(argv=None) -> int:
             if why is not None:
                 print(f"# {backend}: {why}")
                 continue
-            ops = ops_of(backend)
+            ops = ops_of(backend, device)
             for dtype_name in args.dtypes.split(","):
                 dtype = getattr(torch, dtype_name)
                 for shape, dim in SMOKE_SHAPES if args.smoke else SANITIZE_SHAPES if args.sanitize else SHAPES:

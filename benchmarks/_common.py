@@ -1,0 +1,151 @@
+"""Helpers shared by the benchmark scripts (benchmarks/*.py and benchmarks/gpu/*.py).
+
+The scripts are run as files (``python benchmarks/run.py``), so they import this module by
+putting its folder on ``sys.path`` first::
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))           # benchmarks/*.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # benchmarks/gpu/*.py
+    from _common import quantiles  # noqa: E402
+
+Nothing here imports sn_kernels, so the helpers do not depend on its layout.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+SHARED_SHAPES = ROOT.parent / "shared" / "shapes.json"  # ../shared/shapes.json beside the repository
+BUNDLED_SHAPES = ROOT / "benchmarks" / "shapes.json"  # the copy in this repository
+SHAPES_SEARCH = (SHARED_SHAPES, BUNDLED_SHAPES)
+
+
+def _nothing() -> None:
+    """A sync that does nothing (off a GPU)."""
+
+
+def find_shapes(path: str | os.PathLike | None = None, search=SHAPES_SEARCH) -> Path:
+    """The shapes.json to use: ``path`` (--shapes) if given, else the first of ``search`` that exists."""
+    for cand in ([Path(path)] if path else []) + [Path(p) for p in search]:
+        if cand.is_file():
+            return Path(os.path.abspath(cand))
+    raise SystemExit("shapes.json not found: pass --shapes PATH")
+
+
+def load_shapes(path: str | os.PathLike | None = None, search=SHAPES_SEARCH) -> dict:
+    """The shape sets ({set name: [{"name", "shape", "dim"?}, ...]}) of ``find_shapes(path, search)``."""
+    return json.loads(find_shapes(path, search).read_text())
+
+
+def percentile(xs, q: float):
+    """The ``q`` quantile (0..1) of ``xs``: the sample nearest to rank ``q * (n - 1)``."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def quantiles(xs):
+    """(median, p20, p80) of ``xs``."""
+    return statistics.median(xs), percentile(xs, 0.2), percentile(xs, 0.8)
+
+
+class Holder(nn.Module):
+    """A module whose forward returns its weight: randn / sqrt(shape[-1]), or randn * ``scale``."""
+
+    def __init__(self, shape, dtype=None, device=None, dim=0, scale=None):
+        super().__init__()
+        self.dim = dim
+        w = torch.randn(shape, dtype=dtype, device=device)
+        self.weight = nn.Parameter(w * scale if scale is not None else w / shape[-1] ** 0.5)
+
+    def forward(self):
+        return self.weight
+
+
+def timer(device):
+    """(measure, sync): ``measure(fn)`` = seconds of one call (CUDA events on a GPU, else the host clock)."""
+    if device.type == "cuda":
+        def measure(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return measure, torch.cuda.synchronize
+
+    def measure(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return measure, _nothing
+
+
+def l2_flush(device):
+    """A callable that evicts the L2 cache (writes twice its size), or does nothing off a GPU."""
+    if device.type != "cuda":
+        return _nothing
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    buf = torch.empty(2 * l2, dtype=torch.int8, device=device)
+    return buf.zero_
+
+
+def copy_bandwidth(device, numel: int, repeats: int, warmup: int = 0, sync=_nothing, measure=None,
+                   clone: bool = False) -> float:
+    """GB/s (bytes read + written) of copying ``numel`` float32 on ``device``, median of ``repeats`` calls."""
+    # dst.copy_(src) into an existing tensor, or src.clone() (a fresh tensor, its allocation and page
+    # faults included); ``warmup`` untimed calls first.  Timed with ``measure(fn)`` (seconds) if given,
+    # else the host clock between two ``sync()`` calls, the result kept alive until the clock is read.
+    src = torch.randn(numel, device=device)
+    dst = None if clone else torch.empty_like(src)
+    fn = src.clone if clone else (lambda: dst.copy_(src))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if measure is not None:
+            times.append(measure(fn))
+            continue
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        del out
+    return 2 * numel * 4 / statistics.median(times) / 1e9
+
+
+def device_name(device) -> str:
+    """The GPU's name, or cpu-<machine>-<N>cores."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def triton_version() -> str:
+    """triton.__version__, or "none" where triton cannot be imported."""
+    try:
+        import triton
+        return triton.__version__
+    except Exception:
+        return "none"
+
+
+def write_csv(path, rows: list[dict], fields=None, append: bool = False) -> None:
+    """Write ``rows`` under a header (``fields``, default row 0's keys), or append them to an existing file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    append = append and path.is_file()
+    with path.open("a" if append else "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
+        if not append:
+            w.writeheader()
+        w.writerows(rows)
