@@ -1,4 +1,4 @@
-"""torch.compile: the custom-op registration (opcheck), the route a compiled call takes, and
+"""torch.compile: the route a compiled call takes, and
 compiled runs of both APIs matching eager ones (outputs, u, v, gradients; train and eval) without
 graph breaks or recompiles."""
 import copy
@@ -6,13 +6,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, sample_inputs
 from torch import nn
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import sn_kernels
 from sn_kernels import dispatch
-from sn_kernels.backends import pytorch
 
 
 @pytest.fixture(autouse=True)
@@ -23,25 +22,6 @@ def _fresh_dynamo():
     yield
     torch._dynamo.reset()
     sn_kernels.set_backend("auto")
-
-
-def _sample_args(dtype=torch.float32, shape=(6, 4, 3, 3), dim=0):
-    w = torch.randn(shape, dtype=dtype)
-    m, n = pytorch.as_matrix(w, dim).shape
-    u = torch.nn.functional.normalize(torch.randn(m, dtype=dtype), dim=0)
-    v = torch.nn.functional.normalize(torch.randn(n, dtype=dtype), dim=0)
-    return w, u, v
-
-
-@pytest.mark.parametrize("dim", [0, 1])
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("order", ["vu", "uv"])
-def test_opcheck_torch_backend(dim, training, order):
-    w, u, v = _sample_args(torch.float64, dim=dim)
-    ops = pytorch.backend
-    torch.library.opcheck(ops.power_iteration, (w, u, v, 2, 1e-12, dim, order, training))
-    sigma, uu, vv = ops.power_iteration(w, u.clone(), v.clone(), 1, 1e-12, dim, order, training)
-    torch.library.opcheck(ops.normalize, (w.requires_grad_(), uu, vv, sigma, dim))
 
 
 # the Triton interpreter is not compilable; triton is checked on the GPU (benchmarks/gpu_check.py)
@@ -72,7 +52,7 @@ def test_compile_route(backend, expected):
     resolution of the backend can happen inside the trace."""
     if backend not in sn_kernels.available_backends("cpu") + ["auto"]:
         pytest.skip(f"{backend} unavailable")
-    w, u, v = _sample_args()
+    w, u, v = sample_inputs("cpu", torch.float32, (6, 4, 3, 3), 0)
     w.requires_grad_()
     graphs = _Graphs()
     dispatch._reset_cache()  # as in a fresh process: nothing resolved before the trace
@@ -165,7 +145,7 @@ def test_compile_variants_match_eager(kwargs):
 def test_compiled_op_matches_eager(dtype, order, dim, training):
     """The op itself, compiled (default route) against eager (native kernels where built):
     W / sigma, sigma, u, v and the weight gradient."""
-    w, u, v = _sample_args(dtype, shape=(5, 6, 2, 2), dim=dim)
+    w, u, v = sample_inputs("cpu", dtype, (5, 6, 2, 2), dim)
     grad = torch.randn_like(w)
 
     def run(fn):

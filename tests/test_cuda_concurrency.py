@@ -14,6 +14,8 @@ import torch
 from sn_kernels import dispatch
 from sn_kernels.functional import spectral_normalize
 
+from helpers import sample_inputs
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 BACKENDS = ["triton", "native"]
@@ -28,13 +30,8 @@ def _need(backend):
 
 
 def _inputs(shape, dim, seed, device="cuda"):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=g)
-    m = shape[dim]
-    u = torch.nn.functional.normalize(torch.randn(m, generator=g), dim=0)
-    v = torch.nn.functional.normalize(torch.randn(w.numel() // m, generator=g), dim=0)
-    grad = torch.randn(shape, generator=g)
-    return [t.to(device) for t in (w, u, v, grad)]
+    """(weight, u, v, grad) in float32: helpers.sample_inputs."""
+    return sample_inputs(device, torch.float32, shape, dim, seed=seed, grad=True)
 
 
 def _step(backend, w, u, v, grad, dim, n_iter=3):

@@ -10,19 +10,16 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sn_kernels
 from sn_kernels import dispatch
 from sn_kernels.functional import spectral_normalize
-from sn_kernels.testing import as_matrix, pytorch_formula
 
-from helpers import SHAPES, assert_close, planted
+from helpers import assert_close, sample_inputs
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 DEV = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def _tb():
@@ -31,15 +28,8 @@ def _tb():
 
 
 def _inputs(shape, dim, dtype, seed=0, converged=False):
-    """(weight, u, v) with unit u, v; ``converged`` warms them up (well-conditioned eval sigma)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=g, dtype=torch.float64)
-    m, n = as_matrix(w, dim).shape
-    u = F.normalize(torch.randn(m, generator=g, dtype=torch.float64), dim=0)
-    v = F.normalize(torch.randn(n, generator=g, dtype=torch.float64), dim=0)
-    if converged:
-        _, _, u, v = pytorch_formula(w, u, v, n_power_iterations=5, dim=dim, order="uv")
-    return w.to(DEV, dtype), u.to(DEV, dtype), v.to(DEV, dtype)
+    """helpers.sample_inputs on DEV; ``converged``: 5 "uv" warm-up steps (well-conditioned eval sigma)."""
+    return sample_inputs(DEV, dtype, shape, dim, seed=seed, warmup=5 if converged else 0, warmup_order="uv")
 
 
 def test_why_not():
@@ -54,47 +44,6 @@ def test_why_not():
     assert tb.why_not(torch.device("meta")) is not None
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
-@pytest.mark.parametrize("order", ["vu", "uv"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("n_iter", [1, 3])
-def test_matches_torch_backend(dtype, shape, dim, order, training, n_iter):
-    w, u, v = _inputs(shape, dim, dtype, converged=not training)
-    u_t, v_t = u.clone(), v.clone()
-    out, sigma = spectral_normalize(w, u, v, n_power_iterations=n_iter, dim=dim, order=order,
-                                    training=training, backend="triton")
-    out_t, sigma_t = spectral_normalize(w, u_t, v_t, n_power_iterations=n_iter, dim=dim, order=order,
-                                        training=training, backend="torch")
-    assert out.dtype == dtype and out.shape == w.shape
-    assert sigma.dtype == sigma_t.dtype and sigma.dim() == 0
-    assert_close(out, out_t, dtype, msg="weight_sn vs torch backend")
-    assert_close(sigma, sigma_t, dtype, msg="sigma vs torch backend")
-    assert_close(u, u_t, dtype, msg="u")
-    assert_close(v, v_t, dtype, msg="v")
-    # and PyTorch's own recipe (third mat-vec for sigma) in float64
-    w_ref, sigma_ref, u_ref, v_ref = pytorch_formula(w, *_inputs(shape, dim, dtype, converged=not training)[1:],
-                                                     n_power_iterations=n_iter, dim=dim, order=order,
-                                                     training=training)
-    assert_close(sigma, sigma_ref, dtype, msg="sigma vs pytorch_formula")
-    assert_close(out, w_ref, dtype, msg="weight_sn vs pytorch_formula")
-    assert_close(u, u_ref, dtype, msg="u vs pytorch_formula")
-
-
-@pytest.mark.parametrize("order", ["vu", "uv"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_vectors_in_place_and_copies(order, training):
-    w, u, v = _inputs((13, 29), 0, torch.float32)
-    u0, v0 = u.clone(), v.clone()
-    sigma, u_used, v_used = _tb().backend.power_iteration(w, u, v, 2, 1e-12, 0, order, training)
-    assert u_used.data_ptr() != u.data_ptr() and v_used.data_ptr() != v.data_ptr()
-    assert torch.equal(u_used, u) and torch.equal(v_used, v)
-    if training:
-        assert not torch.equal(u, u0) and not torch.equal(v, v0)
-    else:
-        assert torch.equal(u, u0) and torch.equal(v, v0)
-
-
 def test_non_contiguous_and_channels_last():
     w, u, v = _inputs((6, 4, 3, 3), 0, torch.float32)
     for weight in (w.to(memory_format=torch.channels_last), w.transpose(2, 3).contiguous().transpose(2, 3)):
@@ -105,84 +54,6 @@ def test_non_contiguous_and_channels_last():
         assert_close(s, s_t)
         if weight.is_contiguous(memory_format=torch.channels_last):
             assert out.is_contiguous(memory_format=torch.channels_last)
-
-
-@pytest.mark.parametrize("order", ["vu", "uv"])
-@pytest.mark.parametrize("n_iter", [1, 2])
-def test_zero_and_non_finite_weight(order, n_iter):
-    """As the torch backend (backends/pytorch.py): a zero/non-finite step keeps the previous u, v; a zero weight
-    normalizes to 0 (sigma 0, not 0/0) with a zero gradient."""
-    w, u, v = _inputs((5, 7), 0, torch.float32)
-    zero = torch.zeros_like(w).requires_grad_(True)
-    u0, v0 = u.clone(), v.clone()
-    out, sigma = spectral_normalize(zero, u, v, n_power_iterations=n_iter, order=order, backend="triton")
-    assert torch.equal(u, u0) and torch.equal(v, v0)
-    assert sigma.item() == 0.0 and torch.equal(out, torch.zeros_like(out))
-    out.backward(torch.randn_like(out))
-    assert torch.equal(zero.grad, torch.zeros_like(zero.grad))
-    bad = w.clone()
-    bad[1, 2] = float("nan")
-    spectral_normalize(bad, u, v, n_power_iterations=n_iter, order=order, backend="triton")
-    assert torch.equal(u, u0) and torch.equal(v, v0)
-    u_t, v_t = u.clone(), v.clone()
-    bad[1, 2] = float("inf")
-    _, s = spectral_normalize(bad, u, v, n_power_iterations=n_iter, order=order, backend="triton")
-    _, s_t = spectral_normalize(bad, u_t, v_t, n_power_iterations=n_iter, order=order, backend="torch")
-    assert torch.equal(u, u_t) and torch.equal(v, v_t)
-    assert torch.equal(s.isfinite(), s_t.isfinite())
-
-
-@pytest.mark.parametrize("shape,dim", [((13, 29), 0), ((4, 6, 3, 3), 1), ((1, 7), 0), ((5,), 0)], ids=str)
-def test_gradcheck_eval(shape, dim):
-    w, u, v = _inputs(shape, dim, torch.float64, converged=True)
-    w.requires_grad_(True)
-
-    def f(weight):
-        return spectral_normalize(weight, u.clone(), v.clone(), dim=dim, training=False, backend="triton")[0]
-
-    assert torch.autograd.gradcheck(f, (w,))
-
-
-@pytest.mark.parametrize("order", ["vu", "uv"])
-def test_gradcheck_training_converged(order):
-    """With converged u, v the iteration barely moves them, so treating them as
-    constants (as PyTorch's autograd does) matches the finite differences."""
-    w = planted(9, 6).to(DEV)
-    ones = torch.ones(9, dtype=torch.float64, device=DEV), torch.ones(6, dtype=torch.float64, device=DEV)
-    _, _, u, v = pytorch_formula(w, *ones, n_power_iterations=200, order=order)
-    w.requires_grad_(True)
-
-    def f(weight):
-        return spectral_normalize(weight, u.clone(), v.clone(), order=order, backend="triton")[0]
-
-    assert torch.autograd.gradcheck(f, (w,))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,dim", [((13, 29), 0), ((4, 6, 3, 3), 1), ((3, 5, 2, 2, 2), 1)], ids=str)
-def test_backward_matches_torch(dtype, shape, dim):
-    w, u, v = _inputs(shape, dim, dtype, converged=True)
-    g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEV, dtype)
-    grads = []
-    for backend in ("triton", "torch"):
-        ww = w.clone().requires_grad_(True)
-        out, _ = spectral_normalize(ww, u.clone(), v.clone(), dim=dim, backend=backend)
-        out.backward(g)
-        grads.append(ww.grad)
-    assert grads[0].dtype == dtype
-    # the gradient is a difference of two O(1) terms: allow 4x the table for half types
-    assert_close(grads[0], grads[1], dtype, scale=1 if dtype in (torch.float64, torch.float32) else 4)
-
-
-def test_opcheck():
-    tb = _tb()
-    w, u, v = _inputs((13, 29), 0, torch.float32)
-    torch.library.opcheck(tb.backend.power_iteration, (w, u, v, 1, 1e-12, 0, "vu", True))
-    torch.library.opcheck(tb.backend.power_iteration, (w, u, v, 2, 1e-12, 0, "uv", False))
-    w4, u4, v4 = _inputs((4, 6, 3, 3), 1, torch.float32)
-    sigma, uu, vv = tb.backend.power_iteration(w4, u4, v4, 1, 1e-12, 1, "uv", True)
-    torch.library.opcheck(tb.backend.normalize, (w4.clone().requires_grad_(True), uu, vv, sigma, 1))
-    torch.library.opcheck(tb.triton_backward, (torch.randn_like(w4), w4, uu, vv, sigma, 1))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

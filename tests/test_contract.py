@@ -1,0 +1,348 @@
+"""The backend contract (sn_kernels/backends/contract.py), written once and run on every backend
+that runs here: on the CPU "native", "triton" (under TRITON_INTERPRET=1 without a GPU: small
+shapes) and "torch", and on the GPU the backends that run there.
+
+Every backend is held to the float64 oracles of sn_kernels.testing with the one tolerance table
+(helpers.check), and the backends that are not "torch" to the torch backend from the same start.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sn_kernels
+from sn_kernels.backends import pytorch
+from sn_kernels.testing import pytorch_formula
+from torch.testing._internal.optests.generate_tests import DEFAULT_TEST_UTILS
+
+from helpers import SHAPES, check, planted, sample_inputs
+
+# the CPU, and the GPU when there is one (TRITON_INTERPRET=1 runs triton on CPU tensors instead)
+BACKEND_DEVICES = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+EPS = 1e-12
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_backend():
+    return pytorch.backend
+
+
+# ------------------------------------------------------------------ forward
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_forward_matches_formula(backend, backend_device, dtype, shape, dim, order, training, n_iter):
+    """power_iteration + normalize and the eager front end against PyTorch's recipe in float64:
+    sigma (in the accumulation dtype), u and v updated in place (left alone in eval), the returned
+    u_used, v_used copies of them, and W / sigma in the weight's dtype and shape."""
+    w, u, v = sample_inputs(backend_device, dtype, shape, dim, warmup=0 if training else 5, warmup_order="uv")
+    u0, v0 = u.clone(), v.clone()
+    w_ref, sigma_ref, u_ref, v_ref = pytorch_formula(w.cpu(), u0.cpu(), v0.cpu(), n_iter, EPS, dim, order, training)
+
+    sigma, u_used, v_used = backend.power_iteration(w, u, v, n_iter, EPS, dim, order, training)
+    assert sigma.shape == () and sigma.dtype == _acc(dtype)
+    assert u_used.dtype == dtype and v_used.dtype == dtype
+    check("sigma vs float64 formula", sigma.cpu(), sigma_ref, dtype)
+    check("u vs float64 formula", u.cpu(), u_ref, dtype)
+    check("v vs float64 formula", v.cpu(), v_ref, dtype)
+    if not training:
+        assert torch.equal(u, u0) and torch.equal(v, v0), "eval must not touch u, v"
+    assert torch.equal(u_used, u) and torch.equal(v_used, v)
+    assert u_used.data_ptr() != u.data_ptr() and v_used.data_ptr() != v.data_ptr(), "u_used, v_used must be copies"
+    w_sn = backend.normalize(w, u_used, v_used, sigma, dim)
+    assert w_sn.dtype == dtype and w_sn.shape == w.shape
+    check("op vs float64 formula", w_sn.cpu(), w_ref, dtype)
+
+    # the eager front end (Backend.eager) from the same start
+    ue, ve = u0.clone(), v0.clone()
+    out, s = sn_kernels.spectral_normalize(w, ue, ve, n_power_iterations=n_iter, dim=dim, order=order,
+                                           training=training, backend=backend.name)
+    assert out.dtype == dtype and out.shape == w.shape and s.shape == () and s.dtype == _acc(dtype)
+    check("eager vs float64 formula", out.cpu(), w_ref, dtype)
+    check("eager sigma vs float64 formula", s.cpu(), sigma_ref, dtype)
+    check("eager u vs float64 formula", ue.cpu(), u_ref, dtype)
+    check("eager v vs float64 formula", ve.cpu(), v_ref, dtype)
+
+    if backend.name != "torch":  # and the torch backend from the same start: the same numbers to rounding
+        ut, vt = u0.clone(), v0.clone()
+        sigma_t, ut_used, vt_used = _torch_backend().power_iteration(w, ut, vt, n_iter, EPS, dim, order, training)
+        check("sigma vs torch backend", sigma, sigma_t, dtype)
+        check("u vs torch backend", u, ut, dtype)
+        check("v vs torch backend", v, vt, dtype)
+        check("op vs torch backend", w_sn, _torch_backend().normalize(w, ut_used, vt_used, sigma_t, dim), dtype)
+        ut, vt = u0.clone(), v0.clone()
+        out_t, s_t = sn_kernels.spectral_normalize(w, ut, vt, n_power_iterations=n_iter, dim=dim, order=order,
+                                                   training=training, backend="torch")
+        assert s.dtype == s_t.dtype
+        check("eager vs torch backend", out, out_t, dtype)
+        check("eager sigma vs torch backend", s, s_t, dtype)
+        check("eager u vs torch backend", ue, ut, dtype)
+        check("eager v vs torch backend", ve, vt, dtype)
+
+
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_vectors_in_place_and_copies(backend, backend_device, order, training):
+    w, u, v = sample_inputs(backend_device, torch.float32, (13, 29), 0)
+    u0, v0 = u.clone(), v.clone()
+    sigma, u_used, v_used = backend.power_iteration(w, u, v, 2, EPS, 0, order, training)
+    assert u_used.data_ptr() != u.data_ptr() and v_used.data_ptr() != v.data_ptr()
+    assert torch.equal(u_used, u) and torch.equal(v_used, v)
+    if training:
+        assert not torch.equal(u, u0) and not torch.equal(v, v0)
+    else:
+        assert torch.equal(u, u0) and torch.equal(v, v0)
+    # the copies stay what sigma was computed with when the buffers move on
+    u_kept, v_kept = u_used.clone(), v_used.clone()
+    backend.power_iteration(w, u, v, 1, EPS, 0, order, True)
+    assert not torch.equal(u, u_kept)
+    assert torch.equal(u_used, u_kept) and torch.equal(v_used, v_kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_sigma_is_accumulation_dtype(backend, backend_device, dtype):
+    w, u, v = sample_inputs(backend_device, dtype, (4, 3), 0)
+    for training in (True, False):
+        assert backend.power_iteration(w, u.clone(), v.clone(), 1, EPS, 0, "vu", training)[0].dtype == _acc(dtype)
+        assert sn_kernels.spectral_normalize(w, u.clone(), v.clone(), training=training,
+                                             backend=backend.name)[1].dtype == _acc(dtype)
+
+
+# ------------------------------------------------------------------ backward
+
+
+def _autograd_reference(G, w, u_used, v_used, dim):
+    """Autograd through W / (u . W v) in float64 with the vectors the forward used held constant."""
+    W = w.detach().cpu().double().requires_grad_()
+    sigma = torch.dot(u_used.cpu().double(), pytorch.as_matrix(W, dim) @ v_used.cpu().double())
+    (W / sigma).backward(G.cpu().double())
+    return W.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward_matches_formula(backend, backend_device, dtype, shape, dim, order, training):
+    """``backward`` against sn_kernels.backends.pytorch.backward in float64, and the gradient of the
+    eager call against autograd through the float64 formula (u, v constant) and the torch backend."""
+    w, u, v, G = sample_inputs(backend_device, dtype, shape, dim, warmup=50, grad=True)
+    u0, v0 = u.clone(), v.clone()
+    sigma, u_used, v_used = backend.power_iteration(w, u, v, 1, EPS, dim, order, training)
+    _, sigma_ref, _, _ = pytorch_formula(w.cpu(), u0.cpu(), v0.cpu(), 1, EPS, dim, order, training)
+    check("sigma (converged start) vs float64 formula", sigma.cpu(), sigma_ref, dtype)
+    if not training:
+        assert torch.equal(u, u0) and torch.equal(v, v0), "eval must not touch u, v"
+        assert torch.equal(u_used, u0) and torch.equal(v_used, v0) and u_used.data_ptr() != u.data_ptr()
+    grad = backend.backward(G, w, u_used, v_used, sigma, dim)
+    grad_ref = pytorch.backward(G.double(), w.double(), u_used.double(), v_used.double(), sigma.double(), dim)
+    assert grad.dtype == dtype and grad.shape == w.shape
+    check("backward vs float64", grad.cpu(), grad_ref.cpu(), dtype)
+
+    # through autograd: the gradient is a difference of two O(1) terms, 4x the table for half types
+    scale = 1 if dtype in (torch.float64, torch.float32) else 4
+    ww = w.clone().requires_grad_()
+    ue, ve = u0.clone(), v0.clone()
+    out, _ = sn_kernels.spectral_normalize(ww, ue, ve, dim=dim, order=order, training=training, backend=backend.name)
+    out.backward(G)
+    assert ww.grad.dtype == dtype and ww.grad.shape == w.shape
+    check("grad vs float64 autograd", ww.grad.cpu(), _autograd_reference(G, w, ue, ve, dim), dtype, scale=scale)
+    if backend.name != "torch":
+        wt = w.clone().requires_grad_()
+        out_t, _ = sn_kernels.spectral_normalize(wt, u0.clone(), v0.clone(), dim=dim, order=order, training=training,
+                                                 backend="torch")
+        out_t.backward(G)
+        check("grad vs torch backend", ww.grad, wt.grad, dtype, scale=scale)
+
+
+# ------------------------------------------------------------------ zero and non-finite weights
+
+
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("n_iter", [1, 2])
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("m", [6, 70])
+def test_faulty_weight_keeps_vectors(backend, backend_device, order, n_iter, bad, m):
+    """Zero or non-finite weight: u, v keep their previous values (as the torch backend);
+    a zero weight normalizes to 0 (sigma 0, not 0/0) with a zero gradient."""
+    dev = backend_device
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        w = torch.full((m, 5), bad, dtype=dtype, device=dev) if bad == 0 else torch.randn(m, 5).to(dev, dtype)
+        if bad != 0:
+            w[2, 3] = bad
+        u = torch.nn.functional.normalize(torch.randn(m), dim=0).to(dev, dtype)
+        v = torch.nn.functional.normalize(torch.randn(5), dim=0).to(dev, dtype)
+        u0, v0 = u.clone(), v.clone()
+        sigma, uu, vv = backend.power_iteration(w, u, v, n_iter, EPS, 0, order, True)
+        assert torch.equal(u, u0) and torch.equal(v, v0) and torch.equal(uu, u0) and torch.equal(vv, v0)
+        if backend.name != "torch":
+            ur, vr = u0.clone(), v0.clone()
+            sigma_t, _, _ = _torch_backend().power_iteration(w, ur, vr, n_iter, EPS, 0, order, True)
+            assert torch.equal(u, ur) and torch.equal(v, vr)
+            torch.testing.assert_close(sigma, sigma_t, equal_nan=True)
+        if bad == 0:
+            assert sigma.item() == 0
+            out = backend.normalize(w, uu, vv, sigma, 0)
+            assert torch.equal(out, torch.zeros_like(w))
+            g = backend.backward(torch.randn(m, 5).to(dev, dtype), w, uu, vv, sigma, 0)
+            assert torch.equal(g, torch.zeros_like(w))
+            # the eager front end, through autograd
+            wz = w.clone().requires_grad_(True)
+            out, s = sn_kernels.spectral_normalize(wz, u, v, n_power_iterations=n_iter, order=order,
+                                                   backend=backend.name)
+            assert s.item() == 0.0 and torch.equal(out, torch.zeros_like(out))
+            assert torch.equal(u, u0) and torch.equal(v, v0)
+            out.backward(torch.randn_like(out))
+            assert torch.equal(wz.grad, torch.zeros_like(wz.grad))
+        else:
+            assert not torch.isfinite(sigma)
+
+
+def test_zero_weight_and_vectors(backend, backend_device):
+    """All zero (weight, u and v): sigma 0 and no NaN in the returned vectors (the eps clamp)."""
+    w = torch.zeros(4, 5, device=backend_device)
+    u, v = torch.zeros(4, device=backend_device), torch.zeros(5, device=backend_device)
+    sigma, uu, vv = backend.power_iteration(w, u, v, 1, EPS, 0, "vu", True)
+    assert sigma.item() == 0 and not torch.isnan(uu).any() and not torch.isnan(vv).any()
+    assert not torch.isnan(u).any() and not torch.isnan(v).any()
+    assert torch.equal(backend.normalize(w, uu, vv, sigma, 0), torch.zeros_like(w))
+
+
+# ------------------------------------------------------------------ gradcheck (float64)
+
+
+def _f64(t, device):
+    return t.to(device, torch.float64)
+
+
+@pytest.mark.parametrize("shape,dim", [((13, 29), 0), ((4, 6, 3, 3), 1), ((1, 7), 0), ((5,), 0)], ids=str)
+def test_gradcheck_eval(backend, backend_device, shape, dim):
+    w, u, v = sample_inputs(backend_device, torch.float64, shape, dim, warmup=5, warmup_order="uv")
+    w.requires_grad_(True)
+
+    def f(weight):
+        return sn_kernels.spectral_normalize(weight, u.clone(), v.clone(), dim=dim, training=False,
+                                             backend=backend.name)[0]
+
+    assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_eval_unnormalized_vectors(backend, backend_device):
+    """Eval with u, v that are not unit vectors (sigma = u . W v as given), conv-shaped, dim=1."""
+    g = torch.Generator().manual_seed(0)
+    W4 = _f64(torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64), backend_device).requires_grad_()
+    u4 = _f64(torch.randn(4, generator=g, dtype=torch.float64), backend_device)
+    v4 = _f64(torch.randn(12, generator=g, dtype=torch.float64), backend_device)
+    assert torch.autograd.gradcheck(
+        lambda x: sn_kernels.spectral_normalize(x, u4.clone(), v4.clone(), dim=1, training=False,
+                                                backend=backend.name)[0], (W4,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("m,n", [(9, 6), (6, 5)])
+def test_gradcheck_training_converged(backend, backend_device, order, m, n):
+    """With converged u, v the iteration barely moves them, so treating them as
+    constants (as PyTorch's autograd does) matches the finite differences."""
+    w = _f64(planted(m, n), backend_device)
+    ones = torch.ones(m, dtype=torch.float64, device=backend_device), torch.ones(n, dtype=torch.float64,
+                                                                                  device=backend_device)
+    _, _, u, v = pytorch_formula(w, *ones, n_power_iterations=200, order=order)
+    w.requires_grad_(True)
+
+    def f(weight):
+        return sn_kernels.spectral_normalize(weight, u.clone(), v.clone(), order=order, backend=backend.name)[0]
+
+    def f_eval(weight):
+        return sn_kernels.spectral_normalize(weight, u.clone(), v.clone(), training=False, backend=backend.name)[0]
+
+    assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(f_eval, (w,), eps=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ opcheck of every registered op
+
+
+def _op_name(op) -> str:
+    name = getattr(op, "_name", None) or getattr(op, "__name__", None) or str(op)
+    return str(name).split("::")[-1].split(".")[-1]
+
+
+def _sample_args(op_name, w, u, v, dim, order, training):
+    """Valid sample arguments for each of the ops' schemas (several calls per op)."""
+    sigma, uu, vv = _torch_backend().power_iteration(w, u.clone(), v.clone(), 1, EPS, dim, "uv", True)
+    sigma = sigma.to(w.dtype if w.dtype == torch.float64 else torch.float32)
+    G = torch.randn_like(w)
+    wg = w.clone().requires_grad_()
+    w2, u2, v2 = sample_inputs(w.device, w.dtype, (5, 3), 0, seed=1)
+    s2, uu2, vv2 = _torch_backend().power_iteration(w2, u2.clone(), v2.clone(), 1, EPS, 0, "uv", True)
+    kind = op_name.split("_", 1)[1]
+    if kind in ("power_iteration", "spectral_normalize_eager"):
+        return [(w, u.clone(), v.clone(), 2, EPS, dim, order, training),
+                (w, u.clone(), v.clone(), 1, EPS, dim, order, training)]
+    if kind in ("normalize", "normalize_eager"):
+        return [(w, uu, vv, sigma, dim), (wg, uu, vv, sigma, dim)]
+    if kind == "backward":
+        return [(G, w, uu, vv, sigma, dim)]
+    if kind == "group_forward":
+        return [([w, w2], [u.clone(), u2.clone()], [v.clone(), v2.clone()], [dim, 0], 2, EPS, order, training)]
+    if kind == "group_backward":
+        return [([G, torch.randn_like(w2)], [w, w2], [uu, uu2], [vv, vv2], [sigma, s2.to(sigma.dtype)], [dim, 0])]
+    raise AssertionError(f"no sample arguments for {op_name}: add them to tests/test_contract.py")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,dim", [((7, 3, 2), 1), ((6, 4, 3, 3), 0)], ids=str)
+@pytest.mark.parametrize("order", ["vu", "uv"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_every_op(backend, backend_device, dtype, shape, dim, order, training):
+    """torch.library.opcheck (schema, fake, autograd registration, AOT dispatch) of every op in
+    ``backend.ops``, the two contract ops first."""
+    ops = list(backend.ops)
+    assert backend.power_iteration in ops and backend.normalize in ops
+    names = [_op_name(op) for op in ops]
+    assert all(n.startswith(backend.name + "_") for n in names), names
+    w, u, v = sample_inputs(backend_device, dtype, shape, dim)
+    for op, name in zip(ops, names):
+        for args in _sample_args(name, w, u, v, dim, order, training):
+            torch.library.opcheck(op, args, test_utils=_TEST_UTILS.get(name, DEFAULT_TEST_UTILS))
+
+
+# PyTorch cannot functionalize an op that mutates Tensor(a!)[] lists ("Found a custom (non-ATen)
+# operator whose output has alias annotations"), so the grouped forward skips the AOT dispatch test:
+# it runs eagerly only (sn_kernels/grouped.py), never under torch.compile
+_TEST_UTILS = {"native_group_forward": ("test_schema", "test_autograd_registration", "test_faketensor")}
+
+
+def test_opcheck_snapshot():
+    from sn_kernels.backends import traced  # registers sn_kernels::snapshot
+
+    assert traced is not None
+
+    dev = BACKEND_DEVICES[-1]
+    for dtype in (torch.float32, torch.float16):
+        u, v = torch.randn(7, device=dev, dtype=dtype), torch.randn(5, device=dev, dtype=dtype)
+        a, b = torch.ops.sn_kernels.snapshot(u, v)
+        assert torch.equal(a, u) and torch.equal(b, v)
+        assert a.data_ptr() != u.data_ptr() and b.data_ptr() != v.data_ptr()
+        torch.library.opcheck(torch.ops.sn_kernels.snapshot, (u, v))
+
+
+def test_native_registers_the_grouped_ops():
+    """The native backend lists the grouped ops (so test_opcheck_every_op checks them) when its
+    extension has them (sn_kernels.grouped)."""
+    if "native" not in sn_kernels.available_backends("cpu"):
+        pytest.skip("native extension not available")
+    from sn_kernels import dispatch, grouped
+
+    names = {_op_name(op) for op in dispatch.resolve(torch.device("cpu"), "native").ops}
+    assert {"native_power_iteration", "native_normalize", "native_backward", "native_normalize_eager",
+            "native_spectral_normalize_eager"} <= names
+    assert ({"native_group_forward", "native_group_backward"} <= names) == grouped._has_group_ops()
