@@ -346,3 +346,43 @@ def test_native_registers_the_grouped_ops():
     assert {"native_power_iteration", "native_normalize", "native_backward", "native_normalize_eager",
             "native_spectral_normalize_eager"} <= names
     assert ({"native_group_forward", "native_group_backward"} <= names) == grouped._has_group_ops()
+
+
+# ------------------------------------------------------------------ layouts
+
+
+def test_non_contiguous_weight(backend, backend_device):
+    """channels_last, permuted and transposed weights: the same numbers as a contiguous one, and a
+    channels_last weight normalizes to a channels_last output."""
+    dev = backend_device
+    w = torch.randn(8, 6, 3, 3).to(dev).to(memory_format=torch.channels_last)
+    u, v = torch.randn(8, device=dev), torch.randn(54, device=dev)
+    for training in (True, False):
+        uu, vv = u.clone(), v.clone()
+        sigma, uu2, vv2 = backend.power_iteration(w, uu, vv, 1, EPS, 0, "vu", training)
+        _, sigma_ref, _, _ = pytorch_formula(w.cpu(), u.cpu(), v.cpu(), 1, EPS, 0, "vu", training)
+        check("channels_last sigma vs float64 formula", sigma.cpu(), sigma_ref, torch.float32)
+        out = backend.normalize(w, uu2, vv2, sigma, 0)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        check("channels_last op vs W / sigma", out, w.double() / sigma.double(), torch.float32)
+        eager, s = sn_kernels.spectral_normalize(w, u.clone(), v.clone(), training=training, backend=backend.name)
+        assert eager.is_contiguous(memory_format=torch.channels_last)
+        check("channels_last eager sigma vs float64 formula", s.cpu(), sigma_ref, torch.float32)
+        check("channels_last eager vs W / sigma", eager, w.double() / sigma.double(), torch.float32)
+    # a permuted layout (neither contiguous nor channels_last) against the torch backend
+    w, u, v = sample_inputs(dev, torch.float32, (6, 4, 3, 3), 0)
+    weird = w.transpose(2, 3).contiguous().transpose(2, 3)
+    u1, v1, u2, v2 = u.clone(), v.clone(), u.clone(), v.clone()
+    out, s = sn_kernels.spectral_normalize(weird, u1, v1, backend=backend.name)
+    out_c, s_c = sn_kernels.spectral_normalize(weird.contiguous(), u2, v2, backend="torch")
+    check("permuted layout vs contiguous", out, out_c)
+    check("permuted layout sigma vs contiguous", s, s_c)
+    # a strided transpose, dim=1
+    wt = torch.randn(20, 30, device=dev).t()
+    u, v = torch.randn(20, device=dev), torch.randn(30, device=dev)
+    sigma, uu2, vv2 = backend.power_iteration(wt, u.clone(), v.clone(), 2, EPS, 1, "uv", True)
+    check("transposed sigma vs float64 formula", sigma.cpu(),
+          pytorch_formula(wt.cpu(), u.cpu(), v.cpu(), 2, EPS, 1, "uv", True)[1], torch.float32)
+    G = torch.randn(20, 30, device=dev).t()
+    check("transposed backward vs float64", backend.backward(G, wt, uu2, vv2, sigma, 1),
+          pytorch.backward(G.double(), wt.double(), uu2.double(), vv2.double(), sigma.double(), 1), torch.float32)

@@ -94,28 +94,6 @@ def test_cuda_plans_match_oracle(dtype, shape, dim, order, training):
                                                                 training)[0]), "not deterministic"
 
 
-def test_non_contiguous_weight():
-    w = torch.randn(8, 6, 3, 3).to(memory_format=torch.channels_last)
-    u = torch.randn(8)
-    v = torch.randn(54)
-    for training in (True, False):
-        uu, vv = u.clone(), v.clone()
-        sigma, uu2, vv2 = _ops().native_power_iteration(w, uu, vv, 1, 1e-12, 0, "vu", training)
-        _, sigma_ref, _, _ = pytorch_formula(w, u, v, 1, 1e-12, 0, "vu", training)
-        assert_close(sigma, sigma_ref, torch.float32)
-        out = _ops().native_normalize(w, uu2, vv2, sigma, 0)
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        assert_close(out, w.double() / sigma.double(), torch.float32)
-    wt = torch.randn(20, 30).t()  # strided transpose, dim=1
-    u, v = torch.randn(20), torch.randn(30)
-    sigma, uu2, vv2 = _ops().native_power_iteration(wt, u.clone(), v.clone(), 2, 1e-12, 1, "uv", True)
-    assert_close(sigma, pytorch_formula(wt, u, v, 2, 1e-12, 1, "uv", True)[1], torch.float32)
-    G = torch.randn(20, 30).t()
-    assert_close(_ops().native_backward(G, wt, uu2, vv2, sigma, 1),
-                 pytorch.backward(G.double(), wt.double(), uu2.double(), vv2.double(), sigma.double(), 1),
-                 torch.float32)
-
-
 @pytest.mark.parametrize("scale", [1e-18, 1e17])
 def test_extreme_scales_match_oracle(scale):
     """Weights near the ends of float32's range, where W^T (W v) over- or underflows although

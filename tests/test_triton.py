@@ -44,18 +44,6 @@ def test_why_not():
     assert tb.why_not(torch.device("meta")) is not None
 
 
-def test_non_contiguous_and_channels_last():
-    w, u, v = _inputs((6, 4, 3, 3), 0, torch.float32)
-    for weight in (w.to(memory_format=torch.channels_last), w.transpose(2, 3).contiguous().transpose(2, 3)):
-        u1, v1, u2, v2 = u.clone(), v.clone(), u.clone(), v.clone()
-        out, s = spectral_normalize(weight, u1, v1, backend="triton")
-        out_t, s_t = spectral_normalize(weight, u2, v2, backend="torch")
-        assert_close(out, out_t)
-        assert_close(s, s_t)
-        if weight.is_contiguous(memory_format=torch.channels_last):
-            assert out.is_contiguous(memory_format=torch.channels_last)
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_deterministic(training):
     w, u, v = _inputs((64, 48), 0, torch.float32)
