@@ -128,6 +128,7 @@ class _Shared:
     so that every forward sharing it in "step" mode can backward through it."""
 
     __slots__ = ("weights", "versions", "us", "vs", "sigmas", "dims", "backend", "outputs", "fused")
+    # ``outputs`` only until the node is built (_GroupNormalize.forward drops it)
 
 
 class _GroupNormalize(torch.autograd.Function):
@@ -139,7 +140,10 @@ class _GroupNormalize(torch.autograd.Function):
     def forward(ctx, shared: _Shared, *weights):
         ctx.set_materialize_grads(False)
         ctx.shared = shared
-        return tuple(shared.outputs)
+        # the node must not reference its outputs: output -> grad_fn -> ctx -> shared -> output is a
+        # cycle that no collector frees (every W/sigma would leak, each call's outputs fresh memory)
+        outputs, shared.outputs = shared.outputs, None
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):

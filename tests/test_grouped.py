@@ -349,3 +349,35 @@ def test_group_mixed_dtypes_eval_and_iterations(one_thread):
     model.train()
     outs = model()
     assert len({model[k].weight.grad_fn for k in "abc"}) == 3
+
+
+
+@pytest.mark.parametrize("refresh", ["call", "step"])
+def test_group_outputs_are_freed(refresh, monkeypatch):
+    """The shared node holds no reference to its outputs (W/sigma): they are freed with the graph.
+    A reference from the node to them is a cycle no collector frees: every call leaked its W/sigma,
+    and on the native backend each call's outputs came from fresh memory instead of the block cache
+    (that made the grouped provider of benchmarks/run.py slower than per-module native)."""
+    import gc
+    import weakref
+
+    made = []
+    original = sn_kernels.grouped._normalize_group
+
+    def spy(*args):
+        out = original(*args)
+        made.extend(weakref.ref(t) for t in out)
+        return out
+
+    monkeypatch.setattr(sn_kernels.grouped, "_normalize_group", spy)
+    D = GanD("parametrization")
+    opt = torch.optim.SGD(D.parameters(), lr=0.1)
+    sn_kernels.group(D, optimizer=opt if refresh == "step" else None)
+    for _ in range(3):
+        opt.zero_grad()
+        D(torch.randn(4, 8)).sum().backward()
+        opt.step()
+    D(torch.randn(4, 8))  # step mode: refreshes, dropping the previous step's W/sigma
+    gc.collect()
+    alive = [r for r in made if r() is not None]
+    assert len(made) == 12 and len(alive) == (3 if refresh == "step" else 0)
