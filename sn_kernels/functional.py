@@ -2,10 +2,9 @@
 
 Two routes (docs/design.md): in eager mode ``dispatch.resolve`` picks the backend once per
 call and its ``eager`` entry runs the forward (the backend contract: backends/contract.py);
-under ``torch.compile`` the backend's power-iteration op is traced with its ``normalize``
-op, or, on ``TRACED_NORMALIZE_DEVICE_TYPES``, with W / sigma and its backward as torch ops
-(backends/traced.py) that inductor fuses with its neighbours; the torch backend is traced
-whole.
+under ``torch.compile`` the backend's two custom ops are traced, or, for the torch backend
+and for "auto" on ``TRACED_DEVICE_TYPES``, the torch formulation itself
+(backends/traced.py), which inductor fuses with its neighbours.
 """
 from __future__ import annotations
 
@@ -19,12 +18,9 @@ from .backends import pytorch, traced
 from .backends.contract import lipschitz_scale
 from .checks import check_call, check_variant
 
-# Under torch.compile on these device types, W / sigma and its backward are traced: plain torch ops
-# that inductor fuses with the layout changes around a convolution (an opaque op there costs copies
-# to and from channels-last).  The power iteration stays the backend's custom op, one call (traced,
-# it is several big C++ kernels to compile).  Elsewhere the backend's two custom ops; the "torch"
-# backend is traced whole on every device.  Measured: benchmarks/NOTES.md, "torch.compile".
-TRACED_NORMALIZE_DEVICE_TYPES = ("cpu",)
+# device types where "auto" traces the torch formulation under torch.compile (measured: benchmarks/NOTES.md)
+TRACED_DEVICE_TYPES = ("cpu",)
+
 
 def spectral_normalize(
     weight: Tensor,
@@ -106,17 +102,19 @@ def _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff
 
 @torch.compiler.assume_constant_result
 def _compiled_backend(choice: str, device_type: str) -> str:
-    """The name of the backend whose ops a compiled call traces ("torch": the traced formulation).
-    Runs once per trace, outside it: dynamo cannot trace the imports and checks of a first resolution."""
-    return "torch" if choice == "torch" else dispatch.resolve(torch.device(device_type), choice).name
+    """The backend a compiled call runs: "traced" (the torch backend's formulation, inlined
+    for inductor to fuse) for "torch", and for "auto" on ``TRACED_DEVICE_TYPES``; otherwise
+    the name of the backend whose custom ops "auto" or ``choice`` resolves to.  Runs once
+    per trace, outside it (dynamo cannot trace the imports and checks of a first resolution)."""
+    if choice == "torch" or (choice == "auto" and device_type in TRACED_DEVICE_TYPES):
+        return "traced"
+    return dispatch.resolve(torch.device(device_type), choice).name
 
 
 def _compiled_ops(device: torch.device, backend: str | None) -> tuple[Callable, Callable]:
-    """(power_iteration, normalize) that a compiled call traces (see ``TRACED_NORMALIZE_DEVICE_TYPES``)."""
+    """(power_iteration, normalize) that a compiled call traces (see ``_compiled_backend``)."""
     name = _compiled_backend(dispatch.get_backend() if backend is None else backend.lower(), device.type)
-    if name == "torch":
+    if name == "traced":
         return traced.power_iteration, traced.normalize
     chosen = dispatch.loaded_backend(name)
-    if device.type in TRACED_NORMALIZE_DEVICE_TYPES:
-        return chosen.power_iteration, traced.normalize
     return chosen.power_iteration, chosen.normalize
