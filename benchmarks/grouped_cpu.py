@@ -1,30 +1,34 @@
-"""CPU benchmark of sn_kernels.group against PyTorch's parametrization, in paired rounds.
+"""CPU benchmark of sn_kernels.group against PyTorch's parametrization, in paired rounds (one process).
 
 1. Forward + backward over all the SN weights of a shape set (float32; parametrization API):
    access every ``module.weight`` (power iteration + W / sigma), then one
    ``torch.autograd.backward`` over all of them with fixed gradients.  Providers:
    ``torch_param`` (torch.nn.utils.parametrizations.spectral_norm), ``native`` (sn_kernels,
    per module), ``grouped`` (sn_kernels.group: one C++ call forward, one node / one C++ call
-   backward per group).
+   backward per group, csrc/sn_kernels_grouped_cpu.cpp).  Each row also gives GB/s under the bytes
+   model (docs/design.md#bytes-model: 8|W| per forward + backward), its fraction of the copy
+   bandwidth measured in the same run, and the speed-up over torch_param that the bytes model
+   allows at that bandwidth (``ceiling_vs_torch_param`` = torch_param time / (8|W| / copy bandwidth)).
 2. The SNGAN discriminator training step (benchmarks/models.py, hinge loss, Adam lr 2e-4,
-   betas (0, 0.9), batch ``--batch`` real + fake 32x32 images): ``torch_param``, ``native`` per
-   module, ``grouped_step`` (sn_kernels.group(D, optimizer=opt): D(real) and D(fake) share one
-   power iteration and one W / sigma).
+   betas (0, 0.9), batch ``--batch`` real + ``--batch`` fake 32x32 images): ``torch_param``,
+   ``native`` per module, ``grouped_call`` (sn_kernels.group(D): per-module semantics) and
+   ``grouped_step`` (sn_kernels.group(D, optimizer=opt): D(real) and D(fake) share one power
+   iteration and one W / sigma per optimizer step).
 
 Every round runs each provider once, back to back, in a rotating order; medians (p20, p80)
-of the times and of the per-round speedups against torch_param.
+of the times and of the per-round speed-ups against torch_param and against per-module native.
 
     python benchmarks/grouped_cpu.py [--rounds N] [--big-rounds N] [--step-rounds N] [--batch B]
 
-Writes benchmarks/results/grouped_cpu.csv.
+Writes benchmarks/results/cpu_grouped.csv (device, versions and copy bandwidth in every row).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
-import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -33,9 +37,12 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 import sn_kernels  # noqa: E402
-from _common import BUNDLED_SHAPES, Holder, load_shapes, write_csv  # noqa: E402
+from _common import BUNDLED_SHAPES, Holder, copy_bandwidth, device_name, load_shapes, write_csv  # noqa: E402
 from models import SNGANDiscriminator, hinge_d_loss  # noqa: E402
+
+BYTES_MODEL_FWD_BWD = 8  # |W| per forward + backward (docs/design.md#bytes-model)
 
 
 class Weights(nn.Module):
@@ -54,7 +61,7 @@ def q(values, p):
     return values[min(len(values) - 1, int(p * len(values)))]
 
 
-def paired(providers: dict, rounds: int, warmup: int = 2) -> dict:
+def paired(providers: dict, rounds: int, warmup: int = 3) -> dict:
     names = list(providers)
     times = {n: [] for n in names}
     for r in range(warmup + rounds):
@@ -77,17 +84,18 @@ def weights_bench(shapes, rounds):
     for h in tp.holders:
         torch.nn.utils.parametrizations.spectral_norm(h)
     models["torch_param"] = tp
-    nat = sn_kernels.convert(copy.deepcopy(tp))
-    models["native"] = nat
+    models["native"] = sn_kernels.convert(copy.deepcopy(tp))
     grp = sn_kernels.convert(copy.deepcopy(tp))
     sn_kernels.group(grp)
     models["grouped"] = grp
 
     def step(model):
+        params = list(model.parameters())
+
         def run():
             ws = model()
             torch.autograd.backward(ws, grads)
-            for p in model.parameters():
+            for p in params:
                 p.grad = None
         return run
 
@@ -102,11 +110,12 @@ def sngan_step_bench(rounds, batch):
     for m in D_t.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             torch.nn.utils.parametrizations.spectral_norm(m)
-    D_n = sn_kernels.convert(copy.deepcopy(D_t))
-    D_g = sn_kernels.convert(copy.deepcopy(D_t))
-    opts = {k: torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.0, 0.9))
-            for k, m in (("torch_param", D_t), ("native", D_n), ("grouped_step", D_g))}
-    sn_kernels.group(D_g, optimizer=opts["grouped_step"])
+    Ds = {"torch_param": D_t}
+    for name in ("native", "grouped_call", "grouped_step"):
+        Ds[name] = sn_kernels.convert(copy.deepcopy(D_t))
+    opts = {k: torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9)) for k, D in Ds.items()}
+    sn_kernels.group(Ds["grouped_call"])
+    sn_kernels.group(Ds["grouped_step"], optimizer=opts["grouped_step"])
     real, fake = torch.randn(batch, 3, 32, 32), torch.randn(batch, 3, 32, 32)
 
     def step(D, opt):
@@ -117,21 +126,43 @@ def sngan_step_bench(rounds, batch):
         return run
 
     with sn_kernels.use_backend("native"):
-        return paired({"torch_param": step(D_t, opts["torch_param"]), "native": step(D_n, opts["native"]),
-                       "grouped_step": step(D_g, opts["grouped_step"])}, rounds)
+        return paired({k: step(D, opts[k]) for k, D in Ds.items()}, rounds)
 
 
-def summarize(label, times, rows, extra):
-    ref = times["torch_param"]
+def summarize(label, times, rows, extra, nbytes=None, copy_gbps=None):
+    ref, nat = times["torch_param"], times["native"]
     for name, ts in times.items():
         speed = [a / b for a, b in zip(ref, ts)]
-        row = dict(bench=label, provider=name, rounds=len(ts), median_ms=statistics.median(ts) * 1e3,
-                   p20_ms=q(ts, 0.2) * 1e3, p80_ms=q(ts, 0.8) * 1e3, speedup_vs_torch_param=statistics.median(speed),
-                   speedup_p20=q(speed, 0.2), speedup_p80=q(speed, 0.8), **extra)
+        vs_native = [a / b for a, b in zip(nat, ts)]
+        med = statistics.median(ts)
+        row = dict(bench=label, provider=name, rounds=len(ts), median_ms=med * 1e3,
+                   p20_ms=q(ts, 0.2) * 1e3, p80_ms=q(ts, 0.8) * 1e3,
+                   speedup_vs_torch_param=statistics.median(speed), speedup_p20=q(speed, 0.2),
+                   speedup_p80=q(speed, 0.8), speedup_vs_native=statistics.median(vs_native),
+                   vs_native_p20=q(vs_native, 0.2), vs_native_p80=q(vs_native, 0.8),
+                   weight_mb=float("nan"), gbps=float("nan"), frac_copy_bw=float("nan"),
+                   ceiling_vs_torch_param=float("nan"), **extra)
+        if nbytes is not None:
+            floor_s = BYTES_MODEL_FWD_BWD * nbytes / (copy_gbps * 1e9)  # the bytes model at copy bandwidth
+            row.update(weight_mb=nbytes / 1e6, gbps=BYTES_MODEL_FWD_BWD * nbytes / med / 1e9,
+                       ceiling_vs_torch_param=statistics.median(ref) / floor_s)
+            row["frac_copy_bw"] = row["gbps"] / copy_gbps
         rows.append(row)
-        print(f"{label:18s} {name:13s} {row['median_ms']:9.3f} ms  (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})"
-              f"  x{row['speedup_vs_torch_param']:.2f} (p20 {row['speedup_p20']:.2f}, p80 {row['speedup_p80']:.2f})",
-              flush=True)
+        line = (f"{label:18s} {name:13s} {row['median_ms']:9.3f} ms  (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})"
+                f"  x{row['speedup_vs_torch_param']:.2f} torch_param (p20 {row['speedup_p20']:.2f}, p80 "
+                f"{row['speedup_p80']:.2f}), x{row['speedup_vs_native']:.2f} native")
+        if nbytes is not None:
+            line += (f"; {row['gbps']:.1f} GB/s = {row['frac_copy_bw'] * 100:.0f}% of copy bw, bytes-model ceiling "
+                     f"x{row['ceiling_vs_torch_param']:.1f}")
+        print(line, flush=True)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
 
 
 def main():
@@ -140,15 +171,30 @@ def main():
     ap.add_argument("--big-rounds", type=int, default=20)
     ap.add_argument("--step-rounds", type=int, default=30)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "grouped_cpu.csv"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_grouped.csv"))
     args = ap.parse_args()
     shapes = load_shapes(search=[BUNDLED_SHAPES])  # benchmarks/shapes.json
-    extra = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", threads=torch.get_num_threads(),
-                 torch=torch.__version__)
+    cpu = torch.device("cpu")
+    bw = [copy_bandwidth(cpu, (64 << 20) // 4, repeats=8, warmup=2)]
+    extra = dict(device=device_name(cpu), threads=torch.get_num_threads(), torch=torch.__version__,
+                 sn_kernels=f"{sn_kernels.__version__}+{git_commit()}", batch="", copy_gbps=float("nan"))
+    print(f"# {extra['device']}, {extra['threads']} threads, torch {extra['torch']}, sn_kernels {extra['sn_kernels']}, "
+          f"copy {bw[0]:.1f} GB/s", flush=True)
     rows = []
+    results = []
     for name, rounds in (("sngan_cifar_d", args.rounds), ("biggan128_d", args.big_rounds)):
-        summarize(name, weights_bench([tuple(e["shape"]) for e in shapes[name]], rounds), rows, extra)
-    summarize(f"sngan_d_step_b{args.batch}", sngan_step_bench(args.step_rounds, args.batch), rows, extra)
+        sh = [tuple(e["shape"]) for e in shapes[name]]
+        nbytes = sum(torch.Size(s).numel() for s in sh) * 4
+        results.append((name, weights_bench(sh, rounds), nbytes))
+        bw.append(copy_bandwidth(cpu, (64 << 20) // 4, repeats=8, warmup=2))
+    copy_gbps = max(bw)  # the fastest copy of the run: the most generous ceiling
+    extra["copy_gbps"] = copy_gbps
+    print(f"# copy bandwidth (64 MiB float32 copy_, read + write) before / between / after: "
+          + ", ".join(f"{b:.1f}" for b in bw) + f" GB/s; using {copy_gbps:.1f}", flush=True)
+    for name, times, nbytes in results:
+        summarize(name + " fwd_bwd", times, rows, extra, nbytes, copy_gbps)
+    step_extra = dict(extra, batch=args.batch)
+    summarize(f"sngan_d_step_b{args.batch}", sngan_step_bench(args.step_rounds, args.batch), rows, step_extra)
     write_csv(args.out, rows)
     print("wrote", args.out)
 

@@ -100,9 +100,13 @@ def wrap(provider: str, modules) -> None:
 
 
 def backend_context(provider: str):
-    """``use_backend`` for an ``sn_kernels_<backend>`` provider (grouping runs on "auto")."""
+    """``use_backend`` for an ``sn_kernels_<backend>`` provider; ``sn_kernels_grouped`` is the native
+    backend's grouped kernels (named, so that a missing extension fails the case instead of timing
+    the torch backend under the grouped label)."""
     backend = provider.removeprefix("sn_kernels_") if provider.startswith("sn_kernels_") else None
-    return sn_kernels.use_backend(backend) if backend not in (None, "grouped") else contextlib.nullcontext()
+    if backend == "grouped":
+        backend = "native"
+    return sn_kernels.use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
 class Case:

@@ -1,33 +1,277 @@
 // Grouped (multi-tensor) entry points of the native backend, for sn_kernels.group:
 //
 //   native_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training)
-//       -> (weight_sns, sigmas, u_useds, v_useds)
+//       -> (weight_sns, sigmas, new_us, new_vs)
 //   native_group_backward(grads, weights, us, vs, sigmas, dims) -> grad_weights
 //
-// One call runs the power iteration and W / sigma of every weight of a (device, dtype) group, and one
-// call computes all their weight gradients: the per-weight Python and dispatcher costs (argument
-// checks, op lookups, autograd nodes) are paid once per group instead of once per weight.  Each weight
-// runs the per-weight kernels of its device (native_power_iteration, native_normalize, native_backward)
-// in order, so the results are bit-identical to the per-module native path.  Work inside a weight is
-// split by those kernels (row chunks fixed by the shape); weights are processed one after another (no
-// cross-weight chunk table yet).  Not differentiable itself: sn_kernels/grouped.py wraps the pair in
-// one autograd node.
+// Both ops are functional: the forward returns the iterated u, v as new tensors and the caller copies
+// them into the buffers (sn_kernels/grouped.py, one torch._foreach_copy_), so the ops can be traced
+// (fake implementations in sn_kernels/backends/native.py, torch.compile, opcheck's AOT dispatch test).
+//
+// CPU float32 weights whose matrix view is row-major (dim = 0, or nothing before dim): one call runs
+// every weight's power iteration and W / sigma, and one call every weight's gradient, as a few
+// parallel phases over a per-call TABLE of (weight, chunk) work items, as apex's multi_tensor_apply
+// does: a phase lists the items of all the weights (row chunks of W v and W^T u, column ranges,
+// element ranges of W / sigma, blocks of <G, W>, row ranges of grad_W), sorts them largest first and
+// the threads take them from a shared counter, so a 3x64 weight and a 1536x13824 one share the same
+// few parallel regions instead of each weight paying its own (forward: 3 regions for "uv", 4 for
+// "vu"; backward: 2; not 3-5 per weight).  A small weight (see run_whole) is one item that runs its
+// whole forward (every iteration and W / sigma) or whole backward on one core, out of its L2.  Only the assignment of
+// items to threads varies: every item writes its own outputs, and every sum is over the partition
+// of the per-weight kernels (sn_kernels_cpu.cpp: the same row chunks, chunk order, dot blocks and
+// inner loops), so the results are bit-identical to the per-module native path for any thread count.
+//
+// Other weights (other dtypes, other layouts, non-contiguous, CUDA) run the per-weight kernels
+// (native_power_iteration, native_normalize, native_backward) inside the same call.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
+
+#include "common.h"
+#include "cpu_block_cache.h"
+#include "cpu_loops.h"
+
+namespace sn_kernels {
+namespace grouped_baseline {
+#include "cpu_f32_loops.h"
+}  // namespace grouped_baseline
+}  // namespace sn_kernels
 
 namespace sn_kernels {
 namespace {
 
-using PowerIterationSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, at::Tensor&, at::Tensor&,
-                                                                          int64_t, double, int64_t, c10::string_view,
-                                                                          bool);
-using NormalizeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
-using BackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, int64_t);
+// The partition constants of sn_kernels_cpu.cpp (results depend on them: keep them equal)
+constexpr int64_t MAX_CHUNKS = 32;       // row chunks of W^T u
+constexpr int64_t MIN_CHUNK_ROWS = 32;
+constexpr int64_t DOT_BLOCK = 1 << 14;   // elements per partial of <G, W>
+// Scheduling only (no effect on results)
+constexpr int64_t GRAIN = 1 << 15;       // a phase of less work runs on the calling thread
+constexpr int64_t ITEM = 1 << 16;        // elements per item of the splittable phases
+constexpr int64_t WHOLE_MAX = 1 << 15;   // a weight this small is always one item (whole forward / backward)
+// A weight of up to L2_WHOLE elements (1 MiB of float32, a core's L2 here) is one item too when the group
+// has enough other work to keep the threads busy (at least 2 x threads x its size in all): its passes
+// then run back to back on one core while it is in that core's L2 (the fused pass leaves W there for
+// W / sigma; the <G, W> pass leaves G for grad_W), instead of each phase streaming every weight again
+constexpr int64_t L2_WHOLE = 1 << 18;
+
+bool run_whole(int64_t numel, int64_t group_numel) {
+  return numel <= WHOLE_MAX ||
+         (numel <= L2_WHOLE && numel * 2 * std::max<int64_t>(1, at::get_num_threads()) <= group_numel);
+}
+
+// float32 loops: the run-time selected table of sn_kernels_cpu.cpp (same choice, same code)
+const F32Loops& f32() {
+  static const F32Loops* table = [] {
+    const char* isa = std::getenv("SN_KERNELS_CPU_ISA");
+    const bool baseline_only = isa != nullptr && std::string(isa) == "baseline";
+    const F32Loops* t = baseline_only ? nullptr : f32_loops_avx2();
+    return t != nullptr ? t : &grouped_baseline::table;
+  }();
+  return *table;
+}
+
+inline float dot(const float* a, const float* b, int64_t len) { return f32().dot(a, b, len); }
+inline float sumsq(const float* x, int64_t len) { return dot(x, x, len); }
+
+// out[0, len) += sum_{i in [i0, i1)} y[i] w[i * stride + col0 + k], rows added in order
+inline void add_rows(float* out, const float* w, int64_t col0, int64_t len, const float* y, int64_t i0, int64_t i1,
+                     int64_t stride) {
+  const F32Loops& L = f32();
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
+    const float* r = w + i * stride + col0;
+    L.axpy4(out, r, r + stride, r + 2 * stride, r + 3 * stride, y + i, len);
+  }
+  for (; i < i1; ++i) L.axpy(out, w + i * stride + col0, y[i], len);
+}
+
+float normalize_into(const float* x, float* prev, int64_t len, double eps) {
+  const float norm = std::sqrt(sumsq(x, len));
+  const float denom = std::max(norm, static_cast<float>(eps));
+  if (std::isfinite(norm) && norm > 0)
+    for (int64_t k = 0; k < len; ++k) prev[k] = x[k] / denom;
+  return norm * norm / denom;
+}
+
+bool scale_back(const float* s, float* u, float* t, int64_t m, int64_t n, double eps) {
+  const float norm = std::sqrt(sumsq(s, m));
+  if (!(std::isfinite(norm) && norm > 0) || !std::isfinite(sumsq(t, n))) return false;
+  const float denom = std::max(norm, static_cast<float>(eps));
+  for (int64_t k = 0; k < m; ++k) u[k] = s[k] / denom;
+  for (int64_t k = 0; k < n; ++k) t[k] /= denom;
+  return true;
+}
+
+inline float safe_sigma(float s) { return s == 0 ? std::numeric_limits<float>::infinity() : s; }
+
+// ------------------------------------------------------------------ one weight's state and its pieces
+
+struct Fw {
+  const float* w = nullptr;
+  float* y = nullptr;  // W / sigma
+  int64_t m = 0, n = 0, chunk_rows = 0, chunks = 0;
+  std::vector<float> ua, va, s, t, part;
+  float sig = 0;
+  bool whole = false;
+  bool chunked() const { return chunks > 1; }
+  int64_t chunk_end(int64_t c) const { return std::min(m, (c + 1) * chunk_rows); }
+};
+
+// s[i] = W_i . v for rows [i0, i1) (matvec of sn_kernels_cpu.cpp, outer = 1)
+void rows_dot(Fw& f, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float acc = 0;
+    acc += dot(f.w + i * f.n, f.va.data(), f.n);
+    f.s[i] = acc;
+  }
+}
+
+// chunk c of matvec_and_back: s for its rows, and its partial of W^T s
+void fused_chunk(Fw& f, int64_t c) {
+  const int64_t n = f.n, i1 = f.chunk_end(c);
+  float* out = f.part.data() + c * n;
+  std::fill(out, out + n, 0.f);
+  const F32Loops& L = f32();
+  int64_t i = c * f.chunk_rows;
+  for (; i + 4 <= i1; i += 4) {
+    const float* row = f.w + i * n;
+    for (int q = 0; q < 4; ++q) f.s[i + q] = dot(row + q * n, f.va.data(), n);
+    L.axpy4(out, row, row + n, row + 2 * n, row + 3 * n, f.s.data() + i, n);
+  }
+  for (; i < i1; ++i) {
+    f.s[i] = dot(f.w + i * n, f.va.data(), n);
+    L.axpy(out, f.w + i * n, f.s[i], n);
+  }
+}
+
+// chunk c of matvec_t (y = u): its partial of W^T u
+void t_chunk(Fw& f, int64_t c) {
+  float* out = f.part.data() + c * f.n;
+  std::fill(out, out + f.n, 0.f);
+  add_rows(out, f.w, 0, f.n, f.ua.data(), c * f.chunk_rows, f.chunk_end(c), f.n);
+}
+
+// columns [j0, j1) of W^T u without chunks (one chunk: each column summed over all rows in order)
+void t_cols(Fw& f, int64_t j0, int64_t j1) {
+  std::fill(f.t.begin() + j0, f.t.begin() + j1, 0.f);
+  add_rows(f.t.data() + j0, f.w, j0, j1 - j0, f.ua.data(), 0, f.m, f.n);
+}
+
+// t[j0, j1) = the chunk partials added in chunk order
+void combine(Fw& f, int64_t j0, int64_t j1) {
+  const float* part = f.part.data();
+  for (int64_t j = j0; j < j1; ++j) f.t[j] = part[j];
+  for (int64_t c = 1; c < f.chunks; ++c) {
+    const float* p = part + c * f.n;
+    for (int64_t j = j0; j < j1; ++j) f.t[j] += p[j];
+  }
+}
+
+// t = W^T u on one thread (matvec_t)
+void matvec_t_serial(Fw& f) {
+  if (!f.chunked()) return t_cols(f, 0, f.n);
+  for (int64_t c = 0; c < f.chunks; ++c) t_chunk(f, c);
+  combine(f, 0, f.n);
+}
+
+// after the fused pass of "uv": u, v, sigma (the fallback of power_iteration_cpu when the shortcut fails)
+void finish_fused(Fw& f, double eps) {
+  if (scale_back(f.s.data(), f.ua.data(), f.t.data(), f.m, f.n, eps)) {
+    f.sig = normalize_into(f.t.data(), f.va.data(), f.n, eps);
+    return;
+  }
+  normalize_into(f.s.data(), f.ua.data(), f.m, eps);  // s is what matvec would give (same row dots)
+  matvec_t_serial(f);
+  f.sig = normalize_into(f.t.data(), f.va.data(), f.n, eps);
+}
+
+void divide_range(Fw& f, int64_t k0, int64_t k1) {
+  f32().divide(f.y + k0, f.w + k0, safe_sigma(f.sig), k1 - k0);
+}
+
+// the whole forward of a small weight on one thread: power_iteration_cpu then normalize_cpu
+void forward_whole(Fw& f, int64_t iterations, double eps, bool vu, bool training) {
+  if (training) {
+    for (int64_t it = 0; it < iterations; ++it) {
+      if (vu) {
+        matvec_t_serial(f);
+        normalize_into(f.t.data(), f.va.data(), f.n, eps);
+        rows_dot(f, 0, f.m);
+        f.sig = normalize_into(f.s.data(), f.ua.data(), f.m, eps);
+      } else if (f.chunked()) {
+        for (int64_t c = 0; c < f.chunks; ++c) fused_chunk(f, c);
+        combine(f, 0, f.n);
+        finish_fused(f, eps);
+      } else {
+        rows_dot(f, 0, f.m);
+        normalize_into(f.s.data(), f.ua.data(), f.m, eps);
+        t_cols(f, 0, f.n);
+        f.sig = normalize_into(f.t.data(), f.va.data(), f.n, eps);
+      }
+    }
+  } else {
+    rows_dot(f, 0, f.m);
+    f.sig = dot(f.ua.data(), f.s.data(), f.m);
+  }
+  divide_range(f, 0, f.m * f.n);
+}
+
+// ------------------------------------------------------------------ the work table
+
+enum Kind : int32_t { WHOLE, ROWS, FUSED_CHUNK, T_CHUNK, T_COLS, COMBINE, DIVIDE, DOT_BLOCKS, GRAD_ROWS, BWD_WHOLE };
+
+struct Item {
+  int64_t cost;  // elements touched: the sort key
+  int32_t weight;
+  int32_t kind;
+  int64_t a, b;
+};
+
+// Runs every item once: largest first, taken from a shared counter by the threads.  Which thread runs
+// an item never changes a result (each item writes its own outputs).
+template <typename F>
+void run_items(std::vector<Item>& items, const F& fn) {
+  if (items.empty()) return;
+  int64_t total = 0;
+  for (const Item& it : items) total += it.cost;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
+  if (threads <= 1 || total < GRAIN || at::in_parallel_region()) {
+    for (const Item& it : items) fn(it);
+    return;
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (size_t k = next.fetch_add(1, std::memory_order_relaxed); k < items.size();
+         k = next.fetch_add(1, std::memory_order_relaxed))
+      fn(items[k]);
+  });
+}
+
+// items [0, len) of a splittable dimension, each of about ITEM elements (`per` elements per index)
+void split(std::vector<Item>& items, int32_t weight, int32_t kind, int64_t len, int64_t per) {
+  const int64_t step = std::max<int64_t>(1, ITEM / std::max<int64_t>(1, per));
+  for (int64_t a = 0; a < len; a += step) {
+    const int64_t b = std::min(len, a + step);
+    items.push_back({(b - a) * per, weight, kind, a, b});
+  }
+}
+
+bool fast_path(const at::Tensor& w, const at::Tensor& u, const at::Tensor& v, const MatrixView& mv) {
+  return w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && mv.outer == 1 &&
+         u.is_contiguous() && v.is_contiguous();
+}
 
 template <typename Sig>
 const c10::TypedOperatorHandle<Sig>& find_op(const char* name) {
@@ -36,28 +280,215 @@ const c10::TypedOperatorHandle<Sig>& find_op(const char* name) {
   return op;
 }
 
+using PowerIterationSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, at::Tensor&, at::Tensor&,
+                                                                          int64_t, double, int64_t, c10::string_view,
+                                                                          bool);
+using NormalizeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+using BackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, int64_t);
+
 void check_lengths(size_t k, size_t a, size_t b, size_t c, const char* what) {
   TORCH_CHECK(a == k && b == k && c == k, "sn_kernels: ", what, ": the tensor lists must have the same length");
 }
+
+at::Tensor copy_of(const at::Tensor& x) { return x.clone(at::MemoryFormat::Contiguous); }
+
+// ------------------------------------------------------------------ forward
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
               int64_t n_power_iterations, double eps, c10::string_view order, bool training) {
   const size_t k = weights.size();
   check_lengths(k, us.size(), vs.size(), dims.size(), "native_group_forward");
-  const auto& pi = find_op<PowerIterationSig>("sn_kernels::native_power_iteration");
-  const auto& nz = find_op<NormalizeSig>("sn_kernels::native_normalize");
-  std::vector<at::Tensor> out(k), sigmas(k), u_used(k), v_used(k);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  for (size_t i = 0; i < k; ++i) {
-    TORCH_CHECK(us[i].device() == weights[i].device() && vs[i].device() == weights[i].device(),
-                "sn_kernels: u, v must be on the weight's device ", weights[i].device());
-    at::Tensor u = us[i], v = vs[i];  // handles: the kernel updates their data in place
-    std::tie(sigmas[i], u_used[i], v_used[i]) =
-        pi.call(weights[i], u, v, n_power_iterations, eps, dims[i], order, training);
-    out[i] = nz.call(weights[i], u_used[i], v_used[i], sigmas[i], dims[i]);
+  std::vector<MatrixView> views(k);
+  bool vu = true;
+  for (size_t i = 0; i < k; ++i) {  // every argument checked before any work
+    views[i] = matrix_view(weights[i], dims[i]);
+    vu = check_power_iteration_args(weights[i], us[i], vs[i], views[i], n_power_iterations, eps, order);
   }
-  return {std::move(out), std::move(sigmas), std::move(u_used), std::move(v_used)};
+  if (k == 0) (void)order_is_vu(std::string(order.data(), order.size()));
+  std::vector<at::Tensor> out(k), sigmas(k), new_u(k), new_v(k);
+  std::vector<Fw> fw;
+  std::vector<size_t> fast;  // fw[j] is weights[fast[j]]
+  fw.reserve(k);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto& pi = find_op<PowerIterationSig>("sn_kernels::native_power_iteration");
+    const auto& nz = find_op<NormalizeSig>("sn_kernels::native_normalize");
+    for (size_t i = 0; i < k; ++i) {
+      const at::Tensor& w = weights[i];
+      if (fast_path(w, us[i], vs[i], views[i])) {
+        fast.push_back(i);
+        continue;
+      }
+      // the per-weight kernels, on copies of u and v (the op does not mutate its inputs)
+      at::Tensor u = copy_of(us[i]), v = copy_of(vs[i]);
+      at::Tensor u_used, v_used;
+      std::tie(sigmas[i], u_used, v_used) = pi.call(w, u, v, n_power_iterations, eps, dims[i], order, training);
+      out[i] = nz.call(w, u_used, v_used, sigmas[i], dims[i]);
+      new_u[i] = u_used;
+      new_v[i] = v_used;
+    }
+  }
+  if (fast.empty()) return {std::move(out), std::move(sigmas), std::move(new_u), std::move(new_v)};
+
+  std::vector<Item> whole;
+  int64_t group_numel = 0;
+  for (size_t i : fast) group_numel += weights[i].numel();
+  for (size_t j = 0; j < fast.size(); ++j) {
+    const size_t i = fast[j];
+    const at::Tensor& w = weights[i];
+    fw.emplace_back();
+    Fw& f = fw.back();
+    f.m = views[i].m;
+    f.n = views[i].n();
+    f.w = w.const_data_ptr<float>();
+    out[i] = cached_empty_cpu(w.sizes(), w.strides(), w.scalar_type());
+    f.y = out[i].mutable_data_ptr<float>();
+    f.chunk_rows = std::max<int64_t>(MIN_CHUNK_ROWS, (f.m + MAX_CHUNKS - 1) / MAX_CHUNKS);
+    f.chunks = (f.m + f.chunk_rows - 1) / f.chunk_rows;
+    const float* u0 = us[i].const_data_ptr<float>();
+    const float* v0 = vs[i].const_data_ptr<float>();
+    f.ua.assign(u0, u0 + f.m);
+    f.va.assign(v0, v0 + f.n);
+    f.s.resize(f.m);
+    f.t.resize(f.n);
+    if (training && f.chunked()) f.part.resize(static_cast<size_t>(f.chunks * f.n));
+    f.whole = run_whole(f.m * f.n, group_numel);
+    if (f.whole) whole.push_back({f.m * f.n * (training ? n_power_iterations + 1 : 2), int32_t(j), WHOLE, 0, 0});
+  }
+  const int64_t nf = static_cast<int64_t>(fw.size());
+  // the large weights go through phases; the small ones run whole in the first phase's table
+  auto body = [&](const Item& it) {
+    Fw& f = fw[it.weight];
+    switch (it.kind) {
+      case WHOLE: forward_whole(f, n_power_iterations, eps, vu, training); break;
+      case ROWS: rows_dot(f, it.a, it.b); break;
+      case FUSED_CHUNK: fused_chunk(f, it.a); break;
+      case T_CHUNK: t_chunk(f, it.a); break;
+      case T_COLS: t_cols(f, it.a, it.b); break;
+      case COMBINE: combine(f, it.a, it.b); break;
+      case DIVIDE: divide_range(f, it.a, it.b); break;
+      default: break;
+    }
+  };
+  std::vector<Item> items;
+  const int64_t iterations = training ? n_power_iterations : 1;
+  for (int64_t it = 0; it < iterations; ++it) {
+    // phase 1: "uv": fused chunks (or row dots); "vu": W^T u chunks (or columns); eval: row dots
+    items.clear();
+    if (it == 0) items = whole;
+    for (int64_t j = 0; j < nf; ++j) {
+      Fw& f = fw[j];
+      if (f.whole) continue;
+      if (!training || (!vu && !f.chunked())) {
+        split(items, j, ROWS, f.m, f.n);
+      } else if (!vu) {
+        for (int64_t c = 0; c < f.chunks; ++c)
+          items.push_back({(f.chunk_end(c) - c * f.chunk_rows) * f.n, int32_t(j), FUSED_CHUNK, c, c + 1});
+      } else if (f.chunked()) {
+        for (int64_t c = 0; c < f.chunks; ++c)
+          items.push_back({(f.chunk_end(c) - c * f.chunk_rows) * f.n, int32_t(j), T_CHUNK, c, c + 1});
+      } else {
+        split(items, j, T_COLS, f.n, f.m);
+      }
+    }
+    run_items(items, body);
+    if (!training) {
+      for (auto& f : fw)
+        if (!f.whole) f.sig = dot(f.ua.data(), f.s.data(), f.m);
+      break;
+    }
+    // phase 2: combine the chunk partials; after "uv" row dots: u, then W^T u by columns;
+    // after "vu" columns: v, then the row dots
+    items.clear();
+    for (int64_t j = 0; j < nf; ++j) {
+      Fw& f = fw[j];
+      if (f.whole) continue;
+      if (f.chunked()) {
+        split(items, j, COMBINE, f.n, f.chunks);
+      } else if (!vu) {
+        normalize_into(f.s.data(), f.ua.data(), f.m, eps);
+        split(items, j, T_COLS, f.n, f.m);
+      } else {
+        normalize_into(f.t.data(), f.va.data(), f.n, eps);
+        split(items, j, ROWS, f.m, f.n);
+      }
+    }
+    run_items(items, body);
+    // phase 3 ("vu", chunked): v, then the row dots
+    items.clear();
+    for (int64_t j = 0; j < nf; ++j) {
+      Fw& f = fw[j];
+      if (f.whole) continue;
+      if (!vu && f.chunked()) {
+        finish_fused(f, eps);
+      } else if (!vu) {
+        f.sig = normalize_into(f.t.data(), f.va.data(), f.n, eps);
+      } else if (f.chunked()) {
+        normalize_into(f.t.data(), f.va.data(), f.n, eps);
+        split(items, j, ROWS, f.m, f.n);
+      } else {
+        f.sig = normalize_into(f.s.data(), f.ua.data(), f.m, eps);
+      }
+    }
+    run_items(items, body);
+    if (vu)
+      for (auto& f : fw)
+        if (!f.whole && f.chunked()) f.sig = normalize_into(f.s.data(), f.ua.data(), f.m, eps);
+  }
+  // W / sigma of the large weights
+  items.clear();
+  for (int64_t j = 0; j < nf; ++j)
+    if (!fw[j].whole) split(items, j, DIVIDE, fw[j].m * fw[j].n, 1);
+  run_items(items, body);
+  for (int64_t j = 0; j < nf; ++j) {
+    const size_t i = fast[j];
+    Fw& f = fw[j];
+    sigmas[i] = at::empty({}, weights[i].options());
+    *sigmas[i].mutable_data_ptr<float>() = f.sig;
+    new_u[i] = at::empty({f.m}, us[i].options());
+    new_v[i] = at::empty({f.n}, vs[i].options());
+    std::copy(f.ua.begin(), f.ua.end(), new_u[i].mutable_data_ptr<float>());
+    std::copy(f.va.begin(), f.va.end(), new_v[i].mutable_data_ptr<float>());
+  }
+  return {std::move(out), std::move(sigmas), std::move(new_u), std::move(new_v)};
+}
+
+// ------------------------------------------------------------------ backward
+
+struct Bw {
+  const float* g = nullptr;
+  const float* w = nullptr;
+  const float* u = nullptr;
+  const float* v = nullptr;
+  float* y = nullptr;
+  int64_t m = 0, inner = 0, rows = 0, numel = 0, blocks = 0;
+  float sig = 0, c = 0;
+  std::vector<float> part;
+  bool whole = false;
+};
+
+void dot_blocks(Bw& b, int64_t b0, int64_t b1) {
+  for (int64_t q = b0; q < b1; ++q) {
+    const int64_t k0 = q * DOT_BLOCK;
+    b.part[q] = dot(b.g + k0, b.w + k0, std::min(DOT_BLOCK, b.numel - k0));
+  }
+}
+
+void finish_dot(Bw& b) {
+  float c = 0;
+  for (int64_t q = 0; q < b.blocks; ++q) c += b.part[q];
+  b.c = c / b.sig;
+}
+
+// grad_W = (G - c u v^T) / sigma for rows [r0, r1) of the (outer * m, inner) layout
+void grad_rows(Bw& b, int64_t r0, int64_t r1) {
+  const F32Loops& L = f32();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r / b.m, i = r % b.m;
+    L.grad_row(b.y + r * b.inner, b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inner);
+  }
 }
 
 std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weights, at::TensorList us,
@@ -65,23 +496,93 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
   const size_t k = weights.size();
   check_lengths(k, grads.size(), us.size(), vs.size(), "native_group_backward");
   check_lengths(k, sigmas.size(), dims.size(), k, "native_group_backward");
-  const auto& bw = find_op<BackwardSig>("sn_kernels::native_backward");
-  std::vector<at::Tensor> out(k);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  for (size_t i = 0; i < k; ++i) out[i] = bw.call(grads[i], weights[i], us[i], vs[i], sigmas[i], dims[i]);
+  std::vector<at::Tensor> out(k), gc(k);
+  std::vector<Bw> bw;
+  bw.reserve(k);
+  std::vector<Item> items;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto& op = find_op<BackwardSig>("sn_kernels::native_backward");
+    for (size_t i = 0; i < k; ++i) {
+      const at::Tensor& w = weights[i];
+      const MatrixView mv = matrix_view(w, dims[i]);
+      const bool fast = w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() &&
+                        us[i].is_contiguous() && vs[i].is_contiguous() && grads[i].device() == w.device();
+      if (!fast) {
+        out[i] = op.call(grads[i], w, us[i], vs[i], sigmas[i], dims[i]);
+        continue;
+      }
+      // backward_cpu's checks
+      check_args(w, us[i], vs[i], mv);
+      TORCH_CHECK(grads[i].sizes() == w.sizes(), "sn_kernels: grad must have the weight's shape");
+      TORCH_CHECK(grads[i].scalar_type() == w.scalar_type(), "sn_kernels: grad must have the weight's dtype");
+      TORCH_CHECK(sigmas[i].numel() == 1 && sigmas[i].scalar_type() == accumulation_type(w.scalar_type()) &&
+                      sigmas[i].device().is_cpu(),
+                  "sn_kernels: sigma must be one element in the accumulation dtype");
+      gc[i] = grads[i].contiguous();
+      out[i] = cached_empty_cpu(w.sizes(), w.strides(), w.scalar_type());
+      bw.emplace_back();
+      Bw& b = bw.back();
+      b.g = gc[i].const_data_ptr<float>();
+      b.w = w.const_data_ptr<float>();
+      b.u = us[i].const_data_ptr<float>();
+      b.v = vs[i].const_data_ptr<float>();
+      b.y = out[i].mutable_data_ptr<float>();
+      b.m = mv.m;
+      b.inner = mv.inner;
+      b.rows = mv.outer * mv.m;
+      b.numel = w.numel();
+      b.blocks = (b.numel + DOT_BLOCK - 1) / DOT_BLOCK;
+      b.sig = safe_sigma(*sigmas[i].const_data_ptr<float>());
+      b.part.resize(b.blocks);
+    }
+  }
+  int64_t group_numel = 0;
+  for (const Bw& b : bw) group_numel += b.numel;
+  for (size_t j = 0; j < bw.size(); ++j) {
+    Bw& b = bw[j];
+    b.whole = run_whole(b.numel, group_numel);
+    if (b.whole)
+      items.push_back({2 * b.numel, static_cast<int32_t>(j), BWD_WHOLE, 0, 0});
+    else
+      split(items, static_cast<int32_t>(j), DOT_BLOCKS, b.blocks, DOT_BLOCK);
+  }
+  auto body = [&](const Item& it) {
+    Bw& b = bw[it.weight];
+    switch (it.kind) {
+      case BWD_WHOLE:
+        dot_blocks(b, 0, b.blocks);
+        finish_dot(b);
+        grad_rows(b, 0, b.rows);
+        break;
+      case DOT_BLOCKS: dot_blocks(b, it.a, it.b); break;
+      case GRAD_ROWS: grad_rows(b, it.a, it.b); break;
+      default: break;
+    }
+  };
+  run_items(items, body);
+  items.clear();
+  for (size_t j = 0; j < bw.size(); ++j) {
+    Bw& b = bw[j];
+    if (b.whole) continue;
+    finish_dot(b);
+    split(items, static_cast<int32_t>(j), GRAD_ROWS, b.rows, b.inner);
+  }
+  run_items(items, body);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sn_kernels, m) {
-  m.def("native_group_forward(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, "
+  m.def("native_group_forward(Tensor[] weights, Tensor[] us, Tensor[] vs, int[] dims, "
         "int n_power_iterations, float eps, str order, bool training) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
   m.def("native_group_backward(Tensor[] grads, Tensor[] weights, Tensor[] us, Tensor[] vs, Tensor[] sigmas, "
         "int[] dims) -> Tensor[]");
 }
 
 // the per-weight kernels dispatch on the device: one implementation serves CPU and CUDA groups
+// (CUDA weights take the per-weight path)
 TORCH_LIBRARY_IMPL(sn_kernels, CompositeExplicitAutograd, m) {
   m.impl("native_group_forward", &group_forward);
   m.impl("native_group_backward", &group_backward);

@@ -13,7 +13,12 @@ policies:
     gradient (weights with different order, n_power_iterations, eps or train/eval
     mode form separate groups).  On the native backend the forward of a group is one
     C++ call (``native_group_forward``) and its backward another
-    (``native_group_backward``); other backends loop over the weights in Python.  The one difference from per-module semantics: a layer that the model
+    (``native_group_backward``): on the CPU, float32 weights run as a few parallel phases over
+    one table of (weight, chunk) work items (``csrc/sn_kernels_grouped_cpu.cpp``), so weights of
+    very different sizes share the threads; the ops are functional (the iterated u, v come back
+    and are copied into the buffers by one ``torch._foreach_copy_``), with fake implementations,
+    so they trace under torch.compile.  Other backends loop over the weights in Python.  The one
+    difference from per-module semantics: a layer that the model
     does not call in some forward still had its power iteration run.  A layer called
     twice in one model call computes normally the second time (a second power
     iteration, as PyTorch), and so does the second access of a parametrized weight.
@@ -102,7 +107,10 @@ class _Member:
         else:
             if st.gain is not None:
                 return None
-            w = self.module.parametrizations[self.name].original
+            plist = self.module._modules["parametrizations"]._modules[self.name]
+            w = plist._parameters.get("original")
+            if w is None:  # a parametrized buffer
+                w = plist.original
             if w.ndim < 2:
                 return None
             u, v, order = st._buffers["_u"], st._buffers["_v"], "uv"
@@ -134,7 +142,8 @@ class _Shared:
 class _GroupNormalize(torch.autograd.Function):
     """W_i / sigma_i for every weight of one group: ONE autograd node, whose backward computes all
     the weight gradients (grad_W = (G - <G, W_sn> u v^T) / sigma), in one C++ call on the native
-    backend (``native_group_backward``)."""
+    backend (``native_group_backward``).  The node keeps the weights, u, v and sigma it needs, never
+    its outputs (a cycle output -> node -> output would never be freed)."""
 
     @staticmethod
     def forward(ctx, shared: _Shared, *weights):
@@ -172,9 +181,15 @@ class _GroupNormalize(torch.autograd.Function):
         return tuple(out)
 
 
+_group_ops_found = False
+
+
 def _has_group_ops() -> bool:
     """Whether the loaded native extension has the grouped ops (csrc/sn_kernels_grouped_cpu.cpp)."""
-    return hasattr(torch.ops.sn_kernels, "native_group_forward")
+    global _group_ops_found
+    if not _group_ops_found:
+        _group_ops_found = hasattr(torch.ops.sn_kernels, "native_group_forward")
+    return _group_ops_found
 
 
 def _normalize_group(items, order: str, n_power_iterations: int, eps: float, training: bool) -> list[Tensor]:
@@ -186,11 +201,14 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
     sh.backend = dispatch.resolve(device)
     sh.fused = sh.backend.name == "native" and _has_group_ops()
     with torch.no_grad():
-        if sh.fused:  # the C++ op checks every argument before touching u, v
+        if sh.fused:  # one C++ call (it checks every argument first); functional: new u, v come back
             sh.dims = [it[0].state.dim for it in items]
+            us = [it[2] for it in items]
+            vs = [it[3] for it in items]
             sh.outputs, sh.sigmas, sh.us, sh.vs = torch.ops.sn_kernels.native_group_forward(
-                sh.weights, [it[2] for it in items], [it[3] for it in items], sh.dims, n_power_iterations,
-                float(eps), order, training)
+                sh.weights, us, vs, sh.dims, n_power_iterations, float(eps), order, training)
+            if training:  # the buffers take the iterated u, v (one call); sh.us, sh.vs stay unaliased copies
+                torch._foreach_copy_(us + vs, sh.us + sh.vs)
         else:
             sh.dims, sh.sigmas, sh.us, sh.vs, sh.outputs = [], [], [], [], []
             for mem, w, u, v, _ in items:
@@ -310,7 +328,7 @@ class SNGroup:
                 self._stale = True
             return  # _LayerHook hands out the shared W/sigma
         for mem, w_sn in self._compute_all(members).items():
-            mem.state.pending = w_sn
+            mem.state.__dict__["pending"] = w_sn  # what nn.Module.__setattr__ does for it, minus its checks
 
     def _layer_pre(self, mem: _Member) -> None:
         if self.refresh != "step" or torch.compiler.is_compiling():
@@ -321,13 +339,14 @@ class SNGroup:
             self._key = self._key_now()  # after the iteration (u, v versions moved)
         w_sn = self._cache.get(mem)
         if w_sn is not None:
-            mem.state.pending = w_sn
+            mem.state.__dict__["pending"] = w_sn
 
     def _model_post(self, model: nn.Module, inputs, output) -> None:
         # a pre-computed weight that no layer used (a skipped layer) is dropped, not kept past the call
         for mem in self.members:
-            if mem.state.__dict__.get("pending") is not None:
-                mem.state.pending = None
+            d = mem.state.__dict__
+            if d.get("pending") is not None:
+                d["pending"] = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def remove(self) -> None:

@@ -381,3 +381,131 @@ def test_group_outputs_are_freed(refresh, monkeypatch):
     gc.collect()
     alive = [r for r in made if r() is not None]
     assert len(made) == 12 and len(alive) == (3 if refresh == "step" else 0)
+
+
+class _Weight(nn.Module):
+    """A module whose forward returns its (spectrally normalized) weight."""
+
+    def __init__(self, shape, dtype=torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(shape, dtype=dtype) / shape[-1] ** 0.5)
+
+    def forward(self):
+        return self.weight
+
+
+class _Weights(nn.ModuleList):
+    def forward(self):
+        return [m() for m in self]
+
+
+# the work table's cases: weights run whole as one item (up to 32K elements, or up to 256K in a large
+# enough group), and weights split over the phases: few rows and many columns (no row chunks: row
+# dots, then W^T u by columns) and row-chunked (the fused "uv" pass, or W^T u chunks for "vu"); a 4-D
+# convolution weight, a weight 1.6e5x the smallest, and two that take the per-weight kernels inside
+# the same call (dim=1 with rows before it; float64: its own group)
+_TABLE = [((4, 3), 0), ((1, 128), 0), ((16, 8192), 0), ((16, 32768), 0), ((300, 400), 0), ((96, 48, 3, 3), 0),
+          ((1200, 1600), 0), ((40, 24, 4), 1), ((33, 65), 0, torch.float64)]
+
+
+def _table_models(api, iterations):
+    torch.manual_seed(0)
+    model = _Weights([_Weight(e[0], *e[2:]) for e in _TABLE])
+    for m, e in zip(model, _TABLE):
+        if api == "hook":
+            sn_kernels.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
+        else:
+            sn_kernels.parametrizations.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
+    return model, copy.deepcopy(model)
+
+
+def _sigma(module):
+    if hasattr(module, "parametrizations"):
+        return module.parametrizations.weight[0].sigma
+    return next(h for h in module._forward_pre_hooks.values() if isinstance(h, sn_kernels.hooks.SpectralNorm)).sigma
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("iterations", [1, 2])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])  # orders "vu" and "uv"
+def test_work_table_bit_identical_to_per_module(api, iterations, threads):
+    """The multi-tensor kernels (a table of (weight, chunk) items over every weight of a group, taken by
+    the threads in any order) give exactly the per-module native results, in training and in eval,
+    for any number of threads: W/sigma, u, v, sigma and the weight gradients."""
+    if not _native_group_ops():
+        pytest.skip("native extension without the grouped ops")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grouped, per_module = _table_models(api, iterations)
+        sn_kernels.group(grouped)
+        grads = [torch.randn(e[0], dtype=(e[2:] or (torch.float32,))[0]) for e in _TABLE]
+        with sn_kernels.use_backend("native"):
+            for training in (True, True, False):
+                grouped.train(training), per_module.train(training)
+                with _Ops() as counter:
+                    outs = grouped()
+                    torch.autograd.backward(outs, grads)
+                refs = per_module()
+                torch.autograd.backward(refs, grads)
+                assert all(torch.equal(a, b) for a, b in zip(outs, refs))
+                # two groups (float32, float64): two forward calls, two backward calls
+                assert sorted(counter.ops) == ["native_group_backward"] * 2 + ["native_group_forward"] * 2
+        for a, b in zip(_state(grouped) + [p.grad for p in grouped.parameters()],
+                        _state(per_module) + [p.grad for p in per_module.parameters()]):
+            assert torch.equal(a, b)
+        assert all(torch.equal(_sigma(a), _sigma(b)) for a, b in zip(grouped, per_module))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _group_op_args(order, training):
+    torch.manual_seed(0)
+    shapes = [((6, 4, 3, 3), 0), ((7, 3, 2), 1), ((300, 400), 0), ((2, 5), 0)]
+    ws, us, vs, dims = [], [], [], []
+    for shape, dim in shapes:
+        w = torch.randn(shape)
+        m = shape[dim]
+        ws.append(w)
+        us.append(nn.functional.normalize(torch.randn(m), dim=0))
+        vs.append(nn.functional.normalize(torch.randn(w.numel() // m), dim=0))
+        dims.append(dim)
+    return ws, us, vs, dims
+
+
+@pytest.mark.parametrize("order", ["uv", "vu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_group_ops_functional_opcheck(order, training):
+    """native_group_forward is functional (new u, v returned, inputs untouched): the full opcheck,
+    AOT dispatch (functionalization) included, passes for both grouped ops."""
+    if not _native_group_ops():
+        pytest.skip("native extension without the grouped ops")
+    ws, us, vs, dims = _group_op_args(order, training)
+    u0, v0 = [u.clone() for u in us], [v.clone() for v in vs]
+    outs, sigmas, nus, nvs = torch.ops.sn_kernels.native_group_forward(ws, us, vs, dims, 2, 1e-12, order, training)
+    assert all(torch.equal(a, b) for a, b in zip(us + vs, u0 + v0))  # inputs untouched
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(nus + nvs, us + vs))
+    torch.library.opcheck(torch.ops.sn_kernels.native_group_forward, (ws, us, vs, dims, 2, 1e-12, order, training))
+    grads = [torch.randn_like(w) for w in ws]
+    torch.library.opcheck(torch.ops.sn_kernels.native_group_backward, (grads, ws, nus, nvs, sigmas, dims))
+
+
+def test_group_forward_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the grouped forward (its fake) with the copy-back of u, v
+    into the buffers, and gives the eager numbers."""
+    if not _native_group_ops():
+        pytest.skip("native extension without the grouped ops")
+    torch._dynamo.reset()
+
+    def step(ws, us, vs, dims):
+        outs, sigmas, nus, nvs = torch.ops.sn_kernels.native_group_forward(ws, us, vs, dims, 1, 1e-12, "uv", True)
+        torch._foreach_copy_(us + vs, nus + nvs)
+        return outs, sigmas
+
+    ws, us, vs, dims = _group_op_args("uv", True)
+    us2, vs2 = [u.clone() for u in us], [v.clone() for v in vs]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        eager_outs, eager_sigmas = step(ws, us2, vs2, dims)
+        outs, sigmas = compiled(ws, us, vs, dims)
+        assert all(torch.equal(a, b) for a, b in zip(outs + sigmas + us + vs, eager_outs + eager_sigmas + us2 + vs2))
