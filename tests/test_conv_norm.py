@@ -58,6 +58,15 @@ def input_shape(module, spatial):
     return (1, c_in, *spatial)
 
 
+def wrapped_and_run(i, api="hook"):
+    """Layer ``i`` wrapped by ``spectral_norm_conv`` and run once on a random input: (module, input)."""
+    m, spatial = make(i)
+    spectral_norm_conv(m, api=api)
+    x = torch.randn(input_shape(m, spatial), dtype=torch.float64)
+    m(x)
+    return m, x
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -190,10 +199,7 @@ def test_training_gradient_matches_autograd_formula():
 
 
 def test_eval_leaves_uv_and_training_updates():
-    m, spatial = make(3)
-    spectral_norm_conv(m)
-    x = torch.randn(input_shape(m, spatial), dtype=torch.float64)
-    m(x)
+    m, x = wrapped_and_run(3)
     u, v = m.weight_u.clone(), m.weight_v.clone()
     m.eval()
     m(x)
@@ -220,10 +226,7 @@ def test_front_ends_agree_and_keys():
 
 @pytest.mark.parametrize("api", ["hook", "parametrization"])
 def test_state_dict_round_trip(api):
-    a, spatial = make(5)
-    spectral_norm_conv(a, api=api)
-    x = torch.randn(input_shape(a, spatial), dtype=torch.float64)
-    a(x)
+    a, x = wrapped_and_run(5, api)
     a(x)
     b, _ = make(5)
     spectral_norm_conv(b, api=api)
@@ -257,10 +260,7 @@ def test_input_size_change(api):
 
 @pytest.mark.parametrize("api", ["hook", "parametrization"])
 def test_remove(api):
-    m, spatial = make(14)
-    spectral_norm_conv(m, api=api)
-    x = torch.randn(input_shape(m, spatial), dtype=torch.float64)
-    m(x)
+    m, x = wrapped_and_run(14, api)
     m.eval()
     y = m(x)
     remove_spectral_norm_conv(m)
