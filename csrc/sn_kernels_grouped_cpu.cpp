@@ -38,6 +38,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "common.h"
 #include "cpu_block_cache.h"
 #include "cpu_loops.h"
@@ -64,6 +68,38 @@ constexpr int64_t WHOLE_MAX = 1 << 15;   // a weight this small is always one it
 // then run back to back on one core while it is in that core's L2 (the fused pass leaves W there for
 // W / sigma; the <G, W> pass leaves G for grad_W), instead of each phase streaming every weight again
 constexpr int64_t L2_WHOLE = 1 << 18;
+
+// Outputs (W / sigma, grad_W) of weights of STREAM_MIN elements or more (8 MiB of float32, a quarter
+// of the L3 here: they leave the caches anyway) are written with non-temporal stores: computed by the
+// same loops into a buffer in L1/L2, then streamed out, so the values are the same and the write costs
+// |W| of memory traffic instead of 2|W| (no read-for-ownership).
+constexpr int64_t STREAM_MIN = 1 << 21;
+constexpr int64_t STREAM_BLOCK = 2048;  // floats per L1 buffer of W / sigma
+
+// dst[0, len) = src[0, len), dst written around the caches
+void stream_store(float* dst, const float* src, int64_t len) {
+#if defined(__SSE2__)
+  int64_t k = 0;
+  for (; k < len && (reinterpret_cast<uintptr_t>(dst + k) & 15) != 0; ++k) dst[k] = src[k];
+  for (; k + 16 <= len; k += 16) {
+    _mm_stream_ps(dst + k, _mm_loadu_ps(src + k));
+    _mm_stream_ps(dst + k + 4, _mm_loadu_ps(src + k + 4));
+    _mm_stream_ps(dst + k + 8, _mm_loadu_ps(src + k + 8));
+    _mm_stream_ps(dst + k + 12, _mm_loadu_ps(src + k + 12));
+  }
+  for (; k + 4 <= len; k += 4) _mm_stream_ps(dst + k, _mm_loadu_ps(src + k));
+  for (; k < len; ++k) dst[k] = src[k];
+#else
+  std::copy(src, src + len, dst);
+#endif
+}
+
+// orders the streamed stores before what follows (the end of a parallel phase)
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
 
 bool run_whole(int64_t numel, int64_t group_numel) {
   return numel <= WHOLE_MAX ||
@@ -124,6 +160,7 @@ struct Fw {
   std::vector<float> ua, va, s, t, part;
   float sig = 0;
   bool whole = false;
+  bool stream = false;  // W / sigma written with non-temporal stores
   bool chunked() const { return chunks > 1; }
   int64_t chunk_end(int64_t c) const { return std::min(m, (c + 1) * chunk_rows); }
 };
@@ -197,7 +234,15 @@ void finish_fused(Fw& f, double eps) {
 }
 
 void divide_range(Fw& f, int64_t k0, int64_t k1) {
-  f32().divide(f.y + k0, f.w + k0, safe_sigma(f.sig), k1 - k0);
+  const float sig = safe_sigma(f.sig);
+  if (!f.stream) return f32().divide(f.y + k0, f.w + k0, sig, k1 - k0);
+  alignas(64) float buf[STREAM_BLOCK];
+  for (int64_t k = k0; k < k1; k += STREAM_BLOCK) {
+    const int64_t len = std::min(STREAM_BLOCK, k1 - k);
+    f32().divide(buf, f.w + k, sig, len);  // elementwise: the same quotients as in place
+    stream_store(f.y + k, buf, len);
+  }
+  stream_fence();
 }
 
 // the whole forward of a small weight on one thread: power_iteration_cpu then normalize_cpu
@@ -355,6 +400,7 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
     f.t.resize(f.n);
     if (training && f.chunked()) f.part.resize(static_cast<size_t>(f.chunks * f.n));
     f.whole = run_whole(f.m * f.n, group_numel);
+    f.stream = f.m * f.n >= STREAM_MIN;
     if (f.whole) whole.push_back({f.m * f.n * (training ? n_power_iterations + 1 : 2), int32_t(j), WHOLE, 0, 0});
   }
   const int64_t nf = static_cast<int64_t>(fw.size());
@@ -467,6 +513,7 @@ struct Bw {
   float sig = 0, c = 0;
   std::vector<float> part;
   bool whole = false;
+  bool stream = false;  // grad_W written with non-temporal stores
 };
 
 void dot_blocks(Bw& b, int64_t b0, int64_t b1) {
@@ -485,10 +532,21 @@ void finish_dot(Bw& b) {
 // grad_W = (G - c u v^T) / sigma for rows [r0, r1) of the (outer * m, inner) layout
 void grad_rows(Bw& b, int64_t r0, int64_t r1) {
   const F32Loops& L = f32();
+  if (!b.stream) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r / b.m, i = r % b.m;
+      L.grad_row(b.y + r * b.inner, b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inner);
+    }
+    return;
+  }
+  // each row computed by the same call as in place (whole rows), into an L1/L2 buffer, then streamed
+  std::vector<float> buf(static_cast<size_t>(b.inner));
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r / b.m, i = r % b.m;
-    L.grad_row(b.y + r * b.inner, b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inner);
+    L.grad_row(buf.data(), b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inner);
+    stream_store(b.y + r * b.inner, buf.data(), b.inner);
   }
+  stream_fence();
 }
 
 std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weights, at::TensorList us,
@@ -542,6 +600,7 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
   for (size_t j = 0; j < bw.size(); ++j) {
     Bw& b = bw[j];
     b.whole = run_whole(b.numel, group_numel);
+    b.stream = b.numel >= STREAM_MIN;
     if (b.whole)
       items.push_back({2 * b.numel, static_cast<int32_t>(j), BWD_WHOLE, 0, 0});
     else

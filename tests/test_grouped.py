@@ -402,10 +402,11 @@ class _Weights(nn.ModuleList):
 # the work table's cases: weights run whole as one item (up to 32K elements, or up to 256K in a large
 # enough group), and weights split over the phases: few rows and many columns (no row chunks: row
 # dots, then W^T u by columns) and row-chunked (the fused "uv" pass, or W^T u chunks for "vu"); a 4-D
-# convolution weight, a weight 1.6e5x the smallest, and two that take the per-weight kernels inside
-# the same call (dim=1 with rows before it; float64: its own group)
+# convolution weight, a weight 1.8e5x the smallest (its outputs streamed: 8 MiB or more, rows not
+# 16-byte aligned), and two that take the per-weight kernels inside the same call (dim=1 with rows
+# before it; float64: its own group)
 _TABLE = [((4, 3), 0), ((1, 128), 0), ((16, 8192), 0), ((16, 32768), 0), ((300, 400), 0), ((96, 48, 3, 3), 0),
-          ((1200, 1600), 0), ((40, 24, 4), 1), ((33, 65), 0, torch.float64)]
+          ((1200, 1777), 0), ((40, 24, 4), 1), ((33, 65), 0, torch.float64)]
 
 
 def _table_models(api, iterations):
