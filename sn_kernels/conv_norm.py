@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .backends.contract import accumulation_dtype
-from .backends.pytorch import normalize_step
+from .backends.pytorch import iterate_buffers, normalize_step
 from .checks import INIT_ITERATIONS, check_api, check_iterations_eps
 from .find import find
 from .serialize import serializable
@@ -226,13 +226,9 @@ def conv_spectral_normalize(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor
     acc = accumulation_dtype(weight.dtype)
     with torch.no_grad():
         w = weight.detach().to(acc)
-        u_acc, v_acc = u.to(acc), v.to(acc)
-        if training:
-            u_acc, v_acc, sigma = conv_power_iteration(spec, w, u_acc, v_acc, n_power_iterations, eps)
-            u.copy_(u_acc)
-            v.copy_(v_acc)
-        else:
-            sigma = (u_acc * conv_apply(spec, w, v_acc)).sum()
+        sigma, u_acc, v_acc = iterate_buffers(
+            u, v, acc, training, lambda a, b: conv_power_iteration(spec, w, a, b, n_power_iterations, eps),
+            lambda a, b: (a * conv_apply(spec, w, b)).sum())
         # the backward must see the vectors sigma came from, not buffers a later forward may update
         u_acc = u_acc.clone() if u_acc is u else u_acc
         v_acc = v_acc.clone() if v_acc is v else v_acc

@@ -60,6 +60,20 @@ def power_iteration(W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, ep
     return u, v, sigma
 
 
+def iterate_buffers(u: Tensor, v: Tensor, acc: torch.dtype, training: bool, iterate, evaluate):
+    """The power iteration's use of the buffers u, v, in the accumulation dtype ``acc``: in training
+    ``iterate(u_acc, v_acc) -> (u_acc, v_acc, sigma)`` and the new vectors copied into u, v; in eval
+    sigma = ``evaluate(u_acc, v_acc)`` and u, v untouched.  Returns (sigma, u_acc, v_acc)."""
+    ua, va = u.to(acc), v.to(acc)
+    if training:
+        ua, va, sigma = iterate(ua, va)
+        u.copy_(ua)
+        v.copy_(va)
+    else:
+        sigma = evaluate(ua, va)
+    return sigma, ua, va
+
+
 def safe_sigma(sigma: Tensor) -> Tensor:
     """sigma, or +inf where sigma == 0: a zero weight normalizes to 0 (and gets a zero
     gradient) instead of 0/0 = NaN."""
@@ -69,15 +83,10 @@ def safe_sigma(sigma: Tensor) -> Tensor:
 @torch.no_grad()
 def _power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
     """Plain-PyTorch power iteration: updates u, v in place (training); returns (sigma, u, v copies)."""
-    acc = accumulation_dtype(weight.dtype)
-    W = as_matrix(weight, dim).to(acc)
-    ua, va = u.to(acc), v.to(acc)
-    if training:
-        ua, va, sigma = power_iteration(W, ua, va, n_power_iterations, eps, order)
-        u.copy_(ua)
-        v.copy_(va)
-    else:
-        sigma = torch.dot(ua, W @ va)
+    W = as_matrix(weight, dim).to(accumulation_dtype(weight.dtype))
+    sigma, _, _ = iterate_buffers(u, v, W.dtype, training,
+                                  lambda a, b: power_iteration(W, a, b, n_power_iterations, eps, order),
+                                  lambda a, b: torch.dot(a, W @ b))
     return sigma, u.clone(), v.clone()
 
 
