@@ -40,6 +40,9 @@ WhyNot = Callable[..., Optional[str]]  # why_not(device, auto=False) -> None whe
 class Backend:
     """One implementation of spectral normalization.
 
+    - ``name``: "native", "triton" or "torch"; ``device_types``: the device types its kernels
+      exist for ("*": any); ``why_not(device, auto=False)``: None when it can run on
+      ``device`` now, else the reason (``auto=True``: whether "auto" may pick it).
     - ``power_iteration``, ``normalize``: the two custom ops of the schemas above (what
       ``torch.compile`` traces), with the shared fakes and autograd formula.
     - ``backward(grad, weight, u, v, sigma, dim) -> grad_weight``: the analytic gradient
