@@ -170,3 +170,15 @@ def test_environment_variable():
     env["SN_KERNELS_BACKEND"] = "bogus"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "unknown sn_kernels backend 'bogus'" in out.stderr
+
+
+def test_public_native_utilities():
+    """sn_kernels.native (README) exposes the extension's build record and CPU output cache."""
+    from sn_kernels import native
+    from sn_kernels.backends import native as backend_native
+
+    assert native.build_info is backend_native.build_info and isinstance(native.build_info(), dict)
+    if "native" in sn_kernels.available_backends("cpu"):
+        assert set(native.cache_stats()) == {"idle_bytes", "idle_blocks", "in_use_bytes", "hits", "misses"}
+        native.empty_cache()
+        assert native.cache_stats()["idle_bytes"] == 0
