@@ -140,7 +140,8 @@ def empty_cache() -> None:
 def build_info() -> dict:
     """What setup.py built: ``{"cuda_kernels": bool, "why": str, "torch": str}`` ({} when unknown)."""
     try:
-        with open(os.path.join(os.path.dirname(__file__), "_build_info.json")) as f:
+        # written by setup.py next to sn_kernels/_C, in the package folder
+        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "_build_info.json")) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
