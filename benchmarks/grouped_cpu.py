@@ -169,8 +169,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--big-rounds", type=int, default=20)
-    ap.add_argument("--step-rounds", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--step-rounds", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_grouped.csv"))
     args = ap.parse_args()
     shapes = load_shapes(search=[BUNDLED_SHAPES])  # benchmarks/shapes.json

@@ -69,11 +69,21 @@ constexpr int64_t WHOLE_MAX = 1 << 15;   // a weight this small is always one it
 // W / sigma; the <G, W> pass leaves G for grad_W), instead of each phase streaming every weight again
 constexpr int64_t L2_WHOLE = 1 << 18;
 
-// Outputs (W / sigma, grad_W) of weights of STREAM_MIN elements or more (8 MiB of float32, a quarter
-// of the L3 here: they leave the caches anyway) are written with non-temporal stores: computed by the
-// same loops into a buffer in L1/L2, then streamed out, so the values are the same and the write costs
-// |W| of memory traffic instead of 2|W| (no read-for-ownership).
+// W / sigma of weights of STREAM_MIN elements or more (8 MiB of float32, a quarter of the L3 here:
+// it leaves the caches anyway) is written with non-temporal stores: computed by the same loop into an
+// L1 buffer, then streamed out, so the values are the same and the write costs |W| of memory traffic
+// instead of 2|W| (no read-for-ownership).  Not grad_W: a row of G - c u v^T is too long for L1, and
+// going through a buffer measured no better than the plain stores there (biggan128_d, 2 cores).
 constexpr int64_t STREAM_MIN = 1 << 21;
+
+// SN_KERNELS_GROUP_STREAM=0 turns the non-temporal stores off (for measurements; same values either way)
+bool stream_on() {
+  static const bool on = [] {
+    const char* e = std::getenv("SN_KERNELS_GROUP_STREAM");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
 constexpr int64_t STREAM_BLOCK = 2048;  // floats per L1 buffer of W / sigma
 
 // dst[0, len) = src[0, len), dst written around the caches
@@ -400,7 +410,7 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
     f.t.resize(f.n);
     if (training && f.chunked()) f.part.resize(static_cast<size_t>(f.chunks * f.n));
     f.whole = run_whole(f.m * f.n, group_numel);
-    f.stream = f.m * f.n >= STREAM_MIN;
+    f.stream = stream_on() && f.m * f.n >= STREAM_MIN;
     if (f.whole) whole.push_back({f.m * f.n * (training ? n_power_iterations + 1 : 2), int32_t(j), WHOLE, 0, 0});
   }
   const int64_t nf = static_cast<int64_t>(fw.size());
@@ -513,7 +523,6 @@ struct Bw {
   float sig = 0, c = 0;
   std::vector<float> part;
   bool whole = false;
-  bool stream = false;  // grad_W written with non-temporal stores
 };
 
 void dot_blocks(Bw& b, int64_t b0, int64_t b1) {
@@ -532,21 +541,10 @@ void finish_dot(Bw& b) {
 // grad_W = (G - c u v^T) / sigma for rows [r0, r1) of the (outer * m, inner) layout
 void grad_rows(Bw& b, int64_t r0, int64_t r1) {
   const F32Loops& L = f32();
-  if (!b.stream) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t o = r / b.m, i = r % b.m;
-      L.grad_row(b.y + r * b.inner, b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inner);
-    }
-    return;
-  }
-  // each row computed by the same call as in place (whole rows), into an L1/L2 buffer, then streamed
-  std::vector<float> buf(static_cast<size_t>(b.inner));
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r / b.m, i = r % b.m;
-    L.grad_row(buf.data(), b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inner);
-    stream_store(b.y + r * b.inner, buf.data(), b.inner);
+    L.grad_row(b.y + r * b.inner, b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inner);
   }
-  stream_fence();
 }
 
 std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weights, at::TensorList us,
@@ -600,7 +598,6 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
   for (size_t j = 0; j < bw.size(); ++j) {
     Bw& b = bw[j];
     b.whole = run_whole(b.numel, group_numel);
-    b.stream = b.numel >= STREAM_MIN;
     if (b.whole)
       items.push_back({2 * b.numel, static_cast<int32_t>(j), BWD_WHOLE, 0, 0});
     else

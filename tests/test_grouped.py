@@ -402,7 +402,7 @@ class _Weights(nn.ModuleList):
 # the work table's cases: weights run whole as one item (up to 32K elements, or up to 256K in a large
 # enough group), and weights split over the phases: few rows and many columns (no row chunks: row
 # dots, then W^T u by columns) and row-chunked (the fused "uv" pass, or W^T u chunks for "vu"); a 4-D
-# convolution weight, a weight 1.8e5x the smallest (its outputs streamed: 8 MiB or more, rows not
+# convolution weight, a weight 1.8e5x the smallest (its W/sigma streamed: 8 MiB or more, rows not
 # 16-byte aligned), and two that take the per-weight kernels inside the same call (dim=1 with rows
 # before it; float64: its own group)
 _TABLE = [((4, 3), 0), ((1, 128), 0), ((16, 8192), 0), ((16, 32768), 0), ((300, 400), 0), ((96, 48, 3, 3), 0),
@@ -519,3 +519,21 @@ def test_group_forward_compiles_fullgraph():
         eager_outs, eager_sigmas = step(ws, us2, vs2, dims)
         outs, sigmas = compiled(ws, us, vs, dims)
         assert all(torch.equal(a, b) for a, b in zip(outs + sigmas + us + vs, eager_outs + eager_sigmas + us2 + vs2))
+
+
+def test_compiled_grouped_model_fullgraph():
+    """torch.compile(fullgraph=True) of a grouped (parametrization API) model: no graph break, the
+    per-module outputs, and gradients to rounding (under compile each layer computes its own W/sigma
+    through the traced formulation)."""
+    torch._dynamo.reset()
+    model, reference = _fresh_pair("parametrization")
+    sn_kernels.group(model)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(2):
+        y, r = compiled(x), reference(x)
+        assert torch.equal(y, r)
+        y.sum().backward()
+        r.sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
