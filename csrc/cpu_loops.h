@@ -1,6 +1,9 @@
 // The float32 inner-loop table of the CPU kernels (baseline or AVX2+FMA, chosen at run time).
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 namespace sn_kernels {
 
 struct F32Loops {
@@ -13,5 +16,14 @@ struct F32Loops {
 
 // nullptr when this build or this CPU has no AVX2+FMA
 const F32Loops* f32_loops_avx2();
+
+// The table the kernels use: AVX2+FMA when available, unless SN_KERNELS_CPU_ISA=baseline
+// (tests compare the two); ``baseline`` otherwise.
+inline const F32Loops* select_f32_loops(const F32Loops* baseline) {
+  const char* isa = std::getenv("SN_KERNELS_CPU_ISA");
+  const bool baseline_only = isa != nullptr && std::strcmp(isa, "baseline") == 0;
+  const F32Loops* t = baseline_only ? nullptr : f32_loops_avx2();
+  return t != nullptr ? t : baseline;
+}
 
 }  // namespace sn_kernels

@@ -92,12 +92,7 @@ inline void axpy(acc_t* __restrict y, const scalar_t* __restrict a, acc_t alpha,
 
 // float32 goes through the run-time selected loop table (AVX2+FMA when available)
 const F32Loops& f32() {
-  static const F32Loops* table = [] {
-    const char* isa = std::getenv("SN_KERNELS_CPU_ISA");
-    const bool baseline_only = isa != nullptr && std::string(isa) == "baseline";
-    const F32Loops* t = baseline_only ? nullptr : f32_loops_avx2();
-    return t != nullptr ? t : &baseline::table;
-  }();
+  static const F32Loops* table = select_f32_loops(&baseline::table);
   return *table;
 }
 

@@ -118,12 +118,7 @@ bool run_whole(int64_t numel, int64_t group_numel) {
 
 // float32 loops: the run-time selected table of sn_kernels_cpu.cpp (same choice, same code)
 const F32Loops& f32() {
-  static const F32Loops* table = [] {
-    const char* isa = std::getenv("SN_KERNELS_CPU_ISA");
-    const bool baseline_only = isa != nullptr && std::string(isa) == "baseline";
-    const F32Loops* t = baseline_only ? nullptr : f32_loops_avx2();
-    return t != nullptr ? t : &grouped_baseline::table;
-  }();
+  static const F32Loops* table = select_f32_loops(&grouped_baseline::table);
   return *table;
 }
 

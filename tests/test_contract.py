@@ -312,13 +312,7 @@ def test_opcheck_every_op(backend, backend_device, dtype, shape, dim, order, tra
     w, u, v = sample_inputs(backend_device, dtype, shape, dim)
     for op, name in zip(ops, names):
         for args in _sample_args(name, w, u, v, dim, order, training):
-            torch.library.opcheck(op, args, test_utils=_TEST_UTILS.get(name, DEFAULT_TEST_UTILS))
-
-
-# PyTorch cannot functionalize an op that mutates Tensor(a!)[] lists ("Found a custom (non-ATen)
-# operator whose output has alias annotations"), so the grouped forward skips the AOT dispatch test:
-# it runs eagerly only (sn_kernels/grouped.py), never under torch.compile
-_TEST_UTILS = {"native_group_forward": ("test_schema", "test_autograd_registration", "test_faketensor")}
+            torch.library.opcheck(op, args, test_utils=DEFAULT_TEST_UTILS)
 
 
 def test_opcheck_snapshot():
