@@ -259,7 +259,10 @@ class SNGroup:
         ]
         # "step" refresh: each layer takes the shared W/sigma right before its own spectral norm runs
         for mem in self.members:
-            self._handles.append(mem.module.register_forward_pre_hook(_LayerHook(self, mem), prepend=True))
+            if mem.kind == "hook":
+                mem.state.before = _LayerHook(self, mem)  # the hook API's spectral norm runs it first
+            else:
+                self._handles.append(mem.module.register_forward_pre_hook(_LayerHook(self, mem), prepend=True))
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -331,7 +334,7 @@ class SNGroup:
             mem.state.__dict__["pending"] = w_sn  # what nn.Module.__setattr__ does for it, minus its checks
 
     def _layer_pre(self, mem: _Member) -> None:
-        if self.refresh != "step" or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.refresh != "step":  # compiling first: dynamo cannot see the handle
             return
         if self._stale or self._cache is None:
             self._cache = self._compute_all(self._live_members(), alone=False)
@@ -357,6 +360,8 @@ class SNGroup:
         self._handles = []
         for mem in self.members:
             mem.state.pending = None
+            if mem.kind == "hook":
+                mem.state.before = None
 
     def __len__(self) -> int:
         return len(self.members)
@@ -370,18 +375,12 @@ class SNGroup:
 
 
 class _LayerHook:
-    """A grouped layer's forward pre-hook (runs before its spectral norm): plain data, picklable."""
-
-    __slots__ = ("group", "member")
+    """Runs before a grouped layer's spectral norm (a forward pre-hook of the layer, or the hook
+    API's ``SpectralNorm.before``): plain data, picklable.  No ``__slots__``: dynamo guards the
+    objects it traces through their ``__dict__``."""
 
     def __init__(self, group: SNGroup, member: _Member) -> None:
         self.group, self.member = group, member
-
-    def __getstate__(self):
-        return (self.group, self.member)
-
-    def __setstate__(self, s) -> None:
-        self.group, self.member = s
 
     def __call__(self, module: nn.Module, inputs) -> None:
         self.group._layer_pre(self.member)

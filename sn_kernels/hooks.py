@@ -9,6 +9,8 @@ behave exactly as with PyTorch; only the computation goes through
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn.functional import normalize
@@ -32,6 +34,9 @@ class SpectralNorm(torch_sn.SpectralNorm):
     soft: bool = False
     gain: bool = False
     pending: torch.Tensor | None = None  # W/sigma computed ahead by sn_kernels.group, used by the next call
+    # sn_kernels.group's once-per-step refresh, run first (a separate pre-hook put ahead of this one,
+    # prepend=True, makes dynamo build guards on the wrong hook)
+    before: Callable[[nn.Module, tuple], None] | None = None
 
     def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False):
@@ -53,6 +58,8 @@ class SpectralNorm(torch_sn.SpectralNorm):
 
     def __call__(self, module: nn.Module, inputs) -> None:
         # a grouped pre-computation (sn_kernels.group) is used once, then it is per call again
+        if self.before is not None:
+            self.before(module, inputs)
         weight = self.pending
         if weight is None:
             weight = self.compute_weight(module, do_power_iteration=module.training)

@@ -521,13 +521,15 @@ def test_group_forward_compiles_fullgraph():
         assert all(torch.equal(a, b) for a, b in zip(outs + sigmas + us + vs, eager_outs + eager_sigmas + us2 + vs2))
 
 
-def test_compiled_grouped_model_fullgraph():
-    """torch.compile(fullgraph=True) of a grouped (parametrization API) model: no graph break, the
-    per-module outputs and gradients to rounding (under compile each layer computes its own W/sigma
-    through the traced formulation)."""
+@pytest.mark.parametrize("api", ["parametrization", "hook"])
+@pytest.mark.parametrize("refresh", ["call", "step"])
+def test_compiled_grouped_model_fullgraph(api, refresh):
+    """torch.compile(fullgraph=True) of a grouped model, either API, either refresh: no graph break,
+    the per-module outputs and gradients to rounding (under compile each layer computes its own
+    W/sigma through the traced formulation)."""
     torch._dynamo.reset()
-    model, reference = _fresh_pair("parametrization")
-    sn_kernels.group(model)
+    model, reference = _fresh_pair(api)
+    sn_kernels.group(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0) if refresh == "step" else None)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     x = torch.randn(2, 3, 6, 6)
     for _ in range(2):
