@@ -137,24 +137,7 @@ inline void add_rows(float* out, const float* w, int64_t col0, int64_t len, cons
   for (; i < i1; ++i) L.axpy(out, w + i * stride + col0, y[i], len);
 }
 
-float normalize_into(const float* x, float* prev, int64_t len, double eps) {
-  const float norm = std::sqrt(sumsq(x, len));
-  const float denom = std::max(norm, static_cast<float>(eps));
-  if (std::isfinite(norm) && norm > 0)
-    for (int64_t k = 0; k < len; ++k) prev[k] = x[k] / denom;
-  return norm * norm / denom;
-}
-
-bool scale_back(const float* s, float* u, float* t, int64_t m, int64_t n, double eps) {
-  const float norm = std::sqrt(sumsq(s, m));
-  if (!(std::isfinite(norm) && norm > 0) || !std::isfinite(sumsq(t, n))) return false;
-  const float denom = std::max(norm, static_cast<float>(eps));
-  for (int64_t k = 0; k < m; ++k) u[k] = s[k] / denom;
-  for (int64_t k = 0; k < n; ++k) t[k] /= denom;
-  return true;
-}
-
-inline float safe_sigma(float s) { return s == 0 ? std::numeric_limits<float>::infinity() : s; }
+#include "cpu_vector_steps.h"  // normalize_into, scale_back, safe_sigma: the per-weight kernels' code
 
 // ------------------------------------------------------------------ one weight's state and its pieces
 
