@@ -21,9 +21,6 @@ torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
 #: PyTorch's parametrization class
 TorchSpectralNorm = torch.nn.utils.parametrizations._SpectralNorm
 
-KINDS = ("hook", "param", "conv")
-
-
 @dataclass(frozen=True)
 class Site:
     """One spectrally normalized weight: ``module.<name>``, normalized by ``state`` (the hook

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from . import conv_norm
 from .backends.pytorch import as_matrix, exact_top_singular
 from .checks import INIT_ITERATIONS, check_mode, check_variant, check_weight_args, default_dim
-from .find import TorchSpectralNorm, sites
+from .find import TorchSpectralNorm
 from .functional import spectral_normalize
 from .meta import guard_if_meta
 
@@ -125,8 +125,3 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
 
 # the name under which models pickled before 0.1.0's restructure refer to the class
 _SpectralNorm = SpectralNormParametrization
-
-
-def is_spectral_norm_parametrized(module: nn.Module, name: str = "weight") -> bool:
-    """Whether ``module.<name>`` already carries a spectral-norm parametrization (either mode)."""
-    return any(site.api == "parametrization" for site in sites(module, name))
