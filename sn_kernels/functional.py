@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import dispatch
 from .backends import pytorch, traced
-from .backends.contract import lipschitz_scale
+from .backends.contract import composed_eager
 from .checks import check_call, check_variant
 
 # device types where "auto" traces the torch formulation under torch.compile (measured: benchmarks/NOTES.md)
@@ -90,14 +90,8 @@ def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, s
 def _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend):
     """The compiled route: the power iteration and W / sigma ops of ``_compiled_ops``, traced."""
     dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
-    power_iteration, normalize = _compiled_ops(weight.device, backend)
-    with torch.no_grad():
-        sigma, u_used, v_used = power_iteration(weight.detach(), u, v, n_power_iterations, float(eps), dim, order,
-                                                bool(training))
-        sigma_eff = sigma
-        if coeff is not None:
-            sigma_eff, u_used = lipschitz_scale(sigma, u_used, float(coeff), soft)
-    return normalize(weight, u_used, v_used, sigma_eff, dim), sigma
+    run = composed_eager(*_compiled_ops(weight.device, backend))
+    return run(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
 
 
 @torch.compiler.assume_constant_result

@@ -93,9 +93,14 @@ def lipschitz_scale(sigma: Tensor, u: Tensor, coeff: float, soft: bool) -> tuple
     return ratio.clamp_min(1.0), u * (active.to(u.dtype) / coeff)
 
 
+def fake_sigma(weight: Tensor) -> Tensor:
+    """A fake sigma for ``weight``: 0-d, in the accumulation dtype (torch.compile)."""
+    return weight.new_empty((), dtype=accumulation_dtype(weight.dtype))
+
+
 def fake_power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
     """Shapes and dtypes of ``power_iteration``'s outputs (torch.compile)."""
-    return (weight.new_empty((), dtype=accumulation_dtype(weight.dtype)), torch.empty_like(u), torch.empty_like(v))
+    return fake_sigma(weight), torch.empty_like(u), torch.empty_like(v)
 
 
 def fake_like_weight(weight, *args):
@@ -162,12 +167,14 @@ def define_ops(name: str, power_iteration: Callable, normalize: Callable, backwa
 
 
 def composed_eager(power_iteration: Callable, normalize: Callable) -> Callable:
-    """The default ``Backend.eager``: ``power_iteration`` under no_grad, the Lipschitz scaling
-    when ``coeff`` is given, then ``normalize`` (differentiable with respect to ``weight``)."""
+    """The default ``Backend.eager`` (and the compiled route's composition of the two ops):
+    ``power_iteration`` under no_grad, the Lipschitz scaling when ``coeff`` is given, then
+    ``normalize`` (differentiable with respect to ``weight``)."""
 
     def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft):
         with torch.no_grad():
-            sigma, u_used, v_used = power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training)
+            sigma, u_used, v_used = power_iteration(weight.detach(), u, v, n_power_iterations, float(eps), dim,
+                                                    order, bool(training))
             sigma_eff = sigma
             if coeff is not None:
                 sigma_eff, u_used = lipschitz_scale(sigma, u_used, float(coeff), soft)

@@ -14,7 +14,7 @@ import os
 import sys
 import torch
 
-from .contract import Backend, accumulation_dtype, composed_eager, fake_like_weight, register_ops
+from .contract import Backend, composed_eager, fake_like_weight, fake_sigma, register_ops
 
 NOT_BUILT = "extension not built (pip install -e . builds it; or set_backend('native') to build it just in time)"
 
@@ -86,8 +86,8 @@ def _finish() -> None:
     torch.library.register_fake("sn_kernels::native_backward")(fake_like_weight)
     torch.library.register_fake("sn_kernels::native_normalize_eager")(fake_like_weight)
     torch.library.register_fake("sn_kernels::native_spectral_normalize_eager")(
-        lambda weight, u, v, n_power_iterations, eps, dim, order, training: (
-            torch.empty_like(weight), weight.new_empty((), dtype=accumulation_dtype(weight.dtype))))
+        lambda weight, u, v, n_power_iterations, eps, dim, order, training: (torch.empty_like(weight),
+                                                                              fake_sigma(weight)))
     # eager: one C++ call (power iteration + W / sigma with a C++ autograd formula); the Lipschitz
     # variants put their scaling between the same C++ power iteration and W / sigma
     fused = _raw("native_spectral_normalize_eager")
@@ -119,7 +119,7 @@ def _finish() -> None:
 
 def _fake_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
     return ([torch.empty_like(w) for w in weights],
-            [w.new_empty((), dtype=accumulation_dtype(w.dtype)) for w in weights],
+            [fake_sigma(w) for w in weights],
             [torch.empty_like(u) for u in us], [torch.empty_like(v) for v in vs])
 
 
