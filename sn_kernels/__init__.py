@@ -8,6 +8,7 @@ chosen by ``set_backend``, and drop-ins for both PyTorch front ends:
 ``convert(model)`` switch existing code over.
 """
 from . import parametrizations
+from .bounds import lipschitz_bound, sigma_bounds
 from .dispatch import available_backends, explain, get_backend, set_backend, use_backend
 from .freeze import freeze
 from .functional import spectral_normalize
@@ -40,4 +41,5 @@ __all__ = [
     "SNLinear", "SNConv1d", "SNConv2d", "SNConv3d",
     "SNConvTranspose1d", "SNConvTranspose2d", "SNConvTranspose3d", "SNEmbedding",
     "SpectralNorm", "patch_torch", "unpatch_torch", "is_patched", "freeze", "reset_uv",
+    "sigma_bounds", "lipschitz_bound",
 ]
