@@ -803,7 +803,8 @@ def _pool_bound(layer: nn.Module, in_shape, out_shape) -> float:
                 start = j * s - p
                 div = min(start + k, n + p) - start if layer.count_include_pad else len(w)
             mat[j, w] = 1.0 / div  # entries within u of 1/div: the norm within a factor 1 + u, covered below
-        total *= sigma_bounds(mat)[1] ** 2 * (1 + 4 * _U)
+        exact = "exact" if min(mat.shape) <= _EXACT_MAX_SIDE else "auto"
+        total *= sigma_bounds(mat, method=exact)[1] ** 2 * (1 + 4 * _U)
     if isinstance(layer, _AVGPOOL[:3]) and getattr(layer, "divisor_override", None):
         k = math.prod(_tuple(layer.kernel_size, nd))
         total *= (k / layer.divisor_override) ** 2
@@ -824,9 +825,8 @@ def _layer_lipschitz(name: str, layer: nn.Module, shape) -> tuple[float, tuple[i
                 raise ValueError(f"{label} takes {layer.in_features} features, gets shape {tuple(shape)}")
             return _layer_bounds(layer, None, "auto", None, 1e-8)[1], tuple(shape[:-1]) + (layer.out_features,)
         if isinstance(layer, _CONV + _CONV_T):
-            w = _eval_weight(layer)
-            out = output_shape(conv_spec(layer), w, shape)
-            return _layer_bounds(layer, shape, "auto", None, 1e-8)[1], tuple(out)
+            bound = _layer_bounds(layer, shape, "auto", None, 1e-8)[1]  # checks the shape
+            return bound, tuple(output_shape(conv_spec(layer), _eval_weight(layer), shape))
     except (TypeError, ValueError) as err:
         raise type(err)(f"lipschitz_bound: {label}: {err}") from err
     if type(layer) in _ACTIVATIONS:
@@ -885,5 +885,8 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     total = 1.0
     for name, layer in _chain(model):
         bound, shape = _layer_lipschitz(name, layer, shape)
-        total = math.nextafter(total * bound, _INF)
+        if 1.0 in (total, bound):  # exact
+            total *= bound
+        else:
+            total = math.nextafter(total * bound, _INF)
     return total
