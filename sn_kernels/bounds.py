@@ -58,6 +58,7 @@ _INF = math.inf
 _MAX_GRAM = 40  # Gram steps at most (k^(1/2^41) - 1 < 1e-11 for any k a float64 matrix can have)
 _SWITCH = 12  # 'auto'/'fft': Gram steps before the eigen-certificate takes over
 _POWER_STEPS = 32  # power iterations for the lower bound at most, after the warm start
+_AUTO_EIGH_SIDE = 1024  # 'auto' on a matrix: the eigen-certificate alone up to this smaller side
 _EXACT_MAX_SIDE = 4096  # 'exact': the largest smaller side of the (dense or Jacobian) matrix
 _EXACT_MAX_JACOBIAN = 1 << 22  # 'exact' on a conv: the most entries of its dense Jacobian
 _CHUNK = 1 << 22  # spectra are bounded this many complex entries at a time
@@ -123,16 +124,18 @@ def _fro_up(x: Tensor) -> Tensor:
     return _norm_up(x, (-2, -1))
 
 
-def _rayleigh_dn(y: Tensor, z: Tensor, x: Tensor, n_terms: int, dims) -> Tensor:
-    """A certified lower bound on ||A x|| / ||x|| given y = fl(A x) and z = fl(|A| |x|).
-
-    |fl(A x) - A x| <= gamma_n |A| |x| entrywise (n terms per entry) and |A| |x| <= z / (1 - gamma_n),
-    so ||A x|| >= ||y|| - gamma_n ||z|| / (1 - gamma_n)."""
-    g = _gamma(2 * n_terms)
-    slack = _up(_up(_norm_up(z, dims) * g) / (1 - g))
+def _quotient_dn(y: Tensor, slack: Tensor, x: Tensor, dims) -> Tensor:
+    """A certified lower bound on ||A x|| / ||x|| given y = fl(A x) and slack >= ||y - A x||."""
     num = torch.clamp(_dn(_norm_dn(y, dims) - slack), min=0.0)
     den = _norm_up(x, dims)
     return torch.where(den > 0, _dn(num / den), torch.zeros_like(num))
+
+
+def _rayleigh_dn(y: Tensor, z: Tensor, x: Tensor, n_terms: int, dims) -> Tensor:
+    """``_quotient_dn`` with z = fl(|A| |x|): |fl(A x) - A x| <= gamma_n |A| |x| entrywise (n terms per
+    entry) and |A| |x| <= z / (1 - gamma_n), so ||y - A x|| <= gamma_n ||z|| / (1 - gamma_n)."""
+    g = _gamma(2 * n_terms)
+    return _quotient_dn(y, _up(_up(_norm_up(z, dims) * g) / (1 - g)), x, dims)
 
 
 # ----------------------------------------------------------------------------- largest sigma of a batch
@@ -186,11 +189,8 @@ def _ray_batch(x: Tensor, c: Tensor, x_fro: Tensor) -> Tensor:
     """Certified lower bounds on sigma(x[b]) >= ||x[b] c[b]|| / ||c[b]|| (``x_fro`` >= ||x[b]||_F):
     ||fl(x c) - x c|| <= gamma_n || |x| |c| || <= gamma_n ||x||_F ||c||."""
     y = (x @ c.unsqueeze(-1)).squeeze(-1)
-    g = _gamma(2 * x.shape[-1])
-    slack = _up(_up(x_fro * _norm_up(c, (-1,))) * g)
-    num = torch.clamp(_dn(_norm_dn(y, (-1,)) - slack), min=0.0)
-    den = _norm_up(c, (-1,))
-    return torch.where(den > 0, _dn(num / den), torch.zeros_like(num))
+    slack = _up(_up(x_fro * _norm_up(c, (-1,))) * _gamma(2 * x.shape[-1]))
+    return _quotient_dn(y, slack, c, (-1,))
 
 
 @dataclass
@@ -379,6 +379,8 @@ def _matrix_bounds(w: Tensor, method: str, n_iter: int | None, rtol: float) -> t
     if method == "exact" and min(mat.shape) > _EXACT_MAX_SIDE:
         raise ValueError(f"method='exact' is for matrices with a side <= {_EXACT_MAX_SIDE}; got {tuple(mat.shape)} "
                          f"(use 'gram' or 'auto')")
+    if method == "auto" and n_iter is None and min(mat.shape) <= _AUTO_EIGH_SIDE:
+        method = "exact"  # cheaper than the Gram steps at this size (benchmarks/results/cpu_bounds.csv), and tighter
     top = _top_sigma(mat.unsqueeze(0), rtol=rtol, **_config(method, n_iter))
     lower = _power_lower(lambda v: mat @ v, lambda y: mat.mH @ y, lambda v: mat.abs() @ v, top.vector,
                          mat.shape[1] * (2 if mat.is_complex() else 1))
@@ -650,8 +652,8 @@ def sigma_bounds(module_or_weight, *, method: str = "auto", input_shape=None, n_
 
     Guarantee: lower <= sigma <= upper up to nothing: rounding is bounded and added (see
     the module docstring).  lower is always the Rayleigh quotient ||A v|| / ||v|| of the
-    true operator, v from ``_POWER_STEPS`` power iterations started at the upper bound's
-    best vector.
+    true operator, v from power iteration (at most 32 steps, until the estimate grows by
+    less than 1e-7) started at the upper bound's best vector.
 
     ``method``:
 
@@ -660,15 +662,16 @@ def sigma_bounds(module_or_weight, *, method: str = "auto", input_shape=None, n_
       costs a k x k x k product (k the smaller side); the bound is within a factor
       k^(1/2^(t+1)) of sigma after t steps, much closer with a spectral gap.
     * ``"fft"`` (convs only): the spectrum of the circular embedding below; each
-      frequency's sigma by Gram iteration (``n_iter`` or up to 8 steps), then where that
-      has not converged an ``eigh`` with a residual certificate: exact (to ~1e-12) for
-      circular padding whenever the layer is a circular convolution (stride 1 with
-      'same'-size output, or stride s dividing the input and 'same'-size output).
+      frequency's sigma by Gram iteration (``n_iter`` or up to 12 steps), then where that
+      has not converged an ``eigh`` with a residual certificate: exact (to rtol) for
+      circular padding whenever the layer is a circular convolution (stride 1 and n
+      outputs, or a stride s that divides n and n / s outputs).
     * ``"exact"``: the certified sigma of the dense matrix by ``eigh`` + residual bound
       (matrices with a side <= 4096), or of a conv's dense Jacobian (at most 4M entries;
       ValueError beyond).
-    * ``"auto"``: ``"fft"`` for convs; for matrices Gram iteration finished by the
-      eigen-certificate after 8 steps.
+    * ``"auto"``: ``"fft"`` for convs; for matrices the eigen-certificate (as ``"exact"``)
+      when the smaller side is <= 1024 (it is then cheaper than Gram steps and exact),
+      else Gram iteration finished by the certificate after 12 steps.
 
     Convolutions (why the bound holds): per spatial dim, with input size n, padding
     (pl, pr), dilated kernel size ke, stride s, A = S o C o E where
@@ -694,12 +697,16 @@ def sigma_bounds(module_or_weight, *, method: str = "auto", input_shape=None, n_
     computed by a direct DFT whose error is bounded and added).  Loose where: reflect /
     replicate padding (the product ||conv|| ||P|| is reached only if their worst
     directions align: up to sqrt(2)^d too high for reflect), zero padding on small inputs
-    (boundary effects: the circulant is slightly larger than the layer), strided zero
-    padding less so.  Exact (to rounding) for circular layers whose output is the whole grid.
+    (boundary effects: the circulant is slightly larger than the layer; for SNGAN's
+    128-channel 3x3 convs upper / lower is 1.0014 at 32x32, 1.017 at 8x8).  Exact (to rtol) for circular layers whose output
+    is the whole grid.
 
     Cost: the spectrum is O(g prod(N/s) C_out C_in s^d) memory in chunks of 4M entries;
     Gram steps O(C^3) per frequency kept (frequencies whose upper bound falls below the best
-    lower bound are dropped); the lower bound is ~2 * 9 convolutions in float64.
+    lower bound are dropped); the lower bound costs at most 2 * 33 float64 convolutions.
+
+    ``n_iter``: Gram steps (above); ``rtol``: where the adaptive loops stop (upper <=
+    (1 + rtol) lower, per frequency); ``dim``: the matrix view of a Tensor.
 
     Errors: ValueError for an unknown method, a missing / malformed ``input_shape`` for a
     conv, an empty or non-finite weight, ``fft`` on a matrix, ``exact`` too large;
