@@ -315,20 +315,6 @@ def test_opcheck_every_op(backend, backend_device, dtype, shape, dim, order, tra
             torch.library.opcheck(op, args, test_utils=DEFAULT_TEST_UTILS)
 
 
-def test_opcheck_snapshot():
-    from sn_kernels.backends import traced  # registers sn_kernels::snapshot
-
-    assert traced is not None
-
-    dev = BACKEND_DEVICES[-1]
-    for dtype in (torch.float32, torch.float16):
-        u, v = torch.randn(7, device=dev, dtype=dtype), torch.randn(5, device=dev, dtype=dtype)
-        a, b = torch.ops.sn_kernels.snapshot(u, v)
-        assert torch.equal(a, u) and torch.equal(b, v)
-        assert a.data_ptr() != u.data_ptr() and b.data_ptr() != v.data_ptr()
-        torch.library.opcheck(torch.ops.sn_kernels.snapshot, (u, v))
-
-
 def test_native_registers_the_grouped_ops():
     """The native backend lists the grouped ops (so test_opcheck_every_op checks them) when its
     extension has them (sn_kernels.grouped)."""

@@ -40,21 +40,23 @@ def _mtv(W: Tensor, u: Tensor, dim: int) -> Tensor:
     return (W * u.view(shape)).sum(dim).reshape(-1)
 
 
-@torch.library.custom_op("sn_kernels::snapshot", mutates_args=())
-def _snapshot(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Copies of u, v taken before the power iteration updates them in place.
+def _pinned_copy(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Copies of u, v taken before the power iteration updates them in place, as an op that
+    AOTAutograd's partitioner never recomputes and inductor fuses.
 
-    An opaque op on purpose.  AOTAutograd's partitioner (torch 2.11) may recompute a value in
-    the backward instead of saving it, re-reading graph inputs there; for u, v, which the
-    forward has updated by then, that gives silently wrong gradients (W^T u recomputed with
-    the new u; pytorch/pytorch#197039).  It never recomputes a custom op, so every chain it
-    replays starts from these copies."""
-    return u.clone(), v.clone()
+    The partitioner may recompute a value in the backward instead of saving it, re-reading graph
+    inputs there; for u, v, which the forward has updated by then, that gives silently wrong
+    gradients (W^T u recomputed with the new u; pytorch/pytorch#197039; tests/test_compile.py's
+    "mlp" model fails with a plain ``clone``).  It only recomputes ops of its allowlist
+    (``get_default_op_list`` in torch/_functorch/partitioners.py: pointwise ops, views, clone,
+    sum, amax, ...), and ``amin`` is not on it, so every chain it replays starts from these
+    copies.  Over one element ``amin`` is the identity (NaN included), and inductor lowers it
+    as a plain load that fuses with the power iteration.
 
-
-@_snapshot.register_fake
-def _(u, v):
-    return torch.empty_like(u), torch.empty_like(v)
+    An opaque custom op would do the same for the partitioner, but inductor's CPU backend ends
+    its current C++ kernel at every opaque call: one more kernel to compile per layer (SNGAN CNN
+    discriminator: 23 kernels against 16, benchmarks/NOTES.md)."""
+    return u.unsqueeze(0).amin(0), v.unsqueeze(0).amin(0)
 
 
 @torch.no_grad()
@@ -65,7 +67,7 @@ def power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training)
     W = weight.to(acc) if weight.dim() > 1 else weight.to(acc).unsqueeze(1)
     if not training:
         return torch.dot(u.to(acc), _mv(W, v.to(acc), dim)), u.clone(), v.clone()
-    ua, va = (x.to(acc) for x in _snapshot(u, v))
+    ua, va = (x.to(acc) for x in _pinned_copy(u, v))
     for _ in range(n_power_iterations):
         if order == "vu":
             va, _ = normalize_step(_mtv(W, ua, dim), va, eps)
