@@ -15,10 +15,12 @@ with PyTorch's default init (seeded), and each method:
 
 Layers of the same shape and input size are measured once (the ``layers`` column names them all).
 Time: median of --reps calls of ``sigma_bounds`` (fewer for a case whose calls took --budget s),
-one torch thread by default (a shared 2-core machine).  The default run (sngan_cifar_d and the small "single"
-shapes) takes about 3 minutes on 2 cores; ``--sets`` / ``--all`` for more.
+one torch thread by default (a shared 2-core machine).  The default run (all three sets, but matrices of more than
+1M entries and convs whose input size times channels squared passes 128^2 * 32^2) takes about
+2 minutes on 2 cores; ``--all`` runs everything (hours: BigGAN's 1536-channel matrices and its
+128x128 convs), ``--sets`` picks sets.
 
-    python benchmarks/bounds.py [--sets sngan_cifar_d single] [--all] [--reps 3] [--threads 1]
+    python benchmarks/bounds.py [--sets sngan_cifar_d biggan128_d single] [--all] [--reps 3] [--threads 1]
 
 Writes benchmarks/results/cpu_bounds.csv.
 """
@@ -44,7 +46,7 @@ from sn_kernels.testing import svd_sigma  # noqa: E402
 
 FIELDS = ["set", "layers", "weight_shape", "operator", "input", "method", "median_ms", "min_ms", "lower", "upper",
           "exact", "upper_over_exact", "lower_over_exact", "upper_over_lower", "reps", "threads", "torch", "device"]
-DEFAULT_SETS = ("sngan_cifar_d", "single")
+DEFAULT_SETS = ("sngan_cifar_d", "biggan128_d", "single")
 #: the input size each layer's conv sees, by layer-name prefix (see the docstring)
 INPUT_SIZE = {
     "sngan_cifar_d": {"block1": 32, "block2": 16, "block3": 8, "block4": 8},
