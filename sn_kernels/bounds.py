@@ -62,6 +62,7 @@ _SWITCH = 12  # 'auto'/'fft': Gram steps before the eigen-certificate takes over
 _POWER_STEPS = 32  # power iterations for the lower bound at most, after the warm start
 _AUTO_EIGH_SIDE = 1024  # 'auto' on a matrix: the eigen-certificate alone up to this smaller side
 _EXACT_MAX_SIDE = 4096  # 'exact': the largest smaller side of the (dense or Jacobian) matrix
+_AUTO_JACOBIAN = 1 << 18  # 'auto' on a conv: the exact route up to this many Jacobian entries
 _EXACT_MAX_JACOBIAN = 1 << 22  # 'exact' on a conv: the most entries of its dense Jacobian
 _CHUNK = 1 << 22  # spectra are bounded this many complex entries at a time
 
@@ -605,6 +606,8 @@ def _conv_bounds(module: nn.Module, w: Tensor, input_shape, method: str, n_iter:
     ws, e = _scaled(w)
     n_terms = ws.numel()
     apply = lambda x: conv_apply(spec, ws, x)  # noqa: E731
+    if method == "auto" and n_iter is None and math.prod(in_shape) * math.prod(out_shape) <= _AUTO_JACOBIAN:
+        method = "exact"  # a small layer: its dense Jacobian is cheap, and exact where the circulant is loose
     if method == "exact":
         upper, start = _jacobian_bounds(spec, ws, in_shape, out_shape, rtol, n_terms)
     else:
@@ -674,8 +677,9 @@ def sigma_bounds(module_or_weight, *, method: str = "auto", input_shape=None, n_
     * ``"exact"``: the certified sigma of the dense matrix by ``eigh`` + residual bound
       (matrices with a side <= 4096), or of a conv's dense Jacobian (at most 4M entries;
       ValueError beyond).
-    * ``"auto"``: ``"fft"`` for convs; for matrices the eigen-certificate (as ``"exact"``)
-      when the smaller side is <= 1024 (it is then cheaper than Gram steps and exact),
+    * ``"auto"``: for convs ``"exact"`` when the dense Jacobian has at most 2^18 entries
+      (cheap, and exact where the circulant is loose on tiny inputs), else ``"fft"``; for
+      matrices ``"exact"`` when the smaller side is <= 1024 (then cheaper than Gram steps),
       else Gram iteration finished by the certificate after 12 steps.
 
     Convolutions (why the bound holds): per spatial dim, with input size n, padding
