@@ -95,10 +95,11 @@ def _dn(x: Tensor) -> Tensor:
     return torch.nextafter(x, torch.full_like(x, -_INF))
 
 
-def _pow2(p: Tensor) -> Tensor:
-    """2.0 ** p (float64, exactly) for an integer tensor p in [-1022, 1023]."""
+def _pow2(p: Tensor, checked: bool = True) -> Tensor:
+    """2.0 ** p (float64, exactly) for an integer tensor p in [-1022, 1023] (``checked``: raise
+    otherwise, a host synchronisation; the certified normalization clamps p itself instead)."""
     p = p.to(torch.int64)
-    if p.numel() and (p.min() < -1022 or p.max() > 1023):
+    if checked and p.numel() and (p.min() < -1022 or p.max() > 1023):
         raise OverflowError("scale exponent out of range")
     return ((p + 1023) << 52).view(torch.float64)
 
@@ -114,12 +115,17 @@ def _vnorm(x: Tensor, dims) -> Tensor:
 
 def _norm_up(x: Tensor, dims) -> Tensor:
     """An upper bound on the 2-norm (Frobenius norm) of ``x`` over ``dims`` (a sum of n squares: gamma_n)."""
-    n = math.prod(x.shape[d] for d in dims) * (2 if x.is_complex() else 1)
-    return _up(_up(_vnorm(x, dims).to(torch.float64) * (1 + _gamma(n))) + _ABS)
+    n = math.prod([x.shape[d] for d in dims]) * (2 if x.is_complex() else 1)
+    return _inflate(_vnorm(x, dims).to(torch.float64), n)
+
+
+def _inflate(norm: Tensor, n: int) -> Tensor:
+    """An upper bound on a 2-norm of n real terms from ``norm``, its value computed in float64."""
+    return _up(_up(norm * (1 + _gamma(n))) + _ABS)
 
 
 def _norm_dn(x: Tensor, dims) -> Tensor:
-    n = math.prod(x.shape[d] for d in dims) * (2 if x.is_complex() else 1)
+    n = math.prod([x.shape[d] for d in dims]) * (2 if x.is_complex() else 1)
     return torch.clamp(_dn(_dn(_vnorm(x, dims).to(torch.float64) * (1 - _gamma(n))) - _ABS), min=0.0)
 
 
@@ -143,20 +149,24 @@ def _rayleigh_dn(y: Tensor, z: Tensor, x: Tensor, n_terms: int, dims) -> Tensor:
 
 # ----------------------------------------------------------------------------- largest sigma of a batch
 
-def _unwind(bound: Tensor, chain, upper: bool) -> Tensor:
+def _unwind(bound: Tensor, chain, upper: bool, checked: bool = True) -> Tensor:
     """sigma(G_{t-1}) <= 2^p_t sqrt(sigma(G_t) + e_t) (>= ... sqrt(sigma(G_t) - e_t)), from t = T down to 1."""
     for p, e in reversed(chain):
         if upper:
-            bound = _up(torch.sqrt(_up(bound + e))) * _pow2(p)
+            bound = _up(torch.sqrt(_up(bound + e))) * _pow2(p, checked)
         else:
-            bound = _dn(torch.sqrt(torch.clamp(_dn(bound - e), min=0.0))) * _pow2(p)
+            bound = _dn(torch.sqrt(torch.clamp(_dn(bound - e), min=0.0))) * _pow2(p, checked)
     return bound
 
 
-def _rescale(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(x / 2^p, p, e) with 2^p near ||x||_F (exact scaling) and e >= ||fl(H^H H) - H^H H||_F for H = x / 2^p."""
+def _rescale(x: Tensor, checked: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(x / 2^p, p, e) with 2^p near ||x||_F (exact scaling) and e >= ||fl(H^H H) - H^H H||_F for H = x / 2^p.
+    Not ``checked``: p clamped to [-1022, 1022] instead of refused (no host synchronisation; the scaling
+    stays an exact power of two, only no longer to O(1) for a weight beyond the float64 range)."""
     p = torch.frexp(_vnorm(x, (-2, -1))).exponent.to(torch.int64)
-    h = x * _pow2(-p)[:, None, None]
+    if not checked:
+        p = p.clamp(-1022, 1022)
+    h = x * _pow2(-p, checked)[:, None, None]
     n = h.shape[-2] * (2 if h.is_complex() else 1)
     fh = _fro_up(h)
     return h, p, _up(_up(_up(fh * fh) * _gamma(n)) + _ABS)

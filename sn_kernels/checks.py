@@ -9,6 +9,9 @@ from .backends.contract import ORDERS, matrix_shape
 #: (torch.nn.utils.parametrizations.spectral_norm)
 APIS = ("hook", "parametrization")
 MODES = ("matrix", "conv")
+#: what a front end divides by: "estimate" (sigma_hat of power iteration, PyTorch's) or "upper"
+#: (a certified upper bound on sigma: sn_kernels/certified.py)
+BOUNDS = ("estimate", "upper")
 #: power iterations run when u, v are drawn, so that sigma is already close at the first
 #: forward, even in eval mode (PyTorch's parametrization warms up the same way)
 INIT_ITERATIONS = 15
@@ -124,3 +127,26 @@ def check_mode(mode: str, dim, coeff, soft, gain, conv_options: dict) -> bool:
     if conv_options:
         raise TypeError(f"unexpected keyword arguments {sorted(conv_options)} (only for mode='conv')")
     return False
+
+
+def check_bound(bound: str, bound_every, weight=None, *, gain: bool = False, mode: str = "matrix") -> bool:
+    """Whether ``bound`` is "upper" (certified); refuse an unknown ``bound``, a ``bound_every`` that is
+    not an int >= 1, and "upper" with ``gain`` (the trainable gain would be the layer's norm: nothing
+    bounds it), with mode="conv" or with a complex weight."""
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
+    if type(bound_every) is not int:
+        raise TypeError(f"bound_every must be an int >= 1, got {bound_every!r}")
+    if bound_every < 1:
+        raise ValueError(f"bound_every must be an int >= 1, got {bound_every!r}")
+    if bound == "estimate":
+        return False
+    if gain:
+        raise ValueError("bound='upper' does not support gain=True: the trainable gain would set the layer's "
+                         "norm, so no bound would hold (use coeff for a fixed Lipschitz constant)")
+    if mode == "conv":
+        raise ValueError("bound='upper' certifies the matrix view (mode='matrix'); for the convolution operator "
+                         "use sn_kernels.sigma_bounds(module, input_shape=...) or lipschitz_bound")
+    if isinstance(weight, Tensor) and weight.is_complex():
+        raise ValueError(f"bound='upper' supports real weights only, got {weight.dtype}")
+    return True

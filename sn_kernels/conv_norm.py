@@ -46,7 +46,7 @@ from .serialize import serializable
 __all__ = [
     "ConvSpec", "conv_spec", "conv_apply", "conv_adjoint", "conv_weight_grad", "conv_power_iteration",
     "conv_spectral_normalize", "spectral_norm_conv", "remove_spectral_norm_conv", "reset_spectral_norm_conv",
-    "dense_operator_norm", "fft_operator_norm",
+    "dense_operator_norm", "fft_operator_norm", "output_shape",
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

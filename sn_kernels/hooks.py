@@ -17,7 +17,8 @@ from torch.nn.functional import normalize
 
 from . import conv_norm
 from .backends.pytorch import exact_top_singular
-from .checks import check_iterations_eps, check_mode, check_variant, check_weight_args, default_dim
+from .certified import Certifier
+from .checks import check_bound, check_iterations_eps, check_mode, check_variant, check_weight_args, default_dim
 from .find import find, torch_sn
 from .functional import spectral_normalize
 from .meta import guard_if_meta
@@ -34,20 +35,34 @@ class SpectralNorm(torch_sn.SpectralNorm):
     soft: bool = False
     gain: bool = False
     pending: torch.Tensor | None = None  # W/sigma computed ahead by sn_kernels.group, used by the next call
+    certifier: Certifier | None = None  # bound="upper" (sn_kernels/certified.py); None: divide by sigma_hat
     # sn_kernels.group's once-per-step refresh, run first (a separate pre-hook put ahead of this one,
     # prepend=True, makes dynamo build guards on the wrong hook)
     before: Callable[[nn.Module, tuple], None] | None = None
 
     def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
-                 *, coeff: float | None = None, soft: bool = False, gain: bool = False):
+                 *, coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
+                 bound_every: int = 1):
         check_iterations_eps(n_power_iterations, eps)
         super().__init__(name, n_power_iterations, dim, eps)
         self.coeff, self.soft, self.gain = coeff, soft, gain
+        if check_bound(bound, bound_every, gain=gain):
+            self.certifier = Certifier(bound_every)
+
+    @property
+    def bound(self) -> str:
+        """"upper" when dividing by a certified upper bound on sigma, else "estimate"."""
+        return "estimate" if self.certifier is None else "upper"
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         weight = getattr(module, self.name + "_orig")
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
+        if self.certifier is not None:
+            weight_sn, self.sigma = self.certifier.normalize(
+                weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps, dim=self.dim, order="vu",
+                training=do_power_iteration, coeff=self.coeff, soft=self.soft)
+            return weight_sn
         weight_sn, sigma = spectral_normalize(
             weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
             dim=self.dim, order="vu", training=do_power_iteration, coeff=self.coeff, soft=self.soft,
@@ -76,7 +91,8 @@ class SpectralNorm(torch_sn.SpectralNorm):
 
     @staticmethod
     def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float,
-              *, coeff: float | None = None, soft: bool = False, gain: bool = False) -> "SpectralNorm":
+              *, coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
+              bound_every: int = 1) -> "SpectralNorm":
         if find(module, name, kind="hook") is not None:
             raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
         if not isinstance(name, str) or name not in module._parameters:
@@ -97,7 +113,8 @@ class SpectralNorm(torch_sn.SpectralNorm):
                 "torch.nn.utils.parametrizations.spectral_norm (conjugate transposes)"
             )
         check_weight_args(weight, n_power_iterations, eps, dim)  # the hook keeps dim as given, like PyTorch's
-        fn = SpectralNorm(name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain)
+        fn = SpectralNorm(name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain, bound=bound,
+                          bound_every=bound_every)
         check_variant(weight, coeff, soft, None)
 
         with torch.no_grad():
@@ -118,14 +135,27 @@ class SpectralNorm(torch_sn.SpectralNorm):
 
         module.register_forward_pre_hook(fn)
         module._register_state_dict_hook(torch_sn.SpectralNormStateDictHook(fn))
-        module._register_load_state_dict_pre_hook(torch_sn.SpectralNormLoadStateDictPreHook(fn))
+        load_hook = _CertifiedLoadHook if fn.certifier is not None else torch_sn.SpectralNormLoadStateDictPreHook
+        module._register_load_state_dict_pre_hook(load_hook(fn))
         guard_if_meta(module, fn.name + "_u", weight)
         return fn
 
 
+class _CertifiedLoadHook(torch_sn.SpectralNormLoadStateDictPreHook):
+    """PyTorch's load pre-hook, which also makes a certified hook's next forward refresh its bound
+    (removed with the hook by ``remove_spectral_norm``, which finds PyTorch's class)."""
+
+    def __call__(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs) -> None:
+        if self.fn.certifier is not None:
+            self.fn.certifier.invalidate()
+        super().__call__(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
                   dim: int | None = None, *, coeff: float | None = None, soft: bool = False,
-                  gain: bool = False, mode: str = "matrix", **conv_options) -> nn.Module:
+                  gain: bool = False, bound: str = "estimate", bound_every: int = 1, mode: str = "matrix",
+                  **conv_options) -> nn.Module:
     """Apply spectral normalization to ``module.<name>`` with a forward pre-hook.
 
     Same signature, defaults, state_dict and numbers as ``torch.nn.utils.spectral_norm``.
@@ -136,12 +166,20 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     ``mode="conv"`` normalizes a Conv*/ConvTranspose* layer by the norm of its
     convolution operator (see ``sn_kernels.conv_norm.spectral_norm_conv`` for
     ``conv_options``: ``reinit_on_resize``, ``input_size``).
+
+    ``bound="upper"`` divides by a certified upper bound on sigma instead of the power
+    iteration's estimate: the normalized weight's matrix view then has spectral norm
+    <= ``coeff`` (default 1) at every forward, rounding included; the bound is refreshed
+    every ``bound_every`` training forwards and carried in between (sn_kernels/certified.py,
+    docs/lipschitz.md).  ``gain`` and mode="conv" are refused with it; state_dict keys do not change.
     """
+    check_bound(bound, bound_every, gain=gain, mode=mode)
     if check_mode(mode, dim, coeff, soft, gain, conv_options):
         return conv_norm.spectral_norm_conv(module, name, n_power_iterations, eps, api="hook", **conv_options)
     if dim is None:
         dim = default_dim(module)
-    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain)
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain, bound=bound,
+                       bound_every=bound_every)
     return module
 
 

@@ -14,7 +14,8 @@ from torch.nn.utils import parametrize
 
 from . import conv_norm
 from .backends.pytorch import as_matrix, exact_top_singular
-from .checks import INIT_ITERATIONS, check_mode, check_variant, check_weight_args, default_dim
+from .certified import Certifier
+from .checks import INIT_ITERATIONS, check_bound, check_mode, check_variant, check_weight_args, default_dim
 from .find import TorchSpectralNorm
 from .functional import spectral_normalize
 from .meta import guard_if_meta
@@ -29,12 +30,16 @@ class SpectralNormParametrization(nn.Module):
     coeff: float | None = None
     soft: bool = False
     pending: Tensor | None = None  # W/sigma computed ahead by sn_kernels.group, used by the next access
+    certifier: Certifier | None = None  # bound="upper" (sn_kernels/certified.py); None: divide by sigma_hat
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
-                 *, coeff: float | None = None, soft: bool = False, gain: bool = False) -> None:
+                 *, coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
+                 bound_every: int = 1) -> None:
         super().__init__()
         self.dim = check_weight_args(weight, n_power_iterations, eps, dim)
         check_variant(weight, coeff, soft, bool(gain))
+        if check_bound(bound, bound_every, weight, gain=gain):
+            self.certifier = Certifier(bound_every)
         ndim = weight.ndim
         self.eps = eps
         self.coeff, self.soft = coeff, soft
@@ -68,8 +73,20 @@ class SpectralNormParametrization(nn.Module):
         self.pending = None
         return pending
 
+    @property
+    def bound(self) -> str:
+        """"upper" when dividing by a certified upper bound on sigma, else "estimate"."""
+        return "estimate" if self.certifier is None else "upper"
+
     def compute(self, weight: Tensor) -> Tensor:
         """W / sigma(W) (one power iteration in training mode)."""
+        if self.certifier is not None:
+            buffers = self._buffers
+            weight_sn, sigma = self.certifier.normalize(
+                weight, buffers.get("_u"), buffers.get("_v"), n_power_iterations=getattr(self, "n_power_iterations", 1),
+                eps=self.eps, dim=self.dim, order="uv", training=self.training, coeff=self.coeff, soft=self.soft)
+            self.__dict__["sigma"] = sigma
+            return weight_sn
         if weight.ndim == 1 and self.coeff is None:
             # a vector's spectral norm is its length: exact, as in PyTorch
             out = F.normalize(weight, dim=0, eps=self.eps)
@@ -92,21 +109,29 @@ class SpectralNormParametrization(nn.Module):
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        if self.certifier is not None:  # a loaded weight: the next forward refreshes the bound
+            self.certifier.invalidate()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, eps={self.eps}, n_power_iterations={getattr(self, 'n_power_iterations', None)}"
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
                   dim: int | None = None, *, coeff: float | None = None, soft: bool = False,
-                  gain: bool = False, mode: str = "matrix", **conv_options) -> nn.Module:
+                  gain: bool = False, bound: str = "estimate", bound_every: int = 1, mode: str = "matrix",
+                  **conv_options) -> nn.Module:
     """Register a spectral-norm parametrization on ``module.<name>``.
 
     Same signature, defaults, state_dict keys and numbers as
     ``torch.nn.utils.parametrizations.spectral_norm``; undo with
     ``torch.nn.utils.parametrize.remove_parametrizations``.  Variants as in
     ``sn_kernels.spectral_norm``: ``coeff``, ``soft``, ``gain`` (the trainable
-    scalar is ``parametrizations.<name>.0.gain``), ``mode="conv"``.
+    scalar is ``parametrizations.<name>.0.gain``), ``mode="conv"``, and ``bound="upper"``
+    (a certified divisor, refreshed every ``bound_every`` training forwards).
     """
+    check_bound(bound, bound_every, gain=gain, mode=mode)
     if check_mode(mode, dim, coeff, soft, gain, conv_options):
         return conv_norm.spectral_norm_conv(module, name, n_power_iterations, eps, api="parametrization",
                                             **conv_options)
@@ -117,7 +142,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     if dim is None:
         dim = default_dim(module)
     parametrize.register_parametrization(
-        module, name, SpectralNormParametrization(weight, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain))
+        module, name, SpectralNormParametrization(weight, n_power_iterations, dim, eps, coeff=coeff, soft=soft,
+                                                  gain=gain, bound=bound, bound_every=bound_every))
     if weight.ndim > 1:
         guard_if_meta(module, f"parametrizations.{name}.{len(module.parametrizations[name]) - 1}._u", weight)
     return module
