@@ -57,9 +57,11 @@ import math
 import torch
 from torch import Tensor
 
+from . import dispatch
 from .backends.contract import accumulation_dtype, matrix_shape
 from .backends.pytorch import as_matrix
-from .bounds import _U, _fro_up, _inflate, _margin, _rescale, _unwind, _up
+from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _pow2, _rescale, _unwind, _up
+from .checks import check_call
 from .functional import spectral_normalize
 
 __all__ = ["GRAM_STEPS", "Certifier", "gram_upper_bound", "output_factor"]
@@ -67,35 +69,106 @@ __all__ = ["GRAM_STEPS", "Certifier", "gram_upper_bound", "output_factor"]
 #: Gram steps of a refresh: the bound is within k^(1/2^11) of sigma (k the smaller side; 1.0034 for
 #: k = 1024, 1.0024 for k = 128 in the worst case, a flat spectrum), much closer with a spectral gap
 GRAM_STEPS = 10
-_TINY = 2.0 ** -1022  # log of a zero Gram matrix: no gradient instead of -inf - (-inf)
+
+
+class _GramBound(torch.autograd.Function):
+    """B >= sigma(mat) by ``steps`` Gram steps (``gram_upper_bound``), with the analytic gradient of the
+    Gram bound in exact arithmetic, the Schatten-p norm ||x||_p, p = 2^(steps+1), of x = mat (or mat^T,
+    the smaller side k last): grad = x A^(p/2-1) / B^(p-1), A = x^T x; being 1-homogeneous, that is
+    B D / <D, x> for any positive multiple D of x A^(2^steps - 1) = x G_1 G_2 ... G_steps (the Gram
+    iterates G_t ~ A^(2^(t-1)) commute).  One product per step and one of x: about the forward's cost,
+    half of what autograd through the steps costs."""
+
+    @staticmethod
+    def forward(ctx, mat: Tensor, steps: int) -> Tensor:
+        x, p0 = _oriented(mat)
+        cur, chain, grams = x.unsqueeze(0), [], []
+        for _ in range(steps):
+            h, p, e = _rescale(cur, checked=False)
+            cur = h.mT @ h
+            chain.append((p, e))
+            grams.append(cur[0])
+        upper = _unwind(_fro_up(cur), chain, upper=True, checked=False)[0]
+        upper = _up(_up(upper * (1 + _margin(*mat.shape))) * _pow2(p0, checked=False))
+        ctx.steps = steps
+        ctx.save_for_backward(mat, upper, *grams)
+        return upper
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        mat, upper, *grams = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same gradient, by autograd through the steps
+            (out,) = torch.autograd.grad(_smooth_bound(mat, upper.detach(), ctx.steps), mat, grad, create_graph=True)
+            return out, None
+        x, p0 = _oriented(mat)
+        d = x
+        if grams:
+            m = grams[0]
+            for g in grams[1:]:
+                m = m @ g
+            d = x @ m
+        inner = (d * x).sum()  # <D, x> = tr(A M) > 0 unless D = 0 (M is positive semi-definite)
+        scale = torch.where(inner > 0, grad * upper / inner, torch.zeros_like(inner)) * _pow2(-p0, checked=False)
+        d = d * scale
+        if mat.shape[0] < mat.shape[1]:
+            d = d.mT
+        return d.to(mat.dtype), None
+
+
+class _Distance(torch.autograd.Function):
+    """||a - b||_F (a 0-d float64 tensor): the difference in a's dtype, its sum of squares in float64
+    (``torch.dot``); gradient (a - b) / ||a - b||_F with b constant, 0 at a = b (the subgradient of
+    ``vector_norm``), in a's dtype and without the float64 copy that ``vector_norm(..., dtype=)`` makes
+    in its backward.  Twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        d = (a - b).reshape(-1).to(torch.float64)
+        nrm = torch.sqrt(torch.dot(d, d))
+        ctx.save_for_backward(a, b, nrm)
+        return nrm
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b, nrm = ctx.saved_tensors
+        scale = torch.where(nrm > 0, grad / nrm, torch.zeros_like(nrm))
+        return (a - b) * scale.to(a.dtype), None
+
+
+def _smooth_bound(mat: Tensor, upper: Tensor, steps: int) -> Tensor:
+    """``upper`` in value, with the derivatives (first and second) of the Gram bound in exact arithmetic:
+    upper exp((log ||G_T||_F - its value) / 2^T), the scalings 2^-p_t held constant."""
+    cur = _oriented(mat)[0].unsqueeze(0)
+    for _ in range(steps):
+        h = _rescale(cur, checked=False)[0]
+        cur = h.mT @ h
+    log_fro = torch.log(torch.linalg.vector_norm(cur).clamp_min(2.0 ** -1022))
+    return upper * torch.exp((log_fro - log_fro.detach()) / 2 ** steps)
+
+
+def _oriented(mat: Tensor) -> tuple[Tensor, Tensor]:
+    """(x, p0): ``mat`` in float64 with its smaller side last (G = x^T x is k x k, k the smaller side),
+    scaled exactly by 2^-p0 to entries below 1 (no overflow in the first norms; what underflows is
+    covered by bounds' absolute slack, as in ``bounds._scaled``), without reading anything back."""
+    x = mat.to(torch.float64)
+    x = x.mT if x.shape[0] < x.shape[1] else x
+    p0 = torch.frexp(x.abs().amax()).exponent.to(torch.int64).clamp(-1022, 1022)
+    return x * _pow2(-p0, checked=False), p0
 
 
 def gram_upper_bound(mat: Tensor, steps: int = GRAM_STEPS) -> Tensor:
-    """A certified upper bound on the largest singular value of the 2-D ``mat`` (real arithmetic,
+    """A certified upper bound on the largest singular value of the 2-D real ``mat`` (in real arithmetic,
     the rounding of every step accounted for): a 0-d float64 tensor on ``mat``'s device, computed
-    without host synchronisation.  Differentiable: the gradient of the Gram bound in exact arithmetic
-    (module docstring).  ``steps`` Gram steps on the smaller side; 0 gives the Frobenius norm."""
+    without host synchronisation.  Differentiable (``_GramBound``), twice too.  ``steps`` Gram steps
+    on the smaller side (0: the Frobenius norm, unscaled; a vector takes at most 1, exact); within
+    k^(1/2^(steps+1)) of sigma, k the smaller side."""
     if mat.dim() != 2:
         raise ValueError(f"gram_upper_bound takes a matrix, got a {mat.dim()}-d tensor")
-    if mat.is_complex():
-        raise TypeError("gram_upper_bound: complex matrices are not supported")
-    x = mat.to(torch.float64)
-    if x.shape[0] < x.shape[1]:
-        x = x.mT  # G = x^T x is k x k, k the smaller side
-    cur, chain = x.unsqueeze(0), []
-    for _ in range(steps):
-        h, p, e = _rescale(cur, checked=False)
-        cur = h.mT @ h
-        chain.append((p, e.detach()))
-    with torch.no_grad():
-        upper = _unwind(_fro_up(cur), chain, upper=True, checked=False)[0]
-        upper = _up(upper * (1 + _margin(*mat.shape)))
-    if not (torch.is_grad_enabled() and cur.requires_grad):
-        return upper
-    # B = exp(log ||G_T||_F / 2^T + c) in exact arithmetic: exp of the change (1 in value) gives its
-    # gradient and second derivative at the certified value
-    log_fro = torch.log(torch.linalg.vector_norm(cur).clamp_min(_TINY))
-    return upper * torch.exp((log_fro - log_fro.detach()) / 2 ** steps)
+    if not mat.is_floating_point():
+        raise TypeError(f"gram_upper_bound takes a real floating-point matrix, got {mat.dtype}")
+    if min(mat.shape) == 1:
+        steps = min(steps, 1)  # a vector: one step (its squared norm, scaled: no overflow) is exact
+    return _GramBound.apply(mat, steps)
 
 
 def output_factor(weight: Tensor, dim: int, coeff: float) -> float:
@@ -120,6 +193,29 @@ def _subtraction_factor(dtype: torch.dtype) -> float:
     return math.nextafter(1 / (1 - torch.finfo(dtype).eps), math.inf)
 
 
+def _with_rounding(c: float, ops: int = 1) -> float:
+    """c (1 + 4 u)^ops rounded up: fl(x c') >= x c for x >= 0 and c' = _with_rounding(c), and each of
+    ``ops`` further roundings of a sum or product of non-negative terms is covered by one more factor."""
+    for _ in range(ops):
+        c = math.nextafter(c * (1 + 4 * _U), math.inf)
+    return c
+
+
+def _iterate(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int,
+             order: str) -> Tensor:
+    """The power iteration alone, as the front ends run it (u, v updated in place): sigma_hat.  Eager: the
+    selected backend's power-iteration op (no W / sigma); compiled: ``spectral_normalize``, whose unused
+    W / sigma the compiler drops."""
+    weight = weight.detach()
+    if torch.compiler.is_compiling():
+        return spectral_normalize(weight, u, v, n_power_iterations=n_power_iterations, eps=eps, dim=dim,
+                                  order=order, training=True)[1]
+    chosen = dispatch.resolve(weight.device)
+    if not chosen.eager_checks_args:
+        dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
+    return chosen.power_iteration(weight, u, v, n_power_iterations, float(eps), dim, order, True)[0]
+
+
 class Certifier:
     """The state of ``bound="upper"`` for one weight: W_ref, B_ref >= sigma(W_ref) and the training
     forwards left before the next refresh.  Plain attributes, never in the state_dict; a copy or a
@@ -133,12 +229,13 @@ class Certifier:
         """Forget W_ref and B_ref: the next forward refreshes."""
         self.ref: Tensor | None = None  # W_ref: a detached copy (the weight's dtype and device)
         self.ref_bound: Tensor | None = None  # B_ref >= sigma(W_ref): 0-d float64, same device
+        self.ref_base: Tensor | None = None  # >= f (B_ref + the absolute slack of the carry's norm)
         self.left = 0  # training forwards that carry before the next refresh
         self.estimate: Tensor | None = None  # the power iteration's sigma_hat (latest training forward)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(ref=None, ref_bound=None, left=0, estimate=None)
+        state.update(ref=None, ref_bound=None, ref_base=None, left=0, estimate=None)
         return state
 
     def _valid_for(self, weight: Tensor) -> bool:
@@ -147,8 +244,8 @@ class Certifier:
                 and ref.device == weight.device)
 
     def divisor(self, weight: Tensor, dim: int, coeff: float, training: bool, keep: bool = True) -> Tensor:
-        """B' = B * output_factor >= sigma(W) (1 + rounding), 0-d float64, differentiable; refreshes when
-        due (``keep=False``: without storing anything)."""
+        """B' >= output_factor * sigma(W): a 0-d float64 tensor, differentiable with respect to ``weight``;
+        a refresh when due (``keep=False``: computed without storing anything), else the carry."""
         factor = output_factor(weight, dim, coeff)
         refresh = not self._valid_for(weight)
         if training and not refresh:
@@ -156,21 +253,19 @@ class Certifier:
         if refresh:
             bound = gram_upper_bound(as_matrix(weight, dim))
             if keep:
+                with torch.no_grad():
+                    slack = _ABS * _with_rounding(_subtraction_factor(weight.dtype))
+                    self.ref_base = _up(_up(bound + slack) * factor)
                 self.ref, self.ref_bound = weight.detach().clone(), bound.detach()
                 self.left = self.bound_every - 1
-            with torch.no_grad():
-                den = _up(bound.detach() * factor)
-            return den if not bound.requires_grad else den * (bound / bound.detach())
+            return bound * _with_rounding(factor)  # >= bound * factor after its rounding
         if training and keep:
             self.left -= 1
-        sub = _subtraction_factor(weight.dtype)
-        nrm = torch.linalg.vector_norm(weight - self.ref, dtype=torch.float64)
-        with torch.no_grad():
-            dist = _up(_inflate(nrm.detach(), weight.numel()) * sub)  # >= ||W - W_ref||_F
-            den = _up(_up(self.ref_bound + dist) * factor)
-        if not nrm.requires_grad:
-            return den
-        return den + (nrm - nrm.detach()) * (sub * factor)
+        # ||W - W_ref||_F <= sub ||fl(W - W_ref)||_F <= sub ((1 + gamma_n) nrm + _ABS) (bounds._inflate), so
+        # B' = f (B_ref + that) is reached by (nrm k1 + base) (1 + 4u) with three roundings of >= 0 terms
+        nrm = _Distance.apply(weight, self.ref)
+        k1 = _with_rounding(factor * _subtraction_factor(weight.dtype) * (1 + _gamma(weight.numel())), 2)
+        return (nrm * k1 + self.ref_base) * (1 + 4 * _U)
 
     def normalize(self, weight: Tensor, u: Tensor | None, v: Tensor | None, *, n_power_iterations: int,
                   eps: float, dim: int, order: str, training: bool, coeff: float | None,
@@ -179,8 +274,7 @@ class Certifier:
         updated; its sigma_hat kept in ``estimate``); W_sn does not depend on it."""
         if training and u is not None:
             with torch.no_grad():
-                self.estimate = spectral_normalize(weight.detach(), u, v, n_power_iterations=n_power_iterations,
-                                                   eps=eps, dim=dim, order=order, training=True)[1]
+                self.estimate = _iterate(weight, u, v, n_power_iterations, eps, dim, order)
         coeff = 1.0 if coeff is None else float(coeff)
         den = self.divisor(weight, dim, coeff, training)
         scale = coeff / den

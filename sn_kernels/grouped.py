@@ -46,7 +46,7 @@ policies:
 Not grouped (computed per layer as usual): ``mode="conv"`` layers, PyTorch's own
 spectral norm (call ``sn_kernels.convert`` first) and stacked parametrizations.
 Computed one at a time inside the group (same numbers, no shared node): weights
-with ``coeff``, ``soft`` or ``gain``, complex weights and 1-D parametrized weights.
+with ``coeff``, ``soft``, ``gain`` or ``bound="upper"``, complex weights and 1-D parametrized weights.
 
 A grouped model copies and saves like any model: the group is plain data stored in
 the model's hook dicts (module references, names), so ``copy.deepcopy(model)`` gives
@@ -96,7 +96,7 @@ class _Member:
     def tensors(self):
         """(weight, u, v, order) when this weight can join the group's shared node, else None."""
         st = self.state
-        if st.coeff is not None or st.soft:
+        if st.coeff is not None or st.soft or st.certifier is not None:
             return None
         if self.kind == "hook":
             if st.gain:
@@ -228,12 +228,50 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
     return sh.outputs
 
 
+@torch.compiler.assume_constant_result
+def _group_op_runs(device_type: str) -> bool:
+    """Whether a compiled grouped model on ``device_type`` takes the native grouped op: the native
+    backend is the one selected there and its extension has the grouped ops.  Decided once per
+    trace, outside it."""
+    return dispatch.resolve(torch.device(device_type)).name == "native" and _has_group_ops()
+
+
+def _compiled_group(members: list[_Member]) -> None:
+    """The compiled "call" refresh: every groupable weight of one (device, dtype, order, iteration
+    count, eps, mode) through ONE opaque ``native_group_forward``, its autograd formula one
+    ``native_group_backward`` (backends/native.py).  Inductor generates no code for them, and the
+    call sits before the model's first layer, so it splits none of the fused kernels (inductor's
+    CPU backend ends a kernel at every opaque call): compile time near that of the model without
+    spectral norm (benchmarks/NOTES.md, C2).  Layers the op cannot take compute their own."""
+    groups: dict = {}
+    for mem in members:
+        t = mem.tensors()
+        if t is not None and _group_op_runs(t[0].device.type):
+            st = mem.state
+            key = (t[0].device, t[0].dtype, t[3], st.n_power_iterations, st.eps, mem.training())
+            groups.setdefault(key, []).append((mem,) + t)
+    for (_, _, order, iters, eps, training), items in groups.items():
+        us = [it[2] for it in items]
+        vs = [it[3] for it in items]
+        outs, sigmas, us_used, vs_used = torch.ops.sn_kernels.native_group_forward(
+            [it[1] for it in items], us, vs, [it[0].state.dim for it in items], iters, float(eps), order, training)
+        if training:
+            with torch.no_grad():
+                for buf, new in zip(us + vs, us_used + vs_used):
+                    buf.copy_(new)
+        for it, w_sn, sigma in zip(items, outs, sigmas):
+            it[0].set_sigma(sigma)
+            it[0].state.pending = w_sn
+
+
 class SNGroup:
     """Handle returned by ``sn_kernels.group``: ``remove()`` restores per-layer computation,
     ``attach(optimizer)`` / ``detach()`` switch the once-per-step refresh on and off.
 
     Stored in ``model``'s hook dicts and made of plain data, so it is deep-copied and pickled
     with the model (``find_group`` gets the copy's handle)."""
+
+    _step_refresh = False  # the class default keeps groups pickled before it loadable
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         if find_group(model) is not None:
@@ -253,6 +291,7 @@ class SNGroup:
         self._cache: list[Tensor] | None = None
         self._key = None
         self._optimizer_handle = None
+        self._step_refresh = False  # plain data: dynamo cannot trace a look at the handle
         self._handles = [
             model.register_forward_pre_hook(self._model_pre),
             model.register_forward_hook(self._model_post, always_call=True),
@@ -270,12 +309,13 @@ class SNGroup:
     @property
     def refresh(self) -> str:
         """"step" while attached to an optimizer, else "call"."""
-        return "call" if self._optimizer_handle is None else "step"
+        return "step" if self._step_refresh else "call"
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "SNGroup":
         """Refresh W/sigma once per ``optimizer.step()`` (see the module docstring)."""
         self.detach()
         self._optimizer_handle = optimizer.register_step_post_hook(self._mark_stale)
+        self._step_refresh = True
         self._stale, self._cache = True, None
         return self
 
@@ -284,6 +324,7 @@ class SNGroup:
         if self._optimizer_handle is not None:
             self._optimizer_handle.remove()
             self._optimizer_handle = None
+        self._step_refresh = False
         self._cache = None
 
     def _mark_stale(self, *args) -> None:
@@ -323,7 +364,9 @@ class SNGroup:
 
     def _model_pre(self, model: nn.Module, inputs) -> None:
         if torch.compiler.is_compiling():
-            return  # each layer computes its own W/sigma (the compiled route)
+            if self.refresh == "call":
+                _compiled_group(self.members)
+            return  # otherwise each layer computes its own W/sigma (the compiled route)
         members = self._live_members()
         if self.refresh == "step":
             # once per model call: a weight changed in place, a mode switched or the grad mode changed
@@ -370,7 +413,7 @@ class SNGroup:
         # a copy (deepcopy, pickle) is independent of the optimizer and of this model's graph:
         # no cached W/sigma, no optimizer hook; it refreshes per call until attach()
         state = self.__dict__.copy()
-        state.update(_cache=None, _key=None, _stale=True, _optimizer_handle=None)
+        state.update(_cache=None, _key=None, _stale=True, _optimizer_handle=None, _step_refresh=False)
         return state
 
 

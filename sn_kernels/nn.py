@@ -38,7 +38,7 @@ def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iteratio
 
     ``api`` is "hook" (``torch.nn.utils.spectral_norm`` keys) or "parametrization";
     modules named in ``exclude`` and weights already normalized are left alone.
-    ``variant`` keywords (``coeff``, ``soft``, ``gain``) go to ``spectral_norm``.
+    ``variant`` keywords (``coeff``, ``soft``, ``gain``, ``bound``, ``bound_every``) go to ``spectral_norm``.
     """
     wrap = _wrapper(api)
     layer_types = tuple(layer_types)
@@ -103,12 +103,21 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
     qualified name (``"block1.c1.weight"``), for logging.  Weights not run yet (or
     wrapped by PyTorch's own API) get sigma = u . (W v) from their current state;
     mode="conv" weights appear once their first forward has drawn u, v.
+    With ``bound="upper"`` the sigma is the certified divisor B' >= sigma(W) (float64)
+    of the latest forward, or the one a forward would use now (no state changes); the
+    power iteration's estimate is ``state.certifier.estimate``.
     Adds nothing to the state_dict."""
     out = {}
     for qual, site in walk(model):
         kind, module, pname, state = site.kind, site.module, site.name, site.state
         sigma = getattr(state, "sigma", None)
         if sigma is None and kind == "conv":
+            continue
+        certifier = getattr(state, "certifier", None)
+        if sigma is None and certifier is not None:
+            weight = getattr(module, pname + "_orig") if kind == "hook" else module.parametrizations[pname].original
+            out[qual] = certifier.divisor(weight, state.dim, 1.0 if state.coeff is None else float(state.coeff),
+                                          training=False, keep=False)
             continue
         if sigma is None:
             if kind == "hook":
@@ -128,9 +137,11 @@ def _sn_layer(base: type, doc: str) -> type:
     """A subclass of ``base`` whose weight is spectrally normalized at construction."""
 
     def __init__(self, *args, n_power_iterations: int = 1, eps: float = 1e-12, api: str = "hook",
-                 coeff: float | None = None, soft: bool = False, gain: bool = False, **kwargs):
+                 coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
+                 bound_every: int = 1, **kwargs):
         base.__init__(self, *args, **kwargs)
-        _wrapper(api)(self, n_power_iterations=n_power_iterations, eps=eps, coeff=coeff, soft=soft, gain=gain)
+        _wrapper(api)(self, n_power_iterations=n_power_iterations, eps=eps, coeff=coeff, soft=soft, gain=gain,
+                      bound=bound, bound_every=bound_every)
 
     return type("SN" + base.__name__, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
@@ -138,7 +149,7 @@ def _sn_layer(base: type, doc: str) -> type:
 _DOC = ("``torch.nn.{0}`` with a spectrally normalized weight.  Extra keyword arguments: "
         "``n_power_iterations=1``, ``eps=1e-12``, ``api='hook'`` (state_dict keys of "
         "``torch.nn.utils.spectral_norm``) or ``'parametrization'``, and the variants "
-        "``coeff``, ``soft``, ``gain`` of ``sn_kernels.spectral_norm``.")
+        "``coeff``, ``soft``, ``gain``, ``bound``, ``bound_every`` of ``sn_kernels.spectral_norm``.")
 SNLinear = _sn_layer(nn.Linear, _DOC.format("Linear"))
 SNConv1d = _sn_layer(nn.Conv1d, _DOC.format("Conv1d"))
 SNConv2d = _sn_layer(nn.Conv2d, _DOC.format("Conv2d"))

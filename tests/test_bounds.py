@@ -106,6 +106,29 @@ def test_dense_enclosure(method):
         assert 1 - lo / exact <= tol, f"{method}: {name}: lower {1 - lo / exact:.3e} below"
 
 
+def test_gram_upper_bound_tensor():
+    """certified.gram_upper_bound (the host-free tensor version that bound='upper' refreshes with) encloses
+    sigma on every real case, adversarial scales included, within the Gram worst case k^(1/2^(T+1))."""
+    from sn_kernels.certified import GRAM_STEPS, gram_upper_bound
+
+    for name, w, dim in CASES:
+        if w.is_complex():
+            continue
+        mat = bounds.as_matrix(w, dim)
+        upper = gram_upper_bound(mat)
+        assert upper.dtype == torch.float64 and upper.dim() == 0
+        exact = exact_sigma(w, dim)
+        hi = upper.item()
+        assert hi >= exact, f"gram_upper_bound: {name}: {hi!r} < {exact!r}"
+        if exact > 0:
+            worst = min(mat.shape) ** (1 / 2 ** (GRAM_STEPS + 1)) if min(mat.shape) > 1 else 1.0
+            assert hi <= exact * worst * (1 + 1e-9) or hi <= 1e-290, name
+            record("gram_upper_bound upper/exact", torch.tensor(hi / exact, dtype=torch.float64),
+                   torch.tensor(1.0, dtype=torch.float64))
+        else:
+            assert hi < 1  # a zero matrix: slack only (the absolute 2^-1000 per step, square-rooted)
+
+
 def test_dense_complex():
     """Complex matrices (Tensors; conv weights are refused below) are bounded too."""
     g = torch.Generator().manual_seed(1)

@@ -1,0 +1,536 @@
+"""Spectral normalization by a certified upper bound (``bound="upper"``, sn_kernels/certified.py).
+
+The guarantee is checked against the exact float64 SVD of the normalized weight's matrix
+view at every forward of short Adam runs whose steps move W a lot (lr 0.1): the same runs
+with ``bound="estimate"`` (PyTorch's behaviour) exceed ``coeff``, so the check can fail.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils import parametrize
+
+import sn_kernels
+from helpers import record
+from sn_kernels import bounds, certified
+from sn_kernels import parametrizations as P
+from sn_kernels.conv_norm import dense_operator_norm
+from sn_kernels.find import find
+from sn_kernels.testing import svd_sigma
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SLACK = 1e-12  # the float64 SVD's own error, relative: the bound is checked to this
+WRAP = {"hook": sn_kernels.spectral_norm, "param": P.spectral_norm}
+ORIGINAL = {"hook": "weight_orig", "param": "parametrizations.weight.original"}
+
+
+def state_of(module, api):
+    return find(module, "weight").state
+
+
+def make_layer(kind: str, dtype=torch.float32):
+    """(layer, input shape, matrix-view dim) of a small Linear / Conv2d / ConvTranspose2d (dim=1)."""
+    if kind == "linear":
+        return nn.Linear(24, 16).to(dtype), (8, 24), 0
+    if kind == "conv":
+        return nn.Conv2d(4, 6, 3, padding=1).to(dtype), (4, 4, 6, 6), 0
+    return nn.ConvTranspose2d(6, 4, 3, padding=1).to(dtype), (4, 6, 5, 5), 1
+
+
+def exact(module, dim) -> float:
+    """sigma of the matrix view of ``module.weight`` (inside ``parametrize.cached()``: the weight the
+    last forward used, not a new training forward)."""
+    return svd_sigma(module.weight.detach(), dim).item()
+
+
+def train(module, in_shape, steps, dtype, seed=1, lr=0.1, check=None):
+    """Adam steps on a random linear loss; ``check(module)`` after every forward (before the step), the
+    parametrized weight cached so that reading it does not run the parametrization again."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(in_shape, generator=gen, dtype=dtype)
+        with parametrize.cached():
+            y = module(x)
+            if check is not None:
+                check(module)
+        loss = (y * torch.randn(y.shape, generator=gen, dtype=dtype)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+# ----------------------------------------------------------------------------- the guarantee
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("bound_every", [1, 5])
+@pytest.mark.parametrize("coeff", [1.0, 0.5])
+@pytest.mark.parametrize("kind", ["linear", "conv", "convT"])
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_norm_at_most_coeff_at_every_step(api, kind, coeff, bound_every, dtype):
+    """sigma(W_sn) <= coeff at every training forward (the first included) and in eval mode, while the
+    same run normalized by the power-iteration estimate goes above coeff."""
+    torch.manual_seed(0)
+    base, in_shape, dim = make_layer(kind, dtype)
+    seen = {"estimate": [], "upper": []}
+    for bound in seen:
+        layer = copy.deepcopy(base)
+        WRAP[api](layer, coeff=coeff, bound=bound, bound_every=bound_every)
+        train(layer, in_shape, 30, dtype, check=lambda m, b=bound: seen[b].append(exact(m, dim) / coeff))
+        if bound == "upper":
+            layer.eval()
+            for _ in range(2):
+                layer(torch.randn(in_shape, dtype=dtype))
+                seen[bound].append(exact(layer, dim) / coeff)
+    worst = max(seen["upper"])
+    record(f"certified sigma(W_sn)/coeff {api}", torch.tensor(worst, dtype=dtype), torch.tensor(1.0, dtype=dtype))
+    assert worst <= 1 + SLACK, f"sigma(W_sn) = {worst!r} coeff"
+    assert max(seen["estimate"]) > 1.01  # the run does push sigma_hat-normalized weights above coeff
+    # tight at the refreshes: training forwards 0, k, 2k, ... (the parametrization refreshed at registration:
+    # k - 1, 2k - 1, ..., and its forward 0 carries at W = W_ref)
+    refreshes = seen["upper"][0:30:bound_every] if api == "hook" else seen["upper"][bound_every - 1:30:bound_every]
+    assert min(refreshes + seen["upper"][:1]) > 0.98
+
+
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_soft_and_vector_weights(api):
+    """soft=True: W / max(1, B / coeff) is <= coeff and leaves a weight below coeff untouched; a 1-D
+    parametrized weight is divided by a bound on its norm."""
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 6)
+    with torch.no_grad():
+        layer.weight.mul_(0.01)  # sigma well below coeff
+    WRAP[api](layer, coeff=2.0, soft=True, bound="upper")
+    w_orig = dict(layer.named_parameters())[ORIGINAL[api]].detach().clone()
+    layer(torch.randn(2, 10))
+    assert torch.equal(layer.weight.detach(), w_orig)  # below coeff: passes through unchanged
+    train(layer, (8, 10), 15, torch.float32, check=lambda m: None, lr=0.5)
+    layer(torch.randn(2, 10))
+    assert svd_sigma(layer.weight.detach()).item() <= 2.0 * (1 + SLACK)
+    bias = nn.Linear(5, 7)
+    P.spectral_norm(bias, name="bias", bound="upper", coeff=0.5)
+    assert torch.linalg.vector_norm(bias.bias.double()).item() <= 0.5
+    assert torch.linalg.vector_norm(bias.bias.double()).item() > 0.5 * (1 - 1e-5)
+
+
+def test_conv_operator_norm_claim():
+    """What docs/lipschitz.md says about convolutions: the operator norm can exceed the matrix view's
+    sigma (bound='upper' does not bound it), but by at most sqrt(prod(kernel_size)) with zero or
+    circular padding, any stride or dilation (each input element is read by at most prod(k) windows)."""
+    torch.manual_seed(0)
+    above = 0
+    for layer, shape in [
+        (nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6)), (nn.Conv2d(2, 3, 3, stride=2, padding=1), (2, 7, 7)),
+        (nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular"), (3, 5, 5)),
+        (nn.Conv2d(2, 4, (1, 3), dilation=2, padding=(0, 2)), (2, 5, 6)), (nn.Conv1d(3, 2, 5, padding=2), (3, 9)),
+        (nn.ConvTranspose2d(4, 3, 3, padding=1), (4, 5, 5)), (nn.ConvTranspose2d(3, 2, 4, stride=2), (3, 4, 4)),
+        (nn.Conv2d(4, 4, 3, padding=1, groups=2), (4, 5, 5)),
+    ]:
+        with torch.no_grad():  # the same matrix at every tap: the operator norm is far above the matrix view's
+            first = layer.weight[..., :1, :1] if layer.weight.dim() == 4 else layer.weight[..., :1]
+            layer.weight.copy_(first.expand_as(layer.weight).clone())
+        dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+        op = dense_operator_norm(layer, shape).item()
+        mat = svd_sigma(layer.weight.detach(), dim).item()
+        k = math.prod(layer.kernel_size)
+        assert op <= math.sqrt(k) * mat * (1 + 1e-12), type(layer).__name__
+        above += op > mat * 1.5
+    assert above >= 3  # the matrix view is not the operator norm
+
+
+# ----------------------------------------------------------------------------- tightness
+
+def _spectrum(m, n, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return (U * torch.tensor(s, dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_tightness(dtype):
+    """B / sigma right after a refresh: within k^(1/2^11) for a flat spectrum (the Gram worst case),
+    near 1 for random weights of SNGAN's shapes; after Adam carries it grows with ||W - W_ref||_F."""
+    g = torch.Generator().manual_seed(0)
+    cases = {"randn 128x1152": torch.randn(128, 1152, generator=g, dtype=torch.float64) / 34,
+             "randn 128x27": torch.randn(128, 27, generator=g, dtype=torch.float64),
+             "flat 64x64": _spectrum(64, 64, [1.0] * 64, 1), "flat 16x40": _spectrum(16, 40, [2.0] * 16, 2),
+             "1x128": torch.randn(1, 128, generator=g, dtype=torch.float64)}
+    for name, w in cases.items():
+        w = w.to(dtype)
+        sigma = svd_sigma(w).item()
+        b = certified.gram_upper_bound(w).item()
+        ratio = b / sigma
+        record(f"certified B/sigma after refresh {name}", torch.tensor(ratio, dtype=torch.float64),
+               torch.tensor(1.0, dtype=torch.float64))
+        assert 1 <= ratio <= min(w.shape) ** (1 / 2 ** (certified.GRAM_STEPS + 1)) * (1 + 1e-9), name
+        assert ratio <= 1.005
+    # a layer: the divisor at a refresh, then at the carries after 1..9 small Adam steps, then a refresh
+    torch.manual_seed(0)
+    layer = nn.Conv2d(16, 16, 3).to(dtype)
+    sn_kernels.spectral_norm(layer, bound="upper", bound_every=10)
+    state = state_of(layer, "hook")
+    ratios = []
+    train(layer, (2, 16, 5, 5), 11, dtype, lr=1e-3,
+          check=lambda m: ratios.append(state.sigma.item() / svd_sigma(m.weight_orig).item()))
+    assert ratios[0] <= 1.005 and ratios[10] <= 1.005 and all(r >= 1 for r in ratios)
+    assert ratios[9] > ratios[1] > ratios[0]  # the carry loosens as W moves
+    record("certified B/sigma after 9 carries (lr 1e-3)", torch.tensor(ratios[9], dtype=dtype),
+           torch.tensor(1.0, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("step", ["refresh", "carry"])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_gradcheck(api, step, soft):
+    """gradcheck (and gradgradcheck) of the layer's output as a function of the raw weight, float64:
+    a refresh (bound_every=1: every call is one) and a carry (W away from W_ref)."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 2).double()
+    WRAP[api](layer, bound="upper", bound_every=1 if step == "refresh" else 10 ** 9, coeff=0.7, soft=soft)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    layer(x)  # the refresh that carry steps start from
+    w = dict(layer.named_parameters())[ORIGINAL[api]].detach().clone()
+    if step == "carry":
+        w += 0.05 * torch.randn_like(w)
+    if soft:
+        w *= 3  # the soft form active (B > coeff)
+    w.requires_grad_(True)
+    state = state_of(layer, api)
+    left = state.certifier.left
+
+    def f(weight):
+        return functional_call(layer, {ORIGINAL[api]: weight}, (x,))
+
+    assert torch.autograd.gradcheck(f, (w,))
+    assert torch.autograd.gradgradcheck(f, (w,))
+    f(w)
+    if step == "carry":
+        assert state.certifier.left < left  # every call carried: none refreshed
+        assert not torch.equal(state.certifier.ref, w.detach())
+    else:
+        assert torch.equal(state.certifier.ref, w.detach())
+
+
+def test_carry_gradient_at_the_reference_is_the_subgradient_zero():
+    """At W = W_ref the carry's ||W - W_ref|| contributes the subgradient 0: the gradient is that of
+    coeff W / B_ref with B_ref constant."""
+    layer = nn.Linear(5, 4).double()
+    P.spectral_norm(layer, bound="upper", bound_every=3)
+    layer(torch.randn(1, 5, dtype=torch.float64))  # after registration's refresh: a carry at W = W_ref
+    w = layer.parametrizations.weight.original
+    g = torch.randn(4, 5, dtype=torch.float64)
+    w.grad = None
+    layer.weight.backward(g)
+    den = state_of(layer, "param").sigma
+    torch.testing.assert_close(w.grad, g / den, rtol=1e-14, atol=0)
+
+
+# ----------------------------------------------------------------------------- host synchronisation
+
+SYNCS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__")
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Every Python-level read of a tensor's value raises while the fixture's context is active."""
+    calls = []
+
+    def refuse(name):
+        def fn(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"host synchronisation: Tensor.{name}")
+        return fn
+
+    class Guard:
+        def __enter__(self):
+            for name in SYNCS:
+                monkeypatch.setattr(torch.Tensor, name, refuse(name))
+
+        def __exit__(self, *exc):
+            monkeypatch.undo()
+
+    return Guard(), calls
+
+
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_no_host_sync_cpu(api, no_host_reads):
+    """A carry step and a refresh step (forward and backward) read no tensor value on the host:
+    Tensor.item/tolist/__bool__/__float__/... are never called."""
+    guard, calls = no_host_reads
+    layer = nn.Conv2d(3, 5, 3)
+    WRAP[api](layer, bound="upper", bound_every=2)
+    x = torch.randn(2, 3, 6, 6)
+    layer(x).sum().backward()  # first calls: warm-ups and lazy imports outside the guard
+    layer(x).sum().backward()
+    with guard:
+        for _ in range(4):  # refresh and carry steps alternate
+            layer(x).sum().backward()
+        layer.eval()
+        layer(x)
+    assert calls == []
+    with guard, pytest.raises(AssertionError, match="host synchronisation"):  # the guard does catch reads
+        bounds._pow2(torch.tensor([3]))  # checked: compares on the host
+    assert calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_no_host_sync_cuda(api):
+    """torch.cuda.set_sync_debug_mode('error') through refresh and carry steps, forward and backward."""
+    layer = nn.Conv2d(3, 5, 3).cuda()
+    WRAP[api](layer, bound="upper", bound_every=2)
+    x = torch.randn(2, 3, 6, 6, device="cuda")
+    layer(x).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            layer(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert svd_sigma(layer.weight.detach().cpu()).item() <= 1 + SLACK
+
+
+# ----------------------------------------------------------------------------- state
+
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_state_dict_keys_unchanged(api):
+    torch.manual_seed(0)
+    plain, cert = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+    WRAP[api](plain)
+    WRAP[api](cert, bound="upper", bound_every=4)
+    cert(torch.randn(1, 3, 5, 5))
+    assert list(cert.state_dict()) == list(plain.state_dict())
+    assert [k for k, _ in cert.named_buffers()] == [k for k, _ in plain.named_buffers()]
+    cert.load_state_dict(plain.state_dict())  # checkpoints interchange both ways
+    plain.load_state_dict(cert.state_dict())
+
+
+def _copies(layer, api):
+    """Copies of ``layer``: deepcopy, and for the hook API pickle and torch.save (PyTorch refuses to
+    pickle parametrized modules: state_dict only)."""
+    if api == "param":
+        return {"deepcopy": copy.deepcopy(layer)}
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    return {"deepcopy": copy.deepcopy(layer), "pickle": pickle.loads(pickle.dumps(layer)),
+            "torch.save": torch.load(buf, weights_only=False)}
+
+
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_copies_loads_and_moves_refresh(api):
+    """After a deepcopy, a pickle, load_state_dict or a change of dtype, the first forward refreshes:
+    W_ref is the weight the layer now has, never the one the bound was computed for before."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5)
+    WRAP[api](layer, bound="upper", bound_every=100)
+    x = torch.randn(3, 6)
+    layer(x)
+    cert = state_of(layer, api).certifier
+    assert cert.ref is not None and cert.left > 0
+    pickled = pickle.loads(pickle.dumps(cert))  # the state object itself, either API
+    assert pickled.ref is None and pickled.ref_bound is None and pickled.bound_every == 100
+    for how, copied in _copies(layer, api).items():
+        c = state_of(copied, api).certifier
+        assert c.ref is None and c.ref_bound is None, how
+        copied(x)
+        w = dict(copied.named_parameters())[ORIGINAL[api]]
+        assert torch.equal(c.ref, w.detach()) and c.ref is not w, how
+        assert c.left == 99, how
+    other = nn.Linear(6, 5)
+    WRAP[api](other)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(3)
+    layer.load_state_dict(other.state_dict())
+    assert cert.ref is None
+    layer(x)
+    assert torch.equal(cert.ref, dict(layer.named_parameters())[ORIGINAL[api]].detach())
+    assert svd_sigma(layer.weight.detach()).item() <= 1 + SLACK
+    layer.double()
+    layer(x.double())
+    assert cert.ref.dtype == torch.float64 and cert.left == 99
+
+
+def test_stale_reference_stays_certified():
+    """The carry holds for any W_ref: a weight rewritten behind the layer's back (through .data, which no
+    hook sees) makes the bound loose, not wrong."""
+    layer = nn.Linear(8, 8)
+    P.spectral_norm(layer, bound="upper", bound_every=1000)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.data = torch.randn(8, 8) * 5
+    layer(torch.randn(1, 8))
+    assert svd_sigma(layer.weight.detach()).item() <= 1 + SLACK
+
+
+# ----------------------------------------------------------------------------- integration
+
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_sigmas_reports_the_divisor(api):
+    """sigmas(): the certified divisor B' (float64) >= the exact sigma; the power iteration still runs
+    (u, v move) and its estimate is kept beside."""
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 9)
+    WRAP[api](layer, bound="upper", coeff=0.5)
+    state = state_of(layer, api)
+    before = sn_kernels.sigmas(layer)["weight"]  # not run yet (hook) or after registration (param)
+    u0 = (layer.weight_u if api == "hook" else layer.parametrizations.weight[0]._u).clone()
+    layer(torch.randn(2, 12))
+    sigma = sn_kernels.sigmas(layer)["weight"]
+    w = dict(layer.named_parameters())[ORIGINAL[api]]
+    true = svd_sigma(w).item()
+    assert sigma.dtype == torch.float64 and true <= sigma.item() <= true * 1.001
+    assert before.item() == pytest.approx(sigma.item(), rel=1e-6)
+    assert state.certifier.estimate is not None and state.certifier.estimate.item() <= true * (1 + 1e-5)
+    u1 = layer.weight_u if api == "hook" else layer.parametrizations.weight[0]._u
+    assert not torch.equal(u0, u1)
+
+
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_remove_freeze_eval(api):
+    """remove_spectral_norm / remove_parametrizations and freeze keep the certified W_sn (eval mode's)."""
+    torch.manual_seed(0)
+    for how in ("remove", "freeze"):
+        layer = nn.Conv2d(3, 4, 3)
+        WRAP[api](layer, bound="upper", bound_every=3, coeff=0.5)
+        train(layer, (2, 3, 5, 5), 4, torch.float32)
+        layer.eval()
+        layer(torch.zeros(1, 3, 5, 5))
+        w_sn = layer.weight.detach().clone()  # eval mode's W_sn
+        if how == "freeze":
+            sn_kernels.freeze(layer)
+        elif api == "hook":
+            sn_kernels.remove_spectral_norm(layer)
+        else:
+            parametrize.remove_parametrizations(layer, "weight")
+        assert not sn_kernels.is_spectral_normalized(layer)
+        torch.testing.assert_close(layer.weight.detach(), w_sn, rtol=0, atol=0)
+        assert svd_sigma(layer.weight.detach()).item() <= 0.5 * (1 + SLACK)
+
+
+def _model(api_first, api_second):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 25, 4))
+    WRAP[api_first](model[0], bound="upper", bound_every=2)
+    WRAP[api_second](model[2], bound="upper", coeff=0.8)
+    WRAP[api_first](model[5])  # a plain one, grouped
+    return model
+
+
+@pytest.mark.parametrize("refresh", ["call", "step"])
+def test_group_leaves_certified_layers_unchanged(refresh):
+    """sn_kernels.group routes certified layers to their own computation: the same numbers as without it."""
+    base = _model("hook", "param")
+    grouped = copy.deepcopy(base)
+    opts = [torch.optim.Adam(m.parameters(), lr=0.05) for m in (base, grouped)]
+    sn_kernels.group(grouped, optimizer=opts[1] if refresh == "step" else None)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        x = torch.randn(2, 3, 5, 5, generator=gen)
+        outs = []
+        for model, opt in zip((base, grouped), opts):
+            out = model(x)
+            opt.zero_grad()
+            out.square().sum().backward()
+            opt.step()
+            outs.append(out)
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for i in (0, 2):
+        torch.testing.assert_close(grouped[i].weight, base[i].weight, rtol=0, atol=0)
+        assert svd_sigma(grouped[i].weight.detach()).item() <= 1 + SLACK
+
+
+def test_apply_and_layers_forward_the_keywords():
+    model = sn_kernels.apply_spectral_norm(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), api="parametrization",
+                                           bound="upper", bound_every=3)
+    assert all(find(m, "weight").state.bound == "upper" for m in model)
+    for api in ("hook", "parametrization"):
+        layer = sn_kernels.SNConv2d(3, 4, 3, api=api, bound="upper", bound_every=7, coeff=0.5)
+        state = find(layer, "weight").state
+        assert state.bound == "upper" and state.certifier.bound_every == 7
+        layer(torch.randn(1, 3, 5, 5))
+        assert svd_sigma(layer.weight.detach()).item() <= 0.5 * (1 + SLACK)
+    assert find(sn_kernels.SNLinear(3, 3), "weight").state.bound == "estimate"
+
+
+def test_compile_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True, backend='aot_eager') of a model with certified layers of both APIs
+    gives eager's outputs and gradients (training and eval).  Compiled training refreshes at every
+    forward whatever bound_every says (a step counter would recompile): it matches eager bound_every=1."""
+    torch._dynamo.reset()
+    eager = _model("hook", "param")
+    for m in (eager[0], eager[2]):
+        find(m, "weight").state.certifier.bound_every = 1
+    compiled_model = _model("hook", "param")  # model[0] with bound_every=2: refreshed every step when compiled
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(5)
+    try:
+        for step in range(3):
+            x = torch.randn(2, 3, 5, 5, generator=gen)
+            outs = [eager(x), compiled(x)]
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-7)
+            for out in outs:
+                out.square().sum().backward()
+            for a, b in zip(eager.parameters(), compiled_model.parameters()):
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+                with torch.no_grad():
+                    a -= 0.05 * a.grad
+                    b -= 0.05 * b.grad
+                a.grad = b.grad = None
+        eager.eval()
+        compiled_model.eval()
+        x = torch.randn(2, 3, 5, 5, generator=gen)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-7)
+        for i in (0, 2):
+            assert svd_sigma(compiled_model[i].weight.detach()).item() <= 1 + SLACK
+    finally:
+        torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_errors(api):
+    wrap = WRAP[api]
+    with pytest.raises(ValueError, match="bound must be one of"):
+        wrap(nn.Linear(3, 3), bound="exact")
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="bound_every"):
+            wrap(nn.Linear(3, 3), bound="upper", bound_every=bad)
+    for bad in (2.0, True, "3", None):
+        with pytest.raises(TypeError, match="bound_every"):
+            wrap(nn.Linear(3, 3), bound="upper", bound_every=bad)
+    with pytest.raises(ValueError, match="gain"):
+        wrap(nn.Linear(3, 3), bound="upper", gain=True)
+    with pytest.raises(ValueError, match="mode='matrix'"):
+        wrap(nn.Conv2d(2, 2, 3), bound="upper", mode="conv")
+    with pytest.raises((TypeError, ValueError), match="complex"):
+        wrap(nn.Linear(3, 3).to(torch.complex64), bound="upper")
+    with pytest.raises(ValueError, match="soft=True needs"):
+        wrap(nn.Linear(3, 3), bound="upper", soft=True)
+    with pytest.raises(ValueError, match="too small"):
+        layer = nn.Linear(3, 3).half()
+        wrap(layer, bound="upper", coeff=1e-9)
+        layer(torch.randn(1, 3).half())
+    layer = nn.Linear(3, 3)  # nothing half-registered by a refused call
+    with pytest.raises(ValueError):
+        wrap(layer, bound="upper", bound_every=0)
+    assert not sn_kernels.is_spectral_normalized(layer)
+    with pytest.raises(ValueError, match="matrix"):
+        certified.gram_upper_bound(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError):
+        certified.gram_upper_bound(torch.randn(2, 3, dtype=torch.complex64))
