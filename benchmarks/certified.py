@@ -1,0 +1,187 @@
+"""Cost and tightness of spectral normalization by a certified bound (``bound="upper"``).
+
+For each weight shape of a shape set (default: sngan_cifar_d from shapes.json, ../shared/shapes.json
+else the bundled copy; layers of the same shape measured once, the ``layers`` column names them),
+float32 on the CPU, parametrization API (sn_kernels.parametrizations.spectral_norm, PyTorch's default
+init of the layer, seeded):
+
+* cost: one training step's spectral-norm work, forward (access ``module.weight``: power
+  iteration + the normalization) and backward (``module.weight.backward(G)``, a fixed G), for
+  ``plain`` (bound="estimate", W / sigma_hat), ``upper_every1`` (bound="upper", a Gram refresh
+  at every forward) and ``upper_every10`` (a refresh every 10 training forwards, Weyl carries in
+  between: its median is the carry's cost, its mean the amortized cost).  Paired rounds: every
+  round runs each provider once, back to back, in a rotating order; medians (p20, p80) of the
+  times and of the per-round ratios to ``plain``.  ``total`` rows: the sums over all the set's
+  layers (shapes times their count) of the medians and means.
+* tightness: B' / sigma_exact (B' the divisor, what ``sn_kernels.sigmas`` reports; sigma_exact the
+  float64 SVD of the raw weight) right after a refresh, and after 9 carry steps, each after one
+  Adam step (SNGAN's D optimizer: lr 2e-4, betas (0, 0.9)) on a random Gaussian gradient.
+
+    python benchmarks/certified.py [--sets sngan_cifar_d] [--rounds 200] [--threads 1]
+
+Writes benchmarks/results/cpu_certified.csv (device and versions in every row).  About 15 s on a
+shared 2-core machine by default.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import sn_kernels  # noqa: E402
+from _common import device_name, find_shapes, load_shapes, quantiles, write_csv  # noqa: E402
+from sn_kernels import parametrizations as P  # noqa: E402
+from sn_kernels.find import find  # noqa: E402
+from sn_kernels.testing import svd_sigma  # noqa: E402
+
+PROVIDERS = {"plain": {}, "upper_every1": dict(bound="upper", bound_every=1),
+             "upper_every10": dict(bound="upper", bound_every=10)}
+FIELDS = ["set", "layers", "count", "weight_shape", "provider", "median_ms", "p20_ms", "p80_ms", "mean_ms",
+          "vs_plain", "vs_plain_p20", "vs_plain_p80", "b_over_sigma_refresh", "b_over_sigma_carry9", "rounds",
+          "threads", "dtype", "device", "torch", "sn_kernels"]
+
+
+class Layer(nn.Module):
+    """A holder of one weight with PyTorch's default init for its shape (Linear or Conv2d)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        torch.manual_seed(0)
+        if len(shape) == 2:
+            w = nn.Linear(shape[1], shape[0]).weight
+        else:
+            w = nn.Conv2d(shape[1], shape[0], tuple(shape[2:])).weight
+        self.weight = nn.Parameter(w.detach().clone())
+
+
+def wrapped(shape, **kw) -> Layer:
+    layer = Layer(shape)
+    P.spectral_norm(layer, **kw)
+    return layer
+
+
+def paired(steps: dict, rounds: int, warmup: int = 3) -> dict:
+    """Seconds of each provider's step, ``rounds`` paired rounds after ``warmup``, rotating the order."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            steps[n]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[n].append(dt)
+    return times
+
+
+def cost(shape, rounds: int) -> dict:
+    layers = {name: wrapped(shape, **kw) for name, kw in PROVIDERS.items()}
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+    def step(layer):
+        original = layer.parametrizations.weight.original
+
+        def run():
+            layer.weight.backward(grad)
+            original.grad = None
+        return run
+
+    return paired({name: step(layer) for name, layer in layers.items()}, rounds)
+
+
+def tightness(shape) -> tuple[float, float]:
+    """B' / sigma_exact after a refresh and after 9 carries (one Adam step before each)."""
+    layer = wrapped(shape, bound="upper", bound_every=10)
+    state = find(layer, "weight").state
+    original = layer.parametrizations.weight.original
+    opt = torch.optim.Adam(layer.parameters(), lr=2e-4, betas=(0.0, 0.9))
+    gen = torch.Generator().manual_seed(2)
+    state.certifier.invalidate()  # the next forward refreshes (registration's did already: restart the schedule)
+    ratios = []
+    for _ in range(10):
+        w = layer.weight
+        ratios.append(state.sigma.item() / svd_sigma(original.detach()).item())
+        opt.zero_grad()
+        w.backward(torch.randn(shape, generator=gen))
+        opt.step()
+    return ratios[0], ratios[9]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=None, help="shapes.json (default: ../shared/shapes.json, else the bundled)")
+    ap.add_argument("--sets", nargs="+", default=["sngan_cifar_d"])
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_certified.csv"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sets = load_shapes(args.shapes)
+    extra = dict(rounds=args.rounds, threads=args.threads, dtype="float32", device=device_name("cpu"),
+                 torch=torch.__version__, sn_kernels=f"{sn_kernels.__version__}+{git_commit()}")
+    print(f"shapes: {find_shapes(args.shapes)}; sets {args.sets}; torch {extra['torch']}, {extra['device']}, "
+          f"threads={args.threads}, rounds={args.rounds}, backend {sn_kernels.get_backend()}", flush=True)
+    rows = []
+    t_start = time.perf_counter()
+    with sn_kernels.use_backend("auto"):
+        for set_name in args.sets:
+            groups: dict = {}
+            for entry in sets[set_name]:
+                groups.setdefault(tuple(entry["shape"]), []).append(entry["name"])
+            totals = {name: [0.0, 0.0] for name in PROVIDERS}
+            for shape, names in groups.items():
+                times = cost(shape, args.rounds)
+                refresh, carry9 = tightness(shape)
+                for name, ts in times.items():
+                    med, p20, p80 = quantiles(ts)
+                    ratio = [a / b for a, b in zip(ts, times["plain"])]
+                    r_med, r_p20, r_p80 = quantiles(ratio)
+                    upper = name != "plain"
+                    rows.append(dict(set=set_name, layers=" ".join(names), count=len(names),
+                                     weight_shape="x".join(map(str, shape)), provider=name,
+                                     median_ms=f"{med * 1e3:.4f}", p20_ms=f"{p20 * 1e3:.4f}",
+                                     p80_ms=f"{p80 * 1e3:.4f}", mean_ms=f"{statistics.fmean(ts) * 1e3:.4f}",
+                                     vs_plain=f"{r_med:.3f}", vs_plain_p20=f"{r_p20:.3f}", vs_plain_p80=f"{r_p80:.3f}",
+                                     b_over_sigma_refresh=f"{refresh:.6f}" if upper else "",
+                                     b_over_sigma_carry9=f"{carry9:.6f}" if upper else "", **extra))
+                    totals[name][0] += med * len(names)
+                    totals[name][1] += statistics.fmean(ts) * len(names)
+                    print(f"{set_name} {'x'.join(map(str, shape)):>12s} x{len(names)} {name:14s} "
+                          f"{med * 1e3:8.3f} ms (p20 {p20 * 1e3:.3f}, p80 {p80 * 1e3:.3f}; "
+                          f"mean {statistics.fmean(ts) * 1e3:.3f})"
+                          f"  x{r_med:.2f} plain (p20 {r_p20:.2f}, p80 {r_p80:.2f})"
+                          + (f"  B/sigma refresh {refresh:.5f}, after 9 carries {carry9:.5f}" if upper else ""),
+                          flush=True)
+            plain_total = totals["plain"][0]
+            for name, (med_sum, mean_sum) in totals.items():
+                rows.append(dict(set=set_name, layers="total", count=sum(len(v) for v in groups.values()),
+                                 weight_shape="", provider=name, median_ms=f"{med_sum * 1e3:.4f}", p20_ms="",
+                                 p80_ms="", mean_ms=f"{mean_sum * 1e3:.4f}", vs_plain=f"{med_sum / plain_total:.3f}",
+                                 vs_plain_p20="", vs_plain_p80="", b_over_sigma_refresh="", b_over_sigma_carry9="",
+                                 **extra))
+                print(f"{set_name} total {name:14s} {med_sum * 1e3:8.3f} ms (sum of medians; of means "
+                      f"{mean_sum * 1e3:.3f})  x{med_sum / plain_total:.2f} plain", flush=True)
+    write_csv(args.out, rows, FIELDS)
+    print(f"{len(rows)} rows in {time.perf_counter() - t_start:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
