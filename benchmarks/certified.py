@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
 from _common import device_name, find_shapes, load_shapes, quantiles, write_csv  # noqa: E402
+from grouped_cpu import paired  # noqa: E402  (paired rounds in a rotating order, after a warm-up)
 from sn_kernels import parametrizations as P  # noqa: E402
 from sn_kernels.find import find  # noqa: E402
 from sn_kernels.testing import svd_sigma  # noqa: E402
@@ -67,21 +68,6 @@ def wrapped(shape, **kw) -> Layer:
     layer = Layer(shape)
     P.spectral_norm(layer, **kw)
     return layer
-
-
-def paired(steps: dict, rounds: int, warmup: int = 3) -> dict:
-    """Seconds of each provider's step, ``rounds`` paired rounds after ``warmup``, rotating the order."""
-    names = list(steps)
-    times = {n: [] for n in names}
-    for r in range(warmup + rounds):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            steps[n]()
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[n].append(dt)
-    return times
 
 
 def cost(shape, rounds: int) -> dict:

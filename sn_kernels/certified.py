@@ -16,12 +16,15 @@ first, in between the second:
 * refresh: the Gram-iteration bound (Delattre et al., ICML 2023) of W in float64,
   ``GRAM_STEPS`` steps, with the rounding accounting of ``sn_kernels.bounds`` (its
   ``_rescale``/``_unwind``/``_fro_up``, run with p clamped instead of checked, so that
-  nothing is read back to the host) and its final margin ``_margin``.  W_ref := W and
-  B_ref := that bound are kept.
+  nothing is read back to the host) and its final margin ``_margin``; W is first scaled
+  exactly by a power of two (from max |W|, a device reduction).  W_ref := W and B_ref :=
+  that bound are kept.
 * carry (Weyl's inequality): sigma(W) <= sigma(W_ref) + ||W - W_ref||_2
-  <= B_ref + ||W - W_ref||_F, the Frobenius norm computed in float64 from the difference
-  taken in the weight's dtype (one rounding per entry, relative u of that dtype, covered by
-  the factor 1 / (1 - 2 u)) and bounded by ``bounds._inflate``; every scalar step rounded up.
+  <= B_ref + ||W - W_ref||_F, the Frobenius norm's square summed in float64 from the
+  difference taken in the weight's dtype (one rounding per entry, relative 2u of that dtype,
+  covered by the factor 1 / (1 - 2u)), its own rounding bounded by gamma_n as in
+  ``bounds._inflate``; the sum B_ref + that is formed by three roundings of non-negative
+  terms, covered by constant factors (``_with_rounding``): three tensor ops per step.
 
 The carry holds for ANY pair (W_ref, B_ref) with B_ref >= sigma(W_ref): a W_ref that no
 longer resembles W (a checkpoint loaded in place, a write through ``.data``) makes B
@@ -36,15 +39,15 @@ and the cast to the weight's dtype) plus the subnormal spacing eta, so
 The divisor is B' = B * ``output_factor``, which makes that <= coeff: the guarantee is
 about the tensor actually stored, not about W / B in exact arithmetic.
 
-Gradient: W_sn = coeff W / B(W), differentiated by autograd with B's gradient attached to
-its certified value (the rounding steps ``nextafter`` have no derivative; the margins,
-~1e-12 relative, are held constant):
+Gradient: W_sn = coeff W / B'(W), by autograd through ``coeff / B'`` and the product, with
+two analytic pieces for B (the margins, ~1e-12 relative, held constant):
 
-* refresh: the Gram bound in exact arithmetic is the Schatten-2^(T+1) norm
-  prod_t 2^(p_t / 2^(t-1)) ||G_T||_F^(1/2^T) (p_t piecewise constant), so
-  dB = B / 2^T d log ||G_T||_F, through the T float64 matrix products (second derivatives too);
-* carry: dB = (W - W_ref) / ||W - W_ref||_F (times the constant rounding factors), with
-  W_ref and B_ref constants; at W = W_ref the subgradient 0 (what ``vector_norm`` gives).
+* refresh (``_GramBound``): the Gram bound in exact arithmetic is the Schatten-2^(T+1)
+  norm of W, whose gradient is B D / <D, W> with D = W G_1 ... G_T (the Gram iterates):
+  T - 1 small products and one of W's size in the backward, about the forward's cost
+  (autograd through the steps costs twice that; it is what a double backward runs);
+* carry (``_Distance``): dB = (W - W_ref) / ||W - W_ref||_F times the constant rounding
+  factors, W_ref and B_ref constants; at W = W_ref the subgradient 0 (``vector_norm``'s).
 
 Under ``torch.compile`` the refresh schedule is not followed: a Python step counter would
 make dynamo recompile at every step, so every compiled training forward refreshes (eval
@@ -201,6 +204,14 @@ def _with_rounding(c: float, ops: int = 1) -> float:
     return c
 
 
+def _carry_slack(weight: Tensor) -> float:
+    """sub * (absolute error of the carry's float64 norm), rounded up: each square of a difference that
+    falls below the normal range is off by at most 2^-1075 (gradual underflow), so the sum of n squares
+    by n 2^-1075 and the norm by sqrt(n) 2^-537.5 (float64 weights only: a float32 difference squares to
+    at least 2^-298), plus bounds' own absolute slack."""
+    return _with_rounding(_subtraction_factor(weight.dtype) * (_ABS + math.sqrt(weight.numel()) * 2.0 ** -537))
+
+
 def _iterate(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int,
              order: str) -> Tensor:
     """The power iteration alone, as the front ends run it (u, v updated in place): sigma_hat.  Eager: the
@@ -254,14 +265,13 @@ class Certifier:
             bound = gram_upper_bound(as_matrix(weight, dim))
             if keep:
                 with torch.no_grad():
-                    slack = _ABS * _with_rounding(_subtraction_factor(weight.dtype))
-                    self.ref_base = _up(_up(bound + slack) * factor)
+                    self.ref_base = _up(_up(bound + _carry_slack(weight)) * factor)
                 self.ref, self.ref_bound = weight.detach().clone(), bound.detach()
                 self.left = self.bound_every - 1
             return bound * _with_rounding(factor)  # >= bound * factor after its rounding
         if training and keep:
             self.left -= 1
-        # ||W - W_ref||_F <= sub ||fl(W - W_ref)||_F <= sub ((1 + gamma_n) nrm + _ABS) (bounds._inflate), so
+        # ||W - W_ref||_F <= sub ||fl(W - W_ref)||_F <= sub ((1 + gamma_n) nrm + abs) (``_carry_slack``), so
         # B' = f (B_ref + that) is reached by (nrm k1 + base) (1 + 4u) with three roundings of >= 0 terms
         nrm = _Distance.apply(weight, self.ref)
         k1 = _with_rounding(factor * _subtraction_factor(weight.dtype) * (1 + _gamma(weight.numel())), 2)
