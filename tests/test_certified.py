@@ -421,6 +421,24 @@ def test_remove_freeze_eval(api):
         assert svd_sigma(layer.weight.detach()).item() <= 0.5 * (1 + SLACK)
 
 
+def test_lipschitz_bound_of_a_certified_chain():
+    """lipschitz_bound reads certified layers at their eval-mode W_sn: a chain of Linear layers held to
+    coeff (matrix view = operator for Linear) is certified <= coeff^3, and the layers' state_dict is
+    untouched by the bound."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 3))
+    sn_kernels.apply_spectral_norm(model, api="parametrization", bound="upper", coeff=0.9, bound_every=4)
+    train(model, (8, 10), 6, torch.float32)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    bound = sn_kernels.lipschitz_bound(model, (1, 10))
+    exact_product = math.prod(svd_sigma(model[i].weight.detach()).item() for i in (0, 2, 4))  # eval W_sn
+    assert exact_product <= bound <= 0.9 ** 3 * (1 + 1e-9)
+    assert bound == pytest.approx(exact_product, rel=1e-6)  # the chain of Linear layers: the product is exact
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def _model(api_first, api_second):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
