@@ -18,7 +18,8 @@ forward + backward of the mean output, gradients reset to None first.
               C++ kernels by name), per step.
 
 Variants: none, torch_param / torch_hook (torch.nn.utils.parametrizations.spectral_norm /
-torch.nn.utils.spectral_norm), sn_param / sn_hook (sn_kernels' drop-ins, backend "auto") and
+torch.nn.utils.spectral_norm), sn_param / sn_hook (sn_kernels' drop-ins, backend "auto"),
+sn_param_group / sn_hook_group (the same with sn_kernels.group(model): one grouped op per step) and
 sn_param_native / sn_param_torch (the parametrization with backend "native": its custom ops under
 compile; "torch": the traced formulation under compile on any device, as "auto" on the CPU).
 
@@ -54,7 +55,8 @@ import sn_kernels  # noqa: E402
 from _common import device_name, quantiles  # noqa: E402
 from models import SNGANCNNDiscriminator  # noqa: E402
 
-VARIANTS = ("none", "torch_param", "torch_hook", "sn_param", "sn_hook", "sn_param_native", "sn_param_torch")
+VARIANTS = ("none", "torch_param", "torch_hook", "sn_param", "sn_hook", "sn_param_group", "sn_hook_group",
+            "sn_param_native", "sn_param_torch")
 DEFAULT_VARIANTS = VARIANTS[:5]
 BATCH = {"cpu": 8, "cuda": 64}
 CLOCKS = ("wall", "cpu")  # perf_counter; process_time (all threads' CPU time: robust to preemption)
@@ -68,6 +70,8 @@ def wrap_fn(variant: str):
             "torch_hook": torch.nn.utils.spectral_norm,
             "sn_param": sn_kernels.parametrizations.spectral_norm,
             "sn_hook": sn_kernels.spectral_norm,
+            "sn_param_group": sn_kernels.parametrizations.spectral_norm,
+            "sn_hook_group": sn_kernels.spectral_norm,
             "sn_param_native": sn_kernels.parametrizations.spectral_norm,
             "sn_param_torch": sn_kernels.parametrizations.spectral_norm}[variant]
 
@@ -88,6 +92,8 @@ def build(variant: str, device: torch.device) -> nn.Module:
             for m in model.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     wrap(m)
+    if variant.endswith("_group"):
+        sn_kernels.group(model)
     return model
 
 

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("none", "torch_hook", "torch_param", "sn_kernels_hook", "sn_kernels_param")
+VARIANTS = ("none", "torch_hook", "torch_param", "sn_kernels_hook", "sn_kernels_param", "sn_kernels_param_group",
+            "sn_kernels_hook_group")
 
 
 def cpu_seconds() -> float:
@@ -55,11 +56,13 @@ def child(variant: str, batch: int) -> dict:
     wrap = {"torch_hook": torch.nn.utils.spectral_norm,
             "torch_param": torch.nn.utils.parametrizations.spectral_norm,
             "sn_kernels_hook": sn_kernels.spectral_norm,
-            "sn_kernels_param": sn_kernels.parametrizations.spectral_norm}.get(variant)
+            "sn_kernels_param": sn_kernels.parametrizations.spectral_norm}.get(variant.removesuffix("_group"))
     if wrap is not None:
         for m in D.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 wrap(m)
+    if variant.endswith("_group"):
+        sn_kernels.group(D)  # the compiled "call" refresh: one grouped op forward, one backward
     model = torch.compile(D)
     both = torch.randn(2 * batch, 3, 32, 32)  # real and fake in one batch
 

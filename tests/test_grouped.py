@@ -539,3 +539,79 @@ def test_compiled_grouped_model_fullgraph(api, refresh):
         r.sum().backward()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+class _Recorder:
+    """A dynamo backend that records the sn_kernels ops of the graphs it is given, then runs them
+    through ``inner`` (so AOTAutograd's handling of the grouped op's autograd formula is exercised)."""
+
+    def __init__(self, inner):
+        self.inner, self.ops = inner, []
+
+    def __call__(self, gm, example_inputs):
+        self.ops += [str(n.target) for n in gm.graph.nodes
+                     if n.op == "call_function" and str(n.target).startswith("sn_kernels.")]
+        return torch._dynamo.backends.registry.lookup_backend(self.inner)(gm, example_inputs)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("api", ["parametrization", "hook"])
+def test_compiled_grouped_model_takes_one_grouped_op(api, compiler):
+    """Compiled, a grouped model ("call" refresh, native backend) normalizes every groupable weight in
+    ONE native_group_forward (its backward one native_group_backward) instead of per-layer traced
+    code; outputs, u, v, sigmas and gradients match the per-module eager model over training steps and
+    in eval.  The layer called twice takes the grouped W/sigma once, then computes its own."""
+    if "native" not in sn_kernels.available_backends("cpu") or not sn_kernels.grouped._has_group_ops():
+        pytest.skip("the native extension (with its grouped ops) is not built")
+    torch._dynamo.reset()
+    model, reference = _fresh_pair(api)
+    sn_kernels.group(model)
+    recorder = _Recorder(compiler)
+    compiled = torch.compile(model, fullgraph=True, backend=recorder)
+    for step in range(3 if compiler == "aot_eager" else 2):
+        x = torch.randn(2, 3, 6, 6)
+        for m in (model, reference):
+            m.zero_grad(set_to_none=True)
+        y, r = compiled(x), reference(x)
+        torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-6)
+        y.sum().backward()
+        r.sum().backward()
+        for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
+    sigmas, expected = sn_kernels.sigmas(model), sn_kernels.sigmas(reference)
+    assert all(not s.requires_grad for s in sigmas.values())
+    torch.testing.assert_close(sigmas, expected, rtol=1e-5, atol=1e-6)
+    assert recorder.ops.count("sn_kernels.native_group_forward") == 1
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert recorder.ops.count("sn_kernels.native_group_forward") == 2  # one graph per mode
+
+
+@pytest.mark.parametrize("order", ["uv", "vu"])
+def test_group_forward_autograd_formula_gradcheck(order):
+    """The autograd formula of native_group_forward (what a compiled grouped model records: one
+    native_group_backward for every weight) is the derivative of W / sigma(W) with u, v held
+    constant: exact in eval mode, where sigma = u . W v; float64 gradcheck over three weights."""
+    if "native" not in sn_kernels.available_backends("cpu") or not sn_kernels.grouped._has_group_ops():
+        pytest.skip("the native extension (with its grouped ops) is not built")
+    torch.manual_seed(0)
+    shapes, dims = [(5, 4, 3, 3), (3, 7), (6, 2, 2)], [0, 1, 0]
+    ws = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    us, vs = [], []
+    for w, d in zip(ws, dims):
+        m = w.shape[d]
+        us.append(torch.nn.functional.normalize(torch.randn(m, dtype=torch.float64), dim=0))
+        vs.append(torch.nn.functional.normalize(torch.randn(w.numel() // m, dtype=torch.float64), dim=0))
+
+    def f(*weights):
+        outs, _, _, _ = torch.ops.sn_kernels.native_group_forward(list(weights), us, vs, dims, 1, 1e-12, order, False)
+        return tuple(outs)
+
+    assert torch.autograd.gradcheck(f, tuple(ws))
+    outs, sigmas, new_us, new_vs = torch.ops.sn_kernels.native_group_forward(ws, us, vs, dims, 1, 1e-12, order, True)
+    assert all(o.requires_grad for o in outs)
+    assert not any(t.requires_grad for t in sigmas + new_us + new_vs)  # marked non-differentiable

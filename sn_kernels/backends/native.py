@@ -104,6 +104,8 @@ def _finish() -> None:
         torch.library.register_fake("sn_kernels::native_group_forward")(_fake_group_forward)
         torch.library.register_fake("sn_kernels::native_group_backward")(
             lambda grads, weights, us, vs, sigmas, dims: [torch.empty_like(w) for w in weights])
+        torch.library.register_autograd("sn_kernels::native_group_forward", _group_backward,
+                                        setup_context=_group_setup_context)
         group_ops = (torch.ops.sn_kernels.native_group_forward, torch.ops.sn_kernels.native_group_backward)
     backend = Backend(
         name="native", device_types=("cpu", "cuda"), why_not=why_not,
@@ -121,6 +123,27 @@ def _fake_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, t
     return ([torch.empty_like(w) for w in weights],
             [fake_sigma(w) for w in weights],
             [torch.empty_like(u) for u in us], [torch.empty_like(v) for v in vs])
+
+
+def _group_setup_context(ctx, inputs, output):
+    weights, us, vs, dims, n_power_iterations, eps, order, training = inputs
+    _, sigmas, us_used, vs_used = output
+    ctx.k, ctx.dims, ctx.rest = len(weights), list(dims), len(inputs) - 3
+    ctx.mark_non_differentiable(*sigmas, *us_used, *vs_used)
+    ctx.save_for_backward(*weights, *us_used, *vs_used, *sigmas)
+
+
+def _group_backward(ctx, grads, grad_sigmas, grad_us, grad_vs):
+    """The autograd formula of ``native_group_forward`` (what a compiled grouped model records; eager
+    grouping has its own node, grouped.py): every weight gradient in one ``native_group_backward``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("sn_kernels: double backward through the grouped op (a compiled grouped model) "
+                           "is not supported; eager calls support it")
+    k, saved = ctx.k, ctx.saved_tensors
+    weights, us, vs, sigmas = (list(saved[i * k:(i + 1) * k]) for i in range(4))
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
+    out = torch.ops.sn_kernels.native_group_backward(grads, weights, us, vs, sigmas, ctx.dims)
+    return (out, [None] * k, [None] * k) + (None,) * ctx.rest  # the structure of the inputs
 
 
 def cache_stats() -> dict[str, int]:
