@@ -228,6 +228,22 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
     return sh.outputs
 
 
+def _groups(members: list[_Member]) -> tuple[dict, list[_Member]]:
+    """({(device, dtype, order, iteration count, eps, mode): [(member, weight, u, v, order)]} of the
+    members that can share a group's node, [the others]): the one grouping rule, eager and compiled."""
+    groups: dict = {}
+    others = []
+    for mem in members:
+        t = mem.tensors()
+        if t is None:
+            others.append(mem)
+            continue
+        st = mem.state
+        key = (t[0].device, t[0].dtype, t[3], st.n_power_iterations, st.eps, mem.training())
+        groups.setdefault(key, []).append((mem,) + t)
+    return groups, others
+
+
 @torch.compiler.assume_constant_result
 def _group_op_runs(device_type: str) -> bool:
     """Whether a compiled grouped model on ``device_type`` takes the native grouped op: the native
@@ -243,14 +259,9 @@ def _compiled_group(members: list[_Member]) -> None:
     call sits before the model's first layer, so it splits none of the fused kernels (inductor's
     CPU backend ends a kernel at every opaque call): compile time near that of the model without
     spectral norm (benchmarks/NOTES.md, C2).  Layers the op cannot take compute their own."""
-    groups: dict = {}
-    for mem in members:
-        t = mem.tensors()
-        if t is not None and _group_op_runs(t[0].device.type):
-            st = mem.state
-            key = (t[0].device, t[0].dtype, t[3], st.n_power_iterations, st.eps, mem.training())
-            groups.setdefault(key, []).append((mem,) + t)
-    for (_, _, order, iters, eps, training), items in groups.items():
+    for (device, _, order, iters, eps, training), items in _groups(members)[0].items():
+        if not _group_op_runs(device.type):
+            continue
         us = [it[2] for it in items]
         vs = [it[3] for it in items]
         outs, sigmas, us_used, vs_used = torch.ops.sn_kernels.native_group_forward(
@@ -341,16 +352,8 @@ class SNGroup:
         """{member: W/sigma}: the groupable weights in one node per (device, dtype, order, iteration
         count, eps, mode), one C++ call each on the native backend; the others
         by their layer's own computation (skipped when not ``alone``: the layer computes them itself)."""
-        out: dict = {}
-        groups: dict = {}
-        for mem in members:
-            t = mem.tensors()
-            if t is not None:
-                st = mem.state
-                key = (t[0].device, t[0].dtype, t[3], st.n_power_iterations, st.eps, mem.training())
-                groups.setdefault(key, []).append((mem,) + t)
-            elif alone:
-                out[mem] = mem.compute_alone()
+        groups, others = _groups(members)
+        out: dict = {mem: mem.compute_alone() for mem in others} if alone else {}
         for (_, _, order, iters, eps, training), items in groups.items():
             for item, w_sn in zip(items, _normalize_group(items, order, iters, eps, training)):
                 out[item[0]] = w_sn
@@ -365,7 +368,7 @@ class SNGroup:
     def _model_pre(self, model: nn.Module, inputs) -> None:
         if torch.compiler.is_compiling():
             if self.refresh == "call":
-                _compiled_group(self.members)
+                _compiled_group(self._live_members())
             return  # otherwise each layer computes its own W/sigma (the compiled route)
         members = self._live_members()
         if self.refresh == "step":

@@ -615,3 +615,26 @@ def test_group_forward_autograd_formula_gradcheck(order):
     outs, sigmas, new_us, new_vs = torch.ops.sn_kernels.native_group_forward(ws, us, vs, dims, 1, 1e-12, order, True)
     assert all(o.requires_grad for o in outs)
     assert not any(t.requires_grad for t in sigmas + new_us + new_vs)  # marked non-differentiable
+
+
+@pytest.mark.parametrize("api", ["parametrization", "hook"])
+def test_compiled_grouped_model_after_a_removal(api):
+    """A layer whose spectral norm was removed after grouping leaves the group under torch.compile as
+    it does eagerly (the compiled grouping takes the live members only)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TwiceD(api)
+    torch.manual_seed(0)
+    reference = TwiceD(api)  # not a deepcopy: remove_parametrizations fails on a deepcopied model (see note)
+    sn_kernels.group(model)
+    for m in (model, reference):
+        if api == "hook":
+            sn_kernels.remove_spectral_norm(m.c)
+        else:
+            torch.nn.utils.parametrize.remove_parametrizations(m.c, "weight")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+    for a, b in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
