@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import sn_kernels
@@ -208,3 +209,85 @@ def test_ema_sigma_stays_sane(api, use_buffers):
     check(tol=1.0 if use_buffers else 2e-2)
     sn_kernels.reset_uv(ema, redraw=False)
     check(tol=1e-4)  # refitted to the averaged weights
+
+
+# ----------------------------------------------------------------------------- deepcopy, then remove_parametrizations
+
+
+def _pair_model(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(6, 4)
+    if kind == "conv":
+        return nn.Conv2d(3, 4, 3)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+
+
+def _sn_layers(model):
+    return [m for m in model.modules() if torch.nn.utils.parametrize.is_parametrized(m, "weight")]
+
+
+def _outcome(fn):
+    """fn()'s tensor (detached), or its exception as "Type: message" (to compare across implementations)."""
+    try:
+        return fn().detach().clone()
+    except Exception as e:  # noqa: BLE001 - any error PyTorch raises must be ours too
+        return f"{type(e).__name__}: {e}"
+
+
+def _remove_from_one_of_a_pair(wrap, kind, forward, leave, first):
+    """Wrap, optionally run, deepcopy; remove the spectral norm from ``first`` ("copy"/"original") of the
+    pair (training mode: one power iteration, which writes u and v); check the kept weights and that the
+    other's tensors did not change; then return (kept weights, the other's forward and removal outcomes)."""
+    model = _pair_model(kind)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            wrap(m)
+    x = torch.randn(2, 6) if kind == "linear" else torch.randn(2, 3, 6, 6)
+    if forward:
+        model(x)
+    clone = copy.deepcopy(model)
+    removed, other = (clone, model) if first == "copy" else (model, clone)
+    other_before = {k: v.clone() for k, v in other.state_dict().items()}
+    kept = []
+    for layer in _sn_layers(removed):
+        plist = layer.parametrizations.weight
+        w, v = plist.original.detach().clone(), plist[0]._v.clone()
+        mat = w.flatten(1)  # dim 0 for Linear and Conv2d
+        u = F.normalize(mat @ v, dim=0, eps=1e-12)  # the training access's one iteration ("uv")
+        v = F.normalize(mat.T @ u, dim=0, eps=1e-12)
+        expected = w / torch.dot(u, mat @ v) if leave else w
+        torch.nn.utils.parametrize.remove_parametrizations(layer, "weight", leave_parametrized=leave)
+        assert type(layer) in (nn.Linear, nn.Conv2d) and isinstance(layer.weight, nn.Parameter)
+        torch.testing.assert_close(layer.weight.detach(), expected, rtol=1e-6, atol=1e-7)
+        kept.append(layer.weight.detach().clone())
+    # the other's tensors are untouched (PyTorch's parametrize shares the injected class between a module
+    # and its deepcopy, so the removal does break the other's property: compared below, not asserted)
+    after = other.state_dict()
+    assert after.keys() == other_before.keys()
+    for k, t in other_before.items():
+        assert torch.equal(after[k], t), k
+    layer = _sn_layers(other)[0]
+    other_outcomes = [_outcome(lambda: other(x)),
+                      _outcome(lambda: torch.nn.utils.parametrize.remove_parametrizations(
+                          layer, "weight", leave_parametrized=leave).weight)]
+    return kept, other_outcomes
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "sequential"])
+@pytest.mark.parametrize("forward", [False, True], ids=["fresh", "after_forward"])
+@pytest.mark.parametrize("leave", [True, False], ids=["leave", "original"])
+@pytest.mark.parametrize("first", ["copy", "original"])
+def test_remove_parametrizations_on_a_deepcopy_as_pytorch(kind, forward, leave, first):
+    """remove_parametrizations on one of a model and its deepcopy keeps W/sigma (or the original W) and
+    leaves the other's tensors alone; what then happens to the other (PyTorch: AttributeError on
+    'weight', as its parametrize deletes the property from the class both share) is PyTorch's."""
+    ours = _remove_from_one_of_a_pair(sn_kernels.parametrizations.spectral_norm, kind, forward, leave, first)
+    theirs = _remove_from_one_of_a_pair(torch.nn.utils.parametrizations.spectral_norm, kind, forward, leave, first)
+    for a, b in zip(ours[0], theirs[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[1], theirs[1], strict=True):
+        if isinstance(b, str):
+            assert a == b
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
