@@ -168,9 +168,8 @@ class _GroupNormalize(torch.autograd.Function):
         out = [None] * (len(grads) + 1)
         if sh.fused and not torch.is_grad_enabled():
             pick = lambda seq: [seq[i] for i in todo]  # noqa: E731
-            res = torch.ops.sn_kernels.native_group_backward(
-                [grads[i] for i in todo], pick(sh.weights), pick(sh.us), pick(sh.vs), pick(sh.sigmas),
-                pick(sh.dims))
+            res = sh.backend.group_backward([grads[i] for i in todo], pick(sh.weights), pick(sh.us), pick(sh.vs),
+                                            pick(sh.sigmas), pick(sh.dims))
             for i, g in zip(todo, res):
                 out[i + 1] = g
             return tuple(out)
@@ -199,16 +198,18 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
     sh.weights = [it[1] for it in items]
     device = sh.weights[0].device
     sh.backend = dispatch.resolve(device)
-    sh.fused = sh.backend.name == "native" and _has_group_ops()
+    sh.fused = sh.backend.group_forward is not None
     with torch.no_grad():
-        if sh.fused:  # one C++ call (it checks every argument first); functional: new u, v come back
-            sh.dims = [it[0].state.dim for it in items]
+        if sh.fused:  # multi-tensor kernels: a fixed number of launches (one C++ call on the native backend)
             us = [it[2] for it in items]
             vs = [it[3] for it in items]
-            sh.outputs, sh.sigmas, sh.us, sh.vs = torch.ops.sn_kernels.native_group_forward(
+            if sh.backend.eager_checks_args:
+                sh.dims = [it[0].state.dim for it in items]
+            else:
+                sh.dims = [check_call(w, u, v, n_power_iterations, eps, mem.state.dim, order)
+                           for mem, w, u, v, _ in items]
+            sh.outputs, sh.sigmas, sh.us, sh.vs = sh.backend.group_forward(
                 sh.weights, us, vs, sh.dims, n_power_iterations, float(eps), order, training)
-            if training:  # the buffers take the iterated u, v (one call); sh.us, sh.vs stay unaliased copies
-                torch._foreach_copy_(us + vs, sh.us + sh.vs)
         else:
             sh.dims, sh.sigmas, sh.us, sh.vs, sh.outputs = [], [], [], [], []
             for mem, w, u, v, _ in items:

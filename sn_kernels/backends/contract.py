@@ -54,6 +54,13 @@ class Backend:
       touches u, v (and the caller re-checks in Python only to name a refused argument).
     - ``ops``: every custom op the backend registers, the two above included, for
       ``torch.library.opcheck`` (tests/test_contract.py).
+    - ``group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training)
+      -> (weight_sns, sigmas, us_used, vs_used)`` and ``group_backward(grads, weights, us, vs,
+      sigmas, dims) -> grad_weights`` (optional, for ``sn_kernels.group``): the power iteration
+      and W / sigma, and the gradients, of every weight of one (device, dtype) group in a fixed
+      number of launches (multi-tensor kernels); u, v are updated in place when training, as by
+      ``power_iteration``; lists in, lists out, each entry what the per-weight calls give.  Arguments
+      are checked by the caller unless ``eager_checks_args``.  None: the group loops over the weights.
     """
 
     name: str
@@ -65,6 +72,8 @@ class Backend:
     eager: Callable
     eager_checks_args: bool = False
     ops: tuple = field(default=())
+    group_forward: Optional[Callable] = None
+    group_backward: Optional[Callable] = None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

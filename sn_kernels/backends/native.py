@@ -99,7 +99,7 @@ def _finish() -> None:
         dim = dim + weight.dim() if dim < 0 else dim  # out of range: the C++ check refuses it
         return composed(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
 
-    group_ops = ()
+    group_ops, group_calls = (), {}
     if hasattr(torch.ops.sn_kernels, "native_group_forward"):  # sn_kernels.group's ops (grouped.py)
         torch.library.register_fake("sn_kernels::native_group_forward")(_fake_group_forward)
         torch.library.register_fake("sn_kernels::native_group_backward")(
@@ -107,16 +107,27 @@ def _finish() -> None:
         torch.library.register_autograd("sn_kernels::native_group_forward", _group_backward,
                                         setup_context=_group_setup_context)
         group_ops = (torch.ops.sn_kernels.native_group_forward, torch.ops.sn_kernels.native_group_backward)
+        _calls.update(group_forward=_raw("native_group_forward"))
+        group_calls = dict(group_forward=_group_forward, group_backward=_raw("native_group_backward"))
     backend = Backend(
         name="native", device_types=("cpu", "cuda"), why_not=why_not,
         power_iteration=power_iteration, normalize=normalize, backward=backward, eager=eager,
         eager_checks_args=True,
         ops=(power_iteration, normalize, torch.ops.sn_kernels.native_backward,
              torch.ops.sn_kernels.native_normalize_eager, torch.ops.sn_kernels.native_spectral_normalize_eager)
-        + group_ops,
+        + group_ops, **group_calls,
     )
     _state["loaded"] = True
     _state["error"] = None
+
+
+def _group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
+    """``Backend.group_forward``: one C++ call (it checks every argument); the op is functional
+    (so it traces), so the iterated u, v it returns are copied into the buffers by one call."""
+    out = _calls["group_forward"](weights, us, vs, dims, n_power_iterations, float(eps), order, bool(training))
+    if training:
+        torch._foreach_copy_(us + vs, out[2] + out[3])
+    return out
 
 
 def _fake_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):

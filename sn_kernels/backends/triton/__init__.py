@@ -3,7 +3,8 @@
 Registers ``sn_kernels::triton_power_iteration``, ``sn_kernels::triton_normalize``
 (with the contract's shared fake implementations and analytic gradient) and
 ``sn_kernels::triton_backward``, the gradient as a custom op of its own so
-torch.compile can trace it.  Importing this module never fails because triton
+torch.compile can trace it.  ``sn_kernels.group`` runs the multi-tensor kernels of
+group_host.py (eager only: a compiled grouped model computes per layer on this backend).  Importing this module never fails because triton
 is missing: ``why_not`` then says so.
 """
 from __future__ import annotations
@@ -19,17 +20,22 @@ from ..contract import Backend, composed_eager, define_ops, differentiable
 try:
     import triton  # noqa: F401
 
+    from . import group_host as _group_host
     from . import host as _host
     from . import kernels as _kernels
     _IMPORT_ERROR = None
 except Exception as exc:  # triton missing or broken: keep the reason for why_not
-    _host = _kernels = None
+    _host = _kernels = _group_host = None
     _IMPORT_ERROR = f"triton is not installed or failed to import ({type(exc).__name__}: {exc})"
+
+
+# whether the kernels were built by the interpreter (TRITON_INTERPRET=1 before import); decided once
+_INTERPRETED = _kernels is not None and type(_kernels.divide_kernel).__name__ == "InterpretedFunction"
 
 
 def _interpreted() -> bool:
     """Whether the kernels were built by the interpreter (TRITON_INTERPRET=1 before import)."""
-    return _kernels is not None and type(_kernels.divide_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 def why_not(device: torch.device, auto: bool = False) -> str | None:
@@ -85,4 +91,6 @@ backend = Backend(
     power_iteration=_power_iteration_op, normalize=_normalize_op, backward=backward,
     eager=composed_eager(_power_iteration, differentiable(_normalize, backward, pytorch.backward)),
     ops=(_power_iteration_op, _normalize_op, triton_backward),
+    group_forward=_group_host.group_forward if _group_host is not None else None,
+    group_backward=_group_host.group_backward if _group_host is not None else None,
 )

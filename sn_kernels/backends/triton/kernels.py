@@ -80,19 +80,18 @@ def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy,
 
 
 @triton.jit
-def _publish(y, idx, mask, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps, final,
-             BLOCK_V: tl.constexpr):
-    """Store this program's slice of y and its partial |y|^2; the last program to take a
-    ticket combines the partials in a fixed order and normalizes y (deterministic)."""
+def _publish(y, idx, mask, slot, n_parts, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps,
+             final, BLOCK_V: tl.constexpr):
+    """Store this tile's slice of y and its partial |y|^2 in ``partials[slot]``; the last of the
+    ``n_parts`` tiles to take a ticket combines the partials in a fixed order and normalizes y."""
     tl.store(y_raw + idx, y, mask=mask)
-    tl.store(partials + tl.program_id(0), tl.sum(y * y, axis=0))
+    tl.store(partials + slot, tl.sum(y * y, axis=0))
     # every thread's stores must precede the ticket (release), and the last program
     # reads the others' stores after it (acquire, volatile loads)
     tl.debug_barrier()
     ticket = tl.atomic_add(counter, 1)
-    if ticket == tl.num_programs(0) - 1:
-        _finish_normalize(y_raw, y_prev, partials, tl.num_programs(0), L, y_acc, y_out, y_copy, sigma, eps,
-                          final, BLOCK_V)
+    if ticket == n_parts - 1:
+        _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy, sigma, eps, final, BLOCK_V)
         tl.atomic_xchg(counter, 0)
 
 
@@ -113,22 +112,57 @@ def _sum_splits(y_part, idx, mask, L, n_split, SPLIT_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _finish_tile(y, idx, mask, y_part, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps, final,
+def _finish_tile(y, idx, mask, tile, n_tiles, split, n_split, y_part, y_raw, y_prev, partials, counter, L, y_acc,
+                 y_out, y_copy, sigma, eps, final,
                  TWO_STAGE: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-    """End of a mat-vec program holding the partial ``y`` of tile program_id(0): publish it
-    directly (one split) or, with several splits, let the tile's last split sum them first."""
-    if TWO_STAGE:
-        ps = tl.program_id(1)
-        n_split = tl.num_programs(1)
-        tl.store(y_part + ps * L + idx, y, mask=mask)
-        tl.debug_barrier()
-        ticket = tl.atomic_add(counter + 1 + tl.program_id(0), 1)
-        if ticket == n_split - 1:
-            tl.atomic_xchg(counter + 1 + tl.program_id(0), 0)
-            _publish(_sum_splits(y_part, idx, mask, L, n_split, SPLIT_BLOCK), idx, mask, y_raw, y_prev, partials,
-                     counter, L, y_acc, y_out, y_copy, sigma, eps, final, BLOCK_V)
+    """End of a mat-vec program holding the partial ``y`` of split ``split`` of tile ``tile``: publish
+    it directly (one split) or, with several splits, let the tile's last split sum them first.
+    ``counter[0]`` counts published tiles, ``counter[1 + tile]`` the tile's finished splits."""
+    if TWO_STAGE:  # a grouped launch mixes weights with one split and with several
+        if n_split > 1:
+            tl.store(y_part + split * L + idx, y, mask=mask)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(counter + 1 + tile, 1)
+            if ticket == n_split - 1:
+                tl.atomic_xchg(counter + 1 + tile, 0)
+                _publish(_sum_splits(y_part, idx, mask, L, n_split, SPLIT_BLOCK), idx, mask, tile, n_tiles, y_raw,
+                         y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps, final, BLOCK_V)
+        else:
+            _publish(y, idx, mask, tile, n_tiles, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma,
+                     eps, final, BLOCK_V)
     else:
-        _publish(y, idx, mask, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma, eps, final, BLOCK_V)
+        _publish(y, idx, mask, tile, n_tiles, y_raw, y_prev, partials, counter, L, y_acc, y_out, y_copy, sigma,
+                 eps, final, BLOCK_V)
+
+
+@triton.jit
+def _row_tile(W, x, rows, lo, hi, M, N, B, MB, ACC: tl.constexpr, SPLIT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum over columns [lo, hi) of W[rows, j] x[j], in ACC (x cast to ACC on load)."""
+    rmask = rows < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        cmask = cols < hi
+        w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
+        xv = tl.load(x + cols, mask=cmask, other=0.0).to(ACC)
+        acc += w.to(ACC) * xv[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _col_tile(W, x, cols, lo, hi, M, N, B, MB, ACC: tl.constexpr, SPLIT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum over rows [lo, hi) of W[i, cols] x[i], in ACC."""
+    cmask = cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for i0 in range(lo, hi, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        rmask = rows < hi
+        w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
+        xv = tl.load(x + rows, mask=rmask, other=0.0).to(ACC)
+        acc += w.to(ACC) * xv[:, None]
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit(do_not_specialize=["final"])  # a runtime flag: one compiled kernel, not two
@@ -140,20 +174,13 @@ def row_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy
 
     ``x`` may be the weight-dtype vector (first pass) or the accumulation-dtype
     one of the previous pass: it is cast to ACC on load either way."""
-    ACC = y_raw.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
     lo = tl.program_id(1) * K_SPLIT
-    hi = tl.minimum(N, lo + K_SPLIT)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for j0 in range(lo, hi, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < hi
-        w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
-        xv = tl.load(x + cols, mask=cmask, other=0.0).to(ACC)
-        acc += w.to(ACC) * xv[None, :]
-    _finish_tile(tl.sum(acc, axis=1), rows, rmask, y_part, y_raw, y_prev, partials, counter, M, y_acc, y_out, y_copy,
-                 sigma, eps, final, TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
+    y = _row_tile(W, x, rows, lo, tl.minimum(N, lo + K_SPLIT), M, N, B, MB, y_raw.dtype.element_ty, SPLIT,
+                  BLOCK_M, BLOCK_N)
+    _finish_tile(y, rows, rows < M, tl.program_id(0), tl.num_programs(0), tl.program_id(1), tl.num_programs(1),
+                 y_part, y_raw, y_prev, partials, counter, M, y_acc, y_out, y_copy, sigma, eps, final,
+                 TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
 
 
 @triton.jit(do_not_specialize=["final"])  # a runtime flag: one compiled kernel, not two
@@ -162,20 +189,43 @@ def col_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy
                     SPLIT: tl.constexpr, TWO_STAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """y = normalize(W^T x): program (t, s) reduces rows [s*K_SPLIT, (s+1)*K_SPLIT) of columns tile t."""
-    ACC = y_raw.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
     lo = tl.program_id(1) * K_SPLIT
-    hi = tl.minimum(M, lo + K_SPLIT)
+    y = _col_tile(W, x, cols, lo, tl.minimum(M, lo + K_SPLIT), M, N, B, MB, y_raw.dtype.element_ty, SPLIT,
+                  BLOCK_M, BLOCK_N)
+    _finish_tile(y, cols, cols < N, tl.program_id(0), tl.num_programs(0), tl.program_id(1), tl.num_programs(1),
+                 y_part, y_raw, y_prev, partials, counter, N, y_acc, y_out, y_copy, sigma, eps, final,
+                 TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
+
+
+@triton.jit
+def _last_ticket(partials, slot, value, counter, n_parts):
+    """Store this program's scalar partial in ``partials[slot]`` and take a ticket: whether it is
+    the last of the ``n_parts`` programs (which then sums the partials and resets ``counter``)."""
+    tl.store(partials + slot, value)
+    tl.debug_barrier()
+    return tl.atomic_add(counter, 1) == n_parts - 1
+
+
+@triton.jit
+def _eval_tile(W, u, v, u_copy, v_copy, rows, lo, hi, tile, split, M, N, B, MB, ACC: tl.constexpr,
+               SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum over rows tile ``rows`` and columns [lo, hi) of u_i W_ij v_j; tile 0 copies v, split 0 copies u."""
+    rmask = rows < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for i0 in range(lo, hi, BLOCK_M):
-        rows = i0 + tl.arange(0, BLOCK_M)
-        rmask = rows < hi
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        cmask = cols < hi
         w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
-        xv = tl.load(x + rows, mask=rmask, other=0.0).to(ACC)
-        acc += w.to(ACC) * xv[:, None]
-    _finish_tile(tl.sum(acc, axis=0), cols, cmask, y_part, y_raw, y_prev, partials, counter, N, y_acc, y_out, y_copy,
-                 sigma, eps, final, TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
+        xv = tl.load(v + cols, mask=cmask, other=0.0)
+        # the programs of rows tile 0 copy v on the way; the scalar test is broadcast to the block by
+        # hand (the triton 3.9 interpreter refuses a block mask `&` a scalar bool)
+        tl.store(v_copy + cols, xv, mask=cmask & ((cols * 0 + tile) == 0))
+        acc += w.to(ACC) * xv.to(ACC)[None, :]
+    s = tl.sum(acc, axis=1)
+    ur = tl.load(u + rows, mask=rmask, other=0.0)
+    tl.store(u_copy + rows, ur, mask=rmask & ((rows * 0 + split) == 0))  # split 0 copies u
+    return tl.sum(ur.to(ACC) * s, axis=0)
 
 
 @triton.jit
@@ -186,79 +236,68 @@ def eval_pass_kernel(W, u, v, partials, counter, u_copy, v_copy, sigma,
 
     Program (t, s) adds u_i (W v)_i over rows tile t and columns split s: every program's
     partial is a scalar, so one fixed-order sum over all programs finishes it."""
-    ACC = partials.dtype.element_ty
     pid = tl.program_id(0)
     ps = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
     lo = ps * K_SPLIT
-    hi = tl.minimum(N, lo + K_SPLIT)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for j0 in range(lo, hi, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < hi
-        w = tl.load(W + _offsets(rows, cols, N, B, MB, SPLIT), mask=rmask[:, None] & cmask[None, :], other=0.0)
-        xv = tl.load(v + cols, mask=cmask, other=0.0)
-        # the programs of rows tile 0 copy v on the way; the scalar test is broadcast to the block by
-        # hand (the triton 3.9 interpreter refuses a block mask `&` a scalar bool)
-        tl.store(v_copy + cols, xv, mask=cmask & ((cols * 0 + pid) == 0))
-        acc += w.to(ACC) * xv.to(ACC)[None, :]
-    s = tl.sum(acc, axis=1)
-    ur = tl.load(u + rows, mask=rmask, other=0.0)
-    tl.store(u_copy + rows, ur, mask=rmask & ((rows * 0 + ps) == 0))  # split 0 copies u
+    part = _eval_tile(W, u, v, u_copy, v_copy, pid * BLOCK_M + tl.arange(0, BLOCK_M), lo, tl.minimum(N, lo + K_SPLIT),
+                      pid, ps, M, N, B, MB, partials.dtype.element_ty, SPLIT, BLOCK_M, BLOCK_N)
     nprog = tl.num_programs(0) * tl.num_programs(1)
-    tl.store(partials + pid * tl.num_programs(1) + ps, tl.sum(ur.to(ACC) * s, axis=0))
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter, 1)
-    if ticket == nprog - 1:
+    if _last_ticket(partials, pid * tl.num_programs(1) + ps, part, counter, nprog):
         tl.store(sigma, _sum_partials(partials, nprog, BLOCK_V))
         tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
+def _divide_block(W, s, out, offs, mask):
+    """out = W / s (0 where s == 0) at ``offs``, divided in the dtype of ``s``."""
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    tl.store(out + offs, _safe_div(w.to(s.dtype), s).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def divide_kernel(W, sigma, out, numel, BLOCK: tl.constexpr):
     """out = W / sigma (0 where sigma == 0) elementwise, divided in the accumulation dtype; sigma read on device."""
-    s = tl.load(sigma)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    w = tl.load(W + offs, mask=mask, other=0.0)
-    tl.store(out + offs, _safe_div(w.to(sigma.dtype.element_ty), s).to(out.dtype.element_ty), mask=mask)
+    _divide_block(W, tl.load(sigma), out, offs, offs < numel)
+
+
+@triton.jit
+def _dot_range(G, W, lo, hi, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """sum of G * W over elements [lo, hi), BLOCK at a time (a fixed order for a fixed range)."""
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for k0 in range(lo, hi, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mask = offs < hi
+        acc += tl.load(G + offs, mask=mask, other=0.0).to(ACC) * tl.load(W + offs, mask=mask, other=0.0).to(ACC)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
 def dot_pass_kernel(G, W, partials, counter, sigma, c_out, numel, CHUNK, BLOCK: tl.constexpr, BLOCK_V: tl.constexpr):
     """c = <G, W> / sigma: program p sums elements [p*CHUNK, (p+1)*CHUNK) (CHUNK a multiple of
     BLOCK, shape-only), the last program sums the partials in fixed order."""
-    ACC = partials.dtype.element_ty
     pid = tl.program_id(0)
     lo = pid * CHUNK
-    hi = tl.minimum(numel, lo + CHUNK)
-    acc = tl.zeros([BLOCK], dtype=ACC)
-    for k0 in range(lo, hi, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        mask = offs < hi
-        g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
-        w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
-        acc += g * w
-    tl.store(partials + pid, tl.sum(acc, axis=0))
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter, 1)
-    if ticket == tl.num_programs(0) - 1:
+    part = _dot_range(G, W, lo, tl.minimum(numel, lo + CHUNK), partials.dtype.element_ty, BLOCK)
+    if _last_ticket(partials, pid, part, counter, tl.num_programs(0)):
         tl.store(c_out, _safe_div(_sum_partials(partials, tl.num_programs(0), BLOCK_V), tl.load(sigma)))
         tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def grad_pass_kernel(G, u, v, c_ptr, sigma, out, numel, M, B, BLOCK: tl.constexpr):
-    """grad = (G - c u_i v_j) / sigma over the weight's memory; (i, j) from the flat index."""
-    ACC = c_ptr.dtype.element_ty
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+def _grad_block(G, u, v, c, s, out, offs, mask, M, B):
+    """grad = (G - c u_i v_j) / s at ``offs``; (i, j) from the flat index, in the dtype of ``s``."""
+    ACC = s.dtype
     i = (offs // B) % M
     j = (offs // (M * B)) * B + offs % B
-    c = tl.load(c_ptr)
-    s = tl.load(sigma)
     g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
     ui = tl.load(u + i, mask=mask, other=0.0).to(ACC)
     vj = tl.load(v + j, mask=mask, other=0.0).to(ACC)
     tl.store(out + offs, _safe_div(g - c * (ui * vj), s).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_pass_kernel(G, u, v, c_ptr, sigma, out, numel, M, B, BLOCK: tl.constexpr):
+    """grad = (G - c u_i v_j) / sigma over the weight's memory; (i, j) from the flat index."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _grad_block(G, u, v, tl.load(c_ptr), tl.load(sigma), out, offs, offs < numel, M, B)

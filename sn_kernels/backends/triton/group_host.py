@@ -1,0 +1,277 @@
+"""Host side of the "triton" backend's grouped path (``sn_kernels.group``): every weight of one
+(device, dtype) group in a fixed number of launches, whatever the number of weights.
+
+    training, k iterations   2k mat-vec passes + 1 division (3 for k = 1)
+    eval                    1 pass (sigma = u . W v) + 1 division
+    backward                2 passes (<G, W>, then the gradient)
+
+Each launch covers a table of equal-sized work items over all the weights (group_kernels.py):
+a mat-vec item is one tile of BLOCK rows (columns) and a split of about ITEM_ELEMS / BLOCK
+columns (rows), an elementwise item CHUNK elements, so weights whose sizes differ by 10^4x
+balance across the programs.  The tables depend on the shapes only: they are built once
+and kept on the device, and so are the results' reduction orders (deterministic).  The
+weights' addresses go to the kernels in a small int64 table, cached by the addresses: in a
+training loop the parameters, buffers and, mostly, the gradients keep their addresses, so a
+step copies nothing to the device; a new set is one non-blocking copy from pinned memory.
+
+The reduction order differs from the per-weight kernels' (their tiles depend on each
+shape), so the results match the per-module triton path to fp32 rounding, not bit for bit.
+Outputs (W/sigma, u_used, v_used, sigma, grad_W) are views into one buffer per kind.
+
+CUDA graphs: a capture uses the tables built before it (run one step eagerly first); on an
+address table it has not seen (the backward's gradients live in the graph's pool) it runs the
+per-weight kernels instead, which capture as usual.  Tables used by a capture are never freed.
+"""
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..contract import accumulation_dtype, matrix_shape
+from . import group_kernels as GK
+from . import host
+
+ROW_TILE = (16, 256, 4)   # (BLOCK_M, BLOCK_N, warps) of the W x pass
+COL_TILE = (64, 64, 4)    # ... of the W^T x pass
+ITEM_ELEMS = 16384        # elements of W per mat-vec item (tile x split)
+CHUNK = 16384             # elements per elementwise item (a multiple of host.ELEM_BLOCK)
+TABLES_KEPT = 64          # address tables cached per process (beyond those used by graph captures)
+
+META_FIELDS = ("M", "N", "B", "ROW_TILES", "ROW_SPLITS", "ROW_K", "COL_TILES", "COL_SPLITS", "COL_K", "WS",
+               "PARTIALS", "SPLITBUF", "COUNTERS", "USED", "OUT", "NUMEL", "CHUNKS")
+assert len(META_FIELDS) == GK.NF and all(getattr(GK, "F_" + f) == i for i, f in enumerate(META_FIELDS))
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (one per geometry list)
+class GroupPlan:
+    """The work tables of one list of (M, N, B) geometries (CPU int64 tensors) and buffer sizes."""
+
+    meta: torch.Tensor
+    row_items: torch.Tensor
+    col_items: torch.Tensor
+    elem_items: torch.Tensor
+    ws: int                      # workspace floats (accumulation dtype)
+    counters: int                # int32 tickets
+    used: int                    # sum of M + N: u_used, v_used
+    out: int                     # sum of numel: W/sigma or grad_W
+    offsets: tuple               # per weight: (used offset, out offset)
+    split: bool                  # some weight's matrix view needs the general addressing (dim > 0)
+    row_two_stage: bool          # some weight's row pass has several splits
+    col_two_stage: bool
+
+
+def _splits(k: int, block: int, width: int) -> tuple[int, int]:
+    """(splits, split length) of a reduced dimension ``k`` for tiles ``width`` wide: about
+    ITEM_ELEMS elements per item, the length a multiple of ``block``."""
+    length = max(block, (ITEM_ELEMS // width) // block * block)
+    if k <= length:
+        return 1, max(k, 1)
+    return triton.cdiv(k, length), length
+
+
+@functools.lru_cache(maxsize=256)
+def group_plan(geoms: tuple) -> GroupPlan:
+    """The plan for weights with matrix views ``geoms`` = ((M, N, B), ...), in that order."""
+    meta, row_items, col_items, elem_items, offsets = [], [], [], [], []
+    ws = counters = used = out = 0
+    split = row_two = col_two = False
+    bm_r, bn_r = ROW_TILE[:2]
+    bm_c, bn_c = COL_TILE[:2]
+    for w, (m, n, b) in enumerate(geoms):
+        numel = m * n
+        row_tiles = triton.cdiv(m, bm_r)
+        row_splits, row_k = _splits(n, bn_r, bm_r)
+        col_tiles = triton.cdiv(n, bn_c)
+        col_splits, col_k = _splits(m, bm_c, bn_c)
+        chunks = triton.cdiv(numel, CHUNK)
+        partials = max(row_tiles, col_tiles, row_tiles * row_splits, chunks)
+        splitbuf = max(row_splits * m if row_splits > 1 else 0, col_splits * n if col_splits > 1 else 0)
+        meta.append((m, n, b, row_tiles, row_splits, row_k, col_tiles, col_splits, col_k, ws,
+                     ws + 2 * (m + n), ws + 2 * (m + n) + partials, counters, used, out, numel, chunks))
+        offsets.append((used, out))
+        row_items += [(w, t, s) for t in range(row_tiles) for s in range(row_splits)]
+        col_items += [(w, t, s) for t in range(col_tiles) for s in range(col_splits)]
+        elem_items += [(w, c) for c in range(chunks)]
+        ws += 2 * (m + n) + partials + splitbuf
+        counters += 1 + max(row_tiles, col_tiles)
+        used += m + n
+        out += numel
+        split |= b != n
+        row_two |= row_splits > 1
+        col_two |= col_splits > 1
+    as_tensor = lambda rows: torch.tensor(rows, dtype=torch.int64).reshape(-1)  # noqa: E731
+    return GroupPlan(as_tensor(meta), as_tensor(row_items), as_tensor(col_items), as_tensor(elem_items),
+                     ws, counters, used, out, tuple(offsets), split, row_two, col_two)
+
+
+_plan_tables: dict = {}
+_address_tables: OrderedDict = OrderedDict()
+_pinned_forever: list = []  # tables a CUDA graph capture used: its replays read them
+
+
+def _to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``cpu`` on ``device`` without blocking the host (pinned, non-blocking copy)."""
+    if device.type != "cuda":
+        return cpu.to(device)
+    return cpu.pin_memory().to(device, non_blocking=True)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tables(plan: GroupPlan, device: torch.device):
+    """(meta, row items, col items, elem items) of ``plan`` on ``device`` (copied once), or None
+    when they are not there yet and a graph is being captured."""
+    key = (plan, device)
+    tabs = _plan_tables.get(key)
+    if tabs is None:
+        if _capturing(device):
+            return None
+        tabs = tuple(_to_device(t, device) for t in (plan.meta, plan.row_items, plan.col_items, plan.elem_items))
+        _plan_tables[key] = tabs
+    return tabs
+
+
+def _addresses(tensors: list, device: torch.device):
+    """The int64 device table of the tensors' addresses (cached by them), or None when it is new
+    and a graph is being captured (a host-to-device copy there would be replayed from freed memory)."""
+    addrs = tuple(t.data_ptr() for t in tensors)
+    key = (device, addrs)
+    table = _address_tables.get(key)
+    capturing = _capturing(device)
+    if table is not None:
+        _address_tables.move_to_end(key)
+        if capturing:
+            _pinned_forever.append(table)
+        return table
+    if capturing:
+        return None
+    table = _to_device(torch.tensor(addrs, dtype=torch.int64), device)
+    _address_tables[key] = table
+    if len(_address_tables) > TABLES_KEPT:
+        _address_tables.popitem(last=False)  # the caching allocator keeps it alive until its copy ran
+    return table
+
+
+def _geometries(weights, dims) -> tuple:
+    """((M, N, B), ...) of the contiguous weights' matrix views."""
+    geoms = []
+    for w, dim in zip(weights, dims):
+        m, n = matrix_shape(w, dim)
+        b = 1
+        for s in w.shape[dim + 1:]:
+            b *= s
+        geoms.append((m, n, b))
+    return tuple(geoms)
+
+
+def _fits(weights, vectors) -> bool:
+    """Whether the multi-tensor kernels take these tensors: non-empty weights within int32 range
+    of elements per weight, and 1-D contiguous vectors of the weights' dtype."""
+    dtype = weights[0].dtype
+    return (all(0 < w.numel() <= host.MAX_INDEX for w in weights)
+            and all(t.dtype == dtype and t.is_contiguous() for t in vectors))
+
+
+def _views(flat: torch.Tensor, offsets, shapes, which: int) -> list:
+    """Per-weight views of a flat buffer at ``offsets[w][which]`` with ``shapes``."""
+    out = []
+    for off, shape in zip(offsets, shapes):
+        o = off[which]
+        k = 1
+        for s in shape:
+            k *= s
+        out.append(flat[o:o + k].view(shape))
+    return out
+
+
+def _per_weight_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
+    outs, sigmas, us_used, vs_used = [], [], [], []
+    for w, u, v, dim in zip(weights, us, vs, dims):
+        sigma, u_used, v_used = host.power_iteration(w, u, v, n_power_iterations, eps, dim, order, training)
+        outs.append(host.normalize(w, u_used, v_used, sigma, dim))
+        sigmas.append(sigma)
+        us_used.append(u_used)
+        vs_used.append(v_used)
+    return outs, sigmas, us_used, vs_used
+
+
+def group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
+    """Power iteration and W/sigma for every weight of one (device, dtype) group (contract:
+    backends/contract.py, ``Backend.group_forward``): u, v updated in place when training."""
+    dev = weights[0].device
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            return group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training)
+    W = [w if w.is_contiguous() else w.contiguous() for w in weights]
+    ptrs = _addresses([t for trio in zip(W, us, vs) for t in trio], dev) if _fits(W, us + vs) else None
+    plan = group_plan(_geometries(W, dims)) if ptrs is not None else None
+    tabs = _tables(plan, dev) if plan is not None else None
+    if tabs is None:
+        return _per_weight_forward(weights, us, vs, dims, n_power_iterations, eps, order, training)
+    meta, row_items, col_items, elem_items = tabs
+    acc = accumulation_dtype(W[0].dtype)
+    ws = torch.empty(max(plan.ws, 1), dtype=acc, device=dev)
+    sigmas = torch.empty(len(W), dtype=acc, device=dev)
+    used = torch.empty(plan.used, dtype=W[0].dtype, device=dev)
+    counters = host._counters(dev, plan.counters)
+    n_row, n_col = row_items.numel() // 3, col_items.numel() // 3
+    if not training:
+        bm, bn, warps = ROW_TILE
+        GK.group_eval_kernel[(n_row,)](ptrs, meta, row_items, ws, counters, used, sigmas, SPLIT=plan.split,
+                                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_V=host.FINISH_BLOCK, num_warps=warps)
+    else:
+        def run(kernel, items, n_items, tile, two_stage, it, first, final):
+            bm, bn, warps = tile
+            kernel[(n_items,)](ptrs, meta, items, ws, counters, used, sigmas, float(eps), int(final),
+                               X_STORED=it == 0 and first, PREV_STORED=it == 0, SPLIT=plan.split,
+                               TWO_STAGE=two_stage, BLOCK_M=bm, BLOCK_N=bn, BLOCK_V=host.FINISH_BLOCK,
+                               SPLIT_BLOCK=host.SPLIT_BLOCK, num_warps=warps)
+
+        to_u = (GK.group_row_kernel, row_items, n_row, ROW_TILE, plan.row_two_stage)
+        to_v = (GK.group_col_kernel, col_items, n_col, COL_TILE, plan.col_two_stage)
+        for it in range(n_power_iterations):
+            final = it == n_power_iterations - 1
+            first, second = (to_v, to_u) if order == "vu" else (to_u, to_v)
+            run(*first, it, True, final)
+            run(*second, it, False, final)
+    out = torch.empty(plan.out, dtype=W[0].dtype, device=dev)
+    GK.group_divide_kernel[(elem_items.numel() // 2,)](ptrs, meta, elem_items, sigmas, out, CHUNK=CHUNK,
+                                                       BLOCK=host.ELEM_BLOCK, num_warps=host.ELEM_WARPS)
+    us_used = _views(used, plan.offsets, [u.shape for u in us], 0)
+    vs_used = [used[o[0] + u.numel():o[0] + u.numel() + v.numel()] for o, u, v in zip(plan.offsets, us, vs)]
+    return _views(out, plan.offsets, [w.shape for w in W], 1), list(sigmas.unbind(0)), us_used, vs_used
+
+
+def group_backward(grads, weights, us, vs, sigmas, dims):
+    """grad_W = (G - <G, W>/sigma u v^T) / sigma for every weight of one group in two launches
+    (contract: ``Backend.group_backward``)."""
+    dev = weights[0].device
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            return group_backward(grads, weights, us, vs, sigmas, dims)
+    W = [w if w.is_contiguous() else w.contiguous() for w in weights]
+    G = [g if g.is_contiguous() and g.dtype == w.dtype else g.to(w.dtype).contiguous() for g, w in zip(grads, W)]
+    acc = accumulation_dtype(W[0].dtype)
+    ok = _fits(W, us + vs) and all(s.dtype == acc and s.numel() == 1 for s in sigmas)
+    ptrs = _addresses([t for five in zip(G, W, us, vs, sigmas) for t in five], dev) if ok else None
+    plan = group_plan(_geometries(W, dims)) if ptrs is not None else None
+    tabs = _tables(plan, dev) if plan is not None else None
+    if tabs is None:
+        return [host.backward(g, w, u, v, s, d) for g, w, u, v, s, d in zip(grads, weights, us, vs, sigmas, dims)]
+    meta, _, _, elem_items = tabs
+    n_items = elem_items.numel() // 2
+    ws = torch.empty(max(plan.ws, 1), dtype=acc, device=dev)
+    cs = torch.empty(len(W), dtype=acc, device=dev)
+    out = torch.empty(plan.out, dtype=W[0].dtype, device=dev)
+    GK.group_dot_kernel[(n_items,)](ptrs, meta, elem_items, ws, host._counters(dev, plan.counters), cs, out,
+                                    CHUNK=CHUNK, BLOCK=host.ELEM_BLOCK, BLOCK_V=host.FINISH_BLOCK,
+                                    num_warps=host.ELEM_WARPS)
+    GK.group_grad_kernel[(n_items,)](ptrs, meta, elem_items, cs, out, CHUNK=CHUNK, BLOCK=host.ELEM_BLOCK,
+                                     num_warps=host.ELEM_WARPS)
+    return _views(out, plan.offsets, [w.shape for w in W], 1)
