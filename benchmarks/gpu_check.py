@@ -7,8 +7,9 @@ Steps: (1) optionally the test suite (--pytest; output streamed to DIR/pytest_<b
 (2) large shapes against the torch backend, (3) bit-for-bit determinism over two runs, (4) CUDA-graph
 capture + replay of a forward + backward and of a whole SNGAN discriminator training step against
 the same steps run eagerly (independent optimizer states), (5) float16/bfloat16 autocast, (6)
-torch.compile(fullgraph=True) of a small SN discriminator against eager, (7) a few timings (CUDA
-events).  Each step is independent: one failing does not hide the others.  Every row is written to
+torch.compile(fullgraph=True) of a small SN discriminator against eager, (7) sn_kernels.group of the
+SNGAN-CIFAR weights against per-module, with the CUDA kernels it launches (profiler), (8) a few
+timings (CUDA events).  Each step is independent: one failing does not hide the others.  Every row is written to
 DIR/gpu_check_<device>_<backend>.csv as soon as it is known.
 
 --smoke runs the same path on the CPU with tiny shapes (the triton backend under
@@ -334,6 +335,75 @@ def check_compile(backend, dev, compile_backend, ch, steps):
            f"max |dy| {(ye - yc).abs().max().item():.1e}")
 
 
+class _Weights(torch.nn.ModuleList):
+    """Modules whose forward is their spectrally normalized weight: the SN work alone."""
+
+    def forward(self):
+        return [m.weight for m in self]
+
+
+def _weights_model(dev, shapes):
+    from sn_kernels.parametrizations import spectral_norm as sn
+
+    model = _Weights()
+    for shape in shapes:
+        m = torch.nn.Module()
+        m.weight = torch.nn.Parameter(torch.randn(shape, device=dev) / (torch.Size(shape).numel() / shape[0]) ** 0.5)
+        sn(m)
+        model.append(m)
+    return model
+
+
+def _cuda_kernels(fn) -> int:
+    """The CUDA kernels ``fn`` launches (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+
+
+@guarded("grouped")
+def check_grouped(backend, dev, shapes, steps):
+    """sn_kernels.group (every weight of the SNGAN-CIFAR discriminator) against the per-module path on
+    the same backend, training steps then eval; on CUDA the kernels one grouped forward + backward
+    launches (the triton backend's multi-tensor kernels: 3 + 2 for one group)."""
+    torch.manual_seed(0)
+    with sn_kernels.use_backend(backend):
+        per_module = _weights_model(dev, shapes)
+        grouped = copy.deepcopy(per_module)
+        sn_kernels.group(grouped)
+        grads = [torch.randn(s, device=dev) for s in shapes]
+        worst = 0.0
+        for training in [True] * steps + [False]:
+            per_module.train(training), grouped.train(training)
+            outs, refs = grouped(), per_module()
+            torch.autograd.backward(outs, grads)
+            torch.autograd.backward(refs, grads)
+            worst = max([worst] + [float((a - b).abs().max()) for a, b in zip(outs, refs)])
+        tensors = lambda m: [p.grad for p in m.parameters()] + list(m.buffers())  # noqa: E731
+        ok = worst < 1e-5 and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+                                  for a, b in zip(tensors(grouped), tensors(per_module)))
+        record("grouped", f"group() vs per-module, {len(shapes)} weights, {steps} steps + eval", ok,
+               f"max |dW_sn| {worst:.1e}")
+        if dev.type != "cuda":
+            return
+        grouped.train(), per_module.train()
+
+        def step(model):
+            return lambda: torch.autograd.backward(model(), grads)
+
+        for model in (grouped, per_module):
+            step(model)()  # warm: address tables, autotuning, allocator
+        n_grouped, n_per_module = _cuda_kernels(step(grouped)), _cuda_kernels(step(per_module))
+        ok = n_grouped <= 5 if backend == "triton" else True
+        record("grouped", f"CUDA kernels per fwd+bwd, {len(shapes)} weights", ok,
+               f"grouped {n_grouped}, per-module {n_per_module}")
+
+
 @guarded("timing")
 def timings(backends, dev, shapes):
     if dev.type != "cuda":
@@ -360,6 +430,11 @@ def timings(backends, dev, shapes):
             ms = start.elapsed_time(end) / 20
             gbs = 8 * w.numel() * 4 / ms / 1e6  # 4|W| forward + 4|W| backward
             record("timing", f"{tuple(shape)} fp32 fwd+bwd {backend}", True, f"{ms * 1e3:.1f} us, {gbs:.0f} GB/s eff")
+
+
+# the SN weights of the SNGAN-CIFAR discriminator (shapes.json: sngan_cifar_d)
+SNGAN_SHAPES = [(128, 3, 3, 3), (128, 128, 3, 3), (128, 3, 1, 1), (128, 128, 3, 3), (128, 128, 3, 3),
+                (128, 128, 1, 1), (128, 128, 3, 3), (128, 128, 3, 3), (128, 128, 3, 3), (128, 128, 3, 3), (1, 128)]
 
 
 def main(argv=None) -> int:
@@ -400,6 +475,7 @@ def main(argv=None) -> int:
         check_train_step_graph(backend, dev, ch=64, batch=16, size=32)
     check_autocast(backend, dev, 8 if small else 32)
     check_compile(backend, dev, "aot_eager" if small else "inductor", 8 if small else 32, 2 if small else 3)
+    check_grouped(backend, dev, [(8, 3, 3, 3), (8, 8, 3, 3), (1, 8)] if small else SNGAN_SHAPES, 2)
     timings([backend, "torch"] if backend != "torch" else ["torch"], dev,
             [(256, 1152), (1536, 13824), (8192, 8192)])
 

@@ -101,11 +101,11 @@ def wrap(provider: str, modules) -> None:
 
 def backend_context(provider: str):
     """``use_backend`` for an ``sn_kernels_<backend>`` provider; ``sn_kernels_grouped`` is the native
-    backend's grouped kernels (named, so that a missing extension fails the case instead of timing
-    the torch backend under the grouped label)."""
+    backend's grouped kernels and ``sn_kernels_grouped_triton`` the triton backend's (named, so that a
+    missing backend fails the case instead of timing the torch backend under the grouped label)."""
     backend = provider.removeprefix("sn_kernels_") if provider.startswith("sn_kernels_") else None
-    if backend == "grouped":
-        backend = "native"
+    if backend is not None and backend.startswith("grouped"):
+        backend = backend.removeprefix("grouped").removeprefix("_") or "native"
     return sn_kernels.use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
@@ -121,7 +121,7 @@ class Case:
         with self.ctx():
             self.holders = [Holder(shape, dtype, device, dim) for shape, dim in entries]
             wrap(provider, self.holders)
-            if provider == "sn_kernels_grouped":
+            if provider.startswith("sn_kernels_grouped"):
                 self.container = _Container(self.holders)
                 sn_kernels.group(self.container)
                 self.forward = self.container
@@ -177,7 +177,7 @@ def train_step_samples(provider, dtype, device, reps, warmup, compile_backend="i
         wrap(provider, [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
         compiled = provider == "torch_compile"
         model = torch.compile(D, fullgraph=True, backend=compile_backend) if compiled else D
-        if provider == "sn_kernels_grouped":
+        if provider.startswith("sn_kernels_grouped"):
             sn_kernels.group(D)
         opt = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9))
         batch = TRAIN_BATCH.get(device.type, 8)
@@ -243,7 +243,7 @@ def main(argv=None):
     providers = (args.providers.split(",") if args.providers else
                  ["torch_hook", "torch_param"] + (["torch_compile"] if on_gpu else [])
                  + [f"sn_kernels_{b}" for b in backends if not (b == "triton" and not on_gpu)]
-                 + ["sn_kernels_grouped"])
+                 + ["sn_kernels_grouped"] + (["sn_kernels_grouped_triton"] if on_gpu and "triton" in backends else []))
     reps = args.reps or (100 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     measure, sync = timer(device)
@@ -337,7 +337,8 @@ def summary(rows):
 def targets(rows):
     """Issue 14's targets (float32 fwd_bwd): single weights of 64 MB or more at 80 % of the copy
     bandwidth or better (per-weight cases), and biggan128_d at least 2.5x torch_param and faster
-    than torch_compile."""
+    than torch_compile; issue 13's on a GPU: sngan_cifar_d grouped at least 20x torch_param and
+    faster than torch_compile."""
     fb = [r for r in rows if r["dtype"] == "float32" and r["mode"] == "fwd_bwd"]
     lines = []
     for r in fb:
@@ -354,6 +355,13 @@ def targets(rows):
             ok = x >= 2.5 and big[p] < c
             lines.append(f"{'met ' if ok else 'MISS'} biggan128_d {p}: {x:.2f}x torch_param (target 2.5x), "
                          f"{big[p]:.3f} ms vs torch_compile {c:.3f} ms")
+    small = {r["provider"]: r["median_ms"] for r in fb if r["shape_set"] == "sngan_cifar_d"}
+    for p in ("sn_kernels_grouped", "sn_kernels_grouped_triton"):  # issue 13, on a GPU
+        if p in small and "torch_param" in small and "torch_compile" in small:
+            x = small["torch_param"] / small[p]
+            ok = x >= 20 and small[p] < small["torch_compile"]
+            lines.append(f"{'met ' if ok else 'MISS'} sngan_cifar_d {p}: {x:.1f}x torch_param (target 20x), "
+                         f"{small[p]:.3f} ms vs torch_compile {small['torch_compile']:.3f} ms")
     if lines:
         print("\n# targets (float32 fwd_bwd)")
         print("\n".join(lines))
