@@ -17,7 +17,11 @@ policies:
     one table of (weight, chunk) work items (``csrc/sn_kernels_grouped_cpu.cpp``), so weights of
     very different sizes share the threads; the ops are functional (the iterated u, v come back
     and are copied into the buffers by one ``torch._foreach_copy_``), with fake implementations,
-    so they trace under torch.compile.  Other backends loop over the weights in Python.  The one
+    so they trace under torch.compile.  On the triton backend a group is 2k + 1 launches forward
+    (k power iterations; 2 in eval) and 2 backward, whatever the number of weights
+    (``backends/triton/group_kernels.py``: the same numbers as per module to fp32 rounding, as the
+    tiles differ).  A backend without multi-tensor kernels (``Backend.group_forward``: "torch")
+    loops over the weights in Python.  The one
     difference from per-module semantics: a layer that the model
     does not call in some forward still had its power iteration run.  A layer called
     twice in one model call computes normally the second time (a second power
