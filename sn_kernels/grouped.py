@@ -92,7 +92,8 @@ class _Member:
             return any(h is self.state for h in self.module._forward_pre_hooks.values())
         plists = self.module._modules.get("parametrizations")
         plist = plists._modules.get(self.name) if plists is not None else None
-        return plist is not None and len(plist) == 1 and plist[0] is self.state
+        # through _modules: ModuleList's len() and [0] cost more than the test (it runs every call)
+        return plist is not None and len(plist._modules) == 1 and plist._modules.get("0") is self.state
 
     def training(self) -> bool:
         return self.module.training if self.kind == "hook" else self.state.training

@@ -70,7 +70,7 @@ class SpectralNormParametrization(nn.Module):
         pending = self.pending
         if pending is None:
             return self.compute(weight)
-        self.pending = None
+        self.__dict__["pending"] = None  # nn.Module.__setattr__'s checks cost more than the rest of this access
         return pending
 
     @property
