@@ -251,30 +251,49 @@ def _groups(members: list[_Member]) -> tuple[dict, list[_Member]]:
 
 
 @torch.compiler.assume_constant_result
-def _group_op_runs(device_type: str) -> bool:
-    """Whether a compiled grouped model on ``device_type`` takes the native grouped op: the native
-    backend is the one selected there and its extension has the grouped ops.  Decided once per
-    trace, outside it."""
-    return dispatch.resolve(torch.device(device_type)).name == "native" and _has_group_ops()
+def _group_op_backend(device_type: str) -> str:
+    """"native" or "triton" when a compiled grouped model on ``device_type`` takes that backend's
+    grouped op (the backend selected there has one), else "".  Decided once per trace, outside it."""
+    backend = dispatch.resolve(torch.device(device_type))
+    if backend.name == "native" and _has_group_ops():
+        return "native"
+    if backend.name == "triton" and backend.group_forward is not None:
+        return "triton"
+    return ""
 
 
 def _compiled_group(members: list[_Member]) -> None:
     """The compiled "call" refresh: every groupable weight of one (device, dtype, order, iteration
-    count, eps, mode) through ONE opaque ``native_group_forward``, its autograd formula one
-    ``native_group_backward`` (backends/native.py).  Inductor generates no code for them, and the
-    call sits before the model's first layer, so it splits none of the fused kernels (inductor's
-    CPU backend ends a kernel at every opaque call): compile time near that of the model without
-    spectral norm (benchmarks/NOTES.md, C2).  Layers the op cannot take compute their own."""
+    count, eps, mode) through ONE opaque grouped op (``native_group_forward``, or the triton backend's
+    ``triton_group_forward``), whose autograd formula is one grouped backward op.  Inductor generates
+    no code for them, and the call sits before the model's first layer, so it splits none of the fused
+    kernels (inductor's CPU backend ends a kernel at every opaque call): compile time near that of the
+    model without spectral norm (benchmarks/NOTES.md, C2).  Layers the op cannot take compute their own."""
     for (device, _, order, iters, eps, training), items in _groups(members)[0].items():
-        if not _group_op_runs(device.type):
+        kind = _group_op_backend(device.type)
+        if not kind:
             continue
+        weights = [it[1] for it in items]
         us = [it[2] for it in items]
         vs = [it[3] for it in items]
-        outs, sigmas, us_used, vs_used = torch.ops.sn_kernels.native_group_forward(
-            [it[1] for it in items], us, vs, [it[0].state.dim for it in items], iters, float(eps), order, training)
+        dims = [it[0].state.dim for it in items]
+        if kind == "native":
+            outs, sigmas, us_new, vs_new = torch.ops.sn_kernels.native_group_forward(
+                weights, us, vs, dims, iters, float(eps), order, training)
+        else:  # flat outputs (a custom op's outputs may not alias): views per weight
+            flat, sigmas, uvs = torch.ops.sn_kernels.triton_group_forward(weights, us, vs, dims, iters, float(eps),
+                                                                          order, training)
+            outs, us_new, vs_new = [], [], []
+            o = k = 0
+            for w, u, v in zip(weights, us, vs):
+                outs.append(flat[o:o + w.numel()].view(w.shape))
+                us_new.append(uvs[k:k + u.numel()])
+                vs_new.append(uvs[k + u.numel():k + u.numel() + v.numel()])
+                o, k = o + w.numel(), k + u.numel() + v.numel()
+            sigmas = sigmas.unbind(0)
         if training:
             with torch.no_grad():
-                for buf, new in zip(us + vs, us_used + vs_used):
+                for buf, new in zip(us + vs, us_new + vs_new):
                     buf.copy_(new)
         for it, w_sn, sigma in zip(items, outs, sigmas):
             it[0].set_sigma(sigma)

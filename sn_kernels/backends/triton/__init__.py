@@ -4,7 +4,7 @@ Registers ``sn_kernels::triton_power_iteration``, ``sn_kernels::triton_normalize
 (with the contract's shared fake implementations and analytic gradient) and
 ``sn_kernels::triton_backward``, the gradient as a custom op of its own so
 torch.compile can trace it.  ``sn_kernels.group`` runs the multi-tensor kernels of
-group_host.py (eager only: a compiled grouped model computes per layer on this backend).  Importing this module never fails because triton
+group_host.py; a compiled grouped model calls them through the ops of group_ops.py.  Importing this module never fails because triton
 is missing: ``why_not`` then says so.
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ try:
     import triton  # noqa: F401
 
     from . import group_host as _group_host
+    from . import group_ops as _group_ops
     from . import host as _host
     from . import kernels as _kernels
     _IMPORT_ERROR = None
 except Exception as exc:  # triton missing or broken: keep the reason for why_not
-    _host = _kernels = _group_host = None
+    _host = _kernels = _group_host = _group_ops = None
     _IMPORT_ERROR = f"triton is not installed or failed to import ({type(exc).__name__}: {exc})"
 
 
@@ -90,7 +91,8 @@ backend = Backend(
     name="triton", device_types=("cuda", "cpu"), why_not=why_not,
     power_iteration=_power_iteration_op, normalize=_normalize_op, backward=backward,
     eager=composed_eager(_power_iteration, differentiable(_normalize, backward, pytorch.backward)),
-    ops=(_power_iteration_op, _normalize_op, triton_backward),
+    ops=(_power_iteration_op, _normalize_op, triton_backward)
+    + ((_group_ops.triton_group_forward, _group_ops.triton_group_backward) if _group_ops is not None else ()),
     group_forward=_group_host.group_forward if _group_host is not None else None,
     group_backward=_group_host.group_backward if _group_host is not None else None,
 )

@@ -201,19 +201,28 @@ def _per_weight_forward(weights, us, vs, dims, n_power_iterations, eps, order, t
     return outs, sigmas, us_used, vs_used
 
 
-def group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
-    """Power iteration and W/sigma for every weight of one (device, dtype) group (contract:
-    backends/contract.py, ``Backend.group_forward``): u, v updated in place when training."""
-    dev = weights[0].device
-    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
-        with torch.cuda.device(dev):
-            return group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training)
-    W = [w if w.is_contiguous() else w.contiguous() for w in weights]
+def _on_device(fn):
+    """Run ``fn`` with its weights' device current (Triton launches on the current device)."""
+    @functools.wraps(fn)
+    def run(*args):
+        first = args[0]  # a tensor or a list of them
+        dev = (first[0] if isinstance(first, list) else first).device
+        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return fn(*args)
+        return fn(*args)
+    return run
+
+
+def _launch_forward(W, us, vs, dims, n_power_iterations, eps, order, training, in_place):
+    """(W/sigma, sigmas, u/v used, plan): flat buffers in the plan's layout, or None when the
+    multi-tensor kernels cannot take the call.  ``in_place``: the final pass also writes the stored u, v."""
+    dev = W[0].device
     ptrs = _addresses([t for trio in zip(W, us, vs) for t in trio], dev) if _fits(W, us + vs) else None
     plan = group_plan(_geometries(W, dims)) if ptrs is not None else None
     tabs = _tables(plan, dev) if plan is not None else None
     if tabs is None:
-        return _per_weight_forward(weights, us, vs, dims, n_power_iterations, eps, order, training)
+        return None
     meta, row_items, col_items, elem_items = tabs
     acc = accumulation_dtype(W[0].dtype)
     ws = torch.empty(max(plan.ws, 1), dtype=acc, device=dev)
@@ -229,9 +238,9 @@ def group_forward(weights, us, vs, dims, n_power_iterations, eps, order, trainin
         def run(kernel, items, n_items, tile, two_stage, it, first, final):
             bm, bn, warps = tile
             kernel[(n_items,)](ptrs, meta, items, ws, counters, used, sigmas, float(eps), int(final),
-                               X_STORED=it == 0 and first, PREV_STORED=it == 0, SPLIT=plan.split,
-                               TWO_STAGE=two_stage, BLOCK_M=bm, BLOCK_N=bn, BLOCK_V=host.FINISH_BLOCK,
-                               SPLIT_BLOCK=host.SPLIT_BLOCK, num_warps=warps)
+                               X_STORED=it == 0 and first, PREV_STORED=it == 0, IN_PLACE=in_place,
+                               SPLIT=plan.split, TWO_STAGE=two_stage, BLOCK_M=bm, BLOCK_N=bn,
+                               BLOCK_V=host.FINISH_BLOCK, SPLIT_BLOCK=host.SPLIT_BLOCK, num_warps=warps)
 
         to_u = (GK.group_row_kernel, row_items, n_row, ROW_TILE, plan.row_two_stage)
         to_v = (GK.group_col_kernel, col_items, n_col, COL_TILE, plan.col_two_stage)
@@ -243,35 +252,94 @@ def group_forward(weights, us, vs, dims, n_power_iterations, eps, order, trainin
     out = torch.empty(plan.out, dtype=W[0].dtype, device=dev)
     GK.group_divide_kernel[(elem_items.numel() // 2,)](ptrs, meta, elem_items, sigmas, out, CHUNK=CHUNK,
                                                        BLOCK=host.ELEM_BLOCK, num_warps=host.ELEM_WARPS)
+    return out, sigmas, used, plan
+
+
+def _contiguous(tensors) -> list:
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+@_on_device
+def group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
+    """Power iteration and W/sigma for every weight of one (device, dtype) group (contract:
+    backends/contract.py, ``Backend.group_forward``): u, v updated in place when training."""
+    W = _contiguous(weights)
+    res = _launch_forward(W, us, vs, dims, n_power_iterations, eps, order, training, in_place=True)
+    if res is None:
+        return _per_weight_forward(weights, us, vs, dims, n_power_iterations, eps, order, training)
+    out, sigmas, used, plan = res
     us_used = _views(used, plan.offsets, [u.shape for u in us], 0)
     vs_used = [used[o[0] + u.numel():o[0] + u.numel() + v.numel()] for o, u, v in zip(plan.offsets, us, vs)]
     return _views(out, plan.offsets, [w.shape for w in W], 1), list(sigmas.unbind(0)), us_used, vs_used
 
 
+@_on_device
+def group_forward_flat(weights, us, vs, dims, n_power_iterations, eps, order, training):
+    """The functional form (the ``triton_group_forward`` op): the stored u, v untouched; returns flat
+    (W/sigma of every weight, one after the other; sigmas; u_new, v_new of every weight, one after the other)."""
+    W = _contiguous(weights)
+    res = _launch_forward(W, us, vs, dims, n_power_iterations, eps, order, training, in_place=False)
+    if res is not None:
+        return res[:3]
+    us, vs = [u.clone() for u in us], [v.clone() for v in vs]  # the per-weight kernels write them
+    outs, sigmas, us_used, vs_used = _per_weight_forward(W, us, vs, dims, n_power_iterations, eps, order, training)
+    return (torch.cat([o.reshape(-1) for o in outs]), torch.stack(sigmas),
+            torch.cat([t for pair in zip(us_used, vs_used) for t in pair]))
+
+
+@_on_device
 def group_backward(grads, weights, us, vs, sigmas, dims):
     """grad_W = (G - <G, W>/sigma u v^T) / sigma for every weight of one group in two launches
     (contract: ``Backend.group_backward``)."""
-    dev = weights[0].device
-    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
-        with torch.cuda.device(dev):
-            return group_backward(grads, weights, us, vs, sigmas, dims)
-    W = [w if w.is_contiguous() else w.contiguous() for w in weights]
+    W = _contiguous(weights)
     G = [g if g.is_contiguous() and g.dtype == w.dtype else g.to(w.dtype).contiguous() for g, w in zip(grads, W)]
     acc = accumulation_dtype(W[0].dtype)
     ok = _fits(W, us + vs) and all(s.dtype == acc and s.numel() == 1 for s in sigmas)
-    ptrs = _addresses([t for five in zip(G, W, us, vs, sigmas) for t in five], dev) if ok else None
-    plan = group_plan(_geometries(W, dims)) if ptrs is not None else None
-    tabs = _tables(plan, dev) if plan is not None else None
-    if tabs is None:
+    ptrs = _addresses([t for five in zip(G, W, us, vs, sigmas) for t in five], W[0].device) if ok else None
+    out = _launch_backward(ptrs, W, dims, flat=None)
+    if out is None:
         return [host.backward(g, w, u, v, s, d) for g, w, u, v, s, d in zip(grads, weights, us, vs, sigmas, dims)]
+    return _views(out, group_plan(_geometries(W, dims)).offsets, [w.shape for w in W], 1)
+
+
+@_on_device
+def group_backward_flat(grad, weights, used, sigmas, dims):
+    """The ``triton_group_backward`` op: flat grad_W of every weight from the flat gradient of the
+    forward's W/sigma and its flat u/v and sigmas."""
+    W = _contiguous(weights)
+    ptrs = _addresses(W, W[0].device) if _fits(W, [used]) and sigmas.dtype == accumulation_dtype(W[0].dtype) else None
+    out = _launch_backward(ptrs, W, dims, flat=(grad.contiguous(), used, sigmas))
+    if out is not None:
+        return out
+    plan = group_plan(_geometries(W, dims))
+    parts = []
+    for k, (w, dim, (uo, oo)) in enumerate(zip(W, dims, plan.offsets)):
+        m, n = matrix_shape(w, dim)
+        g = grad[oo:oo + w.numel()].view(w.shape)
+        parts.append(host.backward(g, w, used[uo:uo + m], used[uo + m:uo + m + n], sigmas[k], dim).reshape(-1))
+    return torch.cat(parts)
+
+
+def _launch_backward(ptrs, W, dims, flat):
+    """The two backward launches into a flat grad_W (None when the kernels cannot take the call):
+    reading G, u, v, sigma through ``ptrs`` (eager) or from ``flat`` = (G, used, sigmas)."""
+    if ptrs is None:
+        return None
+    dev = W[0].device
+    plan = group_plan(_geometries(W, dims))
+    tabs = _tables(plan, dev)
+    if tabs is None:
+        return None
     meta, _, _, elem_items = tabs
     n_items = elem_items.numel() // 2
+    acc = accumulation_dtype(W[0].dtype)
     ws = torch.empty(max(plan.ws, 1), dtype=acc, device=dev)
     cs = torch.empty(len(W), dtype=acc, device=dev)
     out = torch.empty(plan.out, dtype=W[0].dtype, device=dev)
-    GK.group_dot_kernel[(n_items,)](ptrs, meta, elem_items, ws, host._counters(dev, plan.counters), cs, out,
-                                    CHUNK=CHUNK, BLOCK=host.ELEM_BLOCK, BLOCK_V=host.FINISH_BLOCK,
-                                    num_warps=host.ELEM_WARPS)
-    GK.group_grad_kernel[(n_items,)](ptrs, meta, elem_items, cs, out, CHUNK=CHUNK, BLOCK=host.ELEM_BLOCK,
-                                     num_warps=host.ELEM_WARPS)
-    return _views(out, plan.offsets, [w.shape for w in W], 1)
+    g_flat, used, sigmas = flat if flat is not None else (out, out, cs)  # unused without FLAT
+    GK.group_dot_kernel[(n_items,)](ptrs, meta, elem_items, ws, host._counters(dev, plan.counters), cs, out, g_flat,
+                                    sigmas, FLAT=flat is not None, CHUNK=CHUNK, BLOCK=host.ELEM_BLOCK,
+                                    BLOCK_V=host.FINISH_BLOCK, num_warps=host.ELEM_WARPS)
+    GK.group_grad_kernel[(n_items,)](ptrs, meta, elem_items, cs, out, g_flat, used, sigmas, FLAT=flat is not None,
+                                     CHUNK=CHUNK, BLOCK=host.ELEM_BLOCK, num_warps=host.ELEM_WARPS)
+    return out

@@ -50,14 +50,15 @@ def _ptr(ptrs, w, k, K: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["final"])
 def group_row_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
-                     X_STORED: tl.constexpr, PREV_STORED: tl.constexpr, SPLIT: tl.constexpr,
+                     X_STORED: tl.constexpr, PREV_STORED: tl.constexpr, IN_PLACE: tl.constexpr, SPLIT: tl.constexpr,
                      TWO_STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """u = normalize(W x) for every weight; program p does item (weight, rows tile, columns split).
 
     ``x`` is the stored v (``X_STORED``: the iteration's first pass) or the previous pass's v in
     the workspace; a rejected step keeps the stored u (``PREV_STORED``: first iteration) or the
-    workspace's.  The final pass writes u in place and its copy into ``used``."""
+    workspace's.  The final pass writes u into ``used`` and, ``IN_PLACE``, into the stored u (the
+    functional op, ``triton_group_forward``, leaves the stored vectors alone)."""
     DT = used.dtype.element_ty
     pid = tl.program_id(0)
     w = tl.load(items + 3 * pid)
@@ -69,6 +70,11 @@ def group_row_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
     B = tl.load(row + F_B)
     base = ws + tl.load(row + F_WS)
     u_buf = _ptr(ptrs, w, 1, 3, DT)
+    u_copy = used + tl.load(row + F_USED)
+    if IN_PLACE:
+        u_out = u_buf
+    else:
+        u_out = u_copy
     if X_STORED:
         x = _ptr(ptrs, w, 2, 3, DT)
     else:
@@ -84,13 +90,13 @@ def group_row_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
                   ws.dtype.element_ty, SPLIT, BLOCK_M, BLOCK_N)
     _finish_tile(y, rows, rows < M, t, tl.load(row + F_ROW_TILES), s, tl.load(row + F_ROW_SPLITS),
                  ws + tl.load(row + F_SPLITBUF), base, prev, ws + tl.load(row + F_PARTIALS),
-                 counters + tl.load(row + F_COUNTERS), M, base + M, u_buf, used + tl.load(row + F_USED),
-                 sigmas + w, eps, final, TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
+                 counters + tl.load(row + F_COUNTERS), M, base + M, u_out, u_copy, sigmas + w, eps, final,
+                 TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
 
 
 @triton.jit(do_not_specialize=["final"])
 def group_col_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
-                     X_STORED: tl.constexpr, PREV_STORED: tl.constexpr, SPLIT: tl.constexpr,
+                     X_STORED: tl.constexpr, PREV_STORED: tl.constexpr, IN_PLACE: tl.constexpr, SPLIT: tl.constexpr,
                      TWO_STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """v = normalize(W^T x) for every weight; program p does item (weight, columns tile, rows split)."""
@@ -105,6 +111,11 @@ def group_col_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
     B = tl.load(row + F_B)
     base = ws + tl.load(row + F_WS)
     v_buf = _ptr(ptrs, w, 2, 3, DT)
+    v_copy = used + tl.load(row + F_USED) + M
+    if IN_PLACE:
+        v_out = v_buf
+    else:
+        v_out = v_copy
     if X_STORED:
         x = _ptr(ptrs, w, 1, 3, DT)
     else:
@@ -120,8 +131,8 @@ def group_col_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
                   ws.dtype.element_ty, SPLIT, BLOCK_M, BLOCK_N)
     _finish_tile(y, cols, cols < N, t, tl.load(row + F_COL_TILES), s, tl.load(row + F_COL_SPLITS),
                  ws + tl.load(row + F_SPLITBUF), base + 2 * M, prev, ws + tl.load(row + F_PARTIALS),
-                 counters + tl.load(row + F_COUNTERS), N, base + 2 * M + N, v_buf,
-                 used + tl.load(row + F_USED) + M, sigmas + w, eps, final, TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
+                 counters + tl.load(row + F_COUNTERS), N, base + 2 * M + N, v_out, v_copy, sigmas + w, eps, final,
+                 TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
 
 
 @triton.jit
@@ -168,10 +179,12 @@ def group_divide_kernel(ptrs, meta, items, sigmas, out, CHUNK: tl.constexpr, BLO
         _divide_block(W, s, dst, offs, offs < hi)
 
 
-# backward address table: G, W, u, v (weight dtype), sigma (accumulation dtype)
+# The backward reads its tensors in one of two ways: eager (``sn_kernels.group``), an address table of
+# (G, W, u, v, sigma) per weight; ``FLAT`` (the ``triton_group_backward`` op under torch.compile), G, u, v
+# and sigma in the flat buffers of the forward's layout and a table of the weights' addresses only.
 @triton.jit
-def group_dot_kernel(ptrs, meta, items, ws, counters, cs, out, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                     BLOCK_V: tl.constexpr):
+def group_dot_kernel(ptrs, meta, items, ws, counters, cs, out, g_flat, sigmas, FLAT: tl.constexpr,
+                     CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_V: tl.constexpr):
     """c_w = <G_w, W_w> / sigma_w for every weight; program p sums chunk (weight, c), the weight's
     last program sums its partials in a fixed order.  ``out`` only gives the weight dtype."""
     DT = out.dtype.element_ty
@@ -180,20 +193,29 @@ def group_dot_kernel(ptrs, meta, items, ws, counters, cs, out, CHUNK: tl.constex
     w = tl.load(items + 2 * pid)
     c = tl.load(items + 2 * pid + 1)
     row = meta + w * NF
+    if FLAT:
+        G = g_flat + tl.load(row + F_OUT)
+        W = _ptr(ptrs, w, 0, 1, DT)
+    else:
+        G = _ptr(ptrs, w, 0, 5, DT)
+        W = _ptr(ptrs, w, 1, 5, DT)
     lo = c * CHUNK
-    part = _dot_range(_ptr(ptrs, w, 0, 5, DT), _ptr(ptrs, w, 1, 5, DT), lo,
-                      tl.minimum(tl.load(row + F_NUMEL), lo + CHUNK), ACC, BLOCK)
+    part = _dot_range(G, W, lo, tl.minimum(tl.load(row + F_NUMEL), lo + CHUNK), ACC, BLOCK)
     n_parts = tl.load(row + F_CHUNKS)
     partials = ws + tl.load(row + F_PARTIALS)
     counter = counters + tl.load(row + F_COUNTERS)
     if _last_ticket(partials, c, part, counter, n_parts):
-        sigma = tl.load(_ptr(ptrs, w, 4, 5, ACC))
+        if FLAT:
+            sigma = tl.load(sigmas + w)
+        else:
+            sigma = tl.load(_ptr(ptrs, w, 4, 5, ACC))
         tl.store(cs + w, _safe_div(_sum_partials(partials, n_parts, BLOCK_V), sigma))
         tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def group_grad_kernel(ptrs, meta, items, cs, out, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def group_grad_kernel(ptrs, meta, items, cs, out, g_flat, used, sigmas, FLAT: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK: tl.constexpr):
     """grad_W = (G - c u v^T) / sigma for every weight into the flat ``out``; program p does chunk (weight, c)."""
     DT = out.dtype.element_ty
     ACC = cs.dtype.element_ty
@@ -201,13 +223,19 @@ def group_grad_kernel(ptrs, meta, items, cs, out, CHUNK: tl.constexpr, BLOCK: tl
     w = tl.load(items + 2 * pid)
     c = tl.load(items + 2 * pid + 1)
     row = meta + w * NF
-    G = _ptr(ptrs, w, 0, 5, DT)
-    u = _ptr(ptrs, w, 2, 5, DT)
-    v = _ptr(ptrs, w, 3, 5, DT)
-    sigma = tl.load(_ptr(ptrs, w, 4, 5, ACC))
-    cw = tl.load(cs + w)
     M = tl.load(row + F_M)
     B = tl.load(row + F_B)
+    if FLAT:
+        G = g_flat + tl.load(row + F_OUT)
+        u = used + tl.load(row + F_USED)
+        v = u + M
+        sigma = tl.load(sigmas + w)
+    else:
+        G = _ptr(ptrs, w, 0, 5, DT)
+        u = _ptr(ptrs, w, 2, 5, DT)
+        v = _ptr(ptrs, w, 3, 5, DT)
+        sigma = tl.load(_ptr(ptrs, w, 4, 5, ACC))
+    cw = tl.load(cs + w)
     dst = out + tl.load(row + F_OUT)
     hi = tl.minimum(tl.load(row + F_NUMEL), (c + 1) * CHUNK)
     for k0 in range(c * CHUNK, hi, BLOCK):
