@@ -284,6 +284,12 @@ def _sample_args(op_name, w, u, v, dim, order, training):
     w2, u2, v2 = sample_inputs(w.device, w.dtype, (5, 3), 0, seed=1)
     s2, uu2, vv2 = _torch_backend().power_iteration(w2, u2.clone(), v2.clone(), 1, EPS, 0, "uv", True)
     kind = op_name.split("_", 1)[1]
+    if op_name == "triton_group_forward":  # flat outputs (backends/triton/group_ops.py)
+        return [([w, w2], [u.clone(), u2.clone()], [v.clone(), v2.clone()], [dim, 0], 2, EPS, order, training)]
+    if op_name == "triton_group_backward":
+        flat, sigmas, uvs = torch.ops.sn_kernels.triton_group_forward([w, w2], [u, u2], [v, v2], [dim, 0], 1, EPS,
+                                                                      order, training)
+        return [(torch.randn_like(flat), [w, w2], uvs, sigmas, [dim, 0])]
     if kind in ("power_iteration", "spectral_normalize_eager"):
         return [(w, u.clone(), v.clone(), 2, EPS, dim, order, training),
                 (w, u.clone(), v.clone(), 1, EPS, dim, order, training)]
