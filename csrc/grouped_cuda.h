@@ -27,8 +27,9 @@ group_forward_cuda(const std::vector<at::Tensor>& weights, const std::vector<at:
 
 // grad_W = (G - <G, W / sigma> u v^T) / sigma of weights of one device and one dtype (the arguments
 // checked as backward_cuda checks them; sigma on the weight's device).
-std::vector<at::Tensor> group_backward_cuda(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& weights,
-                                            const std::vector<at::Tensor>& us, const std::vector<at::Tensor>& vs,
-                                            const std::vector<at::Tensor>& sigmas, const std::vector<MatrixView>& views);
+std::vector<at::Tensor> group_backward_cuda(const std::vector<at::Tensor>& grads,
+                                            const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& us,
+                                            const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& sigmas,
+                                            const std::vector<MatrixView>& views);
 
 }  // namespace sn_kernels

@@ -402,8 +402,8 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
 #ifdef SN_KERNELS_WITH_CUDA
   for (const auto& group : cuda.of) {
     const std::vector<size_t>& idx = group.second;
-    auto res = group_forward_cuda(pick(idx, weights), pick(idx, us), pick(idx, vs), pick(idx, c10::ArrayRef<MatrixView>(views)),
-                                  n_power_iterations, eps, vu, training);
+    auto res = group_forward_cuda(pick(idx, weights), pick(idx, us), pick(idx, vs),
+                                  pick(idx, c10::ArrayRef<MatrixView>(views)), n_power_iterations, eps, vu, training);
     for (size_t j = 0; j < idx.size(); ++j) {
       out[idx[j]] = std::move(std::get<0>(res)[j]);
       sigmas[idx[j]] = std::move(std::get<1>(res)[j]);
@@ -635,8 +635,9 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
 #ifdef SN_KERNELS_WITH_CUDA
   for (const auto& group : cuda.of) {
     const std::vector<size_t>& idx = group.second;
-    std::vector<at::Tensor> res = group_backward_cuda(pick(idx, grads), pick(idx, weights), pick(idx, us),
-                                                      pick(idx, vs), pick(idx, sigmas), pick(idx, c10::ArrayRef<MatrixView>(views)));
+    std::vector<at::Tensor> res =
+        group_backward_cuda(pick(idx, grads), pick(idx, weights), pick(idx, us), pick(idx, vs), pick(idx, sigmas),
+                            pick(idx, c10::ArrayRef<MatrixView>(views)));
     for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = std::move(res[j]);
   }
 #endif

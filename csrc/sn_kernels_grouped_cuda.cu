@@ -96,6 +96,29 @@ __device__ __forceinline__ int weight_of(const uint32_t* first, int count, uint3
   return lo;
 }
 
+// This block's weight in a launch and its index among that weight's blocks.
+template <typename Weight>
+struct Mine {
+  const Weight& weight;
+  int64_t block;
+};
+
+template <typename Args>
+__device__ __forceinline__ auto mine(const Args& args) {
+  const int i = weight_of(args.first, args.count, blockIdx.x);
+  return Mine<std::remove_cv_t<std::remove_reference_t<decltype(args.weight[0])>>>{
+      args.weight[i], static_cast<int64_t>(blockIdx.x - args.first[i])};
+}
+
+// f(std::integral_constant<int, VEC>) where `vector` (a per-weight choice), else f(... 1)
+template <int VEC, typename F>
+__device__ __forceinline__ void by_width(bool vector, F f) {
+  if (vector)
+    f(std::integral_constant<int, VEC>{});
+  else
+    f(std::integral_constant<int, 1>{});
+}
+
 // the share of this thread in item `item` of an elementwise pass over [0, len), `per_item` per item
 __device__ __forceinline__ Stride item_stride(int64_t item, int64_t len, int64_t per_item) {
   const int64_t lo = item * per_item;
@@ -145,10 +168,10 @@ __global__ void __launch_bounds__(THREADS) group_matvec_kernel(const FwdArgs arg
   using acc_t = acc_type_t<scalar_t>;
   using x_t = std::conditional_t<X_STORED, scalar_t, acc_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const int i = weight_of(args.first, args.count, blockIdx.x);
-  const FwdWeight& e = args.weight[i];
+  const auto me = mine(args);
+  const auto& e = me.weight;
+  const int64_t block = me.block;
   const FwdPass& pass = args.pass;
-  const int64_t block = blockIdx.x - args.first[i];
   const MatrixView& kv = e.kv;
   const Plan p = make_plan(kv, e.vec);
   acc_t* ws = static_cast<acc_t*>(pass.ws) + e.ws;
@@ -166,24 +189,18 @@ __global__ void __launch_bounds__(THREADS) group_matvec_kernel(const FwdArgs arg
   acc_t* sigma = static_cast<acc_t*>(e.sigma);
   unsigned int* counters = pass.counters + e.counters;
   if (to_u != e.transposed) {  // W x (to u) or W^T x (to v, kv = W^T): the row pass of kv
-    if (e.vec == VEC)
-      row_dot_block<scalar_t, acc_t, x_t, VEC>(block, p.row_blocks, w, kv.outer, kv.m, kv.inner, x, p.wpr, p.span,
-                                               ws + lay.s_part, ws + lay.s, counters, pass.fin, out, nullptr, sigma,
-                                               prev, nullptr, nullptr, acc);
-    else
-      row_dot_block<scalar_t, acc_t, x_t, 1>(block, p.row_blocks, w, kv.outer, kv.m, kv.inner, x, p.wpr, p.span,
-                                             ws + lay.s_part, ws + lay.s, counters, pass.fin, out, nullptr, sigma, prev,
-                                             nullptr, nullptr, acc);
+    by_width<VEC>(e.vec == VEC, [&](auto width) {
+      row_dot_block<scalar_t, acc_t, x_t, width()>(block, p.row_blocks, w, kv.outer, kv.m, kv.inner, x, p.wpr, p.span,
+                                                   ws + lay.s_part, ws + lay.s, counters, pass.fin, out, nullptr,
+                                                   sigma, prev, nullptr, nullptr, acc);
+    });
   } else {  // the column pass of kv, as a (tiles, chunks) grid
     const int64_t tile = block % p.tiles, chunk = block / p.tiles;
-    if (e.vec == VEC)
-      col_partial_block<scalar_t, acc_t, x_t, VEC>(tile, chunk, p.tiles, p.chunks, w, kv.outer, kv.m, kv.inner, x,
-                                                   p.rows, ws + lay.partial, ws + lay.t, ws + lay.tile_sq, counters,
-                                                   pass.fin, out, nullptr, sigma, acc, prev);
-    else
-      col_partial_block<scalar_t, acc_t, x_t, 1>(tile, chunk, p.tiles, p.chunks, w, kv.outer, kv.m, kv.inner, x,
-                                                 p.rows, ws + lay.partial, ws + lay.t, ws + lay.tile_sq, counters,
-                                                 pass.fin, out, nullptr, sigma, acc, prev);
+    by_width<VEC>(e.vec == VEC, [&](auto width) {
+      col_partial_block<scalar_t, acc_t, x_t, width()>(tile, chunk, p.tiles, p.chunks, w, kv.outer, kv.m, kv.inner,
+                                                       x, p.rows, ws + lay.partial, ws + lay.t, ws + lay.tile_sq,
+                                                       counters, pass.fin, out, nullptr, sigma, acc, prev);
+    });
   }
 }
 
@@ -194,9 +211,9 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(THREADS) group_eval_kernel(const FwdArgs args) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const int i = weight_of(args.first, args.count, blockIdx.x);
-  const FwdWeight& e = args.weight[i];
-  const int64_t block = blockIdx.x - args.first[i];
+  const auto me = mine(args);
+  const auto& e = me.weight;
+  const int64_t block = me.block;
   const MatrixView& kv = e.kv;
   const Plan p = make_plan(kv, e.vec);
   acc_t* ws = static_cast<acc_t*>(args.pass.ws) + e.ws;
@@ -209,14 +226,11 @@ __global__ void __launch_bounds__(THREADS) group_eval_kernel(const FwdArgs args)
   scalar_t* b_new = static_cast<scalar_t*>(e.transposed ? e.u_new : e.v_new);
   acc_t* sigma = static_cast<acc_t*>(e.sigma);
   unsigned int* counter = args.pass.counters + e.counters;
-  if (e.vec == VEC)
-    row_dot_block<scalar_t, acc_t, scalar_t, VEC>(block, p.row_blocks, w, kv.outer, kv.m, kv.inner, b_in, p.wpr,
-                                                  p.span, ws + lay.s_part, ws + lay.s, counter, args.pass.fin, nullptr,
-                                                  a_new, sigma, a_in, b_in, b_new, nullptr);
-  else
-    row_dot_block<scalar_t, acc_t, scalar_t, 1>(block, p.row_blocks, w, kv.outer, kv.m, kv.inner, b_in, p.wpr,
-                                                p.span, ws + lay.s_part, ws + lay.s, counter, args.pass.fin, nullptr,
-                                                a_new, sigma, a_in, b_in, b_new, nullptr);
+  by_width<VEC>(e.vec == VEC, [&](auto width) {
+    row_dot_block<scalar_t, acc_t, scalar_t, width()>(block, p.row_blocks, w, kv.outer, kv.m, kv.inner, b_in, p.wpr,
+                                                      p.span, ws + lay.s_part, ws + lay.s, counter, args.pass.fin,
+                                                      nullptr, a_new, sigma, a_in, b_in, b_new, nullptr);
+  });
 }
 
 // W / sigma of every weight, item (weight, block) = ELEM_ITEM elements
@@ -224,17 +238,15 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(THREADS) group_divide_kernel(const FwdArgs args) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const int i = weight_of(args.first, args.count, blockIdx.x);
-  const FwdWeight& e = args.weight[i];
-  const int64_t block = blockIdx.x - args.first[i];
+  const auto me = mine(args);
+  const auto& e = me.weight;
+  const int64_t block = me.block;
   const int64_t numel = e.kv.outer * e.kv.m * e.kv.inner;
-  const scalar_t* w = static_cast<const scalar_t*>(e.w);
-  scalar_t* out = static_cast<scalar_t*>(e.out);
   const acc_t sig = safe_sigma(*static_cast<const acc_t*>(e.sigma));
-  if (e.vec_elem)
-    divide_strided<scalar_t, acc_t, VEC>(w, out, sig, item_stride(block, numel / VEC, ELEM_ITEM / VEC));
-  else
-    divide_strided<scalar_t, acc_t, 1>(w, out, sig, item_stride(block, numel, ELEM_ITEM));
+  by_width<VEC>(e.vec_elem, [&](auto width) {
+    divide_strided<scalar_t, acc_t, width()>(static_cast<const scalar_t*>(e.w), static_cast<scalar_t*>(e.out), sig,
+                                             item_stride(block, numel / width(), ELEM_ITEM / width()));
+  });
 }
 
 // ------------------------------------------------------------------ backward
@@ -268,16 +280,14 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(THREADS) group_dot_kernel(const BwdArgs args) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const int i = weight_of(args.first, args.count, blockIdx.x);
-  const BwdWeight& e = args.weight[i];
-  const int64_t block = blockIdx.x - args.first[i];
-  const scalar_t* g = static_cast<const scalar_t*>(e.g);
-  const scalar_t* w = static_cast<const scalar_t*>(e.w);
+  const auto me = mine(args);
+  const auto& e = me.weight;
+  const int64_t block = me.block;
   acc_t acc;
-  if (e.vec_dot)
-    acc = dot_strided<scalar_t, acc_t, VEC>(g, w, grid_stride(block, e.nparts, e.numel / VEC));
-  else
-    acc = dot_strided<scalar_t, acc_t, 1>(g, w, grid_stride(block, e.nparts, e.numel));
+  by_width<VEC>(e.vec_dot, [&](auto width) {
+    acc = dot_strided<scalar_t, acc_t, width()>(static_cast<const scalar_t*>(e.g), static_cast<const scalar_t*>(e.w),
+                                                grid_stride(block, e.nparts, e.numel / width()));
+  });
   acc = block_sum(acc);
   if (threadIdx.x == 0) static_cast<acc_t*>(args.pass.ws)[e.partial + block] = acc;
 }
@@ -288,21 +298,17 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(THREADS) group_grad_kernel(const BwdArgs args) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const int i = weight_of(args.first, args.count, blockIdx.x);
-  const BwdWeight& e = args.weight[i];
-  const int64_t block = blockIdx.x - args.first[i];
+  const auto me = mine(args);
+  const auto& e = me.weight;
+  const int64_t block = me.block;
   const acc_t sig = safe_sigma(*static_cast<const acc_t*>(e.sigma));
   const acc_t c = grad_coefficient(static_cast<const acc_t*>(args.pass.ws) + e.partial, e.nparts, sig);
-  const scalar_t* g = static_cast<const scalar_t*>(e.g);
-  scalar_t* out = static_cast<scalar_t*>(e.out);
-  const scalar_t* u = static_cast<const scalar_t*>(e.u);
-  const scalar_t* v = static_cast<const scalar_t*>(e.v);
-  if (e.vec_grad)
-    grad_strided<scalar_t, acc_t, VEC>(g, out, e.m, e.inner, e.numel, u, v, c, sig, e.div_inner, e.div_m,
-                                       item_stride(block, e.numel / VEC, ELEM_ITEM / VEC));
-  else
-    grad_strided<scalar_t, acc_t, 1>(g, out, e.m, e.inner, e.numel, u, v, c, sig, e.div_inner, e.div_m,
-                                     item_stride(block, e.numel, ELEM_ITEM));
+  by_width<VEC>(e.vec_grad, [&](auto width) {
+    grad_strided<scalar_t, acc_t, width()>(static_cast<const scalar_t*>(e.g), static_cast<scalar_t*>(e.out), e.m,
+                                           e.inner, e.numel, static_cast<const scalar_t*>(e.u),
+                                           static_cast<const scalar_t*>(e.v), c, sig, e.div_inner, e.div_m,
+                                           item_stride(block, e.numel / width(), ELEM_ITEM / width()));
+  });
 }
 
 // ------------------------------------------------------------------ host side
@@ -374,7 +380,8 @@ void forward_cuda(const std::vector<at::Tensor>& weights, const std::vector<at::
     e.kv = kernel_view(views[i], e.transposed);
     e.vec = matvec_vec(w.const_data_ptr<scalar_t>(), e.kv);
     const int64_t numel = w.numel();
-    e.vec_elem = numel % VEC == 0 && aligned16(w.const_data_ptr<scalar_t>()) && aligned16(static_cast<scalar_t*>(e.out));
+    e.vec_elem = numel % VEC == 0 && aligned16(static_cast<const scalar_t*>(e.w)) &&
+                 aligned16(static_cast<scalar_t*>(e.out));
     const Plan p = make_plan(e.kv, e.vec);
     e.ws = ws_size;
     ws_size += workspace_layout(e.kv, u_len(e), p, training).size;
@@ -406,7 +413,9 @@ void forward_cuda(const std::vector<at::Tensor>& weights, const std::vector<at::
         args.pass.to_u = vu == (half == 1);
         args.pass.prev_stored = it == 0;
         const bool row = args.pass.to_u;  // the row pass of W (the column pass where kv = W^T)
-        const auto matvec_blocks = [&](size_t i) { return row != table[i].transposed ? blocks[i].row : blocks[i].col; };
+        const auto matvec_blocks = [&](size_t i) {
+          return row != table[i].transposed ? blocks[i].row : blocks[i].col;
+        };
         if (it == 0 && half == 0)
           launch(group_matvec_kernel<scalar_t, true>, args, begin, end, matvec_blocks, stream);
         else
@@ -457,7 +466,8 @@ void backward_cuda(const std::vector<at::Tensor>& grads, const std::vector<at::T
     grad_blocks[i] = ceil_div(e.numel, ELEM_ITEM);
     most[i] = std::max<int64_t>(grad_blocks[i], e.nparts);
   }
-  at::Tensor ws = at::empty({std::max<int64_t>(ws_size, 1)}, weights[0].options().dtype(accumulation_type(weights[0].scalar_type())));
+  const auto acc_opts = weights[0].options().dtype(accumulation_type(weights[0].scalar_type()));
+  at::Tensor ws = at::empty({std::max<int64_t>(ws_size, 1)}, acc_opts);
   BwdArgs args{};
   args.pass.ws = ws.mutable_data_ptr<acc_t>();
   for (size_t begin = 0; begin < k;) {
@@ -493,9 +503,9 @@ group_forward_cuda(const std::vector<at::Tensor>& weights, const std::vector<at:
   return {std::move(outs), std::move(sigmas), std::move(new_us), std::move(new_vs)};
 }
 
-std::vector<at::Tensor> group_backward_cuda(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& weights,
-                                            const std::vector<at::Tensor>& us, const std::vector<at::Tensor>& vs,
-                                            const std::vector<at::Tensor>& sigmas,
+std::vector<at::Tensor> group_backward_cuda(const std::vector<at::Tensor>& grads,
+                                            const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& us,
+                                            const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& sigmas,
                                             const std::vector<MatrixView>& views) {
   const size_t k = weights.size();
   std::vector<at::Tensor> outs(k);
