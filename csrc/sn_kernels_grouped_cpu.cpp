@@ -21,7 +21,11 @@
 // of the per-weight kernels (sn_kernels_cpu.cpp: the same row chunks, chunk order, dot blocks and
 // inner loops), so the results are bit-identical to the per-module native path for any thread count.
 //
-// Other weights (other dtypes, other layouts, non-contiguous, CUDA) run the per-weight kernels
+// Contiguous CUDA weights of float32, float16, bfloat16 or float64 run the multi-tensor CUDA kernels
+// (sn_kernels_grouped_cuda.cu, CUDA builds only): a fixed number of launches for all the weights of one
+// (device, dtype), results bit-identical to the per-weight CUDA kernels.
+//
+// Other weights (other dtypes, other layouts, non-contiguous) run the per-weight kernels
 // (native_power_iteration, native_normalize, native_backward) inside the same call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,6 +38,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <map>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -45,6 +50,9 @@
 #include "common.h"
 #include "cpu_block_cache.h"
 #include "cpu_loops.h"
+#ifdef SN_KERNELS_WITH_CUDA
+#include "grouped_cuda.h"
+#endif
 
 namespace sn_kernels {
 namespace grouped_baseline {
@@ -326,6 +334,32 @@ void check_lengths(size_t k, size_t a, size_t b, size_t c, const char* what) {
 
 at::Tensor copy_of(const at::Tensor& x) { return x.clone(at::MemoryFormat::Contiguous); }
 
+// The weights that take the multi-tensor CUDA kernels (grouped_cuda.h), by (device, dtype): indices into
+// the op's lists.  Empty in a CPU-only build.
+struct CudaGroups {
+  std::map<std::pair<int, int>, std::vector<size_t>> of;
+
+  // takes weight i when it qualifies (and `also`: the op's own conditions)
+  bool take(const at::Tensor& w, size_t i, bool also = true) {
+#ifdef SN_KERNELS_WITH_CUDA
+    if (also && group_cuda_qualifies(w)) {
+      of[{w.get_device(), static_cast<int>(w.scalar_type())}].push_back(i);
+      return true;
+    }
+#endif
+    (void)w, (void)i, (void)also;
+    return false;
+  }
+};
+
+template <typename T>
+std::vector<T> pick(const std::vector<size_t>& idx, c10::ArrayRef<T> all) {
+  std::vector<T> out;
+  out.reserve(idx.size());
+  for (size_t i : idx) out.push_back(all[i]);
+  return out;
+}
+
 // ------------------------------------------------------------------ forward
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
@@ -344,6 +378,7 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
   std::vector<Fw> fw;
   std::vector<size_t> fast;  // fw[j] is weights[fast[j]]
   fw.reserve(k);
+  CudaGroups cuda;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto& pi = find_op<PowerIterationSig>("sn_kernels::native_power_iteration");
@@ -354,6 +389,7 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
         fast.push_back(i);
         continue;
       }
+      if (cuda.take(w, i)) continue;
       // the per-weight kernels, on copies of u and v (the op does not mutate its inputs)
       at::Tensor u = copy_of(us[i]), v = copy_of(vs[i]);
       at::Tensor u_used, v_used;
@@ -363,6 +399,19 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
       new_v[i] = v_used;
     }
   }
+#ifdef SN_KERNELS_WITH_CUDA
+  for (const auto& group : cuda.of) {
+    const std::vector<size_t>& idx = group.second;
+    auto res = group_forward_cuda(pick(idx, weights), pick(idx, us), pick(idx, vs),
+                                  pick(idx, c10::ArrayRef<MatrixView>(views)), n_power_iterations, eps, vu, training);
+    for (size_t j = 0; j < idx.size(); ++j) {
+      out[idx[j]] = std::move(std::get<0>(res)[j]);
+      sigmas[idx[j]] = std::move(std::get<1>(res)[j]);
+      new_u[idx[j]] = std::move(std::get<2>(res)[j]);
+      new_v[idx[j]] = std::move(std::get<3>(res)[j]);
+    }
+  }
+#endif
   if (fast.empty()) return {std::move(out), std::move(sigmas), std::move(new_u), std::move(new_v)};
 
   std::vector<Item> whole;
@@ -534,12 +583,24 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
   std::vector<Bw> bw;
   bw.reserve(k);
   std::vector<Item> items;
+  std::vector<MatrixView> views(k);
+  CudaGroups cuda;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto& op = find_op<BackwardSig>("sn_kernels::native_backward");
     for (size_t i = 0; i < k; ++i) {
       const at::Tensor& w = weights[i];
       const MatrixView mv = matrix_view(w, dims[i]);
+      views[i] = mv;
+      if (cuda.take(w, i, grads[i].device() == w.device() && sigmas[i].device() == w.device())) {
+        // backward_cuda's checks
+        check_args(w, us[i], vs[i], mv);
+        TORCH_CHECK(grads[i].sizes() == w.sizes() && grads[i].scalar_type() == w.scalar_type(),
+                    "sn_kernels: grad must have the weight's shape and dtype");
+        TORCH_CHECK(sigmas[i].numel() == 1 && sigmas[i].scalar_type() == accumulation_type(w.scalar_type()),
+                    "sn_kernels: sigma must be one element in the accumulation dtype");
+        continue;
+      }
       const bool fast = w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() &&
                         us[i].is_contiguous() && vs[i].is_contiguous() && grads[i].device() == w.device();
       if (!fast) {
@@ -571,6 +632,15 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
       b.part.resize(b.blocks);
     }
   }
+#ifdef SN_KERNELS_WITH_CUDA
+  for (const auto& group : cuda.of) {
+    const std::vector<size_t>& idx = group.second;
+    std::vector<at::Tensor> res =
+        group_backward_cuda(pick(idx, grads), pick(idx, weights), pick(idx, us), pick(idx, vs), pick(idx, sigmas),
+                            pick(idx, c10::ArrayRef<MatrixView>(views)));
+    for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = std::move(res[j]);
+  }
+#endif
   int64_t group_numel = 0;
   for (const Bw& b : bw) group_numel += b.numel;
   for (size_t j = 0; j < bw.size(); ++j) {
@@ -615,8 +685,8 @@ TORCH_LIBRARY_FRAGMENT(sn_kernels, m) {
         "int[] dims) -> Tensor[]");
 }
 
-// the per-weight kernels dispatch on the device: one implementation serves CPU and CUDA groups
-// (CUDA weights take the per-weight path)
+// one implementation serves CPU and CUDA groups (CUDA weights: the multi-tensor CUDA kernels, or the
+// per-weight kernels, which dispatch on the device)
 TORCH_LIBRARY_IMPL(sn_kernels, CompositeExplicitAutograd, m) {
   m.impl("native_group_forward", &group_forward);
   m.impl("native_group_backward", &group_backward);
