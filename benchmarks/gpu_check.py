@@ -370,7 +370,7 @@ def _cuda_kernels(fn) -> int:
 def check_grouped(backend, dev, shapes, steps):
     """sn_kernels.group (every weight of the SNGAN-CIFAR discriminator) against the per-module path on
     the same backend, training steps then eval; on CUDA the kernels one grouped forward + backward
-    launches (the triton backend's multi-tensor kernels: 3 + 2 for one group)."""
+    launches (the multi-tensor kernels of the triton and native backends: 3 + 2 for one group)."""
     torch.manual_seed(0)
     with sn_kernels.use_backend(backend):
         per_module = _weights_model(dev, shapes)
@@ -399,7 +399,8 @@ def check_grouped(backend, dev, shapes, steps):
         for model in (grouped, per_module):
             step(model)()  # warm: address tables, autotuning, allocator
         n_grouped, n_per_module = _cuda_kernels(step(grouped)), _cuda_kernels(step(per_module))
-        ok = n_grouped <= 5 if backend == "triton" else True
+        # 3 forward + 2 backward launches; native's functional op adds one _foreach_copy_ of u, v into the buffers
+        ok = n_grouped <= {"triton": 5, "native": 6}.get(backend, n_grouped)
         record("grouped", f"CUDA kernels per fwd+bwd, {len(shapes)} weights", ok,
                f"grouped {n_grouped}, per-module {n_per_module}")
 
