@@ -15,7 +15,9 @@ policies:
     C++ call (``native_group_forward``) and its backward another
     (``native_group_backward``): on the CPU, float32 weights run as a few parallel phases over
     one table of (weight, chunk) work items (``csrc/sn_kernels_grouped_cpu.cpp``), so weights of
-    very different sizes share the threads; the ops are functional (the iterated u, v come back
+    very different sizes share the threads, and contiguous CUDA weights run the multi-tensor CUDA
+    kernels (``csrc/sn_kernels_grouped_cuda.cu``: 2k + 1 launches forward, 2 backward, bit-identical
+    to the per-weight kernels); the ops are functional (the iterated u, v come back
     and are copied into the buffers by one ``torch._foreach_copy_``), with fake implementations,
     so they trace under torch.compile.  On the triton backend a group is 2k + 1 launches forward
     (k power iterations; 2 in eval) and 2 backward, whatever the number of weights
