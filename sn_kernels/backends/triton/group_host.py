@@ -21,6 +21,10 @@ Outputs (W/sigma, u_used, v_used, sigma, grad_W) are views into one buffer per k
 CUDA graphs: a capture uses the tables built before it (run one step eagerly first); on an
 address table it has not seen (the backward's gradients live in the graph's pool) it runs the
 per-weight kernels instead, which capture as usual.  Tables used by a capture are never freed.
+
+``group_forward``/``group_backward`` are the backend contract's (in place, lists);
+``group_forward_flat``/``group_backward_flat`` serve the ops a compiled grouped model takes
+(group_ops.py: functional, flat outputs, the backward reading G, u, v, sigma from flat buffers).
 """
 from __future__ import annotations
 
@@ -201,19 +205,6 @@ def _per_weight_forward(weights, us, vs, dims, n_power_iterations, eps, order, t
     return outs, sigmas, us_used, vs_used
 
 
-def _on_device(fn):
-    """Run ``fn`` with its weights' device current (Triton launches on the current device)."""
-    @functools.wraps(fn)
-    def run(*args):
-        first = args[0]  # a tensor or a list of them
-        dev = (first[0] if isinstance(first, list) else first).device
-        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
-            with torch.cuda.device(dev):
-                return fn(*args)
-        return fn(*args)
-    return run
-
-
 def _launch_forward(W, us, vs, dims, n_power_iterations, eps, order, training, in_place):
     """(W/sigma, sigmas, u/v used, plan): flat buffers in the plan's layout, or None when the
     multi-tensor kernels cannot take the call.  ``in_place``: the final pass also writes the stored u, v."""
@@ -259,7 +250,7 @@ def _contiguous(tensors) -> list:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-@_on_device
+@host._on_weight_device
 def group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):
     """Power iteration and W/sigma for every weight of one (device, dtype) group (contract:
     backends/contract.py, ``Backend.group_forward``): u, v updated in place when training."""
@@ -273,7 +264,7 @@ def group_forward(weights, us, vs, dims, n_power_iterations, eps, order, trainin
     return _views(out, plan.offsets, [w.shape for w in W], 1), list(sigmas.unbind(0)), us_used, vs_used
 
 
-@_on_device
+@host._on_weight_device
 def group_forward_flat(weights, us, vs, dims, n_power_iterations, eps, order, training):
     """The functional form (the ``triton_group_forward`` op): the stored u, v untouched; returns flat
     (W/sigma of every weight, one after the other; sigmas; u_new, v_new of every weight, one after the other)."""
@@ -287,7 +278,7 @@ def group_forward_flat(weights, us, vs, dims, n_power_iterations, eps, order, tr
             torch.cat([t for pair in zip(us_used, vs_used) for t in pair]))
 
 
-@_on_device
+@host._on_weight_device
 def group_backward(grads, weights, us, vs, sigmas, dims):
     """grad_W = (G - <G, W>/sigma u v^T) / sigma for every weight of one group in two launches
     (contract: ``Backend.group_backward``)."""
@@ -302,7 +293,7 @@ def group_backward(grads, weights, us, vs, sigmas, dims):
     return _views(out, group_plan(_geometries(W, dims)).offsets, [w.shape for w in W], 1)
 
 
-@_on_device
+@host._on_weight_device
 def group_backward_flat(grad, weights, used, sigmas, dims):
     """The ``triton_group_backward`` op: flat grad_W of every weight from the flat gradient of the
     forward's W/sigma and its flat u/v and sigmas."""

@@ -5,7 +5,8 @@ item, so a 3x64 weight and a 1536x13824 one share the launch and the large one i
 many items of about the same size (group_host.py builds the tables):
 
     ptrs[w, :]        addresses of weight w's tensors (forward: W, stored u, stored v;
-                      backward: G, W, u, v, sigma), cast to pointers in the kernel
+                      backward: G, W, u, v, sigma, or W alone with ``FLAT``), cast to
+                      pointers in the kernel
     meta[w, F_*]      weight w's geometry, tiles and splits, and its offsets into the
                       shared workspace, counters and flat output buffers (int64)
     items[p, :]       program p's (weight, tile, split) or (weight, chunk)

@@ -127,11 +127,11 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _on_weight_device(fn):
-    """Run ``fn`` with the device of its first (tensor) argument current, as Triton launches
-    on the current device and stream."""
+    """Run ``fn`` with the device of its first argument (a tensor, or a list of them: the grouped
+    path) current, as Triton launches on the current device and stream."""
     @functools.wraps(fn)
     def run(t, *args):
-        dev = t.device
+        dev = (t[0] if isinstance(t, list) else t).device
         if dev.type == "cuda" and dev.index != torch.cuda.current_device():
             with torch.cuda.device(dev):
                 return fn(t, *args)
