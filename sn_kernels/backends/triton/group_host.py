@@ -13,6 +13,8 @@ and kept on the device, and so are the results' reduction orders (deterministic)
 weights' addresses go to the kernels in a small int64 table, cached by the addresses: in a
 training loop the parameters, buffers and, mostly, the gradients keep their addresses, so a
 step copies nothing to the device; a new set is one non-blocking copy from pinned memory.
+Both kinds of table are kept per (device, stream), like the ticket counters (host.py): a
+table is only read on the stream whose copy wrote it, and freed memory is reused in order.
 
 The reduction order differs from the per-weight kernels' (their tiles depend on each
 shape), so the results match the per-module triton path to fp32 rounding, not bit for bit.
@@ -131,7 +133,7 @@ def _capturing(device: torch.device) -> bool:
 def _tables(plan: GroupPlan, device: torch.device):
     """(meta, row items, col items, elem items) of ``plan`` on ``device`` (copied once), or None
     when they are not there yet and a graph is being captured."""
-    key = (plan, device)
+    key = (plan, host._stream_key(device))  # per stream: a table is only ever read on the stream that copied it
     tabs = _plan_tables.get(key)
     if tabs is None:
         if _capturing(device):
@@ -145,7 +147,7 @@ def _addresses(tensors: list, device: torch.device):
     """The int64 device table of the tensors' addresses (cached by them), or None when it is new
     and a graph is being captured (a host-to-device copy there would be replayed from freed memory)."""
     addrs = tuple(t.data_ptr() for t in tensors)
-    key = (device, addrs)
+    key = (host._stream_key(device), addrs)  # per stream, as the plan tables (an evicted one is reused safely)
     table = _address_tables.get(key)
     capturing = _capturing(device)
     if table is not None:
