@@ -76,6 +76,21 @@ def check_call(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, ep
     return dim
 
 
+def check_group(weights, us, vs, n_power_iterations: int, eps: float, dims, order: str) -> None:
+    """``check_call`` for every weight of a group (``sn_kernels.group`` on a backend that does not check
+    its own arguments): the shared arguments once, each weight by the fast test alone, and
+    ``check_call`` itself (its message) for a weight that fails it.  ``dims`` are non-negative."""
+    if order != "uv" and order != "vu":
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    check_iterations_eps(n_power_iterations, eps)
+    for w, u, v, dim in zip(weights, us, vs, dims):
+        m = w.shape[dim] if 0 <= dim < w.dim() else 0
+        n = w.numel() // m if m else 0
+        if not (n and u.shape == (m,) and v.shape == (n,) and u.dtype == w.dtype == v.dtype
+                and u.device == w.device == v.device and u.is_contiguous() and v.is_contiguous()):
+            check_call(w, u, v, n_power_iterations, eps, dim, order)
+
+
 def _vector_error(weight: Tensor, u, v, m: int, n: int, dim: int) -> None:
     """Raise the error for the first bad vector argument of ``spectral_normalize``."""
     for name, vec, size in (("u", u, m), ("v", v, n)):

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from . import dispatch, hooks, parametrizations
 from .backends import pytorch
-from .checks import check_call
+from .checks import check_call, check_group
 from .find import walk
 
 REFRESH = ("call", "step")
@@ -210,11 +210,11 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
         if sh.fused:  # multi-tensor kernels: a fixed number of launches (one C++ call on the native backend)
             us = [it[2] for it in items]
             vs = [it[3] for it in items]
-            if sh.backend.eager_checks_args:
-                sh.dims = [it[0].state.dim for it in items]
-            else:
-                sh.dims = [check_call(w, u, v, n_power_iterations, eps, mem.state.dim, order)
-                           for mem, w, u, v, _ in items]
+            # non-negative: the parametrization stores it so, and a negative one fails the hook API's
+            # wrapping (in PyTorch's reshape, as with PyTorch's own hook)
+            sh.dims = [it[0].state.dim for it in items]
+            if not sh.backend.eager_checks_args:  # the native C++ op checks its own
+                check_group(sh.weights, us, vs, n_power_iterations, eps, sh.dims, order)
             sh.outputs, sh.sigmas, sh.us, sh.vs = sh.backend.group_forward(
                 sh.weights, us, vs, sh.dims, n_power_iterations, float(eps), order, training)
         else:

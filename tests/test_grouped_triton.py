@@ -290,3 +290,13 @@ def test_compiled_triton_group_takes_one_grouped_op(api):
         for a, b in zip(_state(model) + _grads(model), _state(reference) + _grads(reference)):
             assert_close(a, b)
     assert ops.count("sn_kernels.triton_group_forward") == 1, ops
+
+
+def test_triton_group_refuses_a_bad_vector_with_the_per_call_message():
+    """The group checks its weights' vectors before any launch (a wrong length would read out of
+    bounds), with the message of a per-module call."""
+    grouped, _ = _models("parametrization", 1, [((4, 3), 0), ((5, 2), 0)])
+    sn_kernels.group(grouped)
+    grouped[1].parametrizations.weight[0]._buffers["_u"] = torch.randn(3, device=DEV)
+    with sn_kernels.use_backend("triton"), pytest.raises(ValueError, match=r"u must have shape \(5,\)"):
+        grouped()
