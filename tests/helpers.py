@@ -87,3 +87,68 @@ def hook_of(module, name="weight"):
 
     site = find(module, name, kind="hook")
     return None if site is None else site.state
+
+
+# ----------------------------------------------------------------------------- grouped models
+
+class WeightHolder(torch.nn.Module):
+    """One bare weight (randn / sqrt(its last size)); calling it returns the (normalized) weight."""
+
+    def __init__(self, shape, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(shape, dtype=dtype, device=device) / shape[-1] ** 0.5)
+
+    def forward(self):
+        return self.weight
+
+
+class WeightList(torch.nn.ModuleList):
+    """Holders whose call returns every weight."""
+
+    def forward(self):
+        return [m() for m in self]
+
+
+def weight_models(api, iterations, shapes, device="cpu"):
+    """Two identical ``WeightList`` models (seeded) of ``shapes`` entries (shape, dim[, dtype]), every
+    weight under spectral norm of ``api`` ("hook" or "parametrization")."""
+    import copy
+
+    import sn_kernels
+
+    torch.manual_seed(0)
+    model = WeightList([WeightHolder(e[0], *e[2:], device=device) for e in shapes])
+    for m, e in zip(model, shapes):
+        if api == "hook":
+            sn_kernels.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
+        else:
+            sn_kernels.parametrizations.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
+    return model, copy.deepcopy(model)
+
+
+def model_state(model):
+    """Copies of every parameter and buffer of ``model``, in order."""
+    return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+
+
+def model_grads(model):
+    return [p.grad for p in model.parameters()]
+
+
+class TwiceD(torch.nn.Module):
+    """A small discriminator whose middle layer is called twice per model call, under spectral norm of
+    ``api``: the grouped path's first call of a layer takes the grouped W / sigma, the second its own."""
+
+    def __init__(self, api):
+        import sn_kernels
+
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 6, 3)
+        self.b = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.c = torch.nn.Linear(6 * 4 * 4, 1)
+        sn_kernels.apply_spectral_norm(self, api=api)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.relu(self.b(torch.relu(self.b(h))))
+        return self.c(h.flatten(1))

@@ -6,26 +6,7 @@ import torch
 from torch import nn
 
 import sn_kernels
-
-
-class TwiceD(nn.Module):
-    """A discriminator whose middle layer is called twice per model call."""
-
-    def __init__(self, api):
-        super().__init__()
-        self.a = nn.Conv2d(3, 6, 3)
-        self.b = nn.Conv2d(6, 6, 3, padding=1)
-        self.c = nn.Linear(6 * 4 * 4, 1)
-        sn_kernels.apply_spectral_norm(self, api=api)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        h = torch.relu(self.b(torch.relu(self.b(h))))
-        return self.c(h.flatten(1))
-
-
-def _state(model):
-    return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+from helpers import TwiceD, model_state as _state
 
 
 @pytest.mark.parametrize("api", ["hook", "parametrization"])

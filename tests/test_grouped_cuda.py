@@ -20,7 +20,7 @@ from torch import nn
 import sn_kernels
 from sn_kernels import native
 
-from helpers import assert_close
+from helpers import assert_close, model_grads as _grads, model_state as _state, weight_models
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and native.has_kernel("cuda")),
                                 reason="no CUDA device with the native CUDA kernels")
@@ -44,20 +44,6 @@ def _launches(fn) -> Counter:
     return Counter(k for n in names for k in GROUP_KERNELS + PER_WEIGHT_KERNELS if re.search(rf"\b{k}\b", n))
 
 
-class _Weight(nn.Module):
-    def __init__(self, shape, dtype=torch.float32):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(shape, dtype=dtype, device=DEV) / shape[-1] ** 0.5)
-
-    def forward(self):
-        return self.weight
-
-
-class _Weights(nn.ModuleList):
-    def forward(self):
-        return [m() for m in self]
-
-
 # (shape, dim[, dtype]): one row, one column, a row split over several warps (16 x 2100), many row
 # chunks (520 x 40), a 4-D convolution weight, dim = 1 with rows before it (the flattened row pass),
 # dim = the last dimension (the transposed kernels), float64 and bfloat16 (groups of their own)
@@ -66,27 +52,8 @@ SHAPES = [((4, 3), 0), ((1, 128), 0), ((7, 1), 0), ((16, 2100), 0), ((520, 40), 
           ((16, 2100), 0, torch.bfloat16), ((6, 4, 3, 3), 1, torch.bfloat16)]
 
 
-def _dtype(entry):
-    return (entry[2:] or (torch.float32,))[0]
-
-
 def _models(api, iterations, shapes=SHAPES):
-    torch.manual_seed(0)
-    model = _Weights([_Weight(e[0], _dtype(e)) for e in shapes])
-    for m, e in zip(model, shapes):
-        if api == "hook":
-            sn_kernels.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
-        else:
-            sn_kernels.parametrizations.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
-    return model, copy.deepcopy(model)
-
-
-def _state(model):
-    return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
-
-
-def _grads(model):
-    return [p.grad for p in model.parameters()]
+    return weight_models(api, iterations, shapes, DEV)
 
 
 def _assert_equal(actual, expected):

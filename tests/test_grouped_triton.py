@@ -19,7 +19,7 @@ from torch import nn
 
 import sn_kernels
 
-from helpers import assert_close
+from helpers import TwiceD, assert_close, model_grads as _grads, model_state as _state, weight_models
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -54,20 +54,6 @@ class _Count:
             setattr(mod, name, fn)
 
 
-class _Weight(nn.Module):
-    def __init__(self, shape, dtype=torch.float32):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(shape, dtype=dtype, device=DEV) / shape[-1] ** 0.5)
-
-    def forward(self):
-        return self.weight
-
-
-class _Weights(nn.ModuleList):
-    def forward(self):
-        return [m() for m in self]
-
-
 # one item each; a weight of one row and one of one column; several column splits of the row pass
 # (16 x 2100: 3 splits of 1024); several row splits of the column pass (520 x 40: 3 of 256); a 4-D
 # convolution weight; dim=1 with rows before it (the general addressing); float64 (a group of its own)
@@ -76,22 +62,7 @@ SHAPES = [((4, 3), 0), ((1, 128), 0), ((7, 1), 0), ((16, 2100), 0), ((520, 40), 
 
 
 def _models(api, iterations, shapes=SHAPES):
-    torch.manual_seed(0)
-    model = _Weights([_Weight(e[0], *e[2:]) for e in shapes])
-    for m, e in zip(model, shapes):
-        if api == "hook":
-            sn_kernels.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
-        else:
-            sn_kernels.parametrizations.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
-    return model, copy.deepcopy(model)
-
-
-def _state(model):
-    return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
-
-
-def _grads(model):
-    return [p.grad for p in model.parameters()]
+    return weight_models(api, iterations, shapes, DEV)
 
 
 @pytest.mark.parametrize("iterations", [1, 2])
@@ -247,29 +218,13 @@ def test_triton_group_autograd_formula_gradcheck(order):
     assert flat.requires_grad and not sigmas.requires_grad and not uvs.requires_grad
 
 
-class _TwiceD(nn.Module):
-    """A layer called twice per model call: the first call takes the grouped W/sigma, the second its own."""
-
-    def __init__(self, api):
-        super().__init__()
-        self.a = nn.Conv2d(3, 6, 3)
-        self.b = nn.Conv2d(6, 6, 3, padding=1)
-        self.c = nn.Linear(6 * 4 * 4, 1)
-        sn_kernels.apply_spectral_norm(self, api=api)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        h = torch.relu(self.b(torch.relu(self.b(h))))
-        return self.c(h.flatten(1))
-
-
 @pytest.mark.parametrize("api", ["parametrization", "hook"])
 def test_compiled_triton_group_takes_one_grouped_op(api):
     """Compiled (fullgraph, aot_eager), a grouped model on the triton backend normalizes every weight in
     ONE triton_group_forward per graph; outputs, u, v and gradients as the per-module eager model."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = _TwiceD(api).to(DEV)
+    model = TwiceD(api).to(DEV)
     reference = copy.deepcopy(model)
     sn_kernels.group(model)
     ops = []

@@ -289,10 +289,11 @@ def group_backward(grads, weights, us, vs, sigmas, dims):
     acc = accumulation_dtype(W[0].dtype)
     ok = _fits(W, us + vs) and all(s.dtype == acc and s.numel() == 1 for s in sigmas)
     ptrs = _addresses([t for five in zip(G, W, us, vs, sigmas) for t in five], W[0].device) if ok else None
-    out = _launch_backward(ptrs, W, dims, flat=None)
-    if out is None:
+    launched = _launch_backward(ptrs, W, dims, flat=None)
+    if launched is None:
         return [host.backward(g, w, u, v, s, d) for g, w, u, v, s, d in zip(grads, weights, us, vs, sigmas, dims)]
-    return _views(out, group_plan(_geometries(W, dims)).offsets, [w.shape for w in W], 1)
+    out, plan = launched
+    return _views(out, plan.offsets, [w.shape for w in W], 1)
 
 
 @host._on_weight_device
@@ -301,9 +302,9 @@ def group_backward_flat(grad, weights, used, sigmas, dims):
     forward's W/sigma and its flat u/v and sigmas."""
     W = _contiguous(weights)
     ptrs = _addresses(W, W[0].device) if _fits(W, [used]) and sigmas.dtype == accumulation_dtype(W[0].dtype) else None
-    out = _launch_backward(ptrs, W, dims, flat=(grad.contiguous(), used, sigmas))
-    if out is not None:
-        return out
+    launched = _launch_backward(ptrs, W, dims, flat=(grad.contiguous(), used, sigmas))
+    if launched is not None:
+        return launched[0]
     plan = group_plan(_geometries(W, dims))
     parts = []
     for k, (w, dim, (uo, oo)) in enumerate(zip(W, dims, plan.offsets)):
@@ -314,8 +315,9 @@ def group_backward_flat(grad, weights, used, sigmas, dims):
 
 
 def _launch_backward(ptrs, W, dims, flat):
-    """The two backward launches into a flat grad_W (None when the kernels cannot take the call):
-    reading G, u, v, sigma through ``ptrs`` (eager) or from ``flat`` = (G, used, sigmas)."""
+    """The two backward launches into a flat grad_W, returned with the group's plan (None when the
+    kernels cannot take the call): reading G, u, v, sigma through ``ptrs`` (eager) or from ``flat`` =
+    (G, used, sigmas)."""
     if ptrs is None:
         return None
     dev = W[0].device
@@ -335,4 +337,4 @@ def _launch_backward(ptrs, W, dims, flat):
                                     BLOCK_V=host.FINISH_BLOCK, num_warps=host.ELEM_WARPS)
     GK.group_grad_kernel[(n_items,)](ptrs, meta, elem_items, cs, out, g_flat, used, sigmas, FLAT=flat is not None,
                                      CHUNK=CHUNK, BLOCK=host.ELEM_BLOCK, num_warps=host.ELEM_WARPS)
-    return out
+    return out, plan
