@@ -1,4 +1,4 @@
-"""Cost and tightness of spectral normalization by a certified bound (``bound="upper"``).
+"""Cost and tightness of spectral normalization by a certified bound (``bound="upper"``, ``"operator"``).
 
 For each weight shape of a shape set (default: sngan_cifar_d from shapes.json, ../shared/shapes.json
 else the bundled copy; layers of the same shape measured once, the ``layers`` column names them),
@@ -9,13 +9,19 @@ init of the layer, seeded):
   iteration + the normalization) and backward (``module.weight.backward(G)``, a fixed G), for
   ``plain`` (bound="estimate", W / sigma_hat), ``upper_every1`` (bound="upper", a Gram refresh
   at every forward) and ``upper_every10`` (a refresh every 10 training forwards, Weyl carries in
-  between: its median is the carry's cost, its mean the amortized cost).  Paired rounds: every
+  between: its median is the carry's cost, its mean the amortized cost), and the same two for
+  ``bound="operator"`` (``operator_every1``, ``operator_every10``: a 4-D weight is an nn.Conv2d with
+  padding (k - 1) / 2, certified as a convolution operator at every input size).  Paired rounds: every
   round runs each provider once, back to back, in a rotating order; medians (p20, p80) of the
   times and of the per-round ratios to ``plain``.  ``total`` rows: the sums over all the set's
   layers (shapes times their count) of the medians and means.
 * tightness: B' / sigma_exact (B' the divisor, what ``sn_kernels.sigmas`` reports; sigma_exact the
   float64 SVD of the raw weight) right after a refresh, and after 9 carry steps, each after one
   Adam step (SNGAN's D optimizer: lr 2e-4, betas (0, 0.9)) on a random Gaussian gradient.
+  For ``operator`` rows the reference is the convolution's operator norm on 32x32 inputs
+  (``sn_kernels.sigma_bounds(layer, input_shape=(32, 32))``, the upper end of its enclosure: so
+  the ratio is a lower estimate of the looseness, by at most that enclosure's width, which is
+  printed) instead of the matrix view's sigma.
 
     python benchmarks/certified.py [--sets sngan_cifar_d] [--rounds 200] [--threads 1]
 
@@ -45,27 +51,26 @@ from sn_kernels.find import find  # noqa: E402
 from sn_kernels.testing import svd_sigma  # noqa: E402
 
 PROVIDERS = {"plain": {}, "upper_every1": dict(bound="upper", bound_every=1),
-             "upper_every10": dict(bound="upper", bound_every=10)}
+             "upper_every10": dict(bound="upper", bound_every=10),
+             "operator_every1": dict(bound="operator", bound_every=1),
+             "operator_every10": dict(bound="operator", bound_every=10)}
+OPERATOR_INPUT = (32, 32)  # the input size of the operator-norm reference
 FIELDS = ["set", "layers", "count", "weight_shape", "provider", "median_ms", "p20_ms", "p80_ms", "mean_ms",
           "vs_plain", "vs_plain_p20", "vs_plain_p80", "b_over_sigma_refresh", "b_over_sigma_carry9", "rounds",
           "threads", "dtype", "device", "torch", "sn_kernels"]
 
 
-class Layer(nn.Module):
-    """A holder of one weight with PyTorch's default init for its shape (Linear or Conv2d)."""
-
-    def __init__(self, shape):
-        super().__init__()
-        torch.manual_seed(0)
-        if len(shape) == 2:
-            w = nn.Linear(shape[1], shape[0]).weight
-        else:
-            w = nn.Conv2d(shape[1], shape[0], tuple(shape[2:])).weight
-        self.weight = nn.Parameter(w.detach().clone())
+def layer_of(shape) -> nn.Module:
+    """An nn.Linear or nn.Conv2d ("same" zero padding, no bias) of that weight shape, PyTorch's default init."""
+    torch.manual_seed(0)
+    if len(shape) == 2:
+        return nn.Linear(shape[1], shape[0], bias=False)
+    return nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), padding=tuple((k - 1) // 2 for k in shape[2:]),
+                     bias=False)
 
 
-def wrapped(shape, **kw) -> Layer:
-    layer = Layer(shape)
+def wrapped(shape, **kw) -> nn.Module:
+    layer = layer_of(shape)
     P.spectral_norm(layer, **kw)
     return layer
 
@@ -85,22 +90,37 @@ def cost(shape, rounds: int) -> dict:
     return paired({name: step(layer) for name, layer in layers.items()}, rounds)
 
 
-def tightness(shape) -> tuple[float, float]:
+def exact(layer: nn.Module, bound: str) -> float:
+    """sigma of the matrix view ("upper"), or the operator norm at OPERATOR_INPUT ("operator": the upper end
+    of sigma_bounds' enclosure of a convolution; a Linear's matrix)."""
+    weight = layer.parametrizations.weight.original.detach()
+    if bound == "upper" or weight.dim() == 2:
+        return svd_sigma(weight).item()
+    plain = layer_of(tuple(weight.shape))
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+    lower, upper = sn_kernels.sigma_bounds(plain, input_shape=OPERATOR_INPUT)
+    print(f"  operator norm of {tuple(weight.shape)} at {OPERATOR_INPUT}: [{lower:.6f}, {upper:.6f}]", flush=True)
+    return upper
+
+
+def tightness(shape, bound: str) -> tuple[float, float]:
     """B' / sigma_exact after a refresh and after 9 carries (one Adam step before each)."""
-    layer = wrapped(shape, bound="upper", bound_every=10)
+    layer = wrapped(shape, bound=bound, bound_every=10)
     state = find(layer, "weight").state
     original = layer.parametrizations.weight.original
     opt = torch.optim.Adam(layer.parameters(), lr=2e-4, betas=(0.0, 0.9))
     gen = torch.Generator().manual_seed(2)
     state.certifier.invalidate()  # the next forward refreshes (registration's did already: restart the schedule)
     ratios = []
-    for _ in range(10):
+    for step in range(10):
         w = layer.weight
-        ratios.append(state.sigma.item() / svd_sigma(original.detach()).item())
+        if step in (0, 9):
+            ratios.append(state.sigma.item() / exact(layer, bound))
         opt.zero_grad()
         w.backward(torch.randn(shape, generator=gen))
         opt.step()
-    return ratios[0], ratios[9]
+    return ratios[0], ratios[1]
 
 
 def git_commit() -> str:
@@ -135,12 +155,13 @@ def main():
             totals = {name: [0.0, 0.0] for name in PROVIDERS}
             for shape, names in groups.items():
                 times = cost(shape, args.rounds)
-                refresh, carry9 = tightness(shape)
+                tight = {bound: tightness(shape, bound) for bound in ("upper", "operator")}
                 for name, ts in times.items():
                     med, p20, p80 = quantiles(ts)
                     ratio = [a / b for a, b in zip(ts, times["plain"])]
                     r_med, r_p20, r_p80 = quantiles(ratio)
                     upper = name != "plain"
+                    refresh, carry9 = tight[name.split("_")[0]] if upper else (None, None)
                     rows.append(dict(set=set_name, layers=" ".join(names), count=len(names),
                                      weight_shape="x".join(map(str, shape)), provider=name,
                                      median_ms=f"{med * 1e3:.4f}", p20_ms=f"{p20 * 1e3:.4f}",

@@ -1,4 +1,4 @@
-"""Spectral normalization by a certified upper bound: ``bound="upper"``.
+"""Spectral normalization by a certified upper bound: ``bound="upper"`` and ``bound="operator"``.
 
 Power iteration estimates sigma from below, so W / sigma_hat can have a spectral norm
 above 1.  With ``bound="upper"`` the front ends divide by a number B that is certified
@@ -9,6 +9,20 @@ to be >= sigma(W) instead, so that the normalized weight
 has spectral norm <= coeff at every forward, training and eval, the first included.
 sigma is that of the matrix view (``dim`` first, the rest flattened), not the operator
 norm of a convolution (docs/lipschitz.md).
+
+``bound="operator"`` bounds the layer's linear map itself, for every input size: for a
+convolution (Conv1d/2d/3d, ConvTranspose1d/2d/3d; any stride, dilation, groups and padding
+mode) B >= c min(sigma(R), sigma(S)) with R = W as (dim 0) x (the rest), S = W as
+(dim 0, the taps) x (dim 1) and c = sqrt(taps * the padding's multiplicity) (``OperatorBound``,
+``operator_bound``); for any other layer it is "upper".  Why it holds: output position o reads
+input pi(o, a) through tap a, so y_o = R [x_pi(o, a)]_a and ||y||^2 <= sigma(R)^2 sum_o sum_a
+||x_pi(o, a)||^2 <= sigma(R)^2 T mu ||x||^2, where no input element is read more than mu times
+by one tap (mu = 1 for zero padding; the padding's multiplicity otherwise); the adjoint gives
+the same with S (after Singla & Feizi, ICLR 2021, whose other two views are not used: their
+Gram matrices are kh or kw times larger).  Grouped weights stack their groups' views, so
+their sigma bounds every group's.  The carry becomes B_ref + c ||W - W_ref||_F (both views have
+spectral norm <= the Frobenius norm), and ``output_factor`` covers the rounding of W_sn as an
+operator: ||op(E)|| <= c ||E||_F.
 
 B comes from two host-free computations, every ``bound_every`` training forwards the
 first, in between the second:
@@ -56,18 +70,22 @@ forwards carry from the last refresh).  Eager training follows ``bound_every``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import dispatch
 from .backends.contract import accumulation_dtype, matrix_shape
 from .backends.pytorch import as_matrix
 from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _pow2, _rescale, _unwind, _up
 from .checks import check_call
+from .conv_norm import ConvSpec, conv_spec
 from .functional import spectral_normalize
 
-__all__ = ["GRAM_STEPS", "Certifier", "gram_upper_bound", "output_factor"]
+__all__ = ["GRAM_STEPS", "Certifier", "OperatorBound", "gram_upper_bound", "operator_bound", "output_factor"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 #: Gram steps of a refresh: the bound is within k^(1/2^11) of sigma (k the smaller side; 1.0034 for
 #: k = 1024, 1.0024 for k = 128 in the worst case, a flat spectrum), much closer with a spectral gap
@@ -174,20 +192,111 @@ def gram_upper_bound(mat: Tensor, steps: int = GRAM_STEPS) -> Tensor:
     return _GramBound.apply(mat, steps)
 
 
-def output_factor(weight: Tensor, dim: int, coeff: float) -> float:
-    """The factor f >= (1 + delta sqrt(k)) / (1 - sqrt(m n) eta / coeff) by which the bound is raised
+@dataclass(frozen=True)
+class OperatorBound:
+    """What ``bound="operator"`` knows of a layer (module docstring).  ``conv``: its operator norm, at
+    every input size, is at most ``factor`` times the smaller sigma of the two ``views`` of the weight;
+    else it is sigma of the matrix view (Linear, Embedding, a vector), as with ``bound="upper"``."""
+
+    factor: float = 1.0
+    conv: bool = False
+
+    def views(self, weight: Tensor) -> tuple[Tensor, ...]:
+        """R = W as (dim 0) x (the rest) and S = W as (dim 0, taps) x (dim 1), any row order; R alone for
+        a single tap (S is then R)."""
+        r = weight.reshape(weight.shape[0], -1)
+        if weight[0, 0].numel() == 1:
+            return (r,)
+        return r, weight.movedim(1, -1).reshape(-1, weight.shape[1])
+
+    def smaller_sides(self, weight: Tensor) -> tuple[int, int]:
+        """min(rows, columns) of R and of S, from the shape alone."""
+        n, a, b = weight.numel(), weight.shape[0], weight.shape[1]
+        return min(a, n // a), min(n // b, b)
+
+
+def _source(mode: str, q: int, n: int, left: int) -> int:
+    """The input element that padded position ``q`` holds (``F.pad`` with ``mode``, ``left`` elements before)."""
+    i = q - left
+    if mode == "circular":
+        return i % n
+    if mode == "reflect":
+        period = 2 * (n - 1)
+        i = abs(i) % period if period else 0
+        return period - i if i >= n else i
+    return min(max(i, 0), n - 1)  # replicate
+
+
+def _most_reads(mode: str, left: int, right: int, reach: int) -> int:
+    """The most times one tap (stride 1: any stride reads a subset) reads one input element along one
+    padded dim, over every input size n that ``F.pad`` and the convolution accept: counted, for n up to
+    2 (left + right + reach) + 4; beyond that the two padded ends no longer reach the same elements and
+    the count is periodic in nothing but n's size, so it does not grow."""
+    most = 1
+    for n in range(1, 2 * (left + right + reach) + 5):
+        if (mode == "circular" and max(left, right) > n) or (mode == "reflect" and max(left, right) >= n):
+            continue  # refused by F.pad
+        out = n + left + right - reach
+        for a in range(0, reach + 1):  # every tap offset, dilated or not
+            reads: dict[int, int] = {}
+            for o in range(out):
+                src = _source(mode, o + a, n, left)
+                reads[src] = reads.get(src, 0) + 1
+            most = max(most, max(reads.values(), default=1))
+    return most
+
+
+def _padding_multiplicity(spec: ConvSpec) -> int:
+    """The most times one tap reads an input element, over every input size and stride: 1 for zero padding
+    (the padded zeros hold no input), else the product over dims of ``_most_reads`` (the padding is
+    separable): up to 2 for circular padding beyond the kernel's reach, 3 for reflect, 1 + both pads for
+    replicate (a 1-element input repeated to either side)."""
+    pad, _ = spec.explicit_pad()
+    if pad is None or spec.pad_mode == "constant":
+        return 1
+    mult = 1
+    for i in range(spec.ndim):
+        j = spec.ndim - 1 - i  # F.pad lists the last dim first
+        mult *= _most_reads(spec.padding_mode, pad[2 * j], pad[2 * j + 1],
+                            spec.dilation[i] * (spec.kernel_size[i] - 1))
+    return mult
+
+
+def operator_bound(module: nn.Module | None, name: str, weight: Tensor) -> OperatorBound:
+    """The ``OperatorBound`` of ``module.<name>``: a convolution's weight gets sqrt(taps * multiplicity)
+    (rounded up) and its two views; a weight of at most 2 dims is its own matrix; anything else is
+    refused (its operator is unknown)."""
+    if isinstance(module, _CONVS) and name == "weight" and weight.dim() >= 3:
+        spec = conv_spec(module)
+        taps = math.prod(spec.kernel_size) * _padding_multiplicity(spec)
+        return OperatorBound(factor=math.nextafter(math.sqrt(taps), math.inf), conv=True)
+    if weight.dim() <= 2:
+        return OperatorBound()
+    what = type(module).__name__ if module is not None else "a bare weight"
+    raise ValueError(f"bound='operator' knows the operator of nn.Conv*/ConvTranspose* weights and of weights of "
+                     f"at most 2 dims, not a {weight.dim()}-d weight of {what}; bound='upper' certifies its matrix "
+                     "view")
+
+
+def output_factor(weight: Tensor, dim: int, coeff: float, operator: OperatorBound | None = None) -> float:
+    """The factor f >= (1 + delta sqrt(k)) / (1 - c sqrt(numel) eta / coeff) by which the bound is raised
     so that the rounded W_sn = fl(W fl(coeff / (f B))) still has spectral norm <= coeff (module
-    docstring); from the weight's dtype and shape only (no tensor data)."""
+    docstring); k is the smaller side of the matrix view (c = 1), or of the larger of a convolution's
+    two views with c its ``OperatorBound.factor`` (||W||_F <= sqrt(k) sigma for each view); from the
+    weight's dtype and shape only (no tensor data)."""
     fd, fa = torch.finfo(weight.dtype), torch.finfo(accumulation_dtype(weight.dtype))
-    m, n = matrix_shape(weight, dim)
+    if operator is not None and operator.conv:
+        k, c = max(operator.smaller_sides(weight)), operator.factor
+    else:
+        k, c = min(matrix_shape(weight, dim)), 1.0
     # (1 + u64)(1 + u_acc)^2 (1 + u_dtype) - 1, doubled for the higher-order terms
     delta = 2 * (_U + fa.eps + fd.eps / 2)
     eta = fd.smallest_normal * fd.eps + fa.smallest_normal * fa.eps  # two subnormal spacings
-    room = 1 - math.sqrt(m * n) * eta / coeff
+    room = 1 - c * math.sqrt(weight.numel()) * eta / coeff
     if room < 0.5:
         raise ValueError(f"coeff={coeff} is too small for a certified {weight.dtype} weight of shape "
                          f"{tuple(weight.shape)}: its rounding to subnormals alone could exceed it")
-    return math.nextafter((1 + delta * math.sqrt(min(m, n))) / room * (1 + 8 * _U), math.inf)
+    return math.nextafter((1 + delta * math.sqrt(k)) / room * (1 + 8 * _U), math.inf)
 
 
 def _subtraction_factor(dtype: torch.dtype) -> float:
@@ -228,13 +337,29 @@ def _iterate(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps:
 
 
 class Certifier:
-    """The state of ``bound="upper"`` for one weight: W_ref, B_ref >= sigma(W_ref) and the training
-    forwards left before the next refresh.  Plain attributes, never in the state_dict; a copy or a
-    pickle drops them (``__getstate__``), so its first forward refreshes."""
+    """The state of ``bound="upper"`` / ``"operator"`` for one weight: W_ref, B_ref >= sigma(W_ref) (or
+    the operator norm) and the training forwards left before the next refresh.  Plain attributes, never
+    in the state_dict; a copy or a pickle drops them (``__getstate__``), so its first forward refreshes."""
 
-    def __init__(self, bound_every: int = 1) -> None:
+    operator: OperatorBound | None = None  # bound="operator"; None: the matrix view ("upper")
+
+    def __init__(self, bound_every: int = 1, operator: OperatorBound | None = None) -> None:
         self.bound_every = bound_every
+        self.operator = operator
         self.invalidate()
+
+    @classmethod
+    def make(cls, bound: str, bound_every: int, weight: Tensor, operator: OperatorBound | None = None) -> "Certifier":
+        """The certifier of a front end for ``bound`` ("upper" or "operator"); "operator" without the
+        layer's ``OperatorBound`` takes the weight's own (a matrix; refused for more dims)."""
+        if bound == "upper":
+            return cls(bound_every)
+        return cls(bound_every, operator if operator is not None else operator_bound(None, "", weight))
+
+    @property
+    def bound(self) -> str:
+        """What is certified: "upper" (the matrix view) or "operator"."""
+        return "upper" if self.operator is None else "operator"
 
     def invalidate(self) -> None:
         """Forget W_ref and B_ref: the next forward refreshes."""
@@ -257,24 +382,30 @@ class Certifier:
     def divisor(self, weight: Tensor, dim: int, coeff: float, training: bool, keep: bool = True) -> Tensor:
         """B' >= output_factor * sigma(W): a 0-d float64 tensor, differentiable with respect to ``weight``;
         a refresh when due (``keep=False``: computed without storing anything), else the carry."""
-        factor = output_factor(weight, dim, coeff)
+        op = self.operator
+        factor = output_factor(weight, dim, coeff, op)
+        c = 1.0 if op is None else op.factor  # ||op(W - W_ref)|| <= c ||W - W_ref||_F
         refresh = not self._valid_for(weight)
         if training and not refresh:
             refresh = torch.compiler.is_compiling() or self.left <= 0
         if refresh:
-            bound = gram_upper_bound(as_matrix(weight, dim))
+            if op is not None and op.conv:
+                bounds = [gram_upper_bound(view) for view in op.views(weight)]
+                bound = (bounds[0] if len(bounds) == 1 else torch.minimum(*bounds)) * _with_rounding(c)
+            else:
+                bound = gram_upper_bound(as_matrix(weight, dim))
             if keep:
                 with torch.no_grad():
-                    self.ref_base = _up(_up(bound + _carry_slack(weight)) * factor)
+                    self.ref_base = _up(_up(bound + _with_rounding(_carry_slack(weight) * c)) * factor)
                 self.ref, self.ref_bound = weight.detach().clone(), bound.detach()
                 self.left = self.bound_every - 1
             return bound * _with_rounding(factor)  # >= bound * factor after its rounding
         if training and keep:
             self.left -= 1
         # ||W - W_ref||_F <= sub ||fl(W - W_ref)||_F <= sub ((1 + gamma_n) nrm + abs) (``_carry_slack``), so
-        # B' = f (B_ref + that) is reached by (nrm k1 + base) (1 + 4u) with three roundings of >= 0 terms
+        # B' = f (B_ref + c that) is reached by (nrm k1 + base) (1 + 4u) with three roundings of >= 0 terms
         nrm = _Distance.apply(weight, self.ref)
-        k1 = _with_rounding(factor * _subtraction_factor(weight.dtype) * (1 + _gamma(weight.numel())), 2)
+        k1 = _with_rounding(factor * c * _subtraction_factor(weight.dtype) * (1 + _gamma(weight.numel())), 3)
         return (nrm * k1 + self.ref_base) * (1 + 4 * _U)
 
     def normalize(self, weight: Tensor, u: Tensor | None, v: Tensor | None, *, n_power_iterations: int,

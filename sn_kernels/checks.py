@@ -9,9 +9,10 @@ from .backends.contract import ORDERS, matrix_shape
 #: (torch.nn.utils.parametrizations.spectral_norm)
 APIS = ("hook", "parametrization")
 MODES = ("matrix", "conv")
-#: what a front end divides by: "estimate" (sigma_hat of power iteration, PyTorch's) or "upper"
-#: (a certified upper bound on sigma: sn_kernels/certified.py)
-BOUNDS = ("estimate", "upper")
+#: what a front end divides by: "estimate" (sigma_hat of power iteration, PyTorch's), "upper"
+#: (a certified upper bound on sigma of the matrix view) or "operator" (a certified upper bound on
+#: the layer's operator norm at every input size; a convolution's too): sn_kernels/certified.py
+BOUNDS = ("estimate", "upper", "operator")
 #: power iterations run when u, v are drawn, so that sigma is already close at the first
 #: forward, even in eval mode (PyTorch's parametrization warms up the same way)
 INIT_ITERATIONS = 15
@@ -145,9 +146,9 @@ def check_mode(mode: str, dim, coeff, soft, gain, conv_options: dict) -> bool:
 
 
 def check_bound(bound: str, bound_every, weight=None, *, gain: bool = False, mode: str = "matrix") -> bool:
-    """Whether ``bound`` is "upper" (certified); refuse an unknown ``bound``, a ``bound_every`` that is
-    not an int >= 1, and "upper" with ``gain`` (the trainable gain would be the layer's norm: nothing
-    bounds it), with mode="conv" or with a complex weight."""
+    """Whether ``bound`` is certified ("upper" or "operator"); refuse an unknown ``bound``, a
+    ``bound_every`` that is not an int >= 1, and a certified bound with ``gain`` (the trainable gain
+    would be the layer's norm: nothing bounds it), with mode="conv" or with a complex weight."""
     if bound not in BOUNDS:
         raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     if type(bound_every) is not int:
@@ -157,11 +158,11 @@ def check_bound(bound: str, bound_every, weight=None, *, gain: bool = False, mod
     if bound == "estimate":
         return False
     if gain:
-        raise ValueError("bound='upper' does not support gain=True: the trainable gain would set the layer's "
+        raise ValueError(f"bound={bound!r} does not support gain=True: the trainable gain would set the layer's "
                          "norm, so no bound would hold (use coeff for a fixed Lipschitz constant)")
     if mode == "conv":
-        raise ValueError("bound='upper' certifies the matrix view (mode='matrix'); for the convolution operator "
-                         "use sn_kernels.sigma_bounds(module, input_shape=...) or lipschitz_bound")
+        raise ValueError(f"bound={bound!r} needs mode='matrix': mode='conv' divides by an uncertified estimate of "
+                         "the convolution operator's norm; bound='operator' certifies that operator instead")
     if isinstance(weight, Tensor) and weight.is_complex():
-        raise ValueError(f"bound='upper' supports real weights only, got {weight.dtype}")
+        raise ValueError(f"bound={bound!r} supports real weights only, got {weight.dtype}")
     return True

@@ -52,7 +52,7 @@ policies:
 Not grouped (computed per layer as usual): ``mode="conv"`` layers, PyTorch's own
 spectral norm (call ``sn_kernels.convert`` first) and stacked parametrizations.
 Computed one at a time inside the group (same numbers, no shared node): weights
-with ``coeff``, ``soft``, ``gain`` or ``bound="upper"``, complex weights and 1-D parametrized weights.
+with ``coeff``, ``soft``, ``gain`` or a certified ``bound``, complex weights and 1-D parametrized weights.
 
 A grouped model copies and saves like any model: the group is plain data stored in
 the model's hook dicts (module references, names), so ``copy.deepcopy(model)`` gives

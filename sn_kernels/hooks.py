@@ -17,7 +17,7 @@ from torch.nn.functional import normalize
 
 from . import conv_norm
 from .backends.pytorch import exact_top_singular
-from .certified import Certifier
+from .certified import Certifier, OperatorBound, operator_bound
 from .checks import check_bound, check_iterations_eps, check_mode, check_variant, check_weight_args, default_dim
 from .find import find, torch_sn
 from .functional import spectral_normalize
@@ -35,24 +35,27 @@ class SpectralNorm(torch_sn.SpectralNorm):
     soft: bool = False
     gain: bool = False
     pending: torch.Tensor | None = None  # W/sigma computed ahead by sn_kernels.group, used by the next call
-    certifier: Certifier | None = None  # bound="upper" (sn_kernels/certified.py); None: divide by sigma_hat
+    certifier: Certifier | None = None  # bound="upper"/"operator" (sn_kernels/certified.py); None: sigma_hat
     # sn_kernels.group's once-per-step refresh, run first (a separate pre-hook put ahead of this one,
     # prepend=True, makes dynamo build guards on the wrong hook)
     before: Callable[[nn.Module, tuple], None] | None = None
 
     def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
-                 bound_every: int = 1):
+                 bound_every: int = 1, operator: OperatorBound | None = None):
         check_iterations_eps(n_power_iterations, eps)
         super().__init__(name, n_power_iterations, dim, eps)
         self.coeff, self.soft, self.gain = coeff, soft, gain
         if check_bound(bound, bound_every, gain=gain):
-            self.certifier = Certifier(bound_every)
+            if bound == "operator" and operator is None:
+                raise ValueError("bound='operator' needs the layer's OperatorBound (sn_kernels.certified."
+                                 "operator_bound); sn_kernels.spectral_norm(module, ...) passes it")
+            self.certifier = Certifier.make(bound, bound_every, None, operator)
 
     @property
     def bound(self) -> str:
-        """"upper" when dividing by a certified upper bound on sigma, else "estimate"."""
-        return "estimate" if self.certifier is None else "upper"
+        """What the weight is divided by: "estimate" (sigma_hat), or a certified "upper" / "operator" bound."""
+        return "estimate" if self.certifier is None else self.certifier.bound
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         weight = getattr(module, self.name + "_orig")
@@ -113,8 +116,9 @@ class SpectralNorm(torch_sn.SpectralNorm):
                 "torch.nn.utils.parametrizations.spectral_norm (conjugate transposes)"
             )
         check_weight_args(weight, n_power_iterations, eps, dim)  # the hook keeps dim as given, like PyTorch's
+        operator = operator_bound(module, name, weight) if bound == "operator" else None
         fn = SpectralNorm(name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain, bound=bound,
-                          bound_every=bound_every)
+                          bound_every=bound_every, operator=operator)
         check_variant(weight, coeff, soft, None)
 
         with torch.no_grad():
@@ -171,7 +175,9 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     iteration's estimate: the normalized weight's matrix view then has spectral norm
     <= ``coeff`` (default 1) at every forward, rounding included; the bound is refreshed
     every ``bound_every`` training forwards and carried in between (sn_kernels/certified.py,
-    docs/lipschitz.md).  ``gain`` and mode="conv" are refused with it; state_dict keys do not change.
+    docs/lipschitz.md).  ``bound="operator"`` certifies the layer's linear map instead, at every
+    input size: for a Conv*/ConvTranspose* layer the convolution itself, not its matrix view.
+    ``gain`` and mode="conv" are refused with either; state_dict keys do not change.
     """
     check_bound(bound, bound_every, gain=gain, mode=mode)
     if check_mode(mode, dim, coeff, soft, gain, conv_options):

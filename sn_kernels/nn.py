@@ -103,7 +103,7 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
     qualified name (``"block1.c1.weight"``), for logging.  Weights not run yet (or
     wrapped by PyTorch's own API) get sigma = u . (W v) from their current state;
     mode="conv" weights appear once their first forward has drawn u, v.
-    With ``bound="upper"`` the sigma is the certified divisor B' >= sigma(W) (float64)
+    With ``bound="upper"`` or ``"operator"`` the sigma is the certified divisor B' >= sigma(W) (float64)
     of the latest forward, or the one a forward would use now (no state changes); the
     power iteration's estimate is ``state.certifier.estimate``.
     Adds nothing to the state_dict."""

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from . import conv_norm
 from .backends.pytorch import as_matrix, exact_top_singular
-from .certified import Certifier
+from .certified import Certifier, OperatorBound, operator_bound
 from .checks import INIT_ITERATIONS, check_bound, check_mode, check_variant, check_weight_args, default_dim
 from .find import TorchSpectralNorm
 from .functional import spectral_normalize
@@ -30,16 +30,17 @@ class SpectralNormParametrization(nn.Module):
     coeff: float | None = None
     soft: bool = False
     pending: Tensor | None = None  # W/sigma computed ahead by sn_kernels.group, used by the next access
-    certifier: Certifier | None = None  # bound="upper" (sn_kernels/certified.py); None: divide by sigma_hat
+    certifier: Certifier | None = None  # bound="upper"/"operator" (sn_kernels/certified.py); None: sigma_hat
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
-                 bound_every: int = 1) -> None:
+                 bound_every: int = 1, operator: OperatorBound | None = None) -> None:
         super().__init__()
         self.dim = check_weight_args(weight, n_power_iterations, eps, dim)
         check_variant(weight, coeff, soft, bool(gain))
         if check_bound(bound, bound_every, weight, gain=gain):
-            self.certifier = Certifier(bound_every)
+            # bound="operator" without ``operator``: the weight's own matrix (more dims are refused)
+            self.certifier = Certifier.make(bound, bound_every, weight, operator)
         ndim = weight.ndim
         self.eps = eps
         self.coeff, self.soft = coeff, soft
@@ -75,8 +76,8 @@ class SpectralNormParametrization(nn.Module):
 
     @property
     def bound(self) -> str:
-        """"upper" when dividing by a certified upper bound on sigma, else "estimate"."""
-        return "estimate" if self.certifier is None else "upper"
+        """What the weight is divided by: "estimate" (sigma_hat), or a certified "upper" / "operator" bound."""
+        return "estimate" if self.certifier is None else self.certifier.bound
 
     def compute(self, weight: Tensor) -> Tensor:
         """W / sigma(W) (one power iteration in training mode)."""
@@ -129,7 +130,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     ``torch.nn.utils.parametrize.remove_parametrizations``.  Variants as in
     ``sn_kernels.spectral_norm``: ``coeff``, ``soft``, ``gain`` (the trainable
     scalar is ``parametrizations.<name>.0.gain``), ``mode="conv"``, and ``bound="upper"``
-    (a certified divisor, refreshed every ``bound_every`` training forwards).
+    or ``"operator"`` (a certified divisor of the matrix view or of the layer's operator,
+    refreshed every ``bound_every`` training forwards).
     """
     check_bound(bound, bound_every, gain=gain, mode=mode)
     if check_mode(mode, dim, coeff, soft, gain, conv_options):
@@ -141,9 +143,11 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     # a second spectral norm on the same parameter stacks, as PyTorch's does (W / sigma1 / sigma2)
     if dim is None:
         dim = default_dim(module)
+    operator = operator_bound(module, name, weight) if bound == "operator" else None
     parametrize.register_parametrization(
         module, name, SpectralNormParametrization(weight, n_power_iterations, dim, eps, coeff=coeff, soft=soft,
-                                                  gain=gain, bound=bound, bound_every=bound_every))
+                                                  gain=gain, bound=bound, bound_every=bound_every,
+                                                  operator=operator))
     if weight.ndim > 1:
         guard_if_meta(module, f"parametrizations.{name}.{len(module.parametrizations[name]) - 1}._u", weight)
     return module
