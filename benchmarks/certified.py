@@ -23,10 +23,11 @@ init of the layer, seeded):
   the ratio is a lower estimate of the looseness, by at most that enclosure's width, which is
   printed) instead of the matrix view's sigma.
 
-    python benchmarks/certified.py [--sets sngan_cifar_d] [--rounds 200] [--threads 1]
+    python benchmarks/certified.py [--sets sngan_cifar_d] [--rounds 200] [--threads 1] [--device cuda]
 
-Writes benchmarks/results/cpu_certified.csv (device and versions in every row).  About 15 s on a
-shared 2-core machine by default.
+Writes benchmarks/results/cpu_certified.csv (``--device cuda``: <device>_certified.csv; device and
+versions in every row; on a GPU each timed step ends with a synchronize, and the operator-norm
+reference still runs on the CPU).  About 45 s on a shared 2-core machine by default.
 """
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ FIELDS = ["set", "layers", "count", "weight_shape", "provider", "median_ms", "p2
           "threads", "dtype", "device", "torch", "sn_kernels"]
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def layer_of(shape) -> nn.Module:
     """An nn.Linear or nn.Conv2d ("same" zero padding, no bias) of that weight shape, PyTorch's default init."""
     torch.manual_seed(0)
@@ -70,14 +79,14 @@ def layer_of(shape) -> nn.Module:
 
 
 def wrapped(shape, **kw) -> nn.Module:
-    layer = layer_of(shape)
+    layer = layer_of(shape).to(DEVICE)
     P.spectral_norm(layer, **kw)
     return layer
 
 
 def cost(shape, rounds: int) -> dict:
     layers = {name: wrapped(shape, **kw) for name, kw in PROVIDERS.items()}
-    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def step(layer):
         original = layer.parametrizations.weight.original
@@ -85,6 +94,7 @@ def cost(shape, rounds: int) -> dict:
         def run():
             layer.weight.backward(grad)
             original.grad = None
+            _sync()
         return run
 
     return paired({name: step(layer) for name, layer in layers.items()}, rounds)
@@ -98,7 +108,7 @@ def exact(layer: nn.Module, bound: str) -> float:
         return svd_sigma(weight).item()
     plain = layer_of(tuple(weight.shape))
     with torch.no_grad():
-        plain.weight.copy_(weight)
+        plain.weight.copy_(weight.cpu())
     lower, upper = sn_kernels.sigma_bounds(plain, input_shape=OPERATOR_INPUT)
     print(f"  operator norm of {tuple(weight.shape)} at {OPERATOR_INPUT}: [{lower:.6f}, {upper:.6f}]", flush=True)
     return upper
@@ -118,7 +128,7 @@ def tightness(shape, bound: str) -> tuple[float, float]:
         if step in (0, 9):
             ratios.append(state.sigma.item() / exact(layer, bound))
         opt.zero_grad()
-        w.backward(torch.randn(shape, generator=gen))
+        w.backward(torch.randn(shape, generator=gen).to(DEVICE))
         opt.step()
     return ratios[0], ratios[1]
 
@@ -137,11 +147,17 @@ def main():
     ap.add_argument("--sets", nargs="+", default=["sngan_cifar_d"])
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_certified.csv"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/cpu_certified.csv (CPU), "
+                                                "<device>_certified.csv beside it (GPU)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    name = "cpu" if DEVICE.type == "cpu" else device_name(DEVICE).replace(" ", "_").replace("/", "_")
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"{name}_certified.csv")
     sets = load_shapes(args.shapes)
-    extra = dict(rounds=args.rounds, threads=args.threads, dtype="float32", device=device_name("cpu"),
+    extra = dict(rounds=args.rounds, threads=args.threads, dtype="float32", device=device_name(DEVICE),
                  torch=torch.__version__, sn_kernels=f"{sn_kernels.__version__}+{git_commit()}")
     print(f"shapes: {find_shapes(args.shapes)}; sets {args.sets}; torch {extra['torch']}, {extra['device']}, "
           f"threads={args.threads}, rounds={args.rounds}, backend {sn_kernels.get_backend()}", flush=True)

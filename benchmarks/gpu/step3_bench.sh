@@ -5,7 +5,7 @@
 # budget lasts.  The CSV lives in $SN_GPU_WORK and is resumed, so running this step again on a warm
 # machine adds the missing cases.
 #   bash benchmarks/gpu/step3_bench.sh OUTDIR
-#   -> OUTDIR/{summary.txt,ops.csv,bench.log,<device>.csv,<device>.png,report.md}
+#   -> OUTDIR/{summary.txt,ops.csv,bench.log,<device>.csv,<device>.png,report.md,certified.csv,certified.log}
 . "$(dirname "$0")/common.sh"
 facts
 ensure_built || finish
@@ -37,6 +37,12 @@ run bench.log 200 "$PY" benchmarks/run.py "${common[@]}" "${sets[@]}" "${rest[@]
   --out "$csv" --resume
 run bench.log 200 "$PY" benchmarks/run.py "${common[@]}" "${sets[@]}" "${rest[@]}" --min-mb 8 --dtypes bfloat16 \
   --out "$csv" --resume
+# issue 16: the cost and tightness of bound="upper" / "operator" on the device (its own CSV)
+if [ "$REHEARSAL" = 1 ]; then
+  run certified.log 90 "$PY" benchmarks/certified.py --device cpu --rounds 2 --out "$OUTDIR/certified.csv"
+else
+  run certified.log 120 "$PY" benchmarks/certified.py --device cuda --rounds 100 --out "$OUTDIR/certified.csv"
+fi
 cp "$csv" "$OUTDIR/$dev.csv" 2> /dev/null
 "$PY" benchmarks/run.py --report "$OUTDIR/$dev.csv" > "$OUTDIR/report.md" 2>&1
 grep -A30 "^# targets" "$OUTDIR/report.md" | tee -a "$SUMMARY"
