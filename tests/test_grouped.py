@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import sn_kernels
-from helpers import TwiceD, model_state as _state
+from helpers import TwiceD, model_state as _state, weight_models
 
 
 @pytest.mark.parametrize("api", ["hook", "parametrization"])
@@ -364,22 +364,6 @@ def test_group_outputs_are_freed(refresh, monkeypatch):
     assert len(made) == 12 and len(alive) == (3 if refresh == "step" else 0)
 
 
-class _Weight(nn.Module):
-    """A module whose forward returns its (spectrally normalized) weight."""
-
-    def __init__(self, shape, dtype=torch.float32):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(shape, dtype=dtype) / shape[-1] ** 0.5)
-
-    def forward(self):
-        return self.weight
-
-
-class _Weights(nn.ModuleList):
-    def forward(self):
-        return [m() for m in self]
-
-
 # the work table's cases: weights run whole as one item (up to 32K elements, or up to 256K in a large
 # enough group), and weights split over the phases: few rows and many columns (no row chunks: row
 # dots, then W^T u by columns) and row-chunked (the fused "uv" pass, or W^T u chunks for "vu"); a 4-D
@@ -391,14 +375,7 @@ _TABLE = [((4, 3), 0), ((1, 128), 0), ((16, 8192), 0), ((16, 32768), 0), ((300, 
 
 
 def _table_models(api, iterations):
-    torch.manual_seed(0)
-    model = _Weights([_Weight(e[0], *e[2:]) for e in _TABLE])
-    for m, e in zip(model, _TABLE):
-        if api == "hook":
-            sn_kernels.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
-        else:
-            sn_kernels.parametrizations.spectral_norm(m, n_power_iterations=iterations, dim=e[1])
-    return model, copy.deepcopy(model)
+    return weight_models(api, iterations, _TABLE)
 
 
 def _sigma(module):
