@@ -54,6 +54,42 @@ def configs():
         yield f"grad_pass_kernel[{dt}]", K.grad_pass_kernel, \
             {"G": ptr, "u": ptr, "v": ptr, "c_ptr": acc, "sigma": acc, "out": ptr, "numel": "i32", "M": "i32",
              "B": "i32"}, {"BLOCK": host.ELEM_BLOCK}, w
+        yield from _group_configs(dt, ptr, acc)
+
+
+def _group_configs(dt: str, ptr: str, acc: str):
+    """The multi-tensor kernels (group_kernels.py) as group_host launches them: int64 address, meta and
+    item tables; the mat-vec passes for each (X_STORED, PREV_STORED) that an iteration uses (first pass
+    of the first iteration, its second pass, later ones), SPLIT and TWO_STAGE, in place (and once not)."""
+    from . import group_host as GH
+    from . import group_kernels as GK
+    from . import host
+
+    tables = {"ptrs": "*i64", "meta": "*i64", "items": "*i64"}
+    passes = {**tables, "ws": acc, "counters": "*i32", "used": ptr, "sigmas": acc, "eps": "fp32", "final": "i32"}
+    stored = [(True, True), (False, True), (False, False)]  # (X_STORED, PREV_STORED)
+    for kern, (bm, bn, warps) in ((GK.group_row_kernel, GH.ROW_TILE), (GK.group_col_kernel, GH.COL_TILE)):
+        variants = [(x, prev, True, split, two) for x, prev in stored for split in (False, True) for two in (False, True)]
+        for x, prev, in_place, split, two in variants + [(True, True, False, False, False)]:
+            cx = {"X_STORED": x, "PREV_STORED": prev, "IN_PLACE": in_place, "SPLIT": split, "TWO_STAGE": two,
+                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_V": host.FINISH_BLOCK, "SPLIT_BLOCK": host.SPLIT_BLOCK}
+            yield (f"{kern.__name__}[{dt},x_stored={x},prev_stored={prev},in_place={in_place},split={split},"
+                   f"two={two}]"), kern, passes, cx, warps
+    bm, bn, warps = GH.ROW_TILE
+    for split in (False, True):
+        sig = {k: passes[k] for k in ("ptrs", "meta", "items", "ws", "counters", "used", "sigmas")}
+        cx = {"SPLIT": split, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_V": host.FINISH_BLOCK}
+        yield f"group_eval_kernel[{dt},split={split}]", GK.group_eval_kernel, sig, cx, warps
+    w = host.ELEM_WARPS
+    yield f"group_divide_kernel[{dt}]", GK.group_divide_kernel, {**tables, "sigmas": acc, "out": ptr}, \
+        {"CHUNK": GH.CHUNK, "BLOCK": host.ELEM_BLOCK}, w
+    for flat in (False, True):
+        yield f"group_dot_kernel[{dt},flat={flat}]", GK.group_dot_kernel, \
+            {**tables, "ws": acc, "counters": "*i32", "cs": acc, "out": ptr, "g_flat": ptr, "sigmas": acc}, \
+            {"FLAT": flat, "CHUNK": GH.CHUNK, "BLOCK": host.ELEM_BLOCK, "BLOCK_V": host.FINISH_BLOCK}, w
+        yield f"group_grad_kernel[{dt},flat={flat}]", GK.group_grad_kernel, \
+            {**tables, "cs": acc, "out": ptr, "g_flat": ptr, "used": ptr, "sigmas": acc}, \
+            {"FLAT": flat, "CHUNK": GH.CHUNK, "BLOCK": host.ELEM_BLOCK}, w
 
 
 def stop_at_llir() -> None:

@@ -23,30 +23,48 @@ from .kernels import (_col_tile, _divide_block, _dot_range, _eval_tile, _finish_
                       _row_tile, _safe_div, _sum_partials)
 
 # fields of a meta row (group_host.META_FIELDS names them in the same order)
-F_M: tl.constexpr = 0             # rows of the matrix view
-F_N: tl.constexpr = 1             # columns
-F_B: tl.constexpr = 2             # prod(shape[dim+1:]): addressing of the view (kernels._offsets)
-F_ROW_TILES: tl.constexpr = 3     # row pass (W x): tiles of BLOCK_M rows
-F_ROW_SPLITS: tl.constexpr = 4    # ... splits of the columns
-F_ROW_K: tl.constexpr = 5         # ... columns per split
-F_COL_TILES: tl.constexpr = 6     # column pass (W^T x): tiles of BLOCK_N columns
-F_COL_SPLITS: tl.constexpr = 7
-F_COL_K: tl.constexpr = 8
-F_WS: tl.constexpr = 9            # workspace: u_raw, u_acc (M each), v_raw, v_acc (N each), partials, split partials
-F_PARTIALS: tl.constexpr = 10     # offset of the partials in the workspace
-F_SPLITBUF: tl.constexpr = 11     # offset of the split partial vectors
-F_COUNTERS: tl.constexpr = 12     # offset of the weight's ticket counters
-F_USED: tl.constexpr = 13         # offset of u_used (M), then v_used (N), in the flat vector buffer
-F_OUT: tl.constexpr = 14          # offset of the weight in the flat output buffer
-F_NUMEL: tl.constexpr = 15
-F_CHUNKS: tl.constexpr = 16       # elementwise items of the weight
-NF: tl.constexpr = 17
+F_M = tl.constexpr(0)             # rows of the matrix view
+F_N = tl.constexpr(1)             # columns
+F_B = tl.constexpr(2)             # prod(shape[dim+1:]): addressing of the view (kernels._offsets)
+F_ROW_TILES = tl.constexpr(3)     # row pass (W x): tiles of BLOCK_M rows
+F_ROW_SPLITS = tl.constexpr(4)    # ... splits of the columns
+F_ROW_K = tl.constexpr(5)         # ... columns per split
+F_COL_TILES = tl.constexpr(6)     # column pass (W^T x): tiles of BLOCK_N columns
+F_COL_SPLITS = tl.constexpr(7)
+F_COL_K = tl.constexpr(8)
+F_WS = tl.constexpr(9)            # workspace: u_raw, u_acc (M each), v_raw, v_acc (N each), partials, split partials
+F_PARTIALS = tl.constexpr(10)     # offset of the partials in the workspace
+F_SPLITBUF = tl.constexpr(11)     # offset of the split partial vectors
+F_COUNTERS = tl.constexpr(12)     # offset of the weight's ticket counters
+F_USED = tl.constexpr(13)         # offset of u_used (M), then v_used (N), in the flat vector buffer
+F_OUT = tl.constexpr(14)          # offset of the weight in the flat output buffer
+F_NUMEL = tl.constexpr(15)
+F_CHUNKS = tl.constexpr(16)       # elementwise items of the weight
+NF = tl.constexpr(17)
 
 
 @triton.jit
 def _ptr(ptrs, w, k, K: tl.constexpr, DT: tl.constexpr):
     """Pointer ``k`` of weight ``w`` in the address table, to elements of type DT."""
     return tl.load(ptrs + w * K + k).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _tile_item(items, meta):
+    """This program's (weight, tile, split) item of a pass: (w, t, s, its meta row, M, N, B)."""
+    pid = tl.program_id(0)
+    w = tl.load(items + 3 * pid)
+    row = meta + w * NF
+    return (w, tl.load(items + 3 * pid + 1), tl.load(items + 3 * pid + 2), row, tl.load(row + F_M),
+            tl.load(row + F_N), tl.load(row + F_B))
+
+
+@triton.jit
+def _chunk_item(items, meta):
+    """This program's (weight, chunk) item of an elementwise launch: (w, c, its meta row)."""
+    pid = tl.program_id(0)
+    w = tl.load(items + 2 * pid)
+    return w, tl.load(items + 2 * pid + 1), meta + w * NF
 
 
 @triton.jit(do_not_specialize=["final"])
@@ -61,14 +79,7 @@ def group_row_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
     workspace's.  The final pass writes u into ``used`` and, ``IN_PLACE``, into the stored u (the
     functional op, ``triton_group_forward``, leaves the stored vectors alone)."""
     DT = used.dtype.element_ty
-    pid = tl.program_id(0)
-    w = tl.load(items + 3 * pid)
-    t = tl.load(items + 3 * pid + 1)
-    s = tl.load(items + 3 * pid + 2)
-    row = meta + w * NF
-    M = tl.load(row + F_M)
-    N = tl.load(row + F_N)
-    B = tl.load(row + F_B)
+    w, t, s, row, M, N, B = _tile_item(items, meta)
     base = ws + tl.load(row + F_WS)
     u_buf = _ptr(ptrs, w, 1, 3, DT)
     u_copy = used + tl.load(row + F_USED)
@@ -102,14 +113,7 @@ def group_col_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
                      BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """v = normalize(W^T x) for every weight; program p does item (weight, columns tile, rows split)."""
     DT = used.dtype.element_ty
-    pid = tl.program_id(0)
-    w = tl.load(items + 3 * pid)
-    t = tl.load(items + 3 * pid + 1)
-    s = tl.load(items + 3 * pid + 2)
-    row = meta + w * NF
-    M = tl.load(row + F_M)
-    N = tl.load(row + F_N)
-    B = tl.load(row + F_B)
+    w, t, s, row, M, N, B = _tile_item(items, meta)
     base = ws + tl.load(row + F_WS)
     v_buf = _ptr(ptrs, w, 2, 3, DT)
     v_copy = used + tl.load(row + F_USED) + M
@@ -141,14 +145,7 @@ def group_eval_kernel(ptrs, meta, items, ws, counters, used, sigmas,
                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """sigma = u . (W v) for every weight (eval), on the row pass's items; copies u and v into ``used``."""
     DT = used.dtype.element_ty
-    pid = tl.program_id(0)
-    w = tl.load(items + 3 * pid)
-    t = tl.load(items + 3 * pid + 1)
-    s = tl.load(items + 3 * pid + 2)
-    row = meta + w * NF
-    M = tl.load(row + F_M)
-    N = tl.load(row + F_N)
-    B = tl.load(row + F_B)
+    w, t, s, row, M, N, B = _tile_item(items, meta)
     K = tl.load(row + F_ROW_K)
     n_split = tl.load(row + F_ROW_SPLITS)
     lo = s * K
@@ -167,10 +164,7 @@ def group_eval_kernel(ptrs, meta, items, ws, counters, used, sigmas,
 @triton.jit
 def group_divide_kernel(ptrs, meta, items, sigmas, out, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """W / sigma for every weight into the flat ``out``; program p does elements chunk (weight, c)."""
-    pid = tl.program_id(0)
-    w = tl.load(items + 2 * pid)
-    c = tl.load(items + 2 * pid + 1)
-    row = meta + w * NF
+    w, c, row = _chunk_item(items, meta)
     W = _ptr(ptrs, w, 0, 3, out.dtype.element_ty)
     dst = out + tl.load(row + F_OUT)
     hi = tl.minimum(tl.load(row + F_NUMEL), (c + 1) * CHUNK)
@@ -190,10 +184,7 @@ def group_dot_kernel(ptrs, meta, items, ws, counters, cs, out, g_flat, sigmas, F
     last program sums its partials in a fixed order.  ``out`` only gives the weight dtype."""
     DT = out.dtype.element_ty
     ACC = ws.dtype.element_ty
-    pid = tl.program_id(0)
-    w = tl.load(items + 2 * pid)
-    c = tl.load(items + 2 * pid + 1)
-    row = meta + w * NF
+    w, c, row = _chunk_item(items, meta)
     if FLAT:
         G = g_flat + tl.load(row + F_OUT)
         W = _ptr(ptrs, w, 0, 1, DT)
@@ -220,10 +211,7 @@ def group_grad_kernel(ptrs, meta, items, cs, out, g_flat, used, sigmas, FLAT: tl
     """grad_W = (G - c u v^T) / sigma for every weight into the flat ``out``; program p does chunk (weight, c)."""
     DT = out.dtype.element_ty
     ACC = cs.dtype.element_ty
-    pid = tl.program_id(0)
-    w = tl.load(items + 2 * pid)
-    c = tl.load(items + 2 * pid + 1)
-    row = meta + w * NF
+    w, c, row = _chunk_item(items, meta)
     M = tl.load(row + F_M)
     B = tl.load(row + F_B)
     if FLAT:
