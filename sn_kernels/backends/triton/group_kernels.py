@@ -49,22 +49,32 @@ def _ptr(ptrs, w, k, K: tl.constexpr, DT: tl.constexpr):
     return tl.load(ptrs + w * K + k).to(tl.pointer_type(DT))
 
 
+# The tables are int64, but every size and index within one weight fits int32 (group_host._fits), and
+# the kernels index in int32 as the per-weight ones do: int64 element offsets double the registers of
+# the mat-vec tiles (254 against 128 in the general-addressing variant, ptxas) and make its div/mod
+# 64-bit.  Only the offsets into the group's shared buffers (F_WS, F_USED, F_OUT, ...) stay int64.
+@triton.jit
+def _size(row, field):
+    """A size or count field of a meta row, as int32."""
+    return tl.load(row + field).to(tl.int32)
+
+
 @triton.jit
 def _tile_item(items, meta):
-    """This program's (weight, tile, split) item of a pass: (w, t, s, its meta row, M, N, B)."""
+    """This program's (weight, tile, split) item of a pass: (w, t, s, its meta row, M, N, B), int32."""
     pid = tl.program_id(0)
-    w = tl.load(items + 3 * pid)
+    w = tl.load(items + 3 * pid).to(tl.int32)
     row = meta + w * NF
-    return (w, tl.load(items + 3 * pid + 1), tl.load(items + 3 * pid + 2), row, tl.load(row + F_M),
-            tl.load(row + F_N), tl.load(row + F_B))
+    return (w, tl.load(items + 3 * pid + 1).to(tl.int32), tl.load(items + 3 * pid + 2).to(tl.int32), row,
+            _size(row, F_M), _size(row, F_N), _size(row, F_B))
 
 
 @triton.jit
 def _chunk_item(items, meta):
-    """This program's (weight, chunk) item of an elementwise launch: (w, c, its meta row)."""
+    """This program's (weight, chunk) item of an elementwise launch: (w, c, its meta row), int32."""
     pid = tl.program_id(0)
-    w = tl.load(items + 2 * pid)
-    return w, tl.load(items + 2 * pid + 1), meta + w * NF
+    w = tl.load(items + 2 * pid).to(tl.int32)
+    return w, tl.load(items + 2 * pid + 1).to(tl.int32), meta + w * NF
 
 
 @triton.jit(do_not_specialize=["final"])
@@ -95,12 +105,12 @@ def group_row_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
         prev = u_buf
     else:
         prev = base + M  # u_acc
-    K = tl.load(row + F_ROW_K)
+    K = _size(row, F_ROW_K)
     rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
     lo = s * K
     y = _row_tile(_ptr(ptrs, w, 0, 3, DT), x, rows, lo, tl.minimum(N, lo + K), M, N, B, M * B,
                   ws.dtype.element_ty, SPLIT, BLOCK_M, BLOCK_N)
-    _finish_tile(y, rows, rows < M, t, tl.load(row + F_ROW_TILES), s, tl.load(row + F_ROW_SPLITS),
+    _finish_tile(y, rows, rows < M, t, _size(row, F_ROW_TILES), s, _size(row, F_ROW_SPLITS),
                  ws + tl.load(row + F_SPLITBUF), base, prev, ws + tl.load(row + F_PARTIALS),
                  counters + tl.load(row + F_COUNTERS), M, base + M, u_out, u_copy, sigmas + w, eps, final,
                  TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
@@ -129,12 +139,12 @@ def group_col_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
         prev = v_buf
     else:
         prev = base + 2 * M + N  # v_acc
-    K = tl.load(row + F_COL_K)
+    K = _size(row, F_COL_K)
     cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
     lo = s * K
     y = _col_tile(_ptr(ptrs, w, 0, 3, DT), x, cols, lo, tl.minimum(M, lo + K), M, N, B, M * B,
                   ws.dtype.element_ty, SPLIT, BLOCK_M, BLOCK_N)
-    _finish_tile(y, cols, cols < N, t, tl.load(row + F_COL_TILES), s, tl.load(row + F_COL_SPLITS),
+    _finish_tile(y, cols, cols < N, t, _size(row, F_COL_TILES), s, _size(row, F_COL_SPLITS),
                  ws + tl.load(row + F_SPLITBUF), base + 2 * M, prev, ws + tl.load(row + F_PARTIALS),
                  counters + tl.load(row + F_COUNTERS), N, base + 2 * M + N, v_out, v_copy, sigmas + w, eps, final,
                  TWO_STAGE, BLOCK_V, SPLIT_BLOCK)
@@ -146,14 +156,14 @@ def group_eval_kernel(ptrs, meta, items, ws, counters, used, sigmas,
     """sigma = u . (W v) for every weight (eval), on the row pass's items; copies u and v into ``used``."""
     DT = used.dtype.element_ty
     w, t, s, row, M, N, B = _tile_item(items, meta)
-    K = tl.load(row + F_ROW_K)
-    n_split = tl.load(row + F_ROW_SPLITS)
+    K = _size(row, F_ROW_K)
+    n_split = _size(row, F_ROW_SPLITS)
     lo = s * K
     u_copy = used + tl.load(row + F_USED)
     part = _eval_tile(_ptr(ptrs, w, 0, 3, DT), _ptr(ptrs, w, 1, 3, DT), _ptr(ptrs, w, 2, 3, DT), u_copy, u_copy + M,
                       t * BLOCK_M + tl.arange(0, BLOCK_M), lo, tl.minimum(N, lo + K), t, s, M, N, B, M * B,
                       ws.dtype.element_ty, SPLIT, BLOCK_M, BLOCK_N)
-    n_parts = tl.load(row + F_ROW_TILES) * n_split
+    n_parts = _size(row, F_ROW_TILES) * n_split
     partials = ws + tl.load(row + F_PARTIALS)
     counter = counters + tl.load(row + F_COUNTERS)
     if _last_ticket(partials, t * n_split + s, part, counter, n_parts):
@@ -167,7 +177,7 @@ def group_divide_kernel(ptrs, meta, items, sigmas, out, CHUNK: tl.constexpr, BLO
     w, c, row = _chunk_item(items, meta)
     W = _ptr(ptrs, w, 0, 3, out.dtype.element_ty)
     dst = out + tl.load(row + F_OUT)
-    hi = tl.minimum(tl.load(row + F_NUMEL), (c + 1) * CHUNK)
+    hi = tl.minimum(_size(row, F_NUMEL), (c + 1) * CHUNK)
     s = tl.load(sigmas + w)
     for k0 in range(c * CHUNK, hi, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
@@ -192,8 +202,8 @@ def group_dot_kernel(ptrs, meta, items, ws, counters, cs, out, g_flat, sigmas, F
         G = _ptr(ptrs, w, 0, 5, DT)
         W = _ptr(ptrs, w, 1, 5, DT)
     lo = c * CHUNK
-    part = _dot_range(G, W, lo, tl.minimum(tl.load(row + F_NUMEL), lo + CHUNK), ACC, BLOCK)
-    n_parts = tl.load(row + F_CHUNKS)
+    part = _dot_range(G, W, lo, tl.minimum(_size(row, F_NUMEL), lo + CHUNK), ACC, BLOCK)
+    n_parts = _size(row, F_CHUNKS)
     partials = ws + tl.load(row + F_PARTIALS)
     counter = counters + tl.load(row + F_COUNTERS)
     if _last_ticket(partials, c, part, counter, n_parts):
@@ -212,8 +222,8 @@ def group_grad_kernel(ptrs, meta, items, cs, out, g_flat, used, sigmas, FLAT: tl
     DT = out.dtype.element_ty
     ACC = cs.dtype.element_ty
     w, c, row = _chunk_item(items, meta)
-    M = tl.load(row + F_M)
-    B = tl.load(row + F_B)
+    M = _size(row, F_M)
+    B = _size(row, F_B)
     if FLAT:
         G = g_flat + tl.load(row + F_OUT)
         u = used + tl.load(row + F_USED)
@@ -226,7 +236,7 @@ def group_grad_kernel(ptrs, meta, items, cs, out, g_flat, used, sigmas, FLAT: tl
         sigma = tl.load(_ptr(ptrs, w, 4, 5, ACC))
     cw = tl.load(cs + w)
     dst = out + tl.load(row + F_OUT)
-    hi = tl.minimum(tl.load(row + F_NUMEL), (c + 1) * CHUNK)
+    hi = tl.minimum(_size(row, F_NUMEL), (c + 1) * CHUNK)
     for k0 in range(c * CHUNK, hi, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         _grad_block(G, u, v, cw, sigma, dst, offs, offs < hi, M, B)
