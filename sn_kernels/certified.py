@@ -80,12 +80,10 @@ from .backends.contract import accumulation_dtype, matrix_shape
 from .backends.pytorch import as_matrix
 from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _pow2, _rescale, _unwind, _up
 from .checks import check_call
-from .conv_norm import ConvSpec, conv_spec
+from .conv_norm import _CONV, _CONV_T, ConvSpec, conv_spec
 from .functional import spectral_normalize
 
 __all__ = ["GRAM_STEPS", "Certifier", "OperatorBound", "gram_upper_bound", "operator_bound", "output_factor"]
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 #: Gram steps of a refresh: the bound is within k^(1/2^11) of sigma (k the smaller side; 1.0034 for
 #: k = 1024, 1.0024 for k = 128 in the worst case, a flat spectrum), much closer with a spectral gap
@@ -266,7 +264,7 @@ def operator_bound(module: nn.Module | None, name: str, weight: Tensor) -> Opera
     """The ``OperatorBound`` of ``module.<name>``: a convolution's weight gets sqrt(taps * multiplicity)
     (rounded up) and its two views; a weight of at most 2 dims is its own matrix; anything else is
     refused (its operator is unknown)."""
-    if isinstance(module, _CONVS) and name == "weight" and weight.dim() >= 3:
+    if isinstance(module, _CONV + _CONV_T) and name == "weight" and weight.dim() >= 3:
         spec = conv_spec(module)
         taps = math.prod(spec.kernel_size) * _padding_multiplicity(spec)
         return OperatorBound(factor=math.nextafter(math.sqrt(taps), math.inf), conv=True)
