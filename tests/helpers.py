@@ -152,3 +152,20 @@ class TwiceD(torch.nn.Module):
         h = torch.relu(self.a(x))
         h = torch.relu(self.b(torch.relu(self.b(h))))
         return self.c(h.flatten(1))
+
+
+def channels_last_group(device):
+    """(model, ref, opt, x): two SN convolutions, the second channels_last (parametrization API), grouped
+    with the once-per-step refresh of ``opt`` (SGD); ``ref`` an ungrouped copy, ``x`` an input batch."""
+    import copy
+
+    import sn_kernels
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).to(device)
+    model[2].to(memory_format=torch.channels_last)
+    sn_kernels.apply_spectral_norm(model, api="parametrization")
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sn_kernels.group(model, optimizer=opt)
+    return model, ref, opt, torch.randn(2, 3, 9, 9, device=device)

@@ -9,7 +9,6 @@ Skipped without a CUDA device with the native CUDA kernels.
 """
 from __future__ import annotations
 
-import copy
 import re
 from collections import Counter
 
@@ -20,7 +19,7 @@ from torch import nn
 import sn_kernels
 from sn_kernels import native
 
-from helpers import assert_close, model_grads as _grads, model_state as _state, weight_models
+from helpers import assert_close, channels_last_group, model_grads as _grads, model_state as _state, weight_models
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and native.has_kernel("cuda")),
                                 reason="no CUDA device with the native CUDA kernels")
@@ -215,14 +214,7 @@ def test_cuda_group_channels_last_weight_takes_the_per_weight_kernels():
     """A channels_last convolution weight (not contiguous) runs the per-weight kernels inside the same
     call, beside the multi-tensor launches of the contiguous one; the once-per-step refresh: two forwards
     share one iteration, the optimizer step refreshes."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).to(DEV)
-    model[2].to(memory_format=torch.channels_last)
-    sn_kernels.apply_spectral_norm(model, api="parametrization")
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sn_kernels.group(model, optimizer=opt)
-    x = torch.randn(2, 3, 9, 9, device=DEV)
+    model, ref, opt, x = channels_last_group(DEV)
     with sn_kernels.use_backend("native"):
         ys = []
         launched = _launches(lambda: ys.extend([model(x), model(x)]))

@@ -19,7 +19,8 @@ from torch import nn
 
 import sn_kernels
 
-from helpers import TwiceD, assert_close, model_grads as _grads, model_state as _state, weight_models
+from helpers import (TwiceD, assert_close, channels_last_group, model_grads as _grads, model_state as _state,
+                     weight_models)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -147,14 +148,7 @@ def test_triton_group_is_deterministic_and_updates_buffers_in_place():
 def test_triton_group_channels_last_and_refresh_per_step():
     """A channels_last convolution weight (copied to contiguous for the kernels) and the once-per-step
     refresh: two forwards share one iteration (3 launches), then the optimizer step refreshes."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).to(DEV)
-    model[2].to(memory_format=torch.channels_last)
-    sn_kernels.apply_spectral_norm(model, api="parametrization")
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sn_kernels.group(model, optimizer=opt)
-    x = torch.randn(2, 3, 9, 9, device=DEV)
+    model, ref, opt, x = channels_last_group(DEV)
     with sn_kernels.use_backend("triton"):
         with _Count() as c:
             y1 = model(x)
