@@ -154,6 +154,54 @@ class _Distance(torch.autograd.Function):
         return (a - b) * scale.to(a.dtype), None
 
 
+class _NativeCarry(torch.autograd.Function):
+    """The carry's W_sn = W fl(s), s = coeff / B' (soft: min(s, 1)), B' = (||fl(W - W_ref)||_F k1 + base)
+    (1 + 4u), and its gradient G s + (W - W_ref) <G, W> ds/dnrm / nrm, each one C++ op on the CPU
+    (``native_carry_forward`` / ``native_carry_backward``): the values of the tensor-op route
+    (``Certifier.divisor`` with ``_Distance``) but for the order of the float64 sums.  A double backward
+    goes through that route."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ref: Tensor, base: Tensor, k1: float, coeff: float, soft: bool):
+        out, den, nrm = torch.ops.sn_kernels.native_carry_forward(weight, ref, base, k1, coeff, soft)
+        ctx.save_for_backward(weight, ref, base, den, nrm)
+        ctx.k1, ctx.coeff, ctx.soft = k1, coeff, soft
+        ctx.mark_non_differentiable(den)
+        return out, den
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_den):
+        weight, ref, base, den, nrm = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 6
+        if torch.is_grad_enabled():  # create_graph=True: the same formula, differentiable
+            d = (_Distance.apply(weight, ref) * ctx.k1 + base) * (1 + 4 * _U)
+            s = ctx.coeff / d
+            s = s.clamp(max=1.0) if ctx.soft else s
+            acc = accumulation_dtype(weight.dtype)
+            (g,) = torch.autograd.grad((weight.to(acc) * s.to(acc)).to(weight.dtype), weight, grad, create_graph=True)
+            return g, None, None, None, None, None
+        g = torch.ops.sn_kernels.native_carry_backward(grad, weight, ref, den, nrm, ctx.k1, ctx.coeff, ctx.soft)
+        return g, None, None, None, None, None
+
+
+_carry_ops_found = False
+
+
+def _native_carry(weight: Tensor) -> bool:
+    """Whether the carry of ``weight`` takes the C++ ops: an eager CPU weight whose selected backend is
+    "native" (with an extension that has them).  The ops are CPU kernels only: compiled carries trace the
+    tensor ops, and other backends and devices run them."""
+    global _carry_ops_found
+    if weight.device.type != "cpu" or torch.compiler.is_compiling() or weight.is_complex():
+        return False
+    if dispatch.resolve(weight.device).name != "native":
+        return False
+    if not _carry_ops_found:
+        _carry_ops_found = hasattr(torch.ops.sn_kernels, "native_carry_forward")
+    return _carry_ops_found
+
+
 def _smooth_bound(mat: Tensor, upper: Tensor, steps: int) -> Tensor:
     """``upper`` in value, with the derivatives (first and second) of the Gram bound in exact arithmetic:
     upper exp((log ||G_T||_F - its value) / 2^T), the scalings 2^-p_t held constant."""
@@ -377,16 +425,25 @@ class Certifier:
         return (ref is not None and ref.shape == weight.shape and ref.dtype == weight.dtype
                 and ref.device == weight.device)
 
+    def _refresh_due(self, weight: Tensor, training: bool) -> bool:
+        """Whether this forward recomputes the Gram bound (no valid W_ref, a training forward at the end of
+        the schedule, or any compiled training forward) rather than carrying B_ref."""
+        if not self._valid_for(weight):
+            return True
+        return training and (torch.compiler.is_compiling() or self.left <= 0)
+
+    def _carry_constants(self, weight: Tensor, factor: float) -> float:
+        """k1: B' = (||fl(W - W_ref)||_F k1 + ref_base) (1 + 4u) (``divisor``'s carry)."""
+        c = 1.0 if self.operator is None else self.operator.factor
+        return _with_rounding(factor * c * _subtraction_factor(weight.dtype) * (1 + _gamma(weight.numel())), 3)
+
     def divisor(self, weight: Tensor, dim: int, coeff: float, training: bool, keep: bool = True) -> Tensor:
         """B' >= output_factor * sigma(W): a 0-d float64 tensor, differentiable with respect to ``weight``;
         a refresh when due (``keep=False``: computed without storing anything), else the carry."""
         op = self.operator
         factor = output_factor(weight, dim, coeff, op)
         c = 1.0 if op is None else op.factor  # ||op(W - W_ref)|| <= c ||W - W_ref||_F
-        refresh = not self._valid_for(weight)
-        if training and not refresh:
-            refresh = torch.compiler.is_compiling() or self.left <= 0
-        if refresh:
+        if self._refresh_due(weight, training):
             if op is not None and op.conv:
                 bounds = [gram_upper_bound(view) for view in op.views(weight)]
                 bound = (bounds[0] if len(bounds) == 1 else torch.minimum(*bounds)) * _with_rounding(c)
@@ -403,8 +460,7 @@ class Certifier:
         # ||W - W_ref||_F <= sub ||fl(W - W_ref)||_F <= sub ((1 + gamma_n) nrm + abs) (``_carry_slack``), so
         # B' = f (B_ref + c that) is reached by (nrm k1 + base) (1 + 4u) with three roundings of >= 0 terms
         nrm = _Distance.apply(weight, self.ref)
-        k1 = _with_rounding(factor * c * _subtraction_factor(weight.dtype) * (1 + _gamma(weight.numel())), 3)
-        return (nrm * k1 + self.ref_base) * (1 + 4 * _U)
+        return (nrm * self._carry_constants(weight, factor) + self.ref_base) * (1 + 4 * _U)
 
     def normalize(self, weight: Tensor, u: Tensor | None, v: Tensor | None, *, n_power_iterations: int,
                   eps: float, dim: int, order: str, training: bool, coeff: float | None,
@@ -415,6 +471,13 @@ class Certifier:
             with torch.no_grad():
                 self.estimate = _iterate(weight, u, v, n_power_iterations, eps, dim, order)
         coeff = 1.0 if coeff is None else float(coeff)
+        if _native_carry(weight) and not self._refresh_due(weight, training):
+            # the carry in two C++ passes forward and two backward (the same W_sn; csrc/sn_kernels_carry_cpu.cpp)
+            if training:
+                self.left -= 1
+            k1 = self._carry_constants(weight, output_factor(weight, dim, coeff, self.operator))
+            weight_sn, den = _NativeCarry.apply(weight, self.ref, self.ref_base, k1, coeff, soft)
+            return weight_sn, den.detach()
         den = self.divisor(weight, dim, coeff, training)
         scale = coeff / den
         if soft:

@@ -21,6 +21,7 @@ import sn_kernels
 from helpers import record
 from sn_kernels import bounds, certified
 from sn_kernels import parametrizations as P
+from sn_kernels.backends import native
 from sn_kernels.conv_norm import dense_operator_norm
 from sn_kernels.find import find
 from sn_kernels.testing import svd_sigma
@@ -234,6 +235,55 @@ def test_carry_gradient_at_the_reference_is_the_subgradient_zero():
     layer.weight.backward(g)
     den = state_of(layer, "param").sigma
     torch.testing.assert_close(w.grad, g / den, rtol=1e-14, atol=0)
+
+
+NATIVE_WHY = native.why_not(torch.device("cpu"), auto=True)
+
+
+@pytest.mark.skipif(NATIVE_WHY is not None, reason=f"native extension not available: {NATIVE_WHY}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp64", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("variant", ["plain", "coeff", "soft-active", "soft-clamped", "at-ref"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_native_carry_matches_the_tensor_ops(kind, variant, dtype, monkeypatch):
+    """The CPU carry ops (csrc/sn_kernels_carry_cpu.cpp, the "native" backend's) give the tensor-op route's
+    W_sn, B' and gradient ("torch" backend) to the dtype's rounding: a carry away from W_ref, at W_ref
+    (nrm = 0: the subgradient 0), with coeff, and with soft active or clamped (s = 1: no gradient
+    through B').  Whether the C++ route ran is counted, so the comparison cannot be of one route with
+    itself."""
+    torch.manual_seed(0)
+    layer = (nn.Linear(37, 23) if kind == "linear" else nn.Conv2d(5, 7, 3)).to(dtype)
+    kw = dict(coeff=0.5) if variant == "coeff" else {}
+    if variant.startswith("soft"):
+        kw = dict(soft=True, coeff=0.5 if variant == "soft-active" else 1e4)
+    P.spectral_norm(layer, bound="upper", bound_every=10 ** 9, **kw)  # registration refreshed: all carries now
+    w = layer.parametrizations.weight.original
+    if variant != "at-ref":
+        with torch.no_grad():
+            w.add_(0.05 * torch.randn_like(w))
+    g = torch.randn(w.shape, dtype=dtype)
+    ran = []
+    real = certified._NativeCarry.apply
+    monkeypatch.setattr(certified._NativeCarry, "apply", lambda *a: ran.append(1) or real(*a))
+    out = {}
+    for backend in ("native", "torch"):
+        with sn_kernels.use_backend(backend):
+            w.grad = None
+            w_sn = layer.weight
+            w_sn.backward(g)
+            out[backend] = (w_sn.detach(), state_of(layer, "param").sigma, w.grad.clone())
+    assert ran == [1]  # the native route once, the torch route never
+    (a_sn, a_den, a_g), (b_sn, b_den, b_g) = out["native"], out["torch"]
+    torch.testing.assert_close(a_den, b_den, rtol=4e-16, atol=0)  # float64, sums in another order
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(a_sn, b_sn, rtol=eps, atol=0)  # fl(W fl(s)): s equal or 1 ulp of float64 apart
+    # G s + (W - W_ref) t: one rounding to the dtype natively, three (two products, their sum) by tensor ops
+    scale = (g.abs().double() * (a_sn.double() / w.double()).abs().nan_to_num()).max().item()
+    torch.testing.assert_close(a_g.double(), b_g.double(), rtol=4 * eps, atol=4 * eps * scale)
+    if variant in ("soft-clamped", "at-ref"):  # no gradient through B': G s exactly
+        s = (1.0 if variant == "soft-clamped" else 1.0 / a_den.item())
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        torch.testing.assert_close(a_g, (g.to(acc) * torch.tensor(s, dtype=torch.float64).to(acc)).to(dtype), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- host synchronisation

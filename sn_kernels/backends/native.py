@@ -99,6 +99,12 @@ def _finish() -> None:
         dim = dim + weight.dim() if dim < 0 else dim  # out of range: the C++ check refuses it
         return composed(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
 
+    if hasattr(torch.ops.sn_kernels, "native_carry_forward"):  # the certified carry (certified.py)
+        torch.library.register_fake("sn_kernels::native_carry_forward")(
+            lambda weight, ref, base, k1, coeff, soft: (torch.empty_like(weight),) + tuple(
+                weight.new_empty((), dtype=torch.float64) for _ in range(2)))
+        torch.library.register_fake("sn_kernels::native_carry_backward")(
+            lambda grad, weight, ref, den, nrm, k1, coeff, soft: torch.empty_like(weight))
     group_ops, group_calls = (), {}
     if hasattr(torch.ops.sn_kernels, "native_group_forward"):  # sn_kernels.group's ops (grouped.py)
         torch.library.register_fake("sn_kernels::native_group_forward")(_fake_group_forward)
