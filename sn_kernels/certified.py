@@ -38,7 +38,9 @@ first, in between the second:
   difference taken in the weight's dtype (one rounding per entry, relative 2u of that dtype,
   covered by the factor 1 / (1 - 2u)), its own rounding bounded by gamma_n as in
   ``bounds._inflate``; the sum B_ref + that is formed by three roundings of non-negative
-  terms, covered by constant factors (``_with_rounding``): three tensor ops per step.
+  terms, covered by constant factors (``_with_rounding``).  On the CPU with the native backend,
+  eager, the carry's forward and backward are one C++ op each (``_NativeCarry``,
+  csrc/sn_kernels_carry_cpu.cpp: the same arithmetic, two passes over W each); elsewhere tensor ops.
 
 The carry holds for ANY pair (W_ref, B_ref) with B_ref >= sigma(W_ref): a W_ref that no
 longer resembles W (a checkpoint loaded in place, a write through ``.data``) makes B
