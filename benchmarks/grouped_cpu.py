@@ -1,6 +1,8 @@
 """CPU benchmark of sn_kernels.group against PyTorch's parametrization, in paired rounds (one process).
 
-1. Forward + backward over all the SN weights of a shape set (float32; parametrization API):
+1. Forward + backward over all the SN weights of a shape set (sngan_cifar_d, biggan128_d, and
+   ``tiny_11``: SNGAN's 11 weights shrunk to 8x4x3x3 and 1x8, which times the host overhead alone;
+   float32; parametrization API):
    access every ``module.weight`` (power iteration + W / sigma), then one
    ``torch.autograd.backward`` over all of them with fixed gradients.  Providers:
    ``torch_param`` (torch.nn.utils.parametrizations.spectral_norm), ``native`` (sn_kernels,
@@ -43,6 +45,10 @@ from _common import BUNDLED_SHAPES, Holder, copy_bandwidth, device_name, load_sh
 from models import SNGANDiscriminator, hinge_d_loss  # noqa: E402
 
 BYTES_MODEL_FWD_BWD = 8  # |W| per forward + backward (docs/design.md#bytes-model)
+# SNGAN-CIFAR's 11 SN weights shrunk to a few hundred elements each: the kernels take next to nothing,
+# so these rows time the host overhead per step (Python, dispatcher, autograd) of each provider
+TINY = "tiny_11"
+TINY_SHAPES = [(8, 4, 3, 3)] * 10 + [(1, 8)]
 
 
 class Weights(nn.Module):
@@ -182,8 +188,8 @@ def main():
           f"copy {bw[0]:.1f} GB/s", flush=True)
     rows = []
     results = []
-    for name, rounds in (("sngan_cifar_d", args.rounds), ("biggan128_d", args.big_rounds)):
-        sh = [tuple(e["shape"]) for e in shapes[name]]
+    for name, rounds in (("sngan_cifar_d", args.rounds), ("biggan128_d", args.big_rounds), (TINY, args.rounds)):
+        sh = TINY_SHAPES if name == TINY else [tuple(e["shape"]) for e in shapes[name]]
         nbytes = sum(torch.Size(s).numel() for s in sh) * 4
         results.append((name, weights_bench(sh, rounds), nbytes))
         bw.append(copy_bandwidth(cpu, (64 << 20) // 4, repeats=8, warmup=2))
