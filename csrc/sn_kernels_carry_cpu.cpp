@@ -43,10 +43,11 @@ constexpr double ROUNDING = 1.0 + 4.0 * std::numeric_limits<double>::epsilon() /
 template <typename T>
 using acc_of = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
-void check_pair(const at::Tensor& weight, const at::Tensor& ref, const char* what) {
-  TORCH_CHECK(weight.device().is_cpu() && ref.device().is_cpu(), "sn_kernels: ", what, " runs on CPU tensors");
-  TORCH_CHECK(weight.sizes() == ref.sizes() && weight.scalar_type() == ref.scalar_type(), "sn_kernels: ", what,
-              ": the reference must have the weight's shape and dtype");
+// `other` (named `name` in the message: the reference or the gradient) must match the weight
+void check_pair(const at::Tensor& weight, const at::Tensor& other, const char* what, const char* name) {
+  TORCH_CHECK(weight.device().is_cpu() && other.device().is_cpu(), "sn_kernels: ", what, " runs on CPU tensors");
+  TORCH_CHECK(weight.sizes() == other.sizes() && weight.scalar_type() == other.scalar_type(), "sn_kernels: ", what,
+              ": the ", name, " must have the weight's shape and dtype");
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "sn_kernels: ", what, " takes a real floating-point weight");
 }
 
@@ -139,7 +140,7 @@ double scale_of(double den, double coeff, bool soft) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> carry_forward(const at::Tensor& weight, const at::Tensor& ref,
                                                              const at::Tensor& base, double k1, double coeff,
                                                              bool soft) {
-  check_pair(weight, ref, "native_carry_forward");
+  check_pair(weight, ref, "native_carry_forward", "reference");
   const double b = scalar_of(base, "native_carry_forward: base");
   const at::Tensor w = weight.contiguous(), r = ref.contiguous();
   const int64_t n = w.numel();
@@ -163,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> carry_forward(const at::Tensor& w
 
 at::Tensor carry_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& ref,
                           const at::Tensor& den_t, const at::Tensor& nrm_t, double k1, double coeff, bool soft) {
-  check_pair(weight, ref, "native_carry_backward");
-  check_pair(weight, grad, "native_carry_backward");
+  check_pair(weight, ref, "native_carry_backward", "reference");
+  check_pair(weight, grad, "native_carry_backward", "gradient");
   const double den = scalar_of(den_t, "native_carry_backward: den");
   const double nrm = scalar_of(nrm_t, "native_carry_backward: nrm");
   const at::Tensor g = grad.contiguous(), w = weight.contiguous(), r = ref.contiguous();

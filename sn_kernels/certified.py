@@ -177,14 +177,26 @@ class _NativeCarry(torch.autograd.Function):
         if grad is None:
             return (None,) * 6
         if torch.is_grad_enabled():  # create_graph=True: the same formula, differentiable
-            d = (_Distance.apply(weight, ref) * ctx.k1 + base) * (1 + 4 * _U)
-            s = ctx.coeff / d
-            s = s.clamp(max=1.0) if ctx.soft else s
-            acc = accumulation_dtype(weight.dtype)
-            (g,) = torch.autograd.grad((weight.to(acc) * s.to(acc)).to(weight.dtype), weight, grad, create_graph=True)
+            scaled = _scaled(weight, _carried(weight, ref, ctx.k1, base), ctx.coeff, ctx.soft)
+            (g,) = torch.autograd.grad(scaled, weight, grad, create_graph=True)
             return g, None, None, None, None, None
         g = torch.ops.sn_kernels.native_carry_backward(grad, weight, ref, den, nrm, ctx.k1, ctx.coeff, ctx.soft)
         return g, None, None, None, None, None
+
+
+def _carried(weight: Tensor, ref: Tensor, k1: float, base: Tensor) -> Tensor:
+    """The carried divisor B' = (||fl(W - W_ref)||_F k1 + base) (1 + 4u), differentiable (``_Distance``);
+    ``native_carry_forward`` computes the same in C++."""
+    return (_Distance.apply(weight, ref) * k1 + base) * (1 + 4 * _U)
+
+
+def _scaled(weight: Tensor, den: Tensor, coeff: float, soft: bool) -> Tensor:
+    """W fl(s), s = coeff / den (soft: min(s, 1)), in ``weight``'s accumulation dtype and cast back."""
+    scale = coeff / den
+    if soft:
+        scale = scale.clamp(max=1.0)
+    acc = accumulation_dtype(weight.dtype)
+    return (weight.to(acc) * scale.to(acc)).to(weight.dtype)
 
 
 _carry_ops_found = False
@@ -461,8 +473,7 @@ class Certifier:
             self.left -= 1
         # ||W - W_ref||_F <= sub ||fl(W - W_ref)||_F <= sub ((1 + gamma_n) nrm + abs) (``_carry_slack``), so
         # B' = f (B_ref + c that) is reached by (nrm k1 + base) (1 + 4u) with three roundings of >= 0 terms
-        nrm = _Distance.apply(weight, self.ref)
-        return (nrm * self._carry_constants(weight, factor) + self.ref_base) * (1 + 4 * _U)
+        return _carried(weight, self.ref, self._carry_constants(weight, factor), self.ref_base)
 
     def normalize(self, weight: Tensor, u: Tensor | None, v: Tensor | None, *, n_power_iterations: int,
                   eps: float, dim: int, order: str, training: bool, coeff: float | None,
@@ -481,8 +492,4 @@ class Certifier:
             weight_sn, den = _NativeCarry.apply(weight, self.ref, self.ref_base, k1, coeff, soft)
             return weight_sn, den.detach()
         den = self.divisor(weight, dim, coeff, training)
-        scale = coeff / den
-        if soft:
-            scale = scale.clamp(max=1.0)
-        acc = accumulation_dtype(weight.dtype)
-        return (weight.to(acc) * scale.to(acc)).to(weight.dtype), den.detach()
+        return _scaled(weight, den, coeff, soft), den.detach()

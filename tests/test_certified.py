@@ -286,6 +286,21 @@ def test_native_carry_matches_the_tensor_ops(kind, variant, dtype, monkeypatch):
         torch.testing.assert_close(a_g, (g.to(acc) * torch.tensor(s, dtype=torch.float64).to(acc)).to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(NATIVE_WHY is not None, reason=f"native extension not available: {NATIVE_WHY}")
+def test_native_carry_ops_name_the_refused_argument():
+    """The carry ops refuse a reference or gradient unlike the weight, naming which one."""
+    w = torch.randn(4, 5)
+    base = torch.tensor(1.0, dtype=torch.float64)
+    fwd, bwd = torch.ops.sn_kernels.native_carry_forward, torch.ops.sn_kernels.native_carry_backward
+    with pytest.raises(RuntimeError, match="reference must have the weight's shape"):
+        fwd(w, torch.zeros(5, 4), base, 1.0, 1.0, False)
+    _, den, nrm = fwd(w, torch.zeros_like(w), base, 1.0, 1.0, False)
+    with pytest.raises(RuntimeError, match="reference must have the weight's shape and dtype"):
+        bwd(torch.ones_like(w), w, torch.zeros_like(w).double(), den, nrm, 1.0, 1.0, False)
+    with pytest.raises(RuntimeError, match="gradient must have the weight's shape and dtype"):
+        bwd(torch.ones(4, 6), w, torch.zeros_like(w), den, nrm, 1.0, 1.0, False)
+
+
 # ----------------------------------------------------------------------------- host synchronisation
 
 SYNCS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__")
