@@ -15,10 +15,13 @@ operation"), so it could not be timed.  Variants run in interleaved rounds so th
 on a shared machine hits all alike.
 
     python benchmarks/compile_time.py --rounds 2
+
+The medians and runs also go to benchmarks/results/cpu_compile_time.csv (``--out``).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -31,7 +34,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("none", "torch_hook", "torch_param", "sn_kernels_hook", "sn_kernels_param", "sn_kernels_param_group",
-            "sn_kernels_hook_group")
+            "sn_kernels_hook_group", "sn_kernels_param_native", "sn_kernels_param_torch", "sn_kernels_hook_torch")
+# a variant's suffix: "_group" (sn_kernels.group(D)), or a backend by name ("auto" without one)
+SUFFIXES = ("_group", "_native", "_torch")
+
+
+def _api(variant: str) -> str:
+    """The variant without its suffix (``SUFFIXES``)."""
+    for suffix in SUFFIXES:
+        variant = variant.removesuffix(suffix)
+    return variant
 
 
 def cpu_seconds() -> float:
@@ -56,7 +68,7 @@ def child(variant: str, batch: int) -> dict:
     wrap = {"torch_hook": torch.nn.utils.spectral_norm,
             "torch_param": torch.nn.utils.parametrizations.spectral_norm,
             "sn_kernels_hook": sn_kernels.spectral_norm,
-            "sn_kernels_param": sn_kernels.parametrizations.spectral_norm}.get(variant.removesuffix("_group"))
+            "sn_kernels_param": sn_kernels.parametrizations.spectral_norm}.get(_api(variant))
     if wrap is not None:
         for m in D.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -90,6 +102,8 @@ def measure(variant: str, batch: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="inductor_") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"),
                    TORCHINDUCTOR_COMPILE_THREADS="1")
+        if variant.endswith(("_native", "_torch")):  # a backend by name: its custom ops / the traced formulation
+            env["SN_KERNELS_BACKEND"] = variant.rsplit("_", 1)[1]
         out = subprocess.run([sys.executable, __file__, "--child", variant, "--batch", str(batch)],
                              env=env, capture_output=True, text=True, check=True)
         # inductor compiles each C++ kernel of the graphs to a module of its own: the main cost
@@ -103,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1, help="unrecorded runs before the first round")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_compile_time.csv"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -115,6 +130,7 @@ def main(argv=None) -> None:
         measure(variants[0], args.batch)
     results = {v: [] for v in variants}
     cpu = {v: [] for v in variants}
+    last = {}
     for r in range(args.rounds):
         for v in (variants if r % 2 == 0 else variants[::-1]):
             res = measure(v, args.batch)
@@ -123,6 +139,7 @@ def main(argv=None) -> None:
                 continue
             results[v].append(res["compile_s"])
             cpu[v].append(res["compile_cpu_s"])
+            last[v] = res
             print(f"round {r} {v:18s} compile {res['compile_s']:7.2f} s wall, {res['compile_cpu_s']:7.2f} s CPU "
                   f"(step {res['step_s'] * 1e3:.0f} ms, {res['graphs']} graphs, {res['graph_breaks']} breaks, "
                   f"{res['cpp_kernels']} C++ kernels)",
@@ -136,6 +153,29 @@ def main(argv=None) -> None:
         med = statistics.median(cpu[v])
         print(f"| {v} | {med:.1f} s | {', '.join(f'{x:.1f}' for x in cpu[v])} | "
               f"{', '.join(f'{x:.1f}' for x in results[v])} | {med / base:.2f}× |")
+    write_rows(args.out, variants, cpu, results, last, base, args.batch)
+
+
+def write_rows(path, variants, cpu, wall, last, base, batch) -> None:
+    """One CSV row per variant and clock: the median, the runs, the ratio of the medians to no SN (CPU)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import device_name, write_csv
+
+    today = datetime.date.today().isoformat()
+    rows = []
+    for v in variants:
+        if not cpu[v]:
+            continue
+        for clock, runs in (("cpu", cpu[v]), ("wall", wall[v])):
+            med = statistics.median(runs)
+            rows.append(dict(model="sngan_resnet_d", variant=v, clock=clock, median_s=round(med, 2),
+                             runs=" ".join(f"{x:.2f}" for x in runs),
+                             ratio_to_none=round(med / base, 3) if clock == "cpu" else "",
+                             cpp_kernels=last[v]["cpp_kernels"], graphs=last[v]["graphs"],
+                             graph_breaks=last[v]["graph_breaks"], batch=batch, compile_threads=1,
+                             device=device_name("cpu"), torch=last[v]["torch"], date=today))
+    write_csv(path, rows)
+    print(f"# wrote {path}")
 
 
 if __name__ == "__main__":

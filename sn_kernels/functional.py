@@ -2,9 +2,11 @@
 
 Two routes (docs/design.md): in eager mode ``dispatch.resolve`` picks the backend once per
 call and its ``eager`` entry runs the forward (the backend contract: backends/contract.py);
-under ``torch.compile`` the backend's two custom ops are traced, or, for the torch backend
-and for "auto" on ``TRACED_DEVICE_TYPES``, the torch formulation itself
-(backends/traced.py), which inductor fuses with its neighbours.
+under ``torch.compile`` the backend's two custom ops are traced, or, for the torch backend,
+the torch formulation itself (backends/traced.py), which inductor fuses with its
+neighbours.  "auto" on ``TRACED_DEVICE_TYPES`` mixes the two: the native power-iteration op
+(inductor would generate code for two reductions over each weight) and the traced W / sigma
+(which fuses with the layout copy inductor makes of every convolution's weight anyway).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .backends import pytorch, traced
 from .backends.contract import composed_eager
 from .checks import check_call, check_variant
 
-# device types where "auto" traces the torch formulation under torch.compile (measured: benchmarks/NOTES.md)
+# device types where "auto" traces W / sigma as torch ops under torch.compile (benchmarks/NOTES.md, C1 and C3)
 TRACED_DEVICE_TYPES = ("cpu",)
 
 
@@ -96,12 +98,16 @@ def _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff
 
 @torch.compiler.assume_constant_result
 def _compiled_backend(choice: str, device_type: str) -> str:
-    """The backend a compiled call runs: "traced" (the torch backend's formulation, inlined
-    for inductor to fuse) for "torch", and for "auto" on ``TRACED_DEVICE_TYPES``; otherwise
-    the name of the backend whose custom ops "auto" or ``choice`` resolves to.  Runs once
-    per trace, outside it (dynamo cannot trace the imports and checks of a first resolution)."""
-    if choice == "torch" or (choice == "auto" and device_type in TRACED_DEVICE_TYPES):
+    """The route a compiled call takes: "traced" (the torch backend's formulation, inlined for
+    inductor to fuse) for "torch", and for "auto" on ``TRACED_DEVICE_TYPES`` when the native
+    backend is unavailable there; "native+traced" (the native power-iteration op, then W / sigma
+    and its backward traced) for "auto" on ``TRACED_DEVICE_TYPES`` otherwise; elsewhere the name
+    of the backend whose two custom ops "auto" or ``choice`` resolves to.  Runs once per trace,
+    outside it (dynamo cannot trace the imports and checks of a first resolution)."""
+    if choice == "torch":
         return "traced"
+    if choice == "auto" and device_type in TRACED_DEVICE_TYPES:
+        return "native+traced" if dispatch.resolve(torch.device(device_type), "auto").name == "native" else "traced"
     return dispatch.resolve(torch.device(device_type), choice).name
 
 
@@ -110,5 +116,7 @@ def _compiled_ops(device: torch.device, backend: str | None) -> tuple[Callable, 
     name = _compiled_backend(dispatch.get_backend() if backend is None else backend.lower(), device.type)
     if name == "traced":
         return traced.power_iteration, traced.normalize
+    if name == "native+traced":
+        return dispatch.loaded_backend("native").power_iteration, traced.normalize
     chosen = dispatch.loaded_backend(name)
     return chosen.power_iteration, chosen.normalize

@@ -1,4 +1,6 @@
 """The torch.compile route of the "torch" backend: plain torch ops that inductor sees through.
+"auto" on the CPU compiles to the native power-iteration op and this module's ``normalize``
+(``functional._compiled_backend``; benchmarks/NOTES.md, C3).
 
 Under ``torch.compile`` an opaque custom op costs more than its kernels: inductor cannot
 fuse it with its neighbours and must hand it the strides it was traced with.  In a
