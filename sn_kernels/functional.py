@@ -106,9 +106,10 @@ def _compiled_backend(choice: str, device_type: str) -> str:
     outside it (dynamo cannot trace the imports and checks of a first resolution)."""
     if choice == "torch":
         return "traced"
+    name = dispatch.resolve(torch.device(device_type), choice).name
     if choice == "auto" and device_type in TRACED_DEVICE_TYPES:
-        return "native+traced" if dispatch.resolve(torch.device(device_type), "auto").name == "native" else "traced"
-    return dispatch.resolve(torch.device(device_type), choice).name
+        return "native+traced" if name == "native" else "traced"
+    return name
 
 
 def _compiled_ops(device: torch.device, backend: str | None) -> tuple[Callable, Callable]:
