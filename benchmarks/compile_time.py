@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("none", "torch_hook", "torch_param", "sn_kernels_hook", "sn_kernels_param", "sn_kernels_param_group",
             "sn_kernels_hook_group", "sn_kernels_param_native", "sn_kernels_param_torch", "sn_kernels_hook_torch")
 # a variant's suffix: "_group" (sn_kernels.group(D)), or a backend by name ("auto" without one)
-SUFFIXES = ("_group", "_native", "_torch")
+BACKEND_SUFFIXES = ("_native", "_torch")
+SUFFIXES = ("_group",) + BACKEND_SUFFIXES
 
 
 def _api(variant: str) -> str:
@@ -102,7 +103,7 @@ def measure(variant: str, batch: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="inductor_") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"),
                    TORCHINDUCTOR_COMPILE_THREADS="1")
-        if variant.endswith(("_native", "_torch")):  # a backend by name: its custom ops / the traced formulation
+        if variant.endswith(BACKEND_SUFFIXES):  # a backend by name: its custom ops / the traced formulation
             env["SN_KERNELS_BACKEND"] = variant.rsplit("_", 1)[1]
         out = subprocess.run([sys.executable, __file__, "--child", variant, "--batch", str(batch)],
                              env=env, capture_output=True, text=True, check=True)
