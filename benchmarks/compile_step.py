@@ -22,7 +22,7 @@ torch.nn.utils.spectral_norm), sn_param / sn_hook (sn_kernels' drop-ins, backend
 sn_param_group / sn_hook_group (the same with sn_kernels.group(model): one grouped op per step) and
 sn_param_native / sn_param_torch (the parametrization with backend "native": both its custom ops under
 compile; "torch": the traced formulation, power iteration included, on any device; "auto" on the CPU
-traces W / sigma but calls the native power-iteration op).
+calls the native power-iteration op and the W / sigma op that writes channels-last for a convolution).
 
     python benchmarks/compile_step.py --rounds 40
     python benchmarks/compile_step.py --measure compile --runs 4

@@ -8,6 +8,8 @@
 // from a block cache (cpu_block_cache.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/enum_tag.h>
+#include <c10/core/MemoryFormat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty_strided.h>
@@ -347,49 +349,178 @@ at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const a
   return out;
 }
 
+void check_grad_args(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& sigma) {
+  TORCH_CHECK(grad.sizes() == weight.sizes(), "sn_kernels: grad must have the weight's shape");
+  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), "sn_kernels: grad must have the weight's dtype");
+  TORCH_CHECK(sigma.numel() == 1 && sigma.scalar_type() == accumulation_type(weight.scalar_type()),
+              "sn_kernels: sigma must be one element in the accumulation dtype");
+}
+
+// <g, w> over `numel` elements stored in the same order: fixed blocks, partials summed in order
+template <typename scalar_t, typename acc_t>
+acc_t blocked_dot(const scalar_t* g, const scalar_t* w, int64_t numel) {
+  const int64_t blocks = (numel + DOT_BLOCK - 1) / DOT_BLOCK;
+  std::vector<acc_t> part(blocks);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, GRAIN / DOT_BLOCK), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t k0 = b * DOT_BLOCK;
+      part[b] = dot2<scalar_t, acc_t>(g + k0, w + k0, std::min(DOT_BLOCK, numel - k0));
+    }
+  });
+  acc_t c = 0;
+  for (int64_t b = 0; b < blocks; ++b) c += part[b];
+  return c;
+}
+
+// y = (G - c u v^T) / sigma for contiguous G and y, row by row of the (outer * m, inner) layout
+template <typename scalar_t, typename acc_t>
+void grad_rows(scalar_t* y, const scalar_t* g, const acc_t* ua, const acc_t* va, acc_t c, acc_t sig,
+               const MatrixView& mv) {
+  const int64_t m = mv.m, inner = mv.inner;
+  at::parallel_for(0, mv.outer * m, std::max<int64_t>(1, GRAIN / inner), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r / m, i = r % m;
+      grad_row(y + r * inner, g + r * inner, va + o * inner, c, ua[i], sig, inner);
+    }
+  });
+}
+
 at::Tensor backward_cpu(const at::Tensor& grad_, const at::Tensor& weight_, const at::Tensor& u_,
                         const at::Tensor& v_, const at::Tensor& sigma, int64_t dim) {
   const MatrixView mv = matrix_view(weight_, dim);
   check_args(weight_, u_, v_, mv);
-  TORCH_CHECK(grad_.sizes() == weight_.sizes(), "sn_kernels: grad must have the weight's shape");
-  TORCH_CHECK(grad_.scalar_type() == weight_.scalar_type(), "sn_kernels: grad must have the weight's dtype");
-  TORCH_CHECK(sigma.numel() == 1 && sigma.scalar_type() == accumulation_type(weight_.scalar_type()),
-              "sn_kernels: sigma must be one element in the accumulation dtype");
+  check_grad_args(grad_, weight_, sigma);
   const at::Tensor weight = weight_.contiguous(), grad = grad_.contiguous();
   at::Tensor out = cached_empty_cpu(weight.sizes(), weight.strides(), weight.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
-    const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    const int64_t numel = weight.numel(), m = mv.m, inner = mv.inner, n = mv.n();
-    // c = <G, W> / sigma: fixed blocks, partials summed in order
-    const int64_t blocks = (numel + DOT_BLOCK - 1) / DOT_BLOCK;
-    std::vector<acc_t> part(blocks);
-    at::parallel_for(0, blocks, std::max<int64_t>(1, GRAIN / DOT_BLOCK), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t k0 = b * DOT_BLOCK;
-        part[b] = dot2<scalar_t, acc_t>(g + k0, w + k0, std::min(DOT_BLOCK, numel - k0));
-      }
-    });
-    acc_t c = 0;
-    for (int64_t b = 0; b < blocks; ++b) c += part[b];
-    c = c / sig;
-    std::vector<acc_t> ua(m), va(n);
+    const acc_t c = blocked_dot<scalar_t, acc_t>(g, weight.const_data_ptr<scalar_t>(), weight.numel()) / sig;
+    std::vector<acc_t> ua(mv.m), va(mv.n());
     to_acc_vec<scalar_t, acc_t>(u_.contiguous(), ua.data());
     to_acc_vec<scalar_t, acc_t>(v_.contiguous(), va.data());
+    grad_rows(out.mutable_data_ptr<scalar_t>(), g, ua.data(), va.data(), c, sig, mv);
+  });
+  return out;
+}
+
+// ---- W / sigma laid out for a compiled graph (backends/native.py, "native_normalize_layout") ----
+//
+// On the CPU inductor lays every convolution's weight out channels-last.  A W / sigma written
+// contiguous would cost a copy to channels-last forward and one of its gradient back, each a
+// kernel inductor generates and compiles per weight shape (benchmarks/NOTES.md, C4).  These ops
+// write W / sigma in the layout asked for, and read the gradient in whichever of the two layouts
+// it comes (the convolution's backward gives it channels-last), writing grad_W in the weight's.
+
+bool is_channels_last_4d(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// contiguous or channels-last (4-d) strides of `sizes`
+std::vector<int64_t> layout_strides(at::IntArrayRef sizes, bool channels_last) {
+  TORCH_CHECK(!channels_last || sizes.size() == 4, "sn_kernels: channels_last needs a 4-d weight, got a ",
+              sizes.size(), "-d one");
+  if (channels_last) return c10::get_channels_last_strides_2d(sizes);
+  std::vector<int64_t> st(sizes.size(), 1);
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) st[d] = st[d + 1] * std::max<int64_t>(1, sizes[d + 1]);
+  return st;
+}
+
+// y[o][b * A + a] = w[o][a * B + b] / sigma for o < O: each (A, B) block of a 4-d weight stored
+// contiguous (A = channels, B = kernel positions) or channels-last (the other way round) written in
+// the other order; the same division as `divide`, so the values are native_normalize's bit for bit
+template <typename scalar_t, typename acc_t>
+void divide_transposed(scalar_t* y, const scalar_t* w, acc_t sig, int64_t O, int64_t A, int64_t B) {
+  at::parallel_for(0, O, std::max<int64_t>(1, GRAIN / (A * B)), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const scalar_t* wo = w + o * A * B;
+      scalar_t* yo = y + o * A * B;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t a = 0; a < A; ++a) yo[b * A + a] = static_cast<scalar_t>(static_cast<acc_t>(wo[a * B + b]) / sig);
+    }
+  });
+}
+
+at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, const at::Tensor& v,
+                                const at::Tensor& sigma, int64_t dim, bool channels_last) {
+  check_args(weight_, u, v, matrix_view(weight_, dim));
+  TORCH_CHECK(sigma.numel() == 1 && sigma.scalar_type() == accumulation_type(weight_.scalar_type()),
+              "sn_kernels: sigma must be one element in the accumulation dtype");
+  at::Tensor out = cached_empty_cpu(weight_.sizes(), layout_strides(weight_.sizes(), channels_last),
+                                    weight_.scalar_type());
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  // a weight stored in out's order divides element by element; a 4-d one in the other order transposes
+  const bool same_order = weight_.is_contiguous(format);
+  const bool other_4d = !same_order && (channels_last || is_channels_last_4d(weight_));
+  const at::Tensor weight = same_order || (other_4d && !channels_last) ? weight_ : weight_.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_normalize_layout_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    // grad_W = (G - c u v^T) / sigma, row by row of the (outer * m, inner) layout
-    at::parallel_for(0, mv.outer * m, std::max<int64_t>(1, GRAIN / inner), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r / m, i = r % m;
-        const acc_t ui = ua[i];
-        const acc_t* vr = va.data() + o * inner;
-        grad_row(y + r * inner, g + r * inner, vr, c, ui, sig, inner);
+    if (!other_4d) {
+      at::parallel_for(0, weight.numel(), GRAIN, [&](int64_t k0, int64_t k1) { divide(y + k0, w + k0, sig, k1 - k0); });
+      return;
+    }
+    const int64_t O = weight.size(0), C = weight.size(1), S = weight.size(2) * weight.size(3);
+    if (channels_last) divide_transposed(y, w, sig, O, C, S);  // (C, S) blocks to (S, C)
+    else divide_transposed(y, w, sig, O, S, C);
+  });
+  return out;
+}
+
+// grad_W = (G - <G, W_sn> u v^T) / sigma from the saved output W_sn = W / sigma, written contiguous or
+// channels-last (the weight's layout).  G and W_sn stored in one order (any dense layout): <G, W_sn> is
+// summed in that order, so the bits do not depend on the output layout.  A channels-last G written
+// contiguous (the compiled convolution's case) is read block-transposed for dim 0 or 1; any other
+// combination writes from a contiguous copy of G.
+at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_, const at::Tensor& weight_sn_, const at::Tensor& u_,
+                                         const at::Tensor& v_, const at::Tensor& sigma, int64_t dim,
+                                         bool channels_last) {
+  const MatrixView mv = matrix_view(weight_sn_, dim);
+  check_args(weight_sn_, u_, v_, mv);
+  check_grad_args(grad_, weight_sn_, sigma);
+  const int64_t d = dim < 0 ? dim + weight_sn_.dim() : dim;
+  const auto contiguous = layout_strides(weight_sn_.sizes(), false);
+  if (channels_last) layout_strides(weight_sn_.sizes(), true);  // refuses a weight that is not 4-d
+  const bool one_order = grad_.strides() == weight_sn_.strides() && grad_.is_non_overlapping_and_dense();
+  const at::Tensor grad = one_order ? grad_ : grad_.contiguous();
+  const at::Tensor weight_sn = one_order ? weight_sn_ : weight_sn_.contiguous();
+  const bool transposed = !grad.is_contiguous() && d <= 1 && is_channels_last_4d(grad);
+  const at::Tensor g_rows = grad.is_contiguous() || transposed ? grad : grad.contiguous();
+  at::Tensor out = cached_empty_cpu(weight_sn.sizes(), contiguous, weight_sn.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_sn.scalar_type(), "sn_layout_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
+    const acc_t c = blocked_dot<scalar_t, acc_t>(grad.const_data_ptr<scalar_t>(), weight_sn.const_data_ptr<scalar_t>(),
+                                                 weight_sn.numel());
+    std::vector<acc_t> ua(mv.m), va(mv.n());
+    to_acc_vec<scalar_t, acc_t>(u_.contiguous(), ua.data());
+    to_acc_vec<scalar_t, acc_t>(v_.contiguous(), va.data());
+    const scalar_t* g = g_rows.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    if (!transposed) {
+      grad_rows(y, g, ua.data(), va.data(), c, sig, mv);
+      return;
+    }
+    // y[o][b][s] from g[o][s][b]: u by the `dim` index, v by the rest flattened in order (grad_row's arithmetic)
+    const int64_t O = grad.size(0), B = grad.size(1), S = grad.size(2) * grad.size(3);
+    at::parallel_for(0, O, std::max<int64_t>(1, GRAIN / (B * S)), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) {
+        const scalar_t* go = g + o * B * S;
+        scalar_t* yo = y + o * B * S;
+        for (int64_t b = 0; b < B; ++b) {
+          const acc_t ub = d == 0 ? ua[o] : ua[b];
+          const acc_t* vb = va.data() + (d == 0 ? b * S : o * S);
+          for (int64_t s = 0; s < S; ++s)
+            yo[b * S + s] = static_cast<scalar_t>((static_cast<acc_t>(go[s * B + b]) - c * (ub * vb[s])) / sig);
+        }
       }
     });
   });
-  return out;
+  // a channels-last weight's gradient: laid out after the fact (rare: the parameter itself is channels-last)
+  return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
 }
 
 }  // namespace
@@ -399,6 +530,12 @@ TORCH_LIBRARY(sn_kernels, m) {
         "int dim, str order, bool training) -> (Tensor, Tensor, Tensor)");
   m.def("native_normalize(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
   m.def("native_backward(Tensor grad, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
+  // W / sigma written contiguous or channels-last, and its gradient from W / sigma itself: the compiled
+  // CPU route (functional._compiled_ops); the backward takes the gradient in whatever layout it comes
+  m.def("native_normalize_layout(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim, bool channels_last) "
+        "-> Tensor");
+  m.def("native_normalize_layout_backward(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, "
+        "int dim, bool channels_last) -> Tensor", {at::Tag::flexible_layout});
   // native_normalize with its gradient in C++ (sn_kernels_autograd.cpp): the eager-mode entry point
   m.def("native_normalize_eager(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
   m.def("native_spectral_normalize_eager(Tensor weight, Tensor(a!) u, Tensor(b!) v, int n_power_iterations, "
@@ -412,6 +549,8 @@ TORCH_LIBRARY_IMPL(sn_kernels, CPU, m) {
   m.impl("native_power_iteration", &power_iteration_cpu);
   m.impl("native_normalize", &normalize_cpu);
   m.impl("native_backward", &backward_cpu);
+  m.impl("native_normalize_layout", &normalize_layout_cpu);
+  m.impl("native_normalize_layout_backward", &normalize_layout_backward_cpu);
 }
 
 }  // namespace sn_kernels

@@ -4,9 +4,10 @@ Two routes (docs/design.md): in eager mode ``dispatch.resolve`` picks the backen
 call and its ``eager`` entry runs the forward (the backend contract: backends/contract.py);
 under ``torch.compile`` the backend's two custom ops are traced, or, for the torch backend,
 the torch formulation itself (backends/traced.py), which inductor fuses with its
-neighbours.  "auto" on ``TRACED_DEVICE_TYPES`` mixes the two: the native power-iteration op
-(inductor would generate code for two reductions over each weight) and the traced W / sigma
-(which fuses with the layout copy inductor makes of every convolution's weight anyway).
+neighbours.  "auto" on ``TRACED_DEVICE_TYPES`` compiles to native ops that leave inductor
+nothing to generate: the power-iteration op, and W / sigma written in the layout inductor
+gives a convolution's weight (channels-last on the CPU), with a gradient op that reads the
+convolution's channels-last gradient (``native.normalize_laid_out``; benchmarks/NOTES.md, C4).
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .backends import pytorch, traced
+from .backends import native, pytorch, traced
 from .backends.contract import composed_eager
 from .checks import check_call, check_variant
 
-# device types where "auto" traces W / sigma as torch ops under torch.compile (benchmarks/NOTES.md, C1 and C3)
+# device types where "auto" compiles to the layout-aware native ops, or without them to the traced
+# torch formulation (benchmarks/NOTES.md, C1, C3 and C4)
 TRACED_DEVICE_TYPES = ("cpu",)
 
 
@@ -100,16 +102,22 @@ def _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff
 def _compiled_backend(choice: str, device_type: str) -> str:
     """The route a compiled call takes: "traced" (the torch backend's formulation, inlined for
     inductor to fuse) for "torch", and for "auto" on ``TRACED_DEVICE_TYPES`` when the native
-    backend is unavailable there; "native+traced" (the native power-iteration op, then W / sigma
-    and its backward traced) for "auto" on ``TRACED_DEVICE_TYPES`` otherwise; elsewhere the name
-    of the backend whose two custom ops "auto" or ``choice`` resolves to.  Runs once per trace,
-    outside it (dynamo cannot trace the imports and checks of a first resolution)."""
+    backend is unavailable there; "native+layout" (the native power-iteration op, then W / sigma
+    written in the layout inductor wants, with its gradient, as native ops) for "auto" on
+    ``TRACED_DEVICE_TYPES`` otherwise; elsewhere the name of the backend whose two custom ops
+    "auto" or ``choice`` resolves to.  Runs once per trace, outside it (dynamo cannot trace the
+    imports and checks of a first resolution)."""
     if choice == "torch":
         return "traced"
     name = dispatch.resolve(torch.device(device_type), choice).name
     if choice == "auto" and device_type in TRACED_DEVICE_TYPES:
-        return "native+traced" if name == "native" else "traced"
+        return "native+layout" if name == "native" and _has_layout_op() else "traced"
     return name
+
+
+def _has_layout_op() -> bool:
+    """Whether the loaded native extension has ``native_normalize_layout`` (an older build may not)."""
+    return hasattr(torch.ops.sn_kernels, "native_normalize_layout")
 
 
 def _compiled_ops(device: torch.device, backend: str | None) -> tuple[Callable, Callable]:
@@ -117,7 +125,7 @@ def _compiled_ops(device: torch.device, backend: str | None) -> tuple[Callable, 
     name = _compiled_backend(dispatch.get_backend() if backend is None else backend.lower(), device.type)
     if name == "traced":
         return traced.power_iteration, traced.normalize
-    if name == "native+traced":
-        return dispatch.loaded_backend("native").power_iteration, traced.normalize
+    if name == "native+layout":
+        return dispatch.loaded_backend("native").power_iteration, native.normalize_laid_out
     chosen = dispatch.loaded_backend(name)
     return chosen.power_iteration, chosen.normalize

@@ -2,6 +2,7 @@
 compiled runs of both APIs matching eager ones (outputs, u, v, gradients; train and eval) without
 graph breaks or recompiles."""
 import copy
+import re
 
 import pytest
 import torch
@@ -47,14 +48,15 @@ NATIVE_ON_CPU = "native" in sn_kernels.available_backends("cpu")
 
 
 @pytest.mark.parametrize("backend, expected", [
-    ("auto", {"sn_kernels.native_power_iteration"} if NATIVE_ON_CPU else set()),
+    ("auto", {"sn_kernels.native_power_iteration", "sn_kernels.native_normalize_layout"} if NATIVE_ON_CPU
+     else set()),
     ("torch", set()),
     ("native", {"sn_kernels.native_power_iteration", "sn_kernels.native_normalize"})])
 def test_compile_route(backend, expected):
-    """On the CPU "auto" compiles to the native power-iteration op and a traced W / sigma, which
-    inductor fuses with the weight's layout copy (the torch formulation alone without the native
-    extension); "torch" compiles to torch ops only; an explicit "native" keeps both its custom ops.
-    The first resolution of the backend can happen inside the trace."""
+    """On the CPU "auto" compiles to the native power-iteration op and the W / sigma op that
+    writes the layout inductor wants (the torch formulation alone without the native extension);
+    "torch" compiles to torch ops only; an explicit "native" keeps both its contract ops.  The
+    first resolution of the backend can happen inside the trace."""
     if backend not in sn_kernels.available_backends("cpu") + ["auto"]:
         pytest.skip(f"{backend} unavailable")
     w, u, v = sample_inputs("cpu", torch.float32, (6, 4, 3, 3), 0)
@@ -100,6 +102,44 @@ def test_compiled_auto_iterates_as_eager_bit_for_bit():
         if not k.startswith("4."):  # (the 1-output linear layer's u, v are fixed points from the start)
             assert not torch.equal(a[k], start[k]), k  # the steps did iterate
         assert torch.equal(a[k], b[k]), k
+
+
+def _inductor_kernels(model, x) -> list[str]:
+    """The C++ kernels inductor generates for a compiled forward and backward of ``model``."""
+    from torch._inductor.utils import run_and_get_code
+
+    def step():
+        torch.compile(model, fullgraph=True)(x).sum().backward()
+
+    _, code = run_and_get_code(step)
+    return [name for c in code for name in re.findall(r"^(\w+) = async_compile\.cpp", c, re.M)]
+
+
+@pytest.mark.skipif(not NATIVE_ON_CPU, reason="the native extension is not built")
+def test_compiled_auto_leaves_inductor_no_spectral_norm_code():
+    """Under inductor on the CPU "auto" generates no kernel for spectral norm: W / sigma comes
+    channels-last, as inductor lays out a convolution's weight, and its gradient op reads the
+    convolution's channels-last gradient, so neither needs a layout copy (compile time goes by the
+    kernel count, benchmarks/NOTES.md C4): as many kernels as the model without spectral norm
+    (one is named for a clone where the plain model's is named for a view); with
+    ``backend="torch"`` (traced) there are more."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.LeakyReLU(0.1), nn.Conv2d(16, 16, 3), nn.LeakyReLU(0.1),
+                             nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 1))
+
+    def with_sn():
+        m = model()
+        sn_kernels.apply_spectral_norm(m, api="parametrization")
+        return m
+
+    x = torch.randn(2, 3, 8, 8)
+    plain = _inductor_kernels(model(), x)
+    torch._dynamo.reset()
+    assert len(_inductor_kernels(with_sn(), x)) == len(plain)
+    torch._dynamo.reset()
+    sn_kernels.set_backend("torch")
+    assert len(_inductor_kernels(with_sn(), x)) > len(plain)
 
 
 def test_pinned_copy_is_not_recomputable():

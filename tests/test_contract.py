@@ -297,6 +297,12 @@ def _sample_args(op_name, w, u, v, dim, order, training):
         return [(w, uu, vv, sigma, dim), (wg, uu, vv, sigma, dim)]
     if kind == "backward":
         return [(G, w, uu, vv, sigma, dim)]
+    if kind == "normalize_layout":  # native: W / sigma written contiguous or channels-last
+        return [(x, uu, vv, sigma, dim, cl) for x in (w, wg) for cl in ([False, True] if w.dim() == 4 else [False])]
+    if kind == "normalize_layout_backward":  # the gradient in either layout (a compiled convolution's is channels-last)
+        laid = [(G, w)] + ([(G.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last))]
+                           if w.dim() == 4 else [])
+        return [(g, x, uu, vv, sigma, dim, cl) for g, x in laid for cl in ([False, True] if w.dim() == 4 else [False])]
     if kind == "group_forward":
         return [([w, w2], [u.clone(), u2.clone()], [v.clone(), v2.clone()], [dim, 0], 2, EPS, order, training)]
     if kind == "group_backward":
@@ -322,15 +328,15 @@ def test_opcheck_every_op(backend, backend_device, dtype, shape, dim, order, tra
 
 
 def test_native_registers_the_grouped_ops():
-    """The native backend lists the grouped ops (so test_opcheck_every_op checks them) when its
-    extension has them (sn_kernels.grouped)."""
+    """The native backend lists its layout ops and, when its extension has them (sn_kernels.grouped),
+    the grouped ops, so test_opcheck_every_op checks them."""
     if "native" not in sn_kernels.available_backends("cpu"):
         pytest.skip("native extension not available")
     from sn_kernels import dispatch, grouped
 
     names = {_op_name(op) for op in dispatch.resolve(torch.device("cpu"), "native").ops}
     assert {"native_power_iteration", "native_normalize", "native_backward", "native_normalize_eager",
-            "native_spectral_normalize_eager"} <= names
+            "native_spectral_normalize_eager", "native_normalize_layout", "native_normalize_layout_backward"} <= names
     assert ({"native_group_forward", "native_group_backward"} <= names) == grouped._has_group_ops()
 
 

@@ -408,3 +408,97 @@ def test_cpu_output_cache_after_fork():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "child 0" in r.stdout, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ the layout ops of the compiled CPU route
+
+# 4-d weights with dim 0 and 1 (the block-transposed gradient path), dim 2 (through contiguous copies),
+# kernel positions and channels of 1 (both layouts at once), and weights that are not 4-d
+LAYOUT_SHAPES = [((6, 5, 3, 3), 0), ((5, 6, 3, 2), 1), ((6, 5, 3, 3), 2), ((7, 4, 1, 1), 0), ((7, 1, 3, 3), 0),
+                 ((13, 29), 0), ((13, 29), 1), ((4, 3, 5), 1)]
+
+
+def _layouts(t):
+    """``t`` contiguous and, when 4-d, channels-last."""
+    return [t] + ([t.to(memory_format=torch.channels_last)] if t.dim() == 4 else [])
+
+
+def _layout_format(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", LAYOUT_SHAPES, ids=str)
+def test_normalize_layout_is_native_normalize_in_the_asked_layout(dtype, shape, dim):
+    """``native_normalize_layout``: native_normalize's values bit for bit, from a contiguous or
+    channels-last weight, written channels-last or contiguous as asked."""
+    w, u, v = _inputs(shape, dim, dtype)
+    sigma = torch.tensor(2.75, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = _ops().native_normalize(w, u, v, sigma, dim)
+    for weight in _layouts(w):
+        for channels_last in ([False, True] if w.dim() == 4 else [False]):
+            out = _ops().native_normalize_layout(weight, u, v, sigma, dim, channels_last)
+            assert out.is_contiguous(memory_format=_layout_format(channels_last))
+            assert torch.equal(out, expected), (weight.stride(), channels_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", LAYOUT_SHAPES, ids=str)
+def test_normalize_layout_backward_matches_oracle(dtype, shape, dim):
+    """``native_normalize_layout_backward``: (G - <G, W_sn> u v^T) / sigma against float64, for the
+    gradient and W / sigma contiguous or channels-last and the output in either layout; inputs
+    stored in one order give the same bits whatever the output layout."""
+    w, u, v = _inputs(shape, dim, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sigma = torch.tensor(2.75, dtype=acc)
+    w_sn = _ops().native_normalize(w, u, v, sigma, dim)
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    # the reference: W_sn = W / sigma, so <G, W_sn> u v^T = (<G, W>/sigma) (sigma u) v^T, native_backward's formula
+    _, _, u64, v64 = u.double(), None, u.double(), v.double()
+    uvT = torch.outer(u64, v64).reshape([shape[dim]] + [s for d, s in enumerate(shape) if d != dim]).movedim(0, dim)
+    expected = (G.double() - (G.double() * w_sn.double()).sum() * uvT) / 2.75
+    for g, ws in zip(_layouts(G), _layouts(w_sn)):
+        outs = []
+        for channels_last in ([False, True] if w.dim() == 4 else [False]):
+            out = _ops().native_normalize_layout_backward(g, ws, u, v, sigma, dim, channels_last)
+            assert out.is_contiguous(memory_format=_layout_format(channels_last))
+            assert_close(out, expected, scale=4, msg=f"grad {g.stride()}, out channels_last={channels_last}")
+            outs.append(out)
+        assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_layout_ops_refuse_bad_arguments():
+    """Clear errors: channels-last for a weight that is not 4-d, a gradient of another shape or dtype."""
+    w, u, v = _inputs((13, 29), 0, torch.float32)
+    sigma = torch.tensor(2.0)
+    with pytest.raises(RuntimeError, match="channels_last needs a 4-d weight"):
+        _ops().native_normalize_layout(w, u, v, sigma, 0, True)
+    with pytest.raises(RuntimeError, match="channels_last needs a 4-d weight"):
+        _ops().native_normalize_layout_backward(w, w, u, v, sigma, 0, True)
+    with pytest.raises(RuntimeError, match="grad must have the weight's shape"):
+        _ops().native_normalize_layout_backward(w[:, :5], w, u, v, sigma, 0, False)
+    with pytest.raises(RuntimeError, match="grad must have the weight's dtype"):
+        _ops().native_normalize_layout_backward(w.double(), w, u, v, sigma, 0, False)
+    with pytest.raises(RuntimeError, match="u must have shape"):
+        _ops().native_normalize_layout(w, v, u, sigma, 0, False)
+
+
+def test_layout_op_autograd_gives_the_gradient_in_the_weight_layout():
+    """The op's autograd formula (what a compiled graph records): the gradient of native_normalize's
+    C++ formula, laid out as the weight (a channels-last parameter gets a channels-last gradient);
+    building the graph of the gradient (for a double backward) is refused."""
+    w0, u, v = _inputs((6, 5, 3, 3), 0, torch.float64)
+    sigma = torch.tensor(1.7, dtype=torch.float64)
+    G = torch.randn_like(w0)
+    expected = _ops().native_backward(G, w0, u, v, sigma, 0)
+    for w in _layouts(w0):
+        for channels_last in (False, True):
+            weight = w.clone().requires_grad_()
+            out = _ops().native_normalize_layout(weight, u, v, sigma, 0, channels_last)
+            out.backward(G)
+            assert weight.grad.stride() == w.stride()
+            assert_close(weight.grad, expected)
+    weight = w0.clone().requires_grad_()
+    out = _ops().native_normalize_layout(weight, u, v, sigma, 0, False)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, weight, G, create_graph=True)

@@ -125,6 +125,14 @@ def _op(op):
     return op
 
 
+def refuse_double_backward() -> None:
+    """Raise when a custom op's backward is being differentiated (create_graph=True): the ops'
+    formulas are not differentiable, and the differentiable one needs W itself."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("sn_kernels: double backward through the custom ops (the torch.compile route) "
+                           "is not supported; eager calls support it")
+
+
 def register_ops(power_iteration, normalize, backward: Callable) -> tuple[Callable, Callable]:
     """Give a backend's two ops (custom ops, or qualified names of C++ ones) the shared fake
     implementations and the analytic autograd formula computed by ``backward``; return the ops."""
@@ -141,9 +149,7 @@ def register_ops(power_iteration, normalize, backward: Callable) -> tuple[Callab
     def backward_fn(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        if torch.is_grad_enabled():  # the differentiable formula needs W itself
-            raise RuntimeError("sn_kernels: double backward through the custom ops (the torch.compile route) "
-                               "is not supported; eager calls support it")
+        refuse_double_backward()
         weight_sn, u, v, sigma = ctx.saved_tensors
         # (G - <G, W_sn> u v^T) / sigma is backward's (G - <G, W>/sigma u v^T) / sigma with
         # W_sn for W and sigma u for u

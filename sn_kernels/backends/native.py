@@ -14,7 +14,7 @@ import os
 import sys
 import torch
 
-from .contract import Backend, composed_eager, fake_like_weight, fake_sigma, register_ops
+from .contract import Backend, composed_eager, fake_like_weight, fake_sigma, refuse_double_backward, register_ops
 
 NOT_BUILT = "extension not built (pip install -e . builds it; or set_backend('native') to build it just in time)"
 
@@ -105,6 +105,13 @@ def _finish() -> None:
                 weight.new_empty((), dtype=torch.float64) for _ in range(2)))
         torch.library.register_fake("sn_kernels::native_carry_backward")(
             lambda grad, weight, ref, den, nrm, k1, coeff, soft: torch.empty_like(weight))
+    layout_ops = ()
+    if hasattr(torch.ops.sn_kernels, "native_normalize_layout"):  # the compiled CPU route (functional.py)
+        torch.library.register_fake("sn_kernels::native_normalize_layout")(_fake_laid_out)
+        torch.library.register_fake("sn_kernels::native_normalize_layout_backward")(_fake_laid_out)
+        torch.library.register_autograd("sn_kernels::native_normalize_layout", _layout_backward,
+                                        setup_context=_layout_setup_context)
+        layout_ops = (torch.ops.sn_kernels.native_normalize_layout, torch.ops.sn_kernels.native_normalize_layout_backward)
     group_ops, group_calls = (), {}
     if hasattr(torch.ops.sn_kernels, "native_group_forward"):  # sn_kernels.group's ops (grouped.py)
         torch.library.register_fake("sn_kernels::native_group_forward")(_fake_group_forward)
@@ -121,10 +128,57 @@ def _finish() -> None:
         eager_checks_args=True,
         ops=(power_iteration, normalize, torch.ops.sn_kernels.native_backward,
              torch.ops.sn_kernels.native_normalize_eager, torch.ops.sn_kernels.native_spectral_normalize_eager)
-        + group_ops, **group_calls,
+        + layout_ops + group_ops, **group_calls,
     )
     _state["loaded"] = True
     _state["error"] = None
+
+
+def normalize_laid_out(weight, u, v, sigma, dim):
+    """W / sigma as the compiled CPU route computes it (``functional._compiled_ops``): the
+    ``native_normalize_layout`` op, written channels-last for a 4-d weight when inductor lays
+    convolution weights out that way (its layout optimization, on by default with mkldnn), so
+    that no layout copy of W / sigma or of its gradient is generated around the op
+    (benchmarks/NOTES.md, C4).  Decided while tracing, from the weight's shape and inductor's
+    configuration; the values are ``native_normalize``'s either way."""
+    channels_last = weight.dim() == 4 and weight.device.type == "cpu" and _inductor_channels_last()
+    return torch.ops.sn_kernels.native_normalize_layout(weight, u, v, sigma, dim, channels_last)
+
+
+@torch.compiler.assume_constant_result
+def _inductor_channels_last() -> bool:
+    """Whether inductor lays convolution weights out channels-last on the CPU
+    (``GraphLowering.decide_layout_opt``: with its layout optimization and mkldnn, every one).
+    Decided once per trace, outside it (dynamo cannot trace mkldnn's checks)."""
+    from torch._inductor import config
+
+    mkldnn = torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
+    return config.force_layout_optimization or (config.layout_optimization and mkldnn)
+
+
+def _fake_laid_out(tensor, *args):
+    """The output of both layout ops: ``tensor``'s shape, channels-last or contiguous (the last argument)."""
+    return torch.empty_like(tensor, memory_format=torch.channels_last if args[-1] else torch.contiguous_format)
+
+
+def _layout_setup_context(ctx, inputs, output):
+    weight, u, v, sigma, dim, _ = inputs
+    ctx.dim = dim
+    # grad_W in the weight's own layout (a channels-last parameter's gradient is channels-last)
+    ctx.channels_last = weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(
+        memory_format=torch.channels_last)
+    ctx.save_for_backward(output, u, v, sigma)  # W / sigma, not W: see contract.register_ops
+
+
+def _layout_backward(ctx, grad):
+    """grad_W = (G - <G, W_sn> u v^T) / sigma in one C++ call, from the saved W / sigma."""
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    refuse_double_backward()
+    weight_sn, u, v, sigma = ctx.saved_tensors
+    out = torch.ops.sn_kernels.native_normalize_layout_backward(grad, weight_sn, u, v, sigma, ctx.dim,
+                                                                ctx.channels_last)
+    return (out,) + (None,) * 5
 
 
 def _group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training):

@@ -1,6 +1,6 @@
-"""The torch.compile route of the "torch" backend: plain torch ops that inductor sees through.
-"auto" on the CPU compiles to the native power-iteration op and this module's ``normalize``
-(``functional._compiled_backend``; benchmarks/NOTES.md, C3).
+"""The torch.compile route of the "torch" backend: plain torch ops that inductor sees through
+(also "auto"'s on the CPU when the native extension is missing; with it, "auto" compiles to
+native ops laid out for inductor instead: ``functional._compiled_backend``, benchmarks/NOTES.md C4).
 
 Under ``torch.compile`` an opaque custom op costs more than its kernels: inductor cannot
 fuse it with its neighbours and must hand it the strides it was traced with.  In a
