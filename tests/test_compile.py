@@ -142,6 +142,21 @@ def test_compiled_auto_leaves_inductor_no_spectral_norm_code():
     assert len(_inductor_kernels(with_sn(), x)) > len(plain)
 
 
+@pytest.mark.skipif(not NATIVE_ON_CPU, reason="the native extension is not built")
+@pytest.mark.parametrize("shape,dim", [((6, 4, 3, 3), 0), ((4, 6, 3, 3), 1), ((13, 29), 0)], ids=str)
+def test_compiled_auto_weight_sn_is_eager_bit_for_bit(shape, dim):
+    """Under inductor on the CPU "auto"'s W / sigma (channels-last for a 4-d weight) holds the eager
+    op's values bit for bit, and u, v too."""
+    w, u, v = sample_inputs("cpu", torch.float32, shape, dim)
+    f = torch.compile(lambda w, u, v: sn_kernels.spectral_normalize(w, u, v, dim=dim, order="uv")[0],
+                      fullgraph=True)
+    uc, vc, ue, ve = u.clone(), v.clone(), u.clone(), v.clone()
+    compiled = f(w, uc, vc)
+    eager = sn_kernels.spectral_normalize(w, ue, ve, dim=dim, order="uv")[0]
+    assert compiled.is_contiguous(memory_format=torch.channels_last) == (w.dim() == 4)
+    assert torch.equal(compiled, eager) and torch.equal(uc, ue) and torch.equal(vc, ve)
+
+
 def test_pinned_copy_is_not_recomputable():
     """The copies of u, v the traced power iteration starts from (``traced._pinned_copy``) rely on
     ``amin`` staying off the partitioner's recompute allowlist; a torch release that adds it must
