@@ -405,7 +405,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_, const at::Tensor& weight_, cons
   return out;
 }
 
-// ---- W / sigma laid out for a compiled graph (backends/native.py, "native_normalize_layout") ----
+// ---- W / sigma laid out for a compiled graph (functional._normalize_laid_out; fakes: backends/native.py) ----
 //
 // On the CPU inductor lays every convolution's weight out channels-last.  A W / sigma written
 // contiguous would cost a copy to channels-last forward and one of its gradient back, each a

@@ -7,7 +7,7 @@ the torch formulation itself (backends/traced.py), which inductor fuses with its
 neighbours.  "auto" on ``TRACED_DEVICE_TYPES`` compiles to native ops that leave inductor
 nothing to generate: the power-iteration op, and W / sigma written in the layout inductor
 gives a convolution's weight (channels-last on the CPU), with a gradient op that reads the
-convolution's channels-last gradient (``native.normalize_laid_out``; benchmarks/NOTES.md, C4).
+convolution's channels-last gradient (``_normalize_laid_out``; benchmarks/NOTES.md, C4).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .backends import native, pytorch, traced
+from .backends import pytorch, traced
 from .backends.contract import composed_eager
 from .checks import check_call, check_variant
 
@@ -120,12 +120,34 @@ def _has_layout_op() -> bool:
     return hasattr(torch.ops.sn_kernels, "native_normalize_layout")
 
 
+def _normalize_laid_out(weight, u, v, sigma, dim):
+    """W / sigma as the compiled CPU route computes it: the native ``native_normalize_layout`` op
+    (its fake and autograd formula: backends/native.py), written channels-last for a 4-d weight
+    when inductor lays convolution weights out that way (its layout optimization, on by default
+    with mkldnn), so that no layout copy of W / sigma or of its gradient is generated around the
+    op (benchmarks/NOTES.md, C4).  Decided while tracing, from the weight's shape and inductor's
+    configuration; the values are ``native_normalize``'s either way."""
+    channels_last = weight.dim() == 4 and weight.device.type == "cpu" and _inductor_channels_last()
+    return torch.ops.sn_kernels.native_normalize_layout(weight, u, v, sigma, dim, channels_last)
+
+
+@torch.compiler.assume_constant_result
+def _inductor_channels_last() -> bool:
+    """Whether inductor lays convolution weights out channels-last on the CPU
+    (``GraphLowering.decide_layout_opt``: with its layout optimization and mkldnn, every one).
+    Decided once per trace, outside it (dynamo cannot trace mkldnn's checks)."""
+    from torch._inductor import config
+
+    mkldnn = torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
+    return config.force_layout_optimization or (config.layout_optimization and mkldnn)
+
+
 def _compiled_ops(device: torch.device, backend: str | None) -> tuple[Callable, Callable]:
     """(power_iteration, normalize) that a compiled call traces (see ``_compiled_backend``)."""
     name = _compiled_backend(dispatch.get_backend() if backend is None else backend.lower(), device.type)
     if name == "traced":
         return traced.power_iteration, traced.normalize
     if name == "native+layout":
-        return dispatch.loaded_backend("native").power_iteration, native.normalize_laid_out
+        return dispatch.loaded_backend("native").power_iteration, _normalize_laid_out
     chosen = dispatch.loaded_backend(name)
     return chosen.power_iteration, chosen.normalize

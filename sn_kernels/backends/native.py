@@ -134,28 +134,6 @@ def _finish() -> None:
     _state["error"] = None
 
 
-def normalize_laid_out(weight, u, v, sigma, dim):
-    """W / sigma as the compiled CPU route computes it (``functional._compiled_ops``): the
-    ``native_normalize_layout`` op, written channels-last for a 4-d weight when inductor lays
-    convolution weights out that way (its layout optimization, on by default with mkldnn), so
-    that no layout copy of W / sigma or of its gradient is generated around the op
-    (benchmarks/NOTES.md, C4).  Decided while tracing, from the weight's shape and inductor's
-    configuration; the values are ``native_normalize``'s either way."""
-    channels_last = weight.dim() == 4 and weight.device.type == "cpu" and _inductor_channels_last()
-    return torch.ops.sn_kernels.native_normalize_layout(weight, u, v, sigma, dim, channels_last)
-
-
-@torch.compiler.assume_constant_result
-def _inductor_channels_last() -> bool:
-    """Whether inductor lays convolution weights out channels-last on the CPU
-    (``GraphLowering.decide_layout_opt``: with its layout optimization and mkldnn, every one).
-    Decided once per trace, outside it (dynamo cannot trace mkldnn's checks)."""
-    from torch._inductor import config
-
-    mkldnn = torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
-    return config.force_layout_optimization or (config.layout_optimization and mkldnn)
-
-
 def _fake_laid_out(tensor, *args):
     """The output of both layout ops: ``tensor``'s shape, channels-last or contiguous (the last argument)."""
     return torch.empty_like(tensor, memory_format=torch.channels_last if args[-1] else torch.contiguous_format)
