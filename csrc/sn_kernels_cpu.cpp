@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/enum_tag.h>
 #include <c10/core/MemoryFormat.h>
+#include <c10/util/strides.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty_strided.h>
@@ -331,6 +332,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
   return {sigma, contiguous_copy(u), contiguous_copy(v)};
 }
 
+// y = w / sigma over `numel` elements stored alike, split over the cores
+template <typename scalar_t, typename acc_t>
+void divide_all(scalar_t* y, const scalar_t* w, acc_t sig, int64_t numel) {
+  at::parallel_for(0, numel, GRAIN, [&](int64_t k0, int64_t k1) { divide(y + k0, w + k0, sig, k1 - k0); });
+}
+
 at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma,
                          int64_t dim) {
   TORCH_CHECK(sigma.numel() == 1, "sn_kernels: sigma must have one element");
@@ -344,16 +351,20 @@ at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const a
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, weight.numel(), GRAIN, [&](int64_t k0, int64_t k1) { divide(y + k0, w + k0, sig, k1 - k0); });
+    divide_all(y, w, sig, weight.numel());
   });
   return out;
+}
+
+void check_sigma(const at::Tensor& weight, const at::Tensor& sigma) {
+  TORCH_CHECK(sigma.numel() == 1 && sigma.scalar_type() == accumulation_type(weight.scalar_type()),
+              "sn_kernels: sigma must be one element in the accumulation dtype");
 }
 
 void check_grad_args(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& sigma) {
   TORCH_CHECK(grad.sizes() == weight.sizes(), "sn_kernels: grad must have the weight's shape");
   TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), "sn_kernels: grad must have the weight's dtype");
-  TORCH_CHECK(sigma.numel() == 1 && sigma.scalar_type() == accumulation_type(weight.scalar_type()),
-              "sn_kernels: sigma must be one element in the accumulation dtype");
+  check_sigma(weight, sigma);
 }
 
 // <g, w> over `numel` elements stored in the same order: fixed blocks, partials summed in order
@@ -417,14 +428,9 @@ bool is_channels_last_4d(const at::Tensor& t) {
   return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// contiguous or channels-last (4-d) strides of `sizes`
-std::vector<int64_t> layout_strides(at::IntArrayRef sizes, bool channels_last) {
-  TORCH_CHECK(!channels_last || sizes.size() == 4, "sn_kernels: channels_last needs a 4-d weight, got a ",
-              sizes.size(), "-d one");
-  if (channels_last) return c10::get_channels_last_strides_2d(sizes);
-  std::vector<int64_t> st(sizes.size(), 1);
-  for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) st[d] = st[d + 1] * std::max<int64_t>(1, sizes[d + 1]);
-  return st;
+void check_channels_last(const at::Tensor& weight, bool channels_last) {
+  TORCH_CHECK(!channels_last || weight.dim() == 4, "sn_kernels: channels_last needs a 4-d weight, got a ",
+              weight.dim(), "-d one");
 }
 
 // y[o][b * A + a] = w[o][a * B + b] / sigma for o < O: each (A, B) block of a 4-d weight stored
@@ -445,10 +451,14 @@ void divide_transposed(scalar_t* y, const scalar_t* w, acc_t sig, int64_t O, int
 at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, const at::Tensor& v,
                                 const at::Tensor& sigma, int64_t dim, bool channels_last) {
   check_args(weight_, u, v, matrix_view(weight_, dim));
-  TORCH_CHECK(sigma.numel() == 1 && sigma.scalar_type() == accumulation_type(weight_.scalar_type()),
-              "sn_kernels: sigma must be one element in the accumulation dtype");
-  at::Tensor out = cached_empty_cpu(weight_.sizes(), layout_strides(weight_.sizes(), channels_last),
-                                    weight_.scalar_type());
+  check_sigma(weight_, sigma);
+  check_channels_last(weight_, channels_last);
+  c10::DimVector strides = c10::contiguous_strides(weight_.sizes());
+  if (channels_last) {
+    const auto cl = c10::get_channels_last_strides_2d(weight_.sizes());
+    strides.assign(cl.begin(), cl.end());
+  }
+  at::Tensor out = cached_empty_cpu(weight_.sizes(), strides, weight_.scalar_type());
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   // a weight stored in out's order divides element by element; a 4-d one in the other order transposes
   const bool same_order = weight_.is_contiguous(format);
@@ -460,7 +470,7 @@ at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, 
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     if (!other_4d) {
-      at::parallel_for(0, weight.numel(), GRAIN, [&](int64_t k0, int64_t k1) { divide(y + k0, w + k0, sig, k1 - k0); });
+      divide_all(y, w, sig, weight.numel());
       return;
     }
     const int64_t O = weight.size(0), C = weight.size(1), S = weight.size(2) * weight.size(3);
@@ -481,15 +491,15 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_, const at::Tens
   const MatrixView mv = matrix_view(weight_sn_, dim);
   check_args(weight_sn_, u_, v_, mv);
   check_grad_args(grad_, weight_sn_, sigma);
+  check_channels_last(weight_sn_, channels_last);
   const int64_t d = dim < 0 ? dim + weight_sn_.dim() : dim;
-  const auto contiguous = layout_strides(weight_sn_.sizes(), false);
-  if (channels_last) layout_strides(weight_sn_.sizes(), true);  // refuses a weight that is not 4-d
   const bool one_order = grad_.strides() == weight_sn_.strides() && grad_.is_non_overlapping_and_dense();
   const at::Tensor grad = one_order ? grad_ : grad_.contiguous();
   const at::Tensor weight_sn = one_order ? weight_sn_ : weight_sn_.contiguous();
   const bool transposed = !grad.is_contiguous() && d <= 1 && is_channels_last_4d(grad);
   const at::Tensor g_rows = grad.is_contiguous() || transposed ? grad : grad.contiguous();
-  at::Tensor out = cached_empty_cpu(weight_sn.sizes(), contiguous, weight_sn.scalar_type());
+  at::Tensor out = cached_empty_cpu(weight_sn.sizes(), c10::contiguous_strides(weight_sn.sizes()),
+                                    weight_sn.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_sn.scalar_type(), "sn_layout_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
