@@ -11,6 +11,7 @@
 #include <ATen/core/enum_tag.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/strides.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty_strided.h>
@@ -480,18 +481,34 @@ at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, 
   return out;
 }
 
+// W / sigma twice, as two outputs with the same bits: the hook API's compiled route, whose module.weight
+// outlives the forward and is therefore an output of the graph (hooks.SpectralNorm.keep).  With one tensor
+// used twice, autograd would add the two gradients in a kernel inductor generates per weight shape; with
+// two, native_normalize_layout_backward sums them (`kept`) inside the call.
+std::tuple<at::Tensor, at::Tensor> normalize_layout_twice_cpu(const at::Tensor& weight, const at::Tensor& u,
+                                                              const at::Tensor& v, const at::Tensor& sigma,
+                                                              int64_t dim, bool channels_last) {
+  at::Tensor out = normalize_layout_cpu(weight, u, v, sigma, dim, channels_last);
+  return {out, out.clone()};
+}
+
 // grad_W = (G - <G, W_sn> u v^T) / sigma from the saved output W_sn = W / sigma, written contiguous or
-// channels-last (the weight's layout).  G and W_sn stored in one order (any dense layout): <G, W_sn> is
-// summed in that order, so the bits do not depend on the output layout.  A channels-last G written
+// channels-last (the weight's layout); G = grad, plus `kept` (the gradient of the second output of
+// native_normalize_layout_twice) when given.  G and W_sn stored in one order (any dense layout): <G, W_sn>
+// is summed in that order, so the bits do not depend on the output layout.  A channels-last G written
 // contiguous (the compiled convolution's case) is read block-transposed for dim 0 or 1; any other
 // combination writes from a contiguous copy of G.
-at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_, const at::Tensor& weight_sn_, const at::Tensor& u_,
+at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Tensor& weight_sn_, const at::Tensor& u_,
                                          const at::Tensor& v_, const at::Tensor& sigma, int64_t dim,
-                                         bool channels_last) {
+                                         bool channels_last, const std::optional<at::Tensor>& kept) {
   const MatrixView mv = matrix_view(weight_sn_, dim);
   check_args(weight_sn_, u_, v_, mv);
-  check_grad_args(grad_, weight_sn_, sigma);
+  check_grad_args(grad_in, weight_sn_, sigma);
   check_channels_last(weight_sn_, channels_last);
+  const bool has_kept = kept.has_value() && kept->defined();
+  if (has_kept) check_grad_args(*kept, weight_sn_, sigma);
+  // the sum autograd forms for a tensor used twice, rounded as it rounds it
+  const at::Tensor grad_ = has_kept ? at::add(grad_in, *kept) : grad_in;
   const int64_t d = dim < 0 ? dim + weight_sn_.dim() : dim;
   const bool one_order = grad_.strides() == weight_sn_.strides() && grad_.is_non_overlapping_and_dense();
   const at::Tensor grad = one_order ? grad_ : grad_.contiguous();
@@ -545,7 +562,10 @@ TORCH_LIBRARY(sn_kernels, m) {
   m.def("native_normalize_layout(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim, bool channels_last) "
         "-> Tensor");
   m.def("native_normalize_layout_backward(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, "
-        "int dim, bool channels_last) -> Tensor", {at::Tag::flexible_layout});
+        "int dim, bool channels_last, Tensor? kept=None) -> Tensor", {at::Tag::flexible_layout});
+  // the same W / sigma twice, for a front end whose module attribute outlives the forward (the hook API)
+  m.def("native_normalize_layout_twice(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim, "
+        "bool channels_last) -> (Tensor, Tensor)");
   // native_normalize with its gradient in C++ (sn_kernels_autograd.cpp): the eager-mode entry point
   m.def("native_normalize_eager(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
   m.def("native_spectral_normalize_eager(Tensor weight, Tensor(a!) u, Tensor(b!) v, int n_power_iterations, "
@@ -561,6 +581,7 @@ TORCH_LIBRARY_IMPL(sn_kernels, CPU, m) {
   m.impl("native_backward", &backward_cpu);
   m.impl("native_normalize_layout", &normalize_layout_cpu);
   m.impl("native_normalize_layout_backward", &normalize_layout_backward_cpu);
+  m.impl("native_normalize_layout_twice", &normalize_layout_twice_cpu);
 }
 
 }  // namespace sn_kernels

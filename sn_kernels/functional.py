@@ -60,17 +60,39 @@ def spectral_normalize(
     SNGP, DUE); ``gain`` (a one-element tensor gamma, usually a Parameter) returns
     gamma W / sigma.
     """
+    weight_sn, _, sigma = normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,
+                                         gain, backend, twice=False)
+    return weight_sn, sigma
+
+
+def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain, backend, *,
+                   twice: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``spectral_normalize`` (the same arguments, all given) returning ``(weight_sn, kept, sigma)``, for
+    a front end that hands W / sigma to the module's forward and, with ``twice=True``, keeps it as a
+    module attribute after the forward (the hook API's ``module.weight``).  ``kept`` is ``weight_sn``
+    itself, except on the compiled CPU route with ``twice``, where the two are equal outputs of one op
+    (``native_normalize_layout_twice``).  A kept attribute is an output of the compiled graph; were it
+    the forward's tensor too, autograd would add its (zero) gradient to the forward's in a kernel that
+    inductor generates per weight shape, where the op's backward adds it in its own call
+    (benchmarks/NOTES.md, C5)."""
     if coeff is not None or soft or gain is not None:
         check_variant(weight, coeff, soft, gain)
     if isinstance(weight, Tensor) and weight.is_complex():
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
         dispatch.check_complex(backend)
-        return pytorch.complex_spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order, training)
-    route = _compiled if torch.compiler.is_compiling() else _eager
-    weight_sn, sigma = route(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend)
+        weight_sn, sigma = pytorch.complex_spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order,
+                                                              training)
+        return weight_sn, weight_sn, sigma
+    if torch.compiler.is_compiling():
+        weight_sn, kept, sigma = _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,
+                                           backend, twice)
+    else:
+        weight_sn, sigma = _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend)
+        kept = weight_sn
     if gain is not None:
-        weight_sn = weight_sn * gain.reshape(()).to(weight_sn.dtype)
-    return weight_sn, sigma
+        g = gain.reshape(()).to(weight_sn.dtype)
+        weight_sn, kept = (weight_sn * g, kept * g) if kept is not weight_sn else (weight_sn * g,) * 2
+    return weight_sn, kept, sigma
 
 
 def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend):
@@ -91,11 +113,18 @@ def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, s
         raise
 
 
-def _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend):
-    """The compiled route: the power iteration and W / sigma ops of ``_compiled_ops``, traced."""
+def _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend, twice):
+    """The compiled route: the power iteration and W / sigma ops of ``_compiled_ops``, traced;
+    returns ``(weight_sn, kept, sigma)``, ``kept`` a second output of the W / sigma op when ``twice``
+    and the route has one (``_normalize_laid_out_twice``), ``weight_sn`` itself otherwise."""
     dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
-    run = composed_eager(*_compiled_ops(weight.device, backend))
-    return run(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+    power_iteration, normalize = _compiled_ops(weight.device, backend)
+    if twice and normalize is _normalize_laid_out and _has_twice_op():
+        normalize = _normalize_laid_out_twice
+    out, sigma = composed_eager(power_iteration, normalize)(weight, u, v, n_power_iterations, eps, dim, order,
+                                                            training, coeff, soft)
+    weight_sn, kept = out if isinstance(out, tuple) else (out, out)
+    return weight_sn, kept, sigma
 
 
 @torch.compiler.assume_constant_result
@@ -120,6 +149,11 @@ def _has_layout_op() -> bool:
     return hasattr(torch.ops.sn_kernels, "native_normalize_layout")
 
 
+def _has_twice_op() -> bool:
+    """Whether the loaded native extension has ``native_normalize_layout_twice`` (an older build may not)."""
+    return hasattr(torch.ops.sn_kernels, "native_normalize_layout_twice")
+
+
 def _normalize_laid_out(weight, u, v, sigma, dim):
     """W / sigma as the compiled CPU route computes it: the native ``native_normalize_layout`` op
     (its fake and autograd formula: backends/native.py), written channels-last for a 4-d weight
@@ -127,8 +161,18 @@ def _normalize_laid_out(weight, u, v, sigma, dim):
     with mkldnn), so that no layout copy of W / sigma or of its gradient is generated around the
     op (benchmarks/NOTES.md, C4).  Decided while tracing, from the weight's shape and inductor's
     configuration; the values are ``native_normalize``'s either way."""
-    channels_last = weight.dim() == 4 and weight.device.type == "cpu" and _inductor_channels_last()
-    return torch.ops.sn_kernels.native_normalize_layout(weight, u, v, sigma, dim, channels_last)
+    return torch.ops.sn_kernels.native_normalize_layout(weight, u, v, sigma, dim, _channels_last(weight))
+
+
+def _normalize_laid_out_twice(weight, u, v, sigma, dim):
+    """``_normalize_laid_out`` as two equal tensors (``spectral_normalize_twice``)."""
+    return tuple(torch.ops.sn_kernels.native_normalize_layout_twice(weight, u, v, sigma, dim, _channels_last(weight)))
+
+
+def _channels_last(weight) -> bool:
+    """The layout ``_normalize_laid_out`` writes: channels-last for a 4-d CPU weight under inductor's
+    layout optimization."""
+    return weight.dim() == 4 and weight.device.type == "cpu" and _inductor_channels_last()
 
 
 @torch.compiler.assume_constant_result

@@ -20,7 +20,7 @@ from .backends.pytorch import exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
 from .checks import check_bound, check_iterations_eps, check_mode, check_variant, check_weight_args, default_dim
 from .find import find, torch_sn
-from .functional import spectral_normalize
+from .functional import normalize_kept
 from .meta import guard_if_meta
 from .serialize import serializable
 
@@ -39,6 +39,9 @@ class SpectralNorm(torch_sn.SpectralNorm):
     # sn_kernels.group's once-per-step refresh, run first (a separate pre-hook put ahead of this one,
     # prepend=True, makes dynamo build guards on the wrong hook)
     before: Callable[[nn.Module, tuple], None] | None = None
+    # whether ``keep`` is registered as the module's forward hook (hooks pickled before it was have none)
+    keeps: bool = False
+    kept: torch.Tensor | None = None  # W / sigma for ``keep`` to set after the forward
 
     def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
@@ -58,6 +61,11 @@ class SpectralNorm(torch_sn.SpectralNorm):
         return "estimate" if self.certifier is None else self.certifier.bound
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
+        return self._weights(module, do_power_iteration, twice=False)[0]
+
+    def _weights(self, module: nn.Module, do_power_iteration: bool, twice: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W / sigma for the forward, W / sigma to keep as ``module.<name>`` after it): one tensor,
+        or with ``twice`` on the compiled CPU route two equal ones (``functional.normalize_kept``)."""
         weight = getattr(module, self.name + "_orig")
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
@@ -65,14 +73,12 @@ class SpectralNorm(torch_sn.SpectralNorm):
             weight_sn, self.sigma = self.certifier.normalize(
                 weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps, dim=self.dim, order="vu",
                 training=do_power_iteration, coeff=self.coeff, soft=self.soft)
-            return weight_sn
-        weight_sn, sigma = spectral_normalize(
-            weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
-            dim=self.dim, order="vu", training=do_power_iteration, coeff=self.coeff, soft=self.soft,
-            gain=getattr(module, self.name + "_gain") if self.gain else None,
-        )
+            return weight_sn, weight_sn
+        weight_sn, kept, sigma = normalize_kept(
+            weight, u, v, self.n_power_iterations, self.eps, self.dim, "vu", do_power_iteration, self.coeff,
+            self.soft, getattr(module, self.name + "_gain") if self.gain else None, None, twice=twice)
         self.sigma = sigma.detach()
-        return weight_sn
+        return weight_sn, kept
 
     def __call__(self, module: nn.Module, inputs) -> None:
         # a grouped pre-computation (sn_kernels.group) is used once, then it is per call again
@@ -80,15 +86,33 @@ class SpectralNorm(torch_sn.SpectralNorm):
             self.before(module, inputs)
         weight = self.pending
         if weight is None:
-            weight = self.compute_weight(module, do_power_iteration=module.training)
+            weight, kept = self._weights(module, module.training, twice=self.keeps)
+            if kept is not weight:
+                self.kept = kept  # module.<name> after the forward (``keep``)
         else:
             self.pending = None
         if not torch.compiler.is_compiling():
             weight = serializable(weight)
         setattr(module, self.name, weight)
 
+    def keep(self, module: nn.Module, inputs, output) -> None:
+        """The forward hook: ``module.<name>`` becomes the kept copy of W / sigma, if the pre-hook
+        made one (compiled CPU route: ``functional.normalize_kept``), for what outlives the forward."""
+        if self.kept is not None:
+            setattr(module, self.name, self.kept)
+            self.kept = None
+
+    def register_keep(self, module: nn.Module) -> None:
+        """Register ``keep`` as a forward hook of ``module`` (this object is its pre-hook)."""
+        module.register_forward_hook(self.keep)
+        self.keeps = True
+
     def remove(self, module: nn.Module) -> None:
         super().remove(module)  # keeps W / sigma (times the gain) as the new plain parameter
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__self__", None) is self:  # ``keep``; by identity, so a deep copy removes its own
+                del module._forward_hooks[key]
+        self.kept = None
         if self.gain:
             delattr(module, self.name + "_gain")
 
@@ -138,6 +162,7 @@ class SpectralNorm(torch_sn.SpectralNorm):
             module.register_parameter(fn.name + "_gain", nn.Parameter(gamma))
 
         module.register_forward_pre_hook(fn)
+        fn.register_keep(module)
         module._register_state_dict_hook(torch_sn.SpectralNormStateDictHook(fn))
         load_hook = _CertifiedLoadHook if fn.certifier is not None else torch_sn.SpectralNormLoadStateDictPreHook
         module._register_load_state_dict_pre_hook(load_hook(fn))

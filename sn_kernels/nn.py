@@ -69,6 +69,7 @@ def convert(model: nn.Module) -> nn.Module:
                     continue
                 ours = hooks.SpectralNorm(hook.name, hook.n_power_iterations, hook.dim, hook.eps)
                 module._forward_pre_hooks[key] = ours
+                ours.register_keep(module)
                 for table in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
                     for h in table.values():
                         # PyTorch's state_dict hooks read the name/dim of the hook they hold;

@@ -122,13 +122,16 @@ SN_WORDS = {"div", "mul", "sub", "norm", "where", "amin", "native"}
 
 
 @pytest.mark.skipif(not NATIVE_ON_CPU, reason="the native extension is not built")
-def test_compiled_auto_leaves_inductor_no_spectral_norm_code():
+@pytest.mark.parametrize("api", ["parametrization", "hook"])
+def test_compiled_auto_leaves_inductor_no_spectral_norm_code(api):
     """Under inductor on the CPU "auto" generates no kernel for spectral norm: W / sigma comes
     channels-last, as inductor lays out a convolution's weight, and its gradient op reads the
     convolution's channels-last gradient, so neither needs a layout copy (compile time goes by the
-    kernel count, benchmarks/NOTES.md C4).  No kernel is named for spectral-norm work, and there are
-    as many as without spectral norm, or one more: inductor ends a kernel at every opaque call, and
-    an op's call may split one of the model's own (torch 2.15 splits the bias gradient's sum from a
+    kernel count, benchmarks/NOTES.md C4).  The hook API's ``module.weight``, an output of the
+    graph, is a second output of the op whose gradient the op's backward adds, so no ``add`` kernel
+    per weight shape either (C5).  No kernel is named for spectral-norm work, and there are as many
+    as without spectral norm, or one more: inductor ends a kernel at every opaque call, and an op's
+    call may split one of the model's own (torch 2.15 splits the bias gradient's sum from a
     convolution backward's kernel).  The traced route ("torch") and the contract ops ("native":
     contiguous W / sigma, copied) do generate such kernels."""
     def model():
@@ -140,7 +143,7 @@ def test_compiled_auto_leaves_inductor_no_spectral_norm_code():
         m = model()
         if backend is not None:
             sn_kernels.set_backend(backend)
-            sn_kernels.apply_spectral_norm(m, api="parametrization")
+            sn_kernels.apply_spectral_norm(m, api=api)
         torch._dynamo.reset()
         return _inductor_kernels(m, torch.randn(2, 3, 8, 8))
 
@@ -167,6 +170,36 @@ def test_compiled_auto_weight_sn_is_eager_bit_for_bit(shape, dim):
     eager = sn_kernels.spectral_normalize(w, ue, ve, dim=dim, order="uv")[0]
     assert compiled.is_contiguous(memory_format=torch.channels_last) == (w.dim() == 4)
     assert torch.equal(compiled, eager) and torch.equal(uc, ue) and torch.equal(vc, ve)
+
+
+@pytest.mark.skipif(not NATIVE_ON_CPU, reason="the native extension is not built")
+def test_compiled_hook_weight_outlives_the_forward_as_in_eager():
+    """The hook API under compile: ``module.weight`` after the forward holds eager's W / sigma bit
+    for bit (it is the op's second output, ``native_normalize_layout_twice``), and a loss that uses
+    it after the forward (a weight penalty) sends its gradient to ``weight_orig`` as in eager, added
+    to the forward's inside the op's backward."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 6, 3), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(6 * 4 * 4, 1))
+    sn_kernels.apply_spectral_norm(eager, api="hook")
+    twin = copy.deepcopy(eager)
+    graphs = _Graphs()
+    compiled = torch.compile(twin, fullgraph=True, backend=graphs)
+    x = torch.randn(2, 3, 6, 6)
+    rtol, atol = TOL[torch.float32]
+    for step in range(2):
+        losses = []
+        for model, run in ((eager, eager), (twin, compiled)):
+            model.zero_grad(set_to_none=True)
+            out = run(x).sum()
+            penalty = sum((m.weight * m.weight).sum() for m in (model[0], model[3]))
+            (out + 3 * penalty).backward()
+            losses.append(out)
+        torch.testing.assert_close(losses[1], losses[0], rtol=rtol, atol=atol)
+        for i in (0, 3):
+            assert torch.equal(twin[i].weight, eager[i].weight), (step, i)
+            torch.testing.assert_close(twin[i].weight_orig.grad, eager[i].weight_orig.grad, rtol=rtol,
+                                       atol=10 * atol, msg=lambda m: f"step {step} layer {i}: {m}")
+    assert "sn_kernels.native_normalize_layout_twice" in graphs.sn_ops()
 
 
 def test_pinned_copy_is_not_recomputable():

@@ -297,12 +297,14 @@ def _sample_args(op_name, w, u, v, dim, order, training):
         return [(w, uu, vv, sigma, dim), (wg, uu, vv, sigma, dim)]
     if kind == "backward":
         return [(G, w, uu, vv, sigma, dim)]
-    if kind == "normalize_layout":  # native: W / sigma written contiguous or channels-last
+    if kind in ("normalize_layout", "normalize_layout_twice"):  # native: W / sigma contiguous or channels-last
         return [(x, uu, vv, sigma, dim, cl) for x in (w, wg) for cl in ([False, True] if w.dim() == 4 else [False])]
-    if kind == "normalize_layout_backward":  # the gradient in either layout (a compiled convolution's is channels-last)
+    if kind == "normalize_layout_backward":  # the gradient in either layout (a compiled convolution's is channels-last),
+        # with and without the kept output's gradient
         laid = [(G, w)] + ([(G.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last))]
                            if w.dim() == 4 else [])
-        return [(g, x, uu, vv, sigma, dim, cl) for g, x in laid for cl in ([False, True] if w.dim() == 4 else [False])]
+        return [(g, x, uu, vv, sigma, dim, cl) + kept for g, x in laid
+                for cl in ([False, True] if w.dim() == 4 else [False]) for kept in ((), (torch.randn_like(g),))]
     if kind == "group_forward":
         return [([w, w2], [u.clone(), u2.clone()], [v.clone(), v2.clone()], [dim, 0], 2, EPS, order, training)]
     if kind == "group_backward":
@@ -336,7 +338,8 @@ def test_native_registers_the_grouped_ops():
 
     names = {_op_name(op) for op in dispatch.resolve(torch.device("cpu"), "native").ops}
     assert {"native_power_iteration", "native_normalize", "native_backward", "native_normalize_eager",
-            "native_spectral_normalize_eager", "native_normalize_layout", "native_normalize_layout_backward"} <= names
+            "native_spectral_normalize_eager", "native_normalize_layout", "native_normalize_layout_backward",
+            "native_normalize_layout_twice"} <= names
     assert ({"native_group_forward", "native_group_backward"} <= names) == grouped._has_group_ops()
 
 

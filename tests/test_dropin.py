@@ -151,6 +151,24 @@ def test_torch_remove_works_on_ours_and_ours_on_torch():
     b = torch.nn.utils.spectral_norm(nn.Linear(3, 4))
     sn_kernels.remove_spectral_norm(b)
     assert isinstance(a.weight, nn.Parameter) and isinstance(b.weight, nn.Parameter)
+    assert not a._forward_hooks and not a._forward_pre_hooks  # ours leaves no forward hook (``keep``) behind
+
+
+def test_hook_keep_belongs_to_its_copy():
+    """The hook API's forward hook (``SpectralNorm.keep``, for the compiled route) is bound to its own
+    pre-hook in a deep copy, and each copy's removal takes its own away; a converted PyTorch hook
+    gets one too."""
+    m = sn_kernels.spectral_norm(nn.Linear(3, 4))
+    c = copy.deepcopy(m)
+    for mod in (m, c):
+        (keep,) = mod._forward_hooks.values()
+        (pre,) = mod._forward_pre_hooks.values()
+        assert keep.__self__ is pre and pre.keeps
+    sn_kernels.remove_spectral_norm(c)
+    assert not c._forward_hooks and len(m._forward_hooks) == 1
+    t = sn_kernels.convert(torch.nn.utils.spectral_norm(nn.Linear(3, 4)))
+    (keep,) = t._forward_hooks.values()
+    assert keep.__self__ is next(iter(t._forward_pre_hooks.values()))
 
 
 # ------------------------------------------------------------------ bad input

@@ -467,6 +467,38 @@ def test_normalize_layout_backward_matches_oracle(dtype, shape, dim):
         assert all(torch.equal(o, outs[0]) for o in outs)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", LAYOUT_SHAPES, ids=str)
+def test_normalize_layout_twice_is_two_copies_whose_gradients_add(dtype, shape, dim):
+    """``native_normalize_layout_twice`` (the hook API's compiled route): two tensors in separate
+    storage, each ``native_normalize_layout``'s bits; the backward's ``kept`` gradient is added to
+    ``grad`` as autograd would (the result is the backward of grad + kept, bit for bit), and through
+    the op's autograd formula either output's gradient reaches the weight."""
+    w, u, v = _inputs(shape, dim, dtype)
+    sigma = torch.tensor(2.75, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    G, K = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    for channels_last in ([False, True] if w.dim() == 4 else [False]):
+        a, b = _ops().native_normalize_layout_twice(w, u, v, sigma, dim, channels_last)
+        expected = _ops().native_normalize_layout(w, u, v, sigma, dim, channels_last)
+        assert torch.equal(a, expected) and torch.equal(b, expected) and a.stride() == b.stride() == expected.stride()
+        assert a.data_ptr() != b.data_ptr()
+        g, k = (t.contiguous(memory_format=_layout_format(channels_last)) for t in (G, K))
+        both = _ops().native_normalize_layout_backward(g, a, u, v, sigma, dim, channels_last, k)
+        assert torch.equal(both, _ops().native_normalize_layout_backward(g + k, a, u, v, sigma, dim, channels_last))
+        weight = w.clone().requires_grad_()
+        for outs in ((G, None), (None, K), (G, K)):
+            weight.grad = None
+            first, second = _ops().native_normalize_layout_twice(weight, u, v, sigma, dim, False)
+            used = [(o, t) for o, t in zip((first, second), outs) if t is not None]
+            torch.autograd.backward([o for o, _ in used], [t for _, t in used])
+            total = sum(t for t in outs if t is not None)
+            assert torch.equal(weight.grad, _ops().native_normalize_layout_backward(total, first, u, v, sigma, dim,
+                                                                                     False)), outs
+    with pytest.raises(RuntimeError, match="grad must have the weight's shape"):
+        _ops().native_normalize_layout_backward(G, a, u, v, sigma, dim, False, K.flatten())
+
+
 def test_layout_ops_refuse_bad_arguments():
     """Clear errors: channels-last for a weight that is not 4-d, a gradient of another shape or dtype."""
     w, u, v = _inputs((13, 29), 0, torch.float32)

@@ -108,10 +108,16 @@ def _finish() -> None:
     layout_ops = ()
     if hasattr(torch.ops.sn_kernels, "native_normalize_layout"):  # the compiled CPU route (functional.py)
         torch.library.register_fake("sn_kernels::native_normalize_layout")(_fake_laid_out)
-        torch.library.register_fake("sn_kernels::native_normalize_layout_backward")(_fake_laid_out)
+        torch.library.register_fake("sn_kernels::native_normalize_layout_backward")(_fake_layout_backward)
         torch.library.register_autograd("sn_kernels::native_normalize_layout", _layout_backward,
                                         setup_context=_layout_setup_context)
         layout_ops = (torch.ops.sn_kernels.native_normalize_layout, torch.ops.sn_kernels.native_normalize_layout_backward)
+    if hasattr(torch.ops.sn_kernels, "native_normalize_layout_twice"):  # the hook API's compiled CPU route
+        torch.library.register_fake("sn_kernels::native_normalize_layout_twice")(
+            lambda *args: (_fake_laid_out(*args), _fake_laid_out(*args)))
+        torch.library.register_autograd("sn_kernels::native_normalize_layout_twice", _layout_backward,
+                                        setup_context=_layout_setup_context)
+        layout_ops += (torch.ops.sn_kernels.native_normalize_layout_twice,)
     group_ops, group_calls = (), {}
     if hasattr(torch.ops.sn_kernels, "native_group_forward"):  # sn_kernels.group's ops (grouped.py)
         torch.library.register_fake("sn_kernels::native_group_forward")(_fake_group_forward)
@@ -134,28 +140,37 @@ def _finish() -> None:
     _state["error"] = None
 
 
-def _fake_laid_out(tensor, *args):
-    """The output of both layout ops: ``tensor``'s shape, channels-last or contiguous (the last argument)."""
-    return torch.empty_like(tensor, memory_format=torch.channels_last if args[-1] else torch.contiguous_format)
+def _fake_laid_out(weight, u, v, sigma, dim, channels_last):
+    """W / sigma as the layout ops write it: ``weight``'s shape, channels-last or contiguous."""
+    return torch.empty_like(weight, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _fake_layout_backward(grad, weight_sn, u, v, sigma, dim, channels_last, kept=None):
+    return _fake_laid_out(weight_sn, u, v, sigma, dim, channels_last)
 
 
 def _layout_setup_context(ctx, inputs, output):
+    """For ``native_normalize_layout`` and ``_twice`` (whose two outputs hold the same values)."""
     weight, u, v, sigma, dim, _ = inputs
     ctx.dim = dim
     # grad_W in the weight's own layout (a channels-last parameter's gradient is channels-last)
     ctx.channels_last = weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(
         memory_format=torch.channels_last)
-    ctx.save_for_backward(output, u, v, sigma)  # W / sigma, not W: see contract.register_ops
+    weight_sn = output[0] if isinstance(output, (tuple, list)) else output
+    ctx.save_for_backward(weight_sn, u, v, sigma)  # W / sigma, not W: see contract.register_ops
 
 
-def _layout_backward(ctx, grad):
-    """grad_W = (G - <G, W_sn> u v^T) / sigma in one C++ call, from the saved W / sigma."""
-    if not ctx.needs_input_grad[0]:
+def _layout_backward(ctx, grad, kept=None):
+    """grad_W = (G - <G, W_sn> u v^T) / sigma in one C++ call, from the saved W / sigma; G is the sum
+    of the two outputs' gradients for ``native_normalize_layout_twice`` (either may be None)."""
+    if not ctx.needs_input_grad[0] or (grad is None and kept is None):
         return (None,) * 6
     refuse_double_backward()
     weight_sn, u, v, sigma = ctx.saved_tensors
+    if grad is None:
+        grad, kept = kept, None
     out = torch.ops.sn_kernels.native_normalize_layout_backward(grad, weight_sn, u, v, sigma, ctx.dim,
-                                                                ctx.channels_last)
+                                                                ctx.channels_last, kept)
     return (out,) + (None,) * 5
 
 
