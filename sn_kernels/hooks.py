@@ -75,8 +75,9 @@ class SpectralNorm(torch_sn.SpectralNorm):
                 training=do_power_iteration, coeff=self.coeff, soft=self.soft)
             return weight_sn, weight_sn
         weight_sn, kept, sigma = normalize_kept(
-            weight, u, v, self.n_power_iterations, self.eps, self.dim, "vu", do_power_iteration, self.coeff,
-            self.soft, getattr(module, self.name + "_gain") if self.gain else None, None, twice=twice)
+            weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps, dim=self.dim, order="vu",
+            training=do_power_iteration, coeff=self.coeff, soft=self.soft,
+            gain=getattr(module, self.name + "_gain") if self.gain else None, backend=None, twice=twice)
         self.sigma = sigma.detach()
         return weight_sn, kept
 
