@@ -489,7 +489,13 @@ std::tuple<at::Tensor, at::Tensor> normalize_layout_twice_cpu(const at::Tensor& 
                                                               const at::Tensor& v, const at::Tensor& sigma,
                                                               int64_t dim, bool channels_last) {
   at::Tensor out = normalize_layout_cpu(weight, u, v, sigma, dim, channels_last);
-  return {out, out.clone()};
+  // the copy from the block cache (a fresh weight-sized allocation page-faults as it is first written)
+  at::Tensor copy = cached_empty_cpu(out.sizes(), out.strides(), out.scalar_type());
+  const int64_t nbytes = out.numel() * static_cast<int64_t>(out.element_size());
+  const char* src = static_cast<const char*>(out.const_data_ptr());
+  char* dst = static_cast<char*>(copy.mutable_data_ptr());
+  at::parallel_for(0, nbytes, GRAIN * 4, [&](int64_t b0, int64_t b1) { std::memcpy(dst + b0, src + b0, b1 - b0); });
+  return {out, copy};
 }
 
 // grad_W = (G - <G, W_sn> u v^T) / sigma from the saved output W_sn = W / sigma, written contiguous or
@@ -507,8 +513,14 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
   check_channels_last(weight_sn_, channels_last);
   const bool has_kept = kept.has_value() && kept->defined();
   if (has_kept) check_grad_args(*kept, weight_sn_, sigma);
-  // the sum autograd forms for a tensor used twice, rounded as it rounds it
-  const at::Tensor grad_ = has_kept ? at::add(grad_in, *kept) : grad_in;
+  // the sum autograd forms for a tensor used twice, rounded as it rounds it, into a cached block
+  at::Tensor grad_ = grad_in;
+  if (has_kept) {
+    const bool dense = grad_in.is_non_overlapping_and_dense();
+    grad_ = cached_empty_cpu(grad_in.sizes(), dense ? grad_in.strides() : c10::contiguous_strides(grad_in.sizes()),
+                             grad_in.scalar_type());
+    at::add_out(grad_, grad_in, *kept);
+  }
   const int64_t d = dim < 0 ? dim + weight_sn_.dim() : dim;
   const bool one_order = grad_.strides() == weight_sn_.strides() && grad_.is_non_overlapping_and_dense();
   const at::Tensor grad = one_order ? grad_ : grad_.contiguous();
