@@ -122,8 +122,9 @@ SN_WORDS = {"div", "mul", "sub", "norm", "where", "amin", "native"}
 
 
 @pytest.mark.skipif(not NATIVE_ON_CPU, reason="the native extension is not built")
-@pytest.mark.parametrize("api", ["parametrization", "hook"])
-def test_compiled_auto_leaves_inductor_no_spectral_norm_code(api):
+@pytest.mark.parametrize("api, conv", [("parametrization", nn.Conv2d), ("hook", nn.Conv2d),
+                                       ("parametrization", nn.Conv3d)], ids=["param-2d", "hook-2d", "param-3d"])
+def test_compiled_auto_leaves_inductor_no_spectral_norm_code(api, conv):
     """Under inductor on the CPU "auto" generates no kernel for spectral norm: W / sigma comes
     channels-last, as inductor lays out a convolution's weight, and its gradient op reads the
     convolution's channels-last gradient, so neither needs a layout copy (compile time goes by the
@@ -133,11 +134,14 @@ def test_compiled_auto_leaves_inductor_no_spectral_norm_code(api):
     as without spectral norm, or one more: inductor ends a kernel at every opaque call, and an op's
     call may split one of the model's own (torch 2.15 splits the bias gradient's sum from a
     convolution backward's kernel).  The traced route ("torch") and the contract ops ("native":
-    contiguous W / sigma, copied) do generate such kernels."""
+    contiguous W / sigma, copied) do generate such kernels.  Conv3d: inductor lays out only 2-d
+    convolutions channels-last, and the op writes a 5-d W / sigma contiguous, as inductor wants it."""
+    dims, side = (2, 8) if conv is nn.Conv2d else (3, 6)
+
     def model():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.LeakyReLU(0.1), nn.Conv2d(16, 16, 3), nn.LeakyReLU(0.1),
-                             nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 1))
+        return nn.Sequential(conv(3, 16, 3), nn.LeakyReLU(0.1), conv(16, 16, 3), nn.LeakyReLU(0.1),
+                             conv(16, 8, 1), nn.Flatten(), nn.Linear(8 * (side - 4) ** dims, 1))
 
     def kernels(backend=None):
         m = model()
@@ -145,7 +149,7 @@ def test_compiled_auto_leaves_inductor_no_spectral_norm_code(api):
             sn_kernels.set_backend(backend)
             sn_kernels.apply_spectral_norm(m, api=api)
         torch._dynamo.reset()
-        return _inductor_kernels(m, torch.randn(2, 3, 8, 8))
+        return _inductor_kernels(m, torch.randn((2, 3) + (side,) * dims))
 
     def sn_work(names):
         return [k for k in names if SN_WORDS & set(k.split("_"))]
