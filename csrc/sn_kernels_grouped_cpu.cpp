@@ -69,6 +69,7 @@ constexpr int64_t MIN_CHUNK_ROWS = 32;
 constexpr int64_t DOT_BLOCK = 1 << 14;   // elements per partial of <G, W>
 // Scheduling only (no effect on results)
 constexpr int64_t GRAIN = 1 << 15;       // a phase of less work runs on the calling thread
+constexpr int64_t RUN_ITEMS = 8;         // items per thread from which a phase runs in contiguous runs
 constexpr int64_t ITEM = 1 << 16;        // elements per item of the splittable phases
 constexpr int64_t WHOLE_MAX = 1 << 15;   // a weight this small is always one item (whole forward / backward)
 // A weight of up to L2_WHOLE elements (1 MiB of float32, a core's L2 here) is one item too when the group
@@ -76,6 +77,11 @@ constexpr int64_t WHOLE_MAX = 1 << 15;   // a weight this small is always one it
 // then run back to back on one core while it is in that core's L2 (the fused pass leaves W there for
 // W / sigma; the <G, W> pass leaves G for grad_W), instead of each phase streaming every weight again
 constexpr int64_t L2_WHOLE = 1 << 18;
+// The other weights run in bands of consecutive weights of at most BAND elements in all (8 MiB of float32,
+// a quarter of the L3 here; a larger weight is a band of its own), every phase of a band before the next
+// band: a weight's later passes (W / sigma after the power iteration, grad_W after <G, W>) then find it
+// in the L3 as the per-weight kernels do, instead of each phase streaming the whole group from memory
+constexpr int64_t BAND = 1 << 21;
 
 // W / sigma of weights of STREAM_MIN elements or more (8 MiB of float32, a quarter of the L3 here:
 // it leaves the caches anyway) is written with non-temporal stores: computed by the same loop into an
@@ -279,8 +285,13 @@ struct Item {
   int64_t a, b;
 };
 
-// Runs every item once: largest first, taken from a shared counter by the threads.  Which thread runs
-// an item never changes a result (each item writes its own outputs).
+// Runs every item once.  Which thread runs an item never changes a result (each item writes its own
+// outputs).  A phase of many items (a phase over large weights) gives each thread one contiguous run of
+// items of about equal cost, in the order they were made (each weight's items in memory order), so each
+// thread streams memory in order as at::parallel_for's ranges do: items handed out in turn from a shared
+// counter broke every thread's stream at each item, 10-13 % slower on weights of 5-21 M elements
+// (benchmarks/NOTES.md, G3).  A phase of few items (the small weights, whole) takes them largest first
+// from a shared counter, which balances items of very different costs.
 template <typename F>
 void run_items(std::vector<Item>& items, const F& fn) {
   if (items.empty()) return;
@@ -291,6 +302,20 @@ void run_items(std::vector<Item>& items, const F& fn) {
     for (const Item& it : items) fn(it);
     return;
   }
+  if (static_cast<int64_t>(items.size()) >= RUN_ITEMS * threads) {
+    std::vector<size_t> start(threads + 1, items.size());
+    start[0] = 0;
+    int64_t cum = 0, t = 1;
+    for (size_t k = 0; k < items.size() && t < threads; ++k) {
+      cum += items[k].cost;
+      while (t < threads && cum * threads >= t * total) start[t++] = k + 1;
+    }
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t q = t0; q < t1; ++q)
+        for (size_t k = start[q]; k < start[q + 1]; ++k) fn(items[k]);
+    });
+    return;
+  }
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
   std::atomic<size_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
@@ -298,6 +323,23 @@ void run_items(std::vector<Item>& items, const F& fn) {
          k = next.fetch_add(1, std::memory_order_relaxed))
       fn(items[k]);
   });
+}
+
+// the indices j < sizes.size() with sizes[j] > 0, in bands of consecutive indices of at most BAND elements
+// in all (one index alone when larger); at least one band, possibly empty
+std::vector<std::vector<int64_t>> bands_of(const std::vector<int64_t>& sizes) {
+  std::vector<std::vector<int64_t>> bands(1);
+  int64_t in_band = 0;
+  for (int64_t j = 0; j < static_cast<int64_t>(sizes.size()); ++j) {
+    if (sizes[j] <= 0) continue;
+    if (!bands.back().empty() && in_band + sizes[j] > BAND) {
+      bands.emplace_back();
+      in_band = 0;
+    }
+    bands.back().push_back(j);
+    in_band += sizes[j];
+  }
+  return bands;
 }
 
 // items [0, len) of a splittable dimension, each of about ITEM elements (`per` elements per index)
@@ -455,76 +497,77 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
       default: break;
     }
   };
+  std::vector<int64_t> band_sizes(nf);
+  for (int64_t j = 0; j < nf; ++j) band_sizes[j] = fw[j].whole ? 0 : fw[j].m * fw[j].n;
+  const std::vector<std::vector<int64_t>> bands = bands_of(band_sizes);
   std::vector<Item> items;
   const int64_t iterations = training ? n_power_iterations : 1;
-  for (int64_t it = 0; it < iterations; ++it) {
-    // phase 1: "uv": fused chunks (or row dots); "vu": W^T u chunks (or columns); eval: row dots
-    items.clear();
-    if (it == 0) items = whole;
-    for (int64_t j = 0; j < nf; ++j) {
-      Fw& f = fw[j];
-      if (f.whole) continue;
-      if (!training || (!vu && !f.chunked())) {
-        split(items, j, ROWS, f.m, f.n);
-      } else if (!vu) {
-        for (int64_t c = 0; c < f.chunks; ++c)
-          items.push_back({(f.chunk_end(c) - c * f.chunk_rows) * f.n, int32_t(j), FUSED_CHUNK, c, c + 1});
-      } else if (f.chunked()) {
-        for (int64_t c = 0; c < f.chunks; ++c)
-          items.push_back({(f.chunk_end(c) - c * f.chunk_rows) * f.n, int32_t(j), T_CHUNK, c, c + 1});
-      } else {
-        split(items, j, T_COLS, f.n, f.m);
+  for (size_t bi = 0; bi < bands.size(); ++bi) {
+    const std::vector<int64_t>& band = bands[bi];
+    for (int64_t it = 0; it < iterations; ++it) {
+      // phase 1: "uv": fused chunks (or row dots); "vu": W^T u chunks (or columns); eval: row dots
+      items.clear();
+      if (it == 0 && bi == 0) items = whole;  // the small weights, whole, beside the first band
+      for (int64_t j : band) {
+        Fw& f = fw[j];
+        if (!training || (!vu && !f.chunked())) {
+          split(items, j, ROWS, f.m, f.n);
+        } else if (!vu) {
+          for (int64_t c = 0; c < f.chunks; ++c)
+            items.push_back({(f.chunk_end(c) - c * f.chunk_rows) * f.n, int32_t(j), FUSED_CHUNK, c, c + 1});
+        } else if (f.chunked()) {
+          for (int64_t c = 0; c < f.chunks; ++c)
+            items.push_back({(f.chunk_end(c) - c * f.chunk_rows) * f.n, int32_t(j), T_CHUNK, c, c + 1});
+        } else {
+          split(items, j, T_COLS, f.n, f.m);
+        }
       }
-    }
-    run_items(items, body);
-    if (!training) {
-      for (auto& f : fw)
-        if (!f.whole) f.sig = dot(f.ua.data(), f.s.data(), f.m);
-      break;
-    }
-    // phase 2: combine the chunk partials; after "uv" row dots: u, then W^T u by columns;
-    // after "vu" columns: v, then the row dots
-    items.clear();
-    for (int64_t j = 0; j < nf; ++j) {
-      Fw& f = fw[j];
-      if (f.whole) continue;
-      if (f.chunked()) {
-        split(items, j, COMBINE, f.n, f.chunks);
-      } else if (!vu) {
-        normalize_into(f.s.data(), f.ua.data(), f.m, eps);
-        split(items, j, T_COLS, f.n, f.m);
-      } else {
-        normalize_into(f.t.data(), f.va.data(), f.n, eps);
-        split(items, j, ROWS, f.m, f.n);
+      run_items(items, body);
+      if (!training) {
+        for (int64_t j : band) fw[j].sig = dot(fw[j].ua.data(), fw[j].s.data(), fw[j].m);
+        break;
       }
-    }
-    run_items(items, body);
-    // phase 3 ("vu", chunked): v, then the row dots
-    items.clear();
-    for (int64_t j = 0; j < nf; ++j) {
-      Fw& f = fw[j];
-      if (f.whole) continue;
-      if (!vu && f.chunked()) {
-        finish_fused(f, eps);
-      } else if (!vu) {
-        f.sig = normalize_into(f.t.data(), f.va.data(), f.n, eps);
-      } else if (f.chunked()) {
-        normalize_into(f.t.data(), f.va.data(), f.n, eps);
-        split(items, j, ROWS, f.m, f.n);
-      } else {
-        f.sig = normalize_into(f.s.data(), f.ua.data(), f.m, eps);
+      // phase 2: combine the chunk partials; after "uv" row dots: u, then W^T u by columns;
+      // after "vu" columns: v, then the row dots
+      items.clear();
+      for (int64_t j : band) {
+        Fw& f = fw[j];
+        if (f.chunked()) {
+          split(items, j, COMBINE, f.n, f.chunks);
+        } else if (!vu) {
+          normalize_into(f.s.data(), f.ua.data(), f.m, eps);
+          split(items, j, T_COLS, f.n, f.m);
+        } else {
+          normalize_into(f.t.data(), f.va.data(), f.n, eps);
+          split(items, j, ROWS, f.m, f.n);
+        }
       }
+      run_items(items, body);
+      // phase 3 ("vu", chunked): v, then the row dots
+      items.clear();
+      for (int64_t j : band) {
+        Fw& f = fw[j];
+        if (!vu && f.chunked()) {
+          finish_fused(f, eps);
+        } else if (!vu) {
+          f.sig = normalize_into(f.t.data(), f.va.data(), f.n, eps);
+        } else if (f.chunked()) {
+          normalize_into(f.t.data(), f.va.data(), f.n, eps);
+          split(items, j, ROWS, f.m, f.n);
+        } else {
+          f.sig = normalize_into(f.s.data(), f.ua.data(), f.m, eps);
+        }
+      }
+      run_items(items, body);
+      if (vu)
+        for (int64_t j : band)
+          if (fw[j].chunked()) fw[j].sig = normalize_into(fw[j].s.data(), fw[j].ua.data(), fw[j].m, eps);
     }
+    // W / sigma of the band's weights
+    items.clear();
+    for (int64_t j : band) split(items, j, DIVIDE, fw[j].m * fw[j].n, 1);
     run_items(items, body);
-    if (vu)
-      for (auto& f : fw)
-        if (!f.whole && f.chunked()) f.sig = normalize_into(f.s.data(), f.ua.data(), f.m, eps);
   }
-  // W / sigma of the large weights
-  items.clear();
-  for (int64_t j = 0; j < nf; ++j)
-    if (!fw[j].whole) split(items, j, DIVIDE, fw[j].m * fw[j].n, 1);
-  run_items(items, body);
   for (int64_t j = 0; j < nf; ++j) {
     const size_t i = fast[j];
     Fw& f = fw[j];
@@ -643,13 +686,12 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
 #endif
   int64_t group_numel = 0;
   for (const Bw& b : bw) group_numel += b.numel;
+  std::vector<int64_t> band_sizes(bw.size());
   for (size_t j = 0; j < bw.size(); ++j) {
     Bw& b = bw[j];
     b.whole = run_whole(b.numel, group_numel);
-    if (b.whole)
-      items.push_back({2 * b.numel, static_cast<int32_t>(j), BWD_WHOLE, 0, 0});
-    else
-      split(items, static_cast<int32_t>(j), DOT_BLOCKS, b.blocks, DOT_BLOCK);
+    if (b.whole) items.push_back({2 * b.numel, static_cast<int32_t>(j), BWD_WHOLE, 0, 0});
+    band_sizes[j] = b.whole ? 0 : b.numel;
   }
   auto body = [&](const Item& it) {
     Bw& b = bw[it.weight];
@@ -664,15 +706,19 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
       default: break;
     }
   };
-  run_items(items, body);
-  items.clear();
-  for (size_t j = 0; j < bw.size(); ++j) {
-    Bw& b = bw[j];
-    if (b.whole) continue;
-    finish_dot(b);
-    split(items, static_cast<int32_t>(j), GRAD_ROWS, b.rows, b.inner);
+  // the large weights by bands (BAND): <G, W> of a band's weights, then their grad_W, while G is in the L3;
+  // the whole ones beside the first band
+  for (const std::vector<int64_t>& band : bands_of(band_sizes)) {
+    for (int64_t j : band) split(items, static_cast<int32_t>(j), DOT_BLOCKS, bw[j].blocks, DOT_BLOCK);
+    run_items(items, body);
+    items.clear();
+    for (int64_t j : band) {
+      finish_dot(bw[j]);
+      split(items, static_cast<int32_t>(j), GRAD_ROWS, bw[j].rows, bw[j].inner);
+    }
+    run_items(items, body);
+    items.clear();
   }
-  run_items(items, body);
   return out;
 }
 

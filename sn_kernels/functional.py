@@ -119,7 +119,7 @@ def _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff
     and the route has one (``_normalize_laid_out_twice``), ``weight_sn`` itself otherwise."""
     dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
     power_iteration, normalize = _compiled_ops(weight.device, backend)
-    if twice and normalize is _normalize_laid_out and _has_twice_op():
+    if twice and normalize is _normalize_laid_out and _has_op("native_normalize_layout_twice"):
         normalize = _normalize_laid_out_twice
     out, sigma = composed_eager(power_iteration, normalize)(weight, u, v, n_power_iterations, eps, dim, order,
                                                             training, coeff, soft)
@@ -140,18 +140,13 @@ def _compiled_backend(choice: str, device_type: str) -> str:
         return "traced"
     name = dispatch.resolve(torch.device(device_type), choice).name
     if choice == "auto" and device_type in TRACED_DEVICE_TYPES:
-        return "native+layout" if name == "native" and _has_layout_op() else "traced"
+        return "native+layout" if name == "native" and _has_op("native_normalize_layout") else "traced"
     return name
 
 
-def _has_layout_op() -> bool:
-    """Whether the loaded native extension has ``native_normalize_layout`` (an older build may not)."""
-    return hasattr(torch.ops.sn_kernels, "native_normalize_layout")
-
-
-def _has_twice_op() -> bool:
-    """Whether the loaded native extension has ``native_normalize_layout_twice`` (an older build may not)."""
-    return hasattr(torch.ops.sn_kernels, "native_normalize_layout_twice")
+def _has_op(name: str) -> bool:
+    """Whether the loaded native extension has the op ``name`` (an older build may not)."""
+    return hasattr(torch.ops.sn_kernels, name)
 
 
 def _normalize_laid_out(weight, u, v, sigma, dim):

@@ -369,7 +369,8 @@ def test_group_outputs_are_freed(refresh, monkeypatch):
 # dots, then W^T u by columns) and row-chunked (the fused "uv" pass, or W^T u chunks for "vu"); a 4-D
 # convolution weight, a weight 1.8e5x the smallest (its W/sigma streamed: 8 MiB or more, rows not
 # 16-byte aligned), and two that take the per-weight kernels inside the same call (dim=1 with rows
-# before it; float64: its own group)
+# before it; float64: its own group).  The split weights make two bands (BAND: 2 M elements), and the
+# phases of the largest have enough items to run as contiguous runs per thread (RUN_ITEMS)
 _TABLE = [((4, 3), 0), ((1, 128), 0), ((16, 8192), 0), ((16, 32768), 0), ((300, 400), 0), ((96, 48, 3, 3), 0),
           ((1200, 1777), 0), ((40, 24, 4), 1), ((33, 65), 0, torch.float64)]
 
