@@ -160,7 +160,7 @@ def _normalize_laid_out(weight, u, v, sigma, dim):
 
 
 def _normalize_laid_out_twice(weight, u, v, sigma, dim):
-    """``_normalize_laid_out`` as two equal tensors (``spectral_normalize_twice``)."""
+    """``_normalize_laid_out`` as two equal tensors (``normalize_kept``)."""
     return tuple(torch.ops.sn_kernels.native_normalize_layout_twice(weight, u, v, sigma, dim, _channels_last(weight)))
 
 
