@@ -5,7 +5,10 @@ state_dict hooks, so the parameter and buffer names (``weight_orig``,
 ``weight_u``, ``weight_v``), the ``spectral_norm`` state_dict metadata, the
 loading of old checkpoints and even ``torch.nn.utils.remove_spectral_norm``
 behave exactly as with PyTorch; only the computation goes through
-``sn_kernels.spectral_normalize`` (order "vu").
+``sn_kernels.spectral_normalize``'s work (``functional.normalize_kept``, order "vu").  Beside its
+pre-hook the hook registers a forward hook (``SpectralNorm.keep``): under torch.compile on the CPU
+``module.weight`` is set after the forward to a second copy of W / sigma, whose gradient the W / sigma
+op's backward adds in its own call (benchmarks/NOTES.md, C5); in eager mode it does nothing.
 """
 from __future__ import annotations
 
