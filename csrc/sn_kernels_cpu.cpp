@@ -489,12 +489,9 @@ std::tuple<at::Tensor, at::Tensor> normalize_layout_twice_cpu(const at::Tensor& 
                                                               const at::Tensor& v, const at::Tensor& sigma,
                                                               int64_t dim, bool channels_last) {
   at::Tensor out = normalize_layout_cpu(weight, u, v, sigma, dim, channels_last);
-  // the copy from the block cache (a fresh weight-sized allocation page-faults as it is first written)
+  // the copy into a block of the block cache (a fresh weight-sized allocation page-faults as it is first written)
   at::Tensor copy = cached_empty_cpu(out.sizes(), out.strides(), out.scalar_type());
-  const int64_t nbytes = out.numel() * static_cast<int64_t>(out.element_size());
-  const char* src = static_cast<const char*>(out.const_data_ptr());
-  char* dst = static_cast<char*>(copy.mutable_data_ptr());
-  at::parallel_for(0, nbytes, GRAIN * 4, [&](int64_t b0, int64_t b1) { std::memcpy(dst + b0, src + b0, b1 - b0); });
+  copy.copy_(out);
   return {out, copy};
 }
 
