@@ -19,11 +19,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -481,23 +484,60 @@ at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, 
   return out;
 }
 
-// W / sigma twice, as two outputs with the same bits: the hook API's compiled route, whose module.weight
+// W / sigma twice, as two outputs with the same values: the hook API's compiled route, whose module.weight
 // outlives the forward and is therefore an output of the graph (hooks.SpectralNorm.keep).  With one tensor
 // used twice, autograd would add the two gradients in a kernel inductor generates per weight shape; with
-// two, native_normalize_layout_backward sums them (`kept`) inside the call.
+// two, native_normalize_layout_backward sums them (`kept`) inside the call.  The second is laid out as the
+// weight is (contiguous for a contiguous weight), as eager's module.weight is and as autograd makes the zero
+// gradient it materializes when nothing uses it: in the first's channels-last layout AOTAutograd would
+// transpose that gradient into a fresh tensor every step (benchmarks/NOTES.md, C6).  Both by the same
+// division from W, so the values are the same bits.
+bool own_channels_last(const at::Tensor& weight) {
+  return is_channels_last_4d(weight) && !weight.is_contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> normalize_layout_twice_cpu(const at::Tensor& weight, const at::Tensor& u,
                                                               const at::Tensor& v, const at::Tensor& sigma,
                                                               int64_t dim, bool channels_last) {
   at::Tensor out = normalize_layout_cpu(weight, u, v, sigma, dim, channels_last);
-  // the copy into a block of the block cache (a fresh weight-sized allocation page-faults as it is first written)
-  at::Tensor copy = cached_empty_cpu(out.sizes(), out.strides(), out.scalar_type());
-  copy.copy_(out);
-  return {out, copy};
+  at::Tensor kept = normalize_layout_cpu(weight, u, v, sigma, dim, own_channels_last(weight));
+  return {out, kept};
+}
+
+// whether every entry of t is zero, of either sign (NaN is not): a read of t in storage order, blocks in
+// parallel, stopping at the first block with a nonzero entry.  On the bits: an entry is a zero iff its bits
+// shifted left by one (the sign dropped) are 0, so a block ORs those (integer ops, vectorized) and tests once.
+template <typename scalar_t>
+bool all_zero_bits(const scalar_t* p, int64_t numel) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
+                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(bits_t) == sizeof(scalar_t), "one unsigned integer per entry");
+  const bits_t* q = reinterpret_cast<const bits_t*>(p);
+  std::atomic<bool> nonzero{false};
+  at::parallel_for(0, numel, GRAIN, [&](int64_t k0, int64_t k1) {
+    constexpr int64_t BLOCK = 4096;
+    for (int64_t b = k0; b < k1 && !nonzero.load(std::memory_order_relaxed); b += BLOCK) {
+      bits_t acc = 0;
+      const int64_t e = std::min(k1, b + BLOCK);
+      for (int64_t k = b; k < e; ++k) acc |= static_cast<bits_t>(q[k] << 1);
+      if (acc != 0) nonzero.store(true, std::memory_order_relaxed);
+    }
+  });
+  return !nonzero.load();
+}
+
+bool all_zero(const at::Tensor& t_) {
+  const at::Tensor t = t_.is_non_overlapping_and_dense() ? t_ : t_.contiguous();
+  bool zero = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sn_all_zero_cpu", [&] {
+    zero = all_zero_bits(t.const_data_ptr<scalar_t>(), t.numel());  // a dense tensor's entries, in some order
+  });
+  return zero;
 }
 
 // grad_W = (G - <G, W_sn> u v^T) / sigma from the saved output W_sn = W / sigma, written contiguous or
 // channels-last (the weight's layout); G = grad, plus `kept` (the gradient of the second output of
-// native_normalize_layout_twice) when given.  G and W_sn stored in one order (any dense layout): <G, W_sn>
+// native_normalize_layout_twice) when given and not all zero.  G and W_sn stored in one order (any dense layout): <G, W_sn>
 // is summed in that order, so the bits do not depend on the output layout.  A channels-last G written
 // contiguous (the compiled convolution's case) is read block-transposed for dim 0 or 1; any other
 // combination writes from a contiguous copy of G.
@@ -508,8 +548,12 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
   check_args(weight_sn_, u_, v_, mv);
   check_grad_args(grad_in, weight_sn_, sigma);
   check_channels_last(weight_sn_, channels_last);
-  const bool has_kept = kept.has_value() && kept->defined();
+  bool has_kept = kept.has_value() && kept->defined();
   if (has_kept) check_grad_args(*kept, weight_sn_, sigma);
+  // a kept gradient of zeros (the one autograd materializes when nothing used module.weight) is not added:
+  // one read instead of a weight-sized sum; the result is eager's, where module.weight is the forward's own
+  // tensor and no sum is formed (the sum would differ in the sign of zero entries only: -0 + 0 = +0)
+  if (has_kept && all_zero(*kept)) has_kept = false;
   // the sum autograd forms for a tensor used twice, rounded as it rounds it, into a cached block
   at::Tensor grad_ = grad_in;
   if (has_kept) {
@@ -572,7 +616,8 @@ TORCH_LIBRARY(sn_kernels, m) {
         "-> Tensor");
   m.def("native_normalize_layout_backward(Tensor grad, Tensor weight_sn, Tensor u, Tensor v, Tensor sigma, "
         "int dim, bool channels_last, Tensor? kept=None) -> Tensor", {at::Tag::flexible_layout});
-  // the same W / sigma twice, for a front end whose module attribute outlives the forward (the hook API)
+  // the same W / sigma twice, for a front end whose module attribute outlives the forward (the hook API):
+  // the first laid out as channels_last says, the second as the weight is
   m.def("native_normalize_layout_twice(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim, "
         "bool channels_last) -> (Tensor, Tensor)");
   // native_normalize with its gradient in C++ (sn_kernels_autograd.cpp): the eager-mode entry point

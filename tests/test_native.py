@@ -471,30 +471,57 @@ def test_normalize_layout_backward_matches_oracle(dtype, shape, dim):
 @pytest.mark.parametrize("shape,dim", LAYOUT_SHAPES, ids=str)
 def test_normalize_layout_twice_is_two_copies_whose_gradients_add(dtype, shape, dim):
     """``native_normalize_layout_twice`` (the hook API's compiled route): two tensors in separate
-    storage, each ``native_normalize_layout``'s bits; the backward's ``kept`` gradient is added to
-    ``grad`` as autograd would (the result is the backward of grad + kept, bit for bit), and through
-    the op's autograd formula either output's gradient reaches the weight."""
-    w, u, v = _inputs(shape, dim, dtype)
+    storage with ``native_normalize_layout``'s bits, the first in the layout asked for, the second in
+    the weight's own (C6); the backward's ``kept`` gradient is added to ``grad`` as autograd would (the
+    result is the backward of grad + kept, bit for bit), a ``kept`` of zeros (either sign) is not added
+    (the backward of grad alone, -0 entries of grad included: eager's result), and through the op's
+    autograd formula either output's gradient reaches the weight."""
+    w0, u, v = _inputs(shape, dim, dtype)
     sigma = torch.tensor(2.75, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     gen = torch.Generator().manual_seed(5)
     G, K = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
-    for channels_last in ([False, True] if w.dim() == 4 else [False]):
-        a, b = _ops().native_normalize_layout_twice(w, u, v, sigma, dim, channels_last)
-        expected = _ops().native_normalize_layout(w, u, v, sigma, dim, channels_last)
-        assert torch.equal(a, expected) and torch.equal(b, expected) and a.stride() == b.stride() == expected.stride()
-        assert a.data_ptr() != b.data_ptr()
-        g, k = (t.contiguous(memory_format=_layout_format(channels_last)) for t in (G, K))
-        both = _ops().native_normalize_layout_backward(g, a, u, v, sigma, dim, channels_last, k)
-        assert torch.equal(both, _ops().native_normalize_layout_backward(g + k, a, u, v, sigma, dim, channels_last))
-        weight = w.clone().requires_grad_()
-        for outs in ((G, None), (None, K), (G, K)):
-            weight.grad = None
-            first, second = _ops().native_normalize_layout_twice(weight, u, v, sigma, dim, False)
-            used = [(o, t) for o, t in zip((first, second), outs) if t is not None]
-            torch.autograd.backward([o for o, _ in used], [t for _, t in used])
-            total = sum(t for t in outs if t is not None)
-            assert torch.equal(weight.grad, _ops().native_normalize_layout_backward(total, first, u, v, sigma, dim,
-                                                                                     False)), outs
+    G.view(-1)[::3] = -0.0  # signed zeros, which a sum with a zero kept would turn into +0
+    for w in _layouts(w0):
+        own = w.dim() == 4 and not w.is_contiguous()
+        for channels_last in ([False, True] if w.dim() == 4 else [False]):
+            a, b = _ops().native_normalize_layout_twice(w, u, v, sigma, dim, channels_last)
+            expected = _ops().native_normalize_layout(w, u, v, sigma, dim, channels_last)
+            assert torch.equal(a, expected) and torch.equal(b, expected) and a.stride() == expected.stride()
+            assert b.stride() == _ops().native_normalize_layout(w, u, v, sigma, dim, own).stride()
+            # the weight's memory format (as empty_like(w), eager's module.weight, has it; strides of size-1 dims aside)
+            assert all(b.is_contiguous(memory_format=f) == w.is_contiguous(memory_format=f)
+                       for f in (torch.contiguous_format, torch.channels_last))
+            assert a.data_ptr() != b.data_ptr()
+            g, k = (t.contiguous(memory_format=_layout_format(channels_last)) for t in (G, K))
+            for kept in (k, b.new_empty(b.shape).copy_(K)):  # kept in a's layout or in b's
+                both = _ops().native_normalize_layout_backward(g, a, u, v, sigma, dim, channels_last, kept)
+                assert torch.equal(both, _ops().native_normalize_layout_backward(g + k, a, u, v, sigma, dim,
+                                                                                 channels_last))
+            alone = _ops().native_normalize_layout_backward(g, a, u, v, sigma, dim, channels_last)
+            for zero in (torch.zeros_like(b), torch.full_like(b, -0.0)):
+                skipped = _ops().native_normalize_layout_backward(g, a, u, v, sigma, dim, channels_last, zero)
+                assert torch.equal(skipped, alone) and torch.equal(skipped.signbit(), alone.signbit())
+            # one nonzero entry, the last in storage order, is added: 1.0 (the result is grad + kept's), and
+            # the dtype's smallest normal (a float64 one is 0 as a float32), seen alone with a zero grad
+            for value in (1.0, torch.finfo(dtype).tiny):
+                one = torch.zeros(shape, dtype=dtype)
+                one.view(-1)[-1] = value
+                for kept in (one, torch.zeros_like(b).copy_(one)):
+                    added = _ops().native_normalize_layout_backward(g, a, u, v, sigma, dim, channels_last, kept)
+                    assert torch.equal(added, _ops().native_normalize_layout_backward(g + kept, a, u, v, sigma, dim,
+                                                                                      channels_last))
+                    alone_kept = _ops().native_normalize_layout_backward(torch.zeros_like(g), a, u, v, sigma, dim,
+                                                                         channels_last, kept)
+                    assert alone_kept.count_nonzero() > 0, value
+    weight = w0.clone().requires_grad_()
+    for outs in ((G, None), (None, K), (G, K)):
+        weight.grad = None
+        first, second = _ops().native_normalize_layout_twice(weight, u, v, sigma, dim, False)
+        used = [(o, t) for o, t in zip((first, second), outs) if t is not None]
+        torch.autograd.backward([o for o, _ in used], [t for _, t in used])
+        total = sum(t for t in outs if t is not None)
+        assert torch.equal(weight.grad, _ops().native_normalize_layout_backward(total, first, u, v, sigma, dim,
+                                                                                 False)), outs
     with pytest.raises(RuntimeError, match="grad must have the weight's shape"):
         _ops().native_normalize_layout_backward(G, a, u, v, sigma, dim, False, K.flatten())
 

@@ -113,8 +113,7 @@ def _finish() -> None:
                                         setup_context=_layout_setup_context)
         layout_ops = (torch.ops.sn_kernels.native_normalize_layout, torch.ops.sn_kernels.native_normalize_layout_backward)
     if hasattr(torch.ops.sn_kernels, "native_normalize_layout_twice"):  # the hook API's compiled CPU route
-        torch.library.register_fake("sn_kernels::native_normalize_layout_twice")(
-            lambda *args: (_fake_laid_out(*args), _fake_laid_out(*args)))
+        torch.library.register_fake("sn_kernels::native_normalize_layout_twice")(_fake_laid_out_twice)
         torch.library.register_autograd("sn_kernels::native_normalize_layout_twice", _layout_backward,
                                         setup_context=_layout_setup_context)
         layout_ops += (torch.ops.sn_kernels.native_normalize_layout_twice,)
@@ -145,6 +144,17 @@ def _fake_laid_out(weight, u, v, sigma, dim, channels_last):
     return torch.empty_like(weight, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _own_channels_last(weight) -> bool:
+    """Whether ``weight`` itself is stored channels-last (a 4-d tensor that is not also contiguous)."""
+    return weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _fake_laid_out_twice(weight, u, v, sigma, dim, channels_last):
+    """The first as ``_fake_laid_out``, the second (the kept copy) laid out as ``weight`` is."""
+    return (_fake_laid_out(weight, u, v, sigma, dim, channels_last),
+            _fake_laid_out(weight, u, v, sigma, dim, _own_channels_last(weight)))
+
+
 def _fake_layout_backward(grad, weight_sn, u, v, sigma, dim, channels_last, kept=None):
     return _fake_laid_out(weight_sn, u, v, sigma, dim, channels_last)
 
@@ -154,8 +164,7 @@ def _layout_setup_context(ctx, inputs, output):
     weight, u, v, sigma, dim, _ = inputs
     ctx.dim = dim
     # grad_W in the weight's own layout (a channels-last parameter's gradient is channels-last)
-    ctx.channels_last = weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(
-        memory_format=torch.channels_last)
+    ctx.channels_last = _own_channels_last(weight)
     weight_sn = output[0] if isinstance(output, (tuple, list)) else output
     ctx.save_for_backward(weight_sn, u, v, sigma)  # W / sigma, not W: see contract.register_ops
 
