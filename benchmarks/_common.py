@@ -56,6 +56,22 @@ def quantiles(xs):
     return statistics.median(xs), percentile(xs, 0.2), percentile(xs, 0.8)
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` providers for paired rounds, a Williams design: over the n orders (2n for an odd n)
+    each provider runs in each position equally often and right after each other provider equally
+    often, so that what one provider leaves behind (caches, freed memory) does not always land on the
+    same other one, as a plain rotation makes it."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    orders = [[(k + i) % n for k in first] for i in range(n)]
+    return orders + [o[::-1] for o in orders] if n % 2 else orders
+
+
 class Holder(nn.Module):
     """A module whose forward returns its weight: randn / sqrt(shape[-1]), or randn * ``scale``."""
 

@@ -12,8 +12,8 @@ init of the layer, seeded):
   between: its median is the carry's cost, its mean the amortized cost), and the same two for
   ``bound="operator"`` (``operator_every1``, ``operator_every10``: a 4-D weight is an nn.Conv2d with
   padding (k - 1) / 2, certified as a convolution operator at every input size).  Paired rounds: every
-  round runs each provider once, back to back, in a rotating order; medians (p20, p80) of the
-  times and of the per-round ratios to ``plain``.  ``total`` rows: the sums over all the set's
+  round runs each provider once, back to back, in balanced orders (``_common.balanced_orders``);
+  medians (p20, p80) of the times and of the per-round ratios to ``plain``.  ``total`` rows: the sums over all the set's
   layers (shapes times their count) of the medians and means.
 * tightness: B' / sigma_exact (B' the divisor, what ``sn_kernels.sigmas`` reports; sigma_exact the
   float64 SVD of the raw weight) right after a refresh, and after 9 carry steps, each after one
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
 from _common import device_name, find_shapes, load_shapes, quantiles, write_csv  # noqa: E402
-from grouped_cpu import paired  # noqa: E402  (paired rounds in a rotating order, after a warm-up)
+from grouped_cpu import paired  # noqa: E402  (paired rounds in balanced orders, after a warm-up)
 from sn_kernels import parametrizations as P  # noqa: E402
 from sn_kernels.find import find  # noqa: E402
 from sn_kernels.testing import svd_sigma  # noqa: E402

@@ -17,7 +17,8 @@
    ``grouped_step`` (sn_kernels.group(D, optimizer=opt): D(real) and D(fake) share one power
    iteration and one W / sigma per optimizer step).
 
-Every round runs each provider once, back to back, in a rotating order; medians (p20, p80)
+Every round runs each provider once, back to back, in orders balanced so that each provider runs
+right after each other one equally often (``_common.balanced_orders``); medians (p20, p80)
 of the times and of the per-round speed-ups against torch_param and against per-module native.
 
     python benchmarks/grouped_cpu.py [--rounds N] [--big-rounds N] [--step-rounds N] [--batch B]
@@ -41,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import sn_kernels  # noqa: E402
-from _common import BUNDLED_SHAPES, Holder, copy_bandwidth, device_name, load_shapes, write_csv  # noqa: E402
+from _common import BUNDLED_SHAPES, Holder, balanced_orders, copy_bandwidth, device_name, load_shapes, write_csv  # noqa: E402
 from models import SNGANDiscriminator, hinge_d_loss  # noqa: E402
 
 BYTES_MODEL_FWD_BWD = 8  # |W| per forward + backward (docs/design.md#bytes-model)
@@ -68,11 +69,13 @@ def q(values, p):
 
 
 def paired(providers: dict, rounds: int, warmup: int = 3) -> dict:
+    """{name: [seconds per round]}: every round runs each provider once, in the orders of
+    ``balanced_orders`` taken in turn (after ``warmup`` unrecorded rounds)."""
     names = list(providers)
+    orders = balanced_orders(len(names))
     times = {n: [] for n in names}
     for r in range(warmup + rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
+        for n in (names[i] for i in orders[r % len(orders)]):
             t0 = time.perf_counter()
             providers[n]()
             dt = time.perf_counter() - t0

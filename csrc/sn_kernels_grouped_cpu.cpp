@@ -404,6 +404,22 @@ std::vector<T> pick(const std::vector<size_t>& idx, c10::ArrayRef<T> all) {
 
 // ------------------------------------------------------------------ forward
 
+// The forward's working memory, kept per calling thread from call to call (never shrunk: about the
+// largest group's u, v, s, t and chunk partials, 4 bytes per row and column and per chunk-row of its
+// chunked weights).  Allocated and freed at every call, it let glibc trim its heap (or unmap a large
+// partial buffer) and the next call pay page faults and, on a VM, waits for the other CPU's TLB flush:
+// sngan_cifar_d's 0.2 ms forward took 0.6-1.0 ms in a fifth of the benchmark's rounds (benchmarks/
+// NOTES.md, G4).
+struct Scratch {
+  std::vector<Fw> fw;
+  std::vector<Item> whole, items;
+};
+
+Scratch& forward_scratch() {
+  static thread_local Scratch scratch;
+  return scratch;
+}
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
               int64_t n_power_iterations, double eps, c10::string_view order, bool training) {
@@ -417,9 +433,9 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
   }
   if (k == 0) (void)order_is_vu(std::string(order.data(), order.size()));
   std::vector<at::Tensor> out(k), sigmas(k), new_u(k), new_v(k);
-  std::vector<Fw> fw;
+  Scratch& scratch = forward_scratch();
+  std::vector<Fw>& fw = scratch.fw;  // fw[0, nf) are this call's, made below
   std::vector<size_t> fast;  // fw[j] is weights[fast[j]]
-  fw.reserve(k);
   CudaGroups cuda;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -456,14 +472,15 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
 #endif
   if (fast.empty()) return {std::move(out), std::move(sigmas), std::move(new_u), std::move(new_v)};
 
-  std::vector<Item> whole;
+  std::vector<Item>& whole = scratch.whole;
+  whole.clear();
   int64_t group_numel = 0;
   for (size_t i : fast) group_numel += weights[i].numel();
+  if (fw.size() < fast.size()) fw.resize(fast.size());  // never shrunk: its vectors keep their capacity
   for (size_t j = 0; j < fast.size(); ++j) {
     const size_t i = fast[j];
     const at::Tensor& w = weights[i];
-    fw.emplace_back();
-    Fw& f = fw.back();
+    Fw& f = fw[j];  // every field set below
     f.m = views[i].m;
     f.n = views[i].n();
     f.w = w.const_data_ptr<float>();
@@ -479,10 +496,11 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
     f.t.resize(f.n);
     if (training && f.chunked()) f.part.resize(static_cast<size_t>(f.chunks * f.n));
     f.whole = run_whole(f.m * f.n, group_numel);
+    f.sig = 0;
     f.stream = stream_on() && f.m * f.n >= STREAM_MIN;
     if (f.whole) whole.push_back({f.m * f.n * (training ? n_power_iterations + 1 : 2), int32_t(j), WHOLE, 0, 0});
   }
-  const int64_t nf = static_cast<int64_t>(fw.size());
+  const int64_t nf = static_cast<int64_t>(fast.size());
   // the large weights go through phases; the small ones run whole in the first phase's table
   auto body = [&](const Item& it) {
     Fw& f = fw[it.weight];
@@ -500,7 +518,7 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
   std::vector<int64_t> band_sizes(nf);
   for (int64_t j = 0; j < nf; ++j) band_sizes[j] = fw[j].whole ? 0 : fw[j].m * fw[j].n;
   const std::vector<std::vector<int64_t>> bands = bands_of(band_sizes);
-  std::vector<Item> items;
+  std::vector<Item>& items = scratch.items;
   const int64_t iterations = training ? n_power_iterations : 1;
   for (size_t bi = 0; bi < bands.size(); ++bi) {
     const std::vector<int64_t>& band = bands[bi];
