@@ -18,7 +18,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 import sn_kernels
-from helpers import record
+from helpers import assert_close, record
 from sn_kernels import bounds, certified
 from sn_kernels import parametrizations as P
 from sn_kernels.backends import native
@@ -221,6 +221,22 @@ def test_gradcheck(api, step, soft):
         assert not torch.equal(state.certifier.ref, w.detach())
     else:
         assert torch.equal(state.certifier.ref, w.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(128, 1152), (40, 16), (1, 64)], ids=str)
+def test_refresh_gradient_below_float64_is_float64s_to_float32_rounding(dtype, shape):
+    """The Gram bound's gradient is not part of the certificate, so for a weight below float64 it is formed
+    in float32 (``_GramBound.backward``): it matches the float64 computation on the same values to float32
+    rounding, and the bound itself (float64 throughout) is the same bits."""
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) / shape[1] ** 0.5).to(dtype)
+    low, high = w.clone().requires_grad_(), w.double().requires_grad_()
+    b_low, b_high = certified.gram_upper_bound(low), certified.gram_upper_bound(high)
+    assert torch.equal(b_low, b_high)
+    b_low.backward()
+    b_high.backward()
+    assert low.grad.dtype == dtype
+    assert_close(low.grad, high.grad, dtype=dtype, msg=f"{shape} {dtype}")
 
 
 def test_carry_gradient_at_the_reference_is_the_subgradient_zero():
