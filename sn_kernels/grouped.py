@@ -14,7 +14,8 @@ policies:
     mode form separate groups).  On the native backend the forward of a group is one
     C++ call (``native_group_forward``) and its backward another
     (``native_group_backward``): on the CPU, float32 weights run as a few parallel phases over
-    one table of (weight, chunk) work items (``csrc/sn_kernels_grouped_cpu.cpp``), so weights of
+    one table of (weight, chunk) work items (``csrc/sn_kernels_grouped_cpu.cpp``; its working memory is
+    kept per calling thread between calls), so weights of
     very different sizes share the threads, and contiguous CUDA weights run the multi-tensor CUDA
     kernels (``csrc/sn_kernels_grouped_cuda.cu``: 2k + 1 launches forward, 2 backward, bit-identical
     to the per-weight kernels); the ops are functional (the iterated u, v come back
