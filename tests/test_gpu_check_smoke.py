@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["step1_build_test.sh", "step2_checks.sh", "step3_bench.sh"]
+STEPS = ["step1_build_test.sh", "step2_checks.sh", "step3_bench.sh", "step4_compile.sh"]
 
 
 def _env(**extra):
@@ -69,7 +69,7 @@ def test_run_py_rehearsal(tmp_path):
 
 
 def test_gpu_step_scripts_dry_run(tmp_path):
-    """The three step scripts in rehearsal + dry mode: their own logic, budget and output files
+    """The step scripts in rehearsal + dry mode: their own logic, budget and output files
     (at most 8 plain-named files per step folder, as the device tool brings back)."""
     env = _env(SN_GPU_REHEARSAL="1", SN_GPU_DRY="1", PYTHON=sys.executable, SN_GPU_WORK=str(tmp_path / "work"))
     for step in STEPS:

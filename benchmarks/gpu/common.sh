@@ -1,4 +1,4 @@
-# Shared by the three GPU steps (sourced, with the output folder as $1).  See benchmarks/gpu/README.md.
+# Shared by the GPU steps (sourced, with the output folder as $1).  See benchmarks/gpu/README.md.
 #
 # - Every step builds the extension unless this machine already built these sources (a fresh
 #   machine starts bare: each step must stand alone), then runs its parts under `timeout`, each
