@@ -172,6 +172,16 @@ def _rescale(x: Tensor, checked: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     return h, p, _up(_up(_up(fh * fh) * _gamma(n)) + _ABS)
 
 
+def _oriented(mat: Tensor) -> tuple[Tensor, Tensor]:
+    """(x, p0): ``mat`` in float64 with its smaller side last (G = x^T x is k x k, k the smaller side),
+    scaled exactly by 2^-p0 to entries below 1 (no overflow in the first norms; what underflows is
+    covered by the absolute slack, as in ``_scaled``), without reading anything back."""
+    x = mat.to(torch.float64)
+    x = x.mT if x.shape[0] < x.shape[1] else x
+    p0 = torch.frexp(x.abs().amax()).exponent.to(torch.int64).clamp(-1022, 1022)
+    return x * _pow2(-p0, checked=False), p0
+
+
 def _eig_finish(x: Tensor) -> tuple[Tensor, Tensor]:
     """Certified upper bounds on sigma(x[b]) and the top eigenvectors of x^H x, by ``eigh`` plus a residual bound.
 

@@ -106,27 +106,123 @@ def test_dense_enclosure(method):
         assert 1 - lo / exact <= tol, f"{method}: {name}: lower {1 - lo / exact:.3e} below"
 
 
-def test_gram_upper_bound_tensor():
-    """certified.gram_upper_bound (the host-free tensor version that bound='upper' refreshes with) encloses
-    sigma on every real case, adversarial scales included, within the Gram worst case k^(1/2^(T+1))."""
+def _refresh_bound(kind):
+    """(function, its tightness promise(mat)) of the two host-free bounds that bound='upper' refreshes with."""
     from sn_kernels.certified import GRAM_STEPS, gram_upper_bound
+    from sn_kernels.cholesky_bound import SLACKS, cholesky_upper_bound
 
+    if kind == "gram":  # the Gram worst case k^(1/2^(T+1)) (a flat spectrum)
+        return gram_upper_bound, lambda mat: min(mat.shape) ** (1 / 2 ** (GRAM_STEPS + 1)) if min(mat.shape) > 1 else 1.0
+    return cholesky_upper_bound, lambda mat: math.sqrt(1 + SLACKS[0]) * (1 + 1e-10)  # the first candidate held
+
+
+@pytest.mark.parametrize("kind", ["gram", "cholesky"])
+def test_refresh_bound_tensor(kind):
+    """certified.gram_upper_bound and cholesky_bound.cholesky_upper_bound (the host-free tensor bounds that
+    bound='upper' refreshes with) enclose sigma on every real case, adversarial scales included, within
+    their promised tightness."""
+    fn, promise = _refresh_bound(kind)
     for name, w, dim in CASES:
         if w.is_complex():
             continue
         mat = bounds.as_matrix(w, dim)
-        upper = gram_upper_bound(mat)
+        upper = fn(mat)
         assert upper.dtype == torch.float64 and upper.dim() == 0
         exact = exact_sigma(w, dim)
         hi = upper.item()
-        assert hi >= exact, f"gram_upper_bound: {name}: {hi!r} < {exact!r}"
+        assert hi >= exact, f"{kind}: {name}: {hi!r} < {exact!r}"
         if exact > 0:
-            worst = min(mat.shape) ** (1 / 2 ** (GRAM_STEPS + 1)) if min(mat.shape) > 1 else 1.0
-            assert hi <= exact * worst * (1 + 1e-9) or hi <= 1e-290, name
-            record("gram_upper_bound upper/exact", torch.tensor(hi / exact, dtype=torch.float64),
+            assert hi <= exact * promise(mat) * (1 + 1e-9) or hi <= 1e-290, name
+            record(f"{kind} refresh bound upper/exact", torch.tensor(hi / exact, dtype=torch.float64),
                    torch.tensor(1.0, dtype=torch.float64))
         else:
             assert hi < 1  # a zero matrix: slack only (the absolute 2^-1000 per step, square-rooted)
+
+
+def _lanczos_cases():
+    """Matrices whose smaller side is above cholesky_bound.EIGH_MAX_SIDE: the estimate comes from Lanczos."""
+    from sn_kernels.cholesky_bound import EIGH_MAX_SIDE
+
+    k = EIGH_MAX_SIDE + 44
+    g = torch.Generator().manual_seed(7)
+    return {
+        "randn fp64": torch.randn(k, 2 * k, generator=g, dtype=torch.float64),
+        "randn fp32 wide": torch.randn(k + 100, 3 * k, generator=g),
+        "randn fp32 tall": torch.randn(3 * k, k + 1, generator=g) * 1e-20,
+        "flat": _spectrum_matrix(k, k, [1.0] * k, 1),  # Lanczos breaks down at once
+        "rank 1": torch.outer(torch.randn(k, generator=g, dtype=torch.float64), torch.randn(k + 9, generator=g,
+                                                                                       dtype=torch.float64)),
+        "rank 3": _spectrum_matrix(k, k + 20, [3.0, 2.0, 1.0], 2),
+        "near repeated 1e-7": _spectrum_matrix(k, k + 50, [2.0] + [2 - 1e-7] * (k - 1), 3),
+        "cluster 1e-4 steps": _spectrum_matrix(k, 2 * k, [1.0 - 1e-4 * i for i in range(k)], 5),
+        "zero": torch.zeros(k, k),
+    }
+
+
+def test_cholesky_bound_with_lanczos_estimate():
+    """Above EIGH_MAX_SIDE (the Lanczos estimate, breakdowns included): enclosed, and tight to a slack
+    candidate (2^-26 at most: no case falls back to the Frobenius norm)."""
+    from sn_kernels.cholesky_bound import SLACKS, cholesky_upper_bound
+
+    for name, mat in _lanczos_cases().items():
+        hi = cholesky_upper_bound(mat).item()
+        exact = svd_sigma(mat).item()
+        assert hi >= exact, f"{name}: {hi!r} < {exact!r}"
+        if exact > 0:
+            assert hi / exact <= math.sqrt(1 + SLACKS[1]) * (1 + 1e-10), f"{name}: {hi / exact - 1:.3e}"
+            record("cholesky refresh bound upper/exact (Lanczos)", torch.tensor(hi / exact, dtype=torch.float64),
+                   torch.tensor(1.0, dtype=torch.float64))
+        else:
+            assert hi < 1
+
+
+@pytest.mark.parametrize("off", [1 - 2.0 ** -20, 0.5, 2.0, float("nan")], ids=["low", "half", "double", "nan"])
+def test_cholesky_certificate_does_not_trust_the_estimate(off, monkeypatch):
+    """The bound rests on the Cholesky factorizations, not on the estimate: an estimate 2^-20 too low makes
+    the first two candidates fail (the third, 2^-12, holds), half of it or NaN all three (the Frobenius norm
+    of the Gram matrix is left), twice only loosens it.  Enclosed every time."""
+    from sn_kernels import cholesky_bound
+
+    real = cholesky_bound._estimate
+    monkeypatch.setattr(cholesky_bound, "_estimate", lambda kmat: (real(kmat)[0] * off, real(kmat)[1]))
+    g = torch.Generator().manual_seed(11)
+    for mat in (torch.randn(40, 90, generator=g, dtype=torch.float64), _spectrum_matrix(30, 30, [1.0] * 30, 4),
+                _spectrum_matrix(50, 60, [2.0, 1.9] + [0.1] * 48, 5)):
+        exact = svd_sigma(mat).item()
+        ratio = cholesky_bound.cholesky_upper_bound(mat).item() / exact
+        s = torch.linalg.svdvals(mat)
+        frobenius = (s ** 4).sum().item() ** 0.25 / exact  # sqrt(||M^T M||_F) / sigma
+        assert ratio >= 1
+        if off > 1:  # the first candidate holds
+            expected = math.sqrt(off * (1 + cholesky_bound.SLACKS[0]))
+        elif off > 1 - 2.0 ** -12:  # the last one holds
+            expected = math.sqrt(off * (1 + cholesky_bound.SLACKS[-1]))
+        else:  # none
+            expected = frobenius
+        assert ratio == pytest.approx(min(expected, frobenius), rel=1e-9)
+
+
+def test_cholesky_bound_gradient():
+    """Its gradient is B / sigma times sigma_1's, u v^T (gradcheck and gradgradcheck, float64), formed in
+    float32 for a float32 weight (float32's rounding of the float64 result)."""
+    from sn_kernels.cholesky_bound import cholesky_upper_bound
+
+    g = torch.Generator().manual_seed(2)
+    for shape in ((4, 12), (12, 4), (1, 7), (30, 7)):
+        w = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(cholesky_upper_bound, (w,))
+        assert torch.autograd.gradgradcheck(cholesky_upper_bound, (w,))
+    for shape in ((128, 300), (300, 20)):  # Lanczos (k > 256) and eigh
+        w64 = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        b = cholesky_upper_bound(w64)
+        b.backward()
+        u, s, vh = torch.linalg.svd(w64.detach())
+        expected = torch.outer(u[:, 0], vh[0]) * (b.detach() / s[0])
+        torch.testing.assert_close(w64.grad, expected, rtol=1e-9, atol=1e-12)
+        w32 = w64.detach().float().requires_grad_()
+        cholesky_upper_bound(w32).backward()
+        assert w32.grad.dtype == torch.float32
+        torch.testing.assert_close(w32.grad, expected.float(), rtol=1e-4, atol=1e-6)
 
 
 def test_dense_complex():

@@ -22,6 +22,7 @@ from helpers import assert_close, record
 from sn_kernels import bounds, certified
 from sn_kernels import parametrizations as P
 from sn_kernels.backends import native
+from sn_kernels.cholesky_bound import cholesky_upper_bound
 from sn_kernels.conv_norm import dense_operator_norm
 from sn_kernels.find import find
 from sn_kernels.testing import svd_sigma
@@ -365,6 +366,22 @@ def test_no_host_sync_cpu(api, no_host_reads):
     assert calls
 
 
+def test_no_host_sync_cholesky_bound(no_host_reads):
+    """The CPU refresh's bound on a weight whose estimate takes Lanczos (breakdown selection included) and
+    on one that takes eigh, forward and backward: no tensor value read on the host."""
+    from sn_kernels.cholesky_bound import EIGH_MAX_SIDE, cholesky_upper_bound
+
+    guard, calls = no_host_reads
+    mats = [torch.randn(EIGH_MAX_SIDE + 8, EIGH_MAX_SIDE + 40, requires_grad=True),
+            torch.randn(20, 7, requires_grad=True)]
+    for mat in mats:
+        cholesky_upper_bound(mat).backward()  # warm-up outside the guard (lazy imports)
+    with guard:
+        for mat in mats:
+            cholesky_upper_bound(mat).backward()
+    assert calls == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("api", ["hook", "param"])
 def test_no_host_sync_cuda(api):
@@ -633,3 +650,7 @@ def test_errors(api):
         certified.gram_upper_bound(torch.randn(2, 3, 4))
     with pytest.raises(TypeError):
         certified.gram_upper_bound(torch.randn(2, 3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="matrix"):
+        cholesky_upper_bound(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError):
+        cholesky_upper_bound(torch.randn(2, 3, dtype=torch.complex64))

@@ -114,7 +114,9 @@ def test_tight_for_repeated_taps_with_circular_padding(api, dtype):
     WRAP[api](layer, bound="operator", coeff=0.8)
     layer(torch.randn((1,) + shape, dtype=dtype))
     ratio = dense_operator_norm(layer, shape).item() / 0.8
-    assert 1 - (1e-5 if dtype == torch.float32 else 1e-12) < ratio <= 1 + SLACK
+    # float64: the refresh's margins (1e-12) and the Cholesky certificate's slack sqrt(1 + 2^-40) with its
+    # backward error (cholesky_bound.py) leave W_sn's norm within 2e-12 of coeff
+    assert 1 - (1e-5 if dtype == torch.float32 else 2e-12) < ratio <= 1 + SLACK
 
 
 @pytest.mark.parametrize("mode", ["zeros", "circular", "reflect", "replicate"])

@@ -1,0 +1,168 @@
+"""A certified upper bound on sigma(W) from one Gram product and a Cholesky certificate.
+
+``certified.gram_upper_bound`` forms G = x^T x (k x k, k the smaller side of W) and then squares it
+nine more times; on a CPU those k^3 squarings cost as much as the first product, and the analytic
+gradient as much again.  ``cholesky_upper_bound`` stops after the first product:
+
+1. G = fl(h^T h) for h = x / 2^p (``bounds._rescale``: e >= ||G - h^T h||_F), made exactly symmetric
+   as K = (G + G^T) / 2 (its rounding added to e, as in ``bounds._eig_finish``).
+2. An estimate lam of lambda_max(K), and its vector q: ``eigh`` up to ``EIGH_MAX_SIDE``, else Lanczos
+   with full reorthogonalization (``LANCZOS_STEPS`` steps, Rayleigh-Ritz on the vectors it made).
+   Nothing rests on it: an estimate too low makes step 3 fail, one too high loosens the bound.
+3. The certificate: for each c = lam (1 + delta), delta in ``SLACKS``, the Cholesky factorization of
+   A = fl(c I - K) (``torch.linalg.cholesky_ex``: no error raised, nothing read on the host).  If it
+   runs to completion with finite entries, L L^T = A + dA with |dA| <= gamma_{k+1} |L| |L^T| for any
+   order of the inner products (Higham, *Accuracy and Stability of Numerical Algorithms*, Thm 10.3),
+   so ||dA||_2 <= gamma_{k+1} ||L||_F^2, and L L^T >= 0 gives lambda_min(A) >= -gamma_{k+1} ||L||_F^2.
+   A differs from c I - K on its diagonal only, by the rounding of c - K_ii (at most 2u |a_ii| after
+   the fact), so lambda_max(K) <= c + gamma_{k+1} ||L||_F^2 + 2u max_i |a_ii|.  The smallest such
+   bound is taken, and ||K||_F >= lambda_max(K) where none succeeded (never seen in the tests: a
+   certified but loose last resort).
+4. sigma(x) <= 2^p sqrt(that + e) (``bounds._unwind`` with one step), then the final relative margin
+   ``bounds._margin`` and the exact scaling 2^p0 of ``bounds._oriented``, as the Gram bound does.
+
+Tightness: B / sigma <= sqrt(1 + delta) (1 + ~1e-12), 1 + 7.5e-9 with the first slack, against the
+Gram bound's k^(1/2^11) worst case (1.0036 for k = 1536).  Cost: the k^2 n product, an ``eigh`` or
+Lanczos, and three k^3 / 3 factorizations; the backward is rank one.  On a 2-core CPU, 1536 x 13824:
+see benchmarks/NOTES.md, K4.
+
+Gradient (not part of the certificate): that of c_B sigma_1(W), c_B = B / sigma_hat held constant,
+i.e. B (W q) q^T / ||W q||^2: one product with W, in float32 for weights of at most float32 precision.  With create_graph=True,
+autograd through ``torch.linalg.matrix_norm(·, 2)`` (the same first derivative, and the second).
+
+CPU only for now: ``certified`` uses it to refresh CPU weights, and the Gram bound (matrix products
+only) on other devices, where ``cholesky_ex`` and ``eigh`` have not been measured (nor checked for
+host synchronisation).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _oriented, _pow2, _rescale, _unwind, _up
+
+__all__ = ["EIGH_MAX_SIDE", "LANCZOS_STEPS", "SLACKS", "cholesky_upper_bound"]
+
+#: relative slacks of the Cholesky candidates c = lam (1 + delta), smallest first (the first succeeds
+#: unless lam is off by more than 6e-8; the others cover clusters that Lanczos did not split)
+SLACKS = (2.0 ** -40, 2.0 ** -26, 2.0 ** -12)
+#: the estimate by ``eigh`` up to this smaller side (fast enough, and no Python loop), Lanczos above it
+EIGH_MAX_SIDE = 256
+#: Lanczos steps (for k > EIGH_MAX_SIDE): the top Ritz value then converges to ~1e-10 for random weights
+LANCZOS_STEPS = 64
+_BREAKDOWN = 2.0 ** -40  # a Lanczos residual below this times trace(K): the Krylov space is invariant
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / torch.linalg.vector_norm(x).clamp_min(2.0 ** -1000)
+
+
+def _lanczos(kmat: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """(lam, q): the top Ritz pair of ``steps`` Lanczos steps on the symmetric ``kmat``, fully
+    reorthogonalized (twice), from a fixed pseudo-random start.  Where the residual vanishes (an invariant
+    Krylov space: a flat or low-rank spectrum) the next vector is the next fixed start vector made
+    orthogonal to the basis, chosen by ``torch.where`` (no host read)."""
+    n = kmat.shape[-1]
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randn(steps, n, generator=gen, dtype=torch.float64).to(kmat.device)
+    floor = kmat.diagonal().sum() * _BREAKDOWN
+    basis = _unit(starts[0]).unsqueeze(0)  # rows: the orthonormal vectors so far
+    images = []
+    for j in range(steps):
+        w = kmat @ basis[j]
+        images.append(w)
+        if j == steps - 1:
+            break
+        r = w - (basis @ w) @ basis
+        r = r - (basis @ r) @ basis
+        fresh = starts[j + 1] - (basis @ starts[j + 1]) @ basis
+        fresh = fresh - (basis @ fresh) @ basis
+        beta = torch.linalg.vector_norm(r)
+        nxt = torch.where(beta > floor, r / beta.clamp_min(2.0 ** -1000), _unit(fresh))
+        basis = torch.cat([basis, nxt.unsqueeze(0)])
+    proj = basis @ torch.stack(images, 1)  # basis^T K basis
+    lam, vecs = torch.linalg.eigh((proj + proj.mT) / 2)
+    return lam[-1], vecs[:, -1] @ basis
+
+
+def _estimate(kmat: Tensor) -> tuple[Tensor, Tensor]:
+    """(lam, q) ~ the top eigenpair of the symmetric ``kmat`` (an estimate: step 2 of the module docstring)."""
+    n = kmat.shape[-1]
+    if n <= EIGH_MAX_SIDE:
+        lam, vecs = torch.linalg.eigh(kmat)
+        return lam[-1], vecs[:, -1]
+    return _lanczos(kmat, min(n, LANCZOS_STEPS))
+
+
+def _certified_top(kmat: Tensor, lam: Tensor) -> Tensor:
+    """An upper bound on lambda_max(kmat) (exactly symmetric, float64): the smallest certified Cholesky
+    candidate, else ||kmat||_F (step 3 of the module docstring)."""
+    n = kmat.shape[-1]
+    g = _gamma(n + 1)
+    best = _fro_up(kmat)
+    diag = kmat.diagonal()
+    for delta in SLACKS:
+        c = lam.clamp_min(0.0) * (1 + delta)
+        a = -kmat
+        a.diagonal().copy_(c - diag)
+        low, info = torch.linalg.cholesky_ex(a)
+        fro = _fro_up(low)
+        diag_err = _up(_up(a.diagonal().abs().amax() * (2 * _U)) + _ABS)
+        bound = _up(_up(c + _up(_up(fro * fro) * g)) + diag_err)
+        ok = (info == 0) & torch.isfinite(fro)
+        best = torch.where(ok, torch.minimum(best, bound), best)
+    return best
+
+
+def _smooth(mat: Tensor, upper: Tensor) -> Tensor:
+    """``upper`` in value, with the derivatives (first and second) of upper / sigma_1 held constant times
+    sigma_1(mat): for create_graph=True."""
+    log_s = torch.log(torch.linalg.matrix_norm(mat.to(torch.float64), 2).clamp_min(2.0 ** -1022))
+    return upper * torch.exp(log_s - log_s.detach())
+
+
+class _CholeskyBound(torch.autograd.Function):
+    """B >= sigma(mat) (``cholesky_upper_bound``), with the gradient of (B / sigma_hat) sigma_1."""
+
+    @staticmethod
+    def forward(ctx, mat: Tensor) -> Tensor:
+        x, p0 = _oriented(mat)
+        h, p, e = _rescale(x.unsqueeze(0), checked=False)
+        gram = h.mT @ h
+        kmat = ((gram + gram.mT) / 2)[0]  # exactly symmetric; averaging rounds by <= u ||K||_F
+        e = _up(e + _up(_fro_up(kmat) * _gamma(1)))
+        lam, q = _estimate(kmat)
+        upper = _unwind(_certified_top(kmat, lam), [(p, e)], upper=True, checked=False)[0]
+        upper = _up(_up(upper * (1 + _margin(*mat.shape))) * _pow2(p0, checked=False))
+        ctx.save_for_backward(mat, upper, q)
+        return upper
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        mat, upper, q = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable all the way
+            (out,) = torch.autograd.grad(_smooth(mat, upper.detach()), mat, grad, create_graph=True)
+            return out
+        # the gradient is not part of the certificate: formed in float32 for a weight of at most float32
+        # precision, without the float64 copy of W that the forward made (B / sigma_1 is scale-free)
+        work = torch.float64 if mat.dtype == torch.float64 else torch.float32
+        xo = mat.mT if mat.shape[0] < mat.shape[1] else mat
+        q = q.to(work)
+        y = xo.to(work) @ q  # ~ sigma_1 u; <(W q) q^T, W> = ||W q||^2
+        inner = y.to(torch.float64).square().sum()  # float64: ||W q||^2 of a float32 W can exceed its range
+        scale = torch.where(inner > 0, grad * upper / inner, torch.zeros_like(inner)).to(work)
+        d = torch.outer(y * scale, q)
+        if mat.shape[0] < mat.shape[1]:
+            d = d.mT
+        return d.to(mat.dtype)
+
+
+def cholesky_upper_bound(mat: Tensor) -> Tensor:
+    """A certified upper bound on the largest singular value of the 2-D real ``mat`` (rounding accounted
+    for): a 0-d float64 tensor on ``mat``'s device, nothing read on the host.  Differentiable, twice too.
+    Within sqrt(1 + 2^-26) (1 + ~1e-12) of sigma unless the estimate missed (module docstring)."""
+    if mat.dim() != 2:
+        raise ValueError(f"cholesky_upper_bound takes a matrix, got a {mat.dim()}-d tensor")
+    if not mat.is_floating_point():
+        raise TypeError(f"cholesky_upper_bound takes a real floating-point matrix, got {mat.dtype}")
+    return _CholeskyBound.apply(mat)
