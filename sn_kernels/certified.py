@@ -83,6 +83,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
+from .backends import native
 from .backends.contract import accumulation_dtype, matrix_shape
 from .backends.pytorch import as_matrix
 from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _oriented, _pow2, _rescale, _unwind, _up
@@ -211,21 +212,15 @@ def _scaled(weight: Tensor, den: Tensor, coeff: float, soft: bool) -> Tensor:
     return (weight.to(acc) * scale.to(acc)).to(weight.dtype)
 
 
-_carry_ops_found = False
-
-
 def _native_carry(weight: Tensor) -> bool:
     """Whether the carry of ``weight`` takes the C++ ops: an eager CPU weight whose selected backend is
     "native" (with an extension that has them).  The ops are CPU kernels only: compiled carries trace the
     tensor ops, and other backends and devices run them."""
-    global _carry_ops_found
     if weight.device.type != "cpu" or torch.compiler.is_compiling() or weight.is_complex():
         return False
     if dispatch.resolve(weight.device).name != "native":
         return False
-    if not _carry_ops_found:
-        _carry_ops_found = hasattr(torch.ops.sn_kernels, "native_carry_forward")
-    return _carry_ops_found
+    return native.has_op("native_carry_forward")
 
 
 def _smooth_bound(mat: Tensor, upper: Tensor, steps: int) -> Tensor:

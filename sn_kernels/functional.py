@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .backends import pytorch, traced
+from .backends import native, pytorch, traced
 from .backends.contract import composed_eager
 from .checks import check_call, check_variant
 
@@ -119,7 +119,7 @@ def _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff
     and the route has one (``_normalize_laid_out_twice``), ``weight_sn`` itself otherwise."""
     dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
     power_iteration, normalize = _compiled_ops(weight.device, backend)
-    if twice and normalize is _normalize_laid_out and _has_op("native_normalize_layout_twice"):
+    if twice and normalize is _normalize_laid_out and native.has_op("native_normalize_layout_twice"):
         normalize = _normalize_laid_out_twice
     out, sigma = composed_eager(power_iteration, normalize)(weight, u, v, n_power_iterations, eps, dim, order,
                                                             training, coeff, soft)
@@ -140,13 +140,8 @@ def _compiled_backend(choice: str, device_type: str) -> str:
         return "traced"
     name = dispatch.resolve(torch.device(device_type), choice).name
     if choice == "auto" and device_type in TRACED_DEVICE_TYPES:
-        return "native+layout" if name == "native" and _has_op("native_normalize_layout") else "traced"
+        return "native+layout" if name == "native" and native.has_op("native_normalize_layout") else "traced"
     return name
-
-
-def _has_op(name: str) -> bool:
-    """Whether the loaded native extension has the op ``name`` (an older build may not)."""
-    return hasattr(torch.ops.sn_kernels, name)
 
 
 def _normalize_laid_out(weight, u, v, sigma, dim):

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch, hooks, parametrizations
-from .backends import pytorch
+from .backends import native, pytorch
 from .checks import check_call, check_group
 from .find import walk
 
@@ -188,15 +188,6 @@ class _GroupNormalize(torch.autograd.Function):
         return tuple(out)
 
 
-_group_ops_found = False
-
-
-def _has_group_ops() -> bool:
-    """Whether the loaded native extension has the grouped ops (csrc/sn_kernels_grouped_cpu.cpp)."""
-    global _group_ops_found
-    if not _group_ops_found:
-        _group_ops_found = hasattr(torch.ops.sn_kernels, "native_group_forward")
-    return _group_ops_found
 
 
 def _normalize_group(items, order: str, n_power_iterations: int, eps: float, training: bool) -> list[Tensor]:
@@ -258,7 +249,7 @@ def _group_op_backend(device_type: str) -> str:
     """"native" or "triton" when a compiled grouped model on ``device_type`` takes that backend's
     grouped op (the backend selected there has one), else "".  Decided once per trace, outside it."""
     backend = dispatch.resolve(torch.device(device_type))
-    if backend.name == "native" and _has_group_ops():
+    if backend.name == "native" and native.has_op("native_group_forward"):
         return "native"
     if backend.name == "triton" and backend.group_forward is not None:
         return "triton"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sn_kernels
-from sn_kernels.backends import pytorch
+from sn_kernels.backends import native, pytorch
 from sn_kernels.testing import pytorch_formula
 from torch.testing._internal.optests.generate_tests import DEFAULT_TEST_UTILS
 
@@ -334,13 +334,13 @@ def test_native_registers_the_grouped_ops():
     the grouped ops, so test_opcheck_every_op checks them."""
     if "native" not in sn_kernels.available_backends("cpu"):
         pytest.skip("native extension not available")
-    from sn_kernels import dispatch, grouped
+    from sn_kernels import dispatch
 
     names = {_op_name(op) for op in dispatch.resolve(torch.device("cpu"), "native").ops}
     assert {"native_power_iteration", "native_normalize", "native_backward", "native_normalize_eager",
             "native_spectral_normalize_eager", "native_normalize_layout", "native_normalize_layout_backward",
             "native_normalize_layout_twice"} <= names
-    assert ({"native_group_forward", "native_group_backward"} <= names) == grouped._has_group_ops()
+    assert ({"native_group_forward", "native_group_backward"} <= names) == native.has_op("native_group_forward")
 
 
 # ------------------------------------------------------------------ layouts

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import sn_kernels
+from sn_kernels.backends import native
 from helpers import TwiceD, model_state as _state, weight_models
 
 
@@ -267,7 +268,7 @@ class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _native_group_ops():
-    return "native" in sn_kernels.available_backends("cpu") and sn_kernels.grouped._has_group_ops()
+    return "native" in sn_kernels.available_backends("cpu") and native.has_op("native_group_forward")
 
 
 class _Layers(nn.ModuleDict):
@@ -520,7 +521,7 @@ def test_compiled_grouped_model_takes_one_grouped_op(api, compiler):
     ONE native_group_forward (its backward one native_group_backward) instead of per-layer traced
     code; outputs, u, v, sigmas and gradients match the per-module eager model over training steps and
     in eval.  The layer called twice takes the grouped W/sigma once, then computes its own."""
-    if "native" not in sn_kernels.available_backends("cpu") or not sn_kernels.grouped._has_group_ops():
+    if "native" not in sn_kernels.available_backends("cpu") or not native.has_op("native_group_forward"):
         pytest.skip("the native extension (with its grouped ops) is not built")
     torch._dynamo.reset()
     model, reference = _fresh_pair(api)
@@ -555,7 +556,7 @@ def test_group_forward_autograd_formula_gradcheck(order):
     """The autograd formula of native_group_forward (what a compiled grouped model records: one
     native_group_backward for every weight) is the derivative of W / sigma(W) with u, v held
     constant: exact in eval mode, where sigma = u . W v; float64 gradcheck over three weights."""
-    if "native" not in sn_kernels.available_backends("cpu") or not sn_kernels.grouped._has_group_ops():
+    if "native" not in sn_kernels.available_backends("cpu") or not native.has_op("native_group_forward"):
         pytest.skip("the native extension (with its grouped ops) is not built")
     torch.manual_seed(0)
     shapes, dims = [(5, 4, 3, 3), (3, 7), (6, 2, 2)], [0, 1, 0]

@@ -21,6 +21,21 @@ NOT_BUILT = "extension not built (pip install -e . builds it; or set_backend('na
 _state = {"loaded": False, "error": None, "build_failed": None}
 
 
+_ops_seen: set[str] = set()
+
+
+def has_op(name: str) -> bool:
+    """Whether the loaded extension has the op ``sn_kernels::name`` (an older build may lack the newer
+    ops).  A yes is remembered (an extension is never unloaded); a no is asked again, as the extension
+    may load later."""
+    if name in _ops_seen:
+        return True
+    if hasattr(torch.ops.sn_kernels, name):
+        _ops_seen.add(name)
+        return True
+    return False
+
+
 def _import_prebuilt() -> str | None:
     """Import ``sn_kernels._C``; None on success, else why not."""
     try:
@@ -99,26 +114,26 @@ def _finish() -> None:
         dim = dim + weight.dim() if dim < 0 else dim  # out of range: the C++ check refuses it
         return composed(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
 
-    if hasattr(torch.ops.sn_kernels, "native_carry_forward"):  # the certified carry (certified.py)
+    if has_op("native_carry_forward"):  # the certified carry (certified.py)
         torch.library.register_fake("sn_kernels::native_carry_forward")(
             lambda weight, ref, base, k1, coeff, soft: (torch.empty_like(weight),) + tuple(
                 weight.new_empty((), dtype=torch.float64) for _ in range(2)))
         torch.library.register_fake("sn_kernels::native_carry_backward")(
             lambda grad, weight, ref, den, nrm, k1, coeff, soft: torch.empty_like(weight))
     layout_ops = ()
-    if hasattr(torch.ops.sn_kernels, "native_normalize_layout"):  # the compiled CPU route (functional.py)
+    if has_op("native_normalize_layout"):  # the compiled CPU route (functional.py)
         torch.library.register_fake("sn_kernels::native_normalize_layout")(_fake_laid_out)
         torch.library.register_fake("sn_kernels::native_normalize_layout_backward")(_fake_layout_backward)
         torch.library.register_autograd("sn_kernels::native_normalize_layout", _layout_backward,
                                         setup_context=_layout_setup_context)
         layout_ops = (torch.ops.sn_kernels.native_normalize_layout, torch.ops.sn_kernels.native_normalize_layout_backward)
-    if hasattr(torch.ops.sn_kernels, "native_normalize_layout_twice"):  # the hook API's compiled CPU route
+    if has_op("native_normalize_layout_twice"):  # the hook API's compiled CPU route
         torch.library.register_fake("sn_kernels::native_normalize_layout_twice")(_fake_laid_out_twice)
         torch.library.register_autograd("sn_kernels::native_normalize_layout_twice", _layout_backward,
                                         setup_context=_layout_setup_context)
         layout_ops += (torch.ops.sn_kernels.native_normalize_layout_twice,)
     group_ops, group_calls = (), {}
-    if hasattr(torch.ops.sn_kernels, "native_group_forward"):  # sn_kernels.group's ops (grouped.py)
+    if has_op("native_group_forward"):  # sn_kernels.group's ops (grouped.py)
         torch.library.register_fake("sn_kernels::native_group_forward")(_fake_group_forward)
         torch.library.register_fake("sn_kernels::native_group_backward")(
             lambda grads, weights, us, vs, sigmas, dims: [torch.empty_like(w) for w in weights])
