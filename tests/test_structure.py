@@ -35,10 +35,15 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return {m for m in found if m in modules and m != name}
 
 
+# compiled extensions (setup.py builds them from csrc/): modules that import nothing of the package, so
+# ``from .. import _C`` is an edge to them, not to the package's ``__init__``
+EXTENSIONS = {"sn_kernels._C"}
+
+
 def import_graph() -> dict[str, set[str]]:
     files = sorted(PKG.rglob("*.py"))
-    modules = {_module_name(p) for p in files}
-    return {_module_name(p): _imports(p, modules) for p in files}
+    modules = {_module_name(p) for p in files} | EXTENSIONS
+    return {**{_module_name(p): _imports(p, modules) for p in files}, **{m: set() for m in EXTENSIONS}}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
