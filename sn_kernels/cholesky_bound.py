@@ -6,9 +6,9 @@ gradient as much again.  ``cholesky_upper_bound`` stops after the first product:
 
 1. G = fl(h^T h) for h = x / 2^p (``bounds._rescale``: e >= ||G - h^T h||_F), made exactly symmetric
    as K = (G + G^T) / 2 (its rounding added to e, as in ``bounds._eig_finish``).
-2. An estimate lam of lambda_max(K), and its vector q: ``eigh`` up to ``EIGH_MAX_SIDE``, else Lanczos
-   with full reorthogonalization (``LANCZOS_STEPS`` steps, Rayleigh-Ritz on the vectors it made).
-   Nothing rests on it: an estimate too low makes step 3 fail, one too high loosens the bound.
+2. An estimate lam of lambda_max(K): ``eigvalsh`` up to ``EIGH_MAX_SIDE``, else Lanczos with full
+   reorthogonalization (``LANCZOS_STEPS`` steps, Rayleigh-Ritz on the vectors it made).  Nothing
+   rests on it: an estimate too low makes step 3 fail, one too high loosens the bound.
 3. The certificate: for each c = lam (1 + delta), delta in ``SLACKS``, the Cholesky factorization of
    A = fl(c I - K) (``torch.linalg.cholesky_ex``: no error raised, nothing read on the host).  If it
    runs to completion with finite entries, L L^T = A + dA with |dA| <= gamma_{k+1} |L| |L^T| for any
@@ -17,7 +17,7 @@ gradient as much again.  ``cholesky_upper_bound`` stops after the first product:
    A differs from c I - K on its diagonal only, by the rounding of c - K_ii (at most 2u |a_ii| after
    the fact), so lambda_max(K) <= c + gamma_{k+1} ||L||_F^2 + 2u max_i |a_ii|.  The smallest such
    bound is taken, and ||K||_F >= lambda_max(K) where none succeeded (never seen in the tests: a
-   certified but loose last resort).
+   certified but loose last resort).  A 1 x 1 K is its own eigenvalue.
 4. sigma(x) <= 2^p sqrt(that + e) (``bounds._unwind`` with one step), then the final relative margin
    ``bounds._margin`` and the exact scaling 2^p0 of ``bounds._oriented``, as the Gram bound does.
 
@@ -26,9 +26,11 @@ Gram bound's k^(1/2^11) worst case (1.0036 for k = 1536).  Cost: the k^2 n produ
 Lanczos, and three k^3 / 3 factorizations; the backward is rank one.  On a 2-core CPU, 1536 x 13824:
 see benchmarks/NOTES.md, K4.
 
-Gradient (not part of the certificate): that of c_B sigma_1(W), c_B = B / sigma_hat held constant,
-i.e. B (W q) q^T / ||W q||^2: one product with W, in float32 for weights of at most float32 precision.  With create_graph=True,
-autograd through ``torch.linalg.matrix_norm(·, 2)`` (the same first derivative, and the second).
+Gradient (not part of the certificate): that of c_B sigma_1(W), c_B = B / sigma_1 held constant:
+B (W q) q^T / ||W q||^2, q the top eigenvector of K from one step of inverse iteration through the
+factor that held; one product with W, in float32 for weights of at most float32 precision.  With
+create_graph=True, autograd through ``torch.linalg.matrix_norm(·, 2)`` (the same first derivative,
+and the second).
 
 CPU only for now: ``certified`` uses it to refresh CPU weights, and the Gram bound (matrix products
 only) on other devices, where ``cholesky_ex`` and ``eigh`` have not been measured (nor checked for
@@ -57,14 +59,19 @@ def _unit(x: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x).clamp_min(2.0 ** -1000)
 
 
-def _lanczos(kmat: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """(lam, q): the top Ritz pair of ``steps`` Lanczos steps on the symmetric ``kmat``, fully
-    reorthogonalized (twice), from a fixed pseudo-random start.  Where the residual vanishes (an invariant
-    Krylov space: a flat or low-rank spectrum) the next vector is the next fixed start vector made
-    orthogonal to the basis, chosen by ``torch.where`` (no host read)."""
-    n = kmat.shape[-1]
-    gen = torch.Generator().manual_seed(0)
-    starts = torch.randn(steps, n, generator=gen, dtype=torch.float64).to(kmat.device)
+def _starts(n: int, count: int, device) -> Tensor:
+    """``count`` fixed pseudo-random vectors of length n (rows), entries in [-0.5, 0.5): the same on every
+    call, made by tensor ops (no ``torch.Generator``, which dynamo cannot trace)."""
+    i = torch.arange(count * n, dtype=torch.float64, device=device).view(count, n)
+    return torch.frac(torch.sin(i * 12.9898 + 78.233).abs() * 43758.5453) - 0.5
+
+
+def _lanczos(kmat: Tensor, steps: int) -> Tensor:
+    """The top Ritz value of ``steps`` Lanczos steps on the symmetric ``kmat``, fully reorthogonalized
+    (twice), from a fixed pseudo-random start.  Where the residual vanishes (an invariant Krylov space: a
+    flat or low-rank spectrum) the next vector is the next fixed start vector made orthogonal to the
+    basis, chosen by ``torch.where`` (no host read)."""
+    starts = _starts(kmat.shape[-1], steps, kmat.device)
     floor = kmat.diagonal().sum() * _BREAKDOWN
     basis = _unit(starts[0]).unsqueeze(0)  # rows: the orthonormal vectors so far
     images = []
@@ -81,27 +88,31 @@ def _lanczos(kmat: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         nxt = torch.where(beta > floor, r / beta.clamp_min(2.0 ** -1000), _unit(fresh))
         basis = torch.cat([basis, nxt.unsqueeze(0)])
     proj = basis @ torch.stack(images, 1)  # basis^T K basis
-    lam, vecs = torch.linalg.eigh((proj + proj.mT) / 2)
-    return lam[-1], vecs[:, -1] @ basis
+    return torch.linalg.eigvalsh((proj + proj.mT) / 2)[-1]
 
 
-def _estimate(kmat: Tensor) -> tuple[Tensor, Tensor]:
-    """(lam, q) ~ the top eigenpair of the symmetric ``kmat`` (an estimate: step 2 of the module docstring)."""
+def _estimate(kmat: Tensor) -> Tensor:
+    """lam ~ lambda_max of the symmetric ``kmat`` (an estimate: step 2 of the module docstring)."""
     n = kmat.shape[-1]
     if n <= EIGH_MAX_SIDE:
-        lam, vecs = torch.linalg.eigh(kmat)
-        return lam[-1], vecs[:, -1]
+        return torch.linalg.eigvalsh(kmat)[-1]
     return _lanczos(kmat, min(n, LANCZOS_STEPS))
 
 
-def _certified_top(kmat: Tensor, lam: Tensor) -> Tensor:
-    """An upper bound on lambda_max(kmat) (exactly symmetric, float64): the smallest certified Cholesky
-    candidate, else ||kmat||_F (step 3 of the module docstring)."""
+def _certified_top(kmat: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, q): B >= lambda_max(kmat) (exactly symmetric, float64), the smallest certified Cholesky
+    candidate, else ||kmat||_F (step 3 of the module docstring); q ~ the top eigenvector (unit), for the
+    gradient: one step of inverse iteration, A^-1 b by the factor of the smallest candidate that held
+    (its shift c - lambda_max is tiny, so one step suffices), else K (K b)."""
     n = kmat.shape[-1]
+    b = _starts(n, 1, kmat.device)[0]
+    if n == 1:  # a 1 x 1 K is its own eigenvalue: nothing to certify
+        return kmat[0, 0].clamp_min(0.0), torch.ones_like(b)
     g = _gamma(n + 1)
     best = _fro_up(kmat)
+    q = _unit(kmat @ (kmat @ b))
     diag = kmat.diagonal()
-    for delta in SLACKS:
+    for delta in reversed(SLACKS):  # the smallest slack last: its vector wins where it held
         c = lam.clamp_min(0.0) * (1 + delta)
         a = -kmat
         a.diagonal().copy_(c - diag)
@@ -111,7 +122,8 @@ def _certified_top(kmat: Tensor, lam: Tensor) -> Tensor:
         bound = _up(_up(c + _up(_up(fro * fro) * g)) + diag_err)
         ok = (info == 0) & torch.isfinite(fro)
         best = torch.where(ok, torch.minimum(best, bound), best)
-    return best
+        q = torch.where(ok, _unit(torch.cholesky_solve(b.unsqueeze(-1), low)[:, 0]), q)
+    return best, q
 
 
 def _smooth(mat: Tensor, upper: Tensor) -> Tensor:
@@ -131,8 +143,8 @@ class _CholeskyBound(torch.autograd.Function):
         gram = h.mT @ h
         kmat = ((gram + gram.mT) / 2)[0]  # exactly symmetric; averaging rounds by <= u ||K||_F
         e = _up(e + _up(_fro_up(kmat) * _gamma(1)))
-        lam, q = _estimate(kmat)
-        upper = _unwind(_certified_top(kmat, lam), [(p, e)], upper=True, checked=False)[0]
+        top, q = _certified_top(kmat, _estimate(kmat))
+        upper = _unwind(top, [(p, e)], upper=True, checked=False)[0]
         upper = _up(_up(upper * (1 + _margin(*mat.shape))) * _pow2(p0, checked=False))
         ctx.save_for_backward(mat, upper, q)
         return upper

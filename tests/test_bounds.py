@@ -184,7 +184,7 @@ def test_cholesky_certificate_does_not_trust_the_estimate(off, monkeypatch):
     from sn_kernels import cholesky_bound
 
     real = cholesky_bound._estimate
-    monkeypatch.setattr(cholesky_bound, "_estimate", lambda kmat: (real(kmat)[0] * off, real(kmat)[1]))
+    monkeypatch.setattr(cholesky_bound, "_estimate", lambda kmat: real(kmat) * off)
     g = torch.Generator().manual_seed(11)
     for mat in (torch.randn(40, 90, generator=g, dtype=torch.float64), _spectrum_matrix(30, 30, [1.0] * 30, 4),
                 _spectrum_matrix(50, 60, [2.0, 1.9] + [0.1] * 48, 5)):
@@ -218,7 +218,7 @@ def test_cholesky_bound_gradient():
         b.backward()
         u, s, vh = torch.linalg.svd(w64.detach())
         expected = torch.outer(u[:, 0], vh[0]) * (b.detach() / s[0])
-        torch.testing.assert_close(w64.grad, expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(w64.grad, expected, rtol=1e-9, atol=1e-10)  # q: one inverse-iteration step
         w32 = w64.detach().float().requires_grad_()
         cholesky_upper_bound(w32).backward()
         assert w32.grad.dtype == torch.float32
