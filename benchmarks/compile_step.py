@@ -6,7 +6,8 @@ forward + backward of the mean output, gradients reset to None first.
 
     step      (default) in one process: every variant eager and compiled (torch.compile, default
               mode, fullgraph=True), warmed up, then timed in interleaved rounds (each round runs
-              every case once, in an order rotated round by round).  Per round, a variant's SN
+              every case once, in the balanced orders of ``_common.balanced_orders``: each case runs right
+              after each other one equally often).  Per round, a variant's SN
               overhead is its step minus the no-SN step of the same round and mode, and its ratio
               is its step over torch_param's; medians with p20-p80 over the rounds.
     compile   compile time: each run is a fresh process with an empty inductor cache
@@ -53,7 +54,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sn_kernels  # noqa: E402
-from _common import device_name, quantiles  # noqa: E402
+from _common import balanced_orders, device_name, quantiles  # noqa: E402
 from models import SNGANCNNDiscriminator  # noqa: E402
 
 VARIANTS = ("none", "torch_param", "torch_hook", "sn_param", "sn_hook", "sn_param_group", "sn_hook_group",
@@ -136,10 +137,9 @@ def measure_steps(args, device) -> list[dict]:
             cases[(variant, mode)] = step
     keys = list(cases)
     times = {(k, clock): [] for k in keys for clock in CLOCKS}
+    orders = balanced_orders(len(keys))
     for r in range(args.rounds):
-        shift = r % len(keys)
-        order = keys[shift:] + keys[:shift]
-        for k in (order if r % 2 == 0 else order[::-1]):
+        for k in (keys[i] for i in orders[r % len(orders)]):
             w0, c0 = time.perf_counter(), time.process_time()
             cases[k]()
             times[(k, "wall")].append(time.perf_counter() - w0)
@@ -192,10 +192,9 @@ def measure_compile(args, device) -> list[dict]:
     (compile workers, C++ compilers) after the model was built, less the second step's."""
     firsts = {(v, clock): [] for v in args.variants for clock in CLOCKS}
     info = {}
+    orders = balanced_orders(len(args.variants))
     for r in range(args.runs):
-        shift = r % len(args.variants)
-        order = args.variants[shift:] + args.variants[:shift]
-        for variant in order:
+        for variant in (args.variants[i] for i in orders[r % len(orders)]):
             with tempfile.TemporaryDirectory(prefix="sn_compile_") as cache:
                 env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
                 cpu0 = _children_cpu()

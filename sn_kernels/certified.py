@@ -61,8 +61,8 @@ about the tensor actually stored, not about W / B in exact arithmetic.
 Gradient: W_sn = coeff W / B'(W), by autograd through ``coeff / B'`` and the product, with
 two analytic pieces for B (the margins, ~1e-12 relative, held constant):
 
-* refresh on the CPU (``cholesky_bound._CholeskyBound``): that of (B / sigma_hat) sigma_1, B (W q) q^T /
-  ||W q||^2 with q the estimate's top vector (rank one: one product with W);
+* refresh on the CPU (``cholesky_bound._CholeskyBound``): that of (B / sigma_1) sigma_1, B (W q) q^T /
+  ||W q||^2 with q the top eigenvector of the Gram matrix (rank one: one product with W);
 * refresh elsewhere (``_GramBound``): the Gram bound in exact arithmetic is the Schatten-2^(T+1)
   norm of W, whose gradient is B D / <D, W> with D = W G_1 ... G_T (the Gram iterates):
   T - 1 small products and one of W's size in the backward, about the forward's cost
@@ -253,7 +253,7 @@ def refresh_bound(mat: Tensor) -> Tensor:
     """The certified bound a refresh computes for the matrix ``mat``: the Cholesky certificate on the CPU
     (``cholesky_bound.cholesky_upper_bound``: one Gram product, 2x faster than the Gram iteration on large
     weights and tight to 1e-8), the Gram iteration elsewhere (matrix products only: ``cholesky_ex`` and
-    ``eigh`` have not been measured, nor checked for host synchronisation, on a GPU)."""
+    ``eigvalsh`` have not been measured, nor checked for host synchronisation, on a GPU)."""
     if mat.device.type == "cpu":
         return cholesky_upper_bound(mat)
     return gram_upper_bound(mat)

@@ -22,8 +22,8 @@ gradient as much again.  ``cholesky_upper_bound`` stops after the first product:
    ``bounds._margin`` and the exact scaling 2^p0 of ``bounds._oriented``, as the Gram bound does.
 
 Tightness: B / sigma <= sqrt(1 + delta) (1 + ~1e-12), 1 + 7.5e-9 with the first slack, against the
-Gram bound's k^(1/2^11) worst case (1.0036 for k = 1536).  Cost: the k^2 n product, an ``eigh`` or
-Lanczos, and three k^3 / 3 factorizations; the backward is rank one.  On a 2-core CPU, 1536 x 13824:
+Gram bound's k^(1/2^11) worst case (1.0036 for k = 1536).  Cost: the k^2 n product, an ``eigvalsh`` or
+Lanczos, three k^3 / 3 factorizations and one triangular solve; the backward is rank one.  On a 2-core CPU, 1536 x 13824:
 see benchmarks/NOTES.md, K4.
 
 Gradient (not part of the certificate): that of c_B sigma_1(W), c_B = B / sigma_1 held constant:
@@ -33,8 +33,8 @@ create_graph=True, autograd through ``torch.linalg.matrix_norm(·, 2)`` (the sam
 and the second).
 
 CPU only for now: ``certified`` uses it to refresh CPU weights, and the Gram bound (matrix products
-only) on other devices, where ``cholesky_ex`` and ``eigh`` have not been measured (nor checked for
-host synchronisation).
+only) on other devices, where ``cholesky_ex`` and ``eigvalsh`` have not been measured (nor checked
+for host synchronisation).
 """
 from __future__ import annotations
 
