@@ -48,7 +48,7 @@ __all__ = ["EIGH_MAX_SIDE", "LANCZOS_STEPS", "SLACKS", "cholesky_upper_bound"]
 #: relative slacks of the Cholesky candidates c = lam (1 + delta), smallest first (the first succeeds
 #: unless lam is off by more than 6e-8; the others cover clusters that Lanczos did not split)
 SLACKS = (2.0 ** -40, 2.0 ** -26, 2.0 ** -12)
-#: the estimate by ``eigh`` up to this smaller side (fast enough, and no Python loop), Lanczos above it
+#: the estimate by ``eigvalsh`` up to this smaller side (fast enough, and no Python loop), Lanczos above it
 EIGH_MAX_SIDE = 256
 #: Lanczos steps (for k > EIGH_MAX_SIDE): the top Ritz value then converges to ~1e-10 for random weights
 LANCZOS_STEPS = 64
