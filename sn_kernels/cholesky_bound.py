@@ -21,10 +21,11 @@ gradient as much again.  ``cholesky_upper_bound`` stops after the first product:
 4. sigma(x) <= 2^p sqrt(that + e) (``bounds._unwind`` with one step), then the final relative margin
    ``bounds._margin`` and the exact scaling 2^p0 of ``bounds._oriented``, as the Gram bound does.
 
-Tightness: B / sigma <= sqrt(1 + delta) (1 + ~1e-12), 1 + 7.5e-9 with the first slack, against the
-Gram bound's k^(1/2^11) worst case (1.0036 for k = 1536).  Cost: the k^2 n product, an ``eigvalsh`` or
-Lanczos, three k^3 / 3 factorizations and one triangular solve; the backward is rank one.  On a 2-core CPU, 1536 x 13824:
-see benchmarks/NOTES.md, K4.
+Tightness: B / sigma <= sqrt(1 + delta) (1 + ~1e-11) for the smallest slack that held (1 + 5e-13 plus
+the rounding terms with the first), against the Gram bound's k^(1/2^11) worst case (1.0036 for
+k = 1536).  Cost: the k^2 n product, an ``eigvalsh`` or Lanczos, three k^3 / 3 factorizations and one
+triangular solve; the backward is rank one.  Measured in benchmarks/NOTES.md, K4 (1536 x 13824 on a
+2-core CPU: 0.8 s against 2.2 s for the Gram bound, forward and backward).
 
 Gradient (not part of the certificate): that of c_B sigma_1(W), c_B = B / sigma_1 held constant:
 B (W q) q^T / ||W q||^2, q the top eigenvector of K from one step of inverse iteration through the
@@ -45,8 +46,9 @@ from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _oriented, _pow2, _resca
 
 __all__ = ["EIGH_MAX_SIDE", "LANCZOS_STEPS", "SLACKS", "cholesky_upper_bound"]
 
-#: relative slacks of the Cholesky candidates c = lam (1 + delta), smallest first (the first succeeds
-#: unless lam is off by more than 6e-8; the others cover clusters that Lanczos did not split)
+#: relative slacks of the Cholesky candidates c = lam (1 + delta), smallest first: the first holds when lam is
+#: within about 1e-12 of lambda_max (``eigvalsh``; Lanczos on most weights), the others cover estimates
+#: off by up to 1.5e-8 and 2.4e-4 (clusters that Lanczos did not split)
 SLACKS = (2.0 ** -40, 2.0 ** -26, 2.0 ** -12)
 #: the estimate by ``eigvalsh`` up to this smaller side (fast enough, and no Python loop), Lanczos above it
 EIGH_MAX_SIDE = 256
@@ -134,7 +136,7 @@ def _smooth(mat: Tensor, upper: Tensor) -> Tensor:
 
 
 class _CholeskyBound(torch.autograd.Function):
-    """B >= sigma(mat) (``cholesky_upper_bound``), with the gradient of (B / sigma_hat) sigma_1."""
+    """B >= sigma(mat) (``cholesky_upper_bound``), with the gradient of (B / sigma_1) sigma_1."""
 
     @staticmethod
     def forward(ctx, mat: Tensor) -> Tensor:
@@ -172,7 +174,8 @@ class _CholeskyBound(torch.autograd.Function):
 def cholesky_upper_bound(mat: Tensor) -> Tensor:
     """A certified upper bound on the largest singular value of the 2-D real ``mat`` (rounding accounted
     for): a 0-d float64 tensor on ``mat``'s device, nothing read on the host.  Differentiable, twice too.
-    Within sqrt(1 + 2^-26) (1 + ~1e-12) of sigma unless the estimate missed (module docstring)."""
+    Usually within 1e-11 of sigma (sqrt(1 + 2^-40) and the rounding terms); looser, never below it, where
+    the estimate missed (module docstring)."""
     if mat.dim() != 2:
         raise ValueError(f"cholesky_upper_bound takes a matrix, got a {mat.dim()}-d tensor")
     if not mat.is_floating_point():
