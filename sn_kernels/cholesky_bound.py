@@ -33,6 +33,9 @@ factor that held; one product with W, in float32 for weights of at most float32 
 create_graph=True, autograd through ``torch.linalg.matrix_norm(·, 2)`` (the same first derivative,
 and the second).
 
+Steps 2 and 3 are one custom op, ``sn_kernels::cholesky_top`` (with a fake), so that ``torch.compile``
+holds one call for them instead of the unrolled Lanczos steps and factorizations.
+
 CPU only for now: ``certified`` uses it to refresh CPU weights, and the Gram bound (matrix products
 only) on other devices, where ``cholesky_ex`` and ``eigvalsh`` have not been measured (nor checked
 for host synchronisation).
@@ -128,6 +131,19 @@ def _certified_top(kmat: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     return best, q
 
 
+@torch.library.custom_op("sn_kernels::cholesky_top", mutates_args=())
+def cholesky_top(kmat: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, q) of ``_certified_top`` for the symmetric float64 ``kmat``, its estimate included: one opaque op,
+    so that a compiled graph holds one call instead of the unrolled Lanczos steps and factorizations (a
+    300 x 400 layer compiled in 110 s through them, against 24 s with the Gram bound's products)."""
+    return _certified_top(kmat, _estimate(kmat))
+
+
+@cholesky_top.register_fake
+def _(kmat):
+    return kmat.new_empty(()), kmat.new_empty(kmat.shape[-1])
+
+
 def _smooth(mat: Tensor, upper: Tensor) -> Tensor:
     """``upper`` in value, with the derivatives (first and second) of upper / sigma_1 held constant times
     sigma_1(mat): for create_graph=True."""
@@ -145,7 +161,7 @@ class _CholeskyBound(torch.autograd.Function):
         gram = h.mT @ h
         kmat = ((gram + gram.mT) / 2)[0]  # exactly symmetric; averaging rounds by <= u ||K||_F
         e = _up(e + _up(_fro_up(kmat) * _gamma(1)))
-        top, q = _certified_top(kmat, _estimate(kmat))
+        top, q = cholesky_top(kmat)
         upper = _unwind(top, [(p, e)], upper=True, checked=False)[0]
         upper = _up(_up(upper * (1 + _margin(*mat.shape))) * _pow2(p0, checked=False))
         ctx.save_for_backward(mat, upper, q)
