@@ -252,7 +252,7 @@ def gram_upper_bound(mat: Tensor, steps: int = GRAM_STEPS) -> Tensor:
 def refresh_bound(mat: Tensor) -> Tensor:
     """The certified bound a refresh computes for the matrix ``mat``: the Cholesky certificate on the CPU
     (``cholesky_bound.cholesky_upper_bound``: one Gram product, 2x faster than the Gram iteration on large
-    weights and tight to 1e-8), the Gram iteration elsewhere (matrix products only: ``cholesky_ex`` and
+    weights and tight to about 1e-11), the Gram iteration elsewhere (matrix products only: ``cholesky_ex`` and
     ``eigvalsh`` have not been measured, nor checked for host synchronisation, on a GPU)."""
     if mat.device.type == "cpu":
         return cholesky_upper_bound(mat)

@@ -188,8 +188,6 @@ class _GroupNormalize(torch.autograd.Function):
         return tuple(out)
 
 
-
-
 def _normalize_group(items, order: str, n_power_iterations: int, eps: float, training: bool) -> list[Tensor]:
     """Power iteration then W/sigma for one group of (member, weight, u, v, order) sharing a device,
     dtype, order, iteration count, eps and mode: one C++ call on the native backend."""

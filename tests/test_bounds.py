@@ -18,8 +18,10 @@ from torch import nn
 
 import sn_kernels
 from helpers import SHAPES, planted, record
-from sn_kernels import bounds
+from sn_kernels import bounds, cholesky_bound
 from sn_kernels.bounds import lipschitz_bound, sigma_bounds
+from sn_kernels.certified import GRAM_STEPS, gram_upper_bound
+from sn_kernels.cholesky_bound import EIGH_MAX_SIDE, SLACKS, cholesky_upper_bound
 from sn_kernels.conv_norm import dense_operator_norm, fft_operator_norm, spectral_norm_conv
 from sn_kernels.testing import TOL, svd_sigma
 
@@ -108,9 +110,6 @@ def test_dense_enclosure(method):
 
 def _refresh_bound(kind):
     """(function, its tightness promise(mat)) of the two host-free bounds that bound='upper' refreshes with."""
-    from sn_kernels.certified import GRAM_STEPS, gram_upper_bound
-    from sn_kernels.cholesky_bound import SLACKS, cholesky_upper_bound
-
     if kind == "gram":  # the Gram worst case k^(1/2^(T+1)) (a flat spectrum)
         return gram_upper_bound, lambda mat: min(mat.shape) ** (1 / 2 ** (GRAM_STEPS + 1)) if min(mat.shape) > 1 else 1.0
     return cholesky_upper_bound, lambda mat: math.sqrt(1 + SLACKS[0]) * (1 + 1e-10)  # the first candidate held
@@ -141,8 +140,6 @@ def test_refresh_bound_tensor(kind):
 
 def _lanczos_cases():
     """Matrices whose smaller side is above cholesky_bound.EIGH_MAX_SIDE: the estimate comes from Lanczos."""
-    from sn_kernels.cholesky_bound import EIGH_MAX_SIDE
-
     k = EIGH_MAX_SIDE + 44
     g = torch.Generator().manual_seed(7)
     return {
@@ -162,8 +159,6 @@ def _lanczos_cases():
 def test_cholesky_bound_with_lanczos_estimate():
     """Above EIGH_MAX_SIDE (the Lanczos estimate, breakdowns included): enclosed, and tight to the first
     slack candidate (2^-40: Lanczos converged; with 64 steps the clustered case needed the second)."""
-    from sn_kernels.cholesky_bound import SLACKS, cholesky_upper_bound
-
     for name, mat in _lanczos_cases().items():
         hi = cholesky_upper_bound(mat).item()
         exact = svd_sigma(mat).item()
@@ -181,8 +176,6 @@ def test_cholesky_certificate_does_not_trust_the_estimate(off, monkeypatch):
     """The bound rests on the Cholesky factorizations, not on the estimate: an estimate 2^-20 too low makes
     the first two candidates fail (the third, 2^-12, holds), half of it or NaN all three (the Frobenius norm
     of the Gram matrix is left), twice only loosens it.  Enclosed every time."""
-    from sn_kernels import cholesky_bound
-
     real = cholesky_bound._estimate
     monkeypatch.setattr(cholesky_bound, "_estimate", lambda kmat: real(kmat) * off)
     g = torch.Generator().manual_seed(11)
@@ -205,8 +198,6 @@ def test_cholesky_certificate_does_not_trust_the_estimate(off, monkeypatch):
 def test_cholesky_bound_gradient():
     """Its gradient is B / sigma times sigma_1's, u v^T (gradcheck and gradgradcheck, float64), formed in
     float32 for a float32 weight (float32's rounding of the float64 result)."""
-    from sn_kernels.cholesky_bound import cholesky_upper_bound
-
     g = torch.Generator().manual_seed(2)
     for shape in ((4, 12), (12, 4), (1, 7), (30, 7)):
         w = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)

@@ -22,7 +22,7 @@ from helpers import assert_close, record
 from sn_kernels import bounds, certified
 from sn_kernels import parametrizations as P
 from sn_kernels.backends import native
-from sn_kernels.cholesky_bound import cholesky_upper_bound
+from sn_kernels.cholesky_bound import EIGH_MAX_SIDE, cholesky_top, cholesky_upper_bound
 from sn_kernels.conv_norm import dense_operator_norm
 from sn_kernels.find import find
 from sn_kernels.testing import svd_sigma
@@ -369,8 +369,6 @@ def test_no_host_sync_cpu(api, no_host_reads):
 def test_no_host_sync_cholesky_bound(no_host_reads):
     """The CPU refresh's bound on a weight whose estimate takes Lanczos (breakdown selection included) and
     on one that takes eigh, forward and backward: no tensor value read on the host."""
-    from sn_kernels.cholesky_bound import EIGH_MAX_SIDE, cholesky_upper_bound
-
     guard, calls = no_host_reads
     mats = [torch.randn(EIGH_MAX_SIDE + 8, EIGH_MAX_SIDE + 40, requires_grad=True),
             torch.randn(20, 7, requires_grad=True)]
@@ -621,8 +619,6 @@ def test_compiled_cpu_refresh_is_one_opaque_op():
     """Compiled, a CPU refresh's estimate and Cholesky certificate are one call of the custom op
     ``sn_kernels::cholesky_top``, not the unrolled Lanczos steps and factorizations (which made a 300-wide
     layer compile in 110 s instead of 19 s): no factorization and no eigvalsh anywhere in the graphs."""
-    from sn_kernels.cholesky_bound import EIGH_MAX_SIDE
-
     torch._dynamo.reset()
     graphs = []
 
@@ -647,8 +643,6 @@ def test_compiled_cpu_refresh_is_one_opaque_op():
 def test_opcheck_cholesky_top(k):
     """torch.library.opcheck of the certificate op (schema, fake, AOT dispatch) on Gram matrices whose
     estimate takes eigvalsh (k = 7), Lanczos (k = 300) and none (1 x 1)."""
-    from sn_kernels.cholesky_bound import cholesky_top
-
     x = torch.randn(k + 5, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
     torch.library.opcheck(cholesky_top, (x.mT @ x,))
 
