@@ -7,15 +7,18 @@
 // calls go through this op instead: a C++ autograd::Function whose backward is the
 // `native_backward` kernel, or, when the backward itself is differentiated (create_graph=True),
 // the same formula in differentiable ATen ops (sn_kernels/reference.py `backward`).
-// `native_spectral_normalize_eager` runs the power iteration and this W / sigma in one call.
+// `native_spectral_normalize_eager` runs the power iteration and this W / sigma in one call, and
+// `native_group_normalize_eager` does both for a whole group (sn_kernels.group) with one node.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
 #include <tuple>
+#include <typeinfo>
 #include <vector>
 
 namespace sn_kernels {
@@ -142,16 +145,165 @@ std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_plain(const at::Tens
   return {normalize_op().call(weight, u_used, v_used, sigma, dim), sigma};
 }
 
+// ---------------------------------------------------------------- a whole group (sn_kernels.group)
+//
+// `native_group_normalize_eager`: `native_group_forward`, the iterated u, v copied into the buffers,
+// and ONE autograd node for the group, all in C++.  grouped.py's Python node (_GroupNormalize) and
+// the Python copy cost about 35 microseconds per forward + backward of SNGAN's 11 weights, as much as
+// the forward kernels of small weights (benchmarks/NOTES.md, G5).
+
+using GroupForwardSig = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                   std::vector<at::Tensor>>(at::TensorList, at::TensorList, at::TensorList,
+                                                            at::IntArrayRef, int64_t, double, c10::string_view, bool);
+using GroupBackwardSig = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                                 at::TensorList, at::IntArrayRef);
+
+template <typename Sig>
+const c10::TypedOperatorHandle<Sig>& group_op(const char* name) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  return op;  // one handle per signature: each is instantiated with a single name
+}
+
+// what the forward computed: W / sigma (the node's outputs), and sigma, u, v as the backward uses them
+struct GroupResult {
+  std::vector<at::Tensor> outs, sigmas, us, vs;
+};
+
+// a dense CPU tensor with its own memory: no wrapper (functionalization, vmap) or Python subclass
+// (fake tensors), whose data a memcpy would bypass
+bool plain_cpu(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return t.device().is_cpu() && t.layout() == at::kStrided && typeid(*impl) == typeid(c10::TensorImpl) &&
+         !impl->is_python_dispatch() && t.is_contiguous();
+}
+
+// bufs[i].copy_(fresh[i]) for every i, version counters moved as by copy_: a memcpy for contiguous CPU
+// vectors of one dtype (a dispatched copy costs more than the forward of a small weight), else copy_
+void copy_into(at::TensorList bufs, const std::vector<at::Tensor>& fresh) {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    const at::Tensor& b = bufs[i];
+    const at::Tensor& f = fresh[i];
+    if (b.scalar_type() == f.scalar_type() && b.sizes() == f.sizes() && plain_cpu(b) && plain_cpu(f) &&
+        !b.is_inference()) {
+      std::memcpy(b.mutable_data_ptr(), f.const_data_ptr(), b.nbytes());
+      b.unsafeGetTensorImpl()->bump_version();
+    } else {
+      const_cast<at::Tensor&>(b).copy_(f);
+    }
+  }
+}
+
+GroupResult run_group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
+                              int64_t n_power_iterations, double eps, c10::string_view order, bool training) {
+  GroupResult r;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(r.outs, r.sigmas, r.us, r.vs) = group_op<GroupForwardSig>("sn_kernels::native_group_forward")
+                                                 .call(weights, us, vs, dims, n_power_iterations, eps, order, training);
+  }
+  if (training) {  // the buffers take the iterated u, v
+    copy_into(us, r.us);
+    copy_into(vs, r.vs);
+  }
+  return r;
+}
+
+// The group's node.  It keeps the weights (with their versions), u, v, sigma and dims in saved_data,
+// not as saved variables, which autograd frees after a backward: with sn_kernels.group(model,
+// optimizer=...) every forward of an optimizer step shares the node, and each may backward through
+// it.  It never references its outputs (output -> node -> output would be a cycle nothing frees).
+struct GroupFunction : public torch::autograd::Function<GroupFunction> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList weights, GroupResult* r, at::IntArrayRef dims) {
+    ctx->set_materialize_grads(false);
+    std::vector<int64_t> versions;
+    versions.reserve(weights.size());
+    for (const at::Tensor& w : weights) versions.push_back(static_cast<int64_t>(w._version()));
+    ctx->saved_data["weights"] = weights.vec();
+    ctx->saved_data["versions"] = versions;
+    ctx->saved_data["us"] = r->us;
+    ctx->saved_data["vs"] = r->vs;
+    ctx->saved_data["sigmas"] = r->sigmas;
+    ctx->saved_data["dims"] = dims.vec();
+    return std::move(r->outs);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const std::vector<at::Tensor> weights = ctx->saved_data["weights"].toTensorVector();
+    const std::vector<int64_t> versions = ctx->saved_data["versions"].toIntVector();
+    const size_t k = weights.size();
+    std::vector<size_t> todo;
+    for (size_t i = 0; i < k; ++i) {
+      if (!grads[i].defined() || !ctx->needs_input_grad(i)) continue;
+      TORCH_CHECK(static_cast<int64_t>(weights[i]._version()) == versions[i],
+                  "one of the variables needed for gradient computation has been modified by an inplace "
+                  "operation: a grouped spectral-norm weight of shape ", weights[i].sizes(),
+                  " changed after its W/sigma was computed (sn_kernels.group)");
+      todo.push_back(i);
+    }
+    variable_list out(k + 2);  // the weights, then the two non-tensor arguments
+    if (todo.empty()) return out;
+    const std::vector<at::Tensor> us = ctx->saved_data["us"].toTensorVector();
+    const std::vector<at::Tensor> vs = ctx->saved_data["vs"].toTensorVector();
+    const std::vector<at::Tensor> sigmas = ctx->saved_data["sigmas"].toTensorVector();
+    const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the formula in differentiable ATen ops
+      for (size_t i : todo) out[i] = differentiable_backward(grads[i], weights[i], us[i], vs[i], sigmas[i], dims[i]);
+      return out;
+    }
+    std::vector<at::Tensor> g, w, u, v, s;
+    std::vector<int64_t> d;
+    for (size_t i : todo) {
+      g.push_back(grads[i]);
+      w.push_back(weights[i]);
+      u.push_back(us[i]);
+      v.push_back(vs[i]);
+      s.push_back(sigmas[i]);
+      d.push_back(dims[i]);
+    }
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::vector<at::Tensor> res =
+        group_op<GroupBackwardSig>("sn_kernels::native_group_backward").call(g, w, u, v, s, d);
+    for (size_t j = 0; j < todo.size(); ++j) out[todo[j]] = std::move(res[j]);
+    return out;
+  }
+};
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> group_normalize_eager_autograd(
+    at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
+    double eps, c10::string_view order, bool training) {
+  GroupResult r = run_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training);
+  std::vector<at::Tensor> sigmas = r.sigmas;
+  return {GroupFunction::apply(weights, &r, dims), std::move(sigmas)};
+}
+
+// below autograd (inference mode): the forward and the buffers' update, no node
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> group_normalize_eager_plain(
+    at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
+    double eps, c10::string_view order, bool training) {
+  GroupResult r = run_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training);
+  return {std::move(r.outs), std::move(r.sigmas)};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sn_kernels, m) {
+  // sn_kernels.group's eager call on the native backend (grouped.py): native_group_forward, u, v
+  // updated in place, one C++ autograd node whose backward is native_group_backward
+  m.def("native_group_normalize_eager(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, "
+        "int n_power_iterations, float eps, str order, bool training) -> (Tensor[], Tensor[])");
+}
 
 TORCH_LIBRARY_IMPL(sn_kernels, Autograd, m) {
   m.impl("native_normalize_eager", &normalize_eager_autograd);
   m.impl("native_spectral_normalize_eager", &spectral_normalize_eager_autograd);
+  m.impl("native_group_normalize_eager", &group_normalize_eager_autograd);
 }
 
 TORCH_LIBRARY_IMPL(sn_kernels, CompositeExplicitAutograd, m) {
   m.impl("native_normalize_eager", &normalize_eager_plain);
   m.impl("native_spectral_normalize_eager", &spectral_normalize_eager_plain);
+  m.impl("native_group_normalize_eager", &group_normalize_eager_plain);
 }
 
 }  // namespace sn_kernels

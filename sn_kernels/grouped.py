@@ -12,7 +12,8 @@ policies:
     (device, dtype) share ONE autograd node, whose backward computes every weight
     gradient (weights with different order, n_power_iterations, eps or train/eval
     mode form separate groups).  On the native backend the forward of a group is one
-    C++ call (``native_group_forward``) and its backward another
+    C++ call (``native_group_normalize_eager``: ``native_group_forward``, the buffers' update
+    and the group's autograd node, all in C++) and its backward another
     (``native_group_backward``): on the CPU, float32 weights run as a few parallel phases over
     one table of (weight, chunk) work items (``csrc/sn_kernels_grouped_cpu.cpp``; its working memory is
     kept per calling thread between calls), so weights of
@@ -149,8 +150,8 @@ class _Shared:
 
 class _GroupNormalize(torch.autograd.Function):
     """W_i / sigma_i for every weight of one group: ONE autograd node, whose backward computes all
-    the weight gradients (grad_W = (G - <G, W_sn> u v^T) / sigma), in one C++ call on the native
-    backend (``native_group_backward``).  The node keeps the weights, u, v and sigma it needs, never
+    the weight gradients (grad_W = (G - <G, W_sn> u v^T) / sigma), for a backend without its own
+    node (``Backend.group_eager``; the native backend's is in C++, csrc/sn_kernels_autograd.cpp).  The node keeps the weights, u, v and sigma it needs, never
     its outputs (a cycle output -> node -> output would never be freed)."""
 
     @staticmethod
@@ -191,10 +192,18 @@ class _GroupNormalize(torch.autograd.Function):
 def _normalize_group(items, order: str, n_power_iterations: int, eps: float, training: bool) -> list[Tensor]:
     """Power iteration then W/sigma for one group of (member, weight, u, v, order) sharing a device,
     dtype, order, iteration count, eps and mode: one C++ call on the native backend."""
+    weights = [it[1] for it in items]
+    backend = dispatch.resolve(weights[0].device)
+    if backend.group_eager is not None:  # one C++ call: forward, u, v updated, the group's node
+        outputs, sigmas = backend.group_eager(weights, [it[2] for it in items], [it[3] for it in items],
+                                              [it[0].state.dim for it in items], n_power_iterations, float(eps),
+                                              order, training)
+        for it, sigma in zip(items, sigmas):
+            it[0].set_sigma(sigma)
+        return outputs
     sh = _Shared()
-    sh.weights = [it[1] for it in items]
-    device = sh.weights[0].device
-    sh.backend = dispatch.resolve(device)
+    sh.weights = weights
+    sh.backend = backend
     sh.fused = sh.backend.group_forward is not None
     with torch.no_grad():
         if sh.fused:  # multi-tensor kernels: a fixed number of launches (one C++ call on the native backend)

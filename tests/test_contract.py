@@ -305,7 +305,7 @@ def _sample_args(op_name, w, u, v, dim, order, training):
                            if w.dim() == 4 else [])
         return [(g, x, uu, vv, sigma, dim, cl) + kept for g, x in laid
                 for cl in ([False, True] if w.dim() == 4 else [False]) for kept in ((), (torch.randn_like(g),))]
-    if kind == "group_forward":
+    if kind in ("group_forward", "group_normalize_eager"):
         return [([w, w2], [u.clone(), u2.clone()], [v.clone(), v2.clone()], [dim, 0], 2, EPS, order, training)]
     if kind == "group_backward":
         return [([G, torch.randn_like(w2)], [w, w2], [uu, uu2], [vv, vv2], [sigma, s2.to(sigma.dtype)], [dim, 0])]
@@ -341,6 +341,7 @@ def test_native_registers_the_grouped_ops():
             "native_spectral_normalize_eager", "native_normalize_layout", "native_normalize_layout_backward",
             "native_normalize_layout_twice"} <= names
     assert ({"native_group_forward", "native_group_backward"} <= names) == native.has_op("native_group_forward")
+    assert ("native_group_normalize_eager" in names) == native.has_op("native_group_normalize_eager")
 
 
 # ------------------------------------------------------------------ layouts

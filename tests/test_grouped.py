@@ -198,6 +198,57 @@ def test_refresh_gradients_flow_from_all_forwards_into_one_node():
     assert D.l1.weight.grad_fn is D.l2.weight.grad_fn is D.l3.weight.grad_fn
 
 
+def _gp_step(D, real, fake):
+    """A WGAN-GP discriminator loss (create_graph through the grouped weights' node), backward."""
+    x_hat = (0.3 * real + 0.7 * fake).requires_grad_()
+    (grad_x,) = torch.autograd.grad(D(x_hat).sum(), x_hat, create_graph=True)
+    gp = ((grad_x.norm(dim=1) - 1) ** 2).mean()
+    (D(fake).mean() - D(real).mean() + 10 * gp).backward()
+    # and a penalty on a weight gradient itself: the group node's backward differentiated
+    weights = [p for name, p in D.named_parameters() if "weight" in name]
+    grads = torch.autograd.grad(D(real).sum(), weights, create_graph=True)
+    sum(g.square().sum() for g in grads).backward()
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_gradient_penalty_through_the_group_node(api, backend):
+    """A gradient penalty, and create_graph=True through the group's node itself (a penalty on the
+    weight gradients: the node's differentiable formula, in C++ on the native backend): the same
+    gradients as per module."""
+    if backend == "native" and not _native_group_ops():
+        pytest.skip("native extension without the grouped ops")
+    torch.manual_seed(0)
+    per_module = GanD(api).double()
+    grouped = copy.deepcopy(per_module)
+    sn_kernels.group(grouped)
+    real, fake = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    with sn_kernels.use_backend(backend):
+        for model in (per_module, grouped):
+            _gp_step(model, real, fake)
+    for p, q in zip(grouped.parameters(), per_module.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(a, b) for a, b in zip(_state(grouped), _state(per_module)))
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("refresh", ["call", "step"])
+def test_group_node_refuses_a_weight_changed_in_place(refresh, backend):
+    """A backward through W/sigma after its weight changed in place raises, as autograd's saved
+    tensors do, rather than use the new weight silently."""
+    if backend == "native" and not _native_group_ops():
+        pytest.skip("native extension without the grouped ops")
+    D = GanD("parametrization")
+    opt = torch.optim.SGD(D.parameters(), lr=0.1)
+    sn_kernels.group(D, optimizer=opt if refresh == "step" else None)
+    with sn_kernels.use_backend(backend):
+        out = D(torch.randn(4, 8)).sum()
+        with torch.no_grad():
+            D.l2.parametrizations.weight.original.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation.*sn_kernels.group"):
+            out.backward()
+
+
 def test_refresh_copy_is_detached_and_per_call():
     torch.manual_seed(0)
     D = GanD("parametrization")

@@ -61,6 +61,12 @@ class Backend:
       number of launches (multi-tensor kernels); u, v are updated in place when training, as by
       ``power_iteration``; lists in, lists out, each entry what the per-weight calls give.  Arguments
       are checked by the caller unless ``eager_checks_args``.  None: the group loops over the weights.
+    - ``group_eager(weights, us, vs, dims, n_power_iterations, eps, order, training)
+      -> (weight_sns, sigmas)`` (optional, with ``group_forward``): the same forward with its
+      autograd node recorded by the backend, one node for the group whose backward gives every
+      weight gradient (and stays usable for several backward calls, as ``sn_kernels.group``'s
+      once-per-step refresh needs); u, v updated in place when training.  None: ``sn_kernels.group``
+      records its own node around ``group_forward``.
     """
 
     name: str
@@ -74,6 +80,7 @@ class Backend:
     ops: tuple = field(default=())
     group_forward: Optional[Callable] = None
     group_backward: Optional[Callable] = None
+    group_eager: Optional[Callable] = None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
