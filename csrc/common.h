@@ -15,6 +15,7 @@
 #include <c10/util/string_view.h>
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -66,7 +67,7 @@ inline bool check_power_iteration_args(const at::Tensor& weight, const at::Tenso
   check_args(weight, u, v, mv);
   TORCH_CHECK(u.is_contiguous() && v.is_contiguous(), "sn_kernels: u and v must be contiguous");
   TORCH_CHECK(n_power_iterations > 0, "sn_kernels: n_power_iterations must be positive");
-  TORCH_CHECK(eps > 0, "sn_kernels: eps must be positive");
+  TORCH_CHECK(eps > 0 && eps < std::numeric_limits<double>::infinity(), "sn_kernels: eps must be positive and finite");
   return order_is_vu(std::string(order.data(), order.size()));
 }
 

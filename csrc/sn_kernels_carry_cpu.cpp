@@ -131,10 +131,13 @@ double block_sum(const scalar_t* a, const scalar_t* b, int64_t n) {
   return total;
 }
 
-// s = coeff / den, min(s, 1) with soft
-double scale_of(double den, double coeff, bool soft) {
-  const double s = coeff / den;
-  return soft ? std::min(s, 1.0) : s;
+// s = coeff / den, min(s, 1) with soft; 0 above `cap`, the accumulation type's largest finite value: a weight
+// that is zero or nearly so has a bound so small that s overflows (and 0 * inf is NaN), so it normalizes to
+// 0 with a zero gradient, as plain spectral norm does a zero weight; a smaller s only lowers ||W s||, so the
+// certificate holds (certified._scaled does the same)
+double scale_of(double den, double coeff, bool soft, double cap) {
+  const double s = soft ? std::min(coeff / den, 1.0) : coeff / den;
+  return s > cap ? 0.0 : s;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> carry_forward(const at::Tensor& weight, const at::Tensor& ref,
@@ -152,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> carry_forward(const at::Tensor& w
     const scalar_t* c = r.const_data_ptr<scalar_t>();
     nrm = std::sqrt(block_sum<true>(a, c, n));
     den = (nrm * k1 + b) * ROUNDING;
-    const acc_t s = static_cast<acc_t>(scale_of(den, coeff, soft));
+    const acc_t s = static_cast<acc_t>(scale_of(den, coeff, soft, std::numeric_limits<acc_t>::max()));
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, BLOCK, [&](int64_t k0, int64_t k1_) {
       for (int64_t k = k0; k < k1_; ++k) y[k] = static_cast<scalar_t>(static_cast<acc_t>(a[k]) * s);
@@ -171,11 +174,13 @@ at::Tensor carry_backward(const at::Tensor& grad, const at::Tensor& weight, cons
   const at::Tensor g = grad.contiguous(), w = weight.contiguous(), r = ref.contiguous();
   const int64_t n = w.numel();
   at::Tensor out = cached_empty_cpu(w.sizes(), w.strides(), w.scalar_type());
-  const double s = scale_of(den, coeff, soft);
-  // d s / d nrm: 0 where soft clamps s to 1 (clamp's gradient passes at s = 1 itself) or nrm = 0
-  const bool through = !(soft && coeff / den > 1.0) && nrm > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "native_carry_backward", [&] {
     using acc_t = acc_of<scalar_t>;
+    const double cap = std::numeric_limits<acc_t>::max();
+    const double s = scale_of(den, coeff, soft, cap);
+    // d s / d nrm: 0 where s is clamped, to 1 by soft (clamp's gradient passes at s = 1 itself) or to 0 above
+    // cap, or where nrm = 0
+    const bool through = !(soft && coeff / den > 1.0) && !(coeff / den > cap) && nrm > 0;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* a = w.const_data_ptr<scalar_t>();
     const scalar_t* c = r.const_data_ptr<scalar_t>();

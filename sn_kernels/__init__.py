@@ -7,7 +7,7 @@ chosen by ``set_backend``, and drop-ins for both PyTorch front ends:
 (= ``torch.nn.utils.parametrizations.spectral_norm``); ``patch_torch()`` or
 ``convert(model)`` switch existing code over.
 """
-from . import parametrizations
+from . import native, parametrizations  # native: the extension's utilities (build_info, cache_stats)
 from .bounds import lipschitz_bound, sigma_bounds
 from .dispatch import available_backends, explain, get_backend, set_backend, use_backend
 from .freeze import freeze

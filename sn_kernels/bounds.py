@@ -37,6 +37,7 @@ relative for matrices, 2e-10 for a 128-channel conv on 32x32 inputs.
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -331,15 +332,21 @@ def _check_weight(w: Tensor, what: str) -> None:
 
 
 _MISSING = object()
+_WeightNorm = sys.modules["torch.nn.utils.weight_norm"].WeightNorm  # the attribute is the function of that name
 
 
 @torch.no_grad()
 def _eval_weight(module: nn.Module, name: str = "weight") -> Tensor:
     """``module.<name>`` as the layer computes it in eval mode: W / sigma from the current u, v
-    for a spectrally normalized layer (either API, ours or PyTorch's), without changing any state
-    (training flags, buffers and the logged sigma are restored)."""
+    for a spectrally normalized layer (either API, ours or PyTorch's), g v / ||v|| from the current
+    g, v for torch.nn.utils.weight_norm, without changing any state (training flags, buffers and the
+    logged sigma are restored)."""
     found = sites(module, name)
     if not found:
+        for hook in module._forward_pre_hooks.values():
+            # the hook-based weight_norm: module.<name> is whatever its last forward left; the next uses g, v now
+            if isinstance(hook, _WeightNorm) and hook.name == name:
+                return hook.compute_weight(module).detach()
         w = getattr(module, name, None)
         if not isinstance(w, Tensor):
             raise ValueError(f"{type(module).__name__} has no weight to bound")
@@ -790,9 +797,10 @@ _ACTIVATIONS = {
     nn.SiLU: 1.1,  # sup SiLU' = 1.09984
     nn.Mish: 1.09,  # sup Mish' = 1.08850
 }
-#: isometries (reshapes) and the identity of eval mode
-_IDENTITIES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-               nn.AlphaDropout, nn.FeatureAlphaDropout)
+#: isometries (reshapes) and the identity of eval mode (dropout in training mode: below)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_ALPHA_DROPOUT = (nn.AlphaDropout, nn.FeatureAlphaDropout)
+_IDENTITIES = (nn.Identity, nn.Flatten, nn.Unflatten) + _DROPOUT + _ALPHA_DROPOUT
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
             nn.AdaptiveAvgPool3d)
@@ -800,12 +808,46 @@ _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.A
             nn.AdaptiveMaxPool3d)
 
 
+def _hook_owner(hook) -> str:
+    """The module (Python module) that defines a forward hook: of its class, or of its function."""
+    target = getattr(hook, "__self__", None)
+    if target is None and not hasattr(hook, "__code__"):
+        target = hook  # a callable object
+    if target is not None:
+        return type(target).__module__
+    return getattr(hook, "__module__", "") or ""
+
+
+def _check_plain(label: str, module: nn.Module) -> None:
+    """Refuse a module whose map is not the one its class bounds: a ``forward`` overridden by a subclass
+    (a residual Sequential, a scaled Linear), or a forward (pre-)hook of unknown effect.  Known hooks: the
+    spectral norms (sn_kernels', PyTorch's) and torch.nn.utils.weight_norm, whose weight ``_eval_weight``
+    computes, and sn_kernels' own bookkeeping hooks (group, meta guard, input size)."""
+    base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.modules.")), None)
+    if base is not None and type(module).forward is not base.forward:
+        raise TypeError(f"lipschitz_bound: cannot bound {label}: {type(module).__name__} overrides the forward "
+                        f"of {base.__name__}, so its map is not the one {base.__name__} is bounded by")
+    for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
+        for hook in hooks.values():
+            owner = _hook_owner(hook)
+            if not (owner.startswith("sn_kernels.") or owner in _KNOWN_HOOK_MODULES):
+                raise TypeError(f"lipschitz_bound: cannot bound {label}: it has a {kind} ({hook!r}) that may change "
+                                f"its weight or output; remove it to bound the layer")
+
+
+#: PyTorch's hook-based reparametrizations, whose weight ``_eval_weight`` computes
+_KNOWN_HOOK_MODULES = ("torch.nn.utils.spectral_norm", "torch.nn.utils.weight_norm")
+
+
 def _chain(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """The leaves of a (nested) nn.Sequential, in order, with their qualified names."""
+    """The leaves of a (nested) nn.Sequential, in order and as often as its forward applies them (a module
+    registered twice is applied twice), with their qualified names."""
+    label = f"layer {prefix or type(model).__name__!r} ({type(model).__name__})"
+    _check_plain(label, model)
     if not isinstance(model, nn.Sequential):
         return [(prefix or type(model).__name__, model)]
     out = []
-    for name, child in model.named_children():
+    for name, child in model._modules.items():  # not named_children(), which lists a shared module once
         out += _chain(child, f"{prefix}.{name}" if prefix else name)
     return out
 
@@ -875,8 +917,16 @@ def _layer_lipschitz(name: str, layer: nn.Module, shape) -> tuple[float, tuple[i
             return bound, tuple(output_shape(conv_spec(layer), _eval_weight(layer), shape))
     except (TypeError, ValueError) as err:
         raise type(err)(f"lipschitz_bound: {label}: {err}") from err
+    if isinstance(layer, nn.CELU) and not layer.alpha > 0:
+        raise ValueError(f"lipschitz_bound: {label} with alpha={layer.alpha} grows like exp(-x / |alpha|) for "
+                         f"x < 0: it has no Lipschitz constant")
     if type(layer) in _ACTIVATIONS:
         return _ACTIVATIONS[type(layer)], _shape_through(layer, shape)
+    if isinstance(layer, _DROPOUT) and layer.training:  # a fixed mask scales by 0 or 1 / (1 - p)
+        return (0.0 if layer.p >= 1 else math.nextafter(1.0 / (1.0 - layer.p), _INF)), tuple(shape)
+    if isinstance(layer, _ALPHA_DROPOUT) and layer.training:
+        raise ValueError(f"lipschitz_bound: {label} in training mode is a random affine map; call model.eval() "
+                         f"to bound the eval-mode network")
     if isinstance(layer, (nn.LeakyReLU, nn.ELU)):  # slope / alpha exp(x) for x < 0
         slope = layer.negative_slope if isinstance(layer, nn.LeakyReLU) else layer.alpha
         return max(1.0, abs(float(slope))), tuple(shape)
@@ -918,16 +968,21 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     pooling by sqrt(the most windows an input element is in); elementwise activations by
     sup |phi'|: 1 for ReLU, Tanh, Hardtanh, Softplus, ...; max(1, slope) for LeakyReLU,
     max(1, alpha) for ELU; 1/4 for Sigmoid; 1.13 for GELU, 1.1 for SiLU and 1.09 for
-    Mish (not 1-Lipschitz); Flatten/Unflatten/Identity/Dropout 1 (the eval-mode map).
+    Mish (not 1-Lipschitz); Flatten/Unflatten/Identity 1, Dropout 1 in eval mode and 1 / (1 - p)
+    in training mode (any one mask).  Softplus is bounded as the smooth function: PyTorch's switch
+    to the identity above ``threshold`` adds a jump of about exp(-threshold) / beta (2e-9 / beta by
+    default), which no Lipschitz constant covers.  A module applied twice (registered twice in a
+    Sequential) counts twice.
 
     ``input_shape``: the shape of the input the model takes, e.g. (1, 3, 32, 32) (the
     batch size does not matter); shapes are propagated without running the model (on the
     meta device for parameter-free layers), so no state changes.  The norm is l2 over one
     sample.  Raises TypeError naming the first layer it cannot bound (residual blocks,
-    attention, normalizations other than eval BatchNorm, ...), ValueError for BatchNorm in
-    training mode or a shape that does not fit.  Cost: the sum of the layers' ``sigma_bounds``.
+    attention, normalizations other than eval BatchNorm, a subclass that overrides
+    ``forward``, a forward hook other than a spectral or weight norm's, ...), ValueError for
+    BatchNorm or AlphaDropout in training mode, CELU with alpha <= 0, or a shape that does not fit.  Cost: the sum of the layers' ``sigma_bounds``.
     """
-    shape = tuple(int(s) for s in input_shape)
+    shape = tuple(operator.index(s) for s in input_shape)  # a float size is refused, not truncated
     total = 1.0
     for name, layer in _chain(model):
         bound, shape = _layer_lipschitz(name, layer, shape)

@@ -1,6 +1,9 @@
 """Argument checks and constants shared by the op and every front end (defined once here)."""
 from __future__ import annotations
 
+import math
+import operator
+
 from torch import Tensor, nn
 
 from .backends.contract import ORDERS, matrix_shape
@@ -33,11 +36,29 @@ def check_api(api: str) -> str:
 
 
 def check_iterations_eps(n_power_iterations: int, eps: float) -> None:
-    """n_power_iterations a positive int (bool refused), eps > 0: PyTorch's messages."""
-    if type(n_power_iterations) is not int or n_power_iterations <= 0:
+    """n_power_iterations a positive int (bool refused), eps > 0 and finite: PyTorch's messages.  The
+    front ends take any integer first (``front_end_iterations``); the op itself wants an int."""
+    if type(n_power_iterations) is not int:
+        raise TypeError(f"n_power_iterations must be an int, got {type(n_power_iterations).__name__} "
+                        f"{n_power_iterations!r}")
+    if n_power_iterations <= 0:
         raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}")
-    if not eps > 0:
-        raise ValueError(f"Expected eps to be positive, but got eps={eps}")
+    if not 0 < eps < math.inf:  # NaN fails too; an infinite eps would zero u and v for good
+        raise ValueError(f"Expected eps to be positive and finite, but got eps={eps}")
+
+
+def front_end_iterations(n_power_iterations) -> int:
+    """``n_power_iterations`` as a front end (a wrap, a layer) takes it: any integer PyTorch's front ends
+    take (a NumPy integer, a one-element integer tensor, a bool), as an int; other types refused."""
+    if type(n_power_iterations) is int:
+        return n_power_iterations
+    if isinstance(n_power_iterations, float) or (
+            isinstance(n_power_iterations, Tensor) and n_power_iterations.is_floating_point()):
+        raise TypeError(f"n_power_iterations must be an integer, got {n_power_iterations!r}")
+    try:
+        return operator.index(n_power_iterations)
+    except TypeError:
+        raise TypeError(f"n_power_iterations must be an integer, got {type(n_power_iterations).__name__}") from None
 
 
 def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: int) -> int:

@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 
 from .backends.contract import accumulation_dtype
 from .backends.pytorch import iterate_buffers, normalize_step
-from .checks import INIT_ITERATIONS, check_api, check_iterations_eps
+from .checks import INIT_ITERATIONS, check_api, check_iterations_eps, front_end_iterations
 from .find import find
 from .serialize import serializable
 
@@ -270,6 +270,7 @@ class _State:
     """The settings both front ends share, and the initialise/check step of a forward."""
 
     def __init__(self, spec, name, n_power_iterations, eps, reinit_on_resize):
+        n_power_iterations = front_end_iterations(n_power_iterations)
         check_iterations_eps(n_power_iterations, eps)
         self.spec, self.name = spec, name
         self.n_power_iterations, self.eps, self.reinit_on_resize = n_power_iterations, eps, reinit_on_resize

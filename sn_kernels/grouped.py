@@ -236,8 +236,10 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
 
 
 def _groups(members: list[_Member]) -> tuple[dict, list[_Member]]:
-    """({(device, dtype, order, iteration count, eps, mode): [(member, weight, u, v, order)]} of the
-    members that can share a group's node, [the others]): the one grouping rule, eager and compiled."""
+    """({(device, dtype, order, iteration count, eps, mode, requires_grad): [(member, weight, u, v, order)]}
+    of the members that can share a group's node, [the others]): the one grouping rule, eager and
+    compiled.  Frozen weights (requires_grad=False) form their own group: sharing a node with trained
+    ones would give their W/sigma a grad_fn that per module they do not have."""
     groups: dict = {}
     others = []
     for mem in members:
@@ -246,7 +248,7 @@ def _groups(members: list[_Member]) -> tuple[dict, list[_Member]]:
             others.append(mem)
             continue
         st = mem.state
-        key = (t[0].device, t[0].dtype, t[3], st.n_power_iterations, st.eps, mem.training())
+        key = (t[0].device, t[0].dtype, t[3], st.n_power_iterations, st.eps, mem.training(), t[0].requires_grad)
         groups.setdefault(key, []).append((mem,) + t)
     return groups, others
 
@@ -270,7 +272,7 @@ def _compiled_group(members: list[_Member]) -> None:
     no code for them, and the call sits before the model's first layer, so it splits none of the fused
     kernels (inductor's CPU backend ends a kernel at every opaque call): compile time near that of the
     model without spectral norm (benchmarks/NOTES.md, C2).  Layers the op cannot take compute their own."""
-    for (device, _, order, iters, eps, training), items in _groups(members)[0].items():
+    for (device, _, order, iters, eps, training, _), items in _groups(members)[0].items():
         kind = _group_op_backend(device.type)
         if not kind:
             continue
@@ -324,21 +326,30 @@ class SNGroup:
                 self.members.append(_Member("param", module, name, state))
         if not self.members:
             raise ValueError("sn_kernels.group: the model has no sn_kernels spectral norm to group")
+        for mem in self.members:
+            if _layer_hook_of(mem) is not None:
+                raise ValueError(
+                    f"sn_kernels.group: {type(mem.module).__name__}.{mem.name} already belongs to a group (an "
+                    "enclosing or inner model was grouped, or this is a copy of part of a grouped model); "
+                    "remove that group first (sn_kernels.grouped.find_group(that_model).remove())")
         self._stale = True
         self._cache: list[Tensor] | None = None
         self._key = None
         self._optimizer_handle = None
         self._step_refresh = False  # plain data: dynamo cannot trace a look at the handle
-        self._handles = [
-            model.register_forward_pre_hook(self._model_pre),
-            model.register_forward_hook(self._model_post, always_call=True),
-        ]
+        self._handles = []
         # "step" refresh: each layer takes the shared W/sigma right before its own spectral norm runs
         for mem in self.members:
             if mem.kind == "hook":
                 mem.state.before = _LayerHook(self, mem)  # the hook API's spectral norm runs it first
             else:
                 self._handles.append(mem.module.register_forward_pre_hook(_LayerHook(self, mem), prepend=True))
+        # the model's pre-hook first of all, even before a spectral norm on the model itself (a grouped
+        # SNLinear): it computes the W/sigma that the layers' own hooks then take
+        self._handles += [
+            model.register_forward_pre_hook(self._model_pre, prepend=True),
+            model.register_forward_hook(self._model_post, always_call=True),
+        ]
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -380,7 +391,7 @@ class SNGroup:
         by their layer's own computation (skipped when not ``alone``: the layer computes them itself)."""
         groups, others = _groups(members)
         out: dict = {mem: mem.compute_alone() for mem in others} if alone else {}
-        for (_, _, order, iters, eps, training), items in groups.items():
+        for (_, _, order, iters, eps, training, _), items in groups.items():
             for item, w_sn in zip(items, _normalize_group(items, order, iters, eps, training)):
                 out[item[0]] = w_sn
         return out
@@ -456,6 +467,15 @@ class _LayerHook:
 
     def __call__(self, module: nn.Module, inputs) -> None:
         self.group._layer_pre(self.member)
+
+
+def _layer_hook_of(mem: _Member) -> _LayerHook | None:
+    """The group hook already on ``mem``'s spectral norm (the hook API's ``before``, or a pre-hook of the
+    parametrized module), if any."""
+    if mem.kind == "hook":
+        return mem.state.before if isinstance(mem.state.before, _LayerHook) else None
+    return next((h for h in mem.module._forward_pre_hooks.values()
+                 if isinstance(h, _LayerHook) and h.member.name == mem.name), None)
 
 
 def find_group(model: nn.Module) -> SNGroup | None:

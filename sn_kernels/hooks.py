@@ -21,7 +21,8 @@ from torch.nn.functional import normalize
 from . import conv_norm
 from .backends.pytorch import exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
-from .checks import check_bound, check_iterations_eps, check_mode, check_variant, check_weight_args, default_dim
+from .checks import (check_bound, check_iterations_eps, check_mode, check_variant, check_weight_args, default_dim,
+                     front_end_iterations)
 from .find import find, torch_sn
 from .functional import normalize_kept
 from .meta import guard_if_meta
@@ -49,6 +50,7 @@ class SpectralNorm(torch_sn.SpectralNorm):
     def __init__(self, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
                  bound_every: int = 1, operator: OperatorBound | None = None):
+        n_power_iterations = front_end_iterations(n_power_iterations)
         check_iterations_eps(n_power_iterations, eps)
         super().__init__(name, n_power_iterations, dim, eps)
         self.coeff, self.soft, self.gain = coeff, soft, gain
@@ -143,6 +145,7 @@ class SpectralNorm(torch_sn.SpectralNorm):
                 "use sn_kernels.parametrizations.spectral_norm, which matches "
                 "torch.nn.utils.parametrizations.spectral_norm (conjugate transposes)"
             )
+        n_power_iterations = front_end_iterations(n_power_iterations)
         check_weight_args(weight, n_power_iterations, eps, dim)  # the hook keeps dim as given, like PyTorch's
         operator = operator_bound(module, name, weight) if bound == "operator" else None
         fn = SpectralNorm(name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain, bound=bound,

@@ -15,7 +15,8 @@ from torch.nn.utils import parametrize
 from . import conv_norm
 from .backends.pytorch import as_matrix, exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
-from .checks import INIT_ITERATIONS, check_bound, check_mode, check_variant, check_weight_args, default_dim
+from .checks import (INIT_ITERATIONS, check_bound, check_mode, check_variant, check_weight_args, default_dim,
+                     front_end_iterations)
 from .find import TorchSpectralNorm
 from .functional import spectral_normalize
 from .meta import guard_if_meta
@@ -36,6 +37,7 @@ class SpectralNormParametrization(nn.Module):
                  *, coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
                  bound_every: int = 1, operator: OperatorBound | None = None) -> None:
         super().__init__()
+        n_power_iterations = front_end_iterations(n_power_iterations)
         self.dim = check_weight_args(weight, n_power_iterations, eps, dim)
         check_variant(weight, coeff, soft, bool(gain))
         if check_bound(bound, bound_every, weight, gain=gain):

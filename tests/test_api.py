@@ -125,6 +125,9 @@ def test_backend_selection_and_reasons(monkeypatch):
     with pytest.raises(ValueError, match="unknown sn_kernels backend"):
         sn_kernels.set_backend("fastest")
     assert "torch" in sn_kernels.explain("cpu")
+    if not torch.cuda.is_available():  # nothing offers to run on a CUDA device this machine lacks
+        assert sn_kernels.available_backends("cuda") == []
+        assert sn_kernels.explain("cuda").count("CUDA is not available") >= 2
 
     # an explicitly requested backend that cannot run raises with the reason; auto falls back
     import sn_kernels.backends.pytorch as ref
@@ -182,3 +185,11 @@ def test_public_native_utilities():
         assert set(native.cache_stats()) == {"idle_bytes", "idle_blocks", "in_use_bytes", "hits", "misses"}
         native.empty_cache()
         assert native.cache_stats()["idle_bytes"] == 0
+
+
+def test_native_utilities_reachable_after_import_sn_kernels():
+    """The README's ``sn_kernels.native.cache_stats()`` works after ``import sn_kernels`` alone."""
+    code = "import sn_kernels; print(sorted(sn_kernels.native.cache_stats())); print(type(sn_kernels.native.build_info()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "idle_bytes" in out.stdout and "dict" in out.stdout

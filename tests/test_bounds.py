@@ -612,6 +612,80 @@ def test_lipschitz_refuses_non_chains():
         lipschitz_bound(nn.Sequential(nn.Conv2d(3, 3, 3)), (1, 2, 8, 8))
 
 
+
+def test_lipschitz_counts_a_shared_module_each_time():
+    """Sequential(lin, lin) applies lin twice: the bound is sigma^2, not sigma (named_children() lists a
+    shared module once); the same for a shared activation and a shared inner Sequential."""
+    lin = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(2 * torch.eye(3))
+    act = nn.LeakyReLU(3.0)
+    inner = nn.Sequential(lin)
+    for model, exact in ((nn.Sequential(lin, lin), 4.0), (nn.Sequential(act, act), 9.0),
+                         (nn.Sequential(inner, nn.ReLU(), inner), 4.0)):
+        assert exact <= lipschitz_bound(model, (1, 3)) <= exact * (1 + 1e-8)
+
+
+def test_lipschitz_refuses_what_its_class_does_not_describe():
+    """A subclass that overrides forward (a residual Sequential, a scaled Linear) or a forward hook of
+    unknown effect would be bounded by the wrong map: refused.  The spectral norms' and weight_norm's
+    own hooks are not."""
+    class ResidualSequential(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 10 * super().forward(x)
+
+    with pytest.raises(TypeError, match="ResidualSequential overrides the forward of Sequential"):
+        lipschitz_bound(ResidualSequential(nn.Linear(3, 3)), (1, 3))
+    with pytest.raises(TypeError, match="Scaled overrides the forward of Linear"):
+        lipschitz_bound(nn.Sequential(Scaled(3, 3)), (1, 3))
+    hooked = nn.Linear(3, 3)
+    hooked.register_forward_hook(lambda m, i, o: 10 * o)
+    with pytest.raises(TypeError, match="forward hook"):
+        lipschitz_bound(nn.Sequential(hooked), (1, 3))
+    pre = nn.Sequential(nn.Linear(3, 3))
+    pre.register_forward_pre_hook(lambda m, i: (10 * i[0],))
+    with pytest.raises(TypeError, match="forward pre-hook"):
+        lipschitz_bound(pre, (1, 3))
+    with pytest.raises(ValueError, match="no Lipschitz constant"):
+        lipschitz_bound(nn.CELU(alpha=-1.0), (1, 4))
+    with pytest.raises(TypeError):
+        lipschitz_bound(nn.Linear(3, 3), (1, 3.5))
+    # spectral norms (both APIs, ours and PyTorch's), grouped, and the hook-based weight_norm are bounded
+    ours = nn.Sequential(sn_kernels.spectral_norm(nn.Linear(3, 3)), nn.ReLU(),
+                         sn_kernels.parametrizations.spectral_norm(nn.Linear(3, 3)),
+                         torch.nn.utils.spectral_norm(nn.Linear(3, 3)))
+    sn_kernels.group(ours)
+    assert math.isfinite(lipschitz_bound(ours, (1, 3)))
+
+
+def test_lipschitz_of_hook_weight_norm_uses_the_next_forwards_weight():
+    """torch.nn.utils.weight_norm (the hook API) leaves module.weight as its last forward computed it; after
+    an optimizer step the next forward uses g, v as they are now, and so must the bound."""
+    with pytest.warns(FutureWarning):
+        wn = torch.nn.utils.weight_norm(nn.Linear(5, 5))
+    wn(torch.randn(1, 5))
+    with torch.no_grad():
+        wn.weight_g.mul_(10)
+    w_next = wn.weight_g * wn.weight_v / wn.weight_v.norm(dim=1, keepdim=True)
+    exact = torch.linalg.matrix_norm(w_next.detach().double(), 2).item()
+    lo, hi = sigma_bounds(wn)
+    assert lo <= exact * (1 + 1e-6) and exact <= hi * (1 + 1e-6)
+    assert exact <= lipschitz_bound(wn, (1, 5)) * (1 + 1e-6)
+
+
+def test_lipschitz_dropout_in_training_mode():
+    """A training-mode dropout scales what it keeps by 1 / (1 - p); eval mode is the identity."""
+    drop = nn.Dropout(0.5)
+    assert lipschitz_bound(drop, (1, 4)) >= 2.0
+    assert lipschitz_bound(drop.eval(), (1, 4)) == 1.0
+    with pytest.raises(ValueError, match=r"\(AlphaDropout\) in training mode"):
+        lipschitz_bound(nn.AlphaDropout(0.5), (1, 4))
+
+
 WRAPS = {
     "torch_hook": torch.nn.utils.spectral_norm,
     "torch_param": torch.nn.utils.parametrizations.spectral_norm,

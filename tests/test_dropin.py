@@ -193,6 +193,29 @@ def test_refusals_leave_module_unchanged(wrap):
             wrap(m)
 
 
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_front_ends_take_any_integer_iteration_count_as_pytorch(api):
+    """PyTorch's front ends take a NumPy integer, a one-element integer tensor or a bool for
+    n_power_iterations (and so must convert(), which rebuilds them with the stored value)."""
+    np = pytest.importorskip("numpy")
+    torch_wrap, our_wrap = {"hook": (torch.nn.utils.spectral_norm, sn_kernels.spectral_norm),
+                            "param": (torch.nn.utils.parametrizations.spectral_norm,
+                                      sn_kernels.parametrizations.spectral_norm)}[api]
+    for n in (np.int64(2), torch.tensor(2), True):
+        torch.manual_seed(0)
+        ref = torch_wrap(nn.Linear(5, 3), n_power_iterations=n)
+        torch.manual_seed(0)
+        ours = our_wrap(nn.Linear(5, 3), n_power_iterations=n)
+        x = torch.randn(2, 5)
+        torch.testing.assert_close(ours(x), ref(x))
+        model = nn.Sequential(torch_wrap(nn.Linear(5, 3), n_power_iterations=n))
+        sn_kernels.convert(model)
+        assert sn_kernels.is_spectral_normalized(model[0])
+    for bad in (2.0, "2", torch.tensor(2.0)):
+        with pytest.raises(TypeError, match="n_power_iterations must be an integer"):
+            our_wrap(nn.Linear(5, 3), n_power_iterations=bad)
+
+
 def test_refuses_non_floating_and_0d():
     m = nn.Module()
     m.weight = nn.Parameter(torch.tensor(2.0))

@@ -106,6 +106,10 @@ def _args():
     (dict(n_power_iterations=-1), ValueError, "n_power_iterations"),
     (dict(eps=0.0), ValueError, "eps"),
     (dict(eps=-1e-12), ValueError, "eps"),
+    (dict(eps=float("inf")), ValueError, "eps"),  # PyTorch runs, and its u, v become zero for good
+    (dict(eps=float("nan")), ValueError, "eps"),
+    (dict(n_power_iterations=2.0), TypeError, "n_power_iterations must be an int"),
+    (dict(n_power_iterations=True), TypeError, "n_power_iterations must be an int"),
     (dict(order="xy"), ValueError, "order"),
     (dict(dim=2), IndexError, "Dimension out of range"),
     (dict(backend="cuda"), ValueError, "unknown sn_kernels backend"),

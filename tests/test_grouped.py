@@ -651,3 +651,49 @@ def test_compiled_grouped_model_after_a_removal(api):
         torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
     for a, b in zip(model.buffers(), reference.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_group_of_a_single_sn_layer(api):
+    """The model is itself the spectral-normalized layer (group(SNLinear(...))): the group computes
+    before the layer's own spectral norm, so the layer iterates once, as ungrouped."""
+    torch.manual_seed(0)
+    alone = sn_kernels.SNLinear(4, 5, api=api)
+    grouped = copy.deepcopy(alone)
+    sn_kernels.group(grouped)
+    for _ in range(3):
+        x = torch.randn(2, 4)
+        assert torch.equal(alone(x), grouped(x))
+        assert all(torch.equal(a, b) for a, b in zip(_state(alone), _state(grouped)))
+    assert sn_kernels.sigmas(alone) == sn_kernels.sigmas(grouped)
+
+
+def test_overlapping_groups_are_refused():
+    inner = nn.Sequential(sn_kernels.SNLinear(4, 4), nn.ReLU())
+    outer = nn.Sequential(inner, sn_kernels.SNLinear(4, 2, api="parametrization"))
+    handle = sn_kernels.group(inner)
+    with pytest.raises(ValueError, match="already belongs to a group"):
+        sn_kernels.group(outer)
+    handle.remove()
+    sn_kernels.group(outer)
+    with pytest.raises(ValueError, match="already belongs to a group"):
+        sn_kernels.group(inner)
+    with pytest.raises(ValueError, match="already belongs to a group"):
+        sn_kernels.group(outer[1])
+
+
+def test_frozen_weights_keep_no_graph_when_grouped(monkeypatch):
+    """A weight with requires_grad=False gets a W/sigma without a graph, as per module: it is not put
+    in the node of the trained weights (it forms its own group)."""
+    made = []
+    original = sn_kernels.grouped._normalize_group
+    monkeypatch.setattr(sn_kernels.grouped, "_normalize_group", lambda *a: made.extend(original(*a)) or made[-len(a[0]):])
+    torch.manual_seed(0)
+    model = _stack([(3, 4), (5, 4), (2, 6)], api="parametrization")
+    model["l1"].parametrizations.weight.original.requires_grad_(False)
+    ref = copy.deepcopy(model)
+    sn_kernels.group(model)
+    assert all(torch.equal(a, b) for a, b in zip(model(), ref()))
+    assert sorted(w.requires_grad for w in made) == [False, True, True]
+    assert [w.shape for w in made if not w.requires_grad] == [torch.Size([5, 4])]
+    assert all(torch.equal(a, b) for a, b in zip(_state(model), _state(ref)))

@@ -287,6 +287,8 @@ def why_not(device: torch.device, auto: bool = False) -> str | None:
         print(f"sn_kernels: {reason}", file=sys.stderr)
     if reason is not None:
         return reason
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available"
     if not has_kernel(device.type):
         if device.type == "cuda":
             why = build_info().get("why", "CPU-only torch, no matching CUDA toolkit, or SN_KERNELS_BUILD=cpu")

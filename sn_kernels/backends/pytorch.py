@@ -16,7 +16,9 @@ from .contract import Backend, accumulation_dtype, composed_eager, define_ops, d
 
 
 def why_not(device: torch.device, auto: bool = False) -> str | None:
-    """The torch backend runs wherever PyTorch does."""
+    """The torch backend runs wherever PyTorch does (on CUDA devices when CUDA is available)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available"
     return None
 
 
