@@ -58,6 +58,12 @@ const c10::TypedOperatorHandle<PowerIterationSig>& power_iteration_op() {
   return op;
 }
 
+// a sparse gradient of W / sigma (nn.Embedding(sparse=True)) made dense, as the weight's gradient is anyway
+// (its u v^T term fills every entry): the kernels and the formula take strided tensors
+void dense(at::Tensor& grad) {
+  if (grad.defined() && grad.layout() != at::kStrided) grad = grad.to_dense();
+}
+
 // grad_W = (G - <G, W> / sigma u v^T) / sigma in plain ATen ops, differentiable itself: sigma is
 // re-attached to W through d sigma / dW = u v^T (same value), as in reference.backward.
 at::Tensor differentiable_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u,
@@ -90,6 +96,7 @@ struct NormalizeFunction : public torch::autograd::Function<NormalizeFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(5);
     if (!ctx->needs_input_grad(0)) return out;
+    dense(grads[0]);
     const auto saved = ctx->get_saved_variables();
     const int64_t dim = ctx->saved_data["dim"].toInt();
     if (at::GradMode::is_enabled()) {
@@ -243,6 +250,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     }
     variable_list out(k + 2);  // the weights, then the two non-tensor arguments
     if (todo.empty()) return out;
+    for (size_t i : todo) dense(grads[i]);
     const std::vector<at::Tensor> us = ctx->saved_data["us"].toTensorVector();
     const std::vector<at::Tensor> vs = ctx->saved_data["vs"].toTensorVector();
     const std::vector<at::Tensor> sigmas = ctx->saved_data["sigmas"].toTensorVector();

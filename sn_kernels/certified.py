@@ -84,7 +84,7 @@ from torch import Tensor, nn
 
 from . import dispatch
 from .backends import native
-from .backends.contract import accumulation_dtype, matrix_shape
+from .backends.contract import accumulation_dtype, dense, matrix_shape
 from .backends.pytorch import as_matrix
 from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _oriented, _pow2, _rescale, _unwind, _up
 from .checks import check_call
@@ -189,6 +189,7 @@ class _NativeCarry(torch.autograd.Function):
         weight, ref, base, den, nrm = ctx.saved_tensors
         if grad is None:
             return (None,) * 6
+        grad = dense(grad)
         if torch.is_grad_enabled():  # create_graph=True: the same formula, differentiable
             scaled = _scaled(weight, _carried(weight, ref, ctx.k1, base), ctx.coeff, ctx.soft)
             (g,) = torch.autograd.grad(scaled, weight, grad, create_graph=True)

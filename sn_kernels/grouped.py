@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 from . import dispatch, hooks, parametrizations
 from .backends import native, pytorch
+from .backends.contract import dense
 from .checks import check_call, check_group
 from .find import walk
 
@@ -166,6 +167,7 @@ class _GroupNormalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         sh = ctx.shared
+        grads = [dense(g) for g in grads]
         todo = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[i + 1]]
         for i in todo:
             w = sh.weights[i]

@@ -242,3 +242,36 @@ def test_loaded_vector_of_wrong_shape_names_the_key(api):
     sd[key] = torch.randn(sd[key].numel() + 1)
     with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
         ours.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("variant", ["plain", "coeff", "upper", "upper-carry", "grouped"])
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_sparse_embedding_gradients(api, variant, backend):
+    """nn.Embedding(sparse=True) sends a sparse gradient into W / sigma: every backward takes it (the
+    weight's gradient is dense, as PyTorch's), equal to the dense embedding's; plain, also to PyTorch's."""
+    if backend not in sn_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not available")
+    kwargs = {"plain": {}, "coeff": {"coeff": 0.5}, "upper": {"bound": "upper"},
+              "upper-carry": {"bound": "upper", "bound_every": 3}, "grouped": {}}[variant]
+    wraps = {"hook": (torch.nn.utils.spectral_norm, sn_kernels.spectral_norm),
+             "param": (torch.nn.utils.parametrizations.spectral_norm, sn_kernels.parametrizations.spectral_norm)}[api]
+    idx = torch.tensor([1, 2, 2, 7])
+    weights = torch.arange(16.0).reshape(4, 4)
+    grads = []
+    for sparse, wrap in ((False, wraps[1]), (True, wraps[1]), (True, wraps[0])):
+        if wrap is wraps[0] and variant != "plain":
+            continue
+        torch.manual_seed(0)
+        e = nn.Embedding(10, 4, sparse=sparse)
+        wrap(e, **kwargs)
+        if variant == "grouped":
+            sn_kernels.group(e)
+        with sn_kernels.use_backend(backend):
+            for _ in range(2):
+                e.zero_grad()
+                (e(idx) * weights).sum().backward()
+        original = e.weight_orig if api == "hook" else e.parametrizations.weight.original
+        grads.append(original.grad.to_dense())
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-5, atol=1e-6)

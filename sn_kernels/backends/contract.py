@@ -132,6 +132,12 @@ def _op(op):
     return op
 
 
+def dense(grad: Tensor | None) -> Tensor | None:
+    """The gradient of W / sigma as the formulas take it: a sparse one (``nn.Embedding(sparse=True)``)
+    made dense, as the weight's gradient is anyway (its u v^T term fills every entry)."""
+    return grad.to_dense() if grad is not None and grad.layout != torch.strided else grad
+
+
 def refuse_double_backward() -> None:
     """Raise when a custom op's backward is being differentiated (create_graph=True): the ops'
     formulas are not differentiable, and the differentiable one needs W itself."""
@@ -157,6 +163,7 @@ def register_ops(power_iteration, normalize, backward: Callable) -> tuple[Callab
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         refuse_double_backward()
+        grad = dense(grad)
         weight_sn, u, v, sigma = ctx.saved_tensors
         # (G - <G, W_sn> u v^T) / sigma is backward's (G - <G, W>/sigma u v^T) / sigma with
         # W_sn for W and sigma u for u
@@ -223,6 +230,6 @@ def differentiable(normalize_impl: Callable, backward: Callable, differentiable_
                 return None, None, None, None, None
             weight, u, v, sigma = ctx.saved_tensors
             fn = differentiable_backward if torch.is_grad_enabled() else backward
-            return fn(grad, weight, u, v, sigma, ctx.dim), None, None, None, None
+            return fn(dense(grad), weight, u, v, sigma, ctx.dim), None, None, None, None
 
     return Normalize.apply
