@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .backends.contract import accumulation_dtype
+from .backends.contract import accumulation_dtype, autocast_off
 from .backends.pytorch import iterate_buffers, normalize_step
 from .checks import INIT_ITERATIONS, check_api, check_iterations_eps, front_end_iterations
 from .find import find
@@ -210,7 +210,8 @@ class _ConvNormalize(torch.autograd.Function):
             return None, None, None, None, None
         acc = sigma.dtype
         w, g = weight.to(acc), grad.to(acc)
-        dsigma = conv_weight_grad(ctx.spec, w, v, u)
+        with autocast_off(weight.device.type):
+            dsigma = conv_weight_grad(ctx.spec, w, v, u)
         c = (g * w).sum() / sigma
         return ((g - c * dsigma) / sigma).to(weight.dtype), None, None, None, None
 
@@ -224,7 +225,7 @@ def conv_spectral_normalize(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor
     (float64 stays float64); sigma carries no gradient.
     """
     acc = accumulation_dtype(weight.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), autocast_off(weight.device.type):  # the iteration in acc, not autocast's dtype
         w = weight.detach().to(acc)
         sigma, u_acc, v_acc = iterate_buffers(
             u, v, acc, training, lambda a, b: conv_power_iteration(spec, w, a, b, n_power_iterations, eps),
@@ -258,7 +259,7 @@ def _draw(spec: ConvSpec, weight: Tensor, spatial, eps: float) -> tuple[Tensor, 
     if math.prod(out_shape) == 0:
         raise ValueError(f"input size {tuple(spatial)} gives an empty output {out_shape}")
     acc = accumulation_dtype(weight.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), autocast_off(weight.device.type):
         u = F.normalize(weight.new_empty(out_shape).normal_().flatten(), dim=0, eps=eps).view(out_shape)
         v = F.normalize(weight.new_empty(in_shape).normal_().flatten(), dim=0, eps=eps).view(in_shape)
         u_acc, v_acc, _ = conv_power_iteration(spec, weight.detach().to(acc), u.to(acc), v.to(acc),

@@ -119,3 +119,33 @@ def test_deterministic_under_use_deterministic_algorithms(backend):
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mode", ["matrix", "conv"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_autocast_leaves_the_power_iteration_in_float32(backend, api, mode):
+    """Autocast lowers the layer's own matmul, not the spectral norm's: u, v and sigma of a float32
+    weight are the float32 run's (PyTorch's spectral norm keeps them in float32 too), and so is the
+    weight gradient's formula."""
+    torch.manual_seed(0)
+    if mode == "matrix":
+        model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 1))
+        sn_kernels.apply_spectral_norm(model, api=api)
+        x = torch.randn(4, 64)
+    else:  # the power iteration on the convolution operator (conv_norm.py)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        for layer in (model[0], model[2]):
+            (sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm)(layer, mode="conv")
+        x = torch.randn(2, 3, 8, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)  # draws u, v for this input size (and warms them up) under autocast
+    ref = copy.deepcopy(model)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        ref(x)
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(s.dtype == torch.float32 for s in sn_kernels.sigmas(model).values())
+    torch.testing.assert_close(torch.stack(list(sn_kernels.sigmas(model).values())),
+                               torch.stack(list(sn_kernels.sigmas(ref).values())), rtol=1e-5, atol=0)

@@ -25,6 +25,8 @@ calls ``Backend.eager`` instead, which skips the custom-op wrappers' per-call ch
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -130,6 +132,27 @@ def _op(op):
         ns, name = op.split("::")
         return getattr(getattr(torch.ops, ns), name)
     return op
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """``fn(tensor, ...)`` with autocast off on ``tensor``'s device: the power iteration and the gradient
+    formula accumulate in the weight's accumulation dtype, not in the lower precision autocast would
+    give their matrix products (the weight and W / sigma keep their dtypes; the layer's own
+    convolution or matmul is still autocast)."""
+
+    @functools.wraps(fn)
+    def wrapped(tensor, *args, **kwargs):
+        with autocast_off(tensor.device.type):
+            return fn(tensor, *args, **kwargs)
+
+    return wrapped
+
+
+def autocast_off(device_type: str):
+    """A context with autocast disabled on ``device_type`` (nothing to do when it is off)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def dense(grad: Tensor | None) -> Tensor | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import Backend, accumulation_dtype, composed_eager, define_ops, differentiable
+from .contract import Backend, accumulation_dtype, composed_eager, define_ops, differentiable, without_autocast
 
 
 def why_not(device: torch.device, auto: bool = False) -> str | None:
@@ -83,6 +83,7 @@ def safe_sigma(sigma: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+@without_autocast
 def _power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
     """Plain-PyTorch power iteration: updates u, v in place (training); returns (sigma, u, v copies)."""
     W = as_matrix(weight, dim).to(accumulation_dtype(weight.dtype))
@@ -97,6 +98,7 @@ def _normalize_weight(weight, u, v, sigma, dim):
     return (weight.to(sigma.dtype) / safe_sigma(sigma)).to(weight.dtype)
 
 
+@without_autocast
 def backward(grad, weight, u, v, sigma, dim):
     """grad_W = (G - <G, W> / sigma * u v^T) / sigma, in plain torch ops.
 
