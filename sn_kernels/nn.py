@@ -37,16 +37,26 @@ def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iteratio
     """Wrap the ``weight`` of every Linear/Conv*/ConvTranspose*/Embedding in ``model`` (in place).
 
     ``api`` is "hook" (``torch.nn.utils.spectral_norm`` keys) or "parametrization";
-    modules named in ``exclude`` and weights already normalized are left alone.
+    modules named in ``exclude`` and weights already normalized are left alone, and so, with the
+    hook API, is ``nn.MultiheadAttention.out_proj`` (with a warning: the attention reads its weight
+    without calling it, so a hook would never run).
     ``variant`` keywords (``coeff``, ``soft``, ``gain``, ``bound``, ``bound_every``) go to ``spectral_norm``.
     """
     wrap = _wrapper(api)
     layer_types = tuple(layer_types)
     exclude = set(exclude)
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj: a hook (which runs when the
+    # layer is called) would never run, and the attention would use the raw weight, untrained
+    not_called = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for mod_name, module in model.named_modules():
         if mod_name in exclude or not isinstance(module, layer_types):
             continue
         if getattr(module, "weight", None) is None or is_spectral_normalized(module):
+            continue
+        if api == "hook" and id(module) in not_called:
+            warnings.warn(f"sn_kernels.apply_spectral_norm: left {mod_name} alone: nn.MultiheadAttention uses its "
+                          "weight without calling it, so the hook API's spectral norm would never run; "
+                          "api='parametrization' normalizes it", stacklevel=2)
             continue
         wrap(module, n_power_iterations=n_power_iterations, eps=eps, **variant)
     return model

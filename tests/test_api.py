@@ -193,3 +193,22 @@ def test_native_utilities_reachable_after_import_sn_kernels():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "idle_bytes" in out.stdout and "dict" in out.stdout
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_apply_spectral_norm_and_multihead_attention(api):
+    """nn.MultiheadAttention uses out_proj.weight without calling out_proj: the hook API would leave it
+    the raw weight, untrained (no gradient reaches weight_orig), so apply_spectral_norm leaves it alone
+    and says so; the parametrization normalizes it, and it trains."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    if api == "hook":
+        with pytest.warns(UserWarning, match="self_attn.out_proj"):
+            sn_kernels.apply_spectral_norm(layer, api=api)
+        assert not sn_kernels.is_spectral_normalized(layer.self_attn.out_proj)
+    else:
+        sn_kernels.apply_spectral_norm(layer, api=api)
+        assert sn_kernels.is_spectral_normalized(layer.self_attn.out_proj)
+    assert sn_kernels.is_spectral_normalized(layer.linear1)
+    layer(torch.randn(2, 5, 8)).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
