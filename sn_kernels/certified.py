@@ -82,7 +82,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import dispatch
+from . import dispatch, transforms
 from .backends import native
 from .backends.contract import accumulation_dtype, dense, matrix_shape
 from .backends.pytorch import as_matrix
@@ -492,6 +492,7 @@ class Certifier:
                   soft: bool) -> tuple[Tensor, Tensor]:
         """(W_sn, B'): the certified forward.  In training the power iteration runs as usual (u, v
         updated; its sigma_hat kept in ``estimate``); W_sn does not depend on it."""
+        transforms.refuse(f'bound="{self.bound}"')
         if training and u is not None:
             with torch.no_grad():
                 self.estimate = _iterate(weight, u, v, n_power_iterations, eps, dim, order)

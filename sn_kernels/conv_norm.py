@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import transforms
 from .backends.contract import accumulation_dtype, autocast_off
 from .backends.pytorch import iterate_buffers, normalize_step
 from .checks import INIT_ITERATIONS, check_api, check_iterations_eps, front_end_iterations
@@ -224,6 +225,7 @@ def conv_spectral_normalize(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor
     sigma = <u, A v>, u and v untouched.  Computes in float32 for half weights
     (float64 stays float64); sigma carries no gradient.
     """
+    transforms.refuse('mode="conv"')
     acc = accumulation_dtype(weight.dtype)
     with torch.no_grad(), autocast_off(weight.device.type):  # the iteration in acc, not autocast's dtype
         w = weight.detach().to(acc)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, transforms
 from .backends import native, pytorch, traced
 from .backends.contract import composed_eager
 from .checks import check_call, check_variant
@@ -59,6 +59,10 @@ def spectral_normalize(
     W K / sigma, or with ``soft=True`` W / max(1, sigma / K) (invertible ResNets,
     SNGP, DUE); ``gain`` (a one-element tensor gamma, usually a Parameter) returns
     gamma W / sigma.
+
+    Under ``torch.func`` transforms (grad, vjp, jacrev, vmap) the call runs in plain ops
+    the transforms support (sn_kernels/transforms.py), whatever ``backend`` says; sigma
+    is then None under a vmap that batches the weight.
     """
     weight_sn, _, sigma = normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,
                                          gain, backend, twice=False)
@@ -86,6 +90,11 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
     if torch.compiler.is_compiling():
         weight_sn, kept, sigma = _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,
                                            backend, twice)
+    elif transforms.active():  # torch.func: plain ops only (transforms.py)
+        dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
+        weight_sn, sigma = transforms.spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order,
+                                                         training, coeff, soft)
+        kept = weight_sn
     else:
         weight_sn, sigma = _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend)
         kept = weight_sn

@@ -68,7 +68,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import dispatch, hooks, parametrizations
+from . import dispatch, hooks, parametrizations, transforms
 from .backends import native, pytorch
 from .backends.contract import dense
 from .checks import check_call, check_group
@@ -409,6 +409,8 @@ class SNGroup:
             if self.refresh == "call":
                 _compiled_group(self._live_members())
             return  # otherwise each layer computes its own W/sigma (the compiled route)
+        if transforms.active():
+            return  # torch.func runs plain ops only: each layer computes its own (sn_kernels/transforms.py)
         members = self._live_members()
         if self.refresh == "step":
             # once per model call: a weight changed in place, a mode switched or the grad mode changed
@@ -419,8 +421,8 @@ class SNGroup:
             mem.state.__dict__["pending"] = w_sn  # what nn.Module.__setattr__ does for it, minus its checks
 
     def _layer_pre(self, mem: _Member) -> None:
-        if torch.compiler.is_compiling() or self.refresh != "step":  # compiling first: dynamo cannot see the handle
-            return
+        if torch.compiler.is_compiling() or self.refresh != "step" or transforms.active():
+            return  # compiling first: dynamo cannot see the handle
         if self._stale or self._cache is None:
             self._cache = self._compute_all(self._live_members(), alone=False)
             self._stale = False

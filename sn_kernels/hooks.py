@@ -83,7 +83,7 @@ class SpectralNorm(torch_sn.SpectralNorm):
             weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps, dim=self.dim, order="vu",
             training=do_power_iteration, coeff=self.coeff, soft=self.soft,
             gain=getattr(module, self.name + "_gain") if self.gain else None, backend=None, twice=twice)
-        self.sigma = sigma.detach()
+        self.sigma = None if sigma is None else sigma.detach()  # None: batched by vmap (transforms.py)
         return weight_sn, kept
 
     def __call__(self, module: nn.Module, inputs) -> None:

@@ -106,7 +106,8 @@ class SpectralNormParametrization(nn.Module):
             weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
             dim=self.dim, order="uv", training=self.training, coeff=self.coeff, soft=self.soft, gain=self.gain,
         )
-        self.__dict__["sigma"] = sigma.detach() if sigma.requires_grad else sigma
+        # None: batched by vmap (transforms.py); sigmas() then recomputes it from u, v
+        self.__dict__["sigma"] = sigma.detach() if sigma is not None and sigma.requires_grad else sigma
         return weight_sn
 
     def right_inverse(self, value: Tensor) -> Tensor:

@@ -1,0 +1,89 @@
+"""Spectral normalization under ``torch.func`` transforms (grad, vjp, jacrev, jvp, vmap).
+
+The transforms run plain ATen ops only: they refuse C++ autograd functions (the native
+backend's eager entry), autograd.Functions without ``setup_context`` (the other backends'),
+and in-place copies into captured tensors (the buffers u, v).  PyTorch's own spectral
+norm works under them, so ours must too: while a transform is active, ``functional`` takes
+this route instead of a backend.
+
+The formulation is the torch backend's, written as the transforms allow:
+
+- the power iteration under ``no_grad`` (never differentiated), in the accumulation dtype,
+  each new vector written into u or v by an ``out=`` op (the in-place form a grad transform
+  allows on a captured tensor: PyTorch's own spectral norm writes them with
+  ``F.normalize(..., out=u)``); a step whose norm is zero or not finite keeps the previous
+  vector, as every backend does;
+- sigma = u . (W v) with u, v held constant and W / sigma differentiated by the transform:
+  the gradient is the analytic (G - <G, W_sn> u v^T) / sigma of the other routes.
+
+Values equal the eager backends' to rounding (sigma from u . (W v), not from the last
+norm).  ``coeff``, ``soft`` and ``gain`` work; certified bounds and ``mode="conv"`` do not
+(they raise).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._C import _functorch
+
+from .backends.contract import accumulation_dtype
+from .backends.pytorch import as_matrix
+
+
+def active() -> bool:
+    """Whether a torch.func transform is running (its interpreter stack is not empty); never while
+    torch.compile traces (the compiled route applies there: functional.py)."""
+    return not torch.compiler.is_compiling() and _functorch.peek_interpreter_stack() is not None
+
+
+def refuse(what: str) -> None:
+    """Raise for a feature the transforms cannot run through, when one is active."""
+    if active():
+        raise NotImplementedError(f"sn_kernels: {what} is not supported under torch.func transforms "
+                                  "(grad, vjp, jacrev, vmap); the plain spectral norm is")
+
+
+def _step(x: Tensor, previous: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x / max(|x|, eps), or ``previous`` where |x| is zero or not finite; x . that vector)."""
+    norm = torch.linalg.vector_norm(x)
+    denom = norm.clamp_min(eps)
+    accept = torch.isfinite(norm) & (norm > 0)
+    return torch.where(accept, x / denom, previous), norm * norm / denom
+
+
+def _plain(t: Tensor) -> Tensor | None:
+    """``t`` without the transforms' wrappers (for logging sigma past the transform); None when a
+    vmap batches it (no single value to log)."""
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return None
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
+def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int,
+                       order: str, training: bool, coeff: float | None, soft: bool) -> tuple[Tensor, Tensor | None]:
+    """``functional.spectral_normalize``'s eager forward, in ops the transforms run (module docstring);
+    returns (W_sn, sigma for logging: detached and unwrapped, or None under vmap)."""
+    acc = accumulation_dtype(weight.dtype)
+    W = as_matrix(weight, dim).to(acc)
+    with torch.no_grad():
+        ua, va = u.to(acc), v.to(acc)
+        if training:
+            for _ in range(n_power_iterations):
+                if order == "vu":
+                    va, _ = _step(W.t() @ ua, va, eps)
+                    ua, _ = _step(W @ va, ua, eps)
+                else:
+                    ua, _ = _step(W @ va, ua, eps)
+                    va, _ = _step(W.t() @ ua, va, eps)
+            torch.mul(ua, 1, out=u)  # u.copy_(ua) is refused on a captured tensor; out= is not
+            torch.mul(va, 1, out=v)
+    sigma = torch.dot(ua, W @ va)  # differentiable in W only: u, v are constants
+    safe = torch.where(sigma == 0, torch.full_like(sigma, float("inf")), sigma)
+    if coeff is not None:
+        safe = safe / coeff
+        if soft:
+            safe = safe.clamp_min(1.0)
+    weight_sn = (weight.to(acc) / safe).to(weight.dtype)
+    return weight_sn, _plain(sigma.detach())

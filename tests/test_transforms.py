@@ -1,0 +1,120 @@
+"""Spectral normalization under torch.func transforms (sn_kernels/transforms.py): jacrev, grad of
+functional_call, vmap of grad, as PyTorch's own spectral norm runs them."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+import sn_kernels
+from helpers import model_state
+
+WRAPS = {
+    "hook": (torch.nn.utils.spectral_norm, sn_kernels.spectral_norm),
+    "param": (torch.nn.utils.parametrizations.spectral_norm, sn_kernels.parametrizations.spectral_norm),
+}
+BACKENDS = [b for b in ("native", "torch") if b in sn_kernels.available_backends("cpu")]
+
+
+def pair(api):
+    """(PyTorch's, ours): a small MLP, both spectral norms drawn from the same seed."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    models = []
+    for wrap in WRAPS[api]:
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        for layer in (model[0], model[2]):
+            wrap(layer)
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_jacrev_and_grad_match_pytorch(api, backend, training):
+    """jacrev with respect to the input and grad of functional_call with respect to the parameters give
+    PyTorch's values, step after step, and leave u, v as PyTorch's (iterated once per call in training)."""
+    ref, ours = pair(api)
+    ref.train(training), ours.train(training)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with sn_kernels.use_backend(backend):
+        for _ in range(3):
+            jr, jo = jacrev(ref)(x[0]), jacrev(ours)(x[0])
+            torch.testing.assert_close(jo, jr, rtol=1e-10, atol=1e-12)
+            gs = [grad(lambda p, m=m: functional_call(m, p, (x,)).square().sum())(dict(m.named_parameters()))
+                  for m in (ref, ours)]
+            for name in gs[0]:
+                torch.testing.assert_close(gs[1][name], gs[0][name], rtol=1e-10, atol=1e-12, msg=name)
+    for a, b in zip(model_state(ours), model_state(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_per_sample_gradients(api, backend):
+    """vmap(grad(...)) over a batch (per-sample gradients, as DP-SGD computes them) equals one autograd
+    backward per sample (eval mode: every call sees the same u, v)."""
+    _, ours = pair(api)
+    ours.eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    params = {k: p.detach() for k, p in ours.named_parameters()}
+
+    def loss(p, xi):
+        return functional_call(ours, p, (xi.unsqueeze(0),)).square().sum()
+
+    with sn_kernels.use_backend(backend):
+        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+        for i in range(len(x)):
+            ours.zero_grad()
+            ours(x[i:i + 1]).square().sum().backward()
+            for name, p in ours.named_parameters():
+                torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("variant", [{"coeff": 0.7}, {"coeff": 0.7, "soft": True}, {"gain": True}], ids=str)
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_variants_under_grad_match_eager(api, variant):
+    """coeff, soft and gain under grad give the eager backward's gradients (same u, v before the call)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4).double()
+    WRAPS[api][1](layer, **variant)
+    with torch.no_grad():
+        layer.weight_orig.mul_(3) if api == "hook" else layer.parametrizations.weight.original.mul_(3)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    g = grad(lambda p: functional_call(layer, p, (x,)).square().sum())(dict(layer.named_parameters()))
+    twin(x).square().sum().backward()
+    for name, p in twin.named_parameters():
+        torch.testing.assert_close(g[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for a, b in zip(model_state(layer), model_state(twin)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_grouped_model_under_grad():
+    """A grouped model leaves the layers to compute their own under a transform (the group's C++ node
+    cannot run there): the values of the ungrouped model."""
+    _, ours = pair("param")
+    grouped = copy.deepcopy(ours)
+    sn_kernels.group(grouped)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    ga, gb = (grad(lambda p, m=m: functional_call(m, p, (x,)).sum())(dict(m.named_parameters()))
+              for m in (ours, grouped))
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=0, atol=0, msg=name)
+    assert all(torch.equal(a, b) for a, b in zip(model_state(grouped), model_state(ours)))
+
+
+@pytest.mark.parametrize("what", ["upper", "conv"])
+def test_unsupported_variants_refuse_under_transforms(what):
+    if what == "upper":
+        layer = sn_kernels.spectral_norm(nn.Linear(4, 3), bound="upper")
+        shape = (4,)
+    else:
+        layer = sn_kernels.spectral_norm(nn.Conv2d(2, 3, 3), mode="conv")
+        layer(torch.randn(1, 2, 6, 6))
+        shape = (1, 2, 6, 6)
+    with pytest.raises(NotImplementedError, match="not supported under torch.func transforms"):
+        jacrev(layer)(torch.randn(shape))
