@@ -74,3 +74,18 @@ def walk(model: nn.Module) -> Iterator[tuple[str, Site]]:
     for mod_name, module in model.named_modules():
         for site in sites(module):
             yield (f"{mod_name}.{site.name}" if mod_name else site.name), site
+
+
+def input_of(plist: nn.Module, target: nn.Module) -> torch.Tensor:
+    """The tensor the parametrization ``target`` receives: ``original`` through the ones before it (eval)."""
+    x = plist.original
+    for p in plist:
+        if p is target:
+            return x
+        training = p.training
+        p.eval()
+        try:
+            x = p(x)
+        finally:
+            p.train(training)
+    raise ValueError("parametrization not in its list")

@@ -10,8 +10,9 @@ from torch.nn.utils import parametrize
 
 from . import hooks, parametrizations
 from .checks import check_api
-from .find import TorchSpectralNorm, sites, torch_sn, walk
+from .find import TorchSpectralNorm, _kind as _kind_of, input_of, sites, torch_sn, walk
 from .functional import spectral_normalize
+from .serialize import serializable
 
 #: layer types that ``apply_spectral_norm`` wraps by default
 SN_LAYER_TYPES = (
@@ -87,6 +88,11 @@ def convert(model: nn.Module) -> nn.Module:
                         inner = getattr(h, "hook", h)
                         if getattr(inner, "fn", None) is hook:
                             inner.fn = ours
+                # the W / sigma PyTorch's last forward left carries a graph, which deepcopy and pickling
+                # refuse; ours copy and pickle its value, as after our own forward
+                current = module.__dict__.get(hook.name)
+                if isinstance(current, torch.Tensor):
+                    module.__dict__[hook.name] = serializable(current)
         if parametrize.is_parametrized(module):
             for plist in module.parametrizations.values():
                 for i, p in enumerate(plist):
@@ -116,25 +122,31 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
     mode="conv" weights appear once their first forward has drawn u, v.
     With ``bound="upper"`` or ``"operator"`` the sigma is the certified divisor B' >= sigma(W) (float64)
     of the latest forward, or the one a forward would use now (no state changes); the
-    power iteration's estimate is ``state.certifier.estimate``.
+    power iteration's estimate is ``state.certifier.estimate``.  A second spectral norm stacked
+    on one weight (parametrization API) is keyed by its position in the list: ``"fc.weight[1]"``.
     Adds nothing to the state_dict."""
     out = {}
     for qual, site in walk(model):
         kind, module, pname, state = site.kind, site.module, site.name, site.state
+        plist = module.parametrizations[pname] if site.api == "parametrization" else None
+        if plist is not None:  # a spectral norm stacked after another on one weight: keyed by its position
+            norms = [p for p in plist if _kind_of(p) is not None]
+            if norms[0] is not state:
+                qual = f"{qual}[{list(plist).index(state)}]"
         sigma = getattr(state, "sigma", None)
         if sigma is None and kind == "conv":
             continue
         certifier = getattr(state, "certifier", None)
         if sigma is None and certifier is not None:
-            weight = getattr(module, pname + "_orig") if kind == "hook" else module.parametrizations[pname].original
+            weight = getattr(module, pname + "_orig") if kind == "hook" else input_of(plist, state).detach()
             out[qual] = certifier.divisor(weight, state.dim, 1.0 if state.coeff is None else float(state.coeff),
                                           training=False, keep=False)
             continue
         if sigma is None:
             if kind == "hook":
                 weight, u, v = (getattr(module, pname + s) for s in ("_orig", "_u", "_v"))
-            else:
-                weight = module.parametrizations[pname].original
+            else:  # its input: original, or the output of the parametrizations before it (stacked)
+                weight = input_of(plist, state).detach()
                 if weight.ndim == 1:
                     out[qual] = torch.linalg.vector_norm(weight)
                     continue

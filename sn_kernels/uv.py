@@ -12,23 +12,8 @@ from torch import Tensor, nn
 
 from . import conv_norm
 from .functional import spectral_normalize
-from .find import walk
+from .find import input_of, walk
 from .meta import remove_guards
-
-
-def _input_of(plist: nn.Module, target: nn.Module) -> Tensor:
-    """The tensor the parametrization ``target`` receives: ``original`` through the ones before it (eval)."""
-    x = plist.original
-    for p in plist:
-        if p is target:
-            return x
-        training = p.training
-        p.eval()
-        try:
-            x = p(x)
-        finally:
-            p.train(training)
-    raise ValueError("parametrization not in its list")
 
 
 def _fresh(vec: Tensor, eps: float, redraw: bool) -> None:
@@ -65,7 +50,7 @@ def reset_uv(model: nn.Module, n_power_iterations: int = 15, *, redraw: bool = T
             weight, u, v, order = (getattr(module, name + "_orig"), getattr(module, name + "_u"),
                                    getattr(module, name + "_v"), "vu")
         else:
-            weight = _input_of(module.parametrizations[name], state)
+            weight = input_of(module.parametrizations[name], state)
             if weight.ndim == 1:
                 continue  # a vector needs no u, v
             u, v, order = state._u, state._v, "uv"

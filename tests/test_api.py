@@ -63,6 +63,23 @@ def test_convert_replaces_hook_in_state_dict_hooks():
                for table in (m._state_dict_hooks, m._load_state_dict_pre_hooks) for h in table.values())
 
 
+def test_convert_after_a_pytorch_forward_copies_and_saves():
+    """PyTorch's hook leaves a graph-attached module.weight after a training forward, which deepcopy and
+    pickling refuse; converted, the module copies and saves at once, as after our own forward."""
+    import copy
+    import io
+
+    m = torch.nn.utils.spectral_norm(nn.Linear(3, 4))
+    m(torch.randn(2, 3))
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(m)
+    sn_kernels.convert(m)
+    clone = copy.deepcopy(m)
+    torch.save(m, io.BytesIO())
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(clone(x), m(x))
+
+
 def test_sigmas_for_logging():
     model = small_model()
     sn_kernels.apply_spectral_norm(model)
@@ -212,3 +229,20 @@ def test_apply_spectral_norm_and_multihead_attention(api):
     assert sn_kernels.is_spectral_normalized(layer.linear1)
     layer(torch.randn(2, 5, 8)).sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_sigmas_of_stacked_parametrizations():
+    """Two spectral norms stacked on one weight (PyTorch's parametrization stacks them): each its own
+    key, the second's sigma that of its input W / sigma_1 (about 1), before and after a forward."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight.mul_(100)
+    exact = torch.linalg.matrix_norm(lin.weight.detach().double(), 2).item()
+    P = sn_kernels.parametrizations.spectral_norm
+    P(P(lin))
+    for _ in range(2):
+        s = sn_kernels.sigmas(lin)
+        assert set(s) == {"weight", "weight[1]"}
+        assert abs(s["weight"].item() / exact - 1) < 1e-3 and abs(s["weight[1]"].item() - 1) < 1e-3
+        lin(torch.randn(2, 8))
