@@ -137,7 +137,7 @@ double block_sum(const scalar_t* a, const scalar_t* b, int64_t n) {
 // certificate holds (certified._scaled does the same)
 double scale_of(double den, double coeff, bool soft, double cap) {
   const double s = soft ? std::min(coeff / den, 1.0) : coeff / den;
-  return s > cap ? 0.0 : s;
+  return s <= cap ? s : 0.0;  // NaN too (a NaN or Inf weight since the reference): W_sn 0 where W is finite
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> carry_forward(const at::Tensor& weight, const at::Tensor& ref,

@@ -212,8 +212,9 @@ def _scaled(weight: Tensor, den: Tensor, coeff: float, soft: bool) -> Tensor:
     acc = accumulation_dtype(weight.dtype)
     # a weight that is zero or nearly so has a bound so small that s overflows the accumulation dtype (and
     # 0 * inf is NaN): it normalizes to 0, with a zero gradient, as plain spectral norm does a zero weight
-    # (sigma = 0); a smaller s only lowers ||W s||, so the bound holds
-    scale = torch.where(scale > torch.finfo(acc).max, torch.zeros_like(scale), scale)
+    # (sigma = 0); a smaller s only lowers ||W s||, so the bound holds.  A NaN s (a NaN or Inf weight
+    # since the reference) gives 0 too: W_sn is then 0 where W is finite, as after a refresh
+    scale = torch.where(scale <= torch.finfo(acc).max, scale, torch.zeros_like(scale))
     return (weight.to(acc) * scale.to(acc)).to(weight.dtype)
 
 

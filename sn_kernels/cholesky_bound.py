@@ -139,8 +139,13 @@ def _certified_top(kmat: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
 def cholesky_top(kmat: Tensor) -> tuple[Tensor, Tensor]:
     """(B, q) of ``_certified_top`` for the symmetric float64 ``kmat``, its estimate included: one opaque op,
     so that a compiled graph holds one call instead of the unrolled Lanczos steps and factorizations (a
-    300 x 400 layer compiled in 110 s through them, against 24 s with the Gram bound's products)."""
-    return _certified_top(kmat, _estimate(kmat))
+    300 x 400 layer compiled in 110 s through them, against 24 s with the Gram bound's products).  A
+    ``kmat`` with a non-finite entry (a NaN or Inf weight) has the bound +inf (the layer's W_sn is then 0
+    where W is finite), chosen by ``torch.where``: eigvalsh would raise on it."""
+    finite = torch.isfinite(kmat).all()
+    safe = torch.where(finite, kmat, torch.zeros_like(kmat))
+    top, q = _certified_top(safe, _estimate(safe))
+    return torch.where(finite, top, torch.full_like(top, math.inf)), q
 
 
 @cholesky_top.register_fake
@@ -168,6 +173,8 @@ class _CholeskyBound(torch.autograd.Function):
         top, q = cholesky_top(kmat)
         upper = _unwind(top, [(p, e)], upper=True, checked=False)[0]
         upper = _up(_up(upper * (1 + _margin(*mat.shape))) * _pow2(p0, checked=False))
+        # a NaN or Inf entry: +inf (the scalings above are NaN then), so W_sn is 0 where W is finite
+        upper = torch.where(torch.isfinite(mat).all(), upper, torch.full_like(upper, math.inf))
         ctx.save_for_backward(mat, upper, q)
         return upper
 

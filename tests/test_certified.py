@@ -134,6 +134,35 @@ def test_zero_and_tiny_weights_stay_finite(api, case, bound_every, bound):
         grad.zero_()
 
 
+@pytest.mark.parametrize("bound_every", [1, 3])
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_non_finite_weight_then_recovery(api, bound_every):
+    """A NaN or Inf entry in the weight at a refresh gives the bound +inf (no error from the eigensolver):
+    the finite entries of W_sn are 0; once the weight is finite again the next refresh certifies it."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    WRAP[api](layer, bound="upper", bound_every=bound_every)
+    original = dict(layer.named_parameters())[ORIGINAL[api]]
+    x = torch.randn(3, 6)
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            good = original.clone()
+            original[1, 2] = bad
+        with parametrize.cached():
+            layer(x)
+            w_sn = layer.weight.detach()
+        finite = torch.isfinite(original.detach())
+        assert torch.equal(w_sn[finite], torch.zeros_like(w_sn[finite]))
+        with torch.no_grad():
+            original.copy_(good)
+        for _ in range(bound_every):  # through the next refresh
+            with parametrize.cached():
+                layer(x)
+                w_sn = layer.weight.detach()
+        assert torch.isfinite(w_sn).all()
+        assert 0.99 < svd_sigma(w_sn.double(), 0).item() <= 1 + SLACK
+
+
 @pytest.mark.parametrize("api", ["hook", "param"])
 def test_soft_and_vector_weights(api):
     """soft=True: W / max(1, B / coeff) is <= coeff and leaves a weight below coeff untouched; a 1-D
