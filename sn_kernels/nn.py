@@ -35,7 +35,7 @@ def is_spectral_normalized(module: nn.Module, name: str = "weight") -> bool:
 def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iterations: int = 1, eps: float = 1e-12,
                         layer_types: Iterable[type] = SN_LAYER_TYPES, exclude: Iterable[str] = (),
                         **variant) -> nn.Module:
-    """Wrap the ``weight`` of every Linear/Conv*/ConvTranspose*/Embedding in ``model`` (in place).
+    """Wrap the ``weight`` of every Linear/Bilinear/Conv*/ConvTranspose*/Embedding in ``model`` (in place).
 
     ``api`` is "hook" (``torch.nn.utils.spectral_norm`` keys) or "parametrization";
     modules named in ``exclude`` and weights already normalized are left alone, and so, with the
