@@ -185,9 +185,11 @@ bool plain_cpu(const at::Tensor& t) {
 }
 
 // bufs[i].copy_(fresh[i]) for every i, version counters moved as by copy_: a memcpy for contiguous CPU
-// vectors of one dtype (a dispatched copy costs more than the forward of a small weight), else copy_
+// vectors of one dtype (a dispatched copy costs more than the forward of a small weight), the others
+// (CUDA buffers) in one _foreach_copy_ (one multi-tensor launch, not one per buffer)
 void copy_into(at::TensorList bufs, const std::vector<at::Tensor>& fresh) {
   at::NoGradGuard no_grad;
+  std::vector<at::Tensor> dst, src;
   for (size_t i = 0; i < bufs.size(); ++i) {
     const at::Tensor& b = bufs[i];
     const at::Tensor& f = fresh[i];
@@ -196,9 +198,11 @@ void copy_into(at::TensorList bufs, const std::vector<at::Tensor>& fresh) {
       std::memcpy(b.mutable_data_ptr(), f.const_data_ptr(), b.nbytes());
       b.unsafeGetTensorImpl()->bump_version();
     } else {
-      const_cast<at::Tensor&>(b).copy_(f);
+      dst.push_back(b);
+      src.push_back(f);
     }
   }
+  if (!dst.empty()) at::_foreach_copy_(dst, src);
 }
 
 GroupResult run_group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims,
@@ -210,8 +214,10 @@ GroupResult run_group_forward(at::TensorList weights, at::TensorList us, at::Ten
                                                  .call(weights, us, vs, dims, n_power_iterations, eps, order, training);
   }
   if (training) {  // the buffers take the iterated u, v
-    copy_into(us, r.us);
-    copy_into(vs, r.vs);
+    std::vector<at::Tensor> bufs(us.begin(), us.end()), fresh(r.us);
+    bufs.insert(bufs.end(), vs.begin(), vs.end());
+    fresh.insert(fresh.end(), r.vs.begin(), r.vs.end());
+    copy_into(bufs, fresh);
   }
   return r;
 }
