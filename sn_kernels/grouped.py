@@ -399,9 +399,13 @@ class SNGroup:
         return out
 
     def _key_now(self):
-        """What the cached W/sigma depends on besides the optimizer: versions, modes, grad mode."""
+        """What the cached W/sigma depends on besides the optimizer: the weights, u and v themselves
+        (which tensors, their memory, dtype and version: ``load_state_dict(assign=True)``, ``.to(dtype)``
+        or a new Parameter replace them with tensors whose versions may equal the old ones), modes,
+        grad mode."""
         return (torch.is_grad_enabled(),) + tuple(
-            (m.training(),) + tuple((t._version, t.requires_grad) for t in (m.tensors() or ())[:3])
+            (m.training(),) + tuple((id(t), t.data_ptr(), t.dtype, t.device, t._version, t.requires_grad)
+                                    for t in (m.tensors() or ())[:3])
             for m in self.members)
 
     def _model_pre(self, model: nn.Module, inputs) -> None:

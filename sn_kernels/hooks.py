@@ -225,4 +225,11 @@ def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     """Remove the spectral-norm hook of ``module.<name>`` (ours, PyTorch's, or mode="conv"), keeping W/sigma."""
     if find(module, name, kind="conv", api="hook") is not None:
         return conv_norm.remove_spectral_norm_conv(module, name)
-    return torch_sn.remove_spectral_norm(module, name)
+    torch_sn.remove_spectral_norm(module, name)
+    # PyTorch's removal misses its load_state_dict pre-hook (registered wrapped in a _WrappedHook, looked for
+    # unwrapped), which would then demand <name>_orig and <name>_u of the plain layer's state_dict
+    for key, hook in list(module._load_state_dict_pre_hooks.items()):
+        inner = getattr(hook, "hook", hook)
+        if isinstance(inner, torch_sn.SpectralNormLoadStateDictPreHook) and inner.fn.name == name:
+            del module._load_state_dict_pre_hooks[key]
+    return module

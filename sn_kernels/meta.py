@@ -54,8 +54,9 @@ def guard_if_meta(module: nn.Module, u_key: str, weight: torch.Tensor) -> None:
         MetaGuard(module, u_key)
 
 
-def remove_guards(module: nn.Module) -> None:
-    """Drop every meta guard of ``module`` (its u, v have been initialised)."""
-    for hook in list(module._forward_pre_hooks.values()):
-        if isinstance(hook, MetaGuard):
-            hook.remove(module)
+def remove_guards(module: nn.Module) -> bool:
+    """Drop every meta guard of ``module`` (its u, v have been initialised); whether it had one."""
+    guards = [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, MetaGuard)]
+    for hook in guards:
+        hook.remove(module)
+    return bool(guards)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import conv_norm
 from .functional import spectral_normalize
+from .backends.pytorch import as_matrix, exact_top_singular
 from .find import input_of, walk
 from .meta import remove_guards
 
@@ -34,13 +35,14 @@ def reset_uv(model: nn.Module, n_power_iterations: int = 15, *, redraw: bool = T
     ``n_power_iterations`` power-iteration steps on the current weight, as
     ``parametrizations.spectral_norm`` does at wrapping time.  Call it after
     ``to_empty()`` once the weights are initialised (it also lifts the meta-device
-    guard).  ``redraw=False``: start from the current u, v (normalized; only vectors
+    guard, and there sets a ``gain`` as wrapping does: the exact sigma, u and v the
+    exact singular vectors).  ``redraw=False``: start from the current u, v (normalized; only vectors
     that are zero or not finite are redrawn), e.g. on an EMA model after averaging.
     ``mode="conv"`` weights forget u, v; their next forward draws them.
     """
     for _, site in walk(model):
         kind, module, name, state = site.kind, site.module, site.name, site.state
-        remove_guards(module)
+        on_meta = remove_guards(module)  # wrapped on meta: the gain too holds uninitialised memory
         if getattr(state, "sigma", None) is not None:
             state.sigma = None  # stale: sigmas() recomputes it from the new u, v
         if kind == "conv":
@@ -52,8 +54,20 @@ def reset_uv(model: nn.Module, n_power_iterations: int = 15, *, redraw: bool = T
         else:
             weight = input_of(module.parametrizations[name], state)
             if weight.ndim == 1:
+                if on_meta and state.gain is not None:  # a vector's gain: its length, as at wrapping
+                    with torch.no_grad():
+                        state.gain.copy_(torch.linalg.vector_norm(weight.detach()).to(state.gain.dtype))
                 continue  # a vector needs no u, v
             u, v, order = state._u, state._v, "uv"
+        gain = (getattr(module, name + "_gain") if kind == "hook" and state.gain
+                else getattr(state, "gain", None) if kind != "hook" else None)
+        if on_meta and gain is not None:  # as at wrapping: gamma, u, v the exact top singular triple
+            with torch.no_grad():
+                gamma, u1, v1 = exact_top_singular(as_matrix(weight.detach(), state.dim))
+                gain.copy_(gamma.reshape(gain.shape).to(gain.dtype))
+                u.copy_(u1)
+                v.copy_(v1)
+            continue
         _fresh(u, state.eps, redraw)
         _fresh(v, state.eps, redraw)
         spectral_normalize(weight.detach(), u, v, n_power_iterations=n_power_iterations, eps=state.eps,

@@ -249,6 +249,45 @@ def test_group_node_refuses_a_weight_changed_in_place(refresh, backend):
             out.backward()
 
 
+@pytest.mark.parametrize("change", ["assign", "double", "new_parameter"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_refresh_after_the_tensors_are_replaced(api, change):
+    """The once-per-step cache is refreshed when a weight, u or v is replaced by another tensor (whose
+    version counter may equal the old one's): load_state_dict(assign=True), .double(), a new Parameter."""
+    torch.manual_seed(0)
+    D = GanD(api).eval()
+    other = GanD(api).eval()
+    opt = torch.optim.SGD(D.parameters(), lr=0.1)
+    sn_kernels.group(D, optimizer=opt)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        D(x)  # fills the cache
+        if change == "assign":  # new tensors with the old ones' version counts: only identity tells them apart
+            state, current = {}, D.state_dict(keep_vars=True)
+            for k, v in other.state_dict().items():
+                state[k] = v.clone()
+                while state[k]._version < current[k]._version:
+                    state[k].add_(0)
+            D.load_state_dict(state, assign=True)
+            expected = other(x)
+        elif change == "double":
+            D.double(), other.double()
+            x = x.double()
+            other.load_state_dict(D.state_dict())
+            expected = other(x)
+        else:
+            layer = D.l2
+            new = nn.Parameter(torch.randn_like(layer.weight_orig if api == "hook"
+                                                else layer.parametrizations.weight.original))
+            if api == "hook":
+                layer.weight_orig = new
+            else:
+                layer.parametrizations.weight.original = new
+            other.load_state_dict(D.state_dict())
+            expected = other(x)
+        torch.testing.assert_close(D(x), expected, rtol=0, atol=0)
+
+
 def test_refresh_copy_is_detached_and_per_call():
     torch.manual_seed(0)
     D = GanD("parametrization")

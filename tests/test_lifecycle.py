@@ -79,6 +79,7 @@ def test_freeze_matches_eval_mode(api, torch_sn):
     assert not sn_kernels.sigmas(model), "no spectral norm may remain"
     assert set(model.state_dict()) == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     assert all(isinstance(model[i].weight, nn.Parameter) for i in (0, 2, 4))
+    model.load_state_dict(model.state_dict())  # no spectral-norm load hook left to ask for weight_orig
     torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
     exported = torch.export.export(model.eval(), (x,))
     assert not sn_ops(exported.graph_module)
@@ -161,6 +162,29 @@ def test_no_guard_off_meta_and_partial_load_keeps_it():
           if not k.startswith("0.")}
     model.load_state_dict(sd, strict=False)  # u, v of layer 0 not in it: its guard stays
     assert len(guards(model)) == 1
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_meta_construction_with_gain(api):
+    """gain=True built on meta: after to_empty() the gain is uninitialised memory like u, v; reset_uv sets
+    it as wrapping does (the exact sigma, u and v the exact singular vectors), so the layer computes what
+    one wrapped on the CPU around the same weight does (output unchanged by wrapping)."""
+    with torch.device("meta"):
+        model = sn_kernels.SNLinear(6, 4, gain=True, api=api)
+    model.to_empty(device="cpu")
+    original = model.weight_orig if api == "hook" else model.parametrizations.weight.original
+    gain = model.weight_gain if api == "hook" else model.parametrizations.weight[0].gain
+    torch.manual_seed(0)
+    with torch.no_grad():
+        original.normal_()
+        model.bias.zero_()
+        gain.fill_(1e13)  # the worst uninitialised memory
+    sn_kernels.reset_uv(model)
+    exact = torch.linalg.matrix_norm(original.detach().double(), 2).item()
+    assert gain.item() == pytest.approx(exact, rel=1e-6)
+    x = torch.randn(3, 6)
+    model.eval()
+    torch.testing.assert_close(model(x), x @ original.detach().t(), rtol=1e-5, atol=1e-5)
 
 
 def test_reset_uv_warm_start_keeps_direction():
