@@ -196,12 +196,17 @@ def conv_power_iteration(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor, n
 
 
 class _ConvNormalize(torch.autograd.Function):
-    """W / sigma with u, v, sigma constants: grad_W = (G - <G, W>/sigma * dsigma/dW) / sigma."""
+    """W / sigma with u, v, sigma constants: grad_W = (G - <G, W>/sigma * dsigma/dW) / sigma.
+
+    No no-op ``.to(dtype)`` in ``forward``: under dynamo (torch 2.11) an autograd.Function whose forward
+    contains one gets a zero gradient (backends/traced.py has the same rule)."""
 
     @staticmethod
     def forward(ctx, weight, u, v, sigma, spec):
         ctx.spec = spec
         ctx.save_for_backward(weight, u, v, sigma)
+        if weight.dtype == sigma.dtype:
+            return weight / sigma
         return (weight.to(sigma.dtype) / sigma).to(weight.dtype)
 
     @staticmethod

@@ -295,6 +295,31 @@ def test_compile_variants_match_eager(kwargs):
     _compare_compiled("parametrization", "aot_eager", steps=2, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_compiled_conv_mode_gradients(api, dtype):
+    """mode="conv" compiled: the weight gradient is eager's (an autograd.Function whose forward held a
+    no-op ``.to`` got a zero gradient under dynamo), over two steps, with the same u, v."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(3, 2, 3)).to(dtype)
+    wrap = sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm
+    for layer in (eager[0], eager[2]):
+        wrap(layer, mode="conv", input_size=(5, 5))
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(2, 2, 5, 5, dtype=dtype)
+        for m in (eager, compiled_model):
+            m.zero_grad(set_to_none=True)
+        eager(x).square().sum().backward()
+        compiled(x).square().sum().backward()
+        for (name, a), b in zip(compiled_model.named_parameters(), eager.parameters()):
+            assert b.grad.abs().max() > 0
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+        for (name, a), b in zip(compiled_model.named_buffers(), eager.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("order, dim, training", [("vu", 0, True), ("uv", 1, True), ("uv", 0, False)])
 def test_compiled_op_matches_eager(dtype, order, dim, training):
