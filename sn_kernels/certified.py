@@ -494,6 +494,13 @@ class Certifier:
         """(W_sn, B'): the certified forward.  In training the power iteration runs as usual (u, v
         updated; its sigma_hat kept in ``estimate``); W_sn does not depend on it."""
         transforms.refuse(f'bound="{self.bound}"')
+        if training and torch.compiler.is_exporting():
+            # export keeps the forward's ops but not the bound's autograd.Functions: the program's backward
+            # would differentiate the rounding steps (nextafter has no derivative)
+            raise NotImplementedError(
+                f'sn_kernels: torch.export of a bound="{self.bound}" layer in training mode is not supported (the '
+                "exported program could not differentiate the bound); export it in eval mode, or after "
+                "sn_kernels.freeze(model)")
         if training and u is not None:
             with torch.no_grad():
                 self.estimate = _iterate(weight, u, v, n_power_iterations, eps, dim, order)

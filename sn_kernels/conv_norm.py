@@ -240,6 +240,12 @@ def conv_spectral_normalize(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor
         # the backward must see the vectors sigma came from, not buffers a later forward may update
         u_acc = u_acc.clone() if u_acc is u else u_acc
         v_acc = v_acc.clone() if v_acc is v else v_acc
+    if torch.compiler.is_exporting():
+        # torch.export keeps the forward's ops, not an autograd.Function's backward: sigma re-attached to W
+        # through d sigma / dW = <u, A(dW) v> (the value unchanged), so plain autograd gives the same gradient
+        w = weight.to(acc)
+        attached = sigma + (u_acc * conv_apply(spec, w - w.detach(), v_acc)).sum()
+        return (w / attached).to(weight.dtype), sigma
     return _ConvNormalize.apply(weight, u_acc, v_acc, sigma, spec), sigma
 
 
@@ -338,7 +344,8 @@ class ConvSpectralNormHook(_State):
             getattr(module, self.name + "_v"), n_power_iterations=self.n_power_iterations, eps=self.eps,
             training=training,
         )
-        self.sigma = sigma.detach()
+        if not torch.compiler.is_exporting():  # fake tensors while exporting: none kept past it
+            self.sigma = sigma.detach()
         return weight_sn if torch.compiler.is_compiling() else serializable(weight_sn)
 
     def load_pre_hook(self, module, state_dict, prefix, *args) -> None:
@@ -375,7 +382,8 @@ class ConvSpectralNorm(_State, nn.Module):
         weight_sn, sigma = conv_spectral_normalize(self.spec, weight, self._u, self._v,
                                                    n_power_iterations=self.n_power_iterations, eps=self.eps,
                                                    training=self.training)
-        self.sigma = sigma.detach()
+        if not torch.compiler.is_exporting():  # fake tensors while exporting: none kept past it
+            self.sigma = sigma.detach()
         return weight_sn
 
     def right_inverse(self, value: Tensor) -> Tensor:

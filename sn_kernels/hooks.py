@@ -75,16 +75,23 @@ class SpectralNorm(torch_sn.SpectralNorm):
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
         if self.certifier is not None:
-            weight_sn, self.sigma = self.certifier.normalize(
+            weight_sn, sigma = self.certifier.normalize(
                 weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps, dim=self.dim, order="vu",
                 training=do_power_iteration, coeff=self.coeff, soft=self.soft)
+            self._log(sigma)
             return weight_sn, weight_sn
         weight_sn, kept, sigma = normalize_kept(
             weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps, dim=self.dim, order="vu",
             training=do_power_iteration, coeff=self.coeff, soft=self.soft,
             gain=getattr(module, self.name + "_gain") if self.gain else None, backend=None, twice=twice)
-        self.sigma = None if sigma is None else sigma.detach()  # None: batched by vmap (transforms.py)
+        self._log(None if sigma is None else sigma.detach())  # None: batched by vmap (transforms.py)
         return weight_sn, kept
+
+    def _log(self, sigma: torch.Tensor | None) -> None:
+        """Keep ``sigma`` for ``sigmas()``, except while torch.export traces: its tensors are fake, and one
+        kept past the export would break deepcopy, torch.save and ``sigmas()`` of the module."""
+        if not torch.compiler.is_exporting():
+            self.sigma = sigma
 
     def __call__(self, module: nn.Module, inputs) -> None:
         # a grouped pre-computation (sn_kernels.group) is used once, then it is per call again

@@ -111,4 +111,19 @@ class _Normalize(torch.autograd.Function):
         return grad_weight.to(grad.dtype), None, None, None, None
 
 
-normalize = _Normalize.apply
+def _attached(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    """W / sigma with sigma re-attached to W through d sigma / dW = u v^T (the value unchanged): plain
+    autograd then gives the analytic gradient (G - <G, W_sn> u v^T) / sigma."""
+    acc = sigma.dtype
+    W = weight.to(acc)
+    uvT = outer_like(u.to(acc), v.to(acc), weight, dim)
+    return (W / (safe_sigma(sigma) + (uvT * (W - W.detach())).sum())).to(weight.dtype)
+
+
+def normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    """W / sigma with the analytic gradient: ``_Normalize`` under torch.compile; under torch.export,
+    which keeps a program's forward ops but not an autograd.Function's backward (the exported program's
+    gradient would be G / sigma alone), the same value and gradient by plain autograd (``_attached``)."""
+    if torch.compiler.is_exporting():
+        return _attached(weight, u, v, sigma, dim)
+    return _Normalize.apply(weight, u, v, sigma, dim)
