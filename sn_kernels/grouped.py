@@ -27,7 +27,9 @@ policies:
     tiles differ).  A backend without multi-tensor kernels (``Backend.group_forward``: "torch")
     loops over the weights in Python.  The one
     difference from per-module semantics: a layer that the model
-    does not call in some forward still had its power iteration run.  A layer called
+    does not call in some forward still had its power iteration run (and, compiled, its weight
+    gets a zero gradient where eager leaves ``.grad`` None: the grouped op's backward receives
+    zeros for the unused W/sigma; an optimizer with weight decay then moves that weight).  A layer called
     twice in one model call computes normally the second time (a second power
     iteration, as PyTorch), and so does the second access of a parametrized weight.
 
