@@ -84,7 +84,7 @@ from torch import Tensor, nn
 
 from . import dispatch, transforms
 from .backends import native
-from .backends.contract import accumulation_dtype, dense, matrix_shape
+from .backends.contract import accumulation_dtype, dense, exporting, matrix_shape
 from .backends.pytorch import as_matrix
 from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _oriented, _pow2, _rescale, _unwind, _up
 from .checks import check_call
@@ -494,7 +494,7 @@ class Certifier:
         """(W_sn, B'): the certified forward.  In training the power iteration runs as usual (u, v
         updated; its sigma_hat kept in ``estimate``); W_sn does not depend on it."""
         transforms.refuse(f'bound="{self.bound}"')
-        if training and torch.compiler.is_exporting():
+        if training and exporting():
             # export keeps the forward's ops but not the bound's autograd.Functions: the program's backward
             # would differentiate the rounding steps (nextafter has no derivative)
             raise NotImplementedError(

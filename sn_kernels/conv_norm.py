@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import transforms
-from .backends.contract import accumulation_dtype, autocast_off
+from .backends.contract import accumulation_dtype, autocast_off, exporting
 from .backends.pytorch import iterate_buffers, normalize_step
 from .checks import INIT_ITERATIONS, check_api, check_iterations_eps, front_end_iterations
 from .find import find
@@ -240,7 +240,7 @@ def conv_spectral_normalize(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor
         # the backward must see the vectors sigma came from, not buffers a later forward may update
         u_acc = u_acc.clone() if u_acc is u else u_acc
         v_acc = v_acc.clone() if v_acc is v else v_acc
-    if torch.compiler.is_exporting():
+    if exporting():
         # torch.export keeps the forward's ops, not an autograd.Function's backward: sigma re-attached to W
         # through d sigma / dW = <u, A(dW) v> (the value unchanged), so plain autograd gives the same gradient
         w = weight.to(acc)
@@ -344,7 +344,7 @@ class ConvSpectralNormHook(_State):
             getattr(module, self.name + "_v"), n_power_iterations=self.n_power_iterations, eps=self.eps,
             training=training,
         )
-        if not torch.compiler.is_exporting():  # fake tensors while exporting: none kept past it
+        if not exporting():  # fake tensors while exporting: none kept past it
             self.sigma = sigma.detach()
         return weight_sn if torch.compiler.is_compiling() else serializable(weight_sn)
 
@@ -382,7 +382,7 @@ class ConvSpectralNorm(_State, nn.Module):
         weight_sn, sigma = conv_spectral_normalize(self.spec, weight, self._u, self._v,
                                                    n_power_iterations=self.n_power_iterations, eps=self.eps,
                                                    training=self.training)
-        if not torch.compiler.is_exporting():  # fake tensors while exporting: none kept past it
+        if not exporting():  # fake tensors while exporting: none kept past it
             self.sigma = sigma.detach()
         return weight_sn
 

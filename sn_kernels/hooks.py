@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.functional import normalize
 
 from . import conv_norm
+from .backends.contract import exporting
 from .backends.pytorch import exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
 from .checks import (check_bound, check_iterations_eps, check_mode, check_variant, check_weight_args, default_dim,
@@ -90,7 +91,7 @@ class SpectralNorm(torch_sn.SpectralNorm):
     def _log(self, sigma: torch.Tensor | None) -> None:
         """Keep ``sigma`` for ``sigmas()``, except while torch.export traces: its tensors are fake, and one
         kept past the export would break deepcopy, torch.save and ``sigmas()`` of the module."""
-        if not torch.compiler.is_exporting():
+        if not exporting():
             self.sigma = sigma
 
     def __call__(self, module: nn.Module, inputs) -> None:

@@ -148,6 +148,12 @@ def without_autocast(fn: Callable) -> Callable:
     return wrapped
 
 
+def exporting() -> bool:
+    """Whether torch.export is tracing.  The flag itself, not ``torch.compiler.is_exporting()``, which
+    dynamo (torch 2.11) folds to True under a plain torch.compile too."""
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+
+
 def autocast_off(device_type: str):
     """A context with autocast disabled on ``device_type`` (nothing to do when it is off)."""
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import accumulation_dtype
+from .contract import accumulation_dtype, exporting
 from .pytorch import normalize_step, outer_like, safe_sigma
 
 
@@ -124,6 +124,6 @@ def normalize(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> 
     """W / sigma with the analytic gradient: ``_Normalize`` under torch.compile; under torch.export,
     which keeps a program's forward ops but not an autograd.Function's backward (the exported program's
     gradient would be G / sigma alone), the same value and gradient by plain autograd (``_attached``)."""
-    if torch.compiler.is_exporting():
+    if exporting():
         return _attached(weight, u, v, sigma, dim)
     return _Normalize.apply(weight, u, v, sigma, dim)
