@@ -179,6 +179,37 @@ def test_split_plans():
     assert n <= host.MAX_DOT_PROGRAMS and chunk % host.ELEM_BLOCK == 0 and (n - 1) * chunk < 10**7 <= n * chunk
 
 
+def test_ranges_never_wrap_int32():
+    """The kernels index with int32 and each program forms the end of its range (lo + chunk or split
+    length) before clamping it: for every weight the backends accept, the largest end stays below 2^31
+    (46341 x 46340 weights wrapped: the last program summed nothing).  Host arithmetic only."""
+    from sn_kernels.backends.triton import group_host, host
+
+    limit = 2**31
+    top = host.MAX_INDEX
+    for m, n in ((1, top), (top, 1), (46340, top // 46340), (top // 46340, 46340), (8176, top // 8176)):
+        numel = m * n
+        assert numel <= top
+        programs, chunk = host.dot_grid(numel)
+        assert programs * chunk < limit
+        assert triton_cdiv(numel, host.ELEM_BLOCK) * host.ELEM_BLOCK < limit
+        pl = host.plan(m, n)
+        for name in ("row", "col"):
+            _, n_split, length, _ = pl[name]
+            assert n_split * length < limit, (m, n, name)
+        for k, block, width in ((n, group_host.ROW_TILE[1], group_host.ROW_TILE[0]),
+                                (m, group_host.COL_TILE[0], group_host.COL_TILE[1])):
+            splits, length = group_host._splits(k, block, width)
+            assert splits * length < limit
+        assert triton_cdiv(numel, group_host.CHUNK) * group_host.CHUNK < limit
+    with pytest.raises(ValueError, match="int32"):  # one element more: refused (a meta tensor: no memory)
+        host._geometry(torch.empty(top + 1, device="meta").view(1, -1), 0)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @pytest.mark.parametrize("shape,dim", TWO_STAGE, ids=str)
 @pytest.mark.parametrize("order", ["vu", "uv"])
 def test_two_stage_passes_match_torch_backend(shape, dim, order):

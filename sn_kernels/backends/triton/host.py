@@ -37,7 +37,9 @@ SPLIT_BLOCK = 16                     # splits a tile's last program sums per loa
 TARGET_PROGRAMS = 1024               # programs wanted per mat-vec pass (about 8 per SM on an H100/H200)
 MIN_SPLIT_STEPS = 4                  # a split covers at least this many tile steps of the reduced dim
 MAX_DOT_PROGRAMS = 1024              # programs of the <G, W> pass
-MAX_INDEX = 2**31 - 1                # kernels index with int32
+# kernels index with int32, and a pass's last program forms the end of its range (lo + its chunk or split
+# length, up to about numel / 1024 + 2048 elements) before clamping it to numel: that end must not wrap
+MAX_INDEX = 2**31 - 1 - 2**22
 
 
 def shape_class(m: int, n: int) -> str:
