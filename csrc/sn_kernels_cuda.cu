@@ -293,6 +293,10 @@ at::Tensor backward_cuda(const at::Tensor& grad_, const at::Tensor& weight_, con
               "sn_kernels: grad must have the weight's shape and dtype");
   TORCH_CHECK(sigma.numel() == 1 && sigma.scalar_type() == accumulation_type(weight_.scalar_type()),
               "sn_kernels: sigma must be one element in the accumulation dtype");
+  // the dispatcher sends any call with a CUDA tensor here: a CPU grad or sigma would reach the kernels as a
+  // host pointer
+  TORCH_CHECK(grad_.device() == weight_.device() && sigma.device() == weight_.device(),
+              "sn_kernels: grad and sigma must be on the weight's device");
   const c10::cuda::CUDAGuard guard(weight_.device());
   const at::Tensor weight = weight_.contiguous(), grad = grad_.contiguous();
   const at::Tensor u = u_.contiguous(), v = v_.contiguous();

@@ -94,6 +94,21 @@ def test_cuda_plans_match_oracle(dtype, shape, dim, order, training):
                                                                 training)[0]), "not deterministic"
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="no CUDA device with the native CUDA kernels")
+def test_cuda_ops_refuse_vectors_and_gradients_on_another_device():
+    """The dispatcher sends any call with a CUDA tensor to the CUDA kernels: a CPU grad or sigma is refused
+    by name, not read through a host pointer."""
+    w, u, v = _inputs((6, 5), 0, torch.float32, "cuda")
+    sigma, u_used, v_used = torch.ops.sn_kernels.native_power_iteration(w, u, v, 1, 1e-12, 0, "uv", True)
+    g = torch.randn_like(w)
+    with pytest.raises(RuntimeError, match="on the weight's device"):
+        torch.ops.sn_kernels.native_backward(g.cpu(), w, u_used, v_used, sigma, 0)
+    with pytest.raises(RuntimeError, match="on the weight's device"):
+        torch.ops.sn_kernels.native_backward(g, w, u_used, v_used, sigma.cpu(), 0)
+    with pytest.raises(RuntimeError, match="on the weight's device"):
+        torch.ops.sn_kernels.native_normalize(w, u_used, v_used, sigma.cpu(), 0)
+
+
 @pytest.mark.parametrize("scale", [1e-18, 1e17])
 def test_extreme_scales_match_oracle(scale):
     """Weights near the ends of float32's range, where W^T (W v) over- or underflows although
