@@ -354,6 +354,10 @@ def _eval_weight(module: nn.Module, name: str = "weight") -> Tensor:
     training = {m: m.training for m in module.modules()}
     buffers = {k: b.clone() for k, b in module.named_buffers()}
     logged = [(s.state, s.state.__dict__.get("sigma", _MISSING)) for s in found]
+    # a certified layer's refresh state (W_ref, B_ref, forwards left): an eval computation before its first
+    # forward would set it, and so move its refresh schedule
+    certifiers = [(c, c.__dict__.copy()) for c in (getattr(s.state, "certifier", None) for s in found)
+                  if c is not None]
     try:
         module.eval()
         hook = next((s for s in found if s.api == "hook"), None)
@@ -374,6 +378,9 @@ def _eval_weight(module: nn.Module, name: str = "weight") -> Tensor:
                 state.__dict__.pop("sigma", None)
             else:
                 state.__dict__["sigma"] = value
+        for certifier, saved in certifiers:
+            certifier.__dict__.clear()
+            certifier.__dict__.update(saved)
 
 
 # ----------------------------------------------------------------------------- matrices

@@ -578,6 +578,23 @@ def test_remove_freeze_eval(api):
         assert svd_sigma(layer.weight.detach()).item() <= 0.5 * (1 + SLACK)
 
 
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_sigma_bounds_leave_the_refresh_schedule_alone(api):
+    """sigma_bounds/lipschitz_bound on a certified layer (before its first forward, and mid-carry) change
+    nothing of its state: the next forwards refresh and carry as they would have."""
+    layers = []
+    for _ in range(2):  # built alike (a deep copy would drop the certifier state: its own first forward refreshes)
+        torch.manual_seed(0)
+        layers.append(WRAP[api](nn.Linear(5, 4), bound="upper", bound_every=3))
+    layer, twin = layers
+    x = torch.randn(2, 5)
+    for step in range(5):
+        sn_kernels.sigma_bounds(layer)
+        sn_kernels.lipschitz_bound(layer, (1, 5))
+        assert state_of(layer, api).certifier.left == state_of(twin, api).certifier.left, step
+        torch.testing.assert_close(layer(x), twin(x), rtol=0, atol=0)
+
+
 def test_lipschitz_bound_of_a_certified_chain():
     """lipschitz_bound reads certified layers at their eval-mode W_sn: a chain of Linear layers held to
     coeff (matrix view = operator for Linear) is certified <= coeff^3, and the layers' state_dict is
