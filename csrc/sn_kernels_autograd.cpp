@@ -6,7 +6,7 @@
 // tens of microseconds per weight, as much as the kernels themselves for small weights, so eager
 // calls go through this op instead: a C++ autograd::Function whose backward is the
 // `native_backward` kernel, or, when the backward itself is differentiated (create_graph=True),
-// the same formula in differentiable ATen ops (sn_kernels/reference.py `backward`).
+// the same formula in differentiable ATen ops (sn_kernels/backends/pytorch.py `backward`).
 // `native_spectral_normalize_eager` runs the power iteration and this W / sigma in one call, and
 // `native_group_normalize_eager` does both for a whole group (sn_kernels.group) with one node.
 #include <ATen/ATen.h>

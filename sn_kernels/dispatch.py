@@ -68,7 +68,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on ``device`` here, fastest first.
 
     Asking never starts the just-in-time build of the native extension (that takes
-    minutes); ``set_backend("native")`` does.  The Triton interpreter counts for cpu
+    minutes); the first call that resolves "native" by name (after ``set_backend("native")``,
+    or with ``backend="native"``) does.  The Triton interpreter counts for cpu
     when TRITON_INTERPRET=1 (tests), though "auto" never picks it.
     """
     return [b for b in BACKENDS if why_not(b, device, auto=(b == "native")) is None]

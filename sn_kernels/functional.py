@@ -80,6 +80,9 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
     inductor generates per weight shape, where the op's backward adds it in its own call
     (benchmarks/NOTES.md, C5)."""
     if coeff is not None or soft or gain is not None:
+        if gain is not None and not isinstance(gain, Tensor):  # the front ends' gain=True is a flag; here gamma
+            raise TypeError(f"gain must be a one-element tensor (the learnable scalar gamma), got {gain!r}; the "
+                            "front ends' gain=True makes one")
         check_variant(weight, coeff, soft, gain)
     if isinstance(weight, Tensor) and weight.is_complex():
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)

@@ -138,3 +138,10 @@ def test_bad_tensors():
         sn_kernels.spectral_normalize(w, torch.randn(8)[::2], v)
     with pytest.raises(ValueError, match="empty"):
         sn_kernels.spectral_normalize(torch.randn(0, 3), torch.randn(0), torch.randn(3))
+
+
+def test_gain_flag_on_the_op_is_refused_by_name():
+    """The front ends' gain=True is a flag; the op takes gamma itself (a one-element tensor)."""
+    w, u, v = _args()
+    with pytest.raises(TypeError, match="gain must be a one-element tensor"):
+        sn_kernels.spectral_normalize(w, u, v, gain=True)
