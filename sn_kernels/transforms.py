@@ -1,4 +1,5 @@
-"""Spectral normalization under ``torch.func`` transforms (grad, vjp, jacrev, jvp, vmap).
+"""Spectral normalization under ``torch.func`` transforms (grad, vjp, jacrev, jvp, vmap) and forward-mode
+AD (``torch.autograd.forward_ad``).
 
 The transforms run plain ATen ops only: they refuse C++ autograd functions (the native
 backend's eager entry), autograd.Functions without ``setup_context`` (the other backends'),
@@ -23,6 +24,7 @@ norm).  ``coeff``, ``soft`` and ``gain`` work; certified bounds and ``mode="conv
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 from torch._C import _functorch
 
@@ -31,9 +33,12 @@ from .backends.pytorch import as_matrix
 
 
 def active() -> bool:
-    """Whether a torch.func transform is running (its interpreter stack is not empty); never while
-    torch.compile traces (the compiled route applies there: functional.py)."""
-    return not torch.compiler.is_compiling() and _functorch.peek_interpreter_stack() is not None
+    """Whether a torch.func transform is running (its interpreter stack is not empty) or a forward-mode
+    AD level is open (``torch.autograd.forward_ad.dual_level``: C++ autograd functions have no jvp);
+    never while torch.compile traces (the compiled route applies there: functional.py)."""
+    if torch.compiler.is_compiling():
+        return False
+    return _functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
 def refuse(what: str) -> None:

@@ -118,3 +118,27 @@ def test_unsupported_variants_refuse_under_transforms(what):
         shape = (1, 2, 6, 6)
     with pytest.raises(NotImplementedError, match="not supported under torch.func transforms"):
         jacrev(layer)(torch.randn(shape))
+
+
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_forward_mode_ad_matches_pytorch(api):
+    """Forward-mode AD (torch.autograd.forward_ad) with respect to the weight, eval mode, and
+    jacobian(strategy="forward-mode"): PyTorch's tangents (C++ autograd functions have no jvp, so the
+    plain-op route runs while a dual level is open)."""
+    import torch.autograd.forward_ad as fwAD
+
+    ref, ours = pair(api)
+    ref.eval(), ours.eval()
+    name = "0.weight_orig" if api == "hook" else "0.parametrizations.weight.original"
+    w = dict(ref.named_parameters())[name].detach().clone()
+    tangent = torch.randn_like(w)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    outs = []
+    for model in (ref, ours):
+        with fwAD.dual_level():
+            y = functional_call(model, {name: fwAD.make_dual(w, tangent)}, (x,))
+            outs.append(fwAD.unpack_dual(y).tangent)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+    jac = [torch.autograd.functional.jacobian(lambda p, m=m: functional_call(m, {name: p}, (x,)), w,
+                                              strategy="forward-mode", vectorize=True) for m in (ref, ours)]
+    torch.testing.assert_close(jac[1], jac[0], rtol=1e-10, atol=1e-12)
