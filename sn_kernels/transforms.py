@@ -29,7 +29,7 @@ from torch import Tensor
 from torch._C import _functorch
 
 from .backends.contract import accumulation_dtype
-from .backends.pytorch import as_matrix
+from .backends.pytorch import as_matrix, power_iteration, safe_sigma
 
 
 def active() -> bool:
@@ -46,14 +46,6 @@ def refuse(what: str) -> None:
     if active():
         raise NotImplementedError(f"sn_kernels: {what} is not supported under torch.func transforms "
                                   "(grad, vjp, jacrev, vmap); the plain spectral norm is")
-
-
-def _step(x: Tensor, previous: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(x / max(|x|, eps), or ``previous`` where |x| is zero or not finite; x . that vector)."""
-    norm = torch.linalg.vector_norm(x)
-    denom = norm.clamp_min(eps)
-    accept = torch.isfinite(norm) & (norm > 0)
-    return torch.where(accept, x / denom, previous), norm * norm / denom
 
 
 def _plain(t: Tensor) -> Tensor | None:
@@ -75,17 +67,11 @@ def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations:
     with torch.no_grad():
         ua, va = u.to(acc), v.to(acc)
         if training:
-            for _ in range(n_power_iterations):
-                if order == "vu":
-                    va, _ = _step(W.t() @ ua, va, eps)
-                    ua, _ = _step(W @ va, ua, eps)
-                else:
-                    ua, _ = _step(W @ va, ua, eps)
-                    va, _ = _step(W.t() @ ua, va, eps)
+            ua, va, _ = power_iteration(W, ua, va, n_power_iterations, eps, order)
             torch.mul(ua, 1, out=u)  # u.copy_(ua) is refused on a captured tensor; out= is not
             torch.mul(va, 1, out=v)
     sigma = torch.dot(ua, W @ va)  # differentiable in W only: u, v are constants
-    safe = torch.where(sigma == 0, torch.full_like(sigma, float("inf")), sigma)
+    safe = safe_sigma(sigma)
     if coeff is not None:
         safe = safe / coeff
         if soft:
