@@ -350,6 +350,7 @@ class ConvSpectralNormHook(_State):
 
     def load_pre_hook(self, module, state_dict, prefix, *args) -> None:
         _resize_on_load(module, state_dict, prefix, (self.name + "_u", self.name + "_v"))
+        self.sigma = None  # stale: sigmas() computes it from the loaded state
 
 
 # ----------------------------------------------------------------------------- parametrization front end
@@ -391,6 +392,7 @@ class ConvSpectralNorm(_State, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _resize_on_load(self, state_dict, prefix, ("_u", "_v"))
+        self.sigma = None  # stale: sigmas() computes it from the loaded state
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -179,18 +179,19 @@ class SpectralNorm(torch_sn.SpectralNorm):
         module.register_forward_pre_hook(fn)
         fn.register_keep(module)
         module._register_state_dict_hook(torch_sn.SpectralNormStateDictHook(fn))
-        load_hook = _CertifiedLoadHook if fn.certifier is not None else torch_sn.SpectralNormLoadStateDictPreHook
-        module._register_load_state_dict_pre_hook(load_hook(fn))
+        module._register_load_state_dict_pre_hook(_LoadHook(fn))
         guard_if_meta(module, fn.name + "_u", weight)
         return fn
 
 
-class _CertifiedLoadHook(torch_sn.SpectralNormLoadStateDictPreHook):
-    """PyTorch's load pre-hook, which also makes a certified hook's next forward refresh its bound
-    (removed with the hook by ``remove_spectral_norm``, which finds PyTorch's class)."""
+class _LoadHook(torch_sn.SpectralNormLoadStateDictPreHook):
+    """PyTorch's load pre-hook, which also forgets the logged sigma (``sigmas()`` then computes it
+    from the loaded state) and makes a certified hook's next forward refresh its bound (removed with
+    the hook by ``remove_spectral_norm``, which finds PyTorch's class)."""
 
     def __call__(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                  error_msgs) -> None:
+        self.fn.sigma = None
         if self.fn.certifier is not None:
             self.fn.certifier.invalidate()
         super().__call__(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

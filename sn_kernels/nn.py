@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import hooks, parametrizations
+from . import conv_norm, hooks, parametrizations
 from .checks import check_api
 from .find import TorchSpectralNorm, _kind as _kind_of, input_of, sites, torch_sn, walk
 from .functional import spectral_normalize
@@ -117,8 +117,9 @@ def _adopt(torch_param: nn.Module) -> parametrizations.SpectralNormParametrizati
 @torch.no_grad()
 def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
     """The latest sigma of every spectrally normalized weight in ``model``, keyed by
-    qualified name (``"block1.c1.weight"``), for logging.  Weights not run yet (or
-    wrapped by PyTorch's own API) get sigma = u . (W v) from their current state;
+    qualified name (``"block1.c1.weight"``), for logging.  Weights not run yet, loaded since
+    their last forward (``load_state_dict``) or wrapped by PyTorch's own API get
+    sigma = u . (W v) from their current state;
     mode="conv" weights appear once their first forward has drawn u, v.
     With ``bound="upper"`` or ``"operator"`` the sigma is the certified divisor B' >= sigma(W) (float64)
     of the latest forward, or the one a forward would use now (no state changes); the
@@ -135,6 +136,13 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
                 qual = f"{qual}[{list(plist).index(state)}]"
         sigma = getattr(state, "sigma", None)
         if sigma is None and kind == "conv":
+            u, v = (getattr(module, pname + "_u"), getattr(module, pname + "_v")) if site.api == "hook" \
+                else (state._u, state._v)
+            if v.numel() == 0:  # u, v not drawn yet: they depend on the input size
+                continue
+            weight = getattr(module, pname + "_orig") if site.api == "hook" else input_of(plist, state).detach()
+            out[qual] = conv_norm.conv_spectral_normalize(state.spec, weight.detach(), u, v, eps=state.eps,
+                                                          training=False)[1]
             continue
         certifier = getattr(state, "certifier", None)
         if sigma is None and certifier is not None:

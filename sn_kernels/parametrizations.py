@@ -114,6 +114,7 @@ class SpectralNormParametrization(nn.Module):
         return value
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.__dict__["sigma"] = None  # sigmas() computes it from the loaded state
         if self.certifier is not None:  # a loaded weight: the next forward refreshes the bound
             self.certifier.invalidate()
         super()._load_from_state_dict(*args, **kwargs)
