@@ -79,8 +79,9 @@ def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: 
 
 
 def check_call(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int,
-               order: str) -> int:
+               order: str, *, empty_ok: bool = False) -> int:
     """Validate the arguments of ``spectral_normalize``; return ``dim`` made non-negative.
+    An empty weight is refused unless ``empty_ok`` (the op's own route for it: functional.py).
 
     Runs on every call, so the common case is a handful of cheap tests; the error
     messages are built only when raising (``_vector_error``)."""
@@ -88,7 +89,7 @@ def check_call(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, ep
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     dim = check_weight_args(weight, n_power_iterations, eps, dim)
     m, n = matrix_shape(weight, dim)
-    if m == 0 or n == 0:
+    if (m == 0 or n == 0) and not empty_ok:
         raise ValueError(f"spectral norm of an empty weight of shape {tuple(weight.shape)} is undefined")
     # fast path: both vectors fine (the same tests as _vector_error, which names the first failure)
     if not (isinstance(u, Tensor) and isinstance(v, Tensor) and u.shape == (m,) and v.shape == (n,)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import dispatch, transforms
 from .backends import native, pytorch, traced
-from .backends.contract import composed_eager
+from .backends.contract import accumulation_dtype, composed_eager
 from .checks import check_call, check_variant
 
 # device types where "auto" compiles to the layout-aware native ops, or without them to the traced
@@ -84,6 +84,10 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
             raise TypeError(f"gain must be a one-element tensor (the learnable scalar gamma), got {gain!r}; the "
                             "front ends' gain=True makes one")
         check_variant(weight, coeff, soft, gain)
+    if isinstance(weight, Tensor) and weight.numel() == 0:
+        check_call(weight, u, v, n_power_iterations, eps, dim, order, empty_ok=True)
+        weight_sn, sigma = _empty_weight(weight, u, v, n_power_iterations, training)
+        return weight_sn, weight_sn, sigma
     if isinstance(weight, Tensor) and weight.is_complex():
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
         dispatch.check_complex(backend)
@@ -105,6 +109,19 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
         g = gain.reshape(()).to(weight_sn.dtype)
         weight_sn, kept = (weight_sn * g, kept * g) if kept is not weight_sn else (weight_sn * g,) * 2
     return weight_sn, kept, sigma
+
+
+def _empty_weight(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, training: bool):
+    """PyTorch's numbers for a weight with no entries (``nn.Linear(0, 4)``): W v and W^T u are zero
+    vectors, so an iteration leaves u and v zero (normalize divides by eps), sigma = u . (W v) = 0 in
+    either mode, and W / sigma (any variant) has no entries."""
+    if training and n_power_iterations > 0:
+        with torch.no_grad():
+            u.zero_()
+            v.zero_()
+    real = weight.real.dtype if weight.is_complex() else weight.dtype
+    sigma = torch.zeros((), dtype=accumulation_dtype(real), device=weight.device)
+    return weight / sigma.to(weight.dtype), sigma
 
 
 def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend):

@@ -126,7 +126,7 @@ class _Member:
             if w.ndim < 2:
                 return None
             u, v, order = st._buffers["_u"], st._buffers["_v"], "uv"
-        if w.is_complex():
+        if w.is_complex() or w.numel() == 0:
             return None
         return w, u, v, order
 

@@ -336,3 +336,51 @@ def test_functional_call_replaces_original(backend, call):
         call(module, new, torch.rand(4, 5))
     assert "l1.parametrizations.weight.original" in dict(module.named_parameters())
     same(module.l1.weight, before)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4)])
+def test_empty_weight_as_pytorch(backend, api, shape):
+    """A weight with no entries (nn.Linear(0, 4)) runs as in PyTorch: sigma = 0, W / sigma empty, the
+    iteration leaves u, v zero; train, eval, backward, grouped.  PyTorch's hook API cannot wrap a
+    (0, n) weight (its reshape fails), so neither need ours."""
+    torch_wrap = torch.nn.utils.spectral_norm if api == "hook" else torch.nn.utils.parametrizations.spectral_norm
+    ours_wrap = hook_sn if api == "hook" else param_sn
+    if api == "hook" and shape[0] == 0:
+        pytest.skip("PyTorch's hook API refuses it")
+    x = torch.randn(2, shape[1])
+    runs = []
+    for wrap, grouped in ((torch_wrap, False), (ours_wrap, False), (ours_wrap, True)):
+        torch.manual_seed(0)
+        m = nn.Sequential(wrap(nn.Linear(shape[1], shape[0])), ours_wrap(nn.Linear(max(shape[0], 1), 3)))
+        m[1].train(False)
+        if grouped:
+            sn_kernels.group(m)
+        out = []
+        for mode in ("train", "eval", "train"):
+            m[0].train(mode == "train")
+            y = m[0](x)
+            y.sum().backward()
+            out.append((y.detach().clone(), [b.clone() for b in m[0].buffers()], m[0].weight.shape))
+        runs.append(out)
+        if wrap is ours_wrap:
+            assert sn_kernels.sigmas(m[0])["weight"].item() == 0.0
+    for theirs, ours, grouped in zip(*runs):
+        for o in (ours, grouped):
+            assert torch.equal(o[0], theirs[0]) and o[2] == theirs[2]
+            assert all(torch.equal(a, b) for a, b in zip(o[1], theirs[1]))
+    assert all(not b.any() for b in runs[1][0][1])  # u, v zero after a training forward
+
+
+def test_empty_weight_op():
+    """The op on an empty weight: W / sigma of its shape and dtype (differentiable), sigma = 0 in the
+    accumulation dtype; u, v zeroed in training mode only."""
+    w = torch.empty(3, 0, dtype=torch.float16, requires_grad=True)
+    u, v = torch.ones(3, dtype=torch.float16), torch.empty(0, dtype=torch.float16)
+    w_sn, sigma = sn_kernels.spectral_normalize(w, u, v, training=False)
+    assert w_sn.shape == (3, 0) and w_sn.dtype == torch.float16 and w_sn.requires_grad
+    assert sigma.dtype == torch.float32 and sigma.item() == 0.0 and u.eq(1).all()
+    sn_kernels.spectral_normalize(w, u, v)
+    assert not u.any()
+    w_sn.sum().backward()
+    assert w.grad.shape == (3, 0)

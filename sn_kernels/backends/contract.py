@@ -30,6 +30,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -93,7 +95,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def matrix_shape(weight: Tensor, dim: int) -> tuple[int, int]:
     """(m, n) of the matrix view of ``weight``: ``dim`` first, the rest flattened."""
     m = weight.shape[dim]
-    return m, (weight.numel() // m if m else 0)
+    return m, (weight.numel() // m if m else weight.shape[:dim].numel() * weight.shape[dim + 1:].numel())
 
 
 def lipschitz_scale(sigma: Tensor, u: Tensor, coeff: float, soft: bool) -> tuple[Tensor, Tensor]:

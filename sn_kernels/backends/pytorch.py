@@ -27,7 +27,7 @@ def as_matrix(weight: Tensor, dim: int) -> Tensor:
     (the same element order as PyTorch's ``permute(dim, *others).reshape(m, -1)``)."""
     if dim != 0:
         weight = weight.movedim(dim, 0)
-    return weight.reshape(weight.shape[0], -1)
+    return weight.flatten(1) if weight.dim() > 1 else weight.reshape(weight.shape[0], -1)  # flatten: 0 rows too
 
 
 def outer_like(u: Tensor, v: Tensor, weight: Tensor, dim: int) -> Tensor:
