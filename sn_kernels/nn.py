@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import conv_norm, hooks, parametrizations
-from .checks import check_api
+from .checks import check_api, check_iterations_eps
 from .find import TorchSpectralNorm, _kind as _kind_of, input_of, sites, torch_sn, walk
 from .functional import spectral_normalize
 from .serialize import serializable
@@ -70,7 +70,8 @@ def convert(model: nn.Module) -> nn.Module:
     state_dict keys and optimizer state are unchanged.  PyTorch's hook on a complex
     weight is left in place, with a warning (sn_kernels' hook API refuses complex weights).
     """
-    for module in model.modules():
+    hook_sites, param_sites = [], []
+    for module in model.modules():  # everything checked before anything changes: no half-converted model
         for key, hook in list(module._forward_pre_hooks.items()):
             if isinstance(hook, torch_sn.SpectralNorm) and not isinstance(hook, hooks.SpectralNorm):
                 if getattr(module, hook.name + "_orig").is_complex():
@@ -78,27 +79,42 @@ def convert(model: nn.Module) -> nn.Module:
                                   f"{type(module).__name__}.{hook.name} in place (the hook API refuses complex "
                                   "weights; the parametrization API supports them)", stacklevel=2)
                     continue
-                ours = hooks.SpectralNorm(hook.name, hook.n_power_iterations, hook.dim, hook.eps)
-                module._forward_pre_hooks[key] = ours
-                ours.register_keep(module)
-                for table in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
-                    for h in table.values():
-                        # PyTorch's state_dict hooks read the name/dim of the hook they hold;
-                        # load pre-hooks come wrapped in a _WrappedHook (.hook)
-                        inner = getattr(h, "hook", h)
-                        if getattr(inner, "fn", None) is hook:
-                            inner.fn = ours
-                # the W / sigma PyTorch's last forward left carries a graph, which deepcopy and pickling
-                # refuse; ours copy and pickle its value, as after our own forward
-                current = module.__dict__.get(hook.name)
-                if isinstance(current, torch.Tensor):
-                    module.__dict__[hook.name] = serializable(current)
+                _check_convertible(module, hook.name, hook)
+                hook_sites.append((module, key, hook))
         if parametrize.is_parametrized(module):
-            for plist in module.parametrizations.values():
+            for name, plist in module.parametrizations.items():
                 for i, p in enumerate(plist):
                     if isinstance(p, TorchSpectralNorm):
-                        plist[i] = _adopt(p)
+                        _check_convertible(module, name, p)
+                        param_sites.append((plist, i, p))
+    for module, key, hook in hook_sites:
+        ours = hooks.SpectralNorm(hook.name, hook.n_power_iterations, hook.dim, hook.eps)
+        module._forward_pre_hooks[key] = ours
+        ours.register_keep(module)
+        for h in module._state_dict_hooks.values():  # PyTorch's reads the name/dim of the hook it holds
+            if getattr(h, "fn", None) is hook:
+                h.fn = ours
+        for h in module._load_state_dict_pre_hooks.values():  # wrapped in a _WrappedHook (.hook)
+            if getattr(getattr(h, "hook", None), "fn", None) is hook:
+                h.hook = hooks._LoadHook(ours)  # PyTorch's, which also forgets ours' logged sigma
+        # the W / sigma PyTorch's last forward left carries a graph, which deepcopy and pickling
+        # refuse; ours copy and pickle its value, as after our own forward
+        current = module.__dict__.get(hook.name)
+        if isinstance(current, torch.Tensor):
+            module.__dict__[hook.name] = serializable(current)
+    for plist, i, p in param_sites:
+        plist[i] = _adopt(p)
     return model
+
+
+def _check_convertible(module: nn.Module, name: str, torch_sn_state) -> None:
+    """Refuse, naming the layer, a PyTorch spectral norm whose settings sn_kernels does not take (an
+    eps that is not positive: PyTorch accepts eps=0, whose normalize divides a zero vector by 0)."""
+    try:
+        check_iterations_eps(getattr(torch_sn_state, "n_power_iterations", 1), torch_sn_state.eps)
+    except ValueError as err:
+        raise ValueError(f"sn_kernels.convert: {type(module).__name__}.{name}: {err}; nothing was converted") \
+            from None
 
 
 def _adopt(torch_param: nn.Module) -> parametrizations.SpectralNormParametrization:

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import sn_kernels
 from sn_kernels import dispatch
@@ -62,6 +63,29 @@ def test_convert_replaces_hook_in_state_dict_hooks():
     assert isinstance(ours, sn_kernels.hooks.SpectralNorm)
     assert all(getattr(getattr(h, "hook", h), "fn", ours) is ours
                for table in (m._state_dict_hooks, m._load_state_dict_pre_hooks) for h in table.values())
+    # the load pre-hook is ours too: after a load, sigmas() reports the loaded state's sigma, not the last forward's
+    m(torch.randn(2, 3))
+    other = sn_kernels.spectral_norm(nn.Linear(3, 4))
+    with torch.no_grad():
+        other.weight_orig.mul_(10)
+    m.load_state_dict(other.state_dict())
+    m.eval()
+    expected = sn_kernels.spectral_normalize(m.weight_orig, m.weight_u, m.weight_v, training=False)[1]
+    torch.testing.assert_close(sn_kernels.sigmas(m)["weight"], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("torch_wrap", [torch.nn.utils.spectral_norm, torch.nn.utils.parametrizations.spectral_norm])
+def test_convert_refuses_as_a_whole(torch_wrap):
+    """A PyTorch spectral norm that sn_kernels does not take (eps=0, which PyTorch accepts) is refused
+    before anything is converted: the model stays PyTorch's, whole and working."""
+    model = nn.Sequential(torch_wrap(nn.Linear(3, 4)), torch_wrap(nn.Linear(4, 2), eps=0.0))
+    with pytest.raises(ValueError, match=r"Linear\.weight: .*eps.*nothing was converted"):
+        sn_kernels.convert(model)
+    assert not any(type(h).__module__.startswith("sn_kernels") for m in model.modules()
+                   for h in m._forward_pre_hooks.values())
+    assert not any(type(p).__module__.startswith("sn_kernels") for m in model.modules()
+                   if parametrize.is_parametrized(m) for plist in m.parametrizations.values() for p in plist)
+    model(torch.randn(2, 3))
 
 
 def test_convert_after_a_pytorch_forward_copies_and_saves():
