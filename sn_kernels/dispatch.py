@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 import warnings
 from typing import Iterator
 
@@ -76,25 +77,33 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def set_backend(name: str) -> None:
-    """Select "auto" (default), "native", "triton" or "torch" for every later call."""
+    """Select "auto" (default), "native", "triton" or "torch" for every later call, in every thread
+    (a ``use_backend`` block overrides it in its own thread)."""
     global _selected
     _selected = _check_choice(name)
 
 
+# use_backend's selection, per thread: a block in one thread must not change what another thread runs,
+# nor be undone by another thread's block ending first
+_local = threading.local()
+
+
 def get_backend() -> str:
-    """The selected backend name ("auto" unless set)."""
-    return _selected
+    """The selected backend name: the calling thread's ``use_backend`` block, else ``set_backend``'s
+    ("auto" unless set)."""
+    return getattr(_local, "choice", None) or _selected
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Temporarily select a backend: ``with sn_kernels.use_backend("torch"): ...``."""
-    previous = get_backend()
-    set_backend(name)
+    """Select a backend for a block, in the calling thread only: ``with sn_kernels.use_backend("torch"): ...``."""
+    choice = _check_choice(name)
+    previous = getattr(_local, "choice", None)
+    _local.choice = choice
     try:
         yield
     finally:
-        set_backend(previous)
+        _local.choice = previous
 
 
 def loaded_backend(name: str) -> Backend:
@@ -110,7 +119,7 @@ def resolve(device: torch.device, backend: str | None = None) -> Backend:
 
     Cached per (selection, device type) so that the per-call cost is a dict lookup.
     """
-    choice = _selected if backend is None else _check_choice(backend)
+    choice = get_backend() if backend is None else _check_choice(backend)
     key = (choice, device.type)
     chosen = _resolved.get(key)
     if chosen is not None:
@@ -150,7 +159,7 @@ _REAL_ONLY = {
 def check_complex(backend: str | None = None) -> None:
     """Complex weights run on the torch backend: "auto" and "torch" pass; "native" and
     "triton", requested by name, raise with the reason."""
-    choice = _selected if backend is None else _check_choice(backend)
+    choice = get_backend() if backend is None else _check_choice(backend)
     if choice in _REAL_ONLY:
         raise RuntimeError(f"sn_kernels backend {choice!r} cannot run complex weights: {_REAL_ONLY[choice]}; "
                            "use 'auto' or 'torch'")

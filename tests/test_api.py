@@ -294,3 +294,34 @@ def test_sigmas_after_load_state_dict(api, mode):
     expected = a(x) is not None and sn_kernels.sigmas(a)["weight"]  # an eval forward logs u . W v
     assert abs(loaded.item() / before.item() - 3) < 0.05  # the loaded weight is 3x: not the stale sigma
     torch.testing.assert_close(loaded, expected, rtol=1e-6, atol=0)
+
+
+def test_use_backend_is_per_thread():
+    """A use_backend block selects for its own thread: another thread's block neither shows through nor
+    undoes it, and after both end the selection is what it was."""
+    import threading
+
+    before = sn_kernels.get_backend()
+    inside, seen_outside = threading.Barrier(3), {}
+
+    def block(name):
+        with sn_kernels.use_backend(name):
+            inside.wait()  # all three threads now inside or waiting
+            seen_outside[name] = sn_kernels.get_backend()
+            inside.wait()
+
+    threads = [threading.Thread(target=block, args=(n,)) for n in ("torch", "native")]
+    for t in threads:
+        t.start()
+    inside.wait()
+    seen_outside["main"] = sn_kernels.get_backend()
+    inside.wait()
+    for t in threads:
+        t.join()
+    assert seen_outside == {"torch": "torch", "native": "native", "main": before}
+    assert sn_kernels.get_backend() == before
+    with sn_kernels.use_backend("torch"):
+        assert dispatch.resolve(torch.device("cpu")).name == "torch"
+        sn_kernels.set_backend(before)  # the process default; the block still overrides it here
+        assert sn_kernels.get_backend() == "torch"
+    assert sn_kernels.get_backend() == before
