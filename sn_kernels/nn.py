@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import conv_norm, hooks, parametrizations
-from .checks import check_api, check_iterations_eps
+from .checks import check_api, check_iterations_eps, front_end_iterations
 from .find import TorchSpectralNorm, _kind as _kind_of, input_of, sites, torch_sn, walk
 from .functional import spectral_normalize
 from .serialize import serializable
@@ -111,7 +111,8 @@ def _check_convertible(module: nn.Module, name: str, torch_sn_state) -> None:
     """Refuse, naming the layer, a PyTorch spectral norm whose settings sn_kernels does not take (an
     eps that is not positive: PyTorch accepts eps=0, whose normalize divides a zero vector by 0)."""
     try:
-        check_iterations_eps(getattr(torch_sn_state, "n_power_iterations", 1), torch_sn_state.eps)
+        check_iterations_eps(front_end_iterations(getattr(torch_sn_state, "n_power_iterations", 1)),
+                             torch_sn_state.eps)
     except ValueError as err:
         raise ValueError(f"sn_kernels.convert: {type(module).__name__}.{name}: {err}; nothing was converted") \
             from None
