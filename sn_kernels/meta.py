@@ -2,9 +2,10 @@
 
 ``module.to_empty(device=...)`` gives u, v uninitialised memory.  A module wrapped on
 meta therefore carries this guard, a forward pre-hook that refuses the first forward
-on a real device until u, v were set: by ``sn_kernels.reset_uv(model)`` or by a
-``load_state_dict`` that contains them.  Either removes the guard, so modules never
-wrapped on meta pay nothing.
+on a real device until u, v (and a ``gain``, also uninitialised) were set: by
+``sn_kernels.reset_uv(model)`` or by ``load_state_dict``s that wrote each of them (a
+checkpoint without v, or a load that failed on u, leaves them uninitialised).  Either
+removes the guard, so modules never wrapped on meta pay nothing.
 """
 from __future__ import annotations
 
@@ -17,35 +18,65 @@ class MetaGuard:
 
     def __init__(self, module: nn.Module, u_key: str):
         self.u_key = u_key  # state_dict key of u, relative to the module
+        # what to_empty() left uninitialised; the guard goes once a load has written each of them
+        self.keys = [key for key in (u_key, u_key[:-1] + "v", _gain_key(u_key)) if _tensor(module, key) is not None]
+        self.loaded: set[str] = set()
+        self._before: dict[str, tuple[torch.Tensor, int]] = {}  # each key's tensor and version as a load starts
         module.register_forward_pre_hook(self, prepend=True)  # ahead of the spectral-norm hook
+        # registered after the spectral-norm hook's own: PyTorch's solves a legacy checkpoint's v first
         module._register_load_state_dict_pre_hook(self._on_load, with_module=True)
-
-    def _u(self, module: nn.Module) -> torch.Tensor:
-        *path, name = self.u_key.split(".")
-        owner = module.get_submodule(".".join(path)) if path else module
-        return owner._buffers[name]
+        module.register_load_state_dict_post_hook(self._after_load)
 
     def __call__(self, module: nn.Module, inputs) -> None:
-        if self._u(module).is_meta:
+        u = _tensor(module, self.u_key)
+        if u is not None and u.is_meta:
             return  # still on meta: shapes only, nothing uninitialised is read
+        unset = ", ".join(key for key in self.keys if key not in self.loaded)
         raise RuntimeError(
             f"{type(module).__name__}: spectral norm was applied on the meta device and u, v ({self.u_key}) hold "
             "uninitialised memory after to_empty(); call sn_kernels.reset_uv(model) once the weights are "
-            "initialised, or load a state_dict that contains u and v"
+            f"initialised, or load a state_dict that contains u and v (not loaded yet: {unset})"
         )
 
-    def _on_load(self, module, state_dict, prefix, *args) -> None:
-        if prefix + self.u_key in state_dict:
+    def _on_load(self, module, *args) -> None:
+        tensors = {key: _tensor(module, key) for key in self.keys}
+        self._before = {key: (t, t._version) for key, t in tensors.items() if t is not None}
+
+    def _after_load(self, module, incompatible_keys) -> None:
+        # written: copied in place (its version moved) or replaced (assign=True).  A key the
+        # checkpoint lacks, or whose copy failed (wrong shape), is left as it was
+        for key, (before, version) in self._before.items():
+            now = _tensor(module, key)
+            if now is not before or now._version != version:
+                self.loaded.add(key)
+        self._before = {}
+        if self.loaded.issuperset(self.keys):
             self.remove(module)
 
     def remove(self, module: nn.Module) -> None:
         """Unregister from ``module`` (looked up by identity, so deep copies remove their own copy)."""
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if hook is self:
-                del module._forward_pre_hooks[key]
-        for key, hook in list(module._load_state_dict_pre_hooks.items()):
-            if getattr(getattr(hook, "hook", hook), "__self__", None) is self:
-                del module._load_state_dict_pre_hooks[key]
+        for hooks in (module._forward_pre_hooks, module._load_state_dict_pre_hooks,
+                      module._load_state_dict_post_hooks):
+            for key, hook in list(hooks.items()):
+                hook = getattr(hook, "hook", hook)  # a load pre-hook is wrapped in a _WrappedHook
+                if hook is self or getattr(hook, "__self__", None) is self:
+                    del hooks[key]
+
+
+def _gain_key(u_key: str) -> str:
+    """The gain's key beside u's: ``<name>_gain`` by ``<name>_u`` (hook), ``gain`` by ``_u`` (parametrization)."""
+    stem = u_key[:-1]
+    return stem[:-1] + "gain" if stem.endswith("._") else stem + "gain"
+
+
+def _tensor(module: nn.Module, key: str) -> torch.Tensor | None:
+    """The buffer or parameter at ``key`` (relative to ``module``), None if there is none."""
+    *path, name = key.split(".")
+    try:
+        owner = module.get_submodule(".".join(path)) if path else module
+    except AttributeError:  # the spectral norm was removed since
+        return None
+    return owner._buffers.get(name, owner._parameters.get(name))
 
 
 def guard_if_meta(module: nn.Module, u_key: str, weight: torch.Tensor) -> None:

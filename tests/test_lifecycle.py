@@ -247,6 +247,99 @@ def test_reset_uv_warm_start_keeps_direction():
     assert torch.dot(sn._u, u_before).item() > 0.99
 
 
+def _meta_linear(api, gain=False, out_features=4):
+    """SNLinear(6, out_features) wrapped on meta, then to_empty(): u, v (and a gain) uninitialised."""
+    with torch.device("meta"):
+        model = sn_kernels.SNLinear(6, out_features, api=api, gain=gain)
+    return model.to_empty(device="cpu")
+
+
+def _trained_linear(api, gain=False, out_features=4):
+    torch.manual_seed(0)
+    ref = sn_kernels.SNLinear(6, out_features, api=api, gain=gain)
+    for _ in range(3):
+        ref(torch.randn(2, 6))
+    return ref.eval()
+
+
+def _uv_gain_keys(api):
+    return (("weight_u", "weight_v", "weight_gain") if api == "hook"
+            else tuple(f"parametrizations.weight.0.{k}" for k in ("_u", "_v", "gain")))
+
+
+def _subset(state_dict, keep):
+    """The entries of ``state_dict`` that ``keep(key)`` accepts, with its metadata (the hook's version)."""
+    out = copy.copy(state_dict)
+    for key in [k for k in out if not keep(k)]:
+        del out[key]
+    return out
+
+
+REFUSED = "meta device.*uninitialised memory.*reset_uv"
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("left_out, gain", [("u", False), ("v", False), ("v", True), ("gain", True)])
+def test_meta_guard_stays_until_u_v_and_gain_are_loaded(api, left_out, gain):
+    """A strict=False load of a checkpoint without v (or u, or the gain) leaves that tensor
+    uninitialised: the guard stays (the forward is refused) until a later load brings it."""
+    ref = _trained_linear(api, gain)
+    sd = ref.state_dict()
+    key = dict(zip("u v gain".split(), _uv_gain_keys(api)))[left_out]
+    model = _meta_linear(api, gain)
+    result = model.load_state_dict(_subset(sd, lambda k: k != key), strict=False)
+    assert result.missing_keys == [key]
+    x = torch.randn(3, 6)
+    model.eval()
+    with pytest.raises(RuntimeError, match=REFUSED):
+        model(x)
+    model.load_state_dict(_subset(sd, lambda k: k == key), strict=False)  # the one missing: now all were loaded
+    assert not guards(model)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("bad", ["u", "bias"])
+def test_meta_guard_after_a_failed_load(api, bad):
+    """A load that fails on u (wrong shape: nothing copied) keeps the guard; one that fails on
+    another key still copied u and v, which lifts it, as a successful load does."""
+    ref = _trained_linear(api, out_features=5 if bad == "u" else 4)
+    sd = ref.state_dict()
+    original = "weight_orig" if api == "hook" else "parametrizations.weight.original"
+    sd[original], sd["bias"] = sd[original][:4], sd["bias"][:4 if bad == "u" else 3]
+    model = _meta_linear(api)
+    with pytest.raises(RuntimeError, match=f"size mismatch for {'.*_u' if bad == 'u' else 'bias'}:"):
+        model.load_state_dict(sd)
+    x = torch.randn(3, 6)
+    model.eval()
+    if bad == "bias":
+        assert not guards(model)
+        return
+    with pytest.raises(RuntimeError, match=REFUSED):
+        model(x)
+    sn_kernels.reset_uv(model)
+    assert not guards(model) and torch.isfinite(model(x)).all()
+
+
+def test_meta_guard_lifted_by_a_legacy_hook_checkpoint():
+    """A pre-1.0 hook checkpoint (weight, weight_orig, weight_u; no weight_v, no version) loads with v
+    solved from them (PyTorch's SpectralNormLoadStateDictPreHook): v is set, so the guard goes, and
+    the layer computes what PyTorch's loaded from the same checkpoint does."""
+    ref = _trained_linear("hook")
+    old = {k: t for k, t in ref.state_dict().items() if k != "weight_v"}
+    old["weight"] = ref.weight.detach()
+    model = _meta_linear("hook")
+    model.load_state_dict(old)
+    assert not guards(model)
+    torch.manual_seed(1)
+    theirs = torch.nn.utils.spectral_norm(nn.Linear(6, 4)).eval()
+    theirs.load_state_dict(old)
+    model.eval()
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(model.weight_v, theirs.weight_v, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), theirs(x), rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- EMA
 
 
