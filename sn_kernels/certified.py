@@ -394,6 +394,17 @@ def _carry_slack(weight: Tensor) -> float:
     return _with_rounding(_subtraction_factor(weight.dtype) * (_ABS + math.sqrt(weight.numel()) * 2.0 ** -537))
 
 
+def _kept(t: Tensor, copy: bool = False) -> Tensor:
+    """``t`` detached, to keep across calls (``copy``: in storage of its own), never an inference tensor: one
+    made under ``torch.inference_mode`` is copied outside it, since a later forward with autograd could not
+    save it for backward.  Compiled code is traced outside inference mode (and dynamo cannot ask)."""
+    t = t.detach()
+    if torch.compiler.is_compiling() or not (torch.is_inference_mode_enabled() or t.is_inference()):
+        return t.clone() if copy else t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 def _iterate(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int,
              order: str) -> Tensor:
     """The power iteration alone, as the front ends run it (u, v updated in place): sigma_hat.  Eager: the
@@ -412,7 +423,8 @@ def _iterate(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps:
 class Certifier:
     """The state of ``bound="upper"`` / ``"operator"`` for one weight: W_ref, B_ref >= sigma(W_ref) (or
     the operator norm) and the training forwards left before the next refresh.  Plain attributes, never
-    in the state_dict; a copy or a pickle drops them (``__getstate__``), so its first forward refreshes."""
+    in the state_dict; a copy or a pickle drops them (``__getstate__``), so its first forward refreshes.
+    Eager, none is an inference tensor, even when made under ``torch.inference_mode`` (``_kept``)."""
 
     operator: OperatorBound | None = None  # bound="operator"; None: the matrix view ("upper")
 
@@ -478,8 +490,8 @@ class Certifier:
                 bound = refresh_bound(as_matrix(weight, dim))
             if keep:
                 with torch.no_grad():
-                    self.ref_base = _up(_up(bound + _with_rounding(_carry_slack(weight) * c)) * factor)
-                self.ref, self.ref_bound = weight.detach().clone(), bound.detach()
+                    self.ref_base = _kept(_up(_up(bound + _with_rounding(_carry_slack(weight) * c)) * factor))
+                self.ref, self.ref_bound = _kept(weight, copy=True), _kept(bound)
                 self.left = self.bound_every - 1
             return bound * _with_rounding(factor)  # >= bound * factor after its rounding
         if training and keep:
@@ -503,7 +515,7 @@ class Certifier:
                 "sn_kernels.freeze(model)")
         if training and u is not None:
             with torch.no_grad():
-                self.estimate = _iterate(weight, u, v, n_power_iterations, eps, dim, order)
+                self.estimate = _kept(_iterate(weight, u, v, n_power_iterations, eps, dim, order))
         coeff = 1.0 if coeff is None else float(coeff)
         if _native_carry(weight) and not self._refresh_due(weight, training):
             # the carry in two C++ passes forward and two backward (the same W_sn; csrc/sn_kernels_carry_cpu.cpp)

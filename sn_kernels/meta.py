@@ -29,7 +29,10 @@ class MetaGuard:
 
     def __call__(self, module: nn.Module, inputs) -> None:
         u = _tensor(module, self.u_key)
-        if u is not None and u.is_meta:
+        if u is None:  # the spectral norm was removed since: nothing of it left to guard
+            self.remove(module)
+            return
+        if u.is_meta:
             return  # still on meta: shapes only, nothing uninitialised is read
         unset = ", ".join(key for key in self.keys if key not in self.loaded)
         raise RuntimeError(

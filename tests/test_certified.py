@@ -595,6 +595,68 @@ def test_sigma_bounds_leave_the_refresh_schedule_alone(api):
         torch.testing.assert_close(layer(x), twin(x), rtol=0, atol=0)
 
 
+def _kept_tensors(model):
+    """{(layer, attribute): tensor} of what the certifiers of ``model`` keep across calls."""
+    return {(i, k): v for i, m in enumerate(model) if sn_kernels.is_spectral_normalized(m)
+            for k, v in vars(find(m, "weight").state.certifier).items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("scenario", ["eval-then-input-grad", "eval-then-train", "train-then-train"])
+@pytest.mark.parametrize("bound", ["upper", "operator"])
+@pytest.mark.parametrize("api", ["hook", "param"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_inference_mode_forward_keeps_no_inference_tensor(backend, api, bound, scenario):
+    """A forward under torch.inference_mode that refreshes (a validation pass right after load_state_dict, or a
+    hook-API model's first) keeps W_ref, B_ref and the rest as ordinary tensors, exactly those a forward under
+    no_grad keeps: later forwards with autograd that carry from them (eval-mode input gradients, training with
+    bound_every > 1) neither fail ("Inference tensors cannot be saved for backward") nor differ.
+    sigma_bounds/lipschitz_bound under inference_mode leave nothing either."""
+    if backend == "native" and NATIVE_WHY is not None:
+        pytest.skip(f"native extension not available: {NATIVE_WHY}")
+    first_train = scenario.startswith("train")
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))
+        for i in (0, 3):
+            WRAP[api](model[i], bound=bound, bound_every=1 if scenario == "eval-then-input-grad" else 5)
+        return model
+
+    x = torch.randn(2, 2, 4, 4)
+    runs = []
+    with sn_kernels.use_backend(backend):
+        for mode in (torch.inference_mode, torch.no_grad):
+            model = build()
+            model.load_state_dict(build().state_dict())  # a checkpoint loaded: the next forward refreshes
+            model.train(first_train)
+            with mode():
+                sn_kernels.sigma_bounds(model[0], input_shape=(4, 4))
+                sn_kernels.lipschitz_bound(model, (1, 2, 4, 4))
+                model(x)
+            kept = _kept_tensors(model)
+            assert kept and not [k for k, v in kept.items() if v.is_inference()], mode.__name__
+            outs = []
+            if scenario == "eval-then-input-grad":
+                model.eval()
+                xi = x.clone().requires_grad_()
+                outs.append(model(xi))
+                outs[-1].sum().backward()
+                outs.append(xi.grad)
+            else:
+                model.train()
+                for _ in range(3):  # carries from the kept reference
+                    outs.append(model(x))
+                    outs[-1].square().sum().backward()
+                outs.extend(p.grad for p in model.parameters())
+            runs.append((kept, outs))
+    (kept, outs), (kept_ng, outs_ng) = runs
+    assert kept.keys() == kept_ng.keys()
+    for k in kept:
+        torch.testing.assert_close(kept[k], kept_ng[k], rtol=0, atol=0, msg=str(k))
+    for a, b in zip(outs, outs_ng):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_lipschitz_bound_of_a_certified_chain():
     """lipschitz_bound reads certified layers at their eval-mode W_sn: a chain of Linear layers held to
     coeff (matrix view = operator for Linear) is certified <= coeff^3, and the layers' state_dict is

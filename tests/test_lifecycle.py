@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -456,3 +457,24 @@ def test_remove_parametrizations_on_a_deepcopy_as_pytorch(kind, forward, leave, 
             assert a == b
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_meta_guard_goes_with_the_spectral_norm(api):
+    """Removing a still-guarded spectral norm (its original weight back) leaves a plain layer that runs:
+    the guard has nothing left to protect and must not refuse it for good."""
+    with torch.device("meta"):
+        layer = nn.Linear(3, 4)
+        wrap = sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm
+        wrap(layer)
+    layer.to_empty(device="cpu")
+    if api == "hook":
+        sn_kernels.remove_spectral_norm(layer)
+    else:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(4, 3))
+        layer.bias.zero_()
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(layer(x), x @ torch.eye(4, 3).T)
+    assert not guards(layer)
