@@ -188,3 +188,19 @@ def check_bound(bound: str, bound_every, weight=None, *, gain: bool = False, mod
     if isinstance(weight, Tensor) and weight.is_complex():
         raise ValueError(f"bound={bound!r} supports real weights only, got {weight.dtype}")
     return True
+
+
+def check_no_second_hook(existing, name: str) -> None:
+    """Refuse a second hook-API spectral norm on one parameter (``existing``: the one found, or None),
+    in PyTorch's words."""
+    if existing is not None:
+        raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+
+
+def check_not_lazy(weight) -> None:
+    """Refuse a lazy module's uninitialized parameter before anything changes, in PyTorch's words."""
+    if nn.parameter.is_lazy(weight):
+        raise ValueError(
+            "The module passed to `SpectralNorm` can't have uninitialized parameters. "
+            "Make sure to run the dummy forward before applying spectral normalization"
+        )

@@ -39,8 +39,9 @@ from torch.nn.utils import parametrize
 
 from . import transforms
 from .backends.contract import accumulation_dtype, autocast_off, exporting
-from .backends.pytorch import iterate_buffers, normalize_step
-from .checks import INIT_ITERATIONS, check_api, check_iterations_eps, front_end_iterations
+from .backends.pytorch import iterate_buffers, normalize_step, safe_sigma
+from .checks import (INIT_ITERATIONS, check_api, check_iterations_eps, check_no_second_hook, check_not_lazy,
+                     front_end_iterations)
 from .find import find
 from .serialize import serializable
 
@@ -196,7 +197,8 @@ def conv_power_iteration(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor, n
 
 
 class _ConvNormalize(torch.autograd.Function):
-    """W / sigma with u, v, sigma constants: grad_W = (G - <G, W>/sigma * dsigma/dW) / sigma.
+    """W / sigma with u, v, sigma constants: grad_W = (G - <G, W>/sigma * dsigma/dW) / sigma; a zero
+    sigma divides by inf (``safe_sigma``): a zero weight normalizes to 0 with a zero gradient, not 0/0.
 
     No no-op ``.to(dtype)`` in ``forward``: under dynamo (torch 2.11) an autograd.Function whose forward
     contains one gets a zero gradient (backends/traced.py has the same rule)."""
@@ -206,15 +208,15 @@ class _ConvNormalize(torch.autograd.Function):
         ctx.spec = spec
         ctx.save_for_backward(weight, u, v, sigma)
         if weight.dtype == sigma.dtype:
-            return weight / sigma
-        return (weight.to(sigma.dtype) / sigma).to(weight.dtype)
+            return weight / safe_sigma(sigma)
+        return (weight.to(sigma.dtype) / safe_sigma(sigma)).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         weight, u, v, sigma = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        acc = sigma.dtype
+        acc, sigma = sigma.dtype, safe_sigma(sigma)
         w, g = weight.to(acc), grad.to(acc)
         with autocast_off(weight.device.type):
             dsigma = conv_weight_grad(ctx.spec, w, v, u)
@@ -228,7 +230,8 @@ def conv_spectral_normalize(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor
 
     Training: ``n_power_iterations`` "uv" steps, u and v updated in place.  Eval:
     sigma = <u, A v>, u and v untouched.  Computes in float32 for half weights
-    (float64 stays float64); sigma carries no gradient.
+    (float64 stays float64); sigma carries no gradient.  sigma = 0 (a zero weight)
+    gives 0 with a zero gradient, as the matrix routes.
     """
     transforms.refuse('mode="conv"')
     acc = accumulation_dtype(weight.dtype)
@@ -244,7 +247,7 @@ def conv_spectral_normalize(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor
         # torch.export keeps the forward's ops, not an autograd.Function's backward: sigma re-attached to W
         # through d sigma / dW = <u, A(dW) v> (the value unchanged), so plain autograd gives the same gradient
         w = weight.to(acc)
-        attached = sigma + (u_acc * conv_apply(spec, w - w.detach(), v_acc)).sum()
+        attached = safe_sigma(sigma) + (u_acc * conv_apply(spec, w - w.detach(), v_acc)).sum()
         return (w / attached).to(weight.dtype), sigma
     return _ConvNormalize.apply(weight, u_acc, v_acc, sigma, spec), sigma
 
@@ -265,19 +268,20 @@ def _check_output_size(spec: ConvSpec, inputs, kwargs) -> None:
 
 def _draw(spec: ConvSpec, weight: Tensor, spatial, eps: float) -> tuple[Tensor, Tensor]:
     """Fresh u, v for inputs of spatial size ``spatial``: random normal (torch's RNG), normalized,
-    then warmed up with INIT_ITERATIONS steps."""
+    then warmed up with INIT_ITERATIONS steps.  Normal tensors even when the first forward runs under
+    torch.inference_mode: an inference tensor could not be updated in place by a later training forward."""
     c_in = weight.shape[0] if spec.transposed else weight.shape[1] * spec.groups
     in_shape = (1, c_in, *spatial)
     out_shape = output_shape(spec, weight, in_shape)
     if math.prod(out_shape) == 0:
         raise ValueError(f"input size {tuple(spatial)} gives an empty output {out_shape}")
     acc = accumulation_dtype(weight.dtype)
-    with torch.no_grad(), autocast_off(weight.device.type):
+    with torch.inference_mode(False), torch.no_grad(), autocast_off(weight.device.type):
         u = F.normalize(weight.new_empty(out_shape).normal_().flatten(), dim=0, eps=eps).view(out_shape)
         v = F.normalize(weight.new_empty(in_shape).normal_().flatten(), dim=0, eps=eps).view(in_shape)
         u_acc, v_acc, _ = conv_power_iteration(spec, weight.detach().to(acc), u.to(acc), v.to(acc),
                                                INIT_ITERATIONS, eps)
-    return u_acc.to(weight.dtype), v_acc.to(weight.dtype)
+        return u_acc.to(weight.dtype), v_acc.to(weight.dtype)
 
 
 class _State:
@@ -307,13 +311,15 @@ class _State:
 
 def _resize_on_load(owner: nn.Module, state_dict, prefix: str, names) -> None:
     """Give owner's u, v buffers the shapes of the incoming ones, so that a checkpoint with
-    initialised u, v loads into a freshly wrapped module (whose u, v are still empty)."""
+    initialised u, v loads into a freshly wrapped module (whose u, v are still empty).  Normal
+    tensors even under torch.inference_mode, which a later training forward can update in place."""
     for name in names:
         key = prefix + name
         buf = owner._buffers.get(name)
         if key in state_dict and buf is not None and isinstance(state_dict[key], Tensor) \
                 and state_dict[key].shape != buf.shape:
-            owner._buffers[name] = buf.new_empty(state_dict[key].shape)
+            with torch.inference_mode(False):
+                owner._buffers[name] = buf.new_empty(state_dict[key].shape)
 
 
 def _empty(weight: Tensor) -> Tensor:
@@ -436,11 +442,15 @@ def spectral_norm_conv(module: nn.Module, name: str = "weight", n_power_iteratio
     """
     spec = conv_spec(module)
     check_api(api)
+    # any hook-API spectral norm (matrix mode, PyTorch's, mode="conv") excludes a second one, as PyTorch's hook
+    if api == "hook":
+        check_no_second_hook(find(module, name, api="hook"), name)
     if find(module, name, kind="conv") is not None:
         raise RuntimeError(f"Cannot register two spectral_norm_conv on the same parameter {name}")
     weight = module._parameters.get(name)
     if weight is None and not parametrize.is_parametrized(module, name):
         raise KeyError(f"module {type(module).__name__} has no parameter named {name!r}")
+    check_not_lazy(weight)
     if api == "hook":
         if weight is None:
             raise KeyError(f"module {type(module).__name__} has no plain parameter named {name!r}")

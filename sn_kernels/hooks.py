@@ -22,8 +22,8 @@ from . import conv_norm
 from .backends.contract import exporting
 from .backends.pytorch import exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
-from .checks import (check_bound, check_iterations_eps, check_mode, check_variant, check_weight_args, default_dim,
-                     front_end_iterations)
+from .checks import (check_bound, check_iterations_eps, check_mode, check_no_second_hook, check_not_lazy, check_variant,
+                     check_weight_args, default_dim, front_end_iterations)
 from .find import find, torch_sn
 from .functional import normalize_kept
 from .meta import guard_if_meta
@@ -134,18 +134,13 @@ class SpectralNorm(torch_sn.SpectralNorm):
     def apply(module: nn.Module, name: str, n_power_iterations: int, dim: int, eps: float,
               *, coeff: float | None = None, soft: bool = False, gain: bool = False, bound: str = "estimate",
               bound_every: int = 1) -> "SpectralNorm":
-        if find(module, name, kind="hook") is not None:
-            raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+        check_no_second_hook(find(module, name, api="hook"), name)  # mode="conv" hooks too
         if not isinstance(name, str) or name not in module._parameters:
             raise KeyError(f"module {type(module).__name__} has no parameter named {name!r}")
         weight = module._parameters[name]
         if weight is None:
             raise ValueError(f"`SpectralNorm` cannot be applied as parameter `{name}` is None")
-        if isinstance(weight, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                "The module passed to `SpectralNorm` can't have uninitialized parameters. "
-                "Make sure to run the dummy forward before applying spectral normalization"
-            )
+        check_not_lazy(weight)
         if isinstance(weight, torch.Tensor) and weight.is_complex():
             raise TypeError(
                 f"the hook API (sn_kernels.spectral_norm, as torch.nn.utils.spectral_norm) refuses complex weights "

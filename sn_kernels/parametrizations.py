@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from . import conv_norm
 from .backends.pytorch import as_matrix, exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
-from .checks import (INIT_ITERATIONS, check_bound, check_mode, check_variant, check_weight_args, default_dim,
+from .checks import (INIT_ITERATIONS, check_bound, check_mode, check_not_lazy, check_variant, check_weight_args, default_dim,
                      front_end_iterations)
 from .find import TorchSpectralNorm
 from .functional import spectral_normalize
@@ -144,6 +144,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    check_not_lazy(weight)
     # a second spectral norm on the same parameter stacks, as PyTorch's does (W / sigma1 / sigma2)
     if dim is None:
         dim = default_dim(module)

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -334,9 +335,128 @@ def test_zero_weight_keeps_vectors_finite():
     with torch.no_grad():
         m.weight_orig.zero_()
     m(x)
-    # sigma = 0 gives 0/0 as in torch; u, v keep their last finite values and recover
+    # sigma = 0: u, v keep their last finite values and recover
     assert torch.isfinite(m.weight_u).all() and torch.isfinite(m.weight_v).all()
     with torch.no_grad():
         m.weight_orig.normal_()
     m(x)
     assert torch.isfinite(m.weight).all()
+
+
+def wrap_api(api):
+    """The public front end of ``api`` (mode="conv" is passed by the caller)."""
+    import sn_kernels
+
+    return sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_first_forward_under_inference_mode_then_training(api, dtype):
+    """u, v drawn under torch.inference_mode (a validation pass before training, or after
+    reset_spectral_norm_conv) are normal tensors: the next training forward updates them in place."""
+    m = wrap_api(api)(nn.Conv2d(3, 4, 3, padding=1).to(dtype), mode="conv")
+    x = torch.randn(2, 3, 6, 6, dtype=dtype)
+    for first in range(2):
+        if first:
+            with torch.inference_mode():
+                reset_spectral_norm_conv(m)
+        m.eval()
+        with torch.inference_mode():
+            m(x)
+        assert not any(b.is_inference() for b in m.buffers())
+        m.train()
+        m(x).sum().backward()
+        assert torch.isfinite(next(p for n, p in m.named_parameters() if "orig" in n or "original" in n).grad).all()
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_weight_normalizes_to_zero(api, training):
+    """A zero weight gives W / sigma = 0 and a zero gradient (README "Faults"), as matrix mode does, not 0/0."""
+    x = torch.randn(2, 3, 6, 6)
+    outs = []
+    for mode in ("matrix", "conv"):
+        torch.manual_seed(0)  # the same bias
+        layer = nn.Conv2d(3, 4, 3, padding=1)
+        nn.init.zeros_(layer.weight)
+        m = wrap_api(api)(layer, mode=mode, **({"input_size": (6, 6)} if mode == "conv" else {}))
+        m.train(training)
+        y = m(x)
+        y.sum().backward()
+        orig = m.weight_orig if api == "hook" else m.parametrizations.weight.original
+        assert torch.equal(m.weight, torch.zeros_like(m.weight)), mode
+        assert torch.equal(orig.grad, torch.zeros_like(orig.grad)), mode
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_zero_weight_normalizes_to_zero_when_exporting(monkeypatch):
+    """The torch.export form of W / sigma (sigma re-attached to W) is 0 for a zero weight, with a zero gradient."""
+    import sn_kernels.conv_norm as conv_norm
+
+    monkeypatch.setattr(conv_norm, "exporting", lambda: True)
+    m = nn.Conv2d(2, 3, 3, padding=1)
+    spec = conv_spec(m)
+    weight = torch.zeros_like(m.weight, requires_grad=True)
+    u, v = F.normalize(torch.randn(1, 3, 5, 5).flatten(), dim=0).view(1, 3, 5, 5), \
+        F.normalize(torch.randn(1, 2, 5, 5).flatten(), dim=0).view(1, 2, 5, 5)
+    for training in (True, False):
+        weight.grad = None
+        out, sigma = conv_spectral_normalize(spec, weight, u, v, training=training)
+        out.sum().backward()
+        assert sigma == 0 and torch.equal(out, torch.zeros_like(out))
+        assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def _layout(m):
+    return sorted(m._parameters), sorted(m._buffers), len(m._forward_pre_hooks), type(m).__name__
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("input_size", [None, (6, 6)])
+def test_lazy_module_refused_and_left_usable(api, input_size):
+    """A lazy module is refused with PyTorch's message before anything changes; after its dummy forward it wraps."""
+    m = nn.LazyConv2d(4, 3)
+    before = _layout(m)
+    with pytest.raises(ValueError) as mine:
+        wrap_api(api)(m, mode="conv", input_size=input_size)
+    with pytest.raises(ValueError) as torchs:
+        torch.nn.utils.spectral_norm(nn.LazyConv2d(4, 3))
+    assert str(mine.value) == str(torchs.value)
+    assert _layout(m) == before and not parametrize.is_parametrized(m)
+    x = torch.randn(1, 3, 6, 6)
+    m(x)  # materializes the weight: an nn.Conv2d now
+    wrap_api(api)(m, mode="conv")
+    m(x).sum().backward()
+
+
+@pytest.mark.parametrize("first,second", [("matrix", "conv"), ("conv", "matrix"), ("torch", "conv"),
+                                          ("conv", "conv")])
+def test_two_hooks_on_one_parameter_refused_as_pytorch(first, second):
+    """Any two hook-API spectral norms on one parameter, mode="conv" among them, are refused with
+    PyTorch's message, and the refusal leaves the module as it was."""
+    import sn_kernels
+
+    wraps = {"matrix": sn_kernels.spectral_norm, "conv": lambda m: sn_kernels.spectral_norm(m, mode="conv"),
+             "torch": torch.nn.utils.spectral_norm}
+    m = wraps[first](nn.Conv2d(3, 4, 3))
+    before = _layout(m), sorted(m.state_dict())
+    with pytest.raises(RuntimeError, match="^Cannot register two spectral_norm hooks on the same parameter weight$"):
+        wraps[second](m)
+    assert (_layout(m), sorted(m.state_dict())) == before
+    m(torch.randn(1, 3, 6, 6)).sum().backward()
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_load_under_inference_mode_then_training(api):
+    """A checkpoint loaded under torch.inference_mode into a fresh wrap (u, v resized to the checkpoint's)
+    leaves normal buffers, as a plain layer's load does: the next training forward updates them in place."""
+    x = torch.randn(1, 3, 6, 6)
+    a = wrap_api(api)(nn.Conv2d(3, 4, 3), mode="conv")
+    a(x)
+    b = wrap_api(api)(nn.Conv2d(3, 4, 3), mode="conv")
+    with torch.inference_mode():
+        b.load_state_dict(a.state_dict())
+    assert not any(t.is_inference() for t in b.buffers())
+    b(x).sum().backward()

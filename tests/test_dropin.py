@@ -275,3 +275,16 @@ def test_sparse_embedding_gradients(api, variant, backend):
         grads.append(original.grad.to_dense())
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", [sn_kernels.spectral_norm, sn_kernels.parametrizations.spectral_norm])
+def test_lazy_module_refused_in_pytorchs_words(wrap):
+    """A lazy layer before its dummy forward: PyTorch's hook message (the parametrization API gave an
+    internal one), the layer left as it was; after the dummy forward it wraps."""
+    m = nn.LazyLinear(4)
+    with pytest.raises(ValueError, match="can't have uninitialized parameters"):
+        wrap(m)
+    assert not sn_kernels.is_spectral_normalized(m)
+    m(torch.randn(2, 3))
+    wrap(m)
+    assert m(torch.randn(2, 3)).shape == (2, 4)
