@@ -51,7 +51,9 @@ policies:
     through ``.data``), when a layer's train/eval mode changed, or when the grad mode or a
     weight's ``requires_grad`` changed (a W/sigma without a graph cannot serve a forward that
     needs one: that costs one more power iteration in the step).  A layer called
-    twice in one model call uses the shared W/sigma both times.
+    twice in one model call uses the shared W/sigma both times.  Under ``torch.compile`` and
+    ``torch.jit.trace`` no cached W/sigma is used: each layer computes its own, so a traced model
+    reads its weights and u, v (a cached W/sigma would be recorded as a constant).
 
 Not grouped (computed per layer as usual): ``mode="conv"`` layers, PyTorch's own
 spectral norm (call ``sn_kernels.convert`` first) and stacked parametrizations.
@@ -257,6 +259,13 @@ def _groups(members: list[_Member]) -> tuple[dict, list[_Member]]:
     return groups, others
 
 
+def _python_node_in_trace(device: torch.device) -> bool:
+    """Whether a group on ``device`` would put its Python node (``_GroupNormalize``) into a torch.jit.trace,
+    which keeps it as an opaque op holding this call's outputs (its replay fails): its layers then compute
+    their own W/sigma.  The native backend's grouped op makes its node in C++ and traces as one op."""
+    return torch.jit.is_tracing() and torch.is_grad_enabled() and dispatch.resolve(device).group_eager is None
+
+
 @torch.compiler.assume_constant_result
 def _group_op_backend(device_type: str) -> str:
     """"native" or "triton" when a compiled grouped model on ``device_type`` takes that backend's
@@ -299,9 +308,11 @@ def _compiled_group(members: list[_Member]) -> None:
                 o, k = o + w.numel(), k + u.numel() + v.numel()
             sigmas = sigmas.unbind(0)
         if training:
-            with torch.no_grad():
-                for buf, new in zip(us + vs, us_new + vs_new):
-                    buf.copy_(new)
+            # no no_grad block: u, v come back non-differentiable and the buffers need no grad, and a
+            # block of in-place copies alone becomes an empty grad-mode region under torch.export,
+            # which torch.export.load refuses (its node has no output to describe)
+            for buf, new in zip(us + vs, us_new + vs_new):
+                buf.copy_(new)
         for it, w_sn, sigma in zip(items, outs, sigmas):
             it[0].set_sigma(sigma)
             it[0].state.pending = w_sn
@@ -392,10 +403,13 @@ class SNGroup:
     def _compute_all(self, members: list[_Member], alone: bool = True) -> dict:
         """{member: W/sigma}: the groupable weights in one node per (device, dtype, order, iteration
         count, eps, mode), one C++ call each on the native backend; the others
-        by their layer's own computation (skipped when not ``alone``: the layer computes them itself)."""
+        by their layer's own computation (skipped when not ``alone``: the layer computes them itself).
+        Under a jit trace, a group whose node is the Python one is left to its layers too."""
         groups, others = _groups(members)
         out: dict = {mem: mem.compute_alone() for mem in others} if alone else {}
-        for (_, _, order, iters, eps, training, _), items in groups.items():
+        for (device, _, order, iters, eps, training, _), items in groups.items():
+            if _python_node_in_trace(device):
+                continue
             for item, w_sn in zip(items, _normalize_group(items, order, iters, eps, training)):
                 out[item[0]] = w_sn
         return out
@@ -427,8 +441,10 @@ class SNGroup:
             mem.state.__dict__["pending"] = w_sn  # what nn.Module.__setattr__ does for it, minus its checks
 
     def _layer_pre(self, mem: _Member) -> None:
-        if torch.compiler.is_compiling() or self.refresh != "step" or transforms.active():
-            return  # compiling first: dynamo cannot see the handle
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or self.refresh != "step" or transforms.active():
+            # compiling first: dynamo cannot see the handle; a jit trace would record the cached W/sigma
+            # as constants, blind to the weights and u, v it is later given: each layer computes its own
+            return
         if self._stale or self._cache is None:
             self._cache = self._compute_all(self._live_members(), alone=False)
             self._stale = False

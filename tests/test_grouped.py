@@ -1,5 +1,6 @@
 """sn_kernels.group: identical results to per-module spectral norm, step after step."""
 import copy
+import io
 
 import pytest
 import torch
@@ -736,3 +737,94 @@ def test_frozen_weights_keep_no_graph_when_grouped(monkeypatch):
     assert sorted(w.requires_grad for w in made) == [False, True, True]
     assert [w.shape for w in made if not w.requires_grad] == [torch.Size([5, 4])]
     assert all(torch.equal(a, b) for a, b in zip(_state(model), _state(ref)))
+
+
+def _perturbed_state(model, seed):
+    """``model``'s state_dict with every parameter moved by noise: another state to load."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    return {k: v + 0.5 * torch.randn(v.shape, generator=g) if k in params else v.clone()
+            for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("refresh", ["call", "step"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_jit_trace_computes_w_sigma_from_the_module_state(api, refresh, backend, grad):
+    """torch.jit.trace of a grouped model records W/sigma computed from the traced module's weights and
+    u, v: never the "step" refresh's cached W/sigma (after a training step and a validation pass they
+    would be baked in as constants), nor grouped.py's Python node (a replay would fail).  Given another
+    state_dict, the traced module gives the eager per-module outputs, u, v and gradients."""
+    if backend == "native" and not _native_group_ops():
+        pytest.skip("native extension without the grouped ops")
+    torch.manual_seed(0)
+    model = TwiceD(api)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sn_kernels.group(model, optimizer=opt if refresh == "step" else None)
+    x = torch.randn(2, 3, 6, 6)
+    with sn_kernels.use_backend(backend):
+        model(x).sum().backward()
+        opt.step()
+        for training in (True, False):
+            model.train(training)
+            with torch.set_grad_enabled(grad):
+                model(x)  # a validation pass: the "step" refresh caches its W/sigma
+                traced = torch.jit.trace(model, x, check_trace=False)
+            reference = TwiceD(api).train(training)
+            state = _perturbed_state(model, seed=int(training))
+            traced.load_state_dict(state)
+            reference.load_state_dict(state)
+            for _ in range(2):
+                with torch.set_grad_enabled(grad):
+                    y, r = traced(x), reference(x)
+                torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-6)
+                for (name, a), b in zip(traced.state_dict().items(), reference.state_dict().values()):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            if grad:
+                traced.zero_grad(set_to_none=True)
+                y.sum().backward()
+                r.sum().backward()
+                for p, q in zip(traced.parameters(), reference.parameters()):
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("twice", [False, True], ids=["sequential", "layer_called_twice"])
+def test_exported_grouped_model_round_trips_save_load(twice, api, training):
+    """torch.export of a grouped model (native backend: the grouped op, then in train mode u, v copied
+    into the buffers) saves to and loads from a file: no empty grad-mode region in its graph (the copies
+    alone made one when no later op reads u, v).  The loaded program gives the eager per-module
+    outputs, u, v updates and gradients, call after call."""
+    if not _native_group_ops():
+        pytest.skip("native extension without the grouped ops")
+    torch._dynamo.reset()
+    if twice:
+        model, reference = _fresh_pair(api)
+        x = torch.randn(2, 3, 6, 6)
+    else:
+        torch.manual_seed(0)
+        model = sn_kernels.apply_spectral_norm(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), api=api)
+        reference = copy.deepcopy(model)
+        x = torch.randn(2, 6)
+    model.train(training), reference.train(training)
+    sn_kernels.group(model)
+    with sn_kernels.use_backend("native"):
+        exported = torch.export.export(model, (x,))
+    assert "sn_kernels.native_group_forward.default" in [str(n.target) for n in exported.graph.nodes]
+    buf = io.BytesIO()
+    torch.export.save(exported, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf).module()
+    for step in range(2):
+        y, r = loaded(x), reference(x)
+        torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-6)
+        y.sum().backward()
+        r.sum().backward()
+        ours = {**dict(loaded.named_buffers()), **{n: p.grad for n, p in loaded.named_parameters()}}
+        expected = {**dict(reference.named_buffers()), **{n: p.grad for n, p in reference.named_parameters()}}
+        assert ours.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"step {step} {name}: {m}")
