@@ -27,6 +27,7 @@ constexpr size_t kHuge = size_t(2) << 20;
 struct Block {
   void* data;
   size_t bytes;
+  uint64_t released = 0;  // when it last went idle (the cache's tick): the oldest idle block goes first
 };
 
 class BlockCache final : public c10::Allocator {
@@ -51,9 +52,10 @@ class BlockCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       in_use_ += bytes;
       auto it = idle_.find(bytes);
-      if (it != idle_.end() && !it->second.empty()) {
+      if (it != idle_.end()) {  // lists in the map are never empty (evict_oldest relies on it)
         block = it->second.back();
         it->second.pop_back();
+        if (it->second.empty()) idle_.erase(it);
         idle_bytes_ -= bytes;
         --idle_blocks_;
         ++hits_;
@@ -104,21 +106,41 @@ class BlockCache final : public c10::Allocator {
     delete b;
   }
 
-  // the DataPtr deleter: keep the block for the next output of its size, up to the byte limit
+  // the DataPtr deleter: keep the block for the next output of its size, up to the byte limit.  Over the
+  // limit the idle blocks that went idle longest ago make room, whatever their size: sizes no live model
+  // asks for any more (a deleted model's) must not keep a later model's outputs out of the cache
   static void release(void* ctx) {
     Block* b = static_cast<Block*>(ctx);
     BlockCache& cache = instance();
+    std::vector<Block*> victims;
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
       cache.in_use_ -= b->bytes;
-      if (cache.idle_bytes_ + b->bytes <= cache.limit_) {
+      if (b->bytes > cache.limit_) {
+        victims.push_back(b);
+      } else {
+        while (cache.idle_bytes_ + b->bytes > cache.limit_) victims.push_back(cache.evict_oldest());
+        b->released = ++cache.tick_;
         cache.idle_[b->bytes].push_back(b);
         cache.idle_bytes_ += b->bytes;
         ++cache.idle_blocks_;
-        return;
       }
     }
-    destroy(b);
+    for (Block* v : victims) destroy(v);  // outside the lock: free() of a large block unmaps it
+  }
+
+  // Removes and returns the idle block released longest ago (the caller holds the lock; some block is
+  // idle).  Each size's list is in release order, so its oldest is at the front.
+  Block* evict_oldest() {
+    auto oldest = idle_.end();
+    for (auto it = idle_.begin(); it != idle_.end(); ++it)
+      if (oldest == idle_.end() || it->second.front()->released < oldest->second.front()->released) oldest = it;
+    Block* b = oldest->second.front();
+    oldest->second.erase(oldest->second.begin());
+    if (oldest->second.empty()) idle_.erase(oldest);
+    idle_bytes_ -= b->bytes;
+    --idle_blocks_;
+    return b;
   }
 
  public:
@@ -132,6 +154,7 @@ class BlockCache final : public c10::Allocator {
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<Block*>> idle_;
   size_t limit_ = 0, idle_bytes_ = 0, idle_blocks_ = 0, in_use_ = 0, hits_ = 0, misses_ = 0;
+  uint64_t tick_ = 0;
 };
 
 }  // namespace

@@ -6,8 +6,9 @@
 // was about a third of an SNGAN discriminator's spectral-norm step.  The same weights produce
 // the same output sizes every step, so a freed output block is kept for the next one (what the
 // CUDA caching allocator does on the GPU).  Idle blocks are bounded in bytes
-// (SN_KERNELS_CPU_CACHE_MB, default 1024; 0 disables the cache) and released by
-// `sn_kernels.native.empty_cache()`; blocks below 64 KiB go to malloc directly.
+// (SN_KERNELS_CPU_CACHE_MB, default 1024; 0 disables the cache: over it the blocks idle longest
+// go first) and released by `sn_kernels.native.empty_cache()`; blocks below 64 KiB go to malloc
+// directly.
 #pragma once
 
 #include <ATen/core/Tensor.h>

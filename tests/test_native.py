@@ -402,6 +402,33 @@ def test_cpu_output_cache_off():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
+def test_cpu_output_cache_evicts_sizes_idle_longest():
+    """A full cache makes room by freeing the blocks idle longest, whatever their size: a deleted
+    model's sizes must not keep a later model's outputs out (SN_KERNELS_CPU_CACHE_MB=1 here)."""
+    code = textwrap.dedent("""
+        import torch
+        from sn_kernels.backends import native
+        def normalize(rows):  # one output of rows x 1024 floats (4 KiB per row)
+            w = torch.randn(rows, 1024)
+            s, a, b = torch.ops.sn_kernels.native_power_iteration(w, torch.randn(rows), torch.randn(1024), 1,
+                                                                  1e-12, 0, "uv", True)
+            return torch.ops.sn_kernels.native_normalize(w, a, b, s, 0)
+        old = [normalize(32 + i) for i in range(6)]  # a first model's outputs: 6 sizes, 0.8 MiB in all
+        del old
+        st = native.cache_stats()
+        assert st["idle_blocks"] == 6 and st["idle_bytes"] <= 2 ** 20, st
+        for _ in range(3):  # a second model, other sizes: its blocks push the first model's out
+            out = [normalize(100), normalize(101)]
+            del out
+        st = native.cache_stats()
+        assert st["hits"] >= 4 and st["idle_bytes"] <= 2 ** 20, st
+        print("ok")
+    """)
+    env = dict(os.environ, SN_KERNELS_CPU_CACHE_MB="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
 def test_cpu_output_cache_after_fork():
     """A forked child (a DataLoader worker) can still take and free cached outputs."""
     code = textwrap.dedent("""
