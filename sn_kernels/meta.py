@@ -28,11 +28,11 @@ class MetaGuard:
         module.register_load_state_dict_post_hook(self._after_load)
 
     def __call__(self, module: nn.Module, inputs) -> None:
-        u = _tensor(module, self.u_key)
-        if u is None:  # the spectral norm was removed since: nothing of it left to guard
+        guarded = [t for t in (_tensor(module, key) for key in self.keys) if t is not None]
+        if not guarded:  # the spectral norm was removed since: nothing of it left to guard
             self.remove(module)
             return
-        if u.is_meta:
+        if guarded[0].is_meta:
             return  # still on meta: shapes only, nothing uninitialised is read
         unset = ", ".join(key for key in self.keys if key not in self.loaded)
         raise RuntimeError(

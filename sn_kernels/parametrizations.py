@@ -153,7 +153,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
         module, name, SpectralNormParametrization(weight, n_power_iterations, dim, eps, coeff=coeff, soft=soft,
                                                   gain=gain, bound=bound, bound_every=bound_every,
                                                   operator=operator))
-    if weight.ndim > 1:
+    if weight.ndim > 1 or gain:  # a vector has no u, v, but its gain is uninitialised after to_empty() too
         guard_if_meta(module, f"parametrizations.{name}.{len(module.parametrizations[name]) - 1}._u", weight)
     return module
 

@@ -478,3 +478,23 @@ def test_meta_guard_goes_with_the_spectral_norm(api):
     x = torch.randn(2, 3)
     torch.testing.assert_close(layer(x), x @ torch.eye(4, 3).T)
     assert not guards(layer)
+
+
+def test_meta_guard_of_a_vector_with_gain():
+    """A 1-D weight (no u, v) with gain=True wrapped on meta: its gain is uninitialised after to_empty(),
+    so the forward is refused until reset_uv sets it to the vector's length, as wrapping does."""
+    with torch.device("meta"):
+        norm = nn.BatchNorm1d(4)
+        sn_kernels.parametrizations.spectral_norm(norm, gain=True)
+    norm.to_empty(device="cpu")
+    with torch.no_grad():
+        norm.parametrizations.weight.original.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0]))
+        norm.parametrizations.weight[0].gain.fill_(1e13)  # the worst uninitialised memory
+        norm.bias.zero_()
+        norm.running_mean.zero_()
+        norm.running_var.fill_(1.0)
+    with pytest.raises(RuntimeError, match="meta device"):
+        norm(torch.randn(3, 4))
+    sn_kernels.reset_uv(norm)
+    assert norm.parametrizations.weight[0].gain.item() == 2.0
+    assert torch.isfinite(norm(torch.randn(3, 4))).all()
