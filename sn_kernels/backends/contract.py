@@ -226,12 +226,22 @@ def define_ops(name: str, power_iteration: Callable, normalize: Callable, backwa
     return register_ops(pi, nz, backward)
 
 
-def composed_eager(power_iteration: Callable, normalize: Callable) -> Callable:
+def composed_eager(power_iteration: Callable, normalize: Callable, traced_by: tuple | None = None) -> Callable:
     """The default ``Backend.eager`` (and the compiled route's composition of the two ops):
     ``power_iteration`` under no_grad, the Lipschitz scaling when ``coeff`` is given, then
-    ``normalize`` (differentiable with respect to ``weight``)."""
+    ``normalize`` (differentiable with respect to ``weight``).  ``power_iteration`` runs under that
+    no_grad and enters none of its own: under torch.export a nested one leaves an empty grad-mode
+    region behind, and ``torch.export.load`` refuses a program that holds one (its node has no value).
+
+    ``traced_by``: the backend's two custom ops, composed the same way instead under
+    ``torch.jit.trace``, which records them as ops that ``torch.jit.save`` stores; it records an
+    autograd.Function (``differentiable``) as a Python call that it cannot save, and a Triton
+    kernel not at all."""
+    through_ops = composed_eager(*traced_by) if traced_by is not None else None
 
     def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft):
+        if through_ops is not None and torch.jit.is_tracing():
+            return through_ops(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
         with torch.no_grad():
             sigma, u_used, v_used = power_iteration(weight.detach(), u, v, n_power_iterations, float(eps), dim,
                                                     order, bool(training))

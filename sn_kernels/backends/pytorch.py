@@ -82,10 +82,10 @@ def safe_sigma(sigma: Tensor) -> Tensor:
     return torch.where(sigma == 0, torch.full_like(sigma, float("inf")), sigma)
 
 
-@torch.no_grad()
 @without_autocast
 def _power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
-    """Plain-PyTorch power iteration: updates u, v in place (training); returns (sigma, u, v copies)."""
+    """Plain-PyTorch power iteration: updates u, v in place (training); returns (sigma, u, v copies).
+    Runs under ``composed_eager``'s no_grad, or as the custom op's kernel, below autograd."""
     W = as_matrix(weight, dim).to(accumulation_dtype(weight.dtype))
     sigma, _, _ = iterate_buffers(u, v, W.dtype, training,
                                   lambda a, b: power_iteration(W, a, b, n_power_iterations, eps, order),
@@ -155,6 +155,7 @@ _power_iteration_op, _normalize_op = define_ops("torch", _power_iteration, _norm
 backend = Backend(
     name="torch", device_types=("*",), why_not=why_not,
     power_iteration=_power_iteration_op, normalize=_normalize_op, backward=backward,
-    eager=composed_eager(_power_iteration, differentiable(_normalize_weight, backward, backward)),
+    eager=composed_eager(_power_iteration, differentiable(_normalize_weight, backward, backward),
+                         traced_by=(_power_iteration_op, _normalize_op)),
     ops=(_power_iteration_op, _normalize_op),
 )

@@ -61,10 +61,9 @@ def _pinned_copy(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return u.unsqueeze(0).amin(0), v.unsqueeze(0).amin(0)
 
 
-@torch.no_grad()
 def power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
     """``pytorch._power_iteration`` with ``_mv``, ``_mtv``: u, v updated in place (training);
-    returns (sigma, u, v copies)."""
+    returns (sigma, u, v copies).  Called under ``composed_eager``'s no_grad (no nested one: see there)."""
     acc = accumulation_dtype(weight.dtype)
     W = weight.to(acc) if weight.dim() > 1 else weight.to(acc).unsqueeze(1)
     if not training:

@@ -90,7 +90,8 @@ _power_iteration_op, _normalize_op = define_ops("triton", _power_iteration, _nor
 backend = Backend(
     name="triton", device_types=("cuda", "cpu"), why_not=why_not,
     power_iteration=_power_iteration_op, normalize=_normalize_op, backward=backward,
-    eager=composed_eager(_power_iteration, differentiable(_normalize, backward, pytorch.backward)),
+    eager=composed_eager(_power_iteration, differentiable(_normalize, backward, pytorch.backward),
+                         traced_by=(_power_iteration_op, _normalize_op)),
     ops=(_power_iteration_op, _normalize_op, triton_backward)
     + ((_group_ops.triton_group_forward, _group_ops.triton_group_backward) if _group_ops is not None else ()),
     group_forward=_group_host.group_forward if _group_host is not None else None,
