@@ -84,7 +84,9 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
             raise TypeError(f"gain must be a one-element tensor (the learnable scalar gamma), got {gain!r}; the "
                             "front ends' gain=True makes one")
         check_variant(weight, coeff, soft, gain)
-    if isinstance(weight, Tensor) and weight.numel() == 0:
+    # (not while torch.jit.trace runs: there sizes are traced tensors, and the test would warn that the trace
+    # may be wrong)
+    if isinstance(weight, Tensor) and not torch.jit.is_tracing() and weight.numel() == 0:
         check_call(weight, u, v, n_power_iterations, eps, dim, order, empty_ok=True)
         weight_sn, sigma = _empty_weight(weight, u, v, n_power_iterations, training)
         return weight_sn, weight_sn, sigma

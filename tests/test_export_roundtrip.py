@@ -92,3 +92,14 @@ def test_jit_trace_saves_and_loads(api, training, backend):
         buf.seek(0)
         loaded = torch.jit.load(buf)
         assert_steps_match(loaded, eager, x, training)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_jit_trace_gives_no_trace_warning(api):
+    """Tracing an sn_kernels layer warns nothing about Python values taken from tensors (the warning
+    that a trace might be incorrect), as PyTorch's own spectral norm traces."""
+    m = model(api).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(m, torch.randn(2, 2, 4, 4))
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], caught
