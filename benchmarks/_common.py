@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -153,6 +154,20 @@ def triton_version() -> str:
         return triton.__version__
     except Exception:
         return "none"
+
+
+def git_commit(tree=ROOT) -> str:
+    """The short commit of the git checkout holding ``tree``, with "+dirty" if its files differ from it;
+    where git cannot tell (no git, or a copy without .git such as the GPU machine's), $SN_KERNELS_COMMIT
+    (set by whoever sends the copy) or "unknown"."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("SN_KERNELS_COMMIT") or "unknown"
 
 
 def write_csv(path, rows: list[dict], fields=None, append: bool = False) -> None:

@@ -29,25 +29,19 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-import sn_kernels
-from sn_kernels import dispatch
-from sn_kernels.parametrizations import spectral_norm as sn_spectral_norm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Holder, copy_bandwidth, load_shapes, quantiles, write_csv  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this tree's sn_kernels, not an installed copy (as run.py)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import sn_kernels  # noqa: E402
+from _common import Holder, copy_bandwidth, load_shapes, quantiles, write_csv  # noqa: E402
+from sn_kernels import dispatch  # noqa: E402
+from sn_kernels.parametrizations import spectral_norm as sn_spectral_norm  # noqa: E402
+
 COLUMNS = ["provider", "shape_set", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "speedup",
            "speedup_p20", "speedup_p80", "torch", "note"]
-
-
-# where this script has always looked for shapes.json after --shapes (no fallback to the bundled copy)
-SHAPES_SEARCH = (os.path.join(ROOT, "..", "shared", "shapes.json"), os.path.join(ROOT, "shared", "shapes.json"),
-                 "/work/shared/shapes.json")
 
 
 def make_modules(shapes, provider):
@@ -150,7 +144,8 @@ def overhead_breakdown(shapes, repeats=50):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default=None)
+    ap.add_argument("--shapes", default=None, help="default: ../shared/shapes.json beside the repository, else "
+                    "benchmarks/shapes.json")
     ap.add_argument("--sets", nargs="+", default=["sngan_cifar_d", "biggan128_d"])
     ap.add_argument("--rounds", type=int, default=0, help="paired rounds (default: 300 small sets, 7 large)")
     ap.add_argument("--backward", nargs="+", default=["per-weight", "one"], choices=["per-weight", "one"],
@@ -166,7 +161,7 @@ def main():
     if reason is not None:
         raise SystemExit(f"native backend unavailable: {reason}")
     torch.set_grad_enabled(True)
-    shape_sets = load_shapes(args.shapes, SHAPES_SEARCH)
+    shape_sets = load_shapes(args.shapes)  # --shapes, else ../shared/shapes.json, else the bundled copy
     # 512 MB, median of 7: copy_ into an existing tensor, then clone (a fresh tensor)
     copy_gbps = copy_bandwidth("cpu", 512 * 2**20 // 4, repeats=7)
     clone_gbps = copy_bandwidth("cpu", 512 * 2**20 // 4, repeats=7, clone=True)

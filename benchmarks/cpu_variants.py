@@ -1,9 +1,9 @@
 """CPU cost of the variants (Lipschitz coefficient hard/soft, learnable gain) against plain
 spectral norm: forward+backward of one weight through ``spectral_normalize``, training
 mode, median of repeats, on the backend "auto" picks.  Writes
-benchmarks/results/cpu_variants.csv and prints a table.
+benchmarks/results/cpu_variants.csv (--out) and prints a table.
 
-    python benchmarks/cpu_variants.py [--reps 20]
+    python benchmarks/cpu_variants.py [--reps 20] [--out CSV]
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-import sn_kernels
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's sn_kernels, not an installed copy (as run.py)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import sn_kernels  # noqa: E402
 from _common import write_csv  # noqa: E402
 
 SHAPES = [(128, 1152), (512, 4608), (1536, 13824)]
@@ -53,6 +54,7 @@ def time_variants(shape, reps, warmup=3):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_variants.csv"))
     args = ap.parse_args(argv)
     rows = []
     print(f"backend on cpu: {sn_kernels.available_backends('cpu')[0]} (auto), torch {torch.__version__}")
@@ -65,9 +67,8 @@ def main(argv=None):
             rows.append(dict(shape="x".join(map(str, shape)), variant=name, median_ms=med * 1e3, min_ms=lo * 1e3,
                              max_ms=hi * 1e3, ratio_to_plain=med / base, torch=torch.__version__))
             print(f"{rows[-1]['shape']:>12s} {name:>11s} {med * 1e3:10.3f} {med / base:8.2f}")
-    out = Path(__file__).resolve().parent / "results" / "cpu_variants.csv"
-    write_csv(out, rows)
-    print(f"wrote {out}")
+    write_csv(args.out, rows)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -20,19 +20,18 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-import sn_kernels
-from sn_kernels.conv_norm import spectral_norm_conv
-from sn_kernels.monitor import singular_values
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, quantiles, write_csv  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this tree's sn_kernels, not an installed copy (as run.py)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import sn_kernels  # noqa: E402
+from _common import device_name, quantiles, write_csv  # noqa: E402
+from sn_kernels.conv_norm import spectral_norm_conv  # noqa: E402
+from sn_kernels.monitor import singular_values  # noqa: E402
+
 COLUMNS = ["provider", "layer", "op", "weight_shape", "input", "median_ms", "p20_ms", "p80_ms", "threads",
            "torch", "device"]
 

@@ -13,15 +13,19 @@ is installed) and prints a summary table last.
 Each (provider, shape set, dtype) is built once and serves every mode.  ``torch_compile``
 (torch.compile(fullgraph=True) of PyTorch's parametrization) is compiled there, warmed up, and timed
 under ``torch._dynamo.config.error_on_recompile``: a recompile during timing fails the case instead
-of timing an eager fallback.  On a GPU the L2 cache is flushed before every sample (outside the
-timed region), so a small set is read from memory as in training.  ``--per-weight SETS`` times each
-weight of those sets on its own (set name ``set/shape``).
+of timing an eager fallback; dynamo is reset before each compiled case (every case recompiles the same
+code, past dynamo's recompile limit otherwise).  On a GPU the L2 cache is flushed right before every
+timed sample (in "bwd" mode after the untimed forward), so a small set is read from memory as in
+training.  ``--per-weight SETS`` times each weight of those sets on its own (set name ``set/shape``).
+Each row records the sn_kernels version and git commit of the tree measured ("+dirty": modified;
+"unknown": no git) and the Python version.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import platform
 import statistics
 import sys
 from pathlib import Path
@@ -33,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
-from _common import (Holder, copy_bandwidth, device_name, l2_flush, load_shapes, percentile, timer,  # noqa: E402
-                     triton_version)
+from _common import (Holder, copy_bandwidth, device_name, git_commit, l2_flush, load_shapes, percentile,  # noqa: E402
+                     timer, triton_version, write_csv)
 
 MODES = ("fwd", "bwd", "fwd_bwd", "train_step")
 # sets beside shapes.json (which is shared): large weights normalized along dim=1 (ConvTranspose
@@ -45,7 +49,7 @@ EXTRA_SETS = {
                     {"name": "4096x4096.dim1", "shape": [4096, 4096], "dim": 1}],
 }
 FIELDS = ["provider", "shape_set", "mode", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw",
-          "copy_gbps", "weight_mb", "torch", "triton", "reps", "note"]
+          "copy_gbps", "weight_mb", "torch", "triton", "reps", "note", "sn_kernels", "python"]
 # minimum device traffic per weight, in units of |W| (docs/design.md#bytes-model, W streamed);
 # a training step also runs convolutions, so it has no bytes model
 BYTES_MODEL = {"fwd": 4, "bwd": 4, "fwd_bwd": 8, "train_step": float("nan")}
@@ -131,6 +135,7 @@ class Case:
                 self.forward = forward
         self.compiled = provider == "torch_compile"
         if self.compiled:
+            _fresh_dynamo()
             self.forward = torch.compile(self.forward, fullgraph=True, backend=compile_backend)
         self.grads = [torch.randn(shape, dtype=dtype, device=device) for shape, _ in entries]
         self.first_call_s = None
@@ -145,20 +150,27 @@ class Case:
                     for p in h.parameters():
                         p.grad = None
                 with _no_recompile(self.compiled and i >= warmup):
-                    flush()
-                    if mode == "fwd":
-                        t = measure(self.forward)
-                    elif mode == "bwd":
+                    if mode == "bwd":  # the untimed forward reads W: flush after it
                         outs = self.forward()
                         sync()
-                        t = measure(lambda: torch.autograd.backward(outs, grads))
+                        fn = lambda: torch.autograd.backward(outs, grads)  # noqa: E731
+                    elif mode == "fwd":
+                        fn = self.forward
                     else:
-                        t = measure(lambda: torch.autograd.backward(self.forward(), grads))
+                        fn = lambda: torch.autograd.backward(self.forward(), grads)  # noqa: E731
+                    flush()
+                    t = measure(fn)
                 if self.first_call_s is None:
                     self.first_call_s = t
                 if i >= warmup:
                     out.append(t)
         return out
+
+
+def _fresh_dynamo() -> None:
+    """Forget every compiled graph before compiling a case: each case recompiles the same code (a new
+    parametrized class per module), and from dynamo's recompile limit (8) on a fullgraph compile fails."""
+    torch._dynamo.reset()
 
 
 def _no_recompile(on: bool):
@@ -168,7 +180,8 @@ def _no_recompile(on: bool):
 
 
 def train_step_samples(provider, dtype, device, reps, warmup, compile_backend="inductor"):
-    """One discriminator step of the SNGAN ResNet (CIFAR, batch 64, hinge loss, Adam)."""
+    """One discriminator step of the SNGAN ResNet (CIFAR, batch 64 real + 64 fake in one forward, hinge
+    loss, Adam)."""
     from models import SNGANDiscriminator, hinge_d_loss
 
     torch.manual_seed(0)
@@ -176,18 +189,23 @@ def train_step_samples(provider, dtype, device, reps, warmup, compile_backend="i
         D = SNGANDiscriminator().to(device=device, dtype=dtype)
         wrap(provider, [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
         compiled = provider == "torch_compile"
+        if compiled:
+            _fresh_dynamo()
         model = torch.compile(D, fullgraph=True, backend=compile_backend) if compiled else D
         if provider.startswith("sn_kernels_grouped"):
             sn_kernels.group(D)
         opt = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.0, 0.9))
         batch = TRAIN_BATCH.get(device.type, 8)
-        real = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
-        fake = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
+        # real and fake in one forward, for every provider (as compile_time.py): D(real), D(fake), then one
+        # backward fails under torch.compile with PyTorch's parametrization (torch 2.11: "modified by an
+        # inplace operation")
+        both = torch.randn(2 * batch, 3, 32, 32, device=device, dtype=dtype)
         measure, _ = timer(device)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            hinge_d_loss(model(real), model(fake)).backward()
+            out = model(both)
+            hinge_d_loss(out[:batch], out[batch:]).backward()
             opt.step()
 
         samples = []
@@ -208,6 +226,22 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def start_csv(out: Path, resume: bool) -> list[dict]:
+    """The rows already in ``out`` when resuming (the file rewritten under FIELDS if it was written with
+    other columns, e.g. before sn_kernels/python existed: appended rows would not line up), else none
+    and a new file with FIELDS' header."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not (resume and out.is_file()):
+        write_csv(out, [], FIELDS)
+        return []
+    rows = read_rows(out)
+    with out.open() as f:
+        header = next(csv.reader(f), [])
+    if header != FIELDS:
+        write_csv(out, rows, FIELDS)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -222,7 +256,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of torch_compile")
-    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<device>.csv)")
+    ap.add_argument("--out", default=None, help="CSV path (default OUT_DIR/<device>.csv)")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"),
+                    help="folder of the default --out (default: benchmarks/results of this tree)")
     ap.add_argument("--resume", action="store_true", help="keep the CSV's rows and run only the cases it lacks")
     ap.add_argument("--report", default=None, metavar="CSV", help="only print the summary and plot of this CSV")
     args = ap.parse_args(argv)
@@ -251,17 +287,13 @@ def main(argv=None):
     # 256 MB on a GPU, 64 MB on the CPU; median of 8 after 2 warm-up copies
     copy_gbps = copy_bandwidth(device, ((256 << 20) if on_gpu else (64 << 20)) // 4, repeats=8, warmup=2, sync=sync)
     triton_ver = triton_version()
-    print(f"# device {dev_name}, torch {torch.__version__}, triton {triton_ver}, copy {copy_gbps:.1f} GB/s",
-          flush=True)
+    provenance = dict(sn_kernels=f"{sn_kernels.__version__}+{git_commit(ROOT)}", python=platform.python_version())
+    print(f"# device {dev_name}, torch {torch.__version__}, triton {triton_ver}, copy {copy_gbps:.1f} GB/s; "
+          f"sn_kernels {provenance['sn_kernels']} from {ROOT}, python {provenance['python']}", flush=True)
 
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        dev_name.replace(" ", "_").replace("/", "_") + ".csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(out) if args.resume and out.is_file() else []
+    out = Path(args.out) if args.out else Path(args.out_dir) / (dev_name.replace(" ", "_").replace("/", "_") + ".csv")
+    rows = start_csv(out, args.resume)
     done = {(r["provider"], r["shape_set"], r["mode"], r["dtype"]) for r in rows}
-    if not (args.resume and out.is_file()):
-        with out.open("w", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writeheader()
 
     def add(row):
         rows.append(row)
@@ -281,7 +313,7 @@ def main(argv=None):
             if "/" in case_name and nbytes < args.min_mb * 1e6:
                 continue
             base = dict(shape_set=case_name, dtype=dtype_name, device=dev_name, copy_gbps=copy_gbps,
-                        weight_mb=nbytes / 1e6, torch=torch.__version__, triton=triton_ver)
+                        weight_mb=nbytes / 1e6, torch=torch.__version__, triton=triton_ver, **provenance)
             for provider in providers:
                 todo = [m for m in modes if (provider, case_name, m, dtype_name) not in done
                         and (m != "train_step" or case_name == "sngan_cifar_d")]  # the SNGAN D's step

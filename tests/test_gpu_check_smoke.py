@@ -1,7 +1,8 @@
 """The CPU dress rehearsal of the GPU check (issue 14): the whole path of benchmarks/gpu_check.py
 with the triton backend under TRITON_INTERPRET=1 and tiny shapes, the benchmark harness
 (benchmarks/run.py: one compile per case, no recompile while timing, resume, report) and the
-three GPU step scripts' own logic (dry run), so harness bugs fail CI rather than a GPU run."""
+GPU step scripts' own logic (dry runs, as a rehearsal and as on a cold machine that builds first; a
+failing build), so harness bugs fail CI rather than a GPU run."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +64,7 @@ def test_run_py_rehearsal(tmp_path):
     compiled = [r for r in rows if r["provider"] == "torch_compile"]
     assert compiled and all("no recompile while timing" in r["note"] for r in compiled), compiled
     assert all(float(r["median_ms"]) > 0 for r in rows), rows
+    assert all(r["sn_kernels"].startswith("0.") and r["python"] for r in rows), rows  # provenance of each row
     _run(args + ["--resume"], _env())  # nothing left to run: no new rows
     assert len(list(csv.DictReader(out_csv.open()))) == len(rows)
     report = _run([sys.executable, "benchmarks/run.py", "--report", str(out_csv)], _env())
@@ -81,3 +84,62 @@ def test_gpu_step_scripts_dry_run(tmp_path):
         assert "summary.txt" in files
         text = (ROOT / "benchmarks" / "gpu" / step).read_text()
         assert "common.sh" in text and "finish" in text
+
+
+# stands in for the GPU machine's python in the step scripts: answers their own questions (device name,
+# CUDA kernels built?), writes the plot that `run.py --report X.csv` writes, and builds as STUB_PIP_RC says
+STUB_PYTHON = r"""#!/usr/bin/env bash
+case "$*" in
+  *"pip install"*) echo "SN_KERNELS_BUILD=${SN_KERNELS_BUILD:-unset}"; echo "csrc/ops.cu(7): error: stub failure"
+                   exit "${STUB_PIP_RC:-0}" ;;
+  *has_kernel*) exit "${STUB_HAS_CUDA:-0}" ;;
+  *get_device_name*) echo STUB_GPU ;;
+  *--report*) for last; do :; done; touch "${last%.csv}.png" ;;
+esac
+exit 0
+"""
+
+
+def _stub_python(tmp_path) -> str:
+    path = tmp_path / "python"
+    path.write_text(STUB_PYTHON)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+@pytest.mark.parametrize("rehearsal", ["0", "1"])
+def test_gpu_step_scripts_files_on_a_cold_machine(tmp_path, rehearsal):
+    """Dry runs that build first, as on a fresh machine (rehearsal 0), with the files each command would
+    write: at most 8 per step folder, the build log kept on the machine (step 1 brings it back)."""
+    py = _stub_python(tmp_path)
+    found = {}
+    for step in STEPS:
+        env = _env(SN_GPU_REHEARSAL=rehearsal, SN_GPU_DRY="1", PYTHON=py, SN_GPU_WORK=str(tmp_path / f"work_{step}"))
+        outdir = tmp_path / step.split("_")[0]
+        out = _run(["bash", f"benchmarks/gpu/{step}", str(outdir)], env, timeout=120)
+        assert "done: 0 part(s) failed" in out, out[-3000:]
+        found[step] = sorted(p.name for p in outdir.iterdir())
+        assert len(found[step]) <= 8, found
+    dev = "cpu-rehearsal" if rehearsal == "1" else "STUB_GPU"
+    assert found["step3_bench.sh"] == sorted(["summary.txt", "bench.log", "ops.csv", f"{dev}.csv", f"{dev}.png",
+                                              "report.md", "certified.csv", "certified.log"])
+    assert ("build.log" in found["step1_build_test.sh"]) == (rehearsal == "0"), found
+    assert not any("build.log" in found[s] for s in STEPS[1:]), found
+
+
+@pytest.mark.parametrize("pip_rc, has_cuda", [(1, 1), (0, 1)], ids=["compile error", "built without CUDA"])
+def test_gpu_step_stops_when_the_cuda_build_fails(tmp_path, pip_rc, has_cuda):
+    """The build requires the CUDA kernels (SN_KERNELS_BUILD=cuda); a failed build stops the step with the
+    compiler's errors in the summary (the end of the output) and writes no build stamp, and an extension
+    built without them does too (it would time the C++ kernels and rebuild in every later step)."""
+    work, outdir = tmp_path / "work", tmp_path / "s3"
+    env = _env(PYTHON=_stub_python(tmp_path), SN_GPU_WORK=str(work), STUB_PIP_RC=str(pip_rc),
+               STUB_HAS_CUDA=str(has_cuda))
+    proc = subprocess.run(["bash", "benchmarks/gpu/step3_bench.sh", str(outdir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert sorted(p.name for p in outdir.iterdir()) == ["build.log", "summary.txt"]
+    assert "SN_KERNELS_BUILD=cuda" in (outdir / "build.log").read_text()
+    summary = (outdir / "summary.txt").read_text()
+    assert "csrc/ops.cu(7): error: stub failure" in summary and "build failed" in summary, summary
+    assert not (work / "build.stamp").exists()

@@ -11,7 +11,10 @@
 # - SN_GPU_REHEARSAL=1: the CPU dress rehearsal: no build, the installed extension, the Triton
 #   interpreter, tiny shapes; the same scripts and files otherwise (about 3 min on 2 cores).
 #   SN_GPU_DRY=1 also skips every command run() would run (the scripts' own logic only; CI,
-#   tests/test_gpu_check_smoke.py).
+#   tests/test_gpu_check_smoke.py), touching instead the files of $OUTDIR and $WORK it names, so that a
+#   dry run's folder holds the files a real run writes.
+# - The build log stays in $WORK (build.log) unless the build fails or the step asks for it
+#   (`ensure_built --keep-log`, step 1): step 3 writes 8 files without it.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT" || exit 2
@@ -55,6 +58,10 @@ run() {
   log "start $name (timeout ${secs}s): $*"
   echo "### $* (timeout ${secs}s)" >> "$OUTDIR/$name"
   if [ "${SN_GPU_DRY:-0}" = 1 ]; then
+    local arg
+    for arg in "$@"; do
+      case "$arg" in "$OUTDIR"/* | "$WORK"/*) [ -e "$arg" ] || touch "$arg" ;; esac
+    done
     log "end $name: dry run"
     return 0
   fi
@@ -65,7 +72,27 @@ run() {
   return "$rc"
 }
 
-# build sn_kernels._C with its CUDA kernels unless this machine already built these sources
+# whether sn_kernels._C has its CUDA kernels
+has_cuda() {
+  "$PY" -c "import sys, sn_kernels.backends.native as n; sys.exit(0 if n.has_kernel('cuda') else 1)" 2> /dev/null
+}
+
+# why sn_kernels has or lacks its CUDA kernels (the build record), into the summary
+explain_cuda() {
+  "$PY" -c "import sn_kernels; print(sn_kernels.explain('cuda'))" 2>&1 | tail -20 | tee -a "$SUMMARY"
+}
+
+# a failed build: the compiler's errors and the log's end into the summary (the end of the output);
+# the log stays in the folder, and no stamp is written, so the next step tries again
+build_failed() {
+  log "build failed: $1; the errors, then the end of build.log:"
+  grep -E "error|Error|fatal" "$OUTDIR/build.log" | tail -30 | tee -a "$SUMMARY"
+  tail -15 "$OUTDIR/build.log" | tee -a "$SUMMARY"
+  return 1
+}
+
+# build sn_kernels._C with its CUDA kernels (SN_KERNELS_BUILD=cuda: no C++-only fallback) unless this
+# machine already built these sources; `--keep-log`: leave build.log in the step's folder
 ensure_built() {
   if [ "$REHEARSAL" = 1 ]; then
     log "rehearsal: no build, the installed extension"
@@ -73,17 +100,24 @@ ensure_built() {
   fi
   local stamp
   stamp=$(cat csrc/* setup.py pyproject.toml sn_kernels/_build.py 2> /dev/null | sha256sum | cut -c1-16)
-  if [ "$(cat "$WORK/build.stamp" 2> /dev/null)" = "$stamp" ] &&
-    "$PY" -c "import sys, sn_kernels.backends.native as n; sys.exit(0 if n.has_kernel('cuda') else 1)" 2> /dev/null; then
+  if [ "$(cat "$WORK/build.stamp" 2> /dev/null)" = "$stamp" ] && has_cuda; then
     log "extension already built from these sources"
     return 0
   fi
-  if ! run build.log 240 "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .; then
-    tail -40 "$OUTDIR/build.log"
+  rm -f "$WORK/build.stamp"
+  if ! run build.log 240 env SN_KERNELS_BUILD=cuda "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .; then
+    build_failed "pip exited with an error"
+    return 1
+  fi
+  if ! has_cuda; then  # pip succeeded, yet no CUDA kernels load: say why
+    FAILED=$((FAILED + 1))
+    explain_cuda
+    build_failed "sn_kernels._C has no CUDA kernels"
     return 1
   fi
   echo "$stamp" > "$WORK/build.stamp"
-  "$PY" -c "import sn_kernels; print(sn_kernels.explain('cuda'))" 2>&1 | tee -a "$SUMMARY"
+  [ "${1:-}" = --keep-log ] || mv "$OUTDIR/build.log" "$WORK/build.log"
+  explain_cuda
 }
 
 # machine facts, once per step

@@ -5,7 +5,7 @@
 # The AOT test is left to CI (it compiles for sm_90 on any machine, with the same compilers).
 . "$(dirname "$0")/common.sh"
 facts
-ensure_built || finish
+ensure_built --keep-log || finish
 if [ "$REHEARSAL" = 1 ]; then  # the path, not the suite: a few tests, 2 workers
   run pytest.log 120 "$PY" -m pytest tests/test_triton.py tests/test_cuda_concurrency.py -k "why_not or concurrency" \
     -q -n 0 -p no:cacheprovider

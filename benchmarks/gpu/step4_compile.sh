@@ -4,7 +4,7 @@
 # torch.compile, no SN / PyTorch's two APIs / ours / grouped), then issue 16's bounds on BigGAN's
 # weights (benchmarks/certified.py, one refresh in ten rounds: the amortized cost).
 #   bash benchmarks/gpu/step4_compile.sh OUTDIR
-#   -> OUTDIR/{summary.txt,build.log,compile_step.csv,compile_step.log,certified_biggan.csv,certified.log}
+#   -> OUTDIR/{summary.txt,compile_step.csv,compile_step.log,certified_biggan.csv,certified.log}
 . "$(dirname "$0")/common.sh"
 facts
 ensure_built || finish
