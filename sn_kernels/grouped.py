@@ -69,6 +69,8 @@ semantics; safe for an EMA copy updated through ``.data``) until ``attach(opt)``
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -81,19 +83,36 @@ from .find import walk
 REFRESH = ("call", "step")
 
 
-class _Member:
-    """One grouped weight: plain data (module reference, parameter name, its SN state)."""
+def _gone() -> None:
+    """The weak reference to an object already freed when its holder was copied."""
+    return None
 
-    __slots__ = ("kind", "module", "name", "state")
+
+def _weak(obj):
+    """A weak reference to ``obj`` (``_gone`` for None): the group's references back to its model."""
+    return _gone if obj is None else weakref.ref(obj)
+
+
+class _Member:
+    """One grouped weight: plain data (module reference, parameter name, its SN state).  The module is
+    held weakly: it holds the group (its hooks), and a strong reference back would be a cycle."""
+
+    __slots__ = ("kind", "_module", "name", "state")
 
     def __init__(self, kind: str, module: nn.Module, name: str, state) -> None:
-        self.kind, self.module, self.name, self.state = kind, module, name, state
+        self.kind, self._module, self.name, self.state = kind, weakref.ref(module), name, state
 
-    def __getstate__(self):
+    @property
+    def module(self) -> nn.Module | None:
+        """The grouped module (None once it is freed)."""
+        return self._module()
+
+    def __getstate__(self):  # the module itself: a copy refers to the module's copy
         return (self.kind, self.module, self.name, self.state)
 
     def __setstate__(self, s) -> None:
-        self.kind, self.module, self.name, self.state = s
+        self.kind, module, self.name, self.state = s
+        self._module = _weak(module)
 
     def live(self) -> bool:
         """Whether the spectral norm is still on the module (not removed since grouping)."""
@@ -323,14 +342,17 @@ class SNGroup:
     ``attach(optimizer)`` / ``detach()`` switch the once-per-step refresh on and off.
 
     Stored in ``model``'s hook dicts and made of plain data, so it is deep-copied and pickled
-    with the model (``find_group`` gets the copy's handle)."""
+    with the model (``find_group`` gets the copy's handle).  The model owns the group (its hooks);
+    the group, its layer hooks and the optimizer's step hook hold the model, its layers and the
+    group only weakly: no reference cycle, so a dropped model is freed at once, and an optimizer
+    that outlives the model does not keep it (or its cached W/sigma) alive."""
 
     _step_refresh = False  # the class default keeps groups pickled before it loadable
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         if find_group(model) is not None:
             raise ValueError("sn_kernels.group: the model is already grouped (find_group(model).remove() first)")
-        self.model = model
+        self._model = weakref.ref(model)
         self.members: list[_Member] = []
         for _, site in walk(model):
             kind, module, name, state = site.kind, site.module, site.name, site.state
@@ -368,6 +390,11 @@ class SNGroup:
         if optimizer is not None:
             self.attach(optimizer)
 
+    @property
+    def model(self) -> nn.Module | None:
+        """The grouped model (None once it is freed)."""
+        return self._model()
+
     # -- refresh policy ---------------------------------------------------------------------------
     @property
     def refresh(self) -> str:
@@ -377,7 +404,8 @@ class SNGroup:
     def attach(self, optimizer: torch.optim.Optimizer) -> "SNGroup":
         """Refresh W/sigma once per ``optimizer.step()`` (see the module docstring)."""
         self.detach()
-        self._optimizer_handle = optimizer.register_step_post_hook(self._mark_stale)
+        _prune_step_hooks(optimizer)
+        self._optimizer_handle = optimizer.register_step_post_hook(_StepHook(self))
         self._step_refresh = True
         self._stale, self._cache = True, None
         return self
@@ -389,9 +417,6 @@ class SNGroup:
             self._optimizer_handle = None
         self._step_refresh = False
         self._cache = None
-
-    def _mark_stale(self, *args) -> None:
-        self._stale = True
 
     # -- computation ------------------------------------------------------------------------------
     def _live_members(self) -> list[_Member]:
@@ -477,22 +502,61 @@ class SNGroup:
 
     def __getstate__(self):
         # a copy (deepcopy, pickle) is independent of the optimizer and of this model's graph:
-        # no cached W/sigma, no optimizer hook; it refreshes per call until attach()
+        # no cached W/sigma, no optimizer hook; it refreshes per call until attach().  The model
+        # itself (a weak reference neither copies nor pickles): a copy refers to the model's copy
         state = self.__dict__.copy()
-        state.update(_cache=None, _key=None, _stale=True, _optimizer_handle=None, _step_refresh=False)
+        state.update(_cache=None, _key=None, _stale=True, _optimizer_handle=None, _step_refresh=False,
+                     model=state.pop("_model")())
         return state
+
+    def __setstate__(self, state) -> None:
+        state = dict(state)
+        state["_model"] = _weak(state.pop("model"))
+        self.__dict__.update(state)
+
+
+class _StepHook:
+    """The optimizer's step post-hook of a group: marks its W/sigma stale.  Holds the group weakly, so
+    that the optimizer does not keep the group and its model alive; once the group is freed it does
+    nothing, until the next ``attach`` to that optimizer removes it (``_prune_step_hooks``)."""
+
+    def __init__(self, group: SNGroup) -> None:
+        self.group = weakref.ref(group)
+
+    def __call__(self, *args) -> None:
+        group = self.group()
+        if group is not None:
+            group._stale = True
+
+
+def _prune_step_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """Remove ``optimizer``'s step hooks of freed groups.  Here, not when a group is freed: the cyclic
+    collector may free one (a parametrized model is in cycles) while ``optimizer.step()`` iterates over
+    these hooks, and the dict must not change then."""
+    hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
+    for key in [k for k, h in hooks.items() if isinstance(h, _StepHook) and h.group() is None]:
+        del hooks[key]
 
 
 class _LayerHook:
     """Runs before a grouped layer's spectral norm (a forward pre-hook of the layer, or the hook
-    API's ``SpectralNorm.before``): plain data, picklable.  No ``__slots__``: dynamo guards the
+    API's ``SpectralNorm.before``): plain data, picklable.  Holds the group weakly (the model holds
+    it: a strong reference from its layer would be a cycle).  No ``__slots__``: dynamo guards the
     objects it traces through their ``__dict__``."""
 
     def __init__(self, group: SNGroup, member: _Member) -> None:
-        self.group, self.member = group, member
+        self._group, self.member = weakref.ref(group), member
 
     def __call__(self, module: nn.Module, inputs) -> None:
-        self.group._layer_pre(self.member)
+        group = self._group()
+        if group is not None:  # None: a copy of part of a grouped model (the rest, with the group, freed)
+            group._layer_pre(self.member)
+
+    def __getstate__(self):  # the group itself, as SNGroup's own state (a weak reference does not copy)
+        return {"group": self._group(), "member": self.member}
+
+    def __setstate__(self, state) -> None:
+        self._group, self.member = _weak(state["group"]), state["member"]
 
 
 def _layer_hook_of(mem: _Member) -> _LayerHook | None:

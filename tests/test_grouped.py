@@ -307,6 +307,91 @@ def test_refresh_copy_is_detached_and_per_call():
     assert group._optimizer_handle is None
 
 
+def _dropped(build):
+    """(weak references to the model, its layers and its cached W/sigma, the optimizer) after ``build``'s
+    model ran two training steps and was dropped; the optimizer is kept."""
+    import weakref
+
+    model, opt = build()
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()
+    model(torch.randn(2, 8))  # step mode: W/sigma cached until the next step
+    group = sn_kernels.grouped.find_group(model)
+    refs = [weakref.ref(m) for m in model.modules()]
+    refs += [weakref.ref(t) for t in (group._cache or {}).values()] if group is not None else []
+    del model, group
+    return refs, opt
+
+
+def test_grouped_hook_model_is_freed_at_del_as_pytorch():
+    """A grouped model is in no reference cycle (the group holds the model and its layers weakly): with
+    the cyclic collector off, dropping it frees it, as PyTorch's hook API (its own parametrization API
+    is in cycles).  Also a model that is itself the spectral-normalized layer, and with an optimizer."""
+    import gc
+
+    def build(mk, grouped, with_opt):
+        def run():
+            model = mk()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            if grouped:
+                sn_kernels.group(model, optimizer=opt if with_opt else None)
+            return model, opt
+        return run
+
+    torch_hook = lambda: nn.Sequential(torch.nn.utils.spectral_norm(nn.Linear(8, 4)), nn.ReLU(),  # noqa: E731
+                                       torch.nn.utils.spectral_norm(nn.Linear(4, 1)))
+    ours = lambda: GanD("hook")  # noqa: E731
+    single = lambda: sn_kernels.SNLinear(8, 3)  # noqa: E731
+    gc.collect()
+    gc.disable()
+    try:
+        assert not any(r() for r in _dropped(build(torch_hook, False, False))[0])  # PyTorch's reference
+        for mk in (ours, single):
+            for with_opt in (False, True):
+                refs, _ = _dropped(build(mk, True, with_opt))
+                assert refs and not any(r() for r in refs), (mk, with_opt)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_optimizer_does_not_keep_a_dropped_grouped_model(api):
+    """group(model, optimizer=opt): the optimizer's step hook holds the group weakly, so a kept optimizer
+    frees a dropped model and its cached W/sigma (the parametrization API after the cyclic collector, as
+    PyTorch's own) and steps on; the dead hook goes at the optimizer's next attach."""
+    import gc
+
+    def build():
+        model = GanD(api)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sn_kernels.group(model, optimizer=opt)
+        return model, opt
+
+    refs, opt = _dropped(build)
+    gc.collect()
+    assert len(refs) > 4 and not any(r() for r in refs)
+    opt.step()
+    model = GanD(api)
+    handle = sn_kernels.group(model, optimizer=opt)
+    assert len(opt._optimizer_step_post_hooks) == 1 and handle.refresh == "step"
+
+
+def test_detached_group_leaves_no_optimizer_hook():
+    """attach, attach again, detach: one hook at a time on the optimizer, none after detach."""
+    model = GanD("hook")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = sn_kernels.group(model, optimizer=opt)
+    handle.attach(opt)
+    assert len(opt._optimizer_step_post_hooks) == 1
+    handle.detach()
+    assert not opt._optimizer_step_post_hooks and handle.refresh == "call"
+    handle.attach(opt)
+    handle.remove()
+    assert not opt._optimizer_step_post_hooks
+
+
 @pytest.mark.parametrize("forwards", [1, 3])
 def test_refresh_sigma_tracks_svd(forwards, one_thread):
     """sigma's error against the SVD sigma_1, per optimizer step (Adam, lr 2e-4, hinge loss): grouped

@@ -249,3 +249,52 @@ def test_triton_group_refuses_a_bad_vector_with_the_per_call_message():
     grouped[1].parametrizations.weight[0]._buffers["_u"] = torch.randn(3, device=DEV)
     with sn_kernels.use_backend("triton"), pytest.raises(ValueError, match=r"u must have shape \(5,\)"):
         grouped()
+
+
+def _plan_tables_alive(make, rounds=2):
+    """How many of the device tables ``make(plan)`` returned for more geometries than ``group_plan``
+    keeps (cycled ``rounds`` times: each plan is rebuilt after its eviction) are still alive."""
+    import gc
+    import weakref
+
+    from sn_kernels.backends.triton import group_host as gh
+
+    made = []
+    for _ in range(rounds):
+        for i in range(gh.group_plan.cache_info().maxsize + 40):
+            tabs = make(gh.group_plan(((4, 1000 + i, 1000 + i),)))
+            made.append(weakref.ref(tabs[0]))
+    del tabs
+    gc.collect()
+    return sum(r() is not None for r in made)
+
+
+def test_triton_group_plan_tables_live_with_their_plan():
+    """A plan's device tables are kept on the plan: freed when ``group_plan``'s cache drops it, so a
+    backward whose set of weights varies step by step (stochastic depth) does not grow them forever
+    (they were kept in a process-wide dict by plan, never pruned).  Host-side only: no launch."""
+    from sn_kernels.backends.triton import group_host as gh
+
+    assert _plan_tables_alive(lambda plan: gh._tables(plan, DEV)) <= gh.group_plan.cache_info().maxsize
+
+
+def test_triton_group_plan_tables_of_a_capture_are_kept(monkeypatch):
+    """The tables a CUDA graph capture read stay alive after their plan is dropped: the graph's replays
+    read them (simulated on the host: the capture flag forced)."""
+    from sn_kernels.backends.triton import group_host as gh
+
+    monkeypatch.setattr(gh, "_pinned_forever", [])
+
+    def captured(plan):
+        tabs = gh._tables(plan, DEV)  # eager first, as a capture needs (the tables exist)
+        monkeypatch.setattr(gh, "_capturing", lambda device: True)
+        try:
+            assert gh._tables(plan, DEV) is tabs
+        finally:
+            monkeypatch.setattr(gh, "_capturing", lambda device: False)
+        return tabs
+
+    alive = _plan_tables_alive(captured, rounds=1)
+    assert alive == gh.group_plan.cache_info().maxsize + 40
+    monkeypatch.setattr(gh, "_capturing", lambda device: True)
+    assert gh._tables(gh.group_plan(((4, 2, 2), (3, 5, 5))), DEV) is None  # none copied during a capture

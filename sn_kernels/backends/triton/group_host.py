@@ -9,7 +9,8 @@ Each launch covers a table of equal-sized work items over all the weights (group
 a mat-vec item is one tile of BLOCK rows (columns) and a split of about ITEM_ELEMS / BLOCK
 columns (rows), an elementwise item CHUNK elements, so weights whose sizes differ by 10^4x
 balance across the programs.  The tables depend on the shapes only: they are built once
-and kept on the device, and so are the results' reduction orders (deterministic).  The
+per plan (``group_plan``, cached) and kept on the device with the plan, so they go when the
+plan's cache drops it, and so are the results' reduction orders (deterministic).  The
 weights' addresses go to the kernels in a small int64 table, cached by the addresses: in a
 training loop the parameters, buffers and, mostly, the gradients keep their addresses, so a
 step copies nothing to the device; a new set is one non-blocking copy from pinned memory.
@@ -22,7 +23,8 @@ Outputs (W/sigma, u_used, v_used, sigma, grad_W) are views into one buffer per k
 
 CUDA graphs: a capture uses the tables built before it (run one step eagerly first); on an
 address table it has not seen (the backward's gradients live in the graph's pool) it runs the
-per-weight kernels instead, which capture as usual.  Tables used by a capture are never freed.
+per-weight kernels instead, which capture as usual.  Tables used by a capture are never freed
+(``_pinned_forever``: the graph may replay after their plan or address set was dropped).
 
 ``group_forward``/``group_backward`` are the backend contract's (in place, lists);
 ``group_forward_flat``/``group_backward_flat`` serve the ops a compiled grouped model takes
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -68,6 +70,8 @@ class GroupPlan:
     split: bool                  # some weight's matrix view needs the general addressing (dim > 0)
     row_two_stage: bool          # some weight's row pass has several splits
     col_two_stage: bool
+    # {(device, stream): (meta, row items, col items, elem items) there}: freed with the plan
+    device_tables: dict = field(default_factory=dict, repr=False)
 
 
 def _splits(k: int, block: int, width: int) -> tuple[int, int]:
@@ -114,7 +118,6 @@ def group_plan(geoms: tuple) -> GroupPlan:
                      ws, counters, used, out, tuple(offsets), split, row_two, col_two)
 
 
-_plan_tables: dict = {}
 _address_tables: OrderedDict = OrderedDict()
 _pinned_forever: list = []  # tables a CUDA graph capture used: its replays read them
 
@@ -131,15 +134,20 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _tables(plan: GroupPlan, device: torch.device):
-    """(meta, row items, col items, elem items) of ``plan`` on ``device`` (copied once), or None
-    when they are not there yet and a graph is being captured."""
-    key = (plan, host._stream_key(device))  # per stream: a table is only ever read on the stream that copied it
-    tabs = _plan_tables.get(key)
+    """(meta, row items, col items, elem items) of ``plan`` on ``device`` (copied once, kept on the
+    plan), or None when they are not there yet and a graph is being captured."""
+    # per stream: a table is only ever read on the stream that copied it, so when the plan is dropped
+    # its memory is reused in order after the launches that read it (as an evicted address table)
+    key = host._stream_key(device)
+    tabs = plan.device_tables.get(key)
+    capturing = _capturing(device)
     if tabs is None:
-        if _capturing(device):
+        if capturing:
             return None
         tabs = tuple(_to_device(t, device) for t in (plan.meta, plan.row_items, plan.col_items, plan.elem_items))
-        _plan_tables[key] = tabs
+        plan.device_tables[key] = tabs
+    elif capturing:
+        _pinned_forever.append(tabs)  # the graph's replays read them, after the plan may be gone
     return tabs
 
 
