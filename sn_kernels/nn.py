@@ -139,7 +139,7 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
     sigma = u . (W v) from their current state;
     mode="conv" weights appear once their first forward has drawn u, v.
     With ``bound="upper"`` or ``"operator"`` the sigma is the certified divisor B' >= sigma(W) (float64)
-    of the latest forward, or the one a forward would use now (no state changes); the
+    of the weight as it is now, the one an eval forward would use (no state changes); the
     power iteration's estimate is ``state.certifier.estimate``.  A second spectral norm stacked
     on one weight (parametrization API) is keyed by its position in the list: ``"fc.weight[1]"``.
     Adds nothing to the state_dict."""
@@ -162,7 +162,8 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
                                                           training=False)[1]
             continue
         certifier = getattr(state, "certifier", None)
-        if sigma is None and certifier is not None:
+        if certifier is not None:  # the divisor for the weight as it is now: one an optimizer step made stale
+            # since the last forward would not bound its sigma
             weight = getattr(module, pname + "_orig") if kind == "hook" else input_of(plist, state).detach()
             out[qual] = certifier.divisor(weight, state.dim, 1.0 if state.coeff is None else float(state.coeff),
                                           training=False, keep=False)

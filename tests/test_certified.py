@@ -557,6 +557,24 @@ def test_sigmas_reports_the_divisor(api):
 
 
 @pytest.mark.parametrize("api", ["hook", "param"])
+@pytest.mark.parametrize("bound_every", [1, 5])
+def test_sigmas_bounds_the_weight_after_an_optimizer_step(api, bound_every):
+    """Training ends on optimizer.step(): the divisor sigmas() reports must bound sigma of the weight as it
+    is then, not the latest forward's weight (a divisor below sigma would void a certificate logged from it)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16)
+    WRAP[api](layer, bound="upper", bound_every=bound_every)
+    opt = torch.optim.Adam(layer.parameters(), lr=5e-2)
+    w = dict(layer.named_parameters())[ORIGINAL[api]]
+    for _ in range(3):
+        opt.zero_grad()
+        (layer(torch.randn(8, 16)) ** 2).sum().neg().backward()  # pushes the weight's sigma up
+        opt.step()
+        true = svd_sigma(w).item()
+        assert sn_kernels.sigmas(layer)["weight"].item() >= true
+
+
+@pytest.mark.parametrize("api", ["hook", "param"])
 def test_remove_freeze_eval(api):
     """remove_spectral_norm / remove_parametrizations and freeze keep the certified W_sn (eval mode's)."""
     torch.manual_seed(0)
