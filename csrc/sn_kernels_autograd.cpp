@@ -222,44 +222,64 @@ GroupResult run_group_forward(at::TensorList weights, at::TensorList us, at::Ten
   return r;
 }
 
-// The group's node.  It keeps the weights (with their versions), u, v, sigma and dims in saved_data,
-// not as saved variables, which autograd frees after a backward: with sn_kernels.group(model,
-// optimizer=...) every forward of an optimizer step shares the node, and each may backward through
-// it.  It never references its outputs (output -> node -> output would be a cycle nothing frees).
+// The group's node.  Per model call (`shared` false) it saves the weights, u, v and sigma as saved
+// variables, like any node, so that activation checkpointing swaps in a recomputed forward's; with
+// sn_kernels.group(model, optimizer=...) (`shared`) every forward of an optimizer step shares the node and
+// each may backward through it, which saved variables (freed after a backward) do not allow: it keeps
+// them in saved_data then, with the weights' versions for the in-place check.  It never references its
+// outputs (output -> node -> output would be a cycle nothing frees).
 struct GroupFunction : public torch::autograd::Function<GroupFunction> {
-  static variable_list forward(AutogradContext* ctx, at::TensorList weights, GroupResult* r, at::IntArrayRef dims) {
+  static variable_list forward(AutogradContext* ctx, at::TensorList weights, GroupResult* r, at::IntArrayRef dims,
+                               bool shared) {
     ctx->set_materialize_grads(false);
-    std::vector<int64_t> versions;
-    versions.reserve(weights.size());
-    for (const at::Tensor& w : weights) versions.push_back(static_cast<int64_t>(w._version()));
-    ctx->saved_data["weights"] = weights.vec();
-    ctx->saved_data["versions"] = versions;
-    ctx->saved_data["us"] = r->us;
-    ctx->saved_data["vs"] = r->vs;
-    ctx->saved_data["sigmas"] = r->sigmas;
     ctx->saved_data["dims"] = dims.vec();
+    ctx->saved_data["shared"] = shared;
+    if (shared) {
+      std::vector<int64_t> versions;
+      versions.reserve(weights.size());
+      for (const at::Tensor& w : weights) versions.push_back(static_cast<int64_t>(w._version()));
+      ctx->saved_data["weights"] = weights.vec();
+      ctx->saved_data["versions"] = versions;
+      ctx->saved_data["us"] = r->us;
+      ctx->saved_data["vs"] = r->vs;
+      ctx->saved_data["sigmas"] = r->sigmas;
+    } else {
+      variable_list saved(weights.begin(), weights.end());
+      for (const auto* list : {&r->us, &r->vs, &r->sigmas}) saved.insert(saved.end(), list->begin(), list->end());
+      ctx->save_for_backward(saved);
+    }
     return std::move(r->outs);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const std::vector<at::Tensor> weights = ctx->saved_data["weights"].toTensorVector();
-    const std::vector<int64_t> versions = ctx->saved_data["versions"].toIntVector();
-    const size_t k = weights.size();
+    const bool shared = ctx->saved_data["shared"].toBool();
+    const size_t k = grads.size();
+    std::vector<at::Tensor> weights, us, vs, sigmas;
+    if (shared) {
+      weights = ctx->saved_data["weights"].toTensorVector();
+      us = ctx->saved_data["us"].toTensorVector();
+      vs = ctx->saved_data["vs"].toTensorVector();
+      sigmas = ctx->saved_data["sigmas"].toTensorVector();
+    } else {  // autograd checks the versions of saved variables itself
+      const variable_list saved = ctx->get_saved_variables();
+      weights.assign(saved.begin(), saved.begin() + k);
+      us.assign(saved.begin() + k, saved.begin() + 2 * k);
+      vs.assign(saved.begin() + 2 * k, saved.begin() + 3 * k);
+      sigmas.assign(saved.begin() + 3 * k, saved.end());
+    }
     std::vector<size_t> todo;
     for (size_t i = 0; i < k; ++i) {
       if (!grads[i].defined() || !ctx->needs_input_grad(i)) continue;
-      TORCH_CHECK(static_cast<int64_t>(weights[i]._version()) == versions[i],
+      TORCH_CHECK(!shared || static_cast<int64_t>(weights[i]._version()) ==
+                                 ctx->saved_data["versions"].toIntVector()[i],
                   "one of the variables needed for gradient computation has been modified by an inplace "
                   "operation: a grouped spectral-norm weight of shape ", weights[i].sizes(),
                   " changed after its W/sigma was computed (sn_kernels.group)");
       todo.push_back(i);
     }
-    variable_list out(k + 2);  // the weights, then the two non-tensor arguments
+    variable_list out(k + 3);  // the weights, then the three non-tensor arguments
     if (todo.empty()) return out;
     for (size_t i : todo) dense(grads[i]);
-    const std::vector<at::Tensor> us = ctx->saved_data["us"].toTensorVector();
-    const std::vector<at::Tensor> vs = ctx->saved_data["vs"].toTensorVector();
-    const std::vector<at::Tensor> sigmas = ctx->saved_data["sigmas"].toTensorVector();
     const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
     if (at::GradMode::is_enabled()) {  // create_graph=True: the formula in differentiable ATen ops
       for (size_t i : todo) out[i] = differentiable_backward(grads[i], weights[i], us[i], vs[i], sigmas[i], dims[i]);
@@ -285,16 +305,16 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> group_normalize_eager_autograd(
     at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
-    double eps, c10::string_view order, bool training) {
+    double eps, c10::string_view order, bool training, bool shared) {
   GroupResult r = run_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training);
   std::vector<at::Tensor> sigmas = r.sigmas;
-  return {GroupFunction::apply(weights, &r, dims), std::move(sigmas)};
+  return {GroupFunction::apply(weights, &r, dims, shared), std::move(sigmas)};
 }
 
 // below autograd (inference mode): the forward and the buffers' update, no node
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> group_normalize_eager_plain(
     at::TensorList weights, at::TensorList us, at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
-    double eps, c10::string_view order, bool training) {
+    double eps, c10::string_view order, bool training, bool /*shared*/) {
   GroupResult r = run_group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training);
   return {std::move(r.outs), std::move(r.sigmas)};
 }
@@ -305,7 +325,7 @@ TORCH_LIBRARY_FRAGMENT(sn_kernels, m) {
   // sn_kernels.group's eager call on the native backend (grouped.py): native_group_forward, u, v
   // updated in place, one C++ autograd node whose backward is native_group_backward
   m.def("native_group_normalize_eager(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, "
-        "int n_power_iterations, float eps, str order, bool training) -> (Tensor[], Tensor[])");
+        "int n_power_iterations, float eps, str order, bool training, bool shared=False) -> (Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(sn_kernels, Autograd, m) {

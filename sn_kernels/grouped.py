@@ -69,6 +69,8 @@ semantics; safe for an EMA copy updated through ``.data``) until ``attach(opt)``
 """
 from __future__ import annotations
 
+import copy
+
 import weakref
 
 import torch
@@ -165,10 +167,12 @@ class _Member:
 
 
 class _Shared:
-    """What the group's backward needs for one group of weights; kept on the node (not saved tensors),
-    so that every forward sharing it in "step" mode can backward through it."""
+    """What the group's backward needs for one group of weights.  In "step" mode (``shared``) it is kept
+    on the node, not as saved tensors, so that every forward sharing the node can backward through it;
+    per call the tensors go to ``save_for_backward`` like any node's (activation checkpointing then
+    swaps in a recomputed forward's)."""
 
-    __slots__ = ("weights", "versions", "us", "vs", "sigmas", "dims", "backend", "outputs", "fused")
+    __slots__ = ("weights", "versions", "us", "vs", "sigmas", "dims", "backend", "outputs", "fused", "shared")
     # ``outputs`` only until the node is built (_GroupNormalize.forward drops it)
 
 
@@ -185,16 +189,24 @@ class _GroupNormalize(torch.autograd.Function):
         # the node must not reference its outputs: output -> grad_fn -> ctx -> shared -> output is a
         # cycle that no collector frees (every W/sigma would leak, each call's outputs fresh memory)
         outputs, shared.outputs = shared.outputs, None
+        if not shared.shared:  # per call: saved tensors (checkpointing recomputes them), checked by autograd
+            ctx.save_for_backward(*shared.weights, *shared.us, *shared.vs, *shared.sigmas)
+            shared.weights = shared.us = shared.vs = shared.sigmas = None
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         sh = ctx.shared
+        if not sh.shared:
+            k = len(grads)
+            saved = ctx.saved_tensors
+            sh = copy.copy(sh)  # this backward's view; the node's own stays empty
+            sh.weights, sh.us, sh.vs, sh.sigmas = (list(saved[j * k:(j + 1) * k]) for j in range(4))
         grads = [dense(g) for g in grads]
         todo = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[i + 1]]
         for i in todo:
             w = sh.weights[i]
-            if w._version != sh.versions[i]:
+            if sh.shared and w._version != sh.versions[i]:
                 raise RuntimeError(
                     "one of the variables needed for gradient computation has been modified by an inplace "
                     f"operation: a grouped spectral-norm weight of shape {tuple(w.shape)} changed after its "
@@ -214,21 +226,24 @@ class _GroupNormalize(torch.autograd.Function):
         return tuple(out)
 
 
-def _normalize_group(items, order: str, n_power_iterations: int, eps: float, training: bool) -> list[Tensor]:
+def _normalize_group(items, order: str, n_power_iterations: int, eps: float, training: bool,
+                     shared: bool) -> list[Tensor]:
     """Power iteration then W/sigma for one group of (member, weight, u, v, order) sharing a device,
-    dtype, order, iteration count, eps and mode: one C++ call on the native backend."""
+    dtype, order, iteration count, eps and mode: one C++ call on the native backend.  ``shared``: the
+    node serves every forward until the next optimizer step ("step" mode)."""
     weights = [it[1] for it in items]
     backend = dispatch.resolve(weights[0].device)
     if backend.group_eager is not None:  # one C++ call: forward, u, v updated, the group's node
         outputs, sigmas = backend.group_eager(weights, [it[2] for it in items], [it[3] for it in items],
                                               [it[0].state.dim for it in items], n_power_iterations, float(eps),
-                                              order, training)
+                                              order, training, shared)
         for it, sigma in zip(items, sigmas):
             it[0].set_sigma(sigma)
         return outputs
     sh = _Shared()
     sh.weights = weights
     sh.backend = backend
+    sh.shared = shared
     sh.fused = sh.backend.group_forward is not None
     with torch.no_grad():
         if sh.fused:  # multi-tensor kernels: a fixed number of launches (one C++ call on the native backend)
@@ -435,7 +450,8 @@ class SNGroup:
         for (device, _, order, iters, eps, training, _), items in groups.items():
             if _python_node_in_trace(device):
                 continue
-            for item, w_sn in zip(items, _normalize_group(items, order, iters, eps, training)):
+            for item, w_sn in zip(items, _normalize_group(items, order, iters, eps, training,
+                                                          shared=self.refresh == "step")):
                 out[item[0]] = w_sn
         return out
 

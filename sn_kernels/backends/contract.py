@@ -65,12 +65,13 @@ class Backend:
       number of launches (multi-tensor kernels); u, v are updated in place when training, as by
       ``power_iteration``; lists in, lists out, each entry what the per-weight calls give.  Arguments
       are checked by the caller unless ``eager_checks_args``.  None: the group loops over the weights.
-    - ``group_eager(weights, us, vs, dims, n_power_iterations, eps, order, training)
+    - ``group_eager(weights, us, vs, dims, n_power_iterations, eps, order, training, shared)
       -> (weight_sns, sigmas)`` (optional, with ``group_forward``): the same forward with its
       autograd node recorded by the backend, one node for the group whose backward gives every
-      weight gradient (and stays usable for several backward calls, as ``sn_kernels.group``'s
-      once-per-step refresh needs); u, v updated in place when training.  None: ``sn_kernels.group``
-      records its own node around ``group_forward``.
+      weight gradient; u, v updated in place when training.  With ``shared`` (``sn_kernels.group``'s
+      once-per-step refresh) the node stays usable for several backward calls; without it, it saves
+      what its backward needs as saved tensors (so activation checkpointing recomputes them).
+      None: ``sn_kernels.group`` records its own node around ``group_forward``.
     """
 
     name: str

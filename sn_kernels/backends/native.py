@@ -144,7 +144,7 @@ def _finish() -> None:
         group_calls = dict(group_forward=_group_forward, group_backward=_raw("native_group_backward"))
     if has_op("native_group_normalize_eager"):  # the same with its node in C++ (csrc/sn_kernels_autograd.cpp)
         torch.library.register_fake("sn_kernels::native_group_normalize_eager")(
-            lambda weights, us, vs, dims, n_power_iterations, eps, order, training: (
+            lambda weights, us, vs, dims, n_power_iterations, eps, order, training, shared=False: (
                 [torch.empty_like(w) for w in weights], [fake_sigma(w) for w in weights]))
         group_ops += (torch.ops.sn_kernels.native_group_normalize_eager,)
         group_calls.update(group_eager=_raw("native_group_normalize_eager"))
