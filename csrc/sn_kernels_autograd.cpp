@@ -15,6 +15,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -281,7 +282,14 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     if (todo.empty()) return out;
     for (size_t i : todo) dense(grads[i]);
     const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
-    if (at::GradMode::is_enabled()) {  // create_graph=True: the formula in differentiable ATen ops
+    // create_graph=True: the formula in differentiable ATen ops; so too for gradients batched by vmap
+    // (autograd.grad(is_grads_batched=True), jacobian(vectorize=True)), which the grouped op, taking
+    // lists, has no batching rule for
+    const bool batched = std::any_of(todo.begin(), todo.end(), [&](size_t i) {
+      const c10::DispatchKeySet keys = grads[i].key_set();  // legacy vmap (is_grads_batched) or torch.func's
+      return keys.has(c10::DispatchKey::Batched) || keys.has(c10::DispatchKey::FuncTorchBatched);
+    });
+    if (at::GradMode::is_enabled() || batched) {
       for (size_t i : todo) out[i] = differentiable_backward(grads[i], weights[i], us[i], vs[i], sigmas[i], dims[i]);
       return out;
     }

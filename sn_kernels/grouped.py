@@ -212,7 +212,10 @@ class _GroupNormalize(torch.autograd.Function):
                     f"operation: a grouped spectral-norm weight of shape {tuple(w.shape)} changed after its "
                     "W/sigma was computed (sn_kernels.group)")
         out = [None] * (len(grads) + 1)
-        if sh.fused and not torch.is_grad_enabled():
+        # gradients batched by vmap (is_grads_batched=True) take the per-weight route: the grouped op has no
+        # batching rule
+        batched = any(_batched(grads[i]) for i in todo)
+        if sh.fused and not torch.is_grad_enabled() and not batched:
             pick = lambda seq: [seq[i] for i in todo]  # noqa: E731
             res = sh.backend.group_backward([grads[i] for i in todo], pick(sh.weights), pick(sh.us), pick(sh.vs),
                                             pick(sh.sigmas), pick(sh.dims))
@@ -224,6 +227,11 @@ class _GroupNormalize(torch.autograd.Function):
         for i in todo:
             out[i + 1] = backward(grads[i], sh.weights[i], sh.us[i], sh.vs[i], sh.sigmas[i], sh.dims[i])
         return tuple(out)
+
+
+def _batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by a vmap: the legacy one of ``is_grads_batched=True``, or torch.func's."""
+    return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_batchedtensor(t)
 
 
 def _normalize_group(items, order: str, n_power_iterations: int, eps: float, training: bool,

@@ -941,3 +941,26 @@ def test_checkpointed_grouped_model_gradients_as_per_module(api, backend):
         grads.append([p.grad for p in net.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_grouped_batched_gradients(backend):
+    """autograd.grad(is_grads_batched=True) (jacobian(vectorize=True), gradcheck's batched check) through
+    a grouped model: the per-module Jacobian (the grouped op, taking lists, has no batching rule)."""
+    if backend not in sn_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} unavailable")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    jacs = []
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(sn_kernels.spectral_norm(nn.Linear(4, 5)), nn.Tanh(),
+                            sn_kernels.spectral_norm(nn.Linear(5, 2))).double()
+        if grouped:
+            sn_kernels.group(net)
+        with sn_kernels.use_backend(backend):
+            out = net(x)
+            eye = torch.eye(out.numel(), dtype=torch.float64).reshape(-1, *out.shape)
+            jacs.append(torch.autograd.grad(out, [net[0].weight_orig, net[2].weight_orig], eye,
+                                            is_grads_batched=True))
+    for a, b in zip(*jacs):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
