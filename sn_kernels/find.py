@@ -77,15 +77,26 @@ def walk(model: nn.Module) -> Iterator[tuple[str, Site]]:
 
 
 def input_of(plist: nn.Module, target: nn.Module) -> torch.Tensor:
-    """The tensor the parametrization ``target`` receives: ``original`` through the ones before it (eval)."""
-    x = plist.original
-    for p in plist:
+    """The tensor the parametrization ``target`` receives: ``original`` through the ones before it (eval).
+    A first parametrization of several tensors (``right_inverse`` returned a sequence, as
+    ``parametrizations.weight_norm``'s does) takes ``original0``, ``original1``, ..."""
+    if plist.is_tensor:
+        x, before = plist.original, list(plist)
+    else:
+        originals = [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+        x, before = _eval_call(plist[0], *originals), list(plist)[1:]
+    for p in before:
         if p is target:
             return x
-        training = p.training
-        p.eval()
-        try:
-            x = p(x)
-        finally:
-            p.train(training)
+        x = _eval_call(p, x)
     raise ValueError("parametrization not in its list")
+
+
+def _eval_call(p: nn.Module, *tensors: torch.Tensor) -> torch.Tensor:
+    """``p(*tensors)`` in eval mode (a spectral norm then leaves its u, v alone), its mode restored."""
+    training = p.training
+    p.eval()
+    try:
+        return p(*tensors)
+    finally:
+        p.train(training)

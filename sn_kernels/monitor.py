@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 from .backends.contract import accumulation_dtype
 from .backends.pytorch import as_matrix
 from .checks import default_dim
-from .find import find
+from .find import _kind, find, input_of
 
 BASIS_PREFIX = "_sn_svd_basis_"
 
@@ -26,8 +26,13 @@ def raw_weight(module: nn.Module, name: str = "weight") -> tuple[Tensor, int]:
     either API (sn_kernels' or PyTorch's, matrix or conv mode) or not at all."""
     if parametrize.is_parametrized(module, name):
         plist = module.parametrizations[name]
-        dims = [p.dim for p in plist if isinstance(getattr(p, "dim", None), int)]
-        return plist.original, dims[0] if dims else default_dim(module)
+        norms = [p for p in plist if _kind(p) is not None]
+        dims = [p.dim for p in norms if isinstance(getattr(p, "dim", None), int)]  # mode="conv" has none
+        dim = dims[0] if dims else default_dim(module)
+        if plist.is_tensor:
+            return plist.original, dim
+        # the first parametrization takes several tensors (weight_norm's): the first norm's input
+        return (input_of(plist, norms[0]) if norms else plist()), dim
     if name + "_orig" in module._parameters:  # hook API (matrix or conv mode)
         site = find(module, name, kind="hook")
         return module._parameters[name + "_orig"], site.state.dim if site is not None else default_dim(module)
@@ -54,7 +59,9 @@ def singular_values(module: nn.Module, k: int = 1, iters: int = 1, name: str = "
     V <- orth(W^T W V) from the basis kept in ``module._sn_svd_basis_<name>``,
     then Rayleigh-Ritz (svd of W V).  float32 for half weights."""
     weight, dim = raw_weight(module, name)
-    W = as_matrix(weight.detach(), dim).to(accumulation_dtype(weight.dtype))
+    W = as_matrix(weight.detach(), dim)
+    if not W.is_complex():  # complex weights stay complex (conjugate transposes below)
+        W = W.to(accumulation_dtype(weight.dtype))
     m, n = W.shape
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
         raise ValueError(f"k must be an int in [1, min(m, n) = {min(m, n)}] for a {m}x{n} weight, got {k!r}")
@@ -69,11 +76,11 @@ def singular_values(module: nn.Module, k: int = 1, iters: int = 1, name: str = "
     elif V.shape[1] < k:
         V = _orth(torch.cat([V, _random_columns(n, k - V.shape[1], W, seed=V.shape[1])], dim=1))
     for _ in range(iters):
-        V = _orth(W.t() @ (W @ V))
+        V = _orth(W.mH @ (W @ V))
     # Rayleigh-Ritz: the singular values of W on span(V); rotating V onto the Ritz vectors
     # orders its columns, so a later call with a smaller k keeps the right ones
     _, S, Vh = torch.linalg.svd(W @ V, full_matrices=False)
-    V = V @ Vh.t()
+    V = V @ Vh.mH
     if key in module._buffers:
         module._buffers[key] = V
     else:

@@ -325,3 +325,32 @@ def test_use_backend_is_per_thread():
         sn_kernels.set_backend(before)  # the process default; the block still overrides it here
         assert sn_kernels.get_backend() == "torch"
     assert sn_kernels.get_backend() == before
+
+
+@pytest.mark.parametrize("layer", [lambda: nn.Linear(7, 5), lambda: nn.ConvTranspose2d(3, 4, 3)])
+def test_reset_uv_on_pytorchs_hook(layer):
+    """reset_uv takes PyTorch's hook spectral norm too (it has no gain): fresh u, v whose sigma is the SVD's."""
+    torch.manual_seed(0)
+    m = torch.nn.utils.spectral_norm(layer().double())
+    for redraw in (True, False):
+        sn_kernels.reset_uv(m, n_power_iterations=200, redraw=redraw)
+        sigma = sn_kernels.sigmas(m)["weight"]
+        dim = hook_of(m).dim  # 1 for ConvTranspose
+        exact = svd_sigma(m.weight_orig.movedim(dim, 0))
+        torch.testing.assert_close(sigma, exact.to(sigma.dtype), rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_tools_on_spectral_norm_stacked_on_weight_norm(ours):
+    """A spectral norm stacked on parametrizations.weight_norm (whose list holds original0, original1):
+    sigmas (after a load too), reset_uv and singular_values read the weight_norm's output."""
+    torch.manual_seed(0)
+    m = torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 6).double())
+    (sn_kernels.parametrizations.spectral_norm if ours else torch.nn.utils.parametrizations.spectral_norm)(m)
+    m(torch.randn(2, 4, dtype=torch.float64))
+    plist = m.parametrizations.weight
+    exact = svd_sigma(plist[0](plist.original0, plist.original1)).item()
+    m.load_state_dict(m.state_dict())
+    sn_kernels.reset_uv(m, n_power_iterations=200)
+    assert sn_kernels.sigmas(m)["weight"].item() == pytest.approx(exact, rel=1e-8)
+    assert sn_kernels.singular_values(m, k=1, iters=200).item() == pytest.approx(exact, rel=1e-8)

@@ -120,3 +120,12 @@ def test_uses_sn_dim():
     sn_kernels.spectral_norm(m, dim=1)
     expected = torch.linalg.svdvals(as_matrix(m.weight_orig.detach(), 1))[:2]
     check("monitor dim=1", singular_values(m, k=2, iters=200), expected, scale=1e3)
+
+
+def test_singular_values_of_a_complex_weight():
+    """A complex weight (parametrization API): the singular values of W itself, not of its real part."""
+    torch.manual_seed(0)
+    m = sn_kernels.parametrizations.spectral_norm(nn.Linear(6, 5).to(torch.complex128))
+    w = m.parametrizations.weight.original.detach()
+    got = sn_kernels.singular_values(m, k=2, iters=60)
+    torch.testing.assert_close(got, torch.linalg.svdvals(w)[:2], rtol=1e-8, atol=0)
