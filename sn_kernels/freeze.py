@@ -18,7 +18,12 @@ def freeze(model: nn.Module) -> nn.Module:
     runtime sees ordinary layers.  A parametrized tensor carrying spectral norm is
     folded with all its parametrizations (``remove_parametrizations``).
     """
-    for _, site in list(walk(model)):
+    found = list(walk(model))
+    for qual, site in found:  # checked before anything changes: no half-frozen model
+        if site.kind == "conv" and _conv_v(site).numel() == 0:
+            raise RuntimeError(f"freeze: {qual} (mode=\"conv\") has not run a forward yet, so its sigma is "
+                               "unknown (u, v depend on the input size); nothing was frozen")
+    for _, site in found:
         kind, module, name = site.kind, site.module, site.name
         if not _still_wrapped(module, name):
             continue  # a stacked second spectral norm, folded with the first
@@ -35,3 +40,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def _still_wrapped(module: nn.Module, name: str) -> bool:
     return parametrize.is_parametrized(module, name) or name + "_orig" in module._parameters
+
+
+def _conv_v(site):
+    """The v buffer of a mode="conv" spectral norm (empty until its first forward draws it)."""
+    return getattr(site.module, site.name + "_v") if site.api == "hook" else site.state._v

@@ -49,6 +49,7 @@ def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iteratio
     # nn.MultiheadAttention reads out_proj.weight without calling out_proj: a hook (which runs when the
     # layer is called) would never run, and the attention would use the raw weight, untrained
     not_called = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    targets = []
     for mod_name, module in model.named_modules():
         if mod_name in exclude or not isinstance(module, layer_types):
             continue
@@ -59,8 +60,24 @@ def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iteratio
                           "weight without calling it, so the hook API's spectral norm would never run; "
                           "api='parametrization' normalizes it", stacklevel=2)
             continue
+        _check_wrappable(mod_name, module, api)  # all of them before the first is wrapped
+        targets.append(module)
+    for module in targets:
         wrap(module, n_power_iterations=n_power_iterations, eps=eps, **variant)
     return model
+
+
+def _check_wrappable(mod_name: str, module: nn.Module, api: str) -> None:
+    """Refuse, naming the layer, a weight the front end cannot wrap: a lazy one, or for the hook API one
+    that is not a plain parameter (computed by a parametrization or the old weight_norm)."""
+    weight = module._parameters.get("weight")
+    if weight is not None and nn.parameter.is_lazy(weight):
+        raise ValueError(f"sn_kernels.apply_spectral_norm: {mod_name or 'the model'} has an uninitialized (lazy) "
+                         "weight; run the dummy forward first; nothing was wrapped")
+    if api == "hook" and weight is None:
+        raise ValueError(f"sn_kernels.apply_spectral_norm: {mod_name or 'the model'}.weight is not a plain "
+                         "parameter (a parametrization or weight_norm computes it), which the hook API needs; "
+                         "use api='parametrization' or exclude it; nothing was wrapped")
 
 
 def convert(model: nn.Module) -> nn.Module:

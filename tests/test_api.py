@@ -354,3 +354,31 @@ def test_tools_on_spectral_norm_stacked_on_weight_norm(ours):
     sn_kernels.reset_uv(m, n_power_iterations=200)
     assert sn_kernels.sigmas(m)["weight"].item() == pytest.approx(exact, rel=1e-8)
     assert sn_kernels.singular_values(m, k=1, iters=200).item() == pytest.approx(exact, rel=1e-8)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_freeze_refuses_as_a_whole(api):
+    """A mode="conv" layer that has not run (sigma unknown) is refused before anything is frozen: the
+    earlier layers stay spectrally normalized and every layer keeps its training mode."""
+    wrap = sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm
+    m = nn.Sequential(wrap(nn.Linear(3, 3)), wrap(nn.Conv1d(1, 1, 3), mode="conv"))
+    with pytest.raises(RuntimeError, match=r"1\.weight.*has not run a forward.*nothing was frozen"):
+        sn_kernels.freeze(m)
+    assert sn_kernels.is_spectral_normalized(m[0]) and sn_kernels.is_spectral_normalized(m[1])
+    assert all(sub.training for sub in m.modules())
+
+
+def test_apply_spectral_norm_refuses_as_a_whole():
+    """With the hook API a layer whose weight is computed (weight_norm) is refused before anything is
+    wrapped, naming it; the parametrization API stacks on it."""
+    model = nn.Sequential(nn.Linear(3, 3), torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)),
+                          nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"1\.weight is not a plain parameter.*nothing was wrapped"):
+        sn_kernels.apply_spectral_norm(model)
+    assert not any(sn_kernels.is_spectral_normalized(m) for m in model)
+    sn_kernels.apply_spectral_norm(model, api="parametrization")
+    assert all(sn_kernels.is_spectral_normalized(m) for m in model)
+    lazy = nn.Sequential(nn.Linear(3, 3), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"1 has an uninitialized \(lazy\) weight.*nothing was wrapped"):
+        sn_kernels.apply_spectral_norm(lazy)
+    assert not sn_kernels.is_spectral_normalized(lazy[0])
