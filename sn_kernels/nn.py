@@ -45,7 +45,7 @@ def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iteratio
     """
     wrap = _wrapper(api)
     layer_types = tuple(layer_types)
-    exclude = set(exclude)
+    exclude = {exclude} if isinstance(exclude, str) else set(exclude)  # one name, not its characters
     # nn.MultiheadAttention reads out_proj.weight without calling out_proj: a hook (which runs when the
     # layer is called) would never run, and the attention would use the raw weight, untrained
     not_called = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}

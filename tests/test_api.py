@@ -23,7 +23,7 @@ def small_model():
 @pytest.mark.parametrize("api", ["hook", "parametrization"])
 def test_apply_spectral_norm_wraps_every_layer(api):
     model = nn.Sequential(small_model(), nn.Embedding(5, 3), nn.BatchNorm1d(3))
-    sn_kernels.apply_spectral_norm(model, api=api, exclude=["0.4"])
+    sn_kernels.apply_spectral_norm(model, api=api, exclude="0.4")  # one name (not its characters) or several
     wrapped = {n for n, m in model.named_modules() if sn_kernels.is_spectral_normalized(m)}
     assert wrapped == {"0.0", "0.2", "1"}
     sn_kernels.apply_spectral_norm(model, api=api)  # idempotent for already wrapped layers
