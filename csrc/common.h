@@ -71,6 +71,14 @@ inline bool check_power_iteration_args(const at::Tensor& weight, const at::Tenso
   return order_is_vu(std::string(order.data(), order.size()));
 }
 
+// u, v written in place by a training power iteration: their version counters move, as an in-place op's
+// do, so a graph that saved them (a user's penalty on weight_u) refuses a backward after the update
+// instead of using the new values silently (no-op for inference tensors in inference mode)
+inline void bump_versions(at::Tensor& u, at::Tensor& v) {
+  u.unsafeGetTensorImpl()->bump_version();
+  v.unsafeGetTensorImpl()->bump_version();
+}
+
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -333,6 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
     }
     *sigma.mutable_data_ptr<acc_t>() = sig;
   });
+  if (training) bump_versions(u, v);
   return {sigma, contiguous_copy(u), contiguous_copy(v)};
 }
 

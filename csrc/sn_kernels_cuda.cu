@@ -252,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(const at::Te
       }
     }
   });
+  if (training) bump_versions(u, v);
   return {sigma, u_used, v_used};
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import sn_kernels
 from sn_kernels.backends import native, pytorch
@@ -382,3 +383,28 @@ def test_non_contiguous_weight(backend, backend_device):
     G = torch.randn(20, 30, device=dev).t()
     check("transposed backward vs float64", backend.backward(G, wt, uu2, vv2, sigma, 1),
           pytorch.backward(G.double(), wt.double(), uu2.double(), vv2.double(), sigma.double(), 1), torch.float32)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("variant", [{}, {"coeff": 0.5}])
+def test_training_forward_moves_the_versions_of_u_v(backend, api, variant):
+    """A training forward updates u, v in place and moves their version counters, as PyTorch's does: a
+    user's graph that saved them (a penalty on u . W v) then refuses a later backward instead of running
+    silently on the new u, v; an eval forward moves nothing."""
+    torch.manual_seed(0)
+    wrap = sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm
+    m = wrap(nn.Linear(6, 5), **variant)
+    W, u, v = ((m.weight_orig, m.weight_u, m.weight_v) if api == "hook" else
+               (m.parametrizations.weight.original, m.parametrizations.weight[0]._u,
+                m.parametrizations.weight[0]._v))
+    x = torch.randn(3, 6)
+    m.eval()
+    before = (u._version, v._version)
+    m(x)
+    assert (u._version, v._version) == before
+    m.train()
+    penalty = torch.dot(u, torch.mv(W, v))
+    m(x)
+    assert u._version > before[0] and v._version > before[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        penalty.backward()

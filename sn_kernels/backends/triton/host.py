@@ -207,6 +207,10 @@ def power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training)
             to_u(v_in, final)
             to_v(u_acc, final)
         u_in, v_in = u_acc, v_acc
+    # written in place by the kernels: the version counters move as an in-place op's do (a graph that
+    # saved u or v refuses a later backward instead of reading the new values)
+    torch.autograd.graph.increment_version(u)
+    torch.autograd.graph.increment_version(v)
     return sigma, u_used, v_used
 
 
