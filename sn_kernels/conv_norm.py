@@ -30,6 +30,7 @@ refused (it changes the operator per call).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -266,12 +267,48 @@ def _check_output_size(spec: ConvSpec, inputs, kwargs) -> None:
         raise NotImplementedError("spectral_norm_conv does not support output_size=; set output_padding instead")
 
 
+def _sample_shape(spec: ConvSpec, weight: Tensor, spatial) -> tuple[int, ...]:
+    """(1, C_in, *spatial): the shape of v, one input sample of the layer."""
+    c_in = weight.shape[0] if spec.transposed else weight.shape[1] * spec.groups
+    return (1, c_in, *spatial)
+
+
+def _check_input(spec: ConvSpec, weight: Tensor, shape) -> None:
+    """Raise the conv's own error if the layer refuses inputs of ``shape`` (wrong channel count, too small)."""
+    try:
+        output_shape(spec, weight, shape)  # cheap: on the meta device
+        refused = shape[-spec.ndim - 1] != _sample_shape(spec, weight, ())[1]  # ConvTranspose's meta misses it
+    except RuntimeError:
+        refused = True
+    if refused:
+        # the meta kernels' messages are terse ("Invalid channel dimensions"): the real conv, on a zero input it
+        # refuses in its shape checks before computing anything, raises PyTorch's own
+        conv_apply(spec, weight, weight.new_zeros(()).expand(shape))
+
+
+def _input_size(spec: ConvSpec, weight: Tensor, input_size) -> tuple[int, ...]:
+    """``input_size=`` checked: spec.ndim positive ints for which the layer has a non-empty output."""
+    try:
+        size = tuple(operator.index(s) for s in input_size)
+    except TypeError:
+        size = ()
+    if len(size) != spec.ndim or min(size) <= 0:
+        raise ValueError(f"input_size must be {spec.ndim} positive ints, the spatial size of one input "
+                         f"(no batch or channel dim), got {input_size!r}")
+    try:
+        out = output_shape(spec, weight, _sample_shape(spec, weight, size))
+    except RuntimeError as e:  # too small for the kernel (or for a reflect padding)
+        raise ValueError(f"input_size {size} does not fit the layer: {e}") from None
+    if math.prod(out) == 0:
+        raise ValueError(f"input_size {size} gives an empty output {out}")
+    return size
+
+
 def _draw(spec: ConvSpec, weight: Tensor, spatial, eps: float) -> tuple[Tensor, Tensor]:
     """Fresh u, v for inputs of spatial size ``spatial``: random normal (torch's RNG), normalized,
     then warmed up with INIT_ITERATIONS steps.  Normal tensors even when the first forward runs under
     torch.inference_mode: an inference tensor could not be updated in place by a later training forward."""
-    c_in = weight.shape[0] if spec.transposed else weight.shape[1] * spec.groups
-    in_shape = (1, c_in, *spatial)
+    in_shape = _sample_shape(spec, weight, spatial)
     out_shape = output_shape(spec, weight, in_shape)
     if math.prod(out_shape) == 0:
         raise ValueError(f"input size {tuple(spatial)} gives an empty output {out_shape}")
@@ -293,9 +330,10 @@ class _State:
         self.spec, self.name = spec, name
         self.n_power_iterations, self.eps, self.reinit_on_resize = n_power_iterations, eps, reinit_on_resize
 
-    def prepare(self, owner: nn.Module, u_name: str, v_name: str, weight: Tensor, spatial, label: str) -> None:
-        """Draw u, v (owner's buffers) at the first forward or, if allowed, on a new input size;
-        else refuse an input size other than the one u, v were made for."""
+    def prepare(self, owner: nn.Module, u_name: str, v_name: str, weight: Tensor, x: Tensor, label: str) -> None:
+        """Draw u, v (owner's buffers) for input ``x`` at the first forward or, if allowed, on a new input
+        size; else refuse an input size other than the one u, v were made for."""
+        spatial = _spatial(self.spec, x)
         v = owner._buffers[v_name]
         if v.numel() and tuple(v.shape[2:]) == tuple(spatial):
             return
@@ -305,7 +343,11 @@ class _State:
                 f"{tuple(spatial)}; pass reinit_on_resize=True to spectral_norm_conv, or call "
                 f"reset_spectral_norm_conv(module, {self.name!r}), to re-initialise u and v for the new size"
             )
-        u, v = _draw(self.spec, weight.detach(), spatial, self.eps)
+        # an input the conv refuses fails here, before u, v are drawn for its size: else the corrected input
+        # would then be refused as a resize
+        weight = weight.detach()
+        _check_input(self.spec, weight, x.shape)
+        u, v = _draw(self.spec, weight, spatial, self.eps)
         owner._buffers[u_name], owner._buffers[v_name] = u, v
 
 
@@ -340,7 +382,7 @@ class ConvSpectralNormHook(_State):
     def __call__(self, module: nn.Module, inputs, kwargs=None) -> None:
         _check_output_size(self.spec, inputs, kwargs)
         weight = getattr(module, self.name + "_orig")
-        self.prepare(module, self.name + "_u", self.name + "_v", weight, _spatial(self.spec, inputs[0]),
+        self.prepare(module, self.name + "_u", self.name + "_v", weight, inputs[0],
                      f"{type(module).__name__}.{self.name}")
         setattr(module, self.name, self.compute_weight(module, module.training))
 
@@ -416,8 +458,8 @@ class _InputSizeHook:
         if param is None:  # parametrization removed by torch's remove_parametrizations: nothing to do
             return
         _check_output_size(param.spec, inputs, kwargs)
-        param.prepare(param, "_u", "_v", module.parametrizations[self.name].original,
-                      _spatial(param.spec, inputs[0]), f"{type(module).__name__}.{self.name}")
+        param.prepare(param, "_u", "_v", module.parametrizations[self.name].original, inputs[0],
+                      f"{type(module).__name__}.{self.name}")
 
 
 def _conv_parametrization(module: nn.Module, name: str) -> ConvSpectralNorm | None:
@@ -451,27 +493,31 @@ def spectral_norm_conv(module: nn.Module, name: str = "weight", n_power_iteratio
     if weight is None and not parametrize.is_parametrized(module, name):
         raise KeyError(f"module {type(module).__name__} has no parameter named {name!r}")
     check_not_lazy(weight)
+    if api == "hook" and weight is None:
+        raise KeyError(f"module {type(module).__name__} has no plain parameter named {name!r}")
+    weight = getattr(module, name)  # the parametrized value for a parametrization on a parametrized weight
     if api == "hook":
-        if weight is None:
-            raise KeyError(f"module {type(module).__name__} has no plain parameter named {name!r}")
-        fn = ConvSpectralNormHook(spec, name, n_power_iterations, eps, reinit_on_resize)
+        state = ConvSpectralNormHook(spec, name, n_power_iterations, eps, reinit_on_resize)
+    else:
+        state = ConvSpectralNorm(spec, weight, name, n_power_iterations, eps, reinit_on_resize)
+    # u, v for input_size= drawn before the module is touched: a bad input_size leaves it as it was
+    u, v = (_empty(weight), _empty(weight)) if input_size is None else \
+        _draw(spec, weight.detach(), _input_size(spec, weight, input_size), state.eps)
+    if api == "hook":
         del module._parameters[name]
         module.register_parameter(name + "_orig", weight)
         setattr(module, name, weight.data)
-        module.register_buffer(name + "_u", _empty(weight))
-        module.register_buffer(name + "_v", _empty(weight))
-        module.register_forward_pre_hook(fn, with_kwargs=True)
-        module._register_load_state_dict_pre_hook(fn.load_pre_hook, with_module=True)
+        module.register_buffer(name + "_u", u)
+        module.register_buffer(name + "_v", v)
+        module.register_forward_pre_hook(state, with_kwargs=True)
+        module._register_load_state_dict_pre_hook(state.load_pre_hook, with_module=True)
         if input_size is not None:
-            fn.prepare(module, name + "_u", name + "_v", weight, tuple(input_size), type(module).__name__)
             with torch.no_grad():
-                setattr(module, name, fn.compute_weight(module, training=False).detach())
+                setattr(module, name, state.compute_weight(module, training=False).detach())
     else:
-        param = ConvSpectralNorm(spec, getattr(module, name), name, n_power_iterations, eps, reinit_on_resize)
-        if input_size is not None:
-            param.prepare(param, "_u", "_v", getattr(module, name), tuple(input_size), type(module).__name__)
+        state._u, state._v = u, v
         # unsafe: torch's consistency check would call forward, impossible before u, v exist
-        parametrize.register_parametrization(module, name, param, unsafe=True)
+        parametrize.register_parametrization(module, name, state, unsafe=True)
         module.register_forward_pre_hook(_InputSizeHook(name), with_kwargs=True)
     return module
 

@@ -460,3 +460,54 @@ def test_load_under_inference_mode_then_training(api):
         b.load_state_dict(a.state_dict())
     assert not any(t.is_inference() for t in b.buffers())
     b(x).sum().backward()
+
+
+def _uv(m, api):
+    return (m.weight_u, m.weight_v) if api == "hook" else (m.parametrizations.weight[0]._u,
+                                                           m.parametrizations.weight[0]._v)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("ctor,good", [
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 8, 8)),
+    (lambda: nn.Conv2d(4, 6, 3, padding=2, groups=2, padding_mode="reflect"), (4, 8, 8)),  # batch-less
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), (2, 4, 5, 5)),
+], ids=["conv", "groups-reflect-unbatched", "transposed-groups"])
+def test_input_the_conv_refuses_draws_nothing(api, ctor, good):
+    """An input the layer's conv refuses (here channels-last by mistake) fails with the conv's own error
+    before u, v are drawn for it: the corrected input then works (and with reinit_on_resize=True a refused
+    input leaves the u, v drawn before)."""
+    torch.manual_seed(0)
+    bad = torch.randn(good).movedim(-3, -1)  # (..., H, W, C)
+    plain = ctor()
+    with pytest.raises(RuntimeError) as torchs:
+        plain(bad)
+    for reinit in (False, True):
+        m = wrap_api(api)(copy.deepcopy(plain), mode="conv", reinit_on_resize=reinit)
+        with pytest.raises(RuntimeError) as mine:
+            m(bad)
+        assert str(mine.value) == str(torchs.value)
+        assert all(t.numel() == 0 for t in _uv(m, api))
+        m(torch.randn(good)).sum().backward()
+        u, v = (t.clone() for t in _uv(m, api))
+        with pytest.raises(RuntimeError if reinit else ValueError):  # without reinit: refused as a resize
+            m(bad)
+        assert all(torch.equal(a, b) for a, b in zip((u, v), _uv(m, api)))
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("size", [(2, 2), (8,), (8, 8, 8), 8, (0, 8), (-1, 8), (8.0, 8), "88", None],
+                         ids=lambda s: repr(s))
+def test_bad_input_size_refused_and_module_left_as_it_was(api, size):
+    """A wrong input_size= (not 2 positive ints for a Conv2d, or no output for the 5x5 kernel) is a
+    ValueError naming input_size that leaves the module unwrapped; a retry with a good one works."""
+    m = nn.Conv2d(3, 4, 5)
+    before = _layout(m), sorted(m.state_dict())
+    if size is None:  # a bad input_size inside a list, not the argument itself
+        size = [8, None]
+    with pytest.raises(ValueError, match=r"^input_size"):
+        wrap_api(api)(m, mode="conv", input_size=size)
+    assert (_layout(m), sorted(m.state_dict())) == before and not parametrize.is_parametrized(m)
+    wrap_api(api)(m, mode="conv", input_size=[8, 8])
+    assert _uv(m, api)[1].shape == (1, 3, 8, 8)
+    m(torch.randn(1, 3, 8, 8)).sum().backward()
