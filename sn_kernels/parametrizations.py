@@ -16,7 +16,7 @@ from . import conv_norm
 from .backends.pytorch import as_matrix, exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
 from .checks import (INIT_ITERATIONS, check_bound, check_mode, check_not_lazy, check_variant, check_weight_args, default_dim,
-                     front_end_iterations)
+                     front_end_iterations, take_pending)
 from .find import TorchSpectralNorm
 from .functional import spectral_normalize
 from .meta import guard_if_meta
@@ -70,16 +70,42 @@ class SpectralNormParametrization(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         # a grouped pre-computation (sn_kernels.group) is used once, then it is per access again
-        pending = self.pending
-        if pending is None:
-            return self.compute(weight)
-        self.__dict__["pending"] = None  # nn.Module.__setattr__'s checks cost more than the rest of this access
-        return pending
+        pending = take_pending(self)
+        return self.compute(weight) if pending is None else pending
 
     @property
-    def bound(self) -> str:
-        """What the weight is divided by: "estimate" (sigma_hat), or a certified "upper" / "operator" bound."""
+    def bound(self):
+        """What the weight is divided by: "estimate" (sigma_hat), or a certified "upper" / "operator" bound.
+
+        Settable: a subclass of PyTorch's ``_SpectralNorm`` (ours while patched) may keep its own ``bound``
+        (SNGP's bounded spectral norm does); that value is returned from then on, and ours is unchanged."""
+        if "_own_bound" in self.__dict__:
+            return self.__dict__["_own_bound"]
         return "estimate" if self.certifier is None else self.certifier.bound
+
+    @bound.setter
+    def bound(self, value) -> None:
+        self.__dict__["_own_bound"] = value
+
+    # PyTorch's _SpectralNorm helpers, with its semantics: subclasses of _SpectralNorm (ours while patched)
+    # and code reaching into parametrizations.weight[0] call them
+
+    def _reshape_weight_to_matrix(self, weight: Tensor) -> Tensor:
+        """The (m, n) matrix view of ``weight`` (``self.dim`` first), as PyTorch's."""
+        if weight.ndim <= 1:
+            raise AssertionError(f"Expected weight to have more than 1 dimension, got {weight.ndim}")
+        return as_matrix(weight, self.dim)
+
+    @torch.no_grad()
+    def _power_method(self, weight_mat: Tensor, n_power_iterations: int) -> None:
+        """``n_power_iterations`` steps of PyTorch's power iteration on ``weight_mat`` ("uv" order, in its
+        dtype), updating the buffers ``_u``, ``_v`` in place."""
+        if weight_mat.ndim <= 1:
+            raise AssertionError(f"Expected weight_mat to have more than 1 dimension, got {weight_mat.ndim}")
+        u, v = self._u, self._v
+        for _ in range(n_power_iterations):
+            F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps, out=u)
+            F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=self.eps, out=v)
 
     def compute(self, weight: Tensor) -> Tensor:
         """W / sigma(W) (one power iteration in training mode)."""

@@ -10,7 +10,9 @@ While patched, PyTorch's three entry points build sn_kernels' spectral norm:
   class ``torch.nn.utils.parametrizations._SpectralNorm``.  So a reference to
   PyTorch's function taken before the patch (``from torch.nn.utils import
   spectral_norm`` at a library's import) builds ours too, as long as the model is
-  built while the patch is active.
+  built while the patch is active.  A subclass of ``_SpectralNorm`` defined while patched
+  (SNGP-style bounded spectral norms) inherits ours, which has PyTorch's helpers
+  ``_reshape_weight_to_matrix`` and ``_power_method``.
 
 Layers wrapped before the patch (a model built at import time, or unpickled) keep
 PyTorch's spectral norm: ``sn_kernels.convert(model)`` swaps those, and is the route

@@ -175,3 +175,98 @@ def test_convert_catches_class_built_modules():
     sn_kernels.convert(m)
     assert kinds(m) == ["ours"]
     m(torch.randn(2, 4))
+
+
+def _bounded_sn(base):
+    """A user subclass of ``base`` in the style of public code (SNGP's bounded spectral norm): its own
+    attributes (``self.bound``), and a forward written on PyTorch's private helpers."""
+    class BoundedSpectralNorm(base):
+        def __init__(self, weight, n_power_iterations=1, bound=0.5):
+            super().__init__(weight, n_power_iterations, dim=0, eps=1e-12)
+            self.bound = bound
+
+        def forward(self, weight):
+            weight_mat = self._reshape_weight_to_matrix(weight)
+            if self.training:
+                self._power_method(weight_mat, self.n_power_iterations)
+            u, v = self._u.clone(), self._v.clone()
+            sigma = torch.vdot(u, torch.mv(weight_mat, v))
+            return torch.where(sigma > self.bound, self.bound * weight / sigma, weight)
+    return BoundedSpectralNorm
+
+
+def _subclass_under_patch():
+    with sn_kernels.patch_torch():
+        return _bounded_sn(TORCH_PARAM_MODULE._SpectralNorm)
+
+
+@pytest.mark.parametrize("define", [_subclass_under_patch, lambda: _bounded_sn(parametrizations.SpectralNormParametrization)],
+                         ids=["defined_under_patch", "defined_on_ours"])
+def test_subclass_using_pytorch_helpers_matches_pytorch(define):
+    """A subclass of _SpectralNorm defined while patched (so on ours), or of ours directly, that sets its own
+    ``bound`` and calls _reshape_weight_to_matrix / _power_method gets PyTorch's numbers."""
+    ours_cls, torch_cls = define(), _bounded_sn(TORCH_PARAM_MODULE._SpectralNorm)
+    assert issubclass(ours_cls, parametrizations.SpectralNormParametrization)
+    layers = []
+    for cls in (ours_cls, torch_cls):
+        torch.manual_seed(0)
+        layer = nn.Conv2d(3, 4, 3)
+        nn.utils.parametrize.register_parametrization(layer, "weight", cls(layer.weight, n_power_iterations=2))
+        layers.append(layer)
+    ours, ref = layers
+    assert ours.parametrizations.weight[0].bound == 0.5
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in layers]
+    x = torch.randn(2, 3, 5, 5)
+    for _ in range(3):
+        outs = []
+        for m, opt in zip(layers, opts):
+            opt.zero_grad()
+            y = m(x)
+            y.square().sum().backward()
+            opt.step()
+            outs.append(y.detach())
+        torch.testing.assert_close(outs[0], outs[1])
+        for buf in ("_u", "_v"):
+            torch.testing.assert_close(getattr(ours.parametrizations.weight[0], buf),
+                                       getattr(ref.parametrizations.weight[0], buf))
+
+
+@pytest.mark.parametrize("make_layer, dim", [(lambda: nn.Conv2d(3, 4, 2), 0), (lambda: nn.ConvTranspose2d(4, 3, 2), 1),
+                                             (lambda: nn.Linear(4, 5), 0)], ids=["conv", "conv_transpose", "linear"])
+def test_power_method_and_reshape_match_pytorch(make_layer, dim):
+    """Our parametrization modules have PyTorch's _reshape_weight_to_matrix and _power_method:
+    same matrix, u and v updated in place ("uv" order, eps) to PyTorch's values."""
+    mods = []
+    for make in (nn.utils.parametrizations.spectral_norm, parametrizations.spectral_norm):
+        torch.manual_seed(0)
+        layer = make(make_layer(), dim=dim)
+        mods.append(layer.parametrizations.weight[0])
+    ref, ours = mods
+    assert not isinstance(ref, parametrizations.SpectralNormParametrization)
+    weight = torch.randn_like(layer.weight)
+    mat = ours._reshape_weight_to_matrix(weight)
+    torch.testing.assert_close(mat, ref._reshape_weight_to_matrix(weight), rtol=0, atol=0)
+    u, v = ours._u, ours._v
+    with torch.no_grad():  # the same start (the 15 initial iterations agree only to rounding)
+        u.copy_(ref._u)
+        v.copy_(ref._v)
+    versions = (u._version, v._version)
+    for m in mods:
+        m._power_method(mat, 3)
+    assert ours._u is u and ours._v is v and (u._version, v._version) > versions  # in place
+    torch.testing.assert_close(ours._u, ref._u, rtol=0, atol=0)
+    torch.testing.assert_close(ours._v, ref._v, rtol=0, atol=0)
+    with pytest.raises(AssertionError):
+        ours._reshape_weight_to_matrix(torch.randn(3))
+
+
+def test_bound_is_settable_without_changing_ours():
+    """``bound`` reads our divisor ("estimate" / "upper"), and a subclass may store its own value in it."""
+    layer = parametrizations.spectral_norm(nn.Linear(3, 4), bound="upper")
+    state = layer.parametrizations.weight[0]
+    assert state.bound == "upper"
+    before = layer.weight.detach().clone()
+    state.bound = 0.5
+    assert state.bound == 0.5 and state.certifier is not None
+    torch.testing.assert_close(layer.eval().weight, before)
+    assert parametrizations.spectral_norm(nn.Linear(3, 4)).parametrizations.weight[0].bound == "estimate"
