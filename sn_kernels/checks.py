@@ -204,3 +204,20 @@ def check_not_lazy(weight) -> None:
             "The module passed to `SpectralNorm` can't have uninitialized parameters. "
             "Make sure to run the dummy forward before applying spectral normalization"
         )
+
+
+def take_pending(state):
+    """The W/sigma that ``sn_kernels.group`` computed ahead for this spectral norm, taken once (None: the
+    layer computes its own).  Not one its validity check refuses (``pending_holds``, set with it): a
+    model call interrupted by a BaseException leaves its W/sigma behind, stale once the weight, u or
+    mode changed."""
+    pending = state.pending
+    if pending is None:
+        return None
+    state.__dict__["pending"] = None  # on a parametrization, nn.Module.__setattr__'s checks cost more
+    holds = getattr(state, "pending_holds", None)
+    if holds is not None:
+        state.__dict__["pending_holds"] = None
+        if not holds():
+            return None
+    return pending

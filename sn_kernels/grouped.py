@@ -81,6 +81,7 @@ from .backends import native, pytorch
 from .backends.contract import dense
 from .checks import check_call, check_group
 from .find import walk
+from .meta import MetaGuard
 
 REFRESH = ("call", "step")
 
@@ -96,13 +97,16 @@ def _weak(obj):
 
 
 class _Member:
-    """One grouped weight: plain data (module reference, parameter name, its SN state).  The module is
-    held weakly: it holds the group (its hooks), and a strong reference back would be a cycle."""
+    """One grouped weight: plain data (module reference, parameter name, its SN state, its qualified name
+    in the grouped model).  The module is held weakly: it holds the group (its hooks), and a strong
+    reference back would be a cycle.  ``stamp``: what its latest W/sigma was computed from (``stamp_now``;
+    not copied)."""
 
-    __slots__ = ("kind", "_module", "name", "state")
+    __slots__ = ("kind", "_module", "name", "state", "path", "stamp")
 
-    def __init__(self, kind: str, module: nn.Module, name: str, state) -> None:
+    def __init__(self, kind: str, module: nn.Module, name: str, state, path: str | None = None) -> None:
         self.kind, self._module, self.name, self.state = kind, weakref.ref(module), name, state
+        self.path, self.stamp = path, None
 
     @property
     def module(self) -> nn.Module | None:
@@ -110,11 +114,17 @@ class _Member:
         return self._module()
 
     def __getstate__(self):  # the module itself: a copy refers to the module's copy
-        return (self.kind, self.module, self.name, self.state)
+        return (self.kind, self.module, self.name, self.state, self.path)
 
     def __setstate__(self, s) -> None:
-        self.kind, module, self.name, self.state = s
+        self.kind, module, self.name, self.state, *path = s  # no path: pickled before it was kept
         self._module = _weak(module)
+        self.path, self.stamp = (path or [None])[0], None
+
+    @property
+    def label(self) -> str:
+        """How an error names this weight: its qualified name in the grouped model."""
+        return self.path or f"{type(self.module).__name__}.{self.name}"
 
     def live(self) -> bool:
         """Whether the spectral norm is still on the module (not removed since grouping)."""
@@ -128,30 +138,68 @@ class _Member:
     def training(self) -> bool:
         return self.module.training if self.kind == "hook" else self.state.training
 
+    def sources(self):
+        """(weight, u, v, order) of this spectral norm (u, v None for a 1-D parametrized weight)."""
+        if self.kind == "hook":
+            p, b = self.module._parameters, self.module._buffers
+            return p[self.name + "_orig"], b[self.name + "_u"], b[self.name + "_v"], "vu"
+        plist = self.module._modules["parametrizations"]._modules[self.name]
+        w = plist._parameters.get("original")
+        if w is None:  # a parametrized buffer
+            w = plist.original
+        b = self.state._buffers
+        return w, b.get("_u"), b.get("_v"), "uv"
+
     def tensors(self):
         """(weight, u, v, order) when this weight can join the group's shared node, else None."""
         st = self.state
-        if st.coeff is not None or st.soft or st.certifier is not None:
+        if st.coeff is not None or st.soft or st.certifier is not None or (st.gain if self.kind == "hook" else
+                                                                            st.gain is not None):
             return None
-        if self.kind == "hook":
-            if st.gain:
-                return None
-            p, b = self.module._parameters, self.module._buffers
-            w = p[self.name + "_orig"]
-            u, v, order = b[self.name + "_u"], b[self.name + "_v"], "vu"
-        else:
-            if st.gain is not None:
-                return None
-            plist = self.module._modules["parametrizations"]._modules[self.name]
-            w = plist._parameters.get("original")
-            if w is None:  # a parametrized buffer
-                w = plist.original
-            if w.ndim < 2:
-                return None
-            u, v, order = st._buffers["_u"], st._buffers["_v"], "uv"
-        if w.is_complex() or w.numel() == 0:
-            return None
-        return w, u, v, order
+        t = self.sources()
+        w = t[0]
+        if (w.ndim < 2 and self.kind == "param") or w.is_complex() or w.numel() == 0:
+            return None  # a 1-D parametrized weight is normalized by its length (no u, v)
+        return t
+
+    def stamp_now(self, w: Tensor, u: Tensor | None, training: bool) -> None:
+        """Record what a W/sigma just computed from ``w``, ``u`` is valid for: their versions (after the
+        iteration) and the mode.  Held with the W/sigma, whose graph keeps ``w`` anyway."""
+        self.stamp = (w, w._version, u, None if u is None else u._version, training)
+
+    def pending_holds(self) -> bool:
+        """Whether a pending W/sigma of this layer may still be used: its stamp holds, and no torch.func
+        transform runs (which must see the layer's own ops).  The layer's spectral norm calls it."""
+        return self.stamp_holds() and not transforms.active()
+
+    def stamp_holds(self) -> bool:
+        """Whether the weight, u and mode are still those of the latest W/sigma: a pending one is stale
+        otherwise (an interrupted model call left it, then they changed).  A few attribute reads: it runs
+        at every layer call."""
+        s = self.stamp
+        return s is not None and s[0]._version == s[1] and (s[2] is None or s[2]._version == s[3]) \
+            and self.training() == s[4]
+
+    def check(self) -> None:
+        """``check_call`` of this weight's arguments (raises what the layer alone would)."""
+        w, u, v, order = self.sources()
+        if u is not None and v is not None:
+            st = self.state
+            check_call(w, u, v, st.n_power_iterations, st.eps, st.dim, order, empty_ok=True)
+
+    def refused_by_meta_guard(self) -> bool:
+        """Whether a meta guard of the module (sn_kernels/meta.py) refuses its forward: u, v hold
+        uninitialised memory, which the group must not read either."""
+        for hook in list(self.module._forward_pre_hooks.values()):
+            if isinstance(hook, MetaGuard):
+                try:
+                    hook(self.module, ())
+                except RuntimeError:
+                    return True
+        return False
+
+    def has_meta_guard(self) -> bool:
+        return any(isinstance(h, MetaGuard) for h in self.module._forward_pre_hooks.values())
 
     def compute_alone(self) -> Tensor:
         """The layer's own computation (variants, complex, 1-D): same numbers as without grouping."""
@@ -265,12 +313,12 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
             sh.outputs, sh.sigmas, sh.us, sh.vs = sh.backend.group_forward(
                 sh.weights, us, vs, sh.dims, n_power_iterations, float(eps), order, training)
         else:
-            sh.dims, sh.sigmas, sh.us, sh.vs, sh.outputs = [], [], [], [], []
-            for mem, w, u, v, _ in items:
-                dim = check_call(w, u, v, n_power_iterations, eps, mem.state.dim, order)
+            sh.sigmas, sh.us, sh.vs, sh.outputs = [], [], [], []
+            # every weight checked before any iterates: a refused call moves no u, v
+            sh.dims = [check_call(w, u, v, n_power_iterations, eps, mem.state.dim, order) for mem, w, u, v, _ in items]
+            for (mem, w, u, v, _), dim in zip(items, sh.dims):
                 sigma, u_used, v_used = sh.backend.power_iteration(w, u, v, n_power_iterations, float(eps), dim,
                                                                    order, training)
-                sh.dims.append(dim)
                 sh.sigmas.append(sigma)
                 sh.us.append(u_used)
                 sh.vs.append(v_used)
@@ -370,20 +418,23 @@ class SNGroup:
     group only weakly: no reference cycle, so a dropped model is freed at once, and an optimizer
     that outlives the model does not keep it (or its cached W/sigma) alive."""
 
-    _step_refresh = False  # the class default keeps groups pickled before it loadable
+    _step_refresh = False  # the class defaults keep groups pickled before them loadable
+    _guarded = True  # looked for once, then known
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         if find_group(model) is not None:
             raise ValueError("sn_kernels.group: the model is already grouped (find_group(model).remove() first)")
+        if optimizer is not None:
+            _check_optimizer(optimizer)  # before any hook is registered: a refusal leaves the model as it was
         self._model = weakref.ref(model)
         self.members: list[_Member] = []
-        for _, site in walk(model):
+        for path, site in walk(model):
             kind, module, name, state = site.kind, site.module, site.name, site.state
             if kind == "hook" and isinstance(state, hooks.SpectralNorm):
-                self.members.append(_Member("hook", module, name, state))
+                self.members.append(_Member("hook", module, name, state, path))
             elif kind == "param" and isinstance(state, parametrizations.SpectralNormParametrization) \
                     and len(module.parametrizations[name]) == 1:
-                self.members.append(_Member("param", module, name, state))
+                self.members.append(_Member("param", module, name, state, path))
         if not self.members:
             raise ValueError("sn_kernels.group: the model has no sn_kernels spectral norm to group")
         for mem in self.members:
@@ -392,6 +443,8 @@ class SNGroup:
                     f"sn_kernels.group: {type(mem.module).__name__}.{mem.name} already belongs to a group (an "
                     "enclosing or inner model was grouped, or this is a copy of part of a grouped model); "
                     "remove that group first (sn_kernels.grouped.find_group(that_model).remove())")
+        # a layer wrapped on meta keeps a guard until u, v are set: checked at each computation while any has one
+        self._guarded = any(mem.has_meta_guard() for mem in self.members)
         self._stale = True
         self._cache: list[Tensor] | None = None
         self._key = None
@@ -426,9 +479,11 @@ class SNGroup:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "SNGroup":
         """Refresh W/sigma once per ``optimizer.step()`` (see the module docstring)."""
-        self.detach()
+        _check_optimizer(optimizer)
         _prune_step_hooks(optimizer)
-        self._optimizer_handle = optimizer.register_step_post_hook(_StepHook(self))
+        handle = optimizer.register_step_post_hook(_StepHook(self))  # before the old one goes: no half state
+        self.detach()
+        self._optimizer_handle = handle
         self._step_refresh = True
         self._stale, self._cache = True, None
         return self
@@ -452,16 +507,37 @@ class SNGroup:
         """{member: W/sigma}: the groupable weights in one node per (device, dtype, order, iteration
         count, eps, mode), one C++ call each on the native backend; the others
         by their layer's own computation (skipped when not ``alone``: the layer computes them itself).
-        Under a jit trace, a group whose node is the Python one is left to its layers too."""
+        Under a jit trace, a group whose node is the Python one is left to its layers too, and so are
+        the layers whose meta guard refuses (their u, v are uninitialised).  A refused computation
+        (a bad u or v) moves no u, v and names the layer."""
+        if self._guarded:
+            members = self._unguarded(members)
         groups, others = _groups(members)
-        out: dict = {mem: mem.compute_alone() for mem in others} if alone else {}
-        for (device, _, order, iters, eps, training, _), items in groups.items():
-            if _python_node_in_trace(device):
-                continue
-            for item, w_sn in zip(items, _normalize_group(items, order, iters, eps, training,
-                                                          shared=self.refresh == "step")):
-                out[item[0]] = w_sn
+        if not alone:
+            others = []
+        try:
+            if len(groups) + len(others) > 1:  # one group alone checks all its weights before iterating
+                _check_all(groups, others)
+            out: dict = {}
+            for mem in others:
+                out[mem] = mem.compute_alone()
+                mem.stamp_now(*mem.sources()[:2], mem.training())
+            for (device, _, order, iters, eps, training, _), items in groups.items():
+                if _python_node_in_trace(device):
+                    continue
+                for item, w_sn in zip(items, _normalize_group(items, order, iters, eps, training,
+                                                              shared=self.refresh == "step")):
+                    out[item[0]] = w_sn
+                    item[0].stamp_now(item[1], item[2], training)
+        except Exception:
+            _raise_naming_the_layer(members)
+            raise
         return out
+
+    def _unguarded(self, members: list[_Member]) -> list[_Member]:
+        """``members`` less those whose meta guard refuses; forgets the guards once none is left."""
+        self._guarded = any(mem.has_meta_guard() for mem in members)
+        return [mem for mem in members if not mem.refused_by_meta_guard()] if self._guarded else members
 
     def _key_now(self):
         """What the cached W/sigma depends on besides the optimizer: the weights, u and v themselves
@@ -479,7 +555,9 @@ class SNGroup:
                 _compiled_group(self._live_members())
             return  # otherwise each layer computes its own W/sigma (the compiled route)
         if transforms.active():
-            return  # torch.func runs plain ops only: each layer computes its own (sn_kernels/transforms.py)
+            # torch.func runs plain ops only: each layer computes its own (sn_kernels/transforms.py), and
+            # none takes what an interrupted call left (``_Member.pending_holds``)
+            return
         members = self._live_members()
         if self.refresh == "step":
             # once per model call: a weight changed in place, a mode switched or the grad mode changed
@@ -487,12 +565,18 @@ class SNGroup:
                 self._stale = True
             return  # _LayerHook hands out the shared W/sigma
         for mem, w_sn in self._compute_all(members).items():
-            mem.state.__dict__["pending"] = w_sn  # what nn.Module.__setattr__ does for it, minus its checks
+            d = mem.state.__dict__  # what nn.Module.__setattr__ does for it, minus its checks
+            d["pending"] = w_sn  # taken by the layer's spectral norm, module call or plain weight read
+            d["pending_holds"] = mem.pending_holds
 
     def _layer_pre(self, mem: _Member) -> None:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or self.refresh != "step" or transforms.active():
-            # compiling first: dynamo cannot see the handle; a jit trace would record the cached W/sigma
-            # as constants, blind to the weights and u, v it is later given: each layer computes its own
+        if torch.compiler.is_compiling():
+            return  # first: dynamo cannot see the handle
+        if self.refresh == "call":
+            return  # the model's pre-hook set every layer's pending W/sigma
+        if torch.jit.is_tracing() or transforms.active():
+            # a jit trace would record the cached W/sigma as constants, blind to the weights and u, v it is
+            # later given: each layer computes its own
             return
         if self._stale or self._cache is None:
             self._cache = self._compute_all(self._live_members(), alone=False)
@@ -501,9 +585,12 @@ class SNGroup:
         w_sn = self._cache.get(mem)
         if w_sn is not None:
             mem.state.__dict__["pending"] = w_sn
+            mem.state.__dict__["pending_holds"] = None  # the step cache checks its own key
 
     def _model_post(self, model: nn.Module, inputs, output) -> None:
-        # a pre-computed weight that no layer used (a skipped layer) is dropped, not kept past the call
+        # a pre-computed weight that no layer used (a skipped layer) is dropped, not kept past the call;
+        # a call interrupted by a BaseException skips this hook, so a pending weight also carries its
+        # validity check (``_Member.pending_holds``)
         for mem in self.members:
             d = mem.state.__dict__
             if d.get("pending") is not None:
@@ -537,6 +624,33 @@ class SNGroup:
         state = dict(state)
         state["_model"] = _weak(state.pop("model"))
         self.__dict__.update(state)
+
+
+def _check_optimizer(optimizer) -> None:
+    """Refuse what cannot take the group's step hook (a list of parameters instead of the optimizer)."""
+    if not callable(getattr(optimizer, "register_step_post_hook", None)):
+        raise TypeError("sn_kernels.group: optimizer must be a torch.optim.Optimizer (it needs "
+                        f"register_step_post_hook), got {type(optimizer).__name__}")
+
+
+def _check_all(groups: dict, others: list[_Member]) -> None:
+    """Check every weight's arguments before any of them iterates (a refused call then moves no u, v):
+    each group's by ``check_group``'s fast test, the others' by ``check_call``."""
+    for (_, _, order, iters, eps, _, _), items in groups.items():
+        check_group([it[1] for it in items], [it[2] for it in items], [it[3] for it in items], iters, eps,
+                    [it[0].state.dim for it in items], order)
+    for mem in others:
+        mem.check()
+
+
+def _raise_naming_the_layer(members: list[_Member]) -> None:
+    """After a refused computation: raise ``check_call``'s error for the first member whose arguments fail
+    it, naming that layer; return when none does (the caller re-raises the original error)."""
+    for mem in members:
+        try:
+            mem.check()
+        except Exception as err:
+            raise type(err)(f"sn_kernels.group: {mem.label}: {err}") from None
 
 
 class _StepHook:

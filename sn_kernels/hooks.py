@@ -23,7 +23,7 @@ from .backends.contract import exporting
 from .backends.pytorch import exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
 from .checks import (check_bound, check_iterations_eps, check_mode, check_no_second_hook, check_not_lazy, check_variant,
-                     check_weight_args, default_dim, front_end_iterations)
+                     check_weight_args, default_dim, front_end_iterations, take_pending)
 from .find import find, torch_sn
 from .functional import normalize_kept
 from .meta import guard_if_meta
@@ -98,13 +98,12 @@ class SpectralNorm(torch_sn.SpectralNorm):
         # a grouped pre-computation (sn_kernels.group) is used once, then it is per call again
         if self.before is not None:
             self.before(module, inputs)
-        weight = self.pending
+        weight = take_pending(self)
+        self.kept = None  # one an earlier call left (it failed before its forward hook) is stale
         if weight is None:
             weight, kept = self._weights(module, module.training, twice=self.keeps)
             if kept is not weight:
                 self.kept = kept  # module.<name> after the forward (``keep``)
-        else:
-            self.pending = None
         if not torch.compiler.is_compiling():
             weight = serializable(weight)
         setattr(module, self.name, weight)

@@ -964,3 +964,187 @@ def test_grouped_batched_gradients(backend):
                                             is_grads_batched=True))
     for a, b in zip(*jacs):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+# -- refusals and interrupted calls: nothing of the model moves, and what is left behind is never used ----------
+def _mlp(api, coeff=False):
+    torch.manual_seed(0)
+    first = nn.Linear(4, 5)
+    first = (sn_kernels.spectral_norm(first, coeff=2.0) if api == "hook" else
+             sn_kernels.parametrizations.spectral_norm(first, coeff=2.0)) if coeff else sn_kernels.SNLinear(4, 5, api=api)
+    return nn.Sequential(first, nn.ReLU(), sn_kernels.SNLinear(5, 6, api=api), nn.ReLU(),
+                         sn_kernels.SNLinear(6, 3, api=api, n_power_iterations=2))
+
+
+def _buffers(model):
+    return {k: b.clone() for k, b in model.named_buffers()}
+
+
+def _set_u(layer, api, u):
+    owner = layer if api == "hook" else layer.parametrizations.weight[0]
+    owner._buffers["weight_u" if api == "hook" else "_u"] = u
+
+
+@pytest.mark.parametrize("first_set", [False, True], ids=["none_set", "first_set"])
+@pytest.mark.parametrize("refresh", ["call", "step"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_grouped_call_refused_by_the_meta_guard_reads_no_uv(api, refresh, first_set):
+    with torch.device("meta"):
+        model = nn.Sequential(sn_kernels.SNLinear(3, 3, api=api), nn.ReLU(), sn_kernels.SNLinear(3, 2, api=api))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+        for b in model.buffers():
+            b.fill_(0.5)  # what uninitialised memory could hold
+    if first_set:
+        sn_kernels.reset_uv(model[0])  # the first layer runs, the second refuses (as per module)
+    sn_kernels.group(model, torch.optim.SGD(model.parameters(), lr=0.1) if refresh == "step" else None)
+    before = _buffers(model)
+    with pytest.raises(RuntimeError, match="meta device"):
+        model(torch.randn(1, 3))
+    assert all(torch.equal(before[k], b) for k, b in model[2].named_buffers(prefix="2"))
+    for layer in (model[2],) if first_set else (model[0], model[2]):  # no sigma logged from u, v
+        state = (next(h for h in layer._forward_pre_hooks.values() if isinstance(h, sn_kernels.SpectralNorm))
+                 if api == "hook" else layer.parametrizations.weight[0])
+        assert state.sigma is None or state.sigma.is_meta
+    sn_kernels.reset_uv(model)  # the guard goes: the group computes again
+    reference = copy.deepcopy(model)
+    sn_kernels.grouped.find_group(reference).remove()
+    x = torch.randn(2, 3)
+    assert torch.equal(model(x), reference(x))
+
+
+class _Interrupt(nn.Module):
+    armed = False
+
+    def forward(self, x):
+        if self.armed:
+            raise KeyboardInterrupt  # a BaseException: nn.Module skips the always_call forward hooks
+        return x
+
+
+def _interrupted_model(api):
+    torch.manual_seed(0)
+    return nn.Sequential(sn_kernels.SNLinear(4, 4, api=api), _Interrupt(), sn_kernels.SNLinear(4, 3, api=api))
+
+
+def _interrupted(api):
+    """A per-call grouped model whose last call was interrupted between its layers, then its last weight
+    changed; and a never-grouped model of that state."""
+    model = _interrupted_model(api)
+    sn_kernels.group(model)
+    x = torch.randn(2, 4)
+    model(x)
+    model[1].armed = True
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    model[1].armed = False
+    with torch.no_grad():
+        w = model[2].weight_orig if api == "hook" else model[2].parametrizations.weight.original
+        w.add_(torch.randn(w.shape))
+    reference = _interrupted_model(api)
+    reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_interrupted_grouped_call_leaves_no_stale_weight_to_a_layer_alone(api, training):
+    model, reference = _interrupted(api)
+    model.train(training), reference.train(training)
+    x = torch.randn(2, 4)
+    assert torch.equal(model[2](x), reference[2](x))
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_interrupted_grouped_call_leaves_no_stale_weight_to_torch_func(api):
+    from torch.func import functional_call, grad
+    model, reference = _interrupted(api)
+    model.eval(), reference.eval()
+    x = torch.randn(2, 4)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = lambda p, m: functional_call(m, p, (x,)).square().sum()  # noqa: E731
+    got, expected = grad(loss)(params, model), grad(loss)(params, reference)
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_group_refuses_a_non_optimizer_before_changing_anything():
+    model = _mlp("hook")
+    hooks_before = len(model._forward_pre_hooks), len(model._forward_hooks)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        sn_kernels.group(model, list(model.parameters()))  # the parameters instead of the optimizer
+    assert sn_kernels.grouped.find_group(model) is None
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks_before
+    assert model[0]._forward_pre_hooks and all(
+        h.before is None for h in model[0]._forward_pre_hooks.values() if isinstance(h, sn_kernels.SpectralNorm))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = sn_kernels.group(model, opt)  # a retry with the optimizer works
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        handle.attach(list(model.parameters()))
+    assert handle.refresh == "step" and len(opt._optimizer_step_post_hooks) == 1
+    handle.attach(opt)  # re-attaching to the same optimizer keeps one hook
+    assert handle.refresh == "step" and len(opt._optimizer_step_post_hooks) == 1
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "noncontiguous"])
+@pytest.mark.parametrize("coeff", [False, True], ids=["plain", "coeff"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_refused_grouped_call_moves_no_uv_and_names_the_layer(backend, api, coeff, bad):
+    x = torch.randn(2, 4)
+    with sn_kernels.use_backend(backend):
+        model = _mlp(api, coeff)
+        per_module = copy.deepcopy(model)  # the error a grouped call must give too
+        sn_kernels.group(model)
+        model(x)
+        reference = copy.deepcopy(model)  # the state before the refused call
+        good = model[2].weight_u if api == "hook" else model[2].parametrizations.weight[0]._u
+        u = {"shape": torch.randn(7), "dtype": good.double(), "noncontiguous": torch.randn(12)[::2]}[bad]
+        for m in (model, per_module):
+            _set_u(m[2], api, u)
+        with pytest.raises(Exception) as expected:
+            per_module(x)
+        before = _buffers(model)
+        with pytest.raises(type(expected.value)) as got:
+            model(x)
+        assert all(torch.equal(before[k], b) for k, b in model.named_buffers())  # atomic: nothing iterated
+        assert "2.weight" in str(got.value) and str(expected.value) in str(got.value)
+        _set_u(model[2], api, good)
+        assert torch.equal(model(x), reference(x))  # the next call as if the refused one never happened
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_interrupted_grouped_call_leaves_no_stale_weight_to_freeze(api):
+    model, reference = _interrupted(api)
+    reference.eval()
+    with torch.no_grad():
+        expected = reference[2](torch.eye(4)).T - reference[2].bias[:, None]  # the eval W/sigma
+    sn_kernels.freeze(model)
+    torch.testing.assert_close(model[2].weight, expected)
+
+
+def test_group_serves_weights_read_without_calling_the_layer():
+    """A model that reads its parametrized weights without calling the layers (weight tying, F.linear on
+    layer.weight, attention reading out_proj.weight) gets the group's W/sigma per call: per-module numbers,
+    one power iteration per model call."""
+
+    class Weights(nn.ModuleList):
+        def forward(self):
+            return [m.weight for m in self]
+
+    runs = []
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        model = Weights([sn_kernels.parametrizations.spectral_norm(nn.Linear(5, 4)) for _ in range(3)])
+        if grouped:
+            sn_kernels.group(model)
+        outs = []
+        for training in (True, True, False):
+            model.train(training)
+            ws = model()
+            torch.autograd.backward(ws, [torch.ones_like(w) for w in ws])
+            outs += [w.detach().clone() for w in ws]
+        runs.append(outs + [m.parametrizations.weight.original.grad for m in model] + list(model.buffers()))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
