@@ -242,7 +242,7 @@ def _top_sigma(m: Tensor, *, steps: int, adaptive: bool, finish: bool, rtol: flo
     b_all = x.shape[0]
     ub_all = torch.full((b_all,), _INF, dtype=torch.float64, device=m.device)
     idx = torch.arange(b_all, device=m.device)
-    best = _Top(_INF, -1.0, 0, torch.zeros(0))
+    best = _Top(_INF, -1.0, 0, torch.zeros(0, device="cpu"))
     chain: list[tuple[Tensor, Tensor]] = []
     cur, xk, xk_fro = x, x, _fro_up(x)
     t, converged = 0, False
@@ -568,10 +568,10 @@ def _circular_top(emb: _Embedding, method: str, n_iter: int | None, rtol: float)
         top = _top_sigma(spec, rtol=rtol, floor=best.lower if best else 0.0, **cfg)
         upper = max(upper, top.upper)
         if best is None or top.lower > best.lower:
-            loc = torch.unravel_index(torch.tensor(top.index), (g,) + tuple(p.shape[0] for p in chunk))
+            loc = torch.unravel_index(torch.tensor(top.index, device="cpu"), (g,) + tuple(p.shape[0] for p in chunk))
             best, where = top, (int(loc[0]), (int(loc[1]) + a,) + tuple(int(v) for v in loc[2:]))
             best.left = spec[top.index] @ top.vector
-    return float(_up(torch.tensor(upper + _dft_error(wg, axes), dtype=torch.float64))), best, where
+    return float(_up(torch.tensor(upper + _dft_error(wg, axes), dtype=torch.float64, device="cpu"))), best, where
 
 
 def _plane_wave(emb: _Embedding, best: _Top, where) -> Tensor:
@@ -672,7 +672,7 @@ def _jacobian_bounds(spec, ws: Tensor, in_shape, out_shape, rtol: float, n_terms
     jt_abs = conv_apply(spec, ws.abs(), basis).reshape(1, n_in, n_out)
     entry_error = _up(_fro_up(jt_abs) * _gamma(n_terms))
     top = _top_sigma(jt.mT.unsqueeze(0), rtol=rtol, **_config("exact", None))
-    upper = float(_up(torch.tensor(top.upper, dtype=torch.float64) + entry_error))
+    upper = float(_up(torch.tensor(top.upper, dtype=torch.float64, device="cpu") + entry_error))
     return upper, top.vector.reshape(in_shape)
 
 
@@ -888,7 +888,7 @@ def _pool_bound(layer: nn.Module, in_shape, out_shape) -> float:
         if isinstance(layer, _MAXPOOL):
             total *= max(Counter(i for w in windows for i in w).values())
             continue
-        mat = torch.zeros(out, n, dtype=torch.float64)
+        mat = torch.zeros(out, n, dtype=torch.float64, device="cpu")
         for j, w in enumerate(windows):
             if isinstance(layer, _AVGPOOL[3:]):
                 div = len(w)

@@ -49,7 +49,7 @@ def _orth(x: Tensor) -> Tensor:
 def _random_columns(n: int, k: int, like: Tensor, seed: int) -> Tensor:
     # a private generator: logging must not shift the training run's random stream
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=g, dtype=like.dtype).to(like.device)
+    return torch.randn(n, k, generator=g, dtype=like.dtype, device="cpu").to(like.device)  # the generator's device
 
 
 @torch.no_grad()

@@ -129,3 +129,18 @@ def test_singular_values_of_a_complex_weight():
     w = m.parametrizations.weight.original.detach()
     got = sn_kernels.singular_values(m, k=2, iters=60)
     torch.testing.assert_close(got, torch.linalg.svdvals(w)[:2], rtol=1e-8, atol=0)
+
+
+def test_tools_under_another_default_device():
+    """sigma_bounds, lipschitz_bound and singular_values of a CPU model inside ``with torch.device("meta")``
+    (or set_default_device): the numbers they give outside it (they made host tensors on the default device)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
+    outside = (sn_kernels.sigma_bounds(model[0], input_shape=(2, 5, 5)),
+               sn_kernels.lipschitz_bound(model, (1, 2, 5, 5)), singular_values(model[3], k=2, iters=5))
+    del model[3]._buffers[BASIS_PREFIX + "weight"]  # a first call again
+    with torch.device("meta"):
+        inside = (sn_kernels.sigma_bounds(model[0], input_shape=(2, 5, 5)),
+                  sn_kernels.lipschitz_bound(model, (1, 2, 5, 5)), singular_values(model[3], k=2, iters=5))
+    assert inside[:2] == outside[:2]
+    torch.testing.assert_close(inside[2], outside[2], rtol=0, atol=0)
