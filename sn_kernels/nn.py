@@ -9,7 +9,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import conv_norm, hooks, parametrizations
-from .checks import check_api, check_iterations_eps, front_end_iterations
+from .certified import operator_bound
+from .checks import check_api, check_iterations_eps, check_variant, front_end_iterations
 from .find import TorchSpectralNorm, _kind as _kind_of, input_of, sites, torch_sn, walk
 from .functional import spectral_normalize
 from .serialize import serializable
@@ -60,24 +61,36 @@ def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iteratio
                           "weight without calling it, so the hook API's spectral norm would never run; "
                           "api='parametrization' normalizes it", stacklevel=2)
             continue
-        _check_wrappable(mod_name, module, api)  # all of them before the first is wrapped
+        _check_wrappable(mod_name, module, api, variant)  # all of them before the first is wrapped
         targets.append(module)
     for module in targets:
         wrap(module, n_power_iterations=n_power_iterations, eps=eps, **variant)
     return model
 
 
-def _check_wrappable(mod_name: str, module: nn.Module, api: str) -> None:
-    """Refuse, naming the layer, a weight the front end cannot wrap: a lazy one, or for the hook API one
-    that is not a plain parameter (computed by a parametrization or the old weight_norm)."""
+def _check_wrappable(mod_name: str, module: nn.Module, api: str, variant: dict) -> None:
+    """Refuse, naming the layer, a weight the front end would refuse: a lazy one; for the hook API one that
+    is not a plain parameter (computed by a parametrization or the old weight_norm) or is complex; one the
+    ``variant`` keywords do not take (a complex weight with coeff/soft/gain, bound="operator" on a layer
+    whose operator is unknown)."""
+    where = f"sn_kernels.apply_spectral_norm: {mod_name or 'the model'}"
     weight = module._parameters.get("weight")
     if weight is not None and nn.parameter.is_lazy(weight):
-        raise ValueError(f"sn_kernels.apply_spectral_norm: {mod_name or 'the model'} has an uninitialized (lazy) "
-                         "weight; run the dummy forward first; nothing was wrapped")
+        raise ValueError(f"{where} has an uninitialized (lazy) weight; run the dummy forward first; nothing was "
+                         "wrapped")
     if api == "hook" and weight is None:
-        raise ValueError(f"sn_kernels.apply_spectral_norm: {mod_name or 'the model'}.weight is not a plain "
-                         "parameter (a parametrization or weight_norm computes it), which the hook API needs; "
-                         "use api='parametrization' or exclude it; nothing was wrapped")
+        raise ValueError(f"{where}.weight is not a plain parameter (a parametrization or weight_norm computes it), "
+                         "which the hook API needs; use api='parametrization' or exclude it; nothing was wrapped")
+    weight = module.weight if weight is None else weight
+    if api == "hook" and weight.is_complex():
+        raise TypeError(f"{where}.weight is complex, which the hook API refuses; use api='parametrization' or "
+                        "exclude it; nothing was wrapped")
+    try:
+        check_variant(weight, variant.get("coeff"), variant.get("soft", False), variant.get("gain", False))
+        if variant.get("bound") == "operator":
+            operator_bound(module, "weight", weight)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}.weight: {err}; nothing was wrapped") from None
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -382,3 +382,16 @@ def test_apply_spectral_norm_refuses_as_a_whole():
     with pytest.raises(ValueError, match=r"1 has an uninitialized \(lazy\) weight.*nothing was wrapped"):
         sn_kernels.apply_spectral_norm(lazy)
     assert not sn_kernels.is_spectral_normalized(lazy[0])
+
+
+@pytest.mark.parametrize("case", ["operator_bilinear", "hook_complex", "coeff_complex"])
+def test_apply_spectral_norm_refuses_layer_dependent_settings_as_a_whole(case):
+    """Settings one layer of the model cannot take (bound="operator" on a Bilinear, the hook API or coeff on
+    a complex weight) are refused before the first layer is wrapped, naming that layer."""
+    second = nn.Bilinear(3, 3, 3) if case == "operator_bilinear" else nn.Linear(3, 3).to(torch.complex64)
+    model = nn.ModuleDict({"a": nn.Linear(3, 3), "b": second})
+    options = {"operator_bilinear": dict(bound="operator"), "hook_complex": dict(),
+               "coeff_complex": dict(api="parametrization", coeff=0.5)}[case]
+    with pytest.raises((TypeError, ValueError), match=r"b\.weight.*nothing was wrapped"):
+        sn_kernels.apply_spectral_norm(model, **options)
+    assert not any(sn_kernels.is_spectral_normalized(m) for m in model.values())
