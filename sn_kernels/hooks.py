@@ -21,7 +21,7 @@ from torch.nn.functional import normalize
 from . import conv_norm
 from .backends.contract import exporting
 from .backends.pytorch import exact_top_singular
-from .certified import Certifier, OperatorBound, operator_bound
+from .certified import Certifier, OperatorBound, operator_bound, output_factor
 from .checks import (check_bound, check_iterations_eps, check_mode, check_no_second_hook, check_not_lazy, check_variant,
                      check_weight_args, default_dim, front_end_iterations, take_pending)
 from .find import find, torch_sn
@@ -153,6 +153,8 @@ class SpectralNorm(torch_sn.SpectralNorm):
         fn = SpectralNorm(name, n_power_iterations, dim, eps, coeff=coeff, soft=soft, gain=gain, bound=bound,
                           bound_every=bound_every, operator=operator)
         check_variant(weight, coeff, soft, None)
+        if fn.certifier is not None:  # a coeff too small for the dtype: refused now, not at a forward
+            output_factor(weight, fn.dim, 1.0 if coeff is None else float(coeff), operator)
 
         with torch.no_grad():
             h, w = fn.reshape_weight_to_matrix(weight).size()
