@@ -288,3 +288,17 @@ def test_lazy_module_refused_in_pytorchs_words(wrap):
     m(torch.randn(2, 3))
     wrap(m)
     assert m(torch.randn(2, 3)).shape == (2, 4)
+
+
+def test_stale_kept_weight_dropped_at_the_next_call():
+    """The compiled CPU route keeps a second W/sigma for ``module.weight`` until the forward hook sets it;
+    a call that failed between the two (an error in the layer's forward) leaves it behind, and the next
+    (eager) call must not set it as ``module.weight``."""
+    from helpers import hook_of
+
+    layer = sn_kernels.spectral_norm(nn.Linear(3, 4))
+    hook = hook_of(layer)
+    stale = hook.kept = torch.full((4, 3), 7.0)  # what an interrupted compiled call left
+    layer(torch.randn(2, 3))
+    assert layer.weight is not stale
+    torch.testing.assert_close(layer.weight, layer.weight_orig / sn_kernels.sigmas(layer)["weight"])
