@@ -430,10 +430,14 @@ class SNGroup:
         self.members: list[_Member] = []
         for path, site in walk(model):
             kind, module, name, state = site.kind, site.module, site.name, site.state
-            if kind == "hook" and isinstance(state, hooks.SpectralNorm):
+            # a subclass with its own forward (e.g. one made from PyTorch's _SpectralNorm while patched)
+            # computes its own W/sigma: a group's, and its iteration of u, v, would go unused
+            if kind == "hook" and isinstance(state, hooks.SpectralNorm) \
+                    and type(state).__call__ is hooks.SpectralNorm.__call__:
                 self.members.append(_Member("hook", module, name, state, path))
             elif kind == "param" and isinstance(state, parametrizations.SpectralNormParametrization) \
-                    and len(module.parametrizations[name]) == 1:
+                    and len(module.parametrizations[name]) == 1 \
+                    and type(state).forward is parametrizations.SpectralNormParametrization.forward:
                 self.members.append(_Member("param", module, name, state, path))
         if not self.members:
             raise ValueError("sn_kernels.group: the model has no sn_kernels spectral norm to group")

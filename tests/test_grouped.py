@@ -1148,3 +1148,36 @@ def test_group_serves_weights_read_without_calling_the_layer():
         runs.append(outs + [m.parametrizations.weight.original.grad for m in model] + list(model.buffers()))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_group_leaves_a_subclass_with_its_own_forward_alone():
+    """A parametrization subclass that overrides forward (a user's variant) is not grouped: the group's
+    W/sigma and its iteration of u, v would go unused, and u, v would drift from the layer's own."""
+
+    class Halved(sn_kernels.parametrizations.SpectralNormParametrization):
+        def forward(self, weight):  # PyTorch's _SpectralNorm.forward, halved, through its helpers
+            mat = self._reshape_weight_to_matrix(weight)
+            if self.training:
+                self._power_method(mat, self.n_power_iterations)
+            u, v = self._u.clone(), self._v.clone()
+            return weight / torch.vdot(u, torch.mv(mat, v)) / 2
+
+    runs = []
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(sn_kernels.parametrizations.spectral_norm(nn.Linear(4, 4)), nn.Linear(4, 4))
+        plist = model[0].parametrizations.weight
+        own = Halved.__new__(Halved)
+        own.__dict__.update(plist[0].__dict__)
+        plist[0] = own
+        sn_kernels.parametrizations.spectral_norm(model[1])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if grouped:
+            sn_kernels.group(model, optimizer=opt)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+        runs.append([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
