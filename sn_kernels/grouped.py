@@ -81,7 +81,7 @@ from .backends import native, pytorch
 from .backends.contract import dense
 from .checks import check_call, check_group
 from .find import walk
-from .meta import MetaGuard
+from .meta import guards_of
 
 REFRESH = ("call", "step")
 
@@ -190,16 +190,10 @@ class _Member:
     def refused_by_meta_guard(self) -> bool:
         """Whether a meta guard of the module (sn_kernels/meta.py) refuses its forward: u, v hold
         uninitialised memory, which the group must not read either."""
-        for hook in list(self.module._forward_pre_hooks.values()):
-            if isinstance(hook, MetaGuard):
-                try:
-                    hook(self.module, ())
-                except RuntimeError:
-                    return True
-        return False
+        return any(guard.refuses(self.module) for guard in guards_of(self.module))
 
     def has_meta_guard(self) -> bool:
-        return any(isinstance(h, MetaGuard) for h in self.module._forward_pre_hooks.values())
+        return bool(guards_of(self.module))
 
     def compute_alone(self) -> Tensor:
         """The layer's own computation (variants, complex, 1-D): same numbers as without grouping."""
@@ -406,6 +400,7 @@ def _compiled_group(members: list[_Member]) -> None:
         for it, w_sn, sigma in zip(items, outs, sigmas):
             it[0].set_sigma(sigma)
             it[0].state.pending = w_sn
+            it[0].state.pending_holds = None  # traced: no stamp (an eager call's would be stale)
 
 
 class SNGroup:
@@ -598,7 +593,7 @@ class SNGroup:
         for mem in self.members:
             d = mem.state.__dict__
             if d.get("pending") is not None:
-                d["pending"] = None
+                d["pending"] = d["pending_holds"] = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def remove(self) -> None:

@@ -27,8 +27,18 @@ class MetaGuard:
         module._register_load_state_dict_pre_hook(self._on_load, with_module=True)
         module.register_load_state_dict_post_hook(self._after_load)
 
+    def _guarded(self, module: nn.Module) -> list[torch.Tensor]:
+        """The guarded tensors still on ``module`` (none once its spectral norm is removed)."""
+        return [t for t in (_tensor(module, key) for key in self.keys) if t is not None]
+
+    def refuses(self, module: nn.Module) -> bool:
+        """Whether a forward of ``module`` would be refused now (for ``sn_kernels.group``, which must not
+        read the guarded u, v either); no state changes."""
+        guarded = self._guarded(module)
+        return bool(guarded) and not guarded[0].is_meta
+
     def __call__(self, module: nn.Module, inputs) -> None:
-        guarded = [t for t in (_tensor(module, key) for key in self.keys) if t is not None]
+        guarded = self._guarded(module)
         if not guarded:  # the spectral norm was removed since: nothing of it left to guard
             self.remove(module)
             return
@@ -88,9 +98,14 @@ def guard_if_meta(module: nn.Module, u_key: str, weight: torch.Tensor) -> None:
         MetaGuard(module, u_key)
 
 
+def guards_of(module: nn.Module) -> list[MetaGuard]:
+    """The meta guards of ``module``."""
+    return [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, MetaGuard)]
+
+
 def remove_guards(module: nn.Module) -> bool:
     """Drop every meta guard of ``module`` (its u, v have been initialised); whether it had one."""
-    guards = [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, MetaGuard)]
+    guards = guards_of(module)
     for hook in guards:
         hook.remove(module)
     return bool(guards)
