@@ -169,3 +169,23 @@ def channels_last_group(device):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sn_kernels.group(model, optimizer=opt)
     return model, ref, opt, torch.randn(2, 3, 9, 9, device=device)
+
+
+def assert_steps_match(actual, expected, x, training, *, buffer_tol=(1e-4, 1e-5)):
+    """Two calls of ``actual`` (an exported or loaded program) and ``expected`` (eager): the same outputs,
+    and in training mode the same u, v updates (``buffer_tol``: rtol, atol) and parameter gradients."""
+    for _ in range(2):
+        y, r = actual(x), expected(x)
+        torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-6)
+        if training:
+            g = torch.randn_like(r)
+            (y * g).sum().backward()
+            (r * g).sum().backward()
+    if training:
+        buffers, params = dict(expected.named_buffers()), dict(expected.named_parameters())
+        assert dict(actual.named_buffers()).keys() == buffers.keys()
+        assert dict(actual.named_parameters()).keys() == params.keys()
+        for name, b in actual.named_buffers():
+            torch.testing.assert_close(b, buffers[name], rtol=buffer_tol[0], atol=buffer_tol[1], msg=name)
+        for name, p in actual.named_parameters():
+            torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)

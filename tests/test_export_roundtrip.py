@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import sn_kernels
+from helpers import assert_steps_match
 
 APIS = ["hook", "parametrization"]
 BACKENDS = ["native", "triton", "torch"]
@@ -29,24 +30,6 @@ def model(api, **options):
 def need(backend):
     if backend not in sn_kernels.available_backends("cpu"):
         pytest.skip(f"{backend} backend not available")
-
-
-def assert_steps_match(loaded, eager, x, training):
-    """Two calls of ``loaded`` and ``eager``: the same outputs, and in training mode the same u, v
-    updates and parameter gradients."""
-    for step in range(2):
-        g = torch.randn(x.shape[0], 2)
-        y, r = loaded(x), eager(x)
-        torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-6)
-        if training:
-            (y * g).sum().backward()
-            (r * g).sum().backward()
-    if training:
-        ours = {**dict(loaded.named_buffers()), **{n: p.grad for n, p in loaded.named_parameters()}}
-        expected = {**dict(eager.named_buffers()), **{n: p.grad for n, p in eager.named_parameters()}}
-        assert ours.keys() == expected.keys()
-        for name in expected:
-            torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
