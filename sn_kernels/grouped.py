@@ -70,7 +70,6 @@ semantics; safe for an EMA copy updated through ``.data``) until ``attach(opt)``
 from __future__ import annotations
 
 import copy
-
 import weakref
 
 import torch
@@ -221,8 +220,9 @@ class _Shared:
 class _GroupNormalize(torch.autograd.Function):
     """W_i / sigma_i for every weight of one group: ONE autograd node, whose backward computes all
     the weight gradients (grad_W = (G - <G, W_sn> u v^T) / sigma), for a backend without its own
-    node (``Backend.group_eager``; the native backend's is in C++, csrc/sn_kernels_autograd.cpp).  The node keeps the weights, u, v and sigma it needs, never
-    its outputs (a cycle output -> node -> output would never be freed)."""
+    node (``Backend.group_eager``; the native backend's is in C++, csrc/sn_kernels_autograd.cpp).  The
+    node keeps the weights, u, v and sigma it needs (``_Shared``), never its outputs (a cycle output ->
+    node -> output would never be freed)."""
 
     @staticmethod
     def forward(ctx, shared: _Shared, *weights):

@@ -15,8 +15,8 @@ from torch.nn.utils import parametrize
 from . import conv_norm
 from .backends.pytorch import as_matrix, exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
-from .checks import (INIT_ITERATIONS, check_bound, check_mode, check_not_lazy, check_variant, check_weight_args, default_dim,
-                     front_end_iterations, take_pending)
+from .checks import (INIT_ITERATIONS, check_bound, check_mode, check_not_lazy, check_variant, check_weight_args,
+                     default_dim, front_end_iterations, take_pending)
 from .find import TorchSpectralNorm
 from .functional import spectral_normalize
 from .meta import guard_if_meta

@@ -59,8 +59,10 @@ def reset_uv(model: nn.Module, n_power_iterations: int = 15, *, redraw: bool = T
                         state.gain.copy_(torch.linalg.vector_norm(weight.detach()).to(state.gain.dtype))
                 continue  # a vector needs no u, v
             u, v, order = state._u, state._v, "uv"
-        gain = (getattr(module, name + "_gain") if kind == "hook" and getattr(state, "gain", False)  # PyTorch's: none
-                else getattr(state, "gain", None) if kind != "hook" else None)
+        if kind == "hook":  # a flag on ours (the parameter beside the weight); PyTorch's hook has none
+            gain = getattr(module, name + "_gain") if getattr(state, "gain", False) else None
+        else:
+            gain = getattr(state, "gain", None)
         if on_meta and gain is not None:  # as at wrapping: gamma, u, v the exact top singular triple
             with torch.no_grad():
                 gamma, u1, v1 = exact_top_singular(as_matrix(weight.detach(), state.dim))

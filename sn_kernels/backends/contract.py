@@ -30,8 +30,6 @@ import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import math
-
 import torch
 from torch import Tensor
 
