@@ -86,6 +86,16 @@ class Holder(nn.Module):
         return self.weight
 
 
+def engine_backward(outputs, grads) -> None:
+    """``torch.autograd.backward(outputs, grads)`` without its Python argument checks: the same engine
+    call, gradients accumulated into ``.grad``.  Those checks compare each gradient's shape with its
+    output's (symbolic-shape equality, about 4 µs per tensor on a CPU), a cost of the harness, not of
+    what it times: a training step's backward starts from one scalar loss (benchmarks/NOTES.md, G7)."""
+    torch.autograd.Variable._execution_engine.run_backward(
+        tuple(outputs), tuple(grads), False, False, (), True, True)  # keep_graph, create_graph, inputs,
+    # allow_unreachable, accumulate_grad: what torch.autograd.backward passes
+
+
 def timer(device):
     """(measure, sync): ``measure(fn)`` = seconds of one call (CUDA events on a GPU, else the host clock)."""
     if device.type == "cuda":

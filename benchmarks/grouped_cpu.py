@@ -3,8 +3,10 @@
 1. Forward + backward over all the SN weights of a shape set (sngan_cifar_d, biggan128_d, and
    ``tiny_11``: SNGAN's 11 weights shrunk to 8x4x3x3 and 1x8, which times the host overhead alone;
    float32; parametrization API):
-   access every ``module.weight`` (power iteration + W / sigma), then one
-   ``torch.autograd.backward`` over all of them with fixed gradients.  Providers:
+   access every ``module.weight`` (power iteration + W / sigma), then one backward over all of them
+   with fixed gradients (``_common.engine_backward``: the autograd engine called as
+   ``torch.autograd.backward`` calls it, without its per-tensor Python checks, which a training step
+   does not pay per weight).  Providers:
    ``torch_param`` (torch.nn.utils.parametrizations.spectral_norm), ``native`` (sn_kernels,
    per module), ``grouped`` (sn_kernels.group: one C++ call forward, one node / one C++ call
    backward per group, csrc/sn_kernels_grouped_cpu.cpp).  Each row also gives GB/s under the bytes
@@ -42,7 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import sn_kernels  # noqa: E402
-from _common import BUNDLED_SHAPES, Holder, balanced_orders, copy_bandwidth, device_name, load_shapes, write_csv  # noqa: E402
+from _common import (BUNDLED_SHAPES, Holder, balanced_orders, copy_bandwidth, device_name, engine_backward,  # noqa: E402
+                     load_shapes, write_csv)
 from models import SNGANDiscriminator, hinge_d_loss  # noqa: E402
 
 BYTES_MODEL_FWD_BWD = 8  # |W| per forward + backward (docs/design.md#bytes-model)
@@ -102,8 +105,7 @@ def weights_bench(shapes, rounds):
         params = list(model.parameters())
 
         def run():
-            ws = model()
-            torch.autograd.backward(ws, grads)
+            engine_backward(model(), grads)
             for p in params:
                 p.grad = None
         return run

@@ -184,3 +184,28 @@ def test_cpu_variants_writes_to_out(tmp_path):
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert {r["variant"] for r in rows} == {"plain", "coeff_hard", "coeff_soft", "gain"}
     assert not (tree / "benchmarks" / "results").exists()
+
+
+def test_engine_backward_accumulates_what_autograd_backward_does():
+    """The grouped benchmark's backward (the engine called without torch.autograd.backward's Python
+    checks) must give every weight the same .grad, accumulated, and free the graph as the public call."""
+    torch.manual_seed(0)
+    ws = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    grads = [torch.randn(3, 4), torch.randn(5)]
+
+    def outputs():
+        return [ws[0] * ws[0], ws[1].exp()]
+
+    torch.autograd.backward(outputs(), grads)
+    torch.autograd.backward(outputs(), grads)
+    want = [w.grad.clone() for w in ws]
+    for w in ws:
+        w.grad = None
+    _common.engine_backward(outputs(), grads)
+    _common.engine_backward(outputs(), grads)
+    for w, g in zip(ws, want):
+        assert torch.equal(w.grad, g)
+    outs = outputs()
+    _common.engine_backward(outs, grads)
+    with pytest.raises(RuntimeError, match="second time"):
+        _common.engine_backward(outs, grads)
