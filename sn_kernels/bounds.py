@@ -327,6 +327,8 @@ def _check_weight(w: Tensor, what: str) -> None:
         raise ValueError(f"{what}: a 0-d tensor has no matrix view")
     if w.numel() == 0:
         raise ValueError(f"{what}: empty weight of shape {tuple(w.shape)}")
+    if w.is_meta:
+        raise ValueError(f"{what}: a meta tensor has no values to bound; load or materialize the weight first")
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{what}: the weight has non-finite entries")
 
@@ -601,7 +603,20 @@ def _plane_wave(emb: _Embedding, best: _Top, where) -> Tensor:
     return (x * torch.exp(-1j * theta)).real
 
 
+def _sizes(input_shape, what: str) -> tuple[int, ...]:
+    """``input_shape`` (an int, or a sequence of ints of any integer type) as a tuple of sizes >= 0.  A float or
+    str size is refused, not truncated: 8.9 would bound the operator at 8, not the one asked for."""
+    try:
+        shape = tuple(operator.index(s) for s in ((input_shape,) if isinstance(input_shape, int) else input_shape))
+    except TypeError:
+        raise TypeError(f"{what}: input_shape must be an int or a sequence of ints, got {input_shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{what}: input_shape {shape} has a negative size")
+    return shape
+
+
 def _conv_input_shape(module: nn.Module, spec, w: Tensor, input_shape) -> tuple[int, ...]:
+    """(1, C, *spatial) from ``input_shape``: the spatial size, (C, *spatial) or (N, C, *spatial)."""
     name = type(module).__name__
     nd = spec.ndim
     spatial = "(L,)" if nd == 1 else "(H, W)" if nd == 2 else "(D, H, W)"
@@ -609,18 +624,18 @@ def _conv_input_shape(module: nn.Module, spec, w: Tensor, input_shape) -> tuple[
     if input_shape is None:
         raise ValueError(f"sigma_bounds of a {name} needs input_shape=: the spatial size {spatial}, or (C, *spatial), "
                          f"or (N, C, *spatial); the operator norm of a convolution depends on the input size")
-    shape = tuple(int(s) for s in (input_shape if not isinstance(input_shape, int) else (input_shape,)))
+    given = shape = _sizes(input_shape, name)
     if len(shape) == nd:
         shape = (c_in,) + shape
     elif len(shape) == nd + 2:
         shape = shape[1:]
     elif len(shape) != nd + 1:
-        raise ValueError(f"{name}: input_shape {tuple(shape)} has {len(shape)} entries; expected {nd} (spatial), "
+        raise ValueError(f"{name}: input_shape {given} has {len(shape)} entries; expected {nd} (spatial), "
                          f"{nd + 1} (C, *spatial) or {nd + 2} (N, C, *spatial)")
     if shape[0] != c_in:
-        raise ValueError(f"{name}: input_shape {tuple(input_shape)} has {shape[0]} channels, the layer takes {c_in}")
-    if min(shape) <= 0:
-        raise ValueError(f"{name}: input_shape {tuple(input_shape)} has an empty dim")
+        raise ValueError(f"{name}: input_shape {given} has {shape[0]} channels, the layer takes {c_in}")
+    if min(shape) == 0:
+        raise ValueError(f"{name}: input_shape {given} has an empty dim")
     return (1,) + shape
 
 
@@ -633,10 +648,10 @@ def _conv_bounds(module: nn.Module, w: Tensor, input_shape, method: str, n_iter:
     try:
         out_shape = output_shape(spec, w, in_shape)
     except RuntimeError as err:
-        raise ValueError(f"{type(module).__name__}: input_shape {tuple(input_shape)} is invalid for this layer "
+        raise ValueError(f"{type(module).__name__}: input shape {in_shape} is invalid for this layer "
                          f"({err})") from err
     if math.prod(out_shape) == 0:
-        raise ValueError(f"{type(module).__name__}: input_shape {tuple(input_shape)} gives an empty output")
+        raise ValueError(f"{type(module).__name__}: input shape {in_shape} gives an empty output")
     ws, e = _scaled(w)
     n_terms = ws.numel()
     apply = lambda x: conv_apply(spec, ws, x)  # noqa: E731
@@ -752,9 +767,9 @@ def sigma_bounds(module_or_weight, *, method: str = "auto", input_shape=None, n_
     (1 + rtol) lower, per frequency); ``dim``: the matrix view of a Tensor.
 
     Errors: ValueError for an unknown method, a missing / malformed ``input_shape`` for a
-    conv, an empty or non-finite weight, ``fft`` on a matrix, ``exact`` too large;
+    conv, an empty, non-finite or meta weight, ``fft`` on a matrix, ``exact`` too large;
     TypeError for a module that is not supported or has no weight, integer weights,
-    complex conv weights.
+    complex conv weights, an ``input_shape`` size that is not an int (8.9 is refused, not truncated).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -906,9 +921,15 @@ def _pool_bound(layer: nn.Module, in_shape, out_shape) -> float:
     return math.nextafter(math.sqrt(math.nextafter(total, _INF)), _INF)
 
 
-def _shape_through(layer: nn.Module, shape) -> tuple[int, ...]:
-    """The output shape of a parameter-free layer (run on the meta device)."""
-    return tuple(layer(torch.empty(shape, device="meta")).shape)
+def _shape_through(label: str, layer: nn.Module, shape) -> tuple[int, ...]:
+    """The output shape of ``layer`` (parameter-free or eval-mode BatchNorm) for inputs of ``shape``: run on
+    the meta device with meta copies of its parameters and buffers, so nothing is computed or changed.
+    ValueError naming the layer if it refuses the shape (meta kernels raise any of these)."""
+    state = {k: torch.empty_like(t, device="meta") for k, t in (*layer.named_parameters(), *layer.named_buffers())}
+    try:
+        return tuple(torch.func.functional_call(layer, state, (torch.empty(shape, device="meta"),)).shape)
+    except (RuntimeError, IndexError, ValueError) as err:
+        raise ValueError(f"lipschitz_bound: {label}: input shape {tuple(shape)} does not fit ({err})") from err
 
 
 def _layer_lipschitz(name: str, layer: nn.Module, shape) -> tuple[float, tuple[int, ...]]:
@@ -916,19 +937,23 @@ def _layer_lipschitz(name: str, layer: nn.Module, shape) -> tuple[float, tuple[i
     label = f"layer {name!r} ({type(layer).__name__})"
     try:
         if isinstance(layer, nn.Linear):
-            if shape[-1] != layer.in_features:
-                raise ValueError(f"{label} takes {layer.in_features} features, gets shape {tuple(shape)}")
+            if shape[-1] != layer.in_features:  # the label is added below
+                raise ValueError(f"takes {layer.in_features} features, gets shape {tuple(shape)}")
             return _layer_bounds(layer, None, "auto", None, 1e-8)[1], tuple(shape[:-1]) + (layer.out_features,)
         if isinstance(layer, _CONV + _CONV_T):
+            spec = conv_spec(layer)  # sigma_bounds also takes the spatial size alone; a conv's input does not
+            if len(shape) not in (spec.ndim + 1, spec.ndim + 2):
+                raise ValueError(f"takes inputs of shape (C, *spatial) or (N, C, *spatial), {spec.ndim + 1} or "
+                                 f"{spec.ndim + 2} dims; gets shape {tuple(shape)}")
             bound = _layer_bounds(layer, shape, "auto", None, 1e-8)[1]  # checks the shape
-            return bound, tuple(output_shape(conv_spec(layer), _eval_weight(layer), shape))
+            return bound, tuple(output_shape(spec, _eval_weight(layer), shape))
     except (TypeError, ValueError) as err:
         raise type(err)(f"lipschitz_bound: {label}: {err}") from err
     if isinstance(layer, nn.CELU) and not layer.alpha > 0:
         raise ValueError(f"lipschitz_bound: {label} with alpha={layer.alpha} grows like exp(-x / |alpha|) for "
                          f"x < 0: it has no Lipschitz constant")
     if type(layer) in _ACTIVATIONS:
-        return _ACTIVATIONS[type(layer)], _shape_through(layer, shape)
+        return _ACTIVATIONS[type(layer)], _shape_through(label, layer, shape)
     if isinstance(layer, _DROPOUT) and layer.training:  # a fixed mask scales by 0 or 1 / (1 - p)
         return (0.0 if layer.p >= 1 else math.nextafter(1.0 / (1.0 - layer.p), _INF)), tuple(shape)
     if isinstance(layer, _ALPHA_DROPOUT) and layer.training:
@@ -938,7 +963,7 @@ def _layer_lipschitz(name: str, layer: nn.Module, shape) -> tuple[float, tuple[i
         slope = layer.negative_slope if isinstance(layer, nn.LeakyReLU) else layer.alpha
         return max(1.0, abs(float(slope))), tuple(shape)
     if isinstance(layer, _IDENTITIES):
-        return 1.0, _shape_through(layer, shape)
+        return 1.0, _shape_through(label, layer, shape)
     if isinstance(layer, _BATCHNORM):
         if layer.training or layer.running_var is None:
             raise ValueError(f"lipschitz_bound: {label} normalizes by batch statistics (training mode or no "
@@ -948,9 +973,9 @@ def _layer_lipschitz(name: str, layer: nn.Module, shape) -> tuple[float, tuple[i
             if layer.weight is not None:
                 scale = scale * layer.weight.detach().double().abs()
             # three roundings of at most u each: 4 u covers them
-            return math.nextafter(float(scale.max()) * (1 + 4 * _U), _INF), tuple(shape)
+            return math.nextafter(float(scale.max()) * (1 + 4 * _U), _INF), _shape_through(label, layer, shape)
     if isinstance(layer, _AVGPOOL + _MAXPOOL):
-        out = _shape_through(layer, shape)
+        out = _shape_through(label, layer, shape)
         return _pool_bound(layer, shape, out), out
     raise TypeError(
         f"lipschitz_bound: cannot bound {label}: supported are chains (nn.Sequential, nested) of Linear, "
@@ -987,9 +1012,12 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     sample.  Raises TypeError naming the first layer it cannot bound (residual blocks,
     attention, normalizations other than eval BatchNorm, a subclass that overrides
     ``forward``, a forward hook other than a spectral or weight norm's, ...), ValueError for
-    BatchNorm or AlphaDropout in training mode, CELU with alpha <= 0, or a shape that does not fit.  Cost: the sum of the layers' ``sigma_bounds``.
+    BatchNorm or AlphaDropout in training mode, CELU with alpha <= 0, or a shape that does not fit
+    (naming the layer), TypeError for a size that is not an int.  Cost: the sum of the layers' ``sigma_bounds``.
     """
-    shape = tuple(operator.index(s) for s in input_shape)  # a float size is refused, not truncated
+    shape = _sizes(input_shape, "lipschitz_bound")
+    if not shape:
+        raise ValueError("lipschitz_bound: input_shape () has no dims; a layer's input needs at least one dim")
     total = 1.0
     for name, layer in _chain(model):
         bound, shape = _layer_lipschitz(name, layer, shape)

@@ -351,17 +351,32 @@ class _State:
         owner._buffers[u_name], owner._buffers[v_name] = u, v
 
 
-def _resize_on_load(owner: nn.Module, state_dict, prefix: str, names) -> None:
-    """Give owner's u, v buffers the shapes of the incoming ones, so that a checkpoint with
-    initialised u, v loads into a freshly wrapped module (whose u, v are still empty).  Normal
-    tensors even under torch.inference_mode, which a later training forward can update in place."""
-    for name in names:
-        key = prefix + name
+def _is_conv_uv(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor) -> bool:
+    """Whether (u, v) are this layer's conv-mode u, v for some input size, or its u, v not drawn yet."""
+    if u.shape == v.shape == (0,):
+        return True
+    if v.dim() != spec.ndim + 2 or tuple(v.shape) != _sample_shape(spec, weight, v.shape[2:]):
+        return False
+    try:
+        return tuple(u.shape) == output_shape(spec, weight, v.shape)
+    except RuntimeError:  # an input size the layer refuses
+        return False
+
+
+def _resize_on_load(spec: ConvSpec, weight: Tensor, owner: nn.Module, state_dict, prefix: str, names) -> None:
+    """Give owner's u, v buffers the shapes of the incoming ones if those are this layer's u, v for another
+    input size, so that a checkpoint loads into a freshly wrapped module (whose u, v are still empty) or one
+    run at another size.  Anything else (a matrix-mode u, another layer's channels, u or v alone) is left to
+    PyTorch's load, which reports a size mismatch before replacing them.  Normal tensors even under
+    torch.inference_mode, which a later training forward can update in place."""
+    incoming = [state_dict.get(prefix + name) for name in names]
+    if not all(isinstance(t, Tensor) for t in incoming) or not _is_conv_uv(spec, weight, *incoming):
+        return
+    for name, t in zip(names, incoming):
         buf = owner._buffers.get(name)
-        if key in state_dict and buf is not None and isinstance(state_dict[key], Tensor) \
-                and state_dict[key].shape != buf.shape:
+        if buf is not None and t.shape != buf.shape:
             with torch.inference_mode(False):
-                owner._buffers[name] = buf.new_empty(state_dict[key].shape)
+                owner._buffers[name] = buf.new_empty(t.shape)
 
 
 def _empty(weight: Tensor) -> Tensor:
@@ -397,7 +412,8 @@ class ConvSpectralNormHook(_State):
         return weight_sn if torch.compiler.is_compiling() else serializable(weight_sn)
 
     def load_pre_hook(self, module, state_dict, prefix, *args) -> None:
-        _resize_on_load(module, state_dict, prefix, (self.name + "_u", self.name + "_v"))
+        _resize_on_load(self.spec, getattr(module, self.name + "_orig"), module, state_dict, prefix,
+                        (self.name + "_u", self.name + "_v"))
         self.sigma = None  # stale: sigmas() computes it from the loaded state
 
 
@@ -420,6 +436,7 @@ class ConvSpectralNorm(_State, nn.Module):
         _State.__init__(self, spec, name, n_power_iterations, eps, reinit_on_resize)
         self.register_buffer("_u", _empty(weight))
         self.register_buffer("_v", _empty(weight))
+        self.weight_shape = tuple(weight.shape)  # a load checks the incoming u, v's channels against it
         self.sigma: Tensor | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -439,7 +456,8 @@ class ConvSpectralNorm(_State, nn.Module):
         return value
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _resize_on_load(self, state_dict, prefix, ("_u", "_v"))
+        weight = torch.empty(self.weight_shape, device="meta")  # only its shape matters
+        _resize_on_load(self.spec, weight, self, state_dict, prefix, ("_u", "_v"))
         self.sigma = None  # stale: sigmas() computes it from the loaded state
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -469,6 +487,20 @@ def _conv_parametrization(module: nn.Module, name: str) -> ConvSpectralNorm | No
 
 # ----------------------------------------------------------------------------- public front ends
 
+_KERNEL = "weight"  # the parameter nn.Conv*/ConvTranspose*'s forward convolves with
+
+
+def _check_kernel(module: nn.Module, spec: ConvSpec, name: str, weight: Tensor) -> None:
+    """Refuse a parameter other than the layer's kernel (a bias, say): no other has a convolution operator."""
+    shape = tuple(weight.shape)
+    if name != _KERNEL or len(shape) != spec.ndim + 2 or shape[2:] != spec.kernel_size or shape[0] % spec.groups:
+        raise ValueError(
+            f'mode="conv" normalizes the convolution operator of the layer\'s kernel, {type(module).__name__}.'
+            f"{_KERNEL} (a {spec.ndim + 2}-d tensor of kernel size {spec.kernel_size}), got {name!r} of shape "
+            f'{shape}; use mode="matrix" for other parameters'
+        )
+
+
 def spectral_norm_conv(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
                        *, api: str = "hook", reinit_on_resize: bool = False,
                        input_size: tuple[int, ...] | None = None) -> nn.Module:
@@ -496,6 +528,7 @@ def spectral_norm_conv(module: nn.Module, name: str = "weight", n_power_iteratio
     if api == "hook" and weight is None:
         raise KeyError(f"module {type(module).__name__} has no plain parameter named {name!r}")
     weight = getattr(module, name)  # the parametrized value for a parametrization on a parametrized weight
+    _check_kernel(module, spec, name, weight)
     if api == "hook":
         state = ConvSpectralNormHook(spec, name, n_power_iterations, eps, reinit_on_resize)
     else:

@@ -12,6 +12,7 @@ import copy
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -493,6 +494,28 @@ def test_errors():
         sigma_bounds(conv, method="exact", input_shape=(64, 64))
 
 
+def test_conv_input_shape_sizes_are_ints():
+    """A float or string size is refused, not truncated (as lipschitz_bound does); any integer type is fine."""
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    for bad in ((8.9, 8.9), (8.0, 8), (2, 8.5, 8.5), "88", (8, None)):
+        with pytest.raises(TypeError, match="input_shape must be an int or a sequence of ints"):
+            sigma_bounds(conv, input_shape=bad)
+    with pytest.raises(ValueError, match="negative size"):
+        sigma_bounds(conv, input_shape=(-1, 2, 8, 8))  # the batch size is ignored, but not a negative one
+    with pytest.raises(ValueError, match="empty dim"):
+        sigma_bounds(conv, input_shape=(0, 8))
+    ints = (torch.Size([8, 8]), torch.tensor([8, 8]), (np.int64(8), np.int32(8)), (0, 2, 8, 8))
+    assert len({sigma_bounds(conv, input_shape=s) for s in ints + ((8, 8),)}) == 1
+
+
+def test_meta_weight_is_refused():
+    for x in (torch.randn(3, 4, device="meta"), nn.Linear(3, 4, device="meta")):
+        with pytest.raises(ValueError, match="meta tensor has no values"):
+            sigma_bounds(x)
+    with pytest.raises(ValueError, match=r"layer '0' \(Linear\).*meta tensor has no values"):
+        lipschitz_bound(nn.Sequential(nn.Linear(3, 4, device="meta")), (1, 3))
+
+
 # ----------------------------------------------------------------------------- lipschitz_bound
 
 def _jacobian_sigma(model, x):
@@ -610,6 +633,34 @@ def test_lipschitz_refuses_non_chains():
         lipschitz_bound(nn.Sequential(nn.Linear(4, 4)), (1, 5))
     with pytest.raises(ValueError, match="layer '0' \\(Conv2d\\)"):
         lipschitz_bound(nn.Sequential(nn.Conv2d(3, 3, 3)), (1, 2, 8, 8))
+
+
+def test_lipschitz_input_shape_errors():
+    """The documented ValueError for a shape that does not fit, naming the layer; TypeError for a non-integer size."""
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 2))
+    with pytest.raises(ValueError, match="at least one dim"):
+        lipschitz_bound(mlp, ())
+    with pytest.raises(ValueError, match="negative size"):
+        lipschitz_bound(mlp, (-1, 3))
+    with pytest.raises(ValueError, match="negative size"):
+        lipschitz_bound(nn.ReLU(), (-1, 2))
+    for bad in ((1, 3.0), "13", None):
+        with pytest.raises(TypeError, match="input_shape must be an int or a sequence of ints"):
+            lipschitz_bound(mlp, bad)
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\).*\(C, \*spatial\) or \(N, C, \*spatial\)"):
+        lipschitz_bound(cnn, (8, 8))  # the spatial size alone is sigma_bounds' form, not an input shape
+    with pytest.raises(ValueError, match=r"layer '0' \(MaxPool2d\).*does not fit"):
+        lipschitz_bound(nn.Sequential(nn.MaxPool2d(2)), (8,))
+    with pytest.raises(ValueError, match=r"layer '1' \(Unflatten\).*does not fit"):
+        lipschitz_bound(nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (3, 3))), (1, 3))
+    with pytest.raises(ValueError, match=r"layer '0' \(BatchNorm2d\).*does not fit"):
+        lipschitz_bound(nn.Sequential(nn.BatchNorm2d(4).eval()), (1, 3, 8, 8))
+    with pytest.raises(ValueError) as err:
+        lipschitz_bound(mlp, (1, 5))
+    assert str(err.value).count("layer '0' (Linear)") == 1, err.value  # named once, not twice
+    assert len({lipschitz_bound(mlp, s) for s in (torch.Size([1, 3]), (np.int64(0), 3), (3,), 3)}) == 1
+    assert lipschitz_bound(cnn[:2], (2, 8, 8)) == lipschitz_bound(cnn[:2], (1, 2, 8, 8))  # unbatched, as conv2d takes
 
 
 

@@ -45,7 +45,6 @@ CONFIGS = [
     (lambda: nn.ConvTranspose3d(2, 3, 3, stride=2, padding=1, output_padding=1), (3, 3, 2)),
 ]
 IDS = [f"cfg{i}" for i in range(len(CONFIGS))]
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
 
 def make(i, dtype=torch.float64):
@@ -68,7 +67,8 @@ def wrapped_and_run(i, api="hook"):
     return m, x
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")]
 
 
 def converged_sigma(spec, weight, shape, max_iters=4000, chunk=50):
@@ -511,3 +511,121 @@ def test_bad_input_size_refused_and_module_left_as_it_was(api, size):
     wrap_api(api)(m, mode="conv", input_size=[8, 8])
     assert _uv(m, api)[1].shape == (1, 3, 8, 8)
     m(torch.randn(1, 3, 8, 8)).sum().backward()
+
+
+def _trained(ctor, api, spatial, mode="conv"):
+    """``ctor()`` wrapped by ``api`` in ``mode`` (or by PyTorch's own, mode="torch") and run once on ``spatial``."""
+    torch.manual_seed(0)
+    if mode == "torch":
+        wrap = torch.nn.utils.spectral_norm if api == "hook" else torch.nn.utils.parametrizations.spectral_norm
+        m = wrap(ctor())
+    else:
+        m = wrap_api(api)(ctor(), mode=mode)
+    m(torch.randn(1, m.in_channels, *spatial))
+    return m
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("i", range(len(CONFIGS)), ids=IDS)
+def test_load_conv_checkpoint_of_another_input_size(api, i):
+    """A conv-mode checkpoint taken at another input size (or before any forward) loads strictly into a
+    layer initialised at its own size: u, v take the checkpoint's shapes and values."""
+    ctor, spatial = CONFIGS[i]
+    other = tuple(s + 1 for s in spatial)
+    src = _trained(ctor, api, other)
+    dst = _trained(ctor, api, spatial)
+    dst.load_state_dict(src.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(_uv(src, api), _uv(dst, api)))
+    src.eval(), dst.eval()
+    x = torch.randn(1, src.in_channels, *other)
+    assert torch.equal(src(x), dst(x))
+    dst.load_state_dict(wrap_api(api)(ctor(), mode="conv").state_dict())  # not drawn yet: u, v forgotten
+    assert all(t.shape == (0,) for t in _uv(dst, api))
+    dst(x)
+
+
+def _assert_load_refused(dst, sd, api, strict, bad):
+    """load_state_dict(sd) fails on a size mismatch for u or v (``bad``), before replacing either by a
+    tensor of another shape; the layer still runs at its input size."""
+    u, v = (t.clone() for t in _uv(dst, api))
+    prefix = "weight" if api == "hook" else "parametrizations.weight.0."
+    with pytest.raises(RuntimeError, match=rf"size mismatch for {prefix}{bad}\b"):
+        dst.load_state_dict(sd, strict=strict)
+    assert [t.shape for t in _uv(dst, api)] == [u.shape, v.shape]
+    i = ("_u", "_v").index(bad)
+    assert torch.equal(_uv(dst, api)[i], (u, v)[i])
+    if v.numel():
+        dst(torch.randn(1, dst.in_channels, *v.shape[2:])).sum().backward()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("source", ["matrix", "torch"])
+def test_load_matrix_checkpoint_into_conv_refused(source, api, strict):
+    """A matrix-mode (or PyTorch) checkpoint, u of shape (C_out,), is a size mismatch for a mode="conv"
+    layer at load, as PyTorch reports one, whether the layer ran already or not and whatever
+    reinit_on_resize: not a load that succeeds and fails (or silently redraws u, v) at the next forward."""
+    ctor = lambda: nn.Conv2d(3, 4, 3, padding=1)  # noqa: E731
+    sd = _trained(ctor, api, (6, 6), mode=source).state_dict()
+    if not strict:
+        sd = {k: t for k, t in sd.items() if k.endswith(("_u", "_v"))}
+    for reinit in (False, True):
+        for ran in (False, True):
+            dst = wrap_api(api)(ctor(), mode="conv", reinit_on_resize=reinit)
+            if ran:
+                dst(torch.randn(2, 3, 6, 6))
+            _assert_load_refused(dst, sd, api, strict, "_u")
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("src_ctor,dst_ctor,bad", [
+    (lambda: nn.Conv2d(3, 5, 3, padding=1), lambda: nn.Conv2d(3, 4, 3, padding=1), "_u"),
+    (lambda: nn.Conv2d(2, 4, 3, padding=1), lambda: nn.Conv2d(3, 4, 3, padding=1), "_v"),
+    (lambda: nn.Conv2d(4, 6, 3, groups=2), lambda: nn.Conv2d(4, 4, 3, groups=2), "_u"),
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, groups=2),
+     "_u"),
+    (lambda: nn.ConvTranspose2d(2, 3, 3), lambda: nn.ConvTranspose2d(4, 3, 3), "_v"),
+    (lambda: nn.Conv1d(3, 4, 3), lambda: nn.Conv2d(3, 4, 3), "_v"),  # (1, 3, 6): one spatial dim short
+], ids=["conv-out", "conv-in", "groups-out", "transposed-groups-out", "transposed-in", "conv1d-into-2d"])
+def test_load_conv_checkpoint_of_other_channels_refused(src_ctor, dst_ctor, bad, api, strict):
+    """conv-mode u, v of a layer with other channel counts (or dims) are a size mismatch at load, with
+    strict=True (whose other keys mismatch too) and with strict=False on u, v alone; u, v keep their shapes."""
+    spatial = (6, 6)
+    src = _trained(src_ctor, api, spatial[:len(src_ctor().kernel_size)])
+    sd = src.state_dict()
+    if not strict:
+        sd = {k: t for k, t in sd.items() if k.endswith(("_u", "_v"))}
+    for ran in (False, True):
+        dst = wrap_api(api)(dst_ctor(), mode="conv")
+        if ran:
+            dst(torch.randn(1, dst.in_channels, *spatial))
+        _assert_load_refused(dst, sd, api, strict, bad)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_load_uv_of_two_input_sizes_refused(api):
+    """u of one input size with v of another is no layer's state: a size mismatch, not buffers resized apart."""
+    ctor = lambda: nn.Conv2d(3, 4, 3, stride=2)  # noqa: E731
+    sd = _trained(ctor, api, (7, 7)).state_dict()
+    v_key = next(k for k in sd if k.endswith("_v"))
+    sd[v_key] = _trained(ctor, api, (9, 9)).state_dict()[v_key]
+    for strict in (True, False):
+        _assert_load_refused(_trained(ctor, api, (6, 6)), sd, api, strict, "_u")
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("input_size", [None, (8, 8)])
+@pytest.mark.parametrize("ctor", [lambda: nn.Conv2d(2, 3, 3), lambda: nn.ConvTranspose2d(2, 3, 3)],
+                         ids=["conv", "transposed"])
+def test_parameter_other_than_the_kernel_refused(ctor, input_size, api):
+    """mode="conv" on a parameter other than the conv's kernel (here the bias, which no convolution operator
+    has) is a ValueError at wrap time that points to mode="matrix", and leaves the module as it was: not an
+    IndexError at the first forward (or deep inside input_size=)."""
+    m = ctor()
+    before = _layout(m), sorted(m.state_dict())
+    with pytest.raises(ValueError, match=r'mode="conv" normalizes the convolution operator.*mode="matrix"'):
+        wrap_api(api)(m, name="bias", mode="conv", input_size=input_size)
+    assert (_layout(m), sorted(m.state_dict())) == before and not parametrize.is_parametrized(m)
+    wrap_api(api)(m, mode="conv", input_size=input_size)
+    m(torch.randn(1, 2, 8, 8)).sum().backward()
