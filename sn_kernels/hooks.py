@@ -30,6 +30,16 @@ from .meta import guard_if_meta
 from .serialize import serializable
 
 
+def complex_refusal(weight: torch.Tensor) -> TypeError:
+    """The hook API's error for a complex weight, at wrap time or at a forward (one made complex later)."""
+    return TypeError(
+        f"the hook API (sn_kernels.spectral_norm, as torch.nn.utils.spectral_norm) refuses complex weights "
+        f"({weight.dtype}): PyTorch's hook iterates with plain transposes and gets sigma wrong for them; "
+        "use sn_kernels.parametrizations.spectral_norm, which matches "
+        "torch.nn.utils.parametrizations.spectral_norm (conjugate transposes)"
+    )
+
+
 class SpectralNorm(torch_sn.SpectralNorm):
     """The forward pre-hook; PyTorch's class with the fused op inside."""
 
@@ -73,6 +83,8 @@ class SpectralNorm(torch_sn.SpectralNorm):
         """(W / sigma for the forward, W / sigma to keep as ``module.<name>`` after it): one tensor,
         or with ``twice`` on the compiled CPU route two equal ones (``functional.normalize_kept``)."""
         weight = getattr(module, self.name + "_orig")
+        if weight.is_complex():  # made complex after wrapping (``.to(torch.complex64)``): refused as at wrap time
+            raise complex_refusal(weight)
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
         if self.certifier is not None:
@@ -141,12 +153,7 @@ class SpectralNorm(torch_sn.SpectralNorm):
             raise ValueError(f"`SpectralNorm` cannot be applied as parameter `{name}` is None")
         check_not_lazy(weight)
         if isinstance(weight, torch.Tensor) and weight.is_complex():
-            raise TypeError(
-                f"the hook API (sn_kernels.spectral_norm, as torch.nn.utils.spectral_norm) refuses complex weights "
-                f"({weight.dtype}): PyTorch's hook iterates with plain transposes and gets sigma wrong for them; "
-                "use sn_kernels.parametrizations.spectral_norm, which matches "
-                "torch.nn.utils.parametrizations.spectral_norm (conjugate transposes)"
-            )
+            raise complex_refusal(weight)
         n_power_iterations = front_end_iterations(n_power_iterations)
         check_weight_args(weight, n_power_iterations, eps, dim)  # the hook keeps dim as given, like PyTorch's
         operator = operator_bound(module, name, weight) if bound == "operator" else None

@@ -153,3 +153,24 @@ def test_complex_vector_and_sigmas():
     assert sigma.dtype == torch.float64
     torch.testing.assert_close(sigma, torch.linalg.svdvals(m.parametrizations.weight.original)[0].detach(),
                                rtol=1e-3, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")  # PyTorch's note on .to(complex64)
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_hook_refuses_complex_weight_after_to(grouped, training):
+    """A real layer wrapped by the hook API, then ``.to(complex64)``: its forward raises the wrap-time
+    refusal (PyTorch's hook would run with plain transposes, ours with conjugate ones: neither is both
+    PyTorch's and right), before any u, v moves, also when ``sn_kernels.group`` computes the weights."""
+    with pytest.raises(TypeError) as at_wrap:
+        sn_kernels.spectral_norm(nn.Linear(6, 5, dtype=torch.complex64))
+    model = nn.Sequential(sn_kernels.spectral_norm(nn.Linear(6, 5)), sn_kernels.spectral_norm(nn.Linear(5, 4)))
+    model.to(torch.complex64).train(training)
+    if grouped:
+        sn_kernels.group(model)
+    state = {k: t.clone() for k, t in model.state_dict().items()}
+    with pytest.raises(TypeError) as at_forward:
+        model(torch.randn(2, 6, dtype=torch.complex64))
+    assert str(at_forward.value) == str(at_wrap.value)
+    for k, t in model.state_dict().items():
+        torch.testing.assert_close(t, state[k], rtol=0, atol=0, msg=k)
