@@ -6,6 +6,7 @@ from torch.nn.utils import parametrize
 
 from . import conv_norm, hooks
 from .find import walk
+from .nn import check_model
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -18,6 +19,7 @@ def freeze(model: nn.Module) -> nn.Module:
     runtime sees ordinary layers.  A parametrized tensor carrying spectral norm is
     folded with all its parametrizations (``remove_parametrizations``).
     """
+    check_model(model, "freeze")
     found = list(walk(model))
     for qual, site in found:  # checked before anything changes: no half-frozen model
         if site.kind == "conv" and _conv_v(site).numel() == 0:

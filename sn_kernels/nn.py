@@ -1,6 +1,7 @@
 """Spectrally normalized layers and model-wide helpers."""
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Iterable
 
@@ -9,8 +10,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import conv_norm, hooks, parametrizations
-from .certified import operator_bound
-from .checks import check_api, check_iterations_eps, check_variant, front_end_iterations
+from .certified import operator_bound, output_factor
+from .checks import (check_api, check_bound, check_iterations_eps, check_variant, check_weight_args, default_dim,
+                     front_end_iterations)
 from .find import TorchSpectralNorm, _kind as _kind_of, input_of, sites, torch_sn, walk
 from .functional import spectral_normalize
 from .serialize import serializable
@@ -28,25 +30,38 @@ def _wrapper(api: str):
     return hooks.spectral_norm if check_api(api) == "hook" else parametrizations.spectral_norm
 
 
+def check_model(model, who: str) -> None:
+    """Refuse, naming the helper ``who``, a ``model`` that is not an ``nn.Module`` (None, say)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sn_kernels.{who} takes an nn.Module, got {type(model).__name__}")
+
+
 def is_spectral_normalized(module: nn.Module, name: str = "weight") -> bool:
     """Whether ``module.<name>`` is spectrally normalized by either API (PyTorch's or ours, either mode)."""
     return bool(sites(module, name))
 
 
 def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iterations: int = 1, eps: float = 1e-12,
-                        layer_types: Iterable[type] = SN_LAYER_TYPES, exclude: Iterable[str] = (),
-                        **variant) -> nn.Module:
+                        layer_types: type | Iterable[type] = SN_LAYER_TYPES,
+                        exclude: str | Iterable[str] | None = (), **variant) -> nn.Module:
     """Wrap the ``weight`` of every Linear/Bilinear/Conv*/ConvTranspose*/Embedding in ``model`` (in place).
 
     ``api`` is "hook" (``torch.nn.utils.spectral_norm`` keys) or "parametrization";
-    modules named in ``exclude`` and weights already normalized are left alone, and so, with the
+    ``layer_types`` is one type or several (as ``isinstance`` takes them); modules named in ``exclude``
+    (one name, several, or None) and weights already normalized are left alone, and so, with the
     hook API, is ``nn.MultiheadAttention.out_proj`` (with a warning: the attention reads its weight
     without calling it, so a hook would never run).
     ``variant`` keywords (``coeff``, ``soft``, ``gain``, ``bound``, ``bound_every``) go to ``spectral_norm``.
+    Every layer is checked before the first is wrapped: a refusal leaves the model as it was.
     """
+    check_model(model, "apply_spectral_norm")
     wrap = _wrapper(api)
-    layer_types = tuple(layer_types)
-    exclude = {exclude} if isinstance(exclude, str) else set(exclude)  # one name, not its characters
+    if not isinstance(layer_types, (type, types.UnionType)):
+        layer_types = tuple(layer_types)
+    # one name, not its characters
+    exclude = {exclude} if isinstance(exclude, str) else set(() if exclude is None else exclude)
+    n_power_iterations = front_end_iterations(n_power_iterations)
+    check_iterations_eps(n_power_iterations, eps)  # the model's arguments, refused before any layer's
     # nn.MultiheadAttention reads out_proj.weight without calling out_proj: a hook (which runs when the
     # layer is called) would never run, and the attention would use the raw weight, untrained
     not_called = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
@@ -61,18 +76,20 @@ def apply_spectral_norm(model: nn.Module, *, api: str = "hook", n_power_iteratio
                           "weight without calling it, so the hook API's spectral norm would never run; "
                           "api='parametrization' normalizes it", stacklevel=2)
             continue
-        _check_wrappable(mod_name, module, api, variant)  # all of them before the first is wrapped
+        # all of them before the first is wrapped
+        _check_wrappable(mod_name, module, api, n_power_iterations, eps, variant)
         targets.append(module)
     for module in targets:
         wrap(module, n_power_iterations=n_power_iterations, eps=eps, **variant)
     return model
 
 
-def _check_wrappable(mod_name: str, module: nn.Module, api: str, variant: dict) -> None:
+def _check_wrappable(mod_name: str, module: nn.Module, api: str, n_power_iterations: int, eps: float,
+                     variant: dict) -> None:
     """Refuse, naming the layer, a weight the front end would refuse: a lazy one; for the hook API one that
-    is not a plain parameter (computed by a parametrization or the old weight_norm) or is complex; one the
-    ``variant`` keywords do not take (a complex weight with coeff/soft/gain, bound="operator" on a layer
-    whose operator is unknown)."""
+    is not a plain parameter (computed by a parametrization or the old weight_norm), is complex or has
+    no rows; one the op refuses (not floating-point, 0-d); one the ``variant`` keywords do not take
+    (``_check_variant``)."""
     where = f"sn_kernels.apply_spectral_norm: {mod_name or 'the model'}"
     weight = module._parameters.get("weight")
     if weight is not None and nn.parameter.is_lazy(weight):
@@ -86,11 +103,28 @@ def _check_wrappable(mod_name: str, module: nn.Module, api: str, variant: dict) 
         raise TypeError(f"{where}.weight is complex, which the hook API refuses; use api='parametrization' or "
                         "exclude it; nothing was wrapped")
     try:
-        check_variant(weight, variant.get("coeff"), variant.get("soft", False), variant.get("gain", False))
-        if variant.get("bound") == "operator":
-            operator_bound(module, "weight", weight)
-    except (TypeError, ValueError) as err:
+        if variant.get("mode") == "conv":
+            conv_norm.conv_spec(module)  # the layers mode="conv" takes; it has no dim, coeff or bound
+            return
+        dim = variant.get("dim")
+        dim = check_weight_args(weight, n_power_iterations, eps, default_dim(module) if dim is None else dim)
+        if api == "hook":  # PyTorch's matrix view, as the hook API draws u, v: a weight with no rows has none
+            torch_sn.SpectralNorm(dim=dim).reshape_weight_to_matrix(weight.detach())
+        _check_variant(module, weight, dim, variant)
+    except (TypeError, ValueError, IndexError, RuntimeError) as err:
         raise type(err)(f"{where}.weight: {err}; nothing was wrapped") from None
+
+
+def _check_variant(module: nn.Module, weight: torch.Tensor, dim: int, variant: dict) -> None:
+    """Refuse the ``variant`` keywords ``weight`` does not take: a complex weight with coeff/soft/gain or a
+    certified bound, bound="operator" on a layer whose operator is unknown, a ``coeff`` too small for the
+    certified bound in the weight's dtype."""
+    coeff, gain = variant.get("coeff"), variant.get("gain", False)
+    check_variant(weight, coeff, variant.get("soft", False), gain)
+    bound = variant.get("bound", "estimate")
+    if check_bound(bound, variant.get("bound_every", 1), weight, gain=gain):
+        operator = operator_bound(module, "weight", weight) if bound == "operator" else None
+        output_factor(weight, dim, 1.0 if coeff is None else float(coeff), operator)
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -100,6 +134,7 @@ def convert(model: nn.Module) -> nn.Module:
     state_dict keys and optimizer state are unchanged.  PyTorch's hook on a complex
     weight is left in place, with a warning (sn_kernels' hook API refuses complex weights).
     """
+    check_model(model, "convert")
     hook_sites, param_sites = [], []
     for module in model.modules():  # everything checked before anything changes: no half-converted model
         for key, hook in list(module._forward_pre_hooks.items()):
@@ -143,8 +178,8 @@ def _check_convertible(module: nn.Module, name: str, torch_sn_state) -> None:
     try:
         check_iterations_eps(front_end_iterations(getattr(torch_sn_state, "n_power_iterations", 1)),
                              torch_sn_state.eps)
-    except ValueError as err:
-        raise ValueError(f"sn_kernels.convert: {type(module).__name__}.{name}: {err}; nothing was converted") \
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"sn_kernels.convert: {type(module).__name__}.{name}: {err}; nothing was converted") \
             from None
 
 
@@ -154,7 +189,8 @@ def _adopt(torch_param: nn.Module) -> parametrizations.SpectralNormParametrizati
     nn.Module.__init__(ours)
     ours.dim, ours.eps, ours.sigma, ours.gain = torch_param.dim, torch_param.eps, None, None
     if hasattr(torch_param, "n_power_iterations"):
-        ours.n_power_iterations = torch_param.n_power_iterations
+        # PyTorch's keeps any integer it was given (a NumPy int, a tensor); the op wants an int
+        ours.n_power_iterations = front_end_iterations(torch_param.n_power_iterations)
     for name, buf in torch_param._buffers.items():
         ours.register_buffer(name, buf)
     ours.train(torch_param.training)
@@ -173,6 +209,7 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
     power iteration's estimate is ``state.certifier.estimate``.  A second spectral norm stacked
     on one weight (parametrization API) is keyed by its position in the list: ``"fc.weight[1]"``.
     Adds nothing to the state_dict."""
+    check_model(model, "sigmas")
     out = {}
     for qual, site in walk(model):
         kind, module, pname, state = site.kind, site.module, site.name, site.state

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import conv_norm
+from .checks import check_iterations_eps, front_end_iterations
 from .functional import spectral_normalize
 from .backends.pytorch import as_matrix, exact_top_singular
 from .find import input_of, walk
 from .meta import remove_guards
+from .nn import check_model
 
 
 def _fresh(vec: Tensor, eps: float, redraw: bool) -> None:
@@ -39,8 +41,15 @@ def reset_uv(model: nn.Module, n_power_iterations: int = 15, *, redraw: bool = T
     exact singular vectors).  ``redraw=False``: start from the current u, v (normalized; only vectors
     that are zero or not finite are redrawn), e.g. on an EMA model after averaging.
     ``mode="conv"`` weights forget u, v; their next forward draws them.
+    ``n_power_iterations`` is any integer a front end takes; it and every spectral norm's eps are
+    checked before anything changes.
     """
-    for _, site in walk(model):
+    check_model(model, "reset_uv")
+    n_power_iterations = front_end_iterations(n_power_iterations)
+    found = [site for _, site in walk(model)]
+    for site in found:  # a refusal leaves every u, v and meta guard as it was
+        check_iterations_eps(n_power_iterations, site.state.eps)
+    for site in found:
         kind, module, name, state = site.kind, site.module, site.name, site.state
         on_meta = remove_guards(module)  # wrapped on meta: the gain too holds uninitialised memory
         if getattr(state, "sigma", None) is not None:

@@ -1,6 +1,8 @@
 """Mixed precision, awkward inputs and determinism, on every backend that runs here."""
 import copy
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -149,3 +151,138 @@ def test_autocast_leaves_the_power_iteration_in_float32(backend, api, mode):
     assert all(s.dtype == torch.float32 for s in sn_kernels.sigmas(model).values())
     torch.testing.assert_close(torch.stack(list(sn_kernels.sigmas(model).values())),
                                torch.stack(list(sn_kernels.sigmas(ref).values())), rtol=1e-5, atol=0)
+
+
+TORCH_WRAPS = {"hook": torch.nn.utils.spectral_norm, "parametrization": torch.nn.utils.parametrizations.spectral_norm}
+
+
+@pytest.mark.parametrize("n", [np.int64(2), torch.tensor(2)], ids=["numpy", "tensor"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_convert_takes_any_integer_n_power_iterations(api, n):
+    """PyTorch's front ends take a NumPy integer or a one-element tensor as n_power_iterations (so do ours):
+    a converted layer keeps running, as PyTorch's, with the int the op wants."""
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        layers.append(TORCH_WRAPS[api](nn.Linear(3, 4), n_power_iterations=n))
+    ref, ours = layers
+    sn_kernels.convert(ours)
+    state = ours._forward_pre_hooks if api == "hook" else ours.parametrizations.weight
+    assert all(type(s.n_power_iterations) is int and s.n_power_iterations == 2 for s in
+               (state.values() if api == "hook" else state) if type(s).__module__.startswith("sn_kernels"))
+    x = torch.randn(2, 3)
+    for _ in range(2):  # training forwards: 2 power iterations each, as PyTorch's
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def _meta_built(api):
+    with torch.device("meta"):
+        model = nn.Sequential(sn_kernels.SNLinear(3, 4, api=api), sn_kernels.SNLinear(4, 5, api=api))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+        for b in model.buffers():
+            b.normal_()  # the vectors' "uninitialised memory", made deterministic
+    return model
+
+
+@pytest.mark.parametrize("n", [0, -1, 15.0, "15"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_reset_uv_refuses_before_changing_anything(api, n):
+    """A refused n_power_iterations leaves every u, v and the meta-device guards as they were: the model
+    built on meta still refuses its forward."""
+    model = _meta_built(api)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises((TypeError, ValueError), match="n_power_iterations"):
+        sn_kernels.reset_uv(model, n_power_iterations=n)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="meta device"):
+        model(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("n", [np.int64(3), torch.tensor(3)], ids=["numpy", "tensor"])
+def test_reset_uv_takes_the_integers_the_front_ends_take(n):
+    """reset_uv takes n_power_iterations as the wrapping front ends do: a NumPy integer or a one-element
+    tensor is the int it holds."""
+    results = []
+    for steps in (3, n):
+        torch.manual_seed(0)
+        model = nn.Sequential(sn_kernels.SNLinear(3, 4), sn_kernels.SNLinear(4, 5, api="parametrization"))
+        sn_kernels.reset_uv(model, n_power_iterations=steps)
+        results.append(model.state_dict())
+    assert all(torch.equal(results[0][k], t) for k, t in results[1].items())
+
+
+def test_reset_uv_refuses_a_pytorch_eps_it_cannot_iterate_before_changing_anything():
+    """PyTorch's hook accepts eps=0, which the op refuses: reset_uv says so before the first layer's u, v
+    are redrawn."""
+    model = nn.Sequential(sn_kernels.SNLinear(3, 4), torch.nn.utils.spectral_norm(nn.Linear(4, 2), eps=0.0))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="eps"):
+        sn_kernels.reset_uv(model)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
+class _Scale(nn.Module):
+    """A layer with a 0-d weight (a custom type passed in ``layer_types``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(2.0))
+
+
+def _long_weight_model():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[1].weight = nn.Parameter(torch.ones(2, 4, dtype=torch.long), requires_grad=False)
+    return model
+
+
+REFUSED_LATER = {  # a model whose layer 1 the front end refuses, and apply_spectral_norm's options
+    "hook_no_rows": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 0)), {}),
+    "integer_hook": (_long_weight_model, {}),
+    "integer_param": (_long_weight_model, dict(api="parametrization")),
+    "0d_hook": (lambda: nn.Sequential(nn.Linear(3, 4), _Scale()), dict(layer_types=(nn.Linear, _Scale))),
+    "0d_param": (lambda: nn.Sequential(nn.Linear(3, 4), _Scale()),
+                 dict(api="parametrization", layer_types=(nn.Linear, _Scale))),
+    "tiny_coeff_half_hook": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).half()),
+                             dict(bound="upper", coeff=1e-30)),
+    "tiny_coeff_half_param": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).half()),
+                              dict(api="parametrization", bound="upper", coeff=1e-30)),
+    "upper_complex_param": (lambda: nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3).to(torch.complex64)),
+                            dict(api="parametrization", bound="upper")),
+    "conv_mode_linear": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Linear(3, 2)), dict(mode="conv")),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature", "ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("case", list(REFUSED_LATER))
+def test_apply_spectral_norm_refuses_what_a_front_end_refuses_as_a_whole(case):
+    """A layer that the front end itself refuses, after others it takes, is refused (with the error type the
+    front end raises, naming the layer) before anything is wrapped."""
+    build, options = REFUSED_LATER[case]
+    wrap = sn_kernels.spectral_norm if options.get("api", "hook") == "hook" else \
+        sn_kernels.parametrizations.spectral_norm
+    front = {k: v for k, v in options.items() if k not in ("api", "layer_types")}
+    with pytest.raises(Exception) as direct:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # complex modules warn
+            wrap(build()[1], **front)
+    model = build()
+    with pytest.raises(direct.type, match=r"1\.weight.*nothing was wrapped"):
+        sn_kernels.apply_spectral_norm(model, **options)
+    assert not any(sn_kernels.is_spectral_normalized(m) for m in model)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_apply_spectral_norm_takes_one_layer_type_and_no_exclude(api):
+    """``layer_types`` may be one type (as isinstance takes it), ``exclude`` None (nothing excluded)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Conv1d(1, 1, 1), nn.Linear(4, 2))
+    sn_kernels.apply_spectral_norm(model, api=api, layer_types=nn.Linear, exclude=None)
+    assert [sn_kernels.is_spectral_normalized(m) for m in model] == [True, False, True]
+
+
+@pytest.mark.parametrize("helper", ["convert", "freeze", "reset_uv", "sigmas", "apply_spectral_norm"])
+def test_model_helpers_refuse_what_is_not_a_module(helper):
+    with pytest.raises(TypeError, match=rf"{helper}.*nn\.Module.*NoneType"):
+        getattr(sn_kernels, helper)(None)
