@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
+import torch
 from torch import Tensor, nn
 
 from .backends.contract import ORDERS, matrix_shape
@@ -43,7 +45,11 @@ def check_iterations_eps(n_power_iterations: int, eps: float) -> None:
                         f"{n_power_iterations!r}")
     if n_power_iterations <= 0:
         raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}")
-    if not 0 < eps < math.inf:  # NaN fails too; an infinite eps would zero u and v for good
+    try:
+        positive_finite = 0 < eps < math.inf  # NaN fails too; an infinite eps would zero u and v for good
+    except TypeError:  # a str, None, a complex number
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}") from None
+    if not positive_finite:
         raise ValueError(f"Expected eps to be positive and finite, but got eps={eps}")
 
 
@@ -61,10 +67,25 @@ def front_end_iterations(n_power_iterations) -> int:
         raise TypeError(f"n_power_iterations must be an integer, got {type(n_power_iterations).__name__}") from None
 
 
+def front_end_dim(dim) -> int:
+    """``dim`` as an int, its sign kept: any integer (a NumPy integer, a one-element integer tensor, a
+    bool), or a real number equal to 0, which PyTorch's front ends take as dim 0 (they test ``dim != 0``
+    before using it); anything else refused with a TypeError naming dim (PyTorch's fail in permute)."""
+    try:
+        return operator.index(dim)
+    except TypeError:
+        pass
+    if isinstance(dim, Tensor) and dim.numel() == 1 and not dim.is_complex():
+        dim = dim.item()
+    if isinstance(dim, numbers.Real) and dim == 0:
+        return 0
+    raise TypeError(f"dim must be an integer, got {type(dim).__name__} {dim!r}")
+
+
 def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: int) -> int:
     """Refuse what the op and every front end refuse (a weight neither floating-point nor
-    complex, a 0-d weight, n_power_iterations <= 0, eps <= 0, dim out of range); return
-    ``dim`` made non-negative."""
+    complex, a 0-d weight, n_power_iterations <= 0, eps <= 0, dim not an integer or out of
+    range); return ``dim`` as a non-negative int (``front_end_dim``)."""
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
     if not (weight.is_floating_point() or weight.is_complex()):
@@ -73,6 +94,8 @@ def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: 
     if ndim == 0:
         raise ValueError("spectral norm needs a weight with at least one dimension, got a 0-d tensor")
     check_iterations_eps(n_power_iterations, eps)
+    if type(dim) is not int:
+        dim = front_end_dim(dim)
     if not -ndim <= dim < ndim:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}] but got {dim})")
     return dim % ndim
@@ -134,10 +157,10 @@ def _vector_error(weight: Tensor, u, v, m: int, n: int, dim: int) -> None:
 
 
 def check_variant(weight: Tensor, coeff, soft: bool, gain) -> None:
-    """Refuse a bad Lipschitz ``coeff``, ``soft`` without ``coeff``, a bad ``gain``, and any
-    variant on a complex weight."""
-    if coeff is not None and not (isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and coeff > 0):
-        raise ValueError(f"coeff must be a positive number, got {coeff!r}")
+    """Refuse a bad Lipschitz ``coeff`` (``check_coeff``), ``soft`` without ``coeff``, a bad ``gain``,
+    and any variant on a complex weight."""
+    if coeff is not None:
+        check_coeff(weight, coeff)
     if soft and coeff is None:
         raise ValueError("soft=True needs a Lipschitz coefficient: pass coeff=...")
     if isinstance(gain, bool):  # a front end's "add a gain" flag
@@ -150,6 +173,19 @@ def check_variant(weight: Tensor, coeff, soft: bool, gain) -> None:
             raise ValueError(f"gain is on {gain.device} but the weight is on {weight.device}")
     if isinstance(weight, Tensor) and weight.is_complex() and (coeff is not None or soft or has_gain):
         raise ValueError("coeff, soft and gain support real weights only, got a complex weight")
+
+
+def check_coeff(weight: Tensor, coeff) -> None:
+    """Refuse a ``coeff`` that is not a real number (a NumPy scalar is; a bool is not), not positive, or
+    not finite in the dtype that scales by it (the weight's, float32 at least): an infinite coeff would
+    make W / (sigma / coeff) silently zero."""
+    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real):
+        raise TypeError(f"coeff must be a real number, got {type(coeff).__name__} {coeff!r}")
+    if not coeff > 0:  # NaN fails too
+        raise ValueError(f"coeff must be a positive number, got {coeff!r}")
+    dtype = torch.promote_types(weight.dtype, torch.float32) if isinstance(weight, Tensor) else torch.float64
+    if not coeff <= torch.finfo(dtype).max:  # compared exactly: an int past float64's range too
+        raise ValueError(f"coeff must be finite in {dtype}, the dtype that scales the weight by it, got {coeff!r}")
 
 
 def check_mode(mode: str, dim, coeff, soft, gain, conv_options: dict) -> bool:

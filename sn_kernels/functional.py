@@ -131,8 +131,9 @@ def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, s
     arguments itself (native: in C++, before it touches u, v) is called first, and the
     Python checks run only to name a refused argument; for a small weight they would cost
     as much as the kernels."""
-    if not isinstance(weight, Tensor) or type(n_power_iterations) is not int:
-        check_call(weight, u, v, n_power_iterations, eps, dim, order)  # raises
+    if not isinstance(weight, Tensor) or type(n_power_iterations) is not int or type(dim) is not int \
+            or isinstance(eps, str):  # the native op would parse a string eps
+        dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)  # raises, or makes dim an int
     chosen = dispatch.resolve(weight.device, backend)
     if not chosen.eager_checks_args:
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)

@@ -23,7 +23,7 @@ from .backends.contract import exporting
 from .backends.pytorch import exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound, output_factor
 from .checks import (check_bound, check_iterations_eps, check_mode, check_no_second_hook, check_not_lazy, check_variant,
-                     check_weight_args, default_dim, front_end_iterations, take_pending)
+                     check_weight_args, default_dim, front_end_dim, front_end_iterations, take_pending)
 from .find import find, torch_sn
 from .functional import normalize_kept
 from .meta import guard_if_meta
@@ -63,7 +63,7 @@ class SpectralNorm(torch_sn.SpectralNorm):
                  bound_every: int = 1, operator: OperatorBound | None = None):
         n_power_iterations = front_end_iterations(n_power_iterations)
         check_iterations_eps(n_power_iterations, eps)
-        super().__init__(name, n_power_iterations, dim, eps)
+        super().__init__(name, n_power_iterations, front_end_dim(dim), eps)  # dim=0.0 runs, as in PyTorch
         self.coeff, self.soft, self.gain = coeff, soft, gain
         if check_bound(bound, bound_every, gain=gain):
             if bound == "operator" and operator is None:

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from . import conv_norm, hooks, parametrizations
 from .certified import operator_bound, output_factor
 from .checks import (check_api, check_bound, check_iterations_eps, check_variant, check_weight_args, default_dim,
-                     front_end_iterations)
+                     front_end_dim, front_end_iterations)
 from .find import TorchSpectralNorm, _kind as _kind_of, input_of, sites, torch_sn, walk
 from .functional import spectral_normalize
 from .serialize import serializable
@@ -187,7 +187,8 @@ def _adopt(torch_param: nn.Module) -> parametrizations.SpectralNormParametrizati
     """Our parametrization holding the very buffers of PyTorch's."""
     ours = parametrizations.SpectralNormParametrization.__new__(parametrizations.SpectralNormParametrization)
     nn.Module.__init__(ours)
-    ours.dim, ours.eps, ours.sigma, ours.gain = torch_param.dim, torch_param.eps, None, None
+    # PyTorch's keeps dim as given (0.0 runs there: it tests dim != 0); the op wants an int
+    ours.dim, ours.eps, ours.sigma, ours.gain = front_end_dim(torch_param.dim), torch_param.eps, None, None
     if hasattr(torch_param, "n_power_iterations"):
         # PyTorch's keeps any integer it was given (a NumPy int, a tensor); the op wants an int
         ours.n_power_iterations = front_end_iterations(torch_param.n_power_iterations)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -395,3 +396,123 @@ def test_apply_spectral_norm_refuses_layer_dependent_settings_as_a_whole(case):
     with pytest.raises((TypeError, ValueError), match=r"b\.weight.*nothing was wrapped"):
         sn_kernels.apply_spectral_norm(model, **options)
     assert not any(sn_kernels.is_spectral_normalized(m) for m in model.values())
+
+
+# ----------------------------------------------------------------------------- argument types
+WRAPS = {"hook": (sn_kernels.spectral_norm, torch.nn.utils.spectral_norm),
+         "parametrization": (sn_kernels.parametrizations.spectral_norm, torch.nn.utils.parametrizations.spectral_norm)}
+
+
+def _stored_dim(module, api):
+    return hook_of(module).dim if api == "hook" else module.parametrizations.weight[0].dim
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+@pytest.mark.parametrize("dim", [0.0, np.float64(0.0)], ids=["float", "numpy"])
+def test_dim_equal_to_zero_runs_as_pytorchs(api, dim):
+    """PyTorch's front ends test ``dim != 0``, so they take a dim of 0.0 as dim=0: so do ours (stored as
+    the int 0), with PyTorch's numbers."""
+    ours, theirs = WRAPS[api]
+    torch.manual_seed(0)
+    ref = theirs(nn.Linear(3, 4), dim=dim)
+    torch.manual_seed(0)
+    m = ours(nn.Linear(3, 4), dim=dim)
+    assert type(_stored_dim(m, api)) is int and _stored_dim(m, api) == 0
+    x = torch.randn(2, 3)
+    check("dim=0.0 vs PyTorch", m(x), ref(x))
+
+
+@pytest.mark.parametrize("api", list(WRAPS))
+@pytest.mark.parametrize("dim", [0.5, 1.0, float("nan"), "0"])
+def test_non_integer_dim_refused_naming_dim(api, dim):
+    """A dim that is not an integer (nor equal to 0, as above) is refused by its name before the layer
+    changes; PyTorch fails too (in permute)."""
+    m = nn.Conv1d(2, 3, 2)
+    keys = list(m.state_dict())
+    with pytest.raises(TypeError, match="dim must be an integer"):
+        WRAPS[api][0](m, dim=dim)
+    assert list(m.state_dict()) == keys and not sn_kernels.is_spectral_normalized(m)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_functional_non_integer_dim_refused_naming_dim(backend):
+    """The op names a refused dim too (native: after its own check fails)."""
+    w, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
+    for dim in (0.5, "0"):
+        with pytest.raises(TypeError, match="dim must be an integer"):
+            sn_kernels.spectral_normalize(w, u, v, dim=dim, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_functional_dim_equal_to_zero_runs(backend):
+    """The op takes a dim of 0.0 as 0, as the front ends do (native: its C++ op takes an int only)."""
+    torch.manual_seed(0)
+    w, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
+    want = sn_kernels.spectral_normalize(w, u.clone(), v.clone(), dim=0, backend=backend)
+    got = sn_kernels.spectral_normalize(w, u.clone(), v.clone(), dim=0.0, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+@pytest.mark.parametrize("api", list(WRAPS))
+def test_convert_of_pytorchs_with_dim_zero_float_runs(api):
+    """PyTorch's spectral norm keeps a dim of 0.0 as given (it runs there); converted, ours stores the int 0
+    and gives PyTorch's numbers."""
+    torch.manual_seed(0)
+    ref = WRAPS[api][1](nn.Linear(3, 4), dim=0.0)
+    m = sn_kernels.convert(copy.deepcopy(ref))
+    x = torch.randn(2, 3)
+    check("converted dim=0.0 vs PyTorch", m(x), ref(x))
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_coeff_must_be_finite_in_the_computation_dtype(backend):
+    """coeff=inf, or a coeff float32 cannot hold on a float32 weight, would silently zero W / sigma: refused;
+    a float64 weight takes any finite coeff."""
+    torch.manual_seed(0)
+    w, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
+    for coeff, soft in ((float("inf"), False), (float("inf"), True), (1e308, False), (3.5e38, False),
+                        (2 ** 1100, False)):
+        with pytest.raises(ValueError, match="coeff"):
+            sn_kernels.spectral_normalize(w, u.clone(), v.clone(), coeff=coeff, soft=soft, backend=backend)
+    for api in WRAPS:
+        m = nn.Linear(3, 4)
+        with pytest.raises(ValueError, match="coeff"):
+            WRAPS[api][0](m, coeff=float("inf"))
+        assert not sn_kernels.is_spectral_normalized(m)
+    w64, u64, v64 = w.double(), u.double(), v.double()
+    ws, sigma = sn_kernels.spectral_normalize(w64, u64, v64, coeff=1e300, backend=backend)
+    check("coeff=1e300 on float64", ws, w64 * (1e300 / sigma))
+
+
+@pytest.mark.parametrize("api", list(WRAPS))
+def test_coeff_takes_numpy_reals(api):
+    """coeff takes any real number (a NumPy scalar too), as n_power_iterations takes any integer; a
+    non-number is refused by its name."""
+    x = torch.randn(2, 3)
+    torch.manual_seed(0)
+    y = WRAPS[api][0](nn.Linear(3, 4), coeff=2.0)(x)
+    for coeff in (np.float32(2), np.int64(2)):
+        torch.manual_seed(0)
+        m = WRAPS[api][0](nn.Linear(3, 4), coeff=coeff)
+        check("NumPy coeff", m(x), y)
+    with pytest.raises(TypeError, match="coeff must be a real number"):
+        WRAPS[api][0](nn.Linear(3, 4), coeff="2")
+    w, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
+    ws, _ = sn_kernels.spectral_normalize(w, u.clone(), v.clone(), coeff=np.float32(2))
+    check("NumPy coeff, functional", ws, sn_kernels.spectral_normalize(w, u.clone(), v.clone(), coeff=2.0)[0])
+
+
+@pytest.mark.parametrize("api", list(WRAPS))
+@pytest.mark.parametrize("eps", ["1e-12", None, 1e-12 + 0j])
+def test_eps_not_a_real_number_refused_naming_eps(api, eps):
+    """An eps that cannot be compared with 0 is refused by its name (PyTorch's fail in clamp_min)."""
+    m = nn.Linear(3, 4)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        WRAPS[api][0](m, eps=eps)
+    assert not sn_kernels.is_spectral_normalized(m)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        sn_kernels.spectral_normalize(torch.randn(4, 3), torch.randn(4), torch.randn(3), eps=eps, backend="torch")
+    if isinstance(eps, str):  # the native op would parse it
+        with pytest.raises(TypeError, match="eps must be a real number"):
+            sn_kernels.spectral_normalize(torch.randn(4, 3), torch.randn(4), torch.randn(3), eps=eps,
+                                          backend="native")
