@@ -31,7 +31,9 @@ policies:
     gets a zero gradient where eager leaves ``.grad`` None: the grouped op's backward receives
     zeros for the unused W/sigma; an optimizer with weight decay then moves that weight).  A layer called
     twice in one model call computes normally the second time (a second power
-    iteration, as PyTorch), and so does the second access of a parametrized weight.
+    iteration, as PyTorch), and so does the second access of a parametrized weight.  Under
+    ``torch.nn.utils.parametrize.cached()`` a parametrized weight already in the cache is not computed
+    again: one power iteration per context, as per module and in PyTorch.
 
 ``group(model, optimizer=opt)`` (once per optimizer step)
     W/sigma is computed once after each ``opt.step()`` (at the first use of any
@@ -56,7 +58,10 @@ policies:
     reads its weights and u, v (a cached W/sigma would be recorded as a constant).
 
 Not grouped (computed per layer as usual): ``mode="conv"`` layers, PyTorch's own
-spectral norm (call ``sn_kernels.convert`` first) and stacked parametrizations.
+spectral norm (call ``sn_kernels.convert`` first), stacked parametrizations, a spectral norm
+shared by several modules (one parametrization registered on two, as
+``parametrize.transfer_parametrizations_and_params`` does: each access iterates its u, v, as in
+PyTorch) and a hook-API layer whose ``weight_orig`` carries a parametrization of its own.
 Computed one at a time inside the group (same numbers, no shared node): weights
 with ``coeff``, ``soft``, ``gain`` or a certified ``bound``, complex weights and 1-D parametrized weights.
 
@@ -69,11 +74,13 @@ semantics; safe for an EMA copy updated through ``.data``) until ``attach(opt)``
 """
 from __future__ import annotations
 
+import collections
 import copy
 import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import dispatch, hooks, parametrizations, transforms
 from .backends import native, pytorch
@@ -138,10 +145,13 @@ class _Member:
         return self.module.training if self.kind == "hook" else self.state.training
 
     def sources(self):
-        """(weight, u, v, order) of this spectral norm (u, v None for a 1-D parametrized weight)."""
+        """(weight, u, v, order) of this spectral norm (u, v None for a 1-D parametrized weight), or None
+        when the layer reads them through a parametrization of its own (``register_parametrization`` on
+        the hook API's ``weight_orig``): then the layer computes its W/sigma itself, as per module."""
         if self.kind == "hook":
             p, b = self.module._parameters, self.module._buffers
-            return p[self.name + "_orig"], b[self.name + "_u"], b[self.name + "_v"], "vu"
+            w, u, v = p.get(self.name + "_orig"), b.get(self.name + "_u"), b.get(self.name + "_v")
+            return None if w is None or u is None or v is None else (w, u, v, "vu")
         plist = self.module._modules["parametrizations"]._modules[self.name]
         w = plist._parameters.get("original")
         if w is None:  # a parametrized buffer
@@ -156,6 +166,8 @@ class _Member:
                                                                             st.gain is not None):
             return None
         t = self.sources()
+        if t is None:
+            return None
         w = t[0]
         if (w.ndim < 2 and self.kind == "param") or w.is_complex() or w.numel() == 0:
             return None  # a 1-D parametrized weight is normalized by its length (no u, v)
@@ -181,7 +193,10 @@ class _Member:
 
     def check(self) -> None:
         """``check_call`` of this weight's arguments (raises what the layer alone would)."""
-        w, u, v, order = self.sources()
+        t = self.sources()
+        if t is None:
+            return  # the layer computes its own, and checks it then
+        w, u, v, order = t
         if u is not None and v is not None:
             st = self.state
             check_call(w, u, v, st.n_power_iterations, st.eps, st.dim, order, empty_ok=True)
@@ -327,15 +342,18 @@ def _normalize_group(items, order: str, n_power_iterations: int, eps: float, tra
 
 def _groups(members: list[_Member]) -> tuple[dict, list[_Member]]:
     """({(device, dtype, order, iteration count, eps, mode, requires_grad): [(member, weight, u, v, order)]}
-    of the members that can share a group's node, [the others]): the one grouping rule, eager and
-    compiled.  Frozen weights (requires_grad=False) form their own group: sharing a node with trained
-    ones would give their W/sigma a grad_fn that per module they do not have."""
+    of the members that can share a group's node, [the others, computed one at a time]): the one grouping
+    rule, eager and compiled.  Frozen weights (requires_grad=False) form their own group: sharing a node
+    with trained ones would give their W/sigma a grad_fn that per module they do not have.  A member whose
+    tensors are read through a parametrization (``_Member.sources`` None) is in neither: its layer
+    computes its own."""
     groups: dict = {}
     others = []
     for mem in members:
         t = mem.tensors()
         if t is None:
-            others.append(mem)
+            if mem.sources() is not None:
+                others.append(mem)
             continue
         st = mem.state
         key = (t[0].device, t[0].dtype, t[3], st.n_power_iterations, st.eps, mem.training(), t[0].requires_grad)
@@ -436,6 +454,7 @@ class SNGroup:
                 self.members.append(_Member("param", module, name, state, path))
         if not self.members:
             raise ValueError("sn_kernels.group: the model has no sn_kernels spectral norm to group")
+        self.members = _unshared(self.members)  # after the check: shared ones only make an empty group, no error
         for mem in self.members:
             if _layer_hook_of(mem) is not None:
                 raise ValueError(
@@ -563,6 +582,8 @@ class SNGroup:
             if self._cache is not None and self._key_now() != self._key:
                 self._stale = True
             return  # _LayerHook hands out the shared W/sigma
+        if parametrize._cache_enabled:
+            members = _uncached(members)
         for mem, w_sn in self._compute_all(members).items():
             d = mem.state.__dict__  # what nn.Module.__setattr__ does for it, minus its checks
             d["pending"] = w_sn  # taken by the layer's spectral norm, module call or plain weight read
@@ -623,6 +644,23 @@ class SNGroup:
         state = dict(state)
         state["_model"] = _weak(state.pop("model"))
         self.__dict__.update(state)
+
+
+def _unshared(members: list[_Member]) -> list[_Member]:
+    """``members`` less the spectral norms that several modules share (one parametrization registered on
+    two modules, as ``parametrize.transfer_parametrizations_and_params`` does): each access of one iterates
+    its u, v, as in PyTorch, and a W/sigma computed ahead would go to whichever module reads first (its
+    weight, or the other's when they do not share ``original``).  Their layers compute their own."""
+    count = collections.Counter(id(mem.state) for mem in members)
+    return [mem for mem in members if count[id(mem.state)] == 1]
+
+
+def _uncached(members: list[_Member]) -> list[_Member]:
+    """Under ``parametrize.cached()``: ``members`` less the parametrized weights already in its cache.  Their
+    access returns the cached W/sigma (one power iteration per context, as per module and in PyTorch):
+    computing theirs would iterate u, v for a W/sigma never used."""
+    cache = parametrize._cache
+    return [mem for mem in members if mem.kind == "hook" or (id(mem.module), mem.name) not in cache]
 
 
 def _check_optimizer(optimizer) -> None:

@@ -1184,3 +1184,187 @@ def test_group_leaves_a_subclass_with_its_own_forward_alone():
         runs.append([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())])
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+# -- parametrizations shared, cached or stacked under the hook API: per-module (PyTorch's) numbers -------------
+def _random_uv(u, v):
+    """Slow-converging u, v: every power iteration too many or too few shows in the numbers."""
+    with torch.no_grad():
+        u.copy_(nn.functional.normalize(torch.randn(u.shape), dim=0))
+        v.copy_(nn.functional.normalize(torch.randn(v.shape), dim=0))
+
+
+class _Backwards(nn.Sequential):
+    """Calls its layers last to first."""
+
+    def forward(self, x):
+        for layer in reversed(self):
+            x = layer(x)
+        return x
+
+
+def _shared_sn_model(lib, coeff=None, share="transfer", own=True):
+    """Two layers sharing ONE spectral-norm parametrization (u, v) and its ``original``
+    (``parametrize.transfer_parametrizations_and_params``), or, with ``share="register"``, not ``original``
+    (the second keeps its own weight, and is called first); and a layer of its own (a plain one unless
+    ``own``)."""
+    torch.manual_seed(0)
+    a, b, c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+    for layer in (a, c) if own else (a,):
+        lib.spectral_norm(layer, **({} if coeff is None else {"coeff": coeff}))
+        sn = layer.parametrizations.weight[0]
+        _random_uv(sn._u, sn._v)
+    if share == "transfer":
+        torch.nn.utils.parametrize.transfer_parametrizations_and_params(a, b)
+        return nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), c)
+    torch.nn.utils.parametrize.register_parametrization(b, "weight", a.parametrizations.weight[0])
+    return _Backwards(c, nn.Tanh(), a, nn.Tanh(), b)
+
+
+def _train(model, opt, backend, refresh):
+    """Outputs, then the state after two optimizer steps of two model calls each (one with the "step"
+    refresh, which shares a W/sigma across a step's calls by design: the module docstring)."""
+    x = torch.randn(3, model[0].in_features)
+    calls = 2 if refresh == "call" else 1
+    outs = []
+    with sn_kernels.use_backend(backend):
+        for _ in range(2):
+            opt.zero_grad()
+            ys = [model(x) for _ in range(calls)]
+            sum(y.sum() for y in ys).backward()
+            opt.step()
+            outs += [y.detach() for y in ys]
+    return outs + _state(model)
+
+
+@pytest.mark.parametrize("share", ["transfer", "register"])
+@pytest.mark.parametrize("refresh", ["call", "step"])
+@pytest.mark.parametrize("coeff", [None, 2.0], ids=["plain", "coeff"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_group_of_a_parametrization_shared_by_two_layers(backend, coeff, refresh, share):
+    """Each access of a shared parametrization iterates its u, v once, as in PyTorch: its layers compute
+    their own W/sigma, the other layer is grouped."""
+    runs = []
+    for grouped in (False, True):
+        model = _shared_sn_model(sn_kernels.parametrizations, coeff, share)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        group = sn_kernels.group(model, opt if refresh == "step" else None) if grouped else None
+        runs.append(_train(model, opt, backend, refresh))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert [m.path for m in group.members] == ["4.weight" if share == "transfer" else "0.weight"]  # not the shared
+    if coeff is None:  # PyTorch's own
+        model = _shared_sn_model(torch.nn.utils.parametrizations, share=share)
+        reference = _train(model, torch.optim.SGD(model.parameters(), lr=0.1), "auto", refresh)
+        for a, b in zip(reference, runs[1]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def _cached_model(lib, api):
+    """A parametrized layer of ``lib``, and one of ``api`` (the hook API ignores ``parametrize.cached``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    lib.spectral_norm(model[0])
+    (sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm)(model[2])
+    sn = model[0].parametrizations.weight[0]
+    _random_uv(sn._u, sn._v)
+    if api == "hook":
+        _random_uv(model[2].weight_u, model[2].weight_v)
+    else:
+        sn = model[2].parametrizations.weight[0]
+        _random_uv(sn._u, sn._v)
+    return model
+
+
+def _cached_run(model, opt, sigmas=True):
+    """Outputs (and sigmas) of two ``parametrize.cached()`` contexts of three model calls and one optimizer
+    step each, then the model's state."""
+    x = torch.randn(2, 6)
+    outs = []
+    for _ in range(2):
+        with torch.nn.utils.parametrize.cached():
+            ys = [model(x) for _ in range(3)]
+            sum(y.sum() for y in ys).backward()
+        outs += [y.detach() for y in ys] + (list(sn_kernels.sigmas(model).values()) if sigmas else [])
+        opt.step()
+    return outs + _state(model)
+
+
+# the "step" refresh of a hook-API layer shares W/sigma across a step's calls by design (module docstring)
+@pytest.mark.parametrize("api, refresh", [("hook", "call"), ("parametrization", "call"),
+                                          ("parametrization", "step")])
+def test_grouped_model_under_parametrize_cached(api, refresh):
+    """Under ``parametrize.cached()`` a parametrized weight is computed once per context (one power iteration,
+    the cached W/sigma reused by every model call), as per module and in PyTorch; ``sigmas()`` reports the
+    sigma used.  Nothing the group computed stays pending after the context."""
+    runs = []
+    for grouped in (False, True):
+        model = _cached_model(sn_kernels.parametrizations, api)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        group = sn_kernels.group(model, opt if refresh == "step" else None) if grouped else None
+        runs.append(_cached_run(model, opt))
+        if grouped:
+            assert all(m.state.pending is None for m in group.members)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    model = _cached_model(torch.nn.utils.parametrizations, api)  # PyTorch's own
+    reference = _cached_run(model, torch.optim.SGD(model.parameters(), lr=0.1), sigmas=False)
+    ours = [t for t in runs[1] if t.ndim]  # less the sigmas
+    for a, b in zip(reference, ours):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+    def right_inverse(self, x):
+        return x / 2
+
+
+def _hook_on_parametrized_orig(lib, late=False):
+    """Two hook-API spectral norms; the first one's ``weight_orig`` carries a parametrization (after
+    grouping when ``late``: the caller registers it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(lib.spectral_norm(nn.Linear(3, 3)), nn.Tanh(), lib.spectral_norm(nn.Linear(3, 2)))
+    if not late:
+        torch.nn.utils.parametrize.register_parametrization(model[0], "weight_orig", _Scale())
+    return model
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["before_group", "after_group"])
+@pytest.mark.parametrize("refresh", ["call", "step"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_group_of_a_hook_whose_weight_orig_is_parametrized(backend, refresh, late):
+    """The hook reads ``weight_orig`` through its parametrization: the layer computes its own W/sigma (the
+    others are grouped), as per module and PyTorch's hook."""
+    runs = []
+    for lib, grouped in ((torch.nn.utils, False), (sn_kernels, False), (sn_kernels, True)):
+        model = _hook_on_parametrized_orig(lib, late and grouped)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if grouped:
+            sn_kernels.group(model, opt if refresh == "step" else None)
+            if late:
+                torch.nn.utils.parametrize.register_parametrization(model[0], "weight_orig", _Scale())
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the new original
+                if refresh == "step":
+                    sn_kernels.grouped.find_group(model).attach(opt)
+        runs.append(_train(model, opt, backend if lib is sn_kernels else "auto", refresh))
+    for a, b in zip(runs[1], runs[2]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0], runs[2]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("refresh", ["call", "step"])
+def test_group_of_shared_parametrizations_only(refresh):
+    """A model whose only spectral norm is shared by two layers groups nothing, and keeps PyTorch's numbers."""
+    runs = []
+    for grouped in (False, True):
+        model = _shared_sn_model(sn_kernels.parametrizations, own=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if grouped:
+            assert len(sn_kernels.group(model, opt if refresh == "step" else None)) == 0
+        runs.append(_train(model, opt, "torch", refresh))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
