@@ -52,8 +52,14 @@ policies:
     optimizer (its version counter moved: ``load_state_dict``, ``copy_``; not writes
     through ``.data``), when a layer's train/eval mode changed, or when the grad mode or a
     weight's ``requires_grad`` changed (a W/sigma without a graph cannot serve a forward that
-    needs one: that costs one more power iteration in the step).  A layer called
-    twice in one model call uses the shared W/sigma both times.  Under ``torch.compile`` and
+    needs one: that costs one more power iteration in the step); a grouped layer called alone (not
+    through the model) checks that for its own weight, u and v.  A layer called
+    twice in one model call uses the shared W/sigma both times.  The optimizer step and
+    ``model.load_state_dict`` drop the cache (its node keeps every grouped weight, which PyTorch's
+    parameter swap, ``torch.__future__.set_swap_module_params_on_conversion(True)``, refuses to replace),
+    and a hook-API layer's ``module.weight`` taken from it is detached then.  Not ``.to()``/``.double()``:
+    with that flag, a model moved after a forward with grad and before the step is refused (call
+    ``find_group(model).detach()`` first, or move it after the step).  Under ``torch.compile`` and
     ``torch.jit.trace`` no cached W/sigma is used: each layer computes its own, so a traced model
     reads its weights and u, v (a cached W/sigma would be recorded as a constant).
 
@@ -88,6 +94,7 @@ from .backends.contract import dense
 from .checks import check_call, check_group
 from .find import walk
 from .meta import guards_of
+from .nn import check_model
 
 REFRESH = ("call", "step")
 
@@ -197,9 +204,19 @@ class _Member:
         if t is None:
             return  # the layer computes its own, and checks it then
         w, u, v, order = t
+        if self.kind == "hook" and w.is_complex():  # made complex after wrapping (``.to``): refused as per module
+            raise hooks.complex_refusal(w)
         if u is not None and v is not None:
             st = self.state
             check_call(w, u, v, st.n_power_iterations, st.eps, st.dim, order, empty_ok=True)
+
+    def key(self) -> tuple:
+        """What a cached W/sigma of this weight depends on besides the optimizer and the grad mode: its mode,
+        and its weight, u and v themselves (which tensors, their memory, dtype and version:
+        ``load_state_dict(assign=True)``, ``.to(dtype)`` or a new Parameter replace them with tensors whose
+        versions may equal the old ones)."""
+        return (self.training(),) + tuple((id(t), t.data_ptr(), t.dtype, t.device, t._version, t.requires_grad)
+                                          for t in (self.tensors() or ())[:3])
 
     def refused_by_meta_guard(self) -> bool:
         """Whether a meta guard of the module (sn_kernels/meta.py) refuses its forward: u, v hold
@@ -433,8 +450,12 @@ class SNGroup:
 
     _step_refresh = False  # the class defaults keep groups pickled before them loadable
     _guarded = True  # looked for once, then known
+    # "step": inside a model call, whose pre-hook checked the cache (cleared by its forward hook; a call
+    # interrupted by a BaseException leaves it set until the next model call)
+    _in_call = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        check_model(model, "group")
         if find_group(model) is not None:
             raise ValueError("sn_kernels.group: the model is already grouped (find_group(model).remove() first)")
         if optimizer is not None:
@@ -480,6 +501,7 @@ class SNGroup:
         self._handles += [
             model.register_forward_pre_hook(self._model_pre, prepend=True),
             model.register_forward_hook(self._model_post, always_call=True),
+            model.register_load_state_dict_pre_hook(self._drop_cache),  # before any weight is swapped
         ]
         if optimizer is not None:
             self.attach(optimizer)
@@ -512,7 +534,7 @@ class SNGroup:
             self._optimizer_handle.remove()
             self._optimizer_handle = None
         self._step_refresh = False
-        self._cache = None
+        self._drop_cache()
 
     # -- computation ------------------------------------------------------------------------------
     def _live_members(self) -> list[_Member]:
@@ -557,15 +579,17 @@ class SNGroup:
         self._guarded = any(mem.has_meta_guard() for mem in members)
         return [mem for mem in members if not mem.refused_by_meta_guard()] if self._guarded else members
 
-    def _key_now(self):
-        """What the cached W/sigma depends on besides the optimizer: the weights, u and v themselves
-        (which tensors, their memory, dtype and version: ``load_state_dict(assign=True)``, ``.to(dtype)``
-        or a new Parameter replace them with tensors whose versions may equal the old ones), modes,
-        grad mode."""
-        return (torch.is_grad_enabled(),) + tuple(
-            (m.training(),) + tuple((id(t), t.data_ptr(), t.dtype, t.device, t._version, t.requires_grad)
-                                    for t in (m.tensors() or ())[:3])
-            for m in self.members)
+    def _key_now(self) -> tuple:
+        """What the cached W/sigma depends on besides the optimizer: (grad mode, {member: its ``key()``})."""
+        return torch.is_grad_enabled(), {m: m.key() for m in self.members}
+
+    def _holds_for(self, mem: _Member) -> bool:
+        """Whether the cached W/sigma of ``mem`` still holds: the grad mode and that member's ``key()`` as when
+        the cache was computed.  One member's tensors, not all: it runs at a layer's call outside a model
+        call (a W/sigma depends on its own weight, u and v only; the node checks the version of a weight
+        only when its gradient is asked for)."""
+        grad, keys = self._key
+        return grad == torch.is_grad_enabled() and keys.get(mem) == mem.key()
 
     def _model_pre(self, model: nn.Module, inputs) -> None:
         if torch.compiler.is_compiling():
@@ -581,6 +605,7 @@ class SNGroup:
             # once per model call: a weight changed in place, a mode switched or the grad mode changed
             if self._cache is not None and self._key_now() != self._key:
                 self._stale = True
+            self._in_call = True  # the layers need not check the cache again (_layer_pre)
             return  # _LayerHook hands out the shared W/sigma
         if parametrize._cache_enabled:
             members = _uncached(members)
@@ -598,6 +623,10 @@ class SNGroup:
             # a jit trace would record the cached W/sigma as constants, blind to the weights and u, v it is
             # later given: each layer computes its own
             return
+        if not self._in_call and self._cache is not None and not self._stale and not self._holds_for(mem):
+            # called alone (not through the model, whose pre-hook checks the whole cache once per call)
+            # after its weight, u, v, mode or the grad mode changed
+            self._stale = True
         if self._stale or self._cache is None:
             self._cache = self._compute_all(self._live_members(), alone=False)
             self._stale = False
@@ -607,10 +636,24 @@ class SNGroup:
             mem.state.__dict__["pending"] = w_sn
             mem.state.__dict__["pending_holds"] = None  # the step cache checks its own key
 
+    def _drop_cache(self, *load_args) -> None:
+        """Forget the step cache, stale after an optimizer step (and a load_state_dict, whose pre-hook this
+        is: ``load_args``).  Its node keeps every grouped weight until it is freed, and PyTorch's parameter
+        swap (``torch.__future__.set_swap_module_params_on_conversion``: ``.to``, ``load_state_dict``)
+        refuses a weight referenced elsewhere; so does the W/sigma that a hook-API layer keeps as
+        ``module.<name>`` after its call: that one is detached (its graph is the stale node's)."""
+        cache, self._cache, self._stale = self._cache, None, True
+        for mem, w_sn in (cache or {}).items():
+            module = mem.module
+            if mem.kind == "hook" and module is not None and module.__dict__.get(mem.name) is w_sn:
+                module.__dict__[mem.name] = w_sn.detach()
+
     def _model_post(self, model: nn.Module, inputs, output) -> None:
         # a pre-computed weight that no layer used (a skipped layer) is dropped, not kept past the call;
         # a call interrupted by a BaseException skips this hook, so a pending weight also carries its
         # validity check (``_Member.pending_holds``)
+        if self._in_call:  # read first: a compiled call (which never sets it) then writes nothing
+            self._in_call = False
         for mem in self.members:
             d = mem.state.__dict__
             if d.get("pending") is not None:
@@ -637,7 +680,7 @@ class SNGroup:
         # itself (a weak reference neither copies nor pickles): a copy refers to the model's copy
         state = self.__dict__.copy()
         state.update(_cache=None, _key=None, _stale=True, _optimizer_handle=None, _step_refresh=False,
-                     model=state.pop("_model")())
+                     _in_call=False, model=state.pop("_model")())
         return state
 
     def __setstate__(self, state) -> None:
@@ -701,7 +744,7 @@ class _StepHook:
     def __call__(self, *args) -> None:
         group = self.group()
         if group is not None:
-            group._stale = True
+            group._drop_cache()
 
 
 def _prune_step_hooks(optimizer: torch.optim.Optimizer) -> None:

@@ -1368,3 +1368,102 @@ def test_group_of_shared_parametrizations_only(refresh):
         runs.append(_train(model, opt, "torch", refresh))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# -- the step cache and a model that changed: a layer called alone, a parameter swap ------------------------------
+def _two_sn_layers(api, seed=0):
+    torch.manual_seed(seed)
+    sn = sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm
+    return nn.Sequential(sn(nn.Linear(6, 5)), nn.Tanh(), sn(nn.Linear(5, 3)))
+
+
+def _weight_orig(layer, api):
+    return layer.weight_orig if api == "hook" else layer.parametrizations.weight.original
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "copy_", "double", "grad_mode"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_step_cache_checked_for_a_layer_called_alone(api, change):
+    """A grouped layer called directly (not through the model: a block of it, feature extraction) after the
+    model changed: its output and gradients as per module, not the W/sigma cached before the change (the
+    model's pre-hook, which checks the cache at each model call, does not run then)."""
+    model = _two_sn_layers(api)
+    reference = copy.deepcopy(model)
+    sn_kernels.group(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(4, 6)
+    checkpoint = _two_sn_layers(api, seed=7).state_dict()
+    new_weight = torch.randn(5, 6)
+    for m in (model, reference):
+        with torch.set_grad_enabled(change != "grad_mode"):
+            m(x)  # fills the grouped model's cache (a W/sigma without a graph under no_grad)
+        if change == "load_state_dict":
+            m.load_state_dict(checkpoint)
+        elif change == "copy_":
+            with torch.no_grad():
+                _weight_orig(m[0], api).copy_(new_weight)
+        elif change == "double":
+            m.double()
+    x = x.double() if change == "double" else x
+    outs = [m[0](x) for m in (model, reference)]
+    assert torch.equal(outs[0], outs[1])
+    for y in outs:
+        y.square().sum().backward()
+    for p, q in zip(model[0].parameters(), reference[0].parameters()):
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture
+def swap_on_conversion():
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+@pytest.mark.parametrize("move, when", [("double", "after_step"), ("load_state_dict", "after_step"),
+                                        ("load_state_dict", "before_step")])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_step_cache_lets_the_parameters_be_swapped(api, move, when, swap_on_conversion):
+    """With PyTorch's swap-on-conversion flag, ``.double()`` and ``load_state_dict`` swap the parameters'
+    tensors, which PyTorch refuses while anything else references them: the step cache's node, stale since
+    the optimizer step (or made so by the load), must not keep the weights; the moved model as per module."""
+    x = torch.randn(4, 6)
+    outs = []
+    for grouped in (True, False):
+        model = _two_sn_layers(api)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if grouped:
+            sn_kernels.group(model, optimizer=opt)
+        model(x).sum().backward()
+        if when == "after_step":
+            opt.step()
+        if move == "double":
+            model.double()
+        else:
+            model.load_state_dict(state)
+        outs.append(model(x.to(_weight_orig(model[0], api).dtype)))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")  # PyTorch's note on .to(complex64)
+def test_grouped_call_refuses_a_hook_layer_made_complex_before_moving_uv():
+    """A hook-API layer made complex after wrapping (``.to``) is refused, as per module: in a group, before
+    the complex parametrized layer computed ahead of it moves its u, v, and the error names the layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(sn_kernels.parametrizations.spectral_norm(nn.Linear(4, 4, dtype=torch.complex64)),
+                          sn_kernels.spectral_norm(nn.Linear(4, 3)))
+    model[1].to(torch.complex64)
+    sn_kernels.group(model)
+    before = _buffers(model)
+    with pytest.raises(TypeError, match="refuses complex weights") as got:
+        model(torch.randn(2, 4, dtype=torch.complex64))
+    assert "1.weight" in str(got.value)
+    assert all(torch.equal(before[k], b) for k, b in model.named_buffers())
+
+
+@pytest.mark.parametrize("model", [None, [nn.Linear(2, 2)]], ids=["none", "list"])
+def test_group_refuses_a_non_module(model):
+    with pytest.raises(TypeError, match="sn_kernels.group takes an nn.Module"):
+        sn_kernels.group(model)
