@@ -467,9 +467,11 @@ class Certifier:
     def _refresh_due(self, weight: Tensor, training: bool) -> bool:
         """Whether this forward recomputes the Gram bound (no valid W_ref, a training forward at the end of
         the schedule, or any compiled training forward) rather than carrying B_ref."""
+        if training and torch.compiler.is_compiling():
+            return True  # first: a compiled training graph then does not depend on (guard) whether W_ref is set
         if not self._valid_for(weight):
             return True
-        return training and (torch.compiler.is_compiling() or self.left <= 0)
+        return training and self.left <= 0
 
     def _carry_constants(self, weight: Tensor, factor: float) -> float:
         """k1: B' = (||fl(W - W_ref)||_F k1 + ref_base) (1 + 4u) (``divisor``'s carry)."""

@@ -344,11 +344,14 @@ def test_compiled_op_matches_eager(dtype, order, dim, training):
         assert_close(a, b, dtype, msg=name)
 
 
+@pytest.mark.parametrize("bound", ["estimate", "upper"])
 @pytest.mark.parametrize("api", ["hook", "parametrization"])
-def test_no_recompiles_across_train_eval_switches(api):
-    """Train and eval each compile once; switching back and forth afterwards reuses them."""
+def test_no_recompiles_across_train_eval_switches(api, bound):
+    """Train and eval each compile once; switching back and forth afterwards reuses them.  With a certified
+    bound too: the hook API's first compiled training forward had no stored W_ref (the parametrization's
+    wrapping forward stores one), so the second recompiled on that alone."""
     model = _disc()
-    sn_kernels.apply_spectral_norm(model, api=api)
+    sn_kernels.apply_spectral_norm(model, api=api, bound=bound)
     counter = CompileCounter()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     x = torch.randn(2, 3, 8, 8)
