@@ -20,7 +20,7 @@ from torch import nn
 import sn_kernels
 
 from helpers import (TwiceD, assert_close, channels_last_group, model_grads as _grads, model_state as _state,
-                     weight_models)
+                     sample_inputs, weight_models)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -298,3 +298,57 @@ def test_triton_group_plan_tables_of_a_capture_are_kept(monkeypatch):
     assert alive == gh.group_plan.cache_info().maxsize + 40
     monkeypatch.setattr(gh, "_capturing", lambda device: True)
     assert gh._tables(gh.group_plan(((4, 2, 2), (3, 5, 5))), DEV) is None  # none copied during a capture
+
+
+def _group_inputs(specs, dtype, scale=1.0):
+    """(weights, us, vs, grads, dims) on DEV for ``specs`` = ((shape, dim), ...), weights times ``scale``."""
+    drawn = [sample_inputs(DEV, dtype, shape, dim, seed=k, grad=True) for k, (shape, dim) in enumerate(specs)]
+    ws, us, vs, gs = (list(t) for t in zip(*drawn))
+    return [w * scale for w in ws], us, vs, gs, [dim for _, dim in specs]
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _check_group_against_per_weight(specs, dtype, scale, n, eps, order, training):
+    """group_forward/group_backward (in place, lists) and the functional grouped ops (flat) against the
+    torch backend's per-weight ops with the same arguments: W/sigma, sigma, u, v (used and stored), grad_W."""
+    from sn_kernels import dispatch
+
+    tri, ref = dispatch.resolve(DEV, "triton"), dispatch.resolve(DEV, "torch")
+    ws, us, vs, gs, dims = _group_inputs(specs, dtype, scale)
+    flat, sig_flat, uvs = torch.ops.sn_kernels.triton_group_forward(ws, us, vs, dims, n, eps, order, training)
+    grad_flat = torch.ops.sn_kernels.triton_group_backward(_flat(gs), ws, uvs, sig_flat, dims)
+    u_in, v_in = [u.clone() for u in us], [v.clone() for v in vs]
+    outs, sigmas, us_used, vs_used = tri.group_forward(ws, us, vs, dims, n, eps, order, training)
+    grads = tri.group_backward(gs, ws, us_used, vs_used, sigmas, dims)
+    assert torch.equal(flat, _flat(outs)) and torch.equal(sig_flat, torch.stack(sigmas))
+    assert torch.equal(uvs, _flat([t for pair in zip(us_used, vs_used) for t in pair]))
+    assert_close(grad_flat, _flat(grads))
+    for k, (w, g, dim) in enumerate(zip(ws, gs, dims)):
+        u, v = u_in[k].clone(), v_in[k].clone()
+        sigma, u_used, v_used = ref.power_iteration(w, u, v, n, eps, dim, order, training)
+        expected = (ref.normalize(w, u_used, v_used, sigma, dim), sigma, u_used, v_used, u, v,
+                    ref.backward(g, w, u_used, v_used, sigma, dim))
+        for a, b, scale in zip((outs[k], sigmas[k], us_used[k], vs_used[k], us[k], vs[k], grads[k]), expected,
+                               (1,) * 6 + (4,)):
+            assert_close(a, b, scale=scale, msg=f"weight {k}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_group_takes_a_negative_dim(training):
+    """The grouped kernels and ops take dim < 0 as dim + ndim, as the per-weight ops of the torch
+    backend do (dims -1, -2, -ndim of 2-D and 4-D weights): a dim of -1 addressed the whole weight
+    as one block (the matrix view's B was its numel)."""
+    specs = [((4, 6, 3, 3), -1), ((4, 6, 3, 3), -2), ((4, 6, 3, 3), -4), ((5, 7), -1), ((5, 7), -2)]
+    _check_group_against_per_weight(specs, torch.float32, 1.0, 2, 1e-12, "vu", training)
+
+
+@pytest.mark.parametrize("order", ["vu", "uv"])
+def test_triton_group_float64_eps_in_float64(order):
+    """eps reaches the grouped kernels in float64 for float64 weights: with |W^T u|, |W v| below eps
+    (eps decides every step) the group matches the torch backend to float64's tolerance (eps reached
+    them as fp32: about 1e-7 off)."""
+    specs = [((5, 7), 0), ((4, 6, 3, 3), 1)]
+    _check_group_against_per_weight(specs, torch.float64, 1e-4, 2, 1e-2, order, True)

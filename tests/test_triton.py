@@ -245,3 +245,55 @@ def test_counters_per_stream_never_freed():
     if dev.type == "cuda":
         with torch.cuda.stream(torch.cuda.Stream()):
             assert host._counters(dev, 1) is not big  # another stream, other counters
+
+
+# (shape, dim < 0): dims -1, -2 and -ndim of 2-D and 4-D weights
+NEGATIVE_DIMS = [((5, 7), -1), ((5, 7), -2), ((4, 6, 3, 3), -1), ((4, 6, 3, 3), -2), ((4, 6, 3, 3), -4)]
+
+
+@pytest.mark.parametrize("shape,dim", NEGATIVE_DIMS, ids=str)
+def test_contract_ops_take_a_negative_dim(shape, dim):
+    """The backend's ops (power_iteration, normalize, backward) take dim < 0 as dim + ndim, as the torch
+    backend's do: a dim of -1 addressed the whole weight as one block (sigma 1e12 off, reads out of bounds)."""
+    w, u, v, g = sample_inputs(DEV, torch.float32, shape, dim % len(shape), grad=True)
+    for training in (True, False):
+        runs = []
+        for name in ("triton", "torch"):
+            be = dispatch.resolve(DEV, name)
+            uu, vv = u.clone(), v.clone()
+            sigma, u_used, v_used = be.power_iteration(w, uu, vv, 2, 1e-12, dim, "vu", training)
+            runs.append((sigma, u_used, v_used, uu, vv, be.normalize(w, u_used, v_used, sigma, dim),
+                         be.backward(g, w, u_used, v_used, sigma, dim)))
+        for a, b, scale in zip(*runs, (1,) * 6 + (4,)):
+            assert_close(a, b, scale=scale)
+
+
+@pytest.mark.parametrize("order", ["vu", "uv"])
+def test_float64_eps_in_float64(order):
+    """eps reaches the kernels in the accumulation dtype: a float64 weight with |W^T u|, |W v| below eps
+    (eps decides every step) matches PyTorch's float64 recipe to float64's tolerance (it reached them as
+    fp32: 1.6e-7 off); the same holds on the grouped path (test_grouped_triton.py)."""
+    from sn_kernels.testing import pytorch_formula
+
+    w, u, v = sample_inputs(DEV, torch.float64, (5, 7), 0, seed=1)
+    w = w * 1e-3
+    eps = 1e-2
+    uu, vv = u.clone(), v.clone()
+    out, sigma = spectral_normalize(w, uu, vv, n_power_iterations=2, eps=eps, order=order, backend="triton")
+    ref_out, ref_sigma, ref_u, ref_v = pytorch_formula(w.cpu(), u.cpu(), v.cpu(), 2, eps, 0, order)
+    for a, b in ((out, ref_out), (sigma, ref_sigma), (uu, ref_u), (vv, ref_v)):
+        assert_close(a.cpu(), b)
+
+
+def test_zero_weight_with_an_eps_that_rounds_to_zero():
+    """sigma = |y|^2 / max(|y|, eps) is 0, not 0/0, for a zero weight when eps is 0 in the accumulation
+    dtype (1e-50 in fp32: the kernels see eps in that dtype); W/sigma and the gradient are 0 too.
+    Through host.py: the front ends may refuse such an eps before the kernels see it."""
+    from sn_kernels.backends.triton import host
+
+    w = torch.zeros(4, 3, device=DEV)
+    u, v = torch.full((4,), 0.5, device=DEV), torch.full((3,), 3 ** -0.5, device=DEV)
+    sigma, u_used, v_used = host.power_iteration(w, u, v, 1, 1e-50, 0, "vu", True)
+    assert sigma.item() == 0 and torch.equal(u_used, u) and torch.equal(v_used, v)
+    assert not host.normalize(w, u_used, v_used, sigma, 0).any()
+    assert not host.backward(torch.ones_like(w), w, u_used, v_used, sigma, 0).any()

@@ -34,7 +34,7 @@ def configs():
                         for two in (False, True):
                             sig = {"W": ptr, "x": x, "y_raw": acc, "y_prev": prev, "partials": acc, "counter": "*i32",
                                    "y_acc": acc, "y_out": ptr, "y_copy": ptr, "sigma": acc, "y_part": acc,
-                                   "M": "i32", "N": "i32", "B": "i32", "MB": "i32", "eps": "fp32", "K_SPLIT": "i32",
+                                   "M": "i32", "N": "i32", "B": "i32", "MB": "i32", "eps": "fp64", "K_SPLIT": "i32",
                                    "final": "i32"}
                             cx = {"SPLIT": split, "TWO_STAGE": two, "BLOCK_M": bm, "BLOCK_N": bn,
                                   "BLOCK_V": host.FINISH_BLOCK, "SPLIT_BLOCK": host.SPLIT_BLOCK}
@@ -66,7 +66,7 @@ def _group_configs(dt: str, ptr: str, acc: str):
     from . import host
 
     tables = {"ptrs": "*i64", "meta": "*i64", "items": "*i64"}
-    passes = {**tables, "ws": acc, "counters": "*i32", "used": ptr, "sigmas": acc, "eps": "fp32", "final": "i32"}
+    passes = {**tables, "ws": acc, "counters": "*i32", "used": ptr, "sigmas": acc, "eps": "fp64", "final": "i32"}
     stored = [(True, True), (False, True), (False, False)]  # (X_STORED, PREV_STORED)
     for kern, (bm, bn, warps) in ((GK.group_row_kernel, GH.ROW_TILE), (GK.group_col_kernel, GH.COL_TILE)):
         variants = [(x, prev, True, split, two) for x, prev in stored for split in (False, True) for two in (False, True)]

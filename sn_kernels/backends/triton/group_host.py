@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from ..contract import accumulation_dtype, matrix_shape
+from ..contract import accumulation_dtype
 from . import group_kernels as GK
 from . import host
 
@@ -174,14 +174,7 @@ def _addresses(tensors: list, device: torch.device):
 
 def _geometries(weights, dims) -> tuple:
     """((M, N, B), ...) of the contiguous weights' matrix views."""
-    geoms = []
-    for w, dim in zip(weights, dims):
-        m, n = matrix_shape(w, dim)
-        b = 1
-        for s in w.shape[dim + 1:]:
-            b *= s
-        geoms.append((m, n, b))
-    return tuple(geoms)
+    return tuple(host.matrix_view(w, dim) for w, dim in zip(weights, dims))
 
 
 def _fits(weights, vectors) -> bool:
@@ -316,7 +309,7 @@ def group_backward_flat(grad, weights, used, sigmas, dims):
     plan = group_plan(_geometries(W, dims))
     parts = []
     for k, (w, dim, (uo, oo)) in enumerate(zip(W, dims, plan.offsets)):
-        m, n = matrix_shape(w, dim)
+        m, n, _ = host.matrix_view(w, dim)
         g = grad[oo:oo + w.numel()].view(w.shape)
         parts.append(host.backward(g, w, used[uo:uo + m], used[uo + m:uo + m + n], sigmas[k], dim).reshape(-1))
     return torch.cat(parts)

@@ -78,7 +78,7 @@ def _chunk_item(items, meta):
 
 
 @triton.jit(do_not_specialize=["final"])
-def group_row_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
+def group_row_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps: tl.float64, final,
                      X_STORED: tl.constexpr, PREV_STORED: tl.constexpr, IN_PLACE: tl.constexpr, SPLIT: tl.constexpr,
                      TWO_STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
@@ -117,7 +117,7 @@ def group_row_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
 
 
 @triton.jit(do_not_specialize=["final"])
-def group_col_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps, final,
+def group_col_kernel(ptrs, meta, items, ws, counters, used, sigmas, eps: tl.float64, final,
                      X_STORED: tl.constexpr, PREV_STORED: tl.constexpr, IN_PLACE: tl.constexpr, SPLIT: tl.constexpr,
                      TWO_STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):

@@ -141,15 +141,21 @@ def _on_weight_device(fn):
     return run
 
 
+def matrix_view(weight: torch.Tensor, dim: int) -> tuple[int, int, int]:
+    """(M, N, B) of the weight's matrix view with ``dim`` first (kernels.py's addressing); a ``dim`` < 0
+    counts from the end, as the other backends' ops take it (B slices the shape after ``dim``)."""
+    weight.size(dim)  # IndexError for a dim out of range, with PyTorch's message
+    dim %= weight.dim()
+    m, n = matrix_shape(weight, dim)
+    return m, n, weight.shape[dim + 1:].numel()
+
+
 def _geometry(weight: torch.Tensor, dim: int):
     """(contiguous weight, M, N, B, split): the matrix view's addressing (see kernels.py)."""
     w = weight if weight.is_contiguous() else weight.contiguous()  # at most one copy
     if w.numel() > MAX_INDEX:
         raise ValueError(f"the triton backend indexes with int32; weight has {w.numel()} elements")
-    m, n = matrix_shape(w, dim)
-    b = 1
-    for s in w.shape[dim + 1:]:
-        b *= s
+    m, n, b = matrix_view(w, dim)
     return w, m, n, b, b != n  # b == n exactly when dim == 0 (or every leading size is 1)
 
 

@@ -63,7 +63,10 @@ def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy,
     so u, v survive a bad step.  Writes the accumulation-dtype vector for the next pass
     and, on the final pass, the weight-dtype vector in place plus its copy (no extra launch)."""
     norm = tl.sqrt(_sum_partials(partials, n_parts, BLOCK))
-    denom = tl.maximum(norm, eps)
+    # eps in the accumulation dtype: compiled, the kernels take it as fp64 (their annotation; a plain
+    # float argument is fp32, which made float64 results fp32-accurate where eps decides), the
+    # interpreter passes the Python float; tl.full converts either (fp32: the launcher's old rounding)
+    denom = tl.maximum(norm, tl.full([], eps, norm.dtype))
     accept = (norm > 0) & (norm * 0.0 == 0.0)  # x * 0 == 0 exactly when x is finite
     offs = tl.arange(0, BLOCK)
     for i0 in range(0, L, BLOCK):
@@ -76,7 +79,7 @@ def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy,
         if final:
             tl.store(y_out + idx, y.to(y_out.dtype.element_ty), mask=mask)
             tl.store(y_copy + idx, y.to(y_copy.dtype.element_ty), mask=mask)
-    tl.store(sigma, norm * norm / denom)
+    tl.store(sigma, _safe_div(norm * norm, denom))  # 0, not 0/0, for a zero y with an eps that rounds to 0
 
 
 @triton.jit
@@ -167,7 +170,7 @@ def _col_tile(W, x, cols, lo, hi, M, N, B, MB, ACC: tl.constexpr, SPLIT: tl.cons
 
 @triton.jit(do_not_specialize=["final"])  # a runtime flag: one compiled kernel, not two
 def row_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy, sigma, y_part,
-                    M, N, B, MB, eps, K_SPLIT, final,
+                    M, N, B, MB, eps: tl.float64, K_SPLIT, final,
                     SPLIT: tl.constexpr, TWO_STAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """y = normalize(W x): program (t, s) reduces columns [s*K_SPLIT, (s+1)*K_SPLIT) of rows tile t.
@@ -185,7 +188,7 @@ def row_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy
 
 @triton.jit(do_not_specialize=["final"])  # a runtime flag: one compiled kernel, not two
 def col_pass_kernel(W, x, y_raw, y_prev, partials, counter, y_acc, y_out, y_copy, sigma, y_part,
-                    M, N, B, MB, eps, K_SPLIT, final,
+                    M, N, B, MB, eps: tl.float64, K_SPLIT, final,
                     SPLIT: tl.constexpr, TWO_STAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """y = normalize(W^T x): program (t, s) reduces rows [s*K_SPLIT, (s+1)*K_SPLIT) of columns tile t."""
