@@ -60,6 +60,33 @@ inline bool order_is_vu(const std::string& order) {
   return order == "vu";
 }
 
+// A weight's dtype as Python names it (torch.float16), for messages that match checks.py's.
+inline std::string python_dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    default: return std::string("torch.") + c10::toString(t);  // ATen's name: the kernels take none of these
+  }
+}
+
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Refuse an eps below the smallest normal number of the accumulation dtype: a smaller one is 0 there
+// (1e-50 in float32), or flushed to 0 (a subnormal, under torch.set_flush_denormal(True)), and a zero
+// weight's sigma |s|^2 / max(|s|, eps) would be 0/0 = NaN.  checks.py's check_eps_in, in its words.
+inline void check_eps_in(double eps, at::ScalarType t) {
+  const at::ScalarType acc = accumulation_type(t);
+  const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  // (the message is built only when raising; ostream's default format for a double is Python's "g")
+  TORCH_CHECK_VALUE(eps >= tiny, "Expected eps to be at least ", tiny, ", the smallest normal ",
+                    python_dtype_name(acc), " (", python_dtype_name(t), " weights are computed in ",
+                    python_dtype_name(acc), "; a smaller eps is zero there), but got eps=", eps);
+}
+
 // The checks shared by the CPU and CUDA power iterations; returns whether the order is "vu".
 inline bool check_power_iteration_args(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                        const MatrixView& mv, int64_t n_power_iterations, double eps,
@@ -68,6 +95,7 @@ inline bool check_power_iteration_args(const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(u.is_contiguous() && v.is_contiguous(), "sn_kernels: u and v must be contiguous");
   TORCH_CHECK(n_power_iterations > 0, "sn_kernels: n_power_iterations must be positive");
   TORCH_CHECK(eps > 0 && eps < std::numeric_limits<double>::infinity(), "sn_kernels: eps must be positive and finite");
+  check_eps_in(eps, weight.scalar_type());
   return order_is_vu(std::string(order.data(), order.size()));
 }
 
@@ -77,10 +105,6 @@ inline bool check_power_iteration_args(const at::Tensor& weight, const at::Tenso
 inline void bump_versions(at::Tensor& u, at::Tensor& v) {
   u.unsafeGetTensorImpl()->bump_version();
   v.unsafeGetTensorImpl()->bump_version();
-}
-
-inline at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace sn_kernels

@@ -8,7 +8,7 @@ import operator
 import torch
 from torch import Tensor, nn
 
-from .backends.contract import ORDERS, matrix_shape
+from .backends.contract import ORDERS, accumulation_dtype, matrix_shape
 
 #: the two front ends: "hook" (torch.nn.utils.spectral_norm), "parametrization"
 #: (torch.nn.utils.parametrizations.spectral_norm)
@@ -21,6 +21,8 @@ BOUNDS = ("estimate", "upper", "operator")
 #: power iterations run when u, v are drawn, so that sigma is already close at the first
 #: forward, even in eval mode (PyTorch's parametrization warms up the same way)
 INIT_ITERATIONS = 15
+#: float32's smallest normal number: the smallest eps any weight takes (``check_eps_in``)
+EPS_MIN = torch.finfo(torch.float32).tiny
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -51,6 +53,19 @@ def check_iterations_eps(n_power_iterations: int, eps: float) -> None:
         raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}") from None
     if not positive_finite:
         raise ValueError(f"Expected eps to be positive and finite, but got eps={eps}")
+
+
+def check_eps_in(eps: float, dtype: torch.dtype) -> None:
+    """Refuse an eps below the smallest normal number of the dtype a ``dtype`` weight is computed in
+    (``accumulation_dtype`` of its real dtype): a smaller one is 0 there (1e-50 in float32), or flushed
+    to 0 (a subnormal, under ``torch.set_flush_denormal(True)``), and a zero weight's sigma
+    |s|^2 / max(|s|, eps) would be 0/0 = NaN.  C++'s ``check_eps_in`` (csrc/common.h) raises the same
+    message.  Callers on a hot path test ``eps < EPS_MIN`` first: the usual eps stops there."""
+    acc = accumulation_dtype(dtype.to_real())
+    tiny = torch.finfo(acc).tiny
+    if eps < tiny:
+        raise ValueError(f"Expected eps to be at least {tiny:g}, the smallest normal {acc} ({dtype} weights are "
+                         f"computed in {acc}; a smaller eps is zero there), but got eps={float(eps):g}")
 
 
 def front_end_iterations(n_power_iterations) -> int:
@@ -84,8 +99,9 @@ def front_end_dim(dim) -> int:
 
 def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: int) -> int:
     """Refuse what the op and every front end refuse (a weight neither floating-point nor
-    complex, a 0-d weight, n_power_iterations <= 0, eps <= 0, dim not an integer or out of
-    range); return ``dim`` as a non-negative int (``front_end_dim``)."""
+    complex, a 0-d weight, n_power_iterations <= 0, eps <= 0 or below the weight's computation
+    range (``check_eps_in``), dim not an integer or out of range); return ``dim`` as a
+    non-negative int (``front_end_dim``)."""
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
     if not (weight.is_floating_point() or weight.is_complex()):
@@ -94,6 +110,8 @@ def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: 
     if ndim == 0:
         raise ValueError("spectral norm needs a weight with at least one dimension, got a 0-d tensor")
     check_iterations_eps(n_power_iterations, eps)
+    if eps < EPS_MIN:
+        check_eps_in(eps, weight.dtype)
     if type(dim) is not int:
         dim = front_end_dim(dim)
     if not -ndim <= dim < ndim:
@@ -129,6 +147,9 @@ def check_group(weights, us, vs, n_power_iterations: int, eps: float, dims, orde
     if order != "uv" and order != "vu":
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     check_iterations_eps(n_power_iterations, eps)
+    if eps < EPS_MIN:
+        for w in weights:
+            check_eps_in(eps, w.dtype)
     for w, u, v, dim in zip(weights, us, vs, dims):
         m = w.shape[dim] if 0 <= dim < w.dim() else 0
         n = w.numel() // m if m else 0

@@ -41,8 +41,8 @@ from torch.nn.utils import parametrize
 from . import transforms
 from .backends.contract import accumulation_dtype, autocast_off, exporting
 from .backends.pytorch import iterate_buffers, normalize_step, safe_sigma
-from .checks import (INIT_ITERATIONS, check_api, check_iterations_eps, check_no_second_hook, check_not_lazy,
-                     front_end_iterations)
+from .checks import (EPS_MIN, INIT_ITERATIONS, check_api, check_eps_in, check_iterations_eps, check_no_second_hook,
+                     check_not_lazy, front_end_iterations)
 from .find import find
 from .serialize import serializable
 
@@ -235,6 +235,8 @@ def conv_spectral_normalize(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor
     gives 0 with a zero gradient, as the matrix routes.
     """
     transforms.refuse('mode="conv"')
+    if eps < EPS_MIN:  # the usual eps stops here; a smaller one may be 0 in the computation dtype
+        check_eps_in(eps, weight.dtype)
     acc = accumulation_dtype(weight.dtype)
     with torch.no_grad(), autocast_off(weight.device.type):  # the iteration in acc, not autocast's dtype
         w = weight.detach().to(acc)
@@ -529,6 +531,8 @@ def spectral_norm_conv(module: nn.Module, name: str = "weight", n_power_iteratio
         raise KeyError(f"module {type(module).__name__} has no plain parameter named {name!r}")
     weight = getattr(module, name)  # the parametrized value for a parametrization on a parametrized weight
     _check_kernel(module, spec, name, weight)
+    check_iterations_eps(front_end_iterations(n_power_iterations), eps)  # eps a positive number first
+    check_eps_in(eps, weight.dtype)
     if api == "hook":
         state = ConvSpectralNormHook(spec, name, n_power_iterations, eps, reinit_on_resize)
     else:

@@ -35,6 +35,14 @@ class Site:
     state: Any
     key: int | None = None
 
+    def stored(self) -> torch.Tensor:
+        """The tensor stored for the weight, before normalization: the hook API's ``<name>_orig``, or the
+        parametrization list's ``original`` (``original0`` when its first parametrization takes several)."""
+        if self.api == "hook":
+            return getattr(self.module, self.name + "_orig")
+        plist = self.module.parametrizations[self.name]
+        return plist.original if plist.is_tensor else plist.original0
+
 
 def _kind(obj) -> str | None:
     kind = getattr(type(obj), "sn_kind", None)

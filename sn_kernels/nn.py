@@ -11,8 +11,8 @@ from torch.nn.utils import parametrize
 
 from . import conv_norm, hooks, parametrizations
 from .certified import operator_bound, output_factor
-from .checks import (check_api, check_bound, check_iterations_eps, check_variant, check_weight_args, default_dim,
-                     front_end_dim, front_end_iterations)
+from .checks import (check_api, check_bound, check_eps_in, check_iterations_eps, check_variant, check_weight_args,
+                     default_dim, front_end_dim, front_end_iterations)
 from .find import TorchSpectralNorm, _kind as _kind_of, input_of, sites, torch_sn, walk
 from .functional import spectral_normalize
 from .serialize import serializable
@@ -144,13 +144,13 @@ def convert(model: nn.Module) -> nn.Module:
                                   f"{type(module).__name__}.{hook.name} in place (the hook API refuses complex "
                                   "weights; the parametrization API supports them)", stacklevel=2)
                     continue
-                _check_convertible(module, hook.name, hook)
+                _check_convertible(module, hook.name, hook, getattr(module, hook.name + "_orig"))
                 hook_sites.append((module, key, hook))
         if parametrize.is_parametrized(module):
             for name, plist in module.parametrizations.items():
                 for i, p in enumerate(plist):
                     if isinstance(p, TorchSpectralNorm):
-                        _check_convertible(module, name, p)
+                        _check_convertible(module, name, p, input_of(plist, p))
                         param_sites.append((plist, i, p))
     for module, key, hook in hook_sites:
         ours = hooks.SpectralNorm(hook.name, hook.n_power_iterations, hook.dim, hook.eps)
@@ -172,12 +172,14 @@ def convert(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_convertible(module: nn.Module, name: str, torch_sn_state) -> None:
+def _check_convertible(module: nn.Module, name: str, torch_sn_state, weight: torch.Tensor) -> None:
     """Refuse, naming the layer, a PyTorch spectral norm whose settings sn_kernels does not take (an
-    eps that is not positive: PyTorch accepts eps=0, whose normalize divides a zero vector by 0)."""
+    eps that is not positive: PyTorch accepts eps=0, whose normalize divides a zero vector by 0; an eps
+    that ``weight``'s computation dtype cannot hold)."""
     try:
         check_iterations_eps(front_end_iterations(getattr(torch_sn_state, "n_power_iterations", 1)),
                              torch_sn_state.eps)
+        check_eps_in(torch_sn_state.eps, weight.dtype)
     except (TypeError, ValueError) as err:
         raise type(err)(f"sn_kernels.convert: {type(module).__name__}.{name}: {err}; nothing was converted") \
             from None

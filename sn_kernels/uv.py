@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import conv_norm
-from .checks import check_iterations_eps, front_end_iterations
+from .checks import check_eps_in, check_iterations_eps, front_end_iterations
 from .functional import spectral_normalize
 from .backends.pytorch import as_matrix, exact_top_singular
 from .find import input_of, walk
@@ -49,6 +49,7 @@ def reset_uv(model: nn.Module, n_power_iterations: int = 15, *, redraw: bool = T
     found = [site for _, site in walk(model)]
     for site in found:  # a refusal leaves every u, v and meta guard as it was
         check_iterations_eps(n_power_iterations, site.state.eps)
+        check_eps_in(site.state.eps, site.stored().dtype)  # an eps the weight's dtype cannot hold (moved since)
     for site in found:
         kind, module, name, state = site.kind, site.module, site.name, site.state
         on_meta = remove_guards(module)  # wrapped on meta: the gain too holds uninitialised memory

@@ -286,3 +286,140 @@ def test_apply_spectral_norm_takes_one_layer_type_and_no_exclude(api):
 def test_model_helpers_refuse_what_is_not_a_module(helper):
     with pytest.raises(TypeError, match=rf"{helper}.*nn\.Module.*NoneType"):
         getattr(sn_kernels, helper)(None)
+
+
+# eps below the normal range of the accumulation dtype: 1e-50 rounds to 0 in float32, and 1e-40 (a float32
+# subnormal) is flushed to 0 under torch.set_flush_denormal(True); either way a zero weight's sigma would be
+# |s|^2 / max(|s|, 0) = 0/0 = NaN (as in PyTorch), where README promises 0 and "eps never underflows"
+_TINY32 = torch.finfo(torch.float32).tiny
+
+
+def _zero_weight_inputs(dtype, m=4, n=3):
+    return (torch.zeros(m, n, dtype=dtype), torch.full((m,), m ** -0.5, dtype=dtype),
+            torch.full((n,), n ** -0.5, dtype=dtype))
+
+
+@pytest.mark.parametrize("eps", [1e-50, 1e-40, _TINY32 * (1 - 2 ** -24), 1e-320])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_op_refuses_an_eps_below_the_accumulation_dtypes_normal_range(backend, dtype, eps):
+    """Refused, naming eps and the weight's dtype, before u and v change (float64 weights accumulate in
+    float64, where only eps=1e-320 is that small)."""
+    if dtype == torch.float64 and eps > 1e-300:
+        pytest.skip("a normal float64")
+    w, u, v = _zero_weight_inputs(dtype)
+    u0, v0 = u.clone(), v.clone()
+    with pytest.raises(ValueError, match=rf"eps.*{dtype}"):
+        sn_kernels.spectral_normalize(w, u, v, eps=eps)
+    assert torch.equal(u, u0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+@pytest.mark.parametrize("dtype, eps", [(torch.float32, _TINY32), (torch.bfloat16, _TINY32), (torch.float64, 1e-50),
+                                        (torch.float64, torch.finfo(torch.float64).tiny)])
+def test_smallest_eps_taken_keeps_a_zero_weight_at_zero(backend, dtype, eps, flush_denormal):
+    """The smallest eps taken is normal in the accumulation dtype, so even flushing subnormals to zero leaves
+    a zero weight's W / sigma 0 with a zero gradient (not 0/0 = NaN)."""
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        w, u, v = _zero_weight_inputs(dtype)
+        w.requires_grad_()
+        out, sigma = sn_kernels.spectral_normalize(w, u, v, eps=eps)
+        out.float().sum().backward()
+    finally:
+        torch.set_flush_denormal(False)
+    assert sigma.item() == 0 and torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+_WRAPS = {
+    "hook": lambda m, eps: sn_kernels.spectral_norm(m, eps=eps),
+    "parametrization": lambda m, eps: sn_kernels.parametrizations.spectral_norm(m, eps=eps),
+    "apply_hook": lambda m, eps: sn_kernels.apply_spectral_norm(nn.Sequential(m), eps=eps),
+    "apply_parametrization": lambda m, eps: sn_kernels.apply_spectral_norm(nn.Sequential(m), api="parametrization",
+                                                                           eps=eps),
+}
+
+
+@pytest.mark.parametrize("wrap", list(_WRAPS))
+def test_front_ends_refuse_an_eps_below_the_weights_accumulation_range_unchanged(wrap):
+    """At wrap time, where the weight is known; a float64 layer takes the same eps."""
+    lin = nn.Linear(3, 4)
+    with pytest.raises(ValueError, match=r"eps.*torch\.float32.*eps=1e-50"):
+        _WRAPS[wrap](lin, 1e-50)
+    assert not sn_kernels.is_spectral_normalized(lin) and [n for n, _ in lin.named_parameters()] == ["weight", "bias"]
+    lin64 = nn.Linear(3, 4).double()
+    _WRAPS[wrap](lin64, 1e-50)
+    with torch.no_grad():
+        (lin64.parametrizations.weight.original if wrap.endswith("parametrization") else lin64.weight_orig).zero_()
+    assert torch.equal(lin64(torch.ones(1, 3, dtype=torch.float64)), lin64.bias.detach()[None])
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_layer", "group"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_forward_refuses_an_eps_the_weights_new_dtype_cannot_hold(backend, api, grouped):
+    """A float64 layer wrapped with eps=1e-300, then made float32: its forward (and a group's) refuses, naming
+    eps and the new dtype, before u and v change."""
+    model = sn_kernels.apply_spectral_norm(nn.Sequential(nn.Linear(3, 4)).double(), api=api, eps=1e-300).float()
+    if grouped:
+        sn_kernels.group(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"eps.*torch\.float32.*eps=1e-300"):
+        model(torch.randn(2, 3))
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
+def test_native_op_refuses_a_tiny_eps_in_check_calls_words():
+    """The C++ op's own refusal (it checks its arguments; Python's check_call only names a refusal) is a
+    ValueError with check_call's message, for each accumulation dtype."""
+    from sn_kernels import checks
+    from sn_kernels.backends import native
+    if native.why_not(torch.device("cpu"), auto=True) is not None:
+        pytest.skip("native extension not available")
+    for dtype, eps in [(torch.float32, 1e-50), (torch.float16, 1e-40), (torch.bfloat16, 1e-40),
+                       (torch.float64, 1e-320)]:
+        w, u, v = _zero_weight_inputs(dtype)
+        with pytest.raises(ValueError) as cpp:
+            torch.ops.sn_kernels.native_power_iteration(w, u, v, 1, eps, 0, "vu", True)
+        with pytest.raises(ValueError) as py:
+            checks.check_call(w, u, v, 1, eps, 0, "vu")
+        assert str(cpp.value) == str(py.value)
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_conv_mode_refuses_an_eps_below_the_weights_accumulation_range(api):
+    """mode="conv" too: at wrap time, and at a forward after the layer was made float32."""
+    conv = nn.Conv2d(2, 3, 3)
+    wrap = sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm
+    with pytest.raises(ValueError, match=r"eps.*torch\.float32.*eps=1e-50"):
+        wrap(conv, mode="conv", eps=1e-50)
+    assert not sn_kernels.is_spectral_normalized(conv)
+    model = nn.Sequential(wrap(nn.Conv2d(2, 3, 3).double(), mode="conv", eps=1e-300)).float()
+    with pytest.raises(ValueError, match=r"eps.*torch\.float32.*eps=1e-300"):
+        model(torch.randn(1, 2, 6, 6))
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_convert_refuses_a_pytorch_eps_the_weight_cannot_hold_as_a_whole(api):
+    """convert refuses a PyTorch spectral norm whose eps is 0 in its weight's computation dtype before
+    converting any layer (its first forward would refuse it later)."""
+    wrap = torch.nn.utils.spectral_norm if api == "hook" else torch.nn.utils.parametrizations.spectral_norm
+    model = nn.Sequential(wrap(nn.Linear(3, 4)), wrap(nn.Linear(4, 2), eps=1e-50))
+    with pytest.raises(ValueError, match=r"Linear\.weight.*eps=1e-50.*nothing was converted"):
+        sn_kernels.convert(model)
+    assert not any(isinstance(s.state, (sn_kernels.hooks.SpectralNorm,
+                                        sn_kernels.parametrizations.SpectralNormParametrization))
+                   for _, s in sn_kernels.find.walk(model))
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_reset_uv_refuses_an_eps_a_moved_weight_cannot_hold_before_changing_anything(api):
+    """A layer wrapped in float64 with eps=1e-300, then made float32: reset_uv refuses before redrawing the
+    layers before it."""
+    model = sn_kernels.apply_spectral_norm(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double(), api=api,
+                                           eps=1e-300)
+    model[1].float()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"eps.*torch\.float32.*eps=1e-300"):
+        sn_kernels.reset_uv(model)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
