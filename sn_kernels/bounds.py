@@ -998,8 +998,8 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     eval mode, its u, v untouched); BatchNorm (eval mode only) max |gamma| / sqrt(var + eps);
     average pooling by its exact norm (a Kronecker product of 1-D averaging matrices), max
     pooling by sqrt(the most windows an input element is in); elementwise activations by
-    sup |phi'|: 1 for ReLU, Tanh, Hardtanh, Softplus, ...; max(1, slope) for LeakyReLU,
-    max(1, alpha) for ELU; 1/4 for Sigmoid; 1.13 for GELU, 1.1 for SiLU and 1.09 for
+    sup |phi'|: 1 for ReLU, Tanh, Hardtanh, Softplus, ...; max(1, |slope|) for LeakyReLU,
+    max(1, |alpha|) for ELU; 1/4 for Sigmoid; 1.13 for GELU, 1.1 for SiLU and 1.09 for
     Mish (not 1-Lipschitz); Flatten/Unflatten/Identity 1, Dropout 1 in eval mode and 1 / (1 - p)
     in training mode (any one mask).  Softplus is bounded as the smooth function: PyTorch's switch
     to the identity above ``threshold`` adds a jump of about exp(-threshold) / beta (2e-9 / beta by

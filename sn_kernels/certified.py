@@ -322,8 +322,9 @@ def _most_reads(mode: str, left: int, right: int, reach: int) -> int:
 def _padding_multiplicity(spec: ConvSpec) -> int:
     """The most times one tap reads an input element, over every input size and stride: 1 for zero padding
     (the padded zeros hold no input), else the product over dims of ``_most_reads`` (the padding is
-    separable): up to 2 for circular padding beyond the kernel's reach, 3 for reflect, 1 + both pads for
-    replicate (a 1-element input repeated to either side)."""
+    separable): up to 3 for circular padding beyond the kernel's reach (a 1-element input padded by 1 on
+    each side is read 3 times), 3 for reflect, 1 + both pads for replicate (a 1-element input repeated to
+    either side)."""
     pad, _ = spec.explicit_pad()
     if pad is None or spec.pad_mode == "constant":
         return 1

@@ -32,8 +32,8 @@ policies:
     zeros for the unused W/sigma; an optimizer with weight decay then moves that weight).  A layer called
     twice in one model call computes normally the second time (a second power
     iteration, as PyTorch), and so does the second access of a parametrized weight.  Under
-    ``torch.nn.utils.parametrize.cached()`` a parametrized weight already in the cache is not computed
-    again: one power iteration per context, as per module and in PyTorch.
+    ``torch.nn.utils.parametrize.cached()`` the parametrized weights are left to their layers, through
+    PyTorch's cache: one power iteration per context, as per module and in PyTorch.
 
 ``group(model, optimizer=opt)`` (once per optimizer step)
     W/sigma is computed once after each ``opt.step()`` (at the first use of any
@@ -699,11 +699,12 @@ def _unshared(members: list[_Member]) -> list[_Member]:
 
 
 def _uncached(members: list[_Member]) -> list[_Member]:
-    """Under ``parametrize.cached()``: ``members`` less the parametrized weights already in its cache.  Their
-    access returns the cached W/sigma (one power iteration per context, as per module and in PyTorch):
-    computing theirs would iterate u, v for a W/sigma never used."""
-    cache = parametrize._cache
-    return [mem for mem in members if mem.kind == "hook" or (id(mem.module), mem.name) not in cache]
+    """Under ``parametrize.cached()``: ``members`` less the parametrized weights, which then compute their own
+    through PyTorch's cache (one power iteration per context, as per module and in PyTorch): a W/sigma
+    computed ahead for a weight already cached would iterate u, v for nothing.  Not by looking the weight up
+    in the cache: its key is the module the parametrization was registered on, which a deep copy shares with
+    its original (the copy's class, and so its property, is the original's)."""
+    return [mem for mem in members if mem.kind == "hook"]
 
 
 def _check_optimizer(optimizer) -> None:

@@ -1291,15 +1291,21 @@ def _cached_run(model, opt, sigmas=True):
 
 
 # the "step" refresh of a hook-API layer shares W/sigma across a step's calls by design (module docstring)
+@pytest.mark.parametrize("copied", [False, True], ids=["model", "deepcopy"])
 @pytest.mark.parametrize("api, refresh", [("hook", "call"), ("parametrization", "call"),
                                           ("parametrization", "step")])
-def test_grouped_model_under_parametrize_cached(api, refresh):
+def test_grouped_model_under_parametrize_cached(api, refresh, copied):
     """Under ``parametrize.cached()`` a parametrized weight is computed once per context (one power iteration,
     the cached W/sigma reused by every model call), as per module and in PyTorch; ``sigmas()`` reports the
-    sigma used.  Nothing the group computed stays pending after the context."""
+    sigma used.  Nothing the group computed stays pending after the context.  Also for a deep copy, whose
+    cache key is its original's (PyTorch keys by the module the parametrization was registered on)."""
     runs = []
+    originals = []  # alive: a freed original's id could be reused
     for grouped in (False, True):
         model = _cached_model(sn_kernels.parametrizations, api)
+        if copied:
+            originals.append(model)
+            model = copy.deepcopy(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         group = sn_kernels.group(model, opt if refresh == "step" else None) if grouped else None
         runs.append(_cached_run(model, opt))
@@ -1308,6 +1314,9 @@ def test_grouped_model_under_parametrize_cached(api, refresh):
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     model = _cached_model(torch.nn.utils.parametrizations, api)  # PyTorch's own
+    if copied:
+        originals.append(model)
+        model = copy.deepcopy(model)
     reference = _cached_run(model, torch.optim.SGD(model.parameters(), lr=0.1), sigmas=False)
     ours = [t for t in runs[1] if t.ndim]  # less the sigmas
     for a, b in zip(reference, ours):
