@@ -8,7 +8,9 @@ policies:
 ``group(model)`` (per call)
     At every call of ``model``: one power iteration per layer, the same u, v, sigma,
     outputs and gradients as without grouping (bit-identical on the native and torch
-    backends: the same kernels run in the same order).  All the weights of one
+    backends: the same kernels run in the same order; one exception: a Parameter tied between two
+    grouped layers of one group, whose gradient differs in the last bits, about 1e-7 relative, as the
+    group's node sums both layers' contributions before autograd adds the rest).  All the weights of one
     (device, dtype) share ONE autograd node, whose backward computes every weight
     gradient (weights with different order, n_power_iterations, eps or train/eval
     mode form separate groups).  On the native backend the forward of a group is one
@@ -25,11 +27,14 @@ policies:
     (k power iterations; 2 in eval) and 2 backward, whatever the number of weights
     (``backends/triton/group_kernels.py``: the same numbers as per module to fp32 rounding, as the
     tiles differ).  A backend without multi-tensor kernels (``Backend.group_forward``: "torch")
-    loops over the weights in Python.  The one
-    difference from per-module semantics: a layer that the model
+    loops over the weights in Python.  The
+    differences from per-module semantics: a layer that the model
     does not call in some forward still had its power iteration run (and, compiled, its weight
     gets a zero gradient where eager leaves ``.grad`` None: the grouped op's backward receives
-    zeros for the unused W/sigma; an optimizer with weight decay then moves that weight).  A layer called
+    zeros for the unused W/sigma; an optimizer with weight decay then moves that weight); and so
+    did a layer that the model's forward switches to eval before calling it (the group iterated in
+    the mode of the call's start; the layer then refuses that W/sigma, made for another mode, and
+    computes its eval W/sigma from the advanced u, v).  A layer called
     twice in one model call computes normally the second time (a second power
     iteration, as PyTorch), and so does the second access of a parametrized weight.  Under
     ``torch.nn.utils.parametrize.cached()`` the parametrized weights are left to their layers, through
@@ -52,7 +57,9 @@ policies:
     optimizer (its version counter moved: ``load_state_dict``, ``copy_``; not writes
     through ``.data``), when a layer's train/eval mode changed, or when the grad mode or a
     weight's ``requires_grad`` changed (a W/sigma without a graph cannot serve a forward that
-    needs one: that costs one more power iteration in the step); a grouped layer called alone (not
+    needs one: that costs one more power iteration in the step), and after any other optimizer's
+    step over a grouped weight (a ``fused=True`` step moves no version counter: PyTorch's global
+    step post-hook, registered at the first ``attach``, catches it); a grouped layer called alone (not
     through the model) checks that for its own weight, u and v.  A layer called
     twice in one model call uses the shared W/sigma both times.  The optimizer step and
     ``model.load_state_dict`` drop the cache (its node keeps every grouped weight, which PyTorch's
@@ -71,6 +78,13 @@ PyTorch) and a hook-API layer whose ``weight_orig`` carries a parametrization of
 Computed one at a time inside the group (same numbers, no shared node): weights
 with ``coeff``, ``soft``, ``gain`` or a certified ``bound``, complex weights and 1-D parametrized weights.
 
+A layer whose spectral norm is removed, stacked on or re-added after grouping leaves the group (with its
+layer hook) and computes its own, and so does a layer replaced or deleted in the model once it is freed.
+A replaced or deleted layer still referenced elsewhere stays in the group (its u, v iterated by this
+model's calls, its layer served the group's W/sigma) until some grouped layer is freed (the model is then
+walked once) or the group is remade (``find_group(model).remove()``, ``group(model)``): the model is not
+walked at every call to notice it.
+
 A grouped model copies and saves like any model: the group is plain data stored in
 the model's hook dicts (module references, names), so ``copy.deepcopy(model)`` gives
 an independent grouped copy and ``torch.save(model)``/``torch.load`` a grouped model.
@@ -85,6 +99,7 @@ import copy
 import weakref
 
 import torch
+import torch.optim.optimizer as optimizer_module
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -140,10 +155,13 @@ class _Member:
         return self.path or f"{type(self.module).__name__}.{self.name}"
 
     def live(self) -> bool:
-        """Whether the spectral norm is still on the module (not removed since grouping)."""
+        """Whether the module still exists and its spectral norm is still on it (not removed since grouping)."""
+        module = self.module
+        if module is None:  # replaced or deleted in the model, then freed
+            return False
         if self.kind == "hook":
-            return any(h is self.state for h in self.module._forward_pre_hooks.values())
-        plists = self.module._modules.get("parametrizations")
+            return any(h is self.state for h in module._forward_pre_hooks.values())
+        plists = module._modules.get("parametrizations")
         plist = plists._modules.get(self.name) if plists is not None else None
         # through _modules: ModuleList's len() and [0] cost more than the test (it runs every call)
         return plist is not None and len(plist._modules) == 1 and plist._modules.get("0") is self.state
@@ -453,6 +471,8 @@ class SNGroup:
     # "step": inside a model call, whose pre-hook checked the cache (cleared by its forward hook; a call
     # interrupted by a BaseException leaves it set until the next model call)
     _in_call = False
+    # ids of the cached W/sigma's weights, for the global step hook (``_any_optimizer_step``)
+    _weight_ids: frozenset = frozenset()
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         check_model(model, "group")
@@ -526,6 +546,7 @@ class SNGroup:
         self._optimizer_handle = handle
         self._step_refresh = True
         self._stale, self._cache = True, None
+        _watch_all_steps(self)
         return self
 
     def detach(self) -> None:
@@ -534,12 +555,22 @@ class SNGroup:
             self._optimizer_handle.remove()
             self._optimizer_handle = None
         self._step_refresh = False
+        _STEP_GROUPS.discard(self)  # the global step hook stays: other groups may need it
         self._drop_cache()
 
     # -- computation ------------------------------------------------------------------------------
     def _live_members(self) -> list[_Member]:
+        """The members still grouped; those that left (spectral norm removed or changed, layer freed) are
+        dropped with their layer hook."""
         live = [m for m in self.members if m.live()]
         if len(live) != len(self.members):
+            if any(m.module is None for m in self.members):
+                # a layer replaced or deleted: the others replaced with it may live on elsewhere (then their
+                # u, v must not move with this model).  Only then: walking the model every call costs too much
+                live = _inside(self.model, live)
+            for mem in self.members:
+                if mem not in live:
+                    _unhook(mem)
             self.members = live
         return live
 
@@ -594,7 +625,9 @@ class SNGroup:
     def _model_pre(self, model: nn.Module, inputs) -> None:
         if torch.compiler.is_compiling():
             if self.refresh == "call":
-                _compiled_group(self._live_members())
+                # not ``_live_members``: dynamo cannot trace the removal of a leaving member's hook (the next
+                # eager call drops it)
+                _compiled_group([mem for mem in self.members if mem.live()])
             return  # otherwise each layer computes its own W/sigma (the compiled route)
         if transforms.active():
             # torch.func runs plain ops only: each layer computes its own (sn_kernels/transforms.py), and
@@ -623,6 +656,11 @@ class SNGroup:
             # a jit trace would record the cached W/sigma as constants, blind to the weights and u, v it is
             # later given: each layer computes its own
             return
+        if not mem.live():
+            # its spectral norm was removed, stacked on or re-added since: the layer computes its own (this
+            # leftover hook goes with the member; the cache, which does not hold it, stays)
+            self._live_members()
+            return
         if not self._in_call and self._cache is not None and not self._stale and not self._holds_for(mem):
             # called alone (not through the model, whose pre-hook checks the whole cache once per call)
             # after its weight, u, v, mode or the grad mode changed
@@ -631,6 +669,7 @@ class SNGroup:
             self._cache = self._compute_all(self._live_members(), alone=False)
             self._stale = False
             self._key = self._key_now()  # after the iteration (u, v versions moved)
+            self._weight_ids = frozenset(id(t[0]) for t in map(_Member.sources, self.members) if t is not None)
         w_sn = self._cache.get(mem)
         if w_sn is not None:
             mem.state.__dict__["pending"] = w_sn
@@ -680,7 +719,7 @@ class SNGroup:
         # itself (a weak reference neither copies nor pickles): a copy refers to the model's copy
         state = self.__dict__.copy()
         state.update(_cache=None, _key=None, _stale=True, _optimizer_handle=None, _step_refresh=False,
-                     _in_call=False, model=state.pop("_model")())
+                     _in_call=False, _weight_ids=frozenset(), model=state.pop("_model")())
         return state
 
     def __setstate__(self, state) -> None:
@@ -748,6 +787,33 @@ class _StepHook:
             group._drop_cache()
 
 
+# the groups in "step" refresh, for ``_any_optimizer_step`` (weakly: a dropped model's group goes)
+_STEP_GROUPS: weakref.WeakSet = weakref.WeakSet()
+_global_step_hook = None
+
+
+def _watch_all_steps(group: SNGroup) -> None:
+    """Have every optimizer's step refresh ``group`` when it steps a grouped weight: PyTorch's global step
+    post-hook, registered once, at the first attach, and kept (other groups may need it)."""
+    global _global_step_hook
+    if _global_step_hook is None:
+        _global_step_hook = optimizer_module.register_optimizer_step_post_hook(_any_optimizer_step)
+    _STEP_GROUPS.add(group)
+
+
+def _any_optimizer_step(optimizer, args, kwargs) -> None:
+    """After any optimizer's step: drop the step cache of each group with a cached weight among its
+    parameters.  An optimizer other than the attached one is otherwise seen through the weights' version
+    counters, which a ``fused=True`` step does not move (the next forward would use the old W/sigma)."""
+    groups = [g for g in list(_STEP_GROUPS) if g._cache is not None]
+    if not groups:
+        return
+    ids = {id(p) for pg in optimizer.param_groups for p in pg["params"]}
+    for group in groups:
+        if not ids.isdisjoint(group._weight_ids):
+            group._drop_cache()
+
+
 def _prune_step_hooks(optimizer: torch.optim.Optimizer) -> None:
     """Remove ``optimizer``'s step hooks of freed groups.  Here, not when a group is freed: the cyclic
     collector may free one (a parametrized model is in cycles) while ``optimizer.step()`` iterates over
@@ -785,6 +851,28 @@ def _layer_hook_of(mem: _Member) -> _LayerHook | None:
         return mem.state.before if isinstance(mem.state.before, _LayerHook) else None
     return next((h for h in mem.module._forward_pre_hooks.values()
                  if isinstance(h, _LayerHook) and h.member.name == mem.name), None)
+
+
+def _inside(model: nn.Module | None, members: list[_Member]) -> list[_Member]:
+    """``members`` whose module is still inside ``model`` (a replaced layer may live on elsewhere)."""
+    if model is None:
+        return members
+    modules = {id(m) for m in model.modules()}
+    return [mem for mem in members if id(mem.module) in modules]
+
+
+def _unhook(mem: _Member) -> None:
+    """Take the group's layer hook off a member that left the group (a leftover one would run the group
+    for a layer it no longer holds, and refuse a new group of that layer)."""
+    if mem.kind == "hook":
+        if isinstance(mem.state.before, _LayerHook) and mem.state.before.member is mem:
+            mem.state.before = None
+        return
+    module = mem.module
+    if module is None:
+        return
+    for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, _LayerHook) and h.member is mem]:
+        del module._forward_pre_hooks[key]
 
 
 def find_group(model: nn.Module) -> SNGroup | None:

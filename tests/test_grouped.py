@@ -1476,3 +1476,100 @@ def test_grouped_call_refuses_a_hook_layer_made_complex_before_moving_uv():
 def test_group_refuses_a_non_module(model):
     with pytest.raises(TypeError, match="sn_kernels.group takes an nn.Module"):
         sn_kernels.group(model)
+
+
+def _sn_stack(api, n=3, seed=0):
+    torch.manual_seed(seed)
+    sn = sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm
+    return nn.Sequential(*(sn(nn.Linear(4, 4)) for _ in range(n)))
+
+
+def _u(layer, api):
+    return layer.weight_u if api == "hook" else layer.parametrizations.weight[0]._u
+
+
+def _train_step(model, opt, x):
+    opt.zero_grad()
+    y = model(x)
+    y.square().sum().backward()
+    opt.step()
+    return y.detach()
+
+
+@pytest.mark.parametrize("refresh", ["call", "step"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_replaced_or_deleted_layer_leaves_group(api, refresh):
+    """A grouped layer replaced (``model[1] = new``) or deleted, then freed: the model trains on as per
+    module (the freed layer's member used to crash the next call).  A replaced layer still referenced
+    elsewhere leaves the group when another member's layer is freed: its u, v no longer move with the model."""
+    import gc
+    models = [_sn_stack(api, n=4) for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    handle = sn_kernels.group(models[1], optimizer=opts[1] if refresh == "step" else None)
+    x = torch.randn(2, 4)
+    for m, opt in zip(models, opts):
+        _train_step(m, opt, x)
+    kept = []
+    for m in models:
+        kept.append(m[3])  # replaced, still referenced
+        torch.manual_seed(5)
+        m[1] = _sn_stack(api, n=1)[0]
+        m[3] = _sn_stack(api, n=1)[0]
+        del m[2]
+    gc.collect()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    if refresh == "step":
+        handle.attach(opts[1])
+    u_kept = _u(kept[1], api).clone()
+    for _ in range(2):
+        outs = [_train_step(m, opt, x) for m, opt in zip(models, opts)]
+        assert torch.equal(outs[0], outs[1])
+        assert all(torch.equal(a, b) for a, b in zip(_state(models[0]), _state(models[1])))
+    assert torch.equal(_u(kept[1], api), u_kept)
+    assert len(handle) == 1
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_second_fused_optimizer_refreshes_the_step_cache(backend):
+    """A second optimizer over other grouped weights, ``fused=True`` (its step moves no version counter):
+    the next forward uses the weights it stepped, as per module."""
+    models = [_two_sn_layers("hook") for _ in range(2)]
+    opts = [(torch.optim.SGD(m[0].parameters(), lr=0.1), torch.optim.Adam(m[2].parameters(), lr=0.1, fused=True))
+            for m in models]
+    x = torch.randn(3, 6)
+    with sn_kernels.use_backend(backend):
+        sn_kernels.group(models[1], optimizer=opts[1][0])
+        for _ in range(3):
+            outs = []
+            for m, (_, second) in zip(models, opts):
+                second.zero_grad()
+                y = m(x)
+                y.square().sum().backward()
+                second.step()  # only the second optimizer steps
+                outs.append(y.detach())
+            assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("how", ["remove", "stack", "readd"])
+def test_layer_alone_after_its_parametrization_changed(how):
+    """``remove_parametrizations`` on a grouped layer, a second spectral norm stacked on it, or removed and
+    re-added, after a model forward in the step: that layer called alone works and moves no other layer's u, v
+    (the group's leftover hook raised KeyError, or iterated the whole group), as per module."""
+    from torch.nn.utils import parametrize
+    models = [_sn_stack("parametrization") for _ in range(2)]
+    opt = torch.optim.SGD(models[1].parameters(), lr=0.1)
+    sn_kernels.group(models[1], optimizer=opt)
+    x, x1 = torch.randn(2, 4), torch.randn(2, 4)
+    outs = []
+    for m in models:
+        m(x).sum().backward()
+        if how != "stack":
+            parametrize.remove_parametrizations(m[1], "weight")
+        if how != "remove":
+            torch.manual_seed(3)
+            sn_kernels.parametrizations.spectral_norm(m[1])
+        outs.append(m[1](x1))
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(_state(models[0]), _state(models[1])))
+    sn_kernels.grouped.find_group(models[1]).remove()
+    sn_kernels.group(models[1])  # no group hook left on the changed layer
