@@ -14,7 +14,8 @@ The formulation is the torch backend's, written as the transforms allow:
   allows on a captured tensor: PyTorch's own spectral norm writes them with
   ``F.normalize(..., out=u)``); a step whose norm is zero or not finite keeps the previous
   vector, as every backend does;
-- sigma = u . (W v) with u, v held constant and W / sigma differentiated by the transform:
+- sigma = u . (W v) with u, v held constant (detached, also when they require grad) and W / sigma
+  differentiated by the transform:
   the gradient is the analytic (G - <G, W_sn> u v^T) / sigma of the other routes.
 
 Values equal the eager backends' to rounding (sigma from u . (W v), not from the last
@@ -65,7 +66,9 @@ def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations:
     acc = accumulation_dtype(weight.dtype)
     W = as_matrix(weight, dim).to(acc)
     with torch.no_grad():
-        ua, va = u.to(acc), v.to(acc)
+        # detached: u, v are constants, as on the autograd route (a same-dtype .to() would return u itself,
+        # and a u that requires grad, e.g. passed through functional_call, would be differentiated in eval)
+        ua, va = u.detach().to(acc), v.detach().to(acc)
         if training:
             ua, va, _ = power_iteration(W, ua, va, n_power_iterations, eps, order)
             torch.mul(ua, 1, out=u)  # u.copy_(ua) is refused on a captured tensor; out= is not

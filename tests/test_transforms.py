@@ -142,3 +142,19 @@ def test_forward_mode_ad_matches_pytorch(api):
     jac = [torch.autograd.functional.jacobian(lambda p, m=m: functional_call(m, {name: p}, (x,)), w,
                                               strategy="forward-mode", vectorize=True) for m in (ref, ours)]
     torch.testing.assert_close(jac[1], jac[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_u_v_are_constants_under_grad_as_under_autograd(api, training):
+    """u, v passed with requires_grad through functional_call get no gradient from the autograd route; the
+    torch.func route must agree (it differentiated sigma = u . (W v) through them in eval)."""
+    torch.manual_seed(0)
+    layer = WRAPS[api][1](nn.Linear(4, 5)).train(training)
+    x = torch.randn(3, 4)
+    buffers = {n: b.detach().clone().requires_grad_() for n, b in layer.named_buffers()}
+    functional_call(layer, buffers, (x,)).sum().backward()
+    assert all(b.grad is None or not b.grad.any() for b in buffers.values())
+    grads = grad(lambda bs: functional_call(layer, bs, (x,)).sum())({n: b.detach().clone()
+                                                                     for n, b in layer.named_buffers()})
+    assert all(not g.any() for g in grads.values())
