@@ -531,12 +531,11 @@ def spectral_norm_conv(module: nn.Module, name: str = "weight", n_power_iteratio
         raise KeyError(f"module {type(module).__name__} has no plain parameter named {name!r}")
     weight = getattr(module, name)  # the parametrized value for a parametrization on a parametrized weight
     _check_kernel(module, spec, name, weight)
-    check_iterations_eps(front_end_iterations(n_power_iterations), eps)  # eps a positive number first
-    check_eps_in(eps, weight.dtype)
-    if api == "hook":
+    if api == "hook":  # the state checks n_power_iterations and eps; nothing is changed yet
         state = ConvSpectralNormHook(spec, name, n_power_iterations, eps, reinit_on_resize)
     else:
         state = ConvSpectralNorm(spec, weight, name, n_power_iterations, eps, reinit_on_resize)
+    check_eps_in(eps, weight.dtype)
     # u, v for input_size= drawn before the module is touched: a bad input_size leaves it as it was
     u, v = (_empty(weight), _empty(weight)) if input_size is None else \
         _draw(spec, weight.detach(), _input_size(spec, weight, input_size), state.eps)
