@@ -408,3 +408,14 @@ def test_training_forward_moves_the_versions_of_u_v(backend, api, variant):
     assert u._version > before[0] and v._version > before[1]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         penalty.backward()
+
+
+def test_matrix_shape_of_an_empty_weight_with_a_negative_dim():
+    """A negative dim counts from the end also for a weight with no entries, whose n comes from the shape
+    around dim (it came out 0 for dim=-1: the slice after dim was the whole shape)."""
+    from sn_kernels.backends.contract import matrix_shape
+    for shape, dim, want in (((3, 0), -1, (0, 3)), ((3, 0), 1, (0, 3)), ((0, 2, 4), -3, (0, 8)),
+                             ((2, 0, 5), -2, (0, 10))):
+        assert matrix_shape(torch.empty(shape), dim) == want
+    with pytest.raises(IndexError):
+        matrix_shape(torch.empty(3, 0), -3)

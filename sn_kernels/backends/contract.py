@@ -92,8 +92,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def matrix_shape(weight: Tensor, dim: int) -> tuple[int, int]:
-    """(m, n) of the matrix view of ``weight``: ``dim`` first, the rest flattened."""
-    m = weight.shape[dim]
+    """(m, n) of the matrix view of ``weight``: ``dim`` first, the rest flattened (``dim`` < 0 counts from
+    the end)."""
+    m = weight.shape[dim]  # an IndexError for a dim out of range
+    if dim < 0:  # the slices below need it from the start (an empty weight's n comes from them)
+        dim += weight.dim()
     return m, (weight.numel() // m if m else weight.shape[:dim].numel() * weight.shape[dim + 1:].numel())
 
 

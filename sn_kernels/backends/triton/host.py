@@ -144,10 +144,8 @@ def _on_weight_device(fn):
 def matrix_view(weight: torch.Tensor, dim: int) -> tuple[int, int, int]:
     """(M, N, B) of the weight's matrix view with ``dim`` first (kernels.py's addressing); a ``dim`` < 0
     counts from the end, as the other backends' ops take it (B slices the shape after ``dim``)."""
-    weight.size(dim)  # IndexError for a dim out of range, with PyTorch's message
-    dim %= weight.dim()
-    m, n = matrix_shape(weight, dim)
-    return m, n, weight.shape[dim + 1:].numel()
+    m, n = matrix_shape(weight, dim)  # an IndexError for a dim out of range, with PyTorch's message
+    return m, n, weight.shape[dim % weight.dim() + 1:].numel()
 
 
 def _geometry(weight: torch.Tensor, dim: int):
