@@ -164,6 +164,26 @@ def test_backward_matches_formula(backend, backend_device, dtype, shape, dim, or
         check("grad vs torch backend", ww.grad, wt.grad, dtype, scale=scale)
 
 
+@pytest.mark.parametrize("shape", [(1, 3), (4, 6)], ids=str)
+def test_backward_of_the_op_with_sigma_beyond_float16_range(backend, backend_device, shape):
+    """The op's own autograd formula (the torch.compile route; the eager call has its own node) on a
+    float16 weight whose sigma (float32) exceeds float16's 65504 while W and W / sigma are finite: the
+    gradient is finite and right (sigma * u formed in float16 overflowed to inf)."""
+    w = torch.full(shape, 50000.0, dtype=torch.float16, device=backend_device)
+    w[0, 0] = 40000.0  # u, v not all equal
+    m, n = shape
+    u = torch.full((m,), m ** -0.5, dtype=torch.float16, device=backend_device)
+    v = torch.full((n,), n ** -0.5, dtype=torch.float16, device=backend_device)
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(w)
+    sigma, u_used, v_used = backend.power_iteration(w, u, v, 1, EPS, 0, "uv", True)
+    assert sigma.item() > 65504
+    ww = w.clone().requires_grad_()
+    backend.normalize(ww, u_used, v_used, sigma, 0).backward(G)
+    ref = pytorch.backward(G.double(), w.double(), u_used.double(), v_used.double(), sigma.double(), 0)
+    assert torch.isfinite(ww.grad).all(), ww.grad
+    check("op gradient vs float64", ww.grad.cpu(), ref.cpu(), torch.float16, scale=4)
+
+
 # ------------------------------------------------------------------ zero and non-finite weights
 
 

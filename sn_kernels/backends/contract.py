@@ -200,6 +200,12 @@ def register_ops(power_iteration, normalize, backward: Callable) -> tuple[Callab
         weight_sn, u, v, sigma = ctx.saved_tensors
         # (G - <G, W_sn> u v^T) / sigma is backward's (G - <G, W>/sigma u v^T) / sigma with
         # W_sn for W and sigma u for u
+        if u.dtype == torch.float16:
+            # sigma |u_i| can pass float16's 65504 where W and W_sn are finite: the formula in float32
+            # (sigma's dtype), rounded once at the end as the kernels round theirs
+            acc = sigma.dtype
+            grad_w = backward(grad.to(acc), weight_sn.to(acc), u.to(acc) * sigma, v.to(acc), sigma, ctx.dim)
+            return grad_w.to(u.dtype), None, None, None, None
         u_sigma = (u.to(sigma.dtype) * sigma).to(u.dtype)
         return backward(grad, weight_sn, u_sigma, v, sigma, ctx.dim), None, None, None, None
 
