@@ -130,7 +130,7 @@ class _Member:
     reference back would be a cycle.  ``stamp``: what its latest W/sigma was computed from (``stamp_now``;
     not copied)."""
 
-    __slots__ = ("kind", "_module", "name", "state", "path", "stamp")
+    __slots__ = ("kind", "_module", "name", "state", "path", "stamp", "__weakref__")
 
     def __init__(self, kind: str, module: nn.Module, name: str, state, path: str | None = None) -> None:
         self.kind, self._module, self.name, self.state = kind, weakref.ref(module), name, state
@@ -520,9 +520,10 @@ class SNGroup:
         # SNLinear): it computes the W/sigma that the layers' own hooks then take
         self._handles += [
             model.register_forward_pre_hook(self._model_pre, prepend=True),
-            model.register_forward_hook(self._model_post, always_call=True),
             model.register_load_state_dict_pre_hook(self._drop_cache),  # before any weight is swapped
         ]
+        self._post_handle = model.register_forward_hook(self._model_post)
+        self._handles.append(self._post_handle)
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -547,7 +548,23 @@ class SNGroup:
         self._step_refresh = True
         self._stale, self._cache = True, None
         _watch_all_steps(self)
+        self._post_always_called()
         return self
+
+    def _post_always_called(self) -> None:
+        """The model's forward hook also after a forward that raised (``always_call``), once "step" mode is
+        used: it ends the model call (``_in_call``), which then no longer covers a layer called alone.  Per
+        call it is not needed (a pre-computed W/sigma left by a failed call carries its own validity check),
+        and there it would make dynamo recompile for every new group or grouped model (it guards on the
+        hook's id in the module's always-called set)."""
+        model = self.model
+        handle = getattr(self, "_post_handle", None)  # None: pickled before it was kept (registered always-called)
+        if model is None or handle is None or handle.id in model._forward_hooks_always_called:
+            return
+        handle.remove()
+        self._handles.remove(handle)
+        self._post_handle = model.register_forward_hook(self._model_post, always_call=True)
+        self._handles.append(self._post_handle)
 
     def detach(self) -> None:
         """Back to one refresh per model call (exact per-module semantics)."""
@@ -826,22 +843,29 @@ def _prune_step_hooks(optimizer: torch.optim.Optimizer) -> None:
 class _LayerHook:
     """Runs before a grouped layer's spectral norm (a forward pre-hook of the layer, or the hook
     API's ``SpectralNorm.before``): plain data, picklable.  Holds the group weakly (the model holds
-    it: a strong reference from its layer would be a cycle).  No ``__slots__``: dynamo guards the
+    it: a strong reference from its layer would be a cycle), and its member too (the group holds it;
+    the member holds the hook API's ``SpectralNorm``, which holds this hook: a cycle that kept a
+    dropped model's weights until the cyclic collector ran).  No ``__slots__``: dynamo guards the
     objects it traces through their ``__dict__``."""
 
     def __init__(self, group: SNGroup, member: _Member) -> None:
-        self._group, self.member = weakref.ref(group), member
+        self._group, self._member = weakref.ref(group), weakref.ref(member)
+
+    @property
+    def member(self) -> _Member | None:
+        """The grouped weight this hook runs for (None once its group is freed)."""
+        return self._member()
 
     def __call__(self, module: nn.Module, inputs) -> None:
         group = self._group()
         if group is not None:  # None: a copy of part of a grouped model (the rest, with the group, freed)
             group._layer_pre(self.member)
 
-    def __getstate__(self):  # the group itself, as SNGroup's own state (a weak reference does not copy)
+    def __getstate__(self):  # the group and member themselves, as SNGroup's own state (a weak reference does not copy)
         return {"group": self._group(), "member": self.member}
 
     def __setstate__(self, state) -> None:
-        self._group, self.member = _weak(state["group"]), state["member"]
+        self._group, self._member = _weak(state["group"]), _weak(state["member"])
 
 
 def _layer_hook_of(mem: _Member) -> _LayerHook | None:
@@ -850,7 +874,7 @@ def _layer_hook_of(mem: _Member) -> _LayerHook | None:
     if mem.kind == "hook":
         return mem.state.before if isinstance(mem.state.before, _LayerHook) else None
     return next((h for h in mem.module._forward_pre_hooks.values()
-                 if isinstance(h, _LayerHook) and h.member.name == mem.name), None)
+                 if isinstance(h, _LayerHook) and h.member is not None and h.member.name == mem.name), None)
 
 
 def _inside(model: nn.Module | None, members: list[_Member]) -> list[_Member]:

@@ -368,3 +368,36 @@ def test_no_recompiles_across_train_eval_switches(api, bound):
             with torch.no_grad():
                 compiled(x)
     assert counter.frame_count == 2
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_no_recompile_for_a_new_group_or_grouped_model(api):
+    """A per-call group compiles once for every group of the model and every grouped instance of it, as an
+    ungrouped model does: its forward hook was registered always-called, and dynamo guards on that hook's
+    id, so each group() compiled anew (after 8, the model silently ran eagerly)."""
+    def build():
+        torch.manual_seed(0)
+        return _disc() if api == "parametrization" else nn.Sequential(
+            sn_kernels.spectral_norm(nn.Linear(12, 12)), nn.ReLU(), sn_kernels.spectral_norm(nn.Linear(12, 1)))
+
+    if api == "parametrization":
+        x = torch.randn(2, 3, 8, 8)
+        model = build()
+        sn_kernels.apply_spectral_norm(model)
+    else:
+        x = torch.randn(2, 12)
+        model = build()
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    group = sn_kernels.group(model)
+    compiled(x).sum().backward()
+    assert counter.frame_count == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            group.remove()
+            group = sn_kernels.group(model)
+            compiled(x).sum().backward()
+    assert counter.frame_count == 1
+    # and still always-called once attached to an optimizer ("step" mode needs it after a failed forward)
+    group.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert group._post_handle.id in model._forward_hooks_always_called

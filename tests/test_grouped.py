@@ -309,9 +309,10 @@ def test_refresh_copy_is_detached_and_per_call():
     assert group._optimizer_handle is None
 
 
-def _dropped(build):
+def _dropped(build, keep_optimizer=True):
     """(weak references to the model, its layers and its cached W/sigma, the optimizer) after ``build``'s
-    model ran two training steps and was dropped; the optimizer is kept."""
+    model ran two training steps and was dropped; the optimizer is kept (else dropped too, and the
+    references include the model's parameters)."""
     import weakref
 
     model, opt = build()
@@ -323,14 +324,18 @@ def _dropped(build):
     group = sn_kernels.grouped.find_group(model)
     refs = [weakref.ref(m) for m in model.modules()]
     refs += [weakref.ref(t) for t in (group._cache or {}).values()] if group is not None else []
+    if not keep_optimizer:
+        refs += [weakref.ref(p) for p in model.parameters()]
+        opt = None
     del model, group
     return refs, opt
 
 
 def test_grouped_hook_model_is_freed_at_del_as_pytorch():
     """A grouped model is in no reference cycle (the group holds the model and its layers weakly): with
-    the cyclic collector off, dropping it frees it, as PyTorch's hook API (its own parametrization API
-    is in cycles).  Also a model that is itself the spectral-normalized layer, and with an optimizer."""
+    the cyclic collector off, dropping it frees it, its weights included, as PyTorch's hook API (its own
+    parametrization API is in cycles).  Also a model that is itself the spectral-normalized layer, and
+    with an optimizer."""
     import gc
 
     def build(mk, grouped, with_opt):
@@ -349,11 +354,12 @@ def test_grouped_hook_model_is_freed_at_del_as_pytorch():
     gc.collect()
     gc.disable()
     try:
-        assert not any(r() for r in _dropped(build(torch_hook, False, False))[0])  # PyTorch's reference
+        alive = lambda refs: [r() for r in refs if r() is not None]  # noqa: E731
+        assert not alive(_dropped(build(torch_hook, False, False), keep_optimizer=False)[0])  # PyTorch's
         for mk in (ours, single):
             for with_opt in (False, True):
-                refs, _ = _dropped(build(mk, True, with_opt))
-                assert refs and not any(r() for r in refs), (mk, with_opt)
+                refs, _ = _dropped(build(mk, True, with_opt), keep_optimizer=False)
+                assert refs and not alive(refs), (mk, with_opt, alive(refs))
     finally:
         gc.enable()
 
