@@ -137,6 +137,13 @@ class SpectralNorm(torch_sn.SpectralNorm):
         for key, hook in list(module._forward_hooks.items()):
             if getattr(hook, "__self__", None) is self:  # ``keep``; by identity, so a deep copy removes its own
                 del module._forward_hooks[key]
+        # our load_state_dict pre-hook too: PyTorch's remove_spectral_norm (which calls this) misses it, and it
+        # holds this hook, whose certifier keeps a copy of the weight (bound="upper"/"operator")
+        for key, hook in list(module._load_state_dict_pre_hooks.items()):
+            if getattr(getattr(hook, "hook", hook), "fn", None) is self:
+                del module._load_state_dict_pre_hooks[key]
+        if self.certifier is not None:
+            self.certifier.invalidate()
         self.kept = None
         if self.gain:
             delattr(module, self.name + "_gain")

@@ -154,6 +154,19 @@ def test_torch_remove_works_on_ours_and_ours_on_torch():
     assert not a._forward_hooks and not a._forward_pre_hooks  # ours leaves no forward hook (``keep``) behind
 
 
+@pytest.mark.parametrize("bound", ["estimate", "upper"])
+def test_torch_remove_leaves_nothing_of_ours_behind(bound):
+    """PyTorch's remove_spectral_norm on our hook leaves no load_state_dict pre-hook of ours (PyTorch's
+    leaves its own behind): with a certified bound, that hook kept a copy of the weight per wrap and removal."""
+    layer = nn.Linear(16, 16)
+    for _ in range(3):
+        sn_kernels.spectral_norm(layer, bound=bound)
+        layer(torch.randn(2, 16)).sum().backward()
+        torch.nn.utils.remove_spectral_norm(layer)
+    assert not layer._load_state_dict_pre_hooks
+    layer.load_state_dict(nn.Linear(16, 16).state_dict())  # a plain layer's state_dict loads
+
+
 def test_hook_keep_belongs_to_its_copy():
     """The hook API's forward hook (``SpectralNorm.keep``, for the compiled route) is bound to its own
     pre-hook in a deep copy, and each copy's removal takes its own away; a converted PyTorch hook
