@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import threading
 
 import torch
 from torch import Tensor, nn
@@ -271,6 +272,9 @@ def take_pending(state):
     pending = state.pending
     if pending is None:
         return None
+    thread = getattr(state, "pending_thread", None)
+    if thread is not None and thread != threading.get_ident():
+        return None  # computed by another thread's call of the same grouped model (for its grad mode): not ours
     state.__dict__["pending"] = None  # on a parametrization, nn.Module.__setattr__'s checks cost more
     holds = getattr(state, "pending_holds", None)
     if holds is not None:

@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import threading
 import weakref
 
 import torch
@@ -454,6 +455,7 @@ def _compiled_group(members: list[_Member]) -> None:
             it[0].set_sigma(sigma)
             it[0].state.pending = w_sn
             it[0].state.pending_holds = None  # traced: no stamp (an eager call's would be stale)
+            it[0].state.pending_thread = None
 
 
 class SNGroup:
@@ -659,10 +661,12 @@ class SNGroup:
             return  # _LayerHook hands out the shared W/sigma
         if parametrize._cache_enabled:
             members = _uncached(members)
+        thread = threading.get_ident()
         for mem, w_sn in self._compute_all(members).items():
             d = mem.state.__dict__  # what nn.Module.__setattr__ does for it, minus its checks
             d["pending"] = w_sn  # taken by the layer's spectral norm, module call or plain weight read
             d["pending_holds"] = mem.pending_holds
+            d["pending_thread"] = thread  # another thread calling the same model takes none of it
 
     def _layer_pre(self, mem: _Member) -> None:
         if torch.compiler.is_compiling():
@@ -678,19 +682,25 @@ class SNGroup:
             # leftover hook goes with the member; the cache, which does not hold it, stays)
             self._live_members()
             return
-        if not self._in_call and self._cache is not None and not self._stale and not self._holds_for(mem):
+        cache, key = self._cache, self._key
+        if cache is not None and not self._stale and (key is None or (not key[0] and torch.is_grad_enabled()) or (
+                not self._in_call and not self._holds_for(mem))):
             # called alone (not through the model, whose pre-hook checks the whole cache once per call)
-            # after its weight, u, v, mode or the grad mode changed
+            # after its weight, u, v, mode or the grad mode changed; inside a model call, a cache made without
+            # grad where this call needs one: another thread's call (under no_grad) refreshed it since this
+            # call's pre-hook (a cache with grad serves a no_grad block of the forward as it is)
             self._stale = True
-        if self._stale or self._cache is None:
-            self._cache = self._compute_all(self._live_members(), alone=False)
+        if self._stale or cache is None:
+            cache = self._cache = self._compute_all(self._live_members(), alone=False)
             self._stale = False
             self._key = self._key_now()  # after the iteration (u, v versions moved)
             self._weight_ids = frozenset(id(t[0]) for t in map(_Member.sources, self.members) if t is not None)
-        w_sn = self._cache.get(mem)
+        w_sn = cache.get(mem)
         if w_sn is not None:
-            mem.state.__dict__["pending"] = w_sn
-            mem.state.__dict__["pending_holds"] = None  # the step cache checks its own key
+            d = mem.state.__dict__
+            d["pending"] = w_sn
+            d["pending_holds"] = None  # the step cache checks its own key
+            d["pending_thread"] = None  # taken right away by this call's spectral norm
 
     def _drop_cache(self, *load_args) -> None:
         """Forget the step cache, stale after an optimizer step (and a load_state_dict, whose pre-hook this
@@ -822,7 +832,9 @@ def _any_optimizer_step(optimizer, args, kwargs) -> None:
     """After any optimizer's step: drop the step cache of each group with a cached weight among its
     parameters.  An optimizer other than the attached one is otherwise seen through the weights' version
     counters, which a ``fused=True`` step does not move (the next forward would use the old W/sigma)."""
-    groups = [g for g in list(_STEP_GROUPS) if g._cache is not None]
+    # the set of weak references copied in one C call (atomic under the GIL), then dereferenced: iterating the
+    # WeakSet itself raises when another thread groups or detaches a model meanwhile
+    groups = [g for g in (r() for r in list(_STEP_GROUPS.data)) if g is not None and g._cache is not None]
     if not groups:
         return
     ids = {id(p) for pg in optimizer.param_groups for p in pg["params"]}

@@ -103,3 +103,30 @@ def test_this_build_is_recorded():
     assert isinstance(info["cuda_kernels"], bool) and info["why"]
     if info["cuda_kernels"]:
         assert native.has_kernel("cuda")
+
+
+def test_first_native_calls_from_two_threads_build_and_register_once(monkeypatch):
+    """Two threads whose first native call finds no prebuilt extension: one builds, the other waits for it;
+    the ops' registration runs once (twice, the second thread failed: a fake registered twice)."""
+    import threading
+    import time
+
+    from sn_kernels import _build
+    from sn_kernels.backends import native
+
+    finished = []
+    monkeypatch.setattr(native, "_state", {"loaded": False, "error": None, "build_failed": None})
+    monkeypatch.setattr(native, "_import_prebuilt", lambda: "no prebuilt extension (simulated)")
+    monkeypatch.setattr(_build, "jit_build", lambda: time.sleep(0.3))
+
+    def finish():
+        finished.append(threading.get_ident())
+        native._state["loaded"] = True
+    monkeypatch.setattr(native, "_finish", finish)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(native._load(build=True))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [None, None] and len(finished) == 1

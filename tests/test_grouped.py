@@ -1579,3 +1579,101 @@ def test_layer_alone_after_its_parametrization_changed(how):
     assert all(torch.equal(a, b) for a, b in zip(_state(models[0]), _state(models[1])))
     sn_kernels.grouped.find_group(models[1]).remove()
     sn_kernels.group(models[1])  # no group hook left on the changed layer
+
+
+# -- one grouped model called from two threads: neither takes the other's W/sigma ------------------------------
+
+
+def _run_in_thread_until(layer, action):
+    """Start a thread running ``action``; it stops before ``layer``'s forward (a prepended pre-hook that acts in
+    that thread only) until the returned ``release`` is called.  Returns (wait_until_stopped, release)."""
+    import threading
+    stopped, go = threading.Event(), threading.Event()
+    box = {}
+
+    def hook(module, inputs):
+        if threading.get_ident() == box.get("ident"):
+            stopped.set()
+            assert go.wait(10)
+
+    handle = layer.register_forward_pre_hook(hook, prepend=True)
+
+    def body():
+        box["ident"] = threading.get_ident()
+        try:
+            action()
+        finally:
+            stopped.set()
+
+    thread = threading.Thread(target=body)
+    thread.start()
+
+    def release():
+        go.set()
+        thread.join(10)
+        handle.remove()
+    return (lambda: stopped.wait(10)), release
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_grouped_call_from_another_thread_hands_no_weight_across(api):
+    """Per call: while another thread's no_grad call of the model is between its pre-hook (which computed
+    every layer's W/sigma, without grad) and its layers, a layer called here with grad computes its own and
+    its weight gets its gradient (it took the other thread's W/sigma: no gradient at all)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(sn_kernels.SNLinear(4, 4, api=api), sn_kernels.SNLinear(4, 3, api=api))
+    sn_kernels.group(model)
+    x = torch.randn(2, 4)
+
+    def other():
+        with torch.no_grad():
+            model(x)
+    wait, release = _run_in_thread_until(model[0], other)
+    try:
+        assert wait()
+        reference = copy.deepcopy(model)  # u, v as the other call's pre-hook left them
+        sn_kernels.grouped.find_group(reference).remove()
+        out = model[0](x)
+        expected = reference[0](x)
+    finally:
+        release()
+    out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    weight = model[0].weight_orig if api == "hook" else model[0].parametrizations.weight.original
+    assert weight.grad is not None
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_grouped_step_cache_refreshed_without_grad_by_another_thread_is_not_used(api):
+    """"step" mode: another thread's no_grad call, run between this call's pre-hook and its second layer,
+    refreshes the shared cache without grad; the second layer then recomputes it with grad (it took the
+    no-grad W/sigma: its weight got no gradient)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(sn_kernels.SNLinear(4, 4, api=api), sn_kernels.SNLinear(4, 3, api=api))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sn_kernels.group(model, optimizer=opt)
+    x = torch.randn(2, 4)
+    model(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    import threading
+    state = {}
+    main = threading.get_ident()
+
+    def other():
+        with torch.no_grad():
+            model(x)
+
+    def start_other(module, inputs):
+        if threading.get_ident() == main and "release" not in state:
+            wait, state["release"] = _run_in_thread_until(model[1], other)
+            assert wait()
+    handle = model[0].register_forward_pre_hook(start_other, prepend=True)
+    try:
+        model(x).sum().backward()
+    finally:
+        handle.remove()
+        state["release"]()
+    for layer in model:
+        weight = layer.weight_orig if api == "hook" else layer.parametrizations.weight.original
+        assert weight.grad is not None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+
 import torch
 
 from .contract import Backend, composed_eager, fake_like_weight, fake_sigma, refuse_double_backward, register_ops
@@ -45,9 +47,20 @@ def _import_prebuilt() -> str | None:
     return None
 
 
+_load_lock = threading.Lock()
+
+
 def _load(build: bool) -> str | None:
     """Make the ops available; None on success, else the reason.  With ``build`` a missing
-    extension is JIT-built (errors are raised in full, not swallowed)."""
+    extension is JIT-built (errors are raised in full, not swallowed).  One thread at a time: a second
+    thread's first call during the build waits for it, then finds the ops (registering them twice fails)."""
+    if _state["loaded"]:
+        return None
+    with _load_lock:
+        return _load_locked(build)
+
+
+def _load_locked(build: bool) -> str | None:
     if _state["loaded"]:
         return None
     if _state["error"] is not None and not build:
