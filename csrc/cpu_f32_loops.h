@@ -60,6 +60,89 @@ void grad_row(float* __restrict y, const float* __restrict g, const float* __res
   for (long k = 0; k < len; ++k) y[k] = (g[k] - c * (ui * v[k])) / sigma;
 }
 
+// dot(a, b, len) for len <= P <= 16 <= kLanes: each lane holds 0 + one product and the lane tree only adds
+// zeros above lane P (no lane is ever -0), so the tree over P lanes gives dot's bits without its setup
+template <int P>
+inline float tree_dot(const float* a, const float* b, long len) {
+  float acc[P];
+  for (int l = 0; l < P; ++l) acc[l] = l < len ? 0.0f + a[l] * b[l] : 0.0f;
+  for (int w = P / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// s[r] += dot(a + r * len, b, len) for r < rows
+inline void add_row_dots(float* __restrict s, const float* __restrict a, const float* __restrict b, long len,
+                         long rows) {
+  if (len == 1) {
+    const float b0 = b[0];  // one lane: 0 + a b (+0 for a zero product)
+    for (long r = 0; r < rows; ++r) s[r] += 0.0f + a[r] * b0;
+  } else if (len <= 2) {
+    for (long r = 0; r < rows; ++r) s[r] += tree_dot<2>(a + r * len, b, len);
+  } else if (len <= 4) {
+    for (long r = 0; r < rows; ++r) s[r] += tree_dot<4>(a + r * len, b, len);
+  } else if (len <= 8) {
+    for (long r = 0; r < rows; ++r) s[r] += tree_dot<8>(a + r * len, b, len);
+  } else if (len <= 16) {
+    for (long r = 0; r < rows; ++r) s[r] += tree_dot<16>(a + r * len, b, len);
+  } else {
+    for (long r = 0; r < rows; ++r) s[r] += dot(a + r * len, b, len);
+  }
+}
+
+// s[r] += dot(a + o * ostride + r * len, b + o * len, len) for o < outer (outside), r < rows (inside):
+// a block of rows in memory order, each row's sum taken over o in order, as a per-row loop would.  The
+// sums are kept in a local block: threads sharing a cache line of s would otherwise contend on every add
+void dot_rows(float* __restrict s, const float* __restrict a, const float* __restrict b, long len, long rows,
+              long outer, long ostride) {
+  constexpr long BLOCK = 512;
+  float acc[BLOCK];
+  for (long r0 = 0; r0 < rows; r0 += BLOCK) {
+    const long nr = rows - r0 < BLOCK ? rows - r0 : BLOCK;
+    for (long r = 0; r < nr; ++r) acc[r] = s[r0 + r];
+    for (long o = 0; o < outer; ++o) add_row_dots(acc, a + o * ostride + r0 * len, b + o * len, len, nr);
+    for (long r = 0; r < nr; ++r) s[r0 + r] = acc[r];
+  }
+}
+
+// out[o * len + k] += sum_{r < rows} y[r] * a[o * ostride + r * len + k] for o < outer, k < len, the rows added
+// in order with axpy's roundings; eight outer indices at a time, so that short rows give independent chains
+void add_rows_outer(float* __restrict out, const float* __restrict a, const float* __restrict y, long len, long rows,
+                    long outer, long ostride) {
+  for (long o0 = 0; o0 < outer; o0 += 8) {
+    const long o1 = o0 + 8 < outer ? o0 + 8 : outer;
+    for (long r = 0; r < rows; ++r) {
+      const float yr = y[r];
+      for (long o = o0; o < o1; ++o) {
+        float* __restrict t = out + o * len;
+        const float* ar = a + o * ostride + r * len;
+        for (long k = 0; k < len; ++k) t[k] += yr * ar[k];
+      }
+    }
+  }
+}
+
+// rows [r0, r1) of the (outer * m, len) layout: y[r][k] = (g[r][k] - c * (u[r % m] * v[(r / m) * len + k])) / sigma,
+// grad_row's arithmetic
+void grad_rows(float* __restrict y, const float* __restrict g, const float* __restrict u, const float* __restrict v,
+               float c, float sigma, long len, long m, long r0, long r1) {
+  for (long r = r0, o = r0 / m, i = r0 % m; r < r1; r += m - i, ++o, i = 0) {
+    const long rows = m - i < r1 - r ? m - i : r1 - r;  // the rows of outer index o
+    const float* vo = v + o * len;
+    const float* ui = u + i;
+    const float* gr = g + r * len;
+    float* yr = y + r * len;
+    if (len == 1) {  // one element a row: a loop over the rows, vectorized
+      const float v0 = vo[0];
+      for (long j = 0; j < rows; ++j) yr[j] = (gr[j] - c * (ui[j] * v0)) / sigma;
+    } else {
+      for (long j = 0; j < rows; ++j)
+        for (long k = 0; k < len; ++k) yr[j * len + k] = (gr[j * len + k] - c * (ui[j] * vo[k])) / sigma;
+    }
+  }
+}
+
 }  // namespace
 
-static const sn_kernels::F32Loops table = {&dot, &axpy, &axpy4, &divide, &grad_row};
+static const sn_kernels::F32Loops table = {&dot, &axpy, &axpy4, &divide, &grad_row, &dot_rows, &add_rows_outer,
+                                           &grad_rows};

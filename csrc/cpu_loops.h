@@ -12,6 +12,11 @@ struct F32Loops {
   void (*axpy4)(float*, const float*, const float*, const float*, const float*, const float*, long);
   void (*divide)(float*, const float*, float, long);
   void (*grad_row)(float*, const float*, const float*, float, float, float, long);
+  // many short rows per call (the (outer, m, inner) layouts of dim != 0, tall narrow weights):
+  // the same arithmetic per element as the per-row loops above
+  void (*dot_rows)(float*, const float*, const float*, long, long, long, long);
+  void (*add_rows_outer)(float*, const float*, const float*, long, long, long, long);
+  void (*grad_rows)(float*, const float*, const float*, const float*, float, float, long, long, long, long);
 };
 
 // nullptr when this build or this CPU has no AVX2+FMA

@@ -59,6 +59,8 @@ constexpr int64_t GRAIN = 1 << 15;
 constexpr int64_t MAX_CHUNKS = 32;    // row chunks of W^T u
 constexpr int64_t MIN_CHUNK_ROWS = 32;
 constexpr int64_t DOT_BLOCK = 1 << 14;  // elements per partial of <G, W>
+// rows shorter than this are added into W^T y by add_rows_outer (many rows per call), longer ones by axpy4
+constexpr int64_t SHORT_ROW = 16;
 
 template <typename acc_t>
 inline acc_t lane_sum(const acc_t* acc) {
@@ -143,6 +145,34 @@ inline void add_rows(acc_t* out, const scalar_t* w, int64_t o, int64_t m, int64_
   for (; i < i1; ++i) axpy(out, w + (o * m + i) * stride + col0, y[i], len);
 }
 
+// out[o * len + k] += sum_{r < rows} y[r] a[o * ostride + r * len + k] for o < outer: rows added in order (axpy's
+// roundings), many short rows per call
+template <typename scalar_t, typename acc_t>
+inline void add_rows_outer(acc_t* out, const scalar_t* a, const acc_t* y, int64_t len, int64_t rows, int64_t outer,
+                           int64_t ostride) {
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t r = 0; r < rows; ++r) axpy(out + o * len, a + o * ostride + r * len, y[r], len);
+}
+template <>
+inline void add_rows_outer<float, float>(float* out, const float* a, const float* y, int64_t len, int64_t rows,
+                                         int64_t outer, int64_t ostride) {
+  f32().add_rows_outer(out, a, y, len, rows, outer, ostride);
+}
+
+// s[r] += dot(a + o * ostride + r * len, b + o * len, len) for o < outer (outside), r < rows (inside): W in
+// memory order, each row's sum taken over o in order
+template <typename scalar_t, typename acc_t>
+inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, int64_t rows, int64_t outer,
+                     int64_t ostride) {
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t r = 0; r < rows; ++r) s[r] += dot(a + o * ostride + r * len, b + o * len, len);
+}
+template <>
+inline void dot_rows<float, float>(float* s, const float* a, const float* b, int64_t len, int64_t rows, int64_t outer,
+                                   int64_t ostride) {
+  f32().dot_rows(s, a, b, len, rows, outer, ostride);
+}
+
 template <typename scalar_t, typename acc_t>
 inline void divide(scalar_t* __restrict y, const scalar_t* __restrict w, acc_t sig, int64_t len) {
   for (int64_t k = 0; k < len; ++k) y[k] = static_cast<scalar_t>(static_cast<acc_t>(w[k]) / sig);
@@ -164,6 +194,18 @@ inline void grad_row<float, float>(float* __restrict y, const float* __restrict 
   f32().grad_row(y, g, v, c, ui, sig, len);
 }
 
+// rows [r0, r1) of the (outer * m, len) layout of y = (G - c u v^T) / sigma, grad_row's arithmetic
+template <typename scalar_t, typename acc_t>
+inline void grad_row_range(scalar_t* y, const scalar_t* g, const acc_t* u, const acc_t* v, acc_t c, acc_t sig,
+                           int64_t len, int64_t m, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) grad_row(y + r * len, g + r * len, v + (r / m) * len, c, u[r % m], sig, len);
+}
+template <>
+inline void grad_row_range<float, float>(float* y, const float* g, const float* u, const float* v, float c, float sig,
+                                         int64_t len, int64_t m, int64_t r0, int64_t r1) {
+  f32().grad_rows(y, g, u, v, c, sig, len, m, r0, r1);  // many rows per call: short rows cost no call each
+}
+
 template <typename acc_t>
 inline acc_t sumsq(const acc_t* x, int64_t len) { return dot<acc_t, acc_t>(x, x, len); }
 
@@ -171,12 +213,10 @@ inline acc_t sumsq(const acc_t* x, int64_t len) { return dot<acc_t, acc_t>(x, x,
 template <typename scalar_t, typename acc_t>
 void matvec(const scalar_t* w, const MatrixView& mv, const acc_t* x, acc_t* s) {
   const int64_t m = mv.m, inner = mv.inner, outer = mv.outer, n = mv.n();
+  // in memory order: rows [i0, i1) of outer index o are contiguous; s[i] summed over o in order as before
   at::parallel_for(0, m, std::max<int64_t>(1, GRAIN / n), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      acc_t acc = 0;
-      for (int64_t o = 0; o < outer; ++o) acc += dot(w + (o * m + i) * inner, x + o * inner, inner);
-      s[i] = acc;
-    }
+    std::fill(s + i0, s + i1, acc_t(0));
+    dot_rows(s + i0, w + i0 * inner, x, inner, i1 - i0, outer, m * inner);
   });
 }
 
@@ -216,11 +256,35 @@ void sum_row_chunks(const RowChunks& rc, int64_t m, int64_t n, std::vector<acc_t
   combine_chunks(part, rc.count, n, t);
 }
 
+// matvec_t for short rows (inner < SHORT_ROW) of several outer indices: the same chunk partials (each in row
+// order) and their sum in chunk order, but computed in memory order, split by outer index: each task reads
+// whole (m, inner) blocks, eight at a time, instead of every chunk reading a sliver of each
+template <typename scalar_t, typename acc_t>
+void matvec_t_short(const scalar_t* w, const MatrixView& mv, const RowChunks& rc, const acc_t* y, acc_t* t,
+                    std::vector<acc_t>& scratch) {
+  const int64_t m = mv.m, inner = mv.inner, n = mv.n();
+  if (rc.count > 1) scratch.resize(static_cast<size_t>(rc.count * n));
+  acc_t* part = rc.count > 1 ? scratch.data() : t;
+  at::parallel_for(0, mv.outer, std::max<int64_t>(1, GRAIN / (m * inner)), [&](int64_t o0, int64_t o1) {
+    for (int64_t c = 0; c < rc.count; ++c) std::fill(part + c * n + o0 * inner, part + c * n + o1 * inner, acc_t(0));
+    for (int64_t ob = o0; ob < o1; ob += 8) {
+      const int64_t oe = std::min(o1, ob + 8);
+      for (int64_t c = 0; c < rc.count; ++c) {
+        const int64_t i0 = c * rc.rows, i1 = std::min(m, i0 + rc.rows);
+        add_rows_outer(part + c * n + ob * inner, w + (ob * m + i0) * inner, y + i0, inner, i1 - i0, oe - ob,
+                       m * inner);
+      }
+    }
+  });
+  if (rc.count > 1) combine_chunks(part, rc.count, n, t);
+}
+
 // t = W^T y   (y has m entries, t has n): fixed row chunks, partials combined in order
 template <typename scalar_t, typename acc_t>
 void matvec_t(const scalar_t* w, const MatrixView& mv, const acc_t* y, acc_t* t, std::vector<acc_t>& scratch) {
   const int64_t m = mv.m, inner = mv.inner, outer = mv.outer, n = mv.n();
   const RowChunks rc(m);
+  if (outer > 1 && inner < SHORT_ROW) return matvec_t_short(w, mv, rc, y, t, scratch);
   if (rc.count == 1) {
     // few rows: split the columns instead (each column is still summed in row order)
     if (outer == 1) {
@@ -240,6 +304,7 @@ void matvec_t(const scalar_t* w, const MatrixView& mv, const acc_t* y, acc_t* t,
     return;
   }
   sum_row_chunks(rc, m, n, scratch, t, [&](int64_t i0, int64_t i1, acc_t* out) {
+    if (inner < SHORT_ROW) return add_rows_outer(out, w + i0 * inner, y + i0, inner, i1 - i0, 1, 0);  // outer 1
     for (int64_t o = 0; o < outer; ++o) add_rows(out + o * inner, w, o, m, 0, inner, y, i0, i1, inner);
   });
 }
@@ -255,6 +320,11 @@ bool matvec_and_back(const scalar_t* w, const MatrixView& mv, const acc_t* v, ac
   const RowChunks rc(m);
   if (mv.outer != 1 || rc.count == 1) return false;
   sum_row_chunks(rc, m, n, scratch, r, [&](int64_t i0, int64_t i1, acc_t* out) {
+    if (n < SHORT_ROW) {  // short rows: the chunk's dots, then its rows added in order (the same sums)
+      std::fill(s + i0, s + i1, acc_t(0));
+      dot_rows(s + i0, w + i0 * n, v, n, i1 - i0, 1, 0);
+      return add_rows_outer(out, w + i0 * n, s + i0, n, i1 - i0, 1, 0);
+    }
     int64_t i = i0;
     for (; i + 4 <= i1; i += 4) {
       const scalar_t* row = w + i * n;
@@ -394,10 +464,7 @@ void grad_rows(scalar_t* y, const scalar_t* g, const acc_t* ua, const acc_t* va,
                const MatrixView& mv) {
   const int64_t m = mv.m, inner = mv.inner;
   at::parallel_for(0, mv.outer * m, std::max<int64_t>(1, GRAIN / inner), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t o = r / m, i = r % m;
-      grad_row(y + r * inner, g + r * inner, va + o * inner, c, ua[i], sig, inner);
-    }
+    grad_row_range(y, g, ua, va, c, sig, inner, m, r0, r1);
   });
 }
 
