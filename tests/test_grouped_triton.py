@@ -352,3 +352,42 @@ def test_triton_group_float64_eps_in_float64(order):
     them as fp32: about 1e-7 off)."""
     specs = [((5, 7), 0), ((4, 6, 3, 3), 1)]
     _check_group_against_per_weight(specs, torch.float64, 1e-4, 2, 1e-2, order, True)
+
+
+def test_triton_group_refuses_a_weight_whose_workspace_offsets_wrap_int32():
+    """The mat-vec kernels form the workspace offset 2 M in int32 (group_kernels.py): a (2^30, 1) weight
+    has numel within int32 but 2 M wraps (the column pass wrote 8 GiB before its workspace), so ``_fits``
+    refuses it and the weight takes the per-weight kernels.  Meta tensors: no memory."""
+    from sn_kernels.backends.triton import group_host as gh
+
+    def fits(m, n):
+        meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+        return gh._fits([meta(m, n)], [meta(m), meta(n)])
+
+    assert fits(2**29, 2) and fits(2, 2**29)
+    assert not fits(2**30, 1)
+    assert not fits(1, 2**30)  # safe (N is not doubled), refused too: _fits bounds every vector alike
+
+
+def test_triton_group_capture_reads_tables_warmed_up_on_another_stream(monkeypatch):
+    """torch.cuda.graph captures on a stream of its own, after a warm-up on a side stream (PyTorch's
+    recipe, make_graphed_callables): the capture finds the tables the warm-up built and runs the
+    multi-tensor kernels (it missed them, keyed by the current stream, and ran the per-weight ones).
+    Simulated on the host: the current stream and the capture flag forced; the capture's own launches
+    are not run (a capture only records them)."""
+    from sn_kernels.backends.triton import group_host as gh, host
+
+    stream = {"id": 1}
+    monkeypatch.setattr(host, "_stream_key", lambda device: (device.type, device.index, stream["id"]))
+    monkeypatch.setattr(gh, "_pinned_forever", [])
+    ws, us, vs, _, dims = _group_inputs([((8, 6), 0), ((5, 4), 0)], torch.float32)
+    plan = gh.group_plan(gh._geometries(ws, dims))
+    warm = gh._tables(plan, DEV), gh._addresses(ws, DEV)  # the warm-up, on side stream 1
+    stream["id"] = 2  # the capture stream
+    monkeypatch.setattr(gh, "_capturing", lambda device: True)
+    assert gh._tables(plan, DEV) is warm[0] and gh._addresses(ws, DEV) is warm[1]
+    assert any(t is warm[0] for t in gh._pinned_forever) and any(t is warm[1] for t in gh._pinned_forever)
+    other = torch.device("meta")  # a table of another device is never taken
+    assert gh._tables(plan, other) is None
+    monkeypatch.setattr(gh, "_capturing", lambda device: False)
+    assert gh._tables(plan, DEV) is not warm[0]  # eager on stream 2: a copy of its own

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import pytest
 import torch
@@ -297,3 +298,28 @@ def test_zero_weight_with_an_eps_that_rounds_to_zero():
     assert sigma.item() == 0 and torch.equal(u_used, u) and torch.equal(v_used, v)
     assert not host.normalize(w, u_used, v_used, sigma, 0).any()
     assert not host.backward(torch.ones_like(w), w, u_used, v_used, sigma, 0).any()
+
+
+@pytest.mark.parametrize("args,error,match", [
+    ((0, 1e-12, "uv"), RuntimeError, "n_power_iterations must be positive"),
+    ((1, 1e-12, "bogus"), RuntimeError, 'order must be "vu" or "uv", got "bogus"'),
+    ((1, 0.0, "uv"), RuntimeError, "eps must be positive and finite"),
+    ((1, -1.0, "uv"), RuntimeError, "eps must be positive and finite"),
+    ((1, float("inf"), "uv"), RuntimeError, "eps must be positive and finite"),
+    ((1, 1e-50, "uv"), ValueError, "Expected eps to be at least"),
+], ids=["n=0", "order", "eps=0", "eps<0", "eps=inf", "eps=1e-50"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_op_refuses_what_the_native_op_refuses(args, error, match, training):
+    """``triton_power_iteration`` refuses n_power_iterations <= 0 (it returned an uninitialised sigma),
+    an unknown order and an eps out of range, with the native op's messages, before touching u, v."""
+    w, u, v = sample_inputs(DEV, torch.float32, (6, 4), 0)
+    n, eps, order = args
+    uu, vv = u.clone(), v.clone()
+    names = ["triton"] + (["native"] if "native" in sn_kernels.available_backends(DEV.type) else [])
+    for name in names:
+        op = dispatch.resolve(DEV, name).power_iteration
+        with pytest.raises(error, match=re.escape(match)):
+            op(w, uu, vv, n, eps, 0, order, training)
+    assert torch.equal(uu, u) and torch.equal(vv, v)
+    with pytest.raises(error, match=re.escape(match)):
+        torch.ops.sn_kernels.triton_group_forward([w], [u], [v], [0], n, eps, order, training)

@@ -85,7 +85,18 @@ def backward(grad: Tensor, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, 
 
 _power_iteration = _host.power_iteration if _host is not None else _unavailable
 _normalize = _host.normalize if _host is not None else _unavailable
-_power_iteration_op, _normalize_op = define_ops("triton", _power_iteration, _normalize, backward)
+
+
+def _checked_power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training):
+    """The op's power iteration: the native op's checks first (the eager route's caller checks its
+    arguments, Backend.eager_checks_args; an op caller may not)."""
+    if _host is None:
+        _unavailable()
+    _host.check_op_args(weight.dtype, n_power_iterations, eps, order)
+    return _host.power_iteration(weight, u, v, n_power_iterations, eps, dim, order, training)
+
+
+_power_iteration_op, _normalize_op = define_ops("triton", _checked_power_iteration, _normalize, backward)
 
 backend = Backend(
     name="triton", device_types=("cuda", "cpu"), why_not=why_not,

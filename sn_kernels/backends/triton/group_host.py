@@ -21,9 +21,11 @@ The reduction order differs from the per-weight kernels' (their tiles depend on 
 shape), so the results match the per-module triton path to fp32 rounding, not bit for bit.
 Outputs (W/sigma, u_used, v_used, sigma, grad_W) are views into one buffer per kind.
 
-CUDA graphs: a capture uses the tables built before it (run one step eagerly first); on an
-address table it has not seen (the backward's gradients live in the graph's pool) it runs the
-per-weight kernels instead, which capture as usual.  Tables used by a capture are never freed
+CUDA graphs: a capture uses the tables built before it (run one step eagerly first), on the
+capture stream or, as torch.cuda.graph synchronizes the device before it captures, on any other
+stream of the device (PyTorch's warm-up on a side stream); on an address table it has not seen
+(the backward's gradients live in the graph's pool) it runs the per-weight kernels instead, which
+capture as usual.  Tables used by a capture are never freed
 (``_pinned_forever``: the graph may replay after their plan or address set was dropped).
 
 ``group_forward``/``group_backward`` are the backend contract's (in place, lists);
@@ -133,6 +135,18 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _key_on_another_stream(tables: dict, match):
+    """During a capture: the first key of ``tables`` that ``match`` accepts (the table sought, built on
+    another stream of the device), or None.
+
+    torch.cuda.graph captures on a stream of its own and the warm-up runs on another (PyTorch's recipe,
+    make_graphed_callables), so the tables it built are keyed by another stream.  A capture may read them
+    all the same: torch.cuda.graph synchronizes the device before it begins, so the copies that wrote
+    them have finished, and the capture pins them (``_pinned_forever``), so their memory is never reused
+    under a replay, the hazard the per-stream keys guard against in eager mode."""
+    return next((key for key in tables if match(key)), None)
+
+
 def _tables(plan: GroupPlan, device: torch.device):
     """(meta, row items, col items, elem items) of ``plan`` on ``device`` (copied once, kept on the
     plan), or None when they are not there yet and a graph is being captured."""
@@ -141,6 +155,8 @@ def _tables(plan: GroupPlan, device: torch.device):
     key = host._stream_key(device)
     tabs = plan.device_tables.get(key)
     capturing = _capturing(device)
+    if tabs is None and capturing:
+        tabs = plan.device_tables.get(_key_on_another_stream(plan.device_tables, lambda k: k[:2] == key[:2]))
     if tabs is None:
         if capturing:
             return None
@@ -158,6 +174,10 @@ def _addresses(tensors: list, device: torch.device):
     key = (host._stream_key(device), addrs)  # per stream, as the plan tables (an evicted one is reused safely)
     table = _address_tables.get(key)
     capturing = _capturing(device)
+    if table is None and capturing:
+        dev = key[0][:2]
+        key = _key_on_another_stream(_address_tables, lambda k: k[1] == addrs and k[0][:2] == dev) or key
+        table = _address_tables.get(key)
     if table is not None:
         _address_tables.move_to_end(key)
         if capturing:
@@ -179,10 +199,11 @@ def _geometries(weights, dims) -> tuple:
 
 def _fits(weights, vectors) -> bool:
     """Whether the multi-tensor kernels take these tensors: non-empty weights within int32 range
-    of elements per weight, and 1-D contiguous vectors of the weights' dtype."""
+    of elements per weight, and 1-D contiguous vectors of the weights' dtype within half of it (the
+    mat-vec kernels form the workspace offset 2 M in int32, which wrapped for a (2^30, 1) weight)."""
     dtype = weights[0].dtype
     return (all(0 < w.numel() <= host.MAX_INDEX for w in weights)
-            and all(t.dtype == dtype and t.is_contiguous() for t in vectors))
+            and all(t.dtype == dtype and t.is_contiguous() and 2 * t.numel() <= host.MAX_INDEX for t in vectors))
 
 
 def _views(flat: torch.Tensor, offsets, shapes, which: int) -> list:

@@ -49,10 +49,10 @@ def _ptr(ptrs, w, k, K: tl.constexpr, DT: tl.constexpr):
     return tl.load(ptrs + w * K + k).to(tl.pointer_type(DT))
 
 
-# The tables are int64, but every size and index within one weight fits int32 (group_host._fits), and
-# the kernels index in int32 as the per-weight ones do: int64 element offsets double the registers of
-# the mat-vec tiles (254 against 128 in the general-addressing variant, ptxas) and make its div/mod
-# 64-bit.  Only the offsets into the group's shared buffers (F_WS, F_USED, F_OUT, ...) stay int64.
+# The tables are int64, but every size and index within one weight, 2 M included, fits int32
+# (group_host._fits), and the kernels index in int32 as the per-weight ones do: int64 element offsets
+# double the registers of the mat-vec tiles (254 against 128 in the general-addressing variant, ptxas)
+# and make its div/mod 64-bit.  Only the offsets into the group's shared buffers (F_WS, F_USED, F_OUT, ...) stay int64.
 @triton.jit
 def _size(row, field):
     """A size or count field of a meta row, as int32."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..contract import accumulation_dtype
-from . import group_host
+from . import group_host, host
 
 
 @torch.library.custom_op("sn_kernels::triton_group_forward", mutates_args=())
@@ -23,6 +23,7 @@ def triton_group_forward(weights: list[Tensor], us: list[Tensor], vs: list[Tenso
                          n_power_iterations: int, eps: float, order: str,
                          training: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Power iteration and W/sigma of every weight of a group: (flat W/sigma, sigmas, flat u, v)."""
+    host.check_op_args(weights[0].dtype, n_power_iterations, eps, order)
     return group_host.group_forward_flat(weights, us, vs, dims, n_power_iterations, eps, order, training)
 
 

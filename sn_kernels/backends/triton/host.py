@@ -15,11 +15,13 @@ counters of its own, owned by the graph (see ``_counters``).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
 
-from ..contract import accumulation_dtype, matrix_shape
+from ...checks import EPS_MIN, check_eps_in
+from ..contract import ORDERS, accumulation_dtype, matrix_shape
 from . import kernels as K
 
 # Tile table by shape class (not tuned to one shape).  "row" is the program per
@@ -166,6 +168,20 @@ def _launch_pass(kernel, p, W, x, prev, ws, out, final, m, n, b, split, eps, cou
     kernel[(tiles, n_split)](W, x, y_raw, prev, partials, counters, *out, y_part, m, n, b, m * b, eps, length,
                              int(final), SPLIT=split, TWO_STAGE=n_split > 1, BLOCK_M=bm, BLOCK_N=bn,
                              BLOCK_V=FINISH_BLOCK, SPLIT_BLOCK=SPLIT_BLOCK, num_warps=warps)
+
+
+def check_op_args(dtype: torch.dtype, n_power_iterations: int, eps: float, order: str) -> None:
+    """Refuse what the native op refuses, with its messages (csrc/common.h, check_power_iteration_args):
+    n_power_iterations <= 0 (no pass would write sigma), eps not positive and finite or below the
+    accumulation dtype's range (checks.check_eps_in), an order other than "vu" and "uv"."""
+    if n_power_iterations <= 0:
+        raise RuntimeError("sn_kernels: n_power_iterations must be positive")
+    if not 0 < eps < math.inf:
+        raise RuntimeError("sn_kernels: eps must be positive and finite")
+    if eps < EPS_MIN:
+        check_eps_in(eps, dtype)
+    if order not in ORDERS:
+        raise RuntimeError(f'sn_kernels: order must be "vu" or "uv", got "{order}"')
 
 
 @_on_weight_device

@@ -47,11 +47,36 @@ def _sum_partials(partials, n_parts, BLOCK: tl.constexpr):
     return tl.sum(tot, axis=0)
 
 
+# fp32 square roots and divisions rounded to nearest (IEEE), as PyTorch's CUDA kernels compute them:
+# tl.sqrt compiles to sqrt.approx.ftz.f32, which flushes a subnormal |y|^2 to 0 (sigma 0 for
+# eps < |y| < 1.08e-19), and `/` to div.full.f32 (1 ulp off for many W/sigma elements).  sqrt_rn and
+# div_rn take fp32 only; fp64 is IEEE either way.  The passes are memory-bound, so the exact forms should
+# cost little (not yet timed on a GPU).
+@triton.jit
+def _sqrt(x):
+    """sqrt(x), rounded to nearest in x's dtype."""
+    if x.dtype == tl.float32:
+        r = tl.sqrt_rn(x)
+    else:
+        r = tl.sqrt(x)
+    return r
+
+
+@triton.jit
+def _div(x, y):
+    """x / y, rounded to nearest in x's dtype (x and y of the same dtype)."""
+    if x.dtype == tl.float32:
+        r = tl.div_rn(x, y)
+    else:
+        r = x / y
+    return r
+
+
 @triton.jit
 def _safe_div(x, s):
     """x / s, or x / inf (0, keeping NaN/inf of x) where s == 0: a zero weight normalizes
     to 0 rather than 0/0 (pytorch.safe_sigma), without an inf literal."""
-    return tl.where(s == 0, x * 0.0, x / s)
+    return tl.where(s == 0, x * 0.0, _div(x, s))
 
 
 @triton.jit
@@ -62,7 +87,7 @@ def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy,
     A zero or non-finite norm keeps the previous vector ``y_prev`` (pytorch.normalize_step),
     so u, v survive a bad step.  Writes the accumulation-dtype vector for the next pass
     and, on the final pass, the weight-dtype vector in place plus its copy (no extra launch)."""
-    norm = tl.sqrt(_sum_partials(partials, n_parts, BLOCK))
+    norm = _sqrt(_sum_partials(partials, n_parts, BLOCK))
     # eps in the accumulation dtype: compiled, the kernels take it as fp64 (their annotation; a plain
     # float argument is fp32, which made float64 results fp32-accurate where eps decides), the
     # interpreter passes the Python float; tl.full converts either (fp32: the launcher's old rounding)
@@ -72,7 +97,7 @@ def _finish_normalize(y_raw, y_prev, partials, n_parts, L, y_acc, y_out, y_copy,
     for i0 in range(0, L, BLOCK):
         idx = i0 + offs
         mask = idx < L
-        y = tl.load(y_raw + idx, mask=mask, other=0.0, volatile=True) / denom
+        y = _div(tl.load(y_raw + idx, mask=mask, other=0.0, volatile=True), denom)
         prev = tl.load(y_prev + idx, mask=mask, other=0.0).to(y.dtype)
         y = tl.where(accept, y, prev)
         tl.store(y_acc + idx, y, mask=mask)
