@@ -508,7 +508,7 @@ class Certifier:
                   soft: bool) -> tuple[Tensor, Tensor]:
         """(W_sn, B'): the certified forward.  In training the power iteration runs as usual (u, v
         updated; its sigma_hat kept in ``estimate``); W_sn does not depend on it."""
-        transforms.refuse(f'bound="{self.bound}"')
+        transforms.refuse(f'bound="{self.bound}"', weight)
         if training and exporting():
             # export keeps the forward's ops but not the bound's autograd.Functions: the program's backward
             # would differentiate the rounding steps (nextafter has no derivative)

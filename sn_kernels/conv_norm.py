@@ -234,7 +234,7 @@ def conv_spectral_normalize(spec: ConvSpec, weight: Tensor, u: Tensor, v: Tensor
     (float64 stays float64); sigma carries no gradient.  sigma = 0 (a zero weight)
     gives 0 with a zero gradient, as the matrix routes.
     """
-    transforms.refuse('mode="conv"')
+    transforms.refuse('mode="conv"', weight)
     if eps < EPS_MIN:  # the usual eps stops here; a smaller one may be 0 in the computation dtype
         check_eps_in(eps, weight.dtype)
     acc = accumulation_dtype(weight.dtype)

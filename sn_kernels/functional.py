@@ -99,7 +99,7 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
     if torch.compiler.is_compiling():
         weight_sn, kept, sigma = _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,
                                            backend, twice)
-    elif transforms.active():  # torch.func: plain ops only (transforms.py)
+    elif transforms.active(weight):  # torch.func: plain ops only (transforms.py)
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
         weight_sn, sigma = transforms.spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order,
                                                          training, coeff, soft)

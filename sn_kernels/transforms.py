@@ -33,18 +33,25 @@ from .backends.contract import accumulation_dtype
 from .backends.pytorch import as_matrix, power_iteration, safe_sigma
 
 
-def active() -> bool:
-    """Whether a torch.func transform is running (its interpreter stack is not empty) or a forward-mode
-    AD level is open (``torch.autograd.forward_ad.dual_level``: C++ autograd functions have no jvp);
-    never while torch.compile traces (the compiled route applies there: functional.py)."""
+def active(weight: Tensor | None = None) -> bool:
+    """Whether a torch.func transform is running (its interpreter stack, per thread, is not empty) or a
+    forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``: C++ autograd functions have
+    no jvp); never while torch.compile traces (the compiled route applies there: functional.py).  The
+    forward-AD level is one for the whole process, open for every thread alike: given the ``weight`` of
+    the call, only one that carries a tangent at it counts (another thread's level is not this call's)."""
     if torch.compiler.is_compiling():
         return False
-    return _functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+    if _functorch.peek_interpreter_stack() is not None:
+        return True
+    if forward_ad._current_level < 0:
+        return False
+    return weight is None or forward_ad.unpack_dual(weight).tangent is not None
 
 
-def refuse(what: str) -> None:
-    """Raise for a feature the transforms cannot run through, when one is active."""
-    if active():
+def refuse(what: str, weight: Tensor | None = None) -> None:
+    """Raise for a feature the transforms cannot run through, when one is active (for ``weight``: see
+    ``active``)."""
+    if active(weight):
         raise NotImplementedError(f"sn_kernels: {what} is not supported under torch.func transforms "
                                   "(grad, vjp, jacrev, vmap); the plain spectral norm is")
 

@@ -158,3 +158,36 @@ def test_u_v_are_constants_under_grad_as_under_autograd(api, training):
     grads = grad(lambda bs: functional_call(layer, bs, (x,)).sum())({n: b.detach().clone()
                                                                      for n, b in layer.named_buffers()})
     assert all(not g.any() for g in grads.values())
+
+
+@pytest.mark.parametrize("bound", ["estimate", "upper"])
+def test_another_threads_forward_ad_level_changes_nothing_here(bound):
+    """A forward-mode AD level is one for the process: while another thread holds one, a layer here whose
+    weight carries no tangent runs its usual route (the same bits; a certified bound is not refused)."""
+    import threading
+
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    layer = sn_kernels.spectral_norm(nn.Linear(6, 5), bound=bound)
+    x = torch.randn(3, 6)
+    twin = copy.deepcopy(layer)
+    expected = twin(x)
+    opened, done = threading.Event(), threading.Event()
+
+    def hold_level():
+        with fwAD.dual_level():
+            opened.set()
+            done.wait(10)
+    thread = threading.Thread(target=hold_level)
+    thread.start()
+    try:
+        assert opened.wait(10)
+        out = layer(x)
+    finally:
+        done.set()
+        thread.join(10)
+    assert torch.equal(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert torch.equal(layer.weight_orig.grad, twin.weight_orig.grad)
