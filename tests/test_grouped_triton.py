@@ -283,7 +283,7 @@ def test_triton_group_plan_tables_of_a_capture_are_kept(monkeypatch):
     read them (simulated on the host: the capture flag forced)."""
     from sn_kernels.backends.triton import group_host as gh
 
-    monkeypatch.setattr(gh, "_pinned_forever", [])
+    monkeypatch.setattr(gh, "_pinned_forever", {})
 
     def captured(plan):
         tabs = gh._tables(plan, DEV)  # eager first, as a capture needs (the tables exist)
@@ -379,14 +379,18 @@ def test_triton_group_capture_reads_tables_warmed_up_on_another_stream(monkeypat
 
     stream = {"id": 1}
     monkeypatch.setattr(host, "_stream_key", lambda device: (device.type, device.index, stream["id"]))
-    monkeypatch.setattr(gh, "_pinned_forever", [])
+    monkeypatch.setattr(gh, "_pinned_forever", {})
     ws, us, vs, _, dims = _group_inputs([((8, 6), 0), ((5, 4), 0)], torch.float32)
     plan = gh.group_plan(gh._geometries(ws, dims))
     warm = gh._tables(plan, DEV), gh._addresses(ws, DEV)  # the warm-up, on side stream 1
     stream["id"] = 2  # the capture stream
     monkeypatch.setattr(gh, "_capturing", lambda device: True)
     assert gh._tables(plan, DEV) is warm[0] and gh._addresses(ws, DEV) is warm[1]
-    assert any(t is warm[0] for t in gh._pinned_forever) and any(t is warm[1] for t in gh._pinned_forever)
+    pinned = list(gh._pinned_forever.values())
+    assert any(t is warm[0] for t in pinned) and any(t is warm[1] for t in pinned)
+    for _ in range(3):  # each captured call pins its tables once, not once per call
+        gh._tables(plan, DEV), gh._addresses(ws, DEV)
+    assert len(gh._pinned_forever) == 2
     other = torch.device("meta")  # a table of another device is never taken
     assert gh._tables(plan, other) is None
     monkeypatch.setattr(gh, "_capturing", lambda device: False)

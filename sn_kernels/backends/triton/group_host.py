@@ -121,7 +121,14 @@ def group_plan(geoms: tuple) -> GroupPlan:
 
 
 _address_tables: OrderedDict = OrderedDict()
-_pinned_forever: list = []  # tables a CUDA graph capture used: its replays read them
+# tables a CUDA graph capture used, by id (each kept once, however many captured calls read it): its
+# replays read them
+_pinned_forever: dict = {}
+
+
+def _pin(table) -> None:
+    """Keep ``table`` for good: a captured graph reads it at every replay."""
+    _pinned_forever[id(table)] = table
 
 
 def _to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -163,7 +170,7 @@ def _tables(plan: GroupPlan, device: torch.device):
         tabs = tuple(_to_device(t, device) for t in (plan.meta, plan.row_items, plan.col_items, plan.elem_items))
         plan.device_tables[key] = tabs
     elif capturing:
-        _pinned_forever.append(tabs)  # the graph's replays read them, after the plan may be gone
+        _pin(tabs)  # the graph's replays read them, after the plan may be gone
     return tabs
 
 
@@ -181,7 +188,7 @@ def _addresses(tensors: list, device: torch.device):
     if table is not None:
         _address_tables.move_to_end(key)
         if capturing:
-            _pinned_forever.append(table)
+            _pin(table)
         return table
     if capturing:
         return None
