@@ -132,6 +132,7 @@ def _certified_top(kmat: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
         ok = (info == 0) & torch.isfinite(fro)
         best = torch.where(ok, torch.minimum(best, bound), best)
         q = torch.where(ok, _unit(torch.cholesky_solve(b.unsqueeze(-1), low)[:, 0]), q)
+        del a, low  # before the next slack's: one matrix and one factor alive at a time
     return best, q
 
 
@@ -143,7 +144,7 @@ def cholesky_top(kmat: Tensor) -> tuple[Tensor, Tensor]:
     ``kmat`` with a non-finite entry (a NaN or Inf weight) has the bound +inf (the layer's W_sn is then 0
     where W is finite), chosen by ``torch.where``: eigvalsh would raise on it."""
     finite = torch.isfinite(kmat).all()
-    safe = torch.where(finite, kmat, torch.zeros_like(kmat))
+    safe = torch.where(finite, kmat, 0.0)
     top, q = _certified_top(safe, _estimate(safe))
     return torch.where(finite, top, torch.full_like(top, math.inf)), q
 
@@ -168,7 +169,9 @@ class _CholeskyBound(torch.autograd.Function):
         x, p0 = _oriented(mat)
         h, p, e = _rescale(x.unsqueeze(0), checked=False)
         gram = h.mT @ h
+        del x, h  # float64 copies of W: not alive through the factorizations below
         kmat = ((gram + gram.mT) / 2)[0]  # exactly symmetric; averaging rounds by <= u ||K||_F
+        del gram
         e = _up(e + _up(_fro_up(kmat) * _gamma(1)))
         top, q = cholesky_top(kmat)
         upper = _unwind(top, [(p, e)], upper=True, checked=False)[0]

@@ -842,3 +842,37 @@ def test_errors(api):
         cholesky_upper_bound(torch.randn(2, 3, 4))
     with pytest.raises(TypeError):
         cholesky_upper_bound(torch.randn(2, 3, dtype=torch.complex64))
+
+
+def _peak_live_bytes(fn) -> int:
+    """The peak of live CPU bytes allocated while ``fn`` runs, above those alive before (the profiler's
+    running total of the allocator: ATen's allocations, not the native kernels' block cache)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("measured"):
+            fn()
+    events = list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+    mark = next(e for e in events if e.name == "measured")
+    allocs = sorted((e.start_time_ns, e.extra_fields.total_allocated) for e in events
+                    if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu")
+    before = [total for t, total in allocs if t < mark.start_time_ns]
+    inside = [total for t, total in allocs if mark.start_time_ns <= t <= mark.end_time_ns]
+    base = before[-1] if before else 0
+    return max([base] + inside) - base
+
+
+def test_cpu_refresh_frees_its_copies_before_factorizing():
+    """The CPU refresh (a Gram product and Cholesky factorizations in float64) keeps at most about ten
+    float32 weights' worth of memory alive at once: the float64 copies of W and the Gram product are freed
+    before the factorizations, and each slack's matrix and factor before the next (16 before)."""
+    from sn_kernels.cholesky_bound import cholesky_upper_bound
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    peak = _peak_live_bytes(lambda: cholesky_upper_bound(w))
+    assert peak <= 11 * w.numel() * w.element_size(), peak / (w.numel() * w.element_size())
