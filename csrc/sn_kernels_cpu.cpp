@@ -360,17 +360,53 @@ at::Tensor contiguous_copy(const at::Tensor& x) {
   return out;
 }
 
+// ---- float16 weights through the float32 kernels (benchmarks/NOTES.md, L2) ----
+//
+// The generic loops convert c10::Half one element at a time in software (the build has no F16C), 4-9x
+// slower than PyTorch's spectral norm.  ATen's conversion is vectorized (F16C where the CPU has it) and
+// the float32 kernels use the AVX2 table, so each float16 op converts its inputs to float32, runs the
+// float32 op and converts its tensor result back: the same float32 arithmetic rounded once
+// (round-to-nearest-even) as the half loops, with float32 sums in the float32 kernels' order.  bfloat16
+// keeps its loops (its conversion is a shift); the generic loops no longer take float16.  The ops check
+// their float16 arguments first, so messages and refusals are the float16 ones.
+
+bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf; }
+
+// t converted to `dtype` by ATen (copy_, elementwise: no dependence on the thread count) into a cached
+// block, laid out as t is when t is dense (contiguous otherwise, or when `contiguous` asks for it)
+at::Tensor converted(const at::Tensor& t, at::ScalarType dtype, bool contiguous = false) {
+  const bool keep = !contiguous && t.is_non_overlapping_and_dense();
+  at::Tensor out = cached_empty_cpu(t.sizes(), keep ? t.strides() : c10::contiguous_strides(t.sizes()), dtype);
+  out.copy_(t);
+  return out;
+}
+
+at::Tensor as_float(const at::Tensor& t, bool contiguous = false) { return converted(t, at::kFloat, contiguous); }
+at::Tensor as_half(const at::Tensor& t) { return converted(t, at::kHalf); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Tensor& weight_, at::Tensor& u,
                                                                    at::Tensor& v, int64_t n_power_iterations,
                                                                    double eps, int64_t dim, c10::string_view order_,
                                                                    bool training) {
   const MatrixView mv = matrix_view(weight_, dim);
   const bool vu = check_power_iteration_args(weight_, u, v, mv, n_power_iterations, eps, order_);
+  if (is_half(weight_)) {
+    // float32 copies of u, v iterated, then rounded into the caller's float16 buffers in place
+    at::Tensor uf = as_float(u), vf = as_float(v);
+    at::Tensor sigma = std::get<0>(power_iteration_cpu(as_float(weight_, true), uf, vf, n_power_iterations, eps,
+                                                       dim, order_, training));
+    if (training) {
+      from_acc_vec<at::Half, float>(uf.const_data_ptr<float>(), u);
+      from_acc_vec<at::Half, float>(vf.const_data_ptr<float>(), v);
+      bump_versions(u, v);
+    }
+    return {sigma, contiguous_copy(u), contiguous_copy(v)};
+  }
   const at::Tensor weight = weight_.contiguous();
   const auto acc_dtype = accumulation_type(weight.scalar_type());
   at::Tensor sigma = at::empty({}, weight.options().dtype(acc_dtype));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_power_iteration_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sn_power_iteration_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const int64_t m = mv.m, n = mv.n();
@@ -418,10 +454,11 @@ at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const a
   TORCH_CHECK(sigma.numel() == 1, "sn_kernels: sigma must have one element");
   TORCH_CHECK(sigma.scalar_type() == accumulation_type(weight_.scalar_type()),
               "sn_kernels: sigma must be in the accumulation dtype");
+  if (is_half(weight_)) return as_half(normalize_cpu(as_float(weight_), as_float(u), as_float(v), sigma, dim));
   // elementwise: a dense weight keeps its layout (out has the same strides); anything else is made contiguous
   const at::Tensor weight = weight_.is_non_overlapping_and_dense() ? weight_ : weight_.contiguous();
   at::Tensor out = cached_empty_cpu(weight.sizes(), weight.strides(), weight.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_normalize_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sn_normalize_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
@@ -473,9 +510,13 @@ at::Tensor backward_cpu(const at::Tensor& grad_, const at::Tensor& weight_, cons
   const MatrixView mv = matrix_view(weight_, dim);
   check_args(weight_, u_, v_, mv);
   check_grad_args(grad_, weight_, sigma);
+  if (is_half(weight_)) {
+    const at::Tensor g = as_float(grad_, true), w = as_float(weight_, true);
+    return as_half(backward_cpu(g, w, as_float(u_), as_float(v_), sigma, dim));
+  }
   const at::Tensor weight = weight_.contiguous(), grad = grad_.contiguous();
   at::Tensor out = cached_empty_cpu(weight.sizes(), weight.strides(), weight.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sn_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
@@ -520,11 +561,19 @@ void divide_transposed(scalar_t* y, const scalar_t* w, acc_t sig, int64_t O, int
   });
 }
 
+void check_layout_args(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma,
+                       int64_t dim, bool channels_last) {
+  check_args(weight, u, v, matrix_view(weight, dim));
+  check_sigma(weight, sigma);
+  check_channels_last(weight, channels_last);
+}
+
 at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, const at::Tensor& v,
                                 const at::Tensor& sigma, int64_t dim, bool channels_last) {
-  check_args(weight_, u, v, matrix_view(weight_, dim));
-  check_sigma(weight_, sigma);
-  check_channels_last(weight_, channels_last);
+  check_layout_args(weight_, u, v, sigma, dim, channels_last);
+  // as_float keeps a dense weight's layout: the float32 op takes the same route (divide or transpose)
+  if (is_half(weight_))
+    return as_half(normalize_layout_cpu(as_float(weight_), as_float(u), as_float(v), sigma, dim, channels_last));
   c10::DimVector strides = c10::contiguous_strides(weight_.sizes());
   if (channels_last) {
     const auto cl = c10::get_channels_last_strides_2d(weight_.sizes());
@@ -536,7 +585,7 @@ at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, 
   const bool same_order = weight_.is_contiguous(format);
   const bool other_4d = !same_order && (channels_last || is_channels_last_4d(weight_));
   const at::Tensor weight = same_order || (other_4d && !channels_last) ? weight_ : weight_.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sn_normalize_layout_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sn_normalize_layout_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
@@ -567,6 +616,12 @@ bool own_channels_last(const at::Tensor& weight) {
 std::tuple<at::Tensor, at::Tensor> normalize_layout_twice_cpu(const at::Tensor& weight, const at::Tensor& u,
                                                               const at::Tensor& v, const at::Tensor& sigma,
                                                               int64_t dim, bool channels_last) {
+  if (is_half(weight)) {  // W converted once for both
+    check_layout_args(weight, u, v, sigma, dim, channels_last);
+    const at::Tensor w = as_float(weight);
+    auto [out, kept] = normalize_layout_twice_cpu(w, as_float(u), as_float(v), sigma, dim, channels_last);
+    return {as_half(out), as_half(kept)};
+  }
   at::Tensor out = normalize_layout_cpu(weight, u, v, sigma, dim, channels_last);
   at::Tensor kept = normalize_layout_cpu(weight, u, v, sigma, dim, own_channels_last(weight));
   return {out, kept};
@@ -630,6 +685,10 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
                              grad_in.scalar_type());
     at::add_out(grad_, grad_in, *kept);
   }
+  // G (with kept added in float16 above) and the saved W / sigma as float32, in their own layouts
+  if (is_half(weight_sn_))
+    return as_half(normalize_layout_backward_cpu(as_float(grad_), as_float(weight_sn_), as_float(u_), as_float(v_),
+                                                 sigma, dim, channels_last, std::nullopt));
   const int64_t d = dim < 0 ? dim + weight_sn_.dim() : dim;
   const bool one_order = grad_.strides() == weight_sn_.strides() && grad_.is_non_overlapping_and_dense();
   const at::Tensor grad = one_order ? grad_ : grad_.contiguous();
@@ -638,7 +697,7 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
   const at::Tensor g_rows = grad.is_contiguous() || transposed ? grad : grad.contiguous();
   at::Tensor out = cached_empty_cpu(weight_sn.sizes(), c10::contiguous_strides(weight_sn.sizes()),
                                     weight_sn.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_sn.scalar_type(), "sn_layout_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight_sn.scalar_type(), "sn_layout_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
     const acc_t c = blocked_dot<scalar_t, acc_t>(grad.const_data_ptr<scalar_t>(), weight_sn.const_data_ptr<scalar_t>(),
