@@ -207,7 +207,7 @@ class _Member:
     def pending_holds(self) -> bool:
         """Whether a pending W/sigma of this layer may still be used: its stamp holds, and no torch.func
         transform runs (which must see the layer's own ops).  The layer's spectral norm calls it."""
-        return self.stamp_holds() and not transforms.active()
+        return self.stamp_holds() and not transforms.active(self.stamp[0])
 
     def stamp_holds(self) -> bool:
         """Whether the weight, u and mode are still those of the latest W/sigma: a pending one is stale
@@ -320,6 +320,11 @@ class _GroupNormalize(torch.autograd.Function):
         for i in todo:
             out[i + 1] = backward(grads[i], sh.weights[i], sh.us[i], sh.vs[i], sh.sigmas[i], sh.dims[i])
         return tuple(out)
+
+
+def _weights_of(members):
+    """The weights of ``members`` whose spectral norm reads them (for ``transforms.active_for``)."""
+    return (t[0] for t in map(_Member.sources, members) if t is not None)
 
 
 def _batched(t: Tensor) -> bool:
@@ -648,11 +653,11 @@ class SNGroup:
                 # eager call drops it)
                 _compiled_group([mem for mem in self.members if mem.live()])
             return  # otherwise each layer computes its own W/sigma (the compiled route)
-        if transforms.active():
+        members = self._live_members()
+        if transforms.active_for(_weights_of(members)):
             # torch.func runs plain ops only: each layer computes its own (sn_kernels/transforms.py), and
             # none takes what an interrupted call left (``_Member.pending_holds``)
             return
-        members = self._live_members()
         if self.refresh == "step":
             # once per model call: a weight changed in place, a mode switched or the grad mode changed
             if self._cache is not None and self._key_now() != self._key:
@@ -673,7 +678,7 @@ class SNGroup:
             return  # first: dynamo cannot see the handle
         if self.refresh == "call":
             return  # the model's pre-hook set every layer's pending W/sigma
-        if torch.jit.is_tracing() or transforms.active():
+        if torch.jit.is_tracing():
             # a jit trace would record the cached W/sigma as constants, blind to the weights and u, v it is
             # later given: each layer computes its own
             return
@@ -682,6 +687,8 @@ class SNGroup:
             # leftover hook goes with the member; the cache, which does not hold it, stays)
             self._live_members()
             return
+        if transforms.active_for(_weights_of([mem])):
+            return  # torch.func: the layer computes its own in plain ops
         cache, key = self._cache, self._key
         if cache is not None and not self._stale and (key is None or (not key[0] and torch.is_grad_enabled()) or (
                 not self._in_call and not self._holds_for(mem))):
@@ -716,8 +723,9 @@ class SNGroup:
 
     def _model_post(self, model: nn.Module, inputs, output) -> None:
         # a pre-computed weight that no layer used (a skipped layer) is dropped, not kept past the call;
-        # a call interrupted by a BaseException skips this hook, so a pending weight also carries its
-        # validity check (``_Member.pending_holds``)
+        # a call that raises skips this hook (any exception per call; a BaseException in step mode, where it
+        # is always-called), so a pending weight also carries its validity check (``_Member.pending_holds``)
+        # and stays alive until the model's next call
         if self._in_call:  # read first: a compiled call (which never sets it) then writes nothing
             self._in_call = False
         for mem in self.members:

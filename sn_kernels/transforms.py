@@ -4,8 +4,9 @@ AD (``torch.autograd.forward_ad``).
 The transforms run plain ATen ops only: they refuse C++ autograd functions (the native
 backend's eager entry), autograd.Functions without ``setup_context`` (the other backends'),
 and in-place copies into captured tensors (the buffers u, v).  PyTorch's own spectral
-norm works under them, so ours must too: while a transform is active, ``functional`` takes
-this route instead of a backend.
+norm works under them, so ours must too: while a transform is active (for forward-mode AD: while
+the call's weight carries a tangent, the level being one for the whole process), ``functional``
+takes this route instead of a backend.
 
 The formulation is the torch backend's, written as the transforms allow:
 
@@ -46,6 +47,15 @@ def active(weight: Tensor | None = None) -> bool:
     if forward_ad._current_level < 0:
         return False
     return weight is None or forward_ad.unpack_dual(weight).tangent is not None
+
+
+def active_for(weights) -> bool:
+    """``active`` for a call over several ``weights`` (a group): any of them."""
+    if torch.compiler.is_compiling():
+        return False
+    if _functorch.peek_interpreter_stack() is not None:
+        return True
+    return forward_ad._current_level >= 0 and any(active(w) for w in weights)
 
 
 def refuse(what: str, weight: Tensor | None = None) -> None:

@@ -191,3 +191,37 @@ def test_another_threads_forward_ad_level_changes_nothing_here(bound):
     out.square().sum().backward()
     expected.square().sum().backward()
     assert torch.equal(layer.weight_orig.grad, twin.weight_orig.grad)
+
+
+def test_another_threads_forward_ad_level_keeps_a_step_group_grouped():
+    """group(model, optimizer=opt): while another thread holds a forward-AD level, two forwards of one
+    optimizer step still share one power iteration (each layer computed its own, iterating u twice)."""
+    import threading
+
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(sn_kernels.spectral_norm(nn.Linear(6, 6)), nn.ReLU(),
+                          sn_kernels.spectral_norm(nn.Linear(6, 2)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sn_kernels.group(model, optimizer=opt)
+    x = torch.randn(3, 6)
+    model(x).sum().backward()
+    opt.step()
+    opened, done = threading.Event(), threading.Event()
+
+    def hold_level():
+        with fwAD.dual_level():
+            opened.set()
+            done.wait(10)
+    thread = threading.Thread(target=hold_level)
+    thread.start()
+    try:
+        assert opened.wait(10)
+        before = model[0].weight_u._version
+        (model(x).sum() + model(x).sum()).backward()
+        moves = model[0].weight_u._version - before
+    finally:
+        done.set()
+        thread.join(10)
+    assert moves == 1
