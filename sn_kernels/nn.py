@@ -127,6 +127,18 @@ def _check_variant(module: nn.Module, weight: torch.Tensor, dim: int, variant: d
         output_factor(weight, dim, 1.0 if coeff is None else float(coeff), operator)
 
 
+def _left_as_subclass(state, module: nn.Module, name: str, base: type) -> bool:
+    """Whether ``state`` is a subclass of PyTorch's spectral norm ``base``, left in place with a warning:
+    such a class (DUE's and SNGP's bounded spectral norms) normalizes in its own way, which ours would
+    replace by plain W / sigma."""
+    if type(state) is base:
+        return False
+    warnings.warn(f"sn_kernels.convert: left {type(state).__name__} on {type(module).__name__}.{name} in place: a "
+                  "subclass of PyTorch's spectral norm normalizes in its own way, which sn_kernels' would replace",
+                  stacklevel=3)
+    return True
+
+
 def convert(model: nn.Module) -> nn.Module:
     """Replace PyTorch's spectral norm (either API) inside ``model`` by sn_kernels', in place.
 
@@ -139,6 +151,8 @@ def convert(model: nn.Module) -> nn.Module:
     for module in model.modules():  # everything checked before anything changes: no half-converted model
         for key, hook in list(module._forward_pre_hooks.items()):
             if isinstance(hook, torch_sn.SpectralNorm) and not isinstance(hook, hooks.SpectralNorm):
+                if _left_as_subclass(hook, module, hook.name, torch_sn.SpectralNorm):
+                    continue
                 if getattr(module, hook.name + "_orig").is_complex():
                     warnings.warn(f"sn_kernels.convert: left PyTorch's hook spectral norm on the complex weight "
                                   f"{type(module).__name__}.{hook.name} in place (the hook API refuses complex "
@@ -149,7 +163,7 @@ def convert(model: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(module):
             for name, plist in module.parametrizations.items():
                 for i, p in enumerate(plist):
-                    if isinstance(p, TorchSpectralNorm):
+                    if isinstance(p, TorchSpectralNorm) and not _left_as_subclass(p, module, name, TorchSpectralNorm):
                         _check_convertible(module, name, p, input_of(plist, p))
                         param_sites.append((plist, i, p))
     for module, key, hook in hook_sites:

@@ -516,3 +516,35 @@ def test_eps_not_a_real_number_refused_naming_eps(api, eps):
         with pytest.raises(TypeError, match="eps must be a real number"):
             sn_kernels.spectral_normalize(torch.randn(4, 3), torch.randn(4), torch.randn(3), eps=eps,
                                           backend="native")
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_convert_leaves_subclasses_of_pytorchs_spectral_norm(api):
+    """A subclass of PyTorch's spectral norm (DUE's and SNGP's bounded ones) normalizes in its own way: convert
+    leaves it in place with a warning (it made it plain W / sigma: a 0.95 bound became 1.0)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import _SpectralNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm as TorchHook
+
+    class Bounded(_SpectralNorm):
+        def forward(self, weight):
+            return 0.95 * super().forward(weight)
+
+    class BoundedHook(TorchHook):
+        def compute_weight(self, module, do_power_iteration):
+            return 0.95 * super().compute_weight(module, do_power_iteration)
+
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    if api == "hook":  # PyTorch's hook, its object swapped for the subclass (as DUE's apply builds it)
+        torch.nn.utils.spectral_norm(layer)
+        key = next(iter(layer._forward_pre_hooks))
+        layer._forward_pre_hooks[key] = BoundedHook("weight", 1, 0, 1e-12)
+    else:
+        parametrize.register_parametrization(layer, "weight", Bounded(layer.weight))
+    x = torch.randn(4, 8)
+    layer.eval()
+    expected = layer(x)
+    with pytest.warns(UserWarning, match="subclass of PyTorch's spectral norm"):
+        sn_kernels.convert(layer)
+    assert torch.equal(layer(x), expected)
