@@ -75,6 +75,19 @@ def record(what: str, actual, expected) -> float:
     return dev
 
 
+def per_thread_count(fn, counts=(1, 2, 3)) -> list:
+    """[fn() with torch using each of ``counts`` threads], the caller's thread count restored after."""
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(before)
+
+
 def check(what: str, actual, expected, dtype=None, scale=1.0):
     """``record`` then ``assert_close``: every comparison both reports and can fail."""
     record(what, actual, expected)

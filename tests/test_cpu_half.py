@@ -13,7 +13,7 @@ import torch
 from sn_kernels.backends import native, pytorch
 from sn_kernels.testing import pytorch_formula
 
-from helpers import check, sample_inputs
+from helpers import check, per_thread_count, sample_inputs
 
 _REASON = native.why_not(torch.device("cpu"), auto=True)  # never builds
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"native extension not available: {_REASON}")
@@ -149,14 +149,8 @@ def test_float16_bits_do_not_depend_on_threads(shape, dim):
     """Every float16 op's outputs are bit-identical with 1, 2 and 3 threads (the conversions are
     elementwise; the float32 kernels' partitions are fixed by the shape)."""
     w, u, v, G = sample_inputs("cpu", HALF, shape, dim, warmup=5, warmup_order="uv", grad=True)
-    before = torch.get_num_threads()
-    try:
-        runs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            runs.append({f"{i} {k}": o for i, wl in enumerate(_layouts(w)) for k, o in run_all(wl, u, v, G, dim).items()})
-    finally:
-        torch.set_num_threads(before)
+    runs = per_thread_count(
+        lambda: {f"{i} {k}": o for i, wl in enumerate(_layouts(w)) for k, o in run_all(wl, u, v, G, dim).items()})
     for other in runs[1:]:
         for name, outs in runs[0].items():
             for a, b in zip(outs, other[name]):

@@ -12,7 +12,7 @@ import torch
 from sn_kernels.backends import pytorch
 from sn_kernels.testing import pytorch_formula
 
-from helpers import check, sample_inputs
+from helpers import check, per_thread_count, sample_inputs
 
 ops = torch.ops.sn_kernels
 EPS = 1e-12
@@ -82,14 +82,7 @@ def test_ops_match_float64_formula(shape, dim, dtype):
 def test_bit_identical_for_any_thread_count(shape, dim, dtype):
     """Every op's outputs with 1, 2 and 3 threads are the same bits."""
     w, u, v, G = sample_inputs("cpu", dtype, shape, dim, warmup=2, warmup_order="uv", grad=True)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(run_ops(w, u, v, G, dim))
-    finally:
-        torch.set_num_threads(before)
+    results = per_thread_count(lambda: run_ops(w, u, v, G, dim))
     for threads, res in zip((2, 3), results[1:]):
         for what, tensors in res.items():
             for a, b in zip(tensors, results[0][what]):

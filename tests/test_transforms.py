@@ -1,5 +1,6 @@
 """Spectral normalization under torch.func transforms (sn_kernels/transforms.py): jacrev, grad of
 functional_call, vmap of grad, as PyTorch's own spectral norm runs them."""
+import contextlib
 import copy
 
 import pytest
@@ -160,19 +161,13 @@ def test_u_v_are_constants_under_grad_as_under_autograd(api, training):
     assert all(not g.any() for g in grads.values())
 
 
-@pytest.mark.parametrize("bound", ["estimate", "upper"])
-def test_another_threads_forward_ad_level_changes_nothing_here(bound):
-    """A forward-mode AD level is one for the process: while another thread holds one, a layer here whose
-    weight carries no tangent runs its usual route (the same bits; a certified bound is not refused)."""
+@contextlib.contextmanager
+def _dual_level_in_another_thread():
+    """A block run while another thread holds a forward-AD level (``dual_level``: one for the process)."""
     import threading
 
     import torch.autograd.forward_ad as fwAD
 
-    torch.manual_seed(0)
-    layer = sn_kernels.spectral_norm(nn.Linear(6, 5), bound=bound)
-    x = torch.randn(3, 6)
-    twin = copy.deepcopy(layer)
-    expected = twin(x)
     opened, done = threading.Event(), threading.Event()
 
     def hold_level():
@@ -183,10 +178,23 @@ def test_another_threads_forward_ad_level_changes_nothing_here(bound):
     thread.start()
     try:
         assert opened.wait(10)
-        out = layer(x)
+        yield
     finally:
         done.set()
         thread.join(10)
+
+
+@pytest.mark.parametrize("bound", ["estimate", "upper"])
+def test_another_threads_forward_ad_level_changes_nothing_here(bound):
+    """A forward-mode AD level is one for the process: while another thread holds one, a layer here whose
+    weight carries no tangent runs its usual route (the same bits; a certified bound is not refused)."""
+    torch.manual_seed(0)
+    layer = sn_kernels.spectral_norm(nn.Linear(6, 5), bound=bound)
+    x = torch.randn(3, 6)
+    twin = copy.deepcopy(layer)
+    expected = twin(x)
+    with _dual_level_in_another_thread():
+        out = layer(x)
     assert torch.equal(out, expected)
     out.square().sum().backward()
     expected.square().sum().backward()
@@ -196,10 +204,6 @@ def test_another_threads_forward_ad_level_changes_nothing_here(bound):
 def test_another_threads_forward_ad_level_keeps_a_step_group_grouped():
     """group(model, optimizer=opt): while another thread holds a forward-AD level, two forwards of one
     optimizer step still share one power iteration (each layer computed its own, iterating u twice)."""
-    import threading
-
-    import torch.autograd.forward_ad as fwAD
-
     torch.manual_seed(0)
     model = nn.Sequential(sn_kernels.spectral_norm(nn.Linear(6, 6)), nn.ReLU(),
                           sn_kernels.spectral_norm(nn.Linear(6, 2)))
@@ -208,20 +212,8 @@ def test_another_threads_forward_ad_level_keeps_a_step_group_grouped():
     x = torch.randn(3, 6)
     model(x).sum().backward()
     opt.step()
-    opened, done = threading.Event(), threading.Event()
-
-    def hold_level():
-        with fwAD.dual_level():
-            opened.set()
-            done.wait(10)
-    thread = threading.Thread(target=hold_level)
-    thread.start()
-    try:
-        assert opened.wait(10)
+    with _dual_level_in_another_thread():
         before = model[0].weight_u._version
         (model(x).sum() + model(x).sum()).backward()
         moves = model[0].weight_u._version - before
-    finally:
-        done.set()
-        thread.join(10)
     assert moves == 1
