@@ -90,18 +90,56 @@ inline void add_row_dots(float* __restrict s, const float* __restrict a, const f
   }
 }
 
-// s[r] += dot(a + o * ostride + r * len, b + o * len, len) for o < outer (outside), r < rows (inside):
-// a block of rows in memory order, each row's sum taken over o in order, as a per-row loop would.  The
-// sums are kept in a local block: threads sharing a cache line of s would otherwise contend on every add
+// the sum of len partial sums (a fixed pairwise order over kLanes lanes)
+inline float row_total(const float* x, long len) {
+  float acc[kLanes] = {};
+  for (long k = 0; k < len; ++k) acc[k % kLanes] += x[k];
+  return lane_total(acc);
+}
+
+// s[r] += sum_{o < outer, k < len} a[o * ostride + r * len + k] * b[o * len + k] for r < rows.
+// outer == 1 or len == 1: each row's dot (add_row_dots), its sum taken over o in order.  Otherwise (the
+// (outer, m, inner) layouts of dim != 0: ConvTranspose kernels, Conv1d/3d along a later dim) a row is
+// `outer` pieces of `len` elements, too short for a dot each (a lane tree per piece cost ~16 ns): the
+// partial sums of every (row, k) are carried across o instead, a multiply-add per element in memory
+// order over a block of rows, against b's piece tiled to eight rows (`pat`: one vectorized loop for
+// any len), and each row's len partials added by row_total at the end.  The order depends on the shape
+// alone.  The sums are kept in a local block: threads sharing a cache line of s would otherwise contend.
 void dot_rows(float* __restrict s, const float* __restrict a, const float* __restrict b, long len, long rows,
               long outer, long ostride) {
   constexpr long BLOCK = 512;
-  float acc[BLOCK];
-  for (long r0 = 0; r0 < rows; r0 += BLOCK) {
-    const long nr = rows - r0 < BLOCK ? rows - r0 : BLOCK;
-    for (long r = 0; r < nr; ++r) acc[r] = s[r0 + r];
-    for (long o = 0; o < outer; ++o) add_row_dots(acc, a + o * ostride + r0 * len, b + o * len, len, nr);
-    for (long r = 0; r < nr; ++r) s[r0 + r] = acc[r];
+  constexpr long ACC = 4096;     // floats of (row, k) partial sums: 16 KiB, in L1
+  constexpr long MAX_TILED = 128;  // longer pieces take the dots (their per-piece cost is amortized)
+  if (outer == 1 || len == 1 || len > MAX_TILED) {
+    float acc[BLOCK];
+    for (long r0 = 0; r0 < rows; r0 += BLOCK) {
+      const long nr = rows - r0 < BLOCK ? rows - r0 : BLOCK;
+      for (long r = 0; r < nr; ++r) acc[r] = s[r0 + r];
+      for (long o = 0; o < outer; ++o) add_row_dots(acc, a + o * ostride + r0 * len, b + o * len, len, nr);
+      for (long r = 0; r < nr; ++r) s[r0 + r] = acc[r];
+    }
+    return;
+  }
+  float part[ACC];
+  float pat[8 * MAX_TILED];
+  const long tile = 8 * len;
+  const long block = ACC / tile * 8;  // rows per block: a multiple of 8, at least 32
+  for (long r0 = 0; r0 < rows; r0 += block) {
+    const long nr = rows - r0 < block ? rows - r0 : block;
+    const long count = nr * len;
+    for (long j = 0; j < count; ++j) part[j] = 0.0f;
+    for (long o = 0; o < outer; ++o) {
+      const float* __restrict ao = a + o * ostride + r0 * len;
+      const float* __restrict bo = b + o * len;
+      for (long t = 0; t < tile; ++t) pat[t] = bo[t % len];
+      for (long j0 = 0; j0 < count; j0 += tile) {
+        const long lim = count - j0 < tile ? count - j0 : tile;
+        float* __restrict pj = part + j0;
+        const float* __restrict aj = ao + j0;
+        for (long t = 0; t < lim; ++t) pj[t] += aj[t] * pat[t];
+      }
+    }
+    for (long r = 0; r < nr; ++r) s[r0 + r] += row_total(part + r * len, len);
   }
 }
 

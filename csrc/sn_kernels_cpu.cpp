@@ -61,6 +61,8 @@ constexpr int64_t MIN_CHUNK_ROWS = 32;
 constexpr int64_t DOT_BLOCK = 1 << 14;  // elements per partial of <G, W>
 // rows shorter than this are added into W^T y by add_rows_outer (many rows per call), longer ones by axpy4
 constexpr int64_t SHORT_ROW = 16;
+// pieces of W's rows (dim != 0) up to this long are summed per (row, k) across the outer index by dot_rows
+constexpr int64_t DOT_ROWS_MAX_TILED = 128;
 
 template <typename acc_t>
 inline acc_t lane_sum(const acc_t* acc) {
@@ -159,13 +161,37 @@ inline void add_rows_outer<float, float>(float* out, const float* a, const float
   f32().add_rows_outer(out, a, y, len, rows, outer, ostride);
 }
 
-// s[r] += dot(a + o * ostride + r * len, b + o * len, len) for o < outer (outside), r < rows (inside): W in
-// memory order, each row's sum taken over o in order
+// s[r] += sum_{o < outer, k < len} a[o * ostride + r * len + k] b[o * len + k] for r < rows, W in memory order.
+// outer == 1, len == 1 or long rows: each row's dot, its sum taken over o in order.  Otherwise (dim != 0 with a
+// short trailing extent) the partial sums of every (row, k) are carried across o and each row's `len`
+// partials added at the end, as the float32 loop does (cpu_f32_loops.h, dot_rows): the order depends on the
+// shape alone
 template <typename scalar_t, typename acc_t>
 inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, int64_t rows, int64_t outer,
                      int64_t ostride) {
-  for (int64_t o = 0; o < outer; ++o)
-    for (int64_t r = 0; r < rows; ++r) s[r] += dot(a + o * ostride + r * len, b + o * len, len);
+  if (outer == 1 || len == 1 || len > DOT_ROWS_MAX_TILED) {
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t r = 0; r < rows; ++r) s[r] += dot(a + o * ostride + r * len, b + o * len, len);
+    return;
+  }
+  constexpr int64_t ACC = 4096;  // (row, k) partial sums per block
+  std::vector<acc_t> part(ACC);
+  const int64_t block = ACC / len;
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t nr = std::min(block, rows - r0);
+    std::fill(part.begin(), part.begin() + nr * len, acc_t(0));
+    for (int64_t o = 0; o < outer; ++o) {
+      const scalar_t* ao = a + o * ostride + r0 * len;
+      const acc_t* bo = b + o * len;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t k = 0; k < len; ++k) part[r * len + k] += static_cast<acc_t>(ao[r * len + k]) * bo[k];
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      acc_t lanes[LANES] = {};
+      for (int64_t k = 0; k < len; ++k) lanes[k % LANES] += part[r * len + k];
+      s[r0 + r] += lane_sum(lanes);
+    }
+  }
 }
 template <>
 inline void dot_rows<float, float>(float* s, const float* a, const float* b, int64_t len, int64_t rows, int64_t outer,
@@ -284,6 +310,15 @@ template <typename scalar_t, typename acc_t>
 void matvec_t(const scalar_t* w, const MatrixView& mv, const acc_t* y, acc_t* t, std::vector<acc_t>& scratch) {
   const int64_t m = mv.m, inner = mv.inner, outer = mv.outer, n = mv.n();
   const RowChunks rc(m);
+  if (outer > 1 && inner == 1 && m >= 32) {
+    // one element a row: t[o] is the dot of W's o-th run of m contiguous elements with y (a chain of
+    // multiply-adds per row chunk, as below, would go through memory one element at a time); a run
+    // shorter than two vectors of lanes is cheaper in matvec_t_short's eight chains at once
+    at::parallel_for(0, outer, std::max<int64_t>(1, GRAIN / m), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) t[o] = dot(w + o * m, y, m);
+    });
+    return;
+  }
   if (outer > 1 && inner < SHORT_ROW) return matvec_t_short(w, mv, rc, y, t, scratch);
   if (rc.count == 1) {
     // few rows: split the columns instead (each column is still summed in row order)

@@ -24,6 +24,9 @@ SHORT_INNER = [
     ((6, 4, 3, 3), 3), ((4, 34, 1, 3, 3), 1), ((3, 33, 2, 1, 1), 1), ((2, 3, 5, 2, 2), 2), ((2, 1100, 1), 1),
     ((4, 40, 15), 1), ((4, 40, 16), 1), ((4, 40, 17), 1),
 ]
+# row blocks of dot_rows' (row, k) partial sums (4096 per block: len 2 -> 2048 rows, len 9 -> 448 (float32) or 455
+# rows, len 128 -> 32) and either side of its longest tiled piece (128)
+BLOCKS = [((3, 2100, 2), 1), ((4, 500, 9), 1), ((3, 70, 128), 1), ((3, 40, 129), 1)]
 # tall narrow along dim 0: m around the row chunks of W^T u (32 rows at least, 32 chunks at most)
 TALL = [((m, n), 0) for m in (31, 32, 33, 1024, 1025, 1057) for n in (1, 2)] + [
     ((1057, n), 0) for n in (3, 4, 15, 16, 17)]
@@ -53,7 +56,7 @@ def run_ops(w, u, v, G, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,dim", SHORT_INNER + TALL, ids=str)
+@pytest.mark.parametrize("shape,dim", SHORT_INNER + BLOCKS + TALL, ids=str)
 def test_ops_match_float64_formula(shape, dim, dtype):
     """Power iteration (both orders, two steps), eval sigma and both backwards against PyTorch's recipe
     and sn_kernels.backends.pytorch.backward in float64."""
@@ -78,7 +81,7 @@ def test_ops_match_float64_formula(shape, dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("shape,dim", BIG + TALL[-7:], ids=str)
+@pytest.mark.parametrize("shape,dim", BIG + BLOCKS + TALL[-7:], ids=str)
 def test_bit_identical_for_any_thread_count(shape, dim, dtype):
     """Every op's outputs with 1, 2 and 3 threads are the same bits."""
     w, u, v, G = sample_inputs("cpu", dtype, shape, dim, warmup=2, warmup_order="uv", grad=True)
