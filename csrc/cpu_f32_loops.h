@@ -102,14 +102,15 @@ inline float row_total(const float* x, long len) {
 // (outer, m, inner) layouts of dim != 0: ConvTranspose kernels, Conv1d/3d along a later dim) a row is
 // `outer` pieces of `len` elements, too short for a dot each (a lane tree per piece cost ~16 ns): the
 // partial sums of every (row, k) are carried across o instead, a multiply-add per element in memory
-// order over a block of rows, against b's piece tiled to eight rows (`pat`: one vectorized loop for
-// any len), and each row's len partials added by row_total at the end.  The order depends on the shape
-// alone.  The sums are kept in a local block: threads sharing a cache line of s would otherwise contend.
+// order over a block of rows against b's piece (tiled over eight rows for pieces under 32 elements, so
+// that one vectorized loop serves any len), and each row's len partials added by row_total at the end.
+// The order depends on the shape alone.  The sums are kept in a local block: threads sharing a cache line of s would otherwise contend.
 void dot_rows(float* __restrict s, const float* __restrict a, const float* __restrict b, long len, long rows,
               long outer, long ostride) {
   constexpr long BLOCK = 512;
   constexpr long ACC = 4096;     // floats of (row, k) partial sums: 16 KiB, in L1
   constexpr long MAX_TILED = 128;  // longer pieces take the dots (their per-piece cost is amortized)
+  constexpr long MAX_UNROLLED = 32;  // shorter pieces are multiplied against v's piece tiled over 8 rows
   if (outer == 1 || len == 1 || len > MAX_TILED) {
     float acc[BLOCK];
     for (long r0 = 0; r0 < rows; r0 += BLOCK) {
@@ -121,9 +122,10 @@ void dot_rows(float* __restrict s, const float* __restrict a, const float* __res
     return;
   }
   float part[ACC];
-  float pat[8 * MAX_TILED];
-  const long tile = 8 * len;
-  const long block = ACC / tile * 8;  // rows per block: a multiple of 8, at least 32
+  float pat[8 * MAX_UNROLLED];
+  const bool tiled = len < MAX_UNROLLED;  // longer pieces vectorize on their own
+  const long tile = tiled ? 8 * len : len;
+  const long block = ACC / (8 * len) * 8;  // rows per block: a multiple of 8, at least 32
   for (long r0 = 0; r0 < rows; r0 += block) {
     const long nr = rows - r0 < block ? rows - r0 : block;
     const long count = nr * len;
@@ -131,12 +133,17 @@ void dot_rows(float* __restrict s, const float* __restrict a, const float* __res
     for (long o = 0; o < outer; ++o) {
       const float* __restrict ao = a + o * ostride + r0 * len;
       const float* __restrict bo = b + o * len;
-      for (long t = 0; t < tile; ++t) pat[t] = bo[t % len];
+      const float* __restrict p = bo;
+      if (tiled) {
+        for (long q = 0; q < 8; ++q)
+          for (long k = 0; k < len; ++k) pat[q * len + k] = bo[k];
+        p = pat;
+      }
       for (long j0 = 0; j0 < count; j0 += tile) {
         const long lim = count - j0 < tile ? count - j0 : tile;
         float* __restrict pj = part + j0;
         const float* __restrict aj = ao + j0;
-        for (long t = 0; t < lim; ++t) pj[t] += aj[t] * pat[t];
+        for (long t = 0; t < lim; ++t) pj[t] += aj[t] * p[t];
       }
     }
     for (long r = 0; r < nr; ++r) s[r0 + r] += row_total(part + r * len, len);

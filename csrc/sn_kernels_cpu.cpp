@@ -161,15 +161,37 @@ inline void add_rows_outer<float, float>(float* out, const float* a, const float
   f32().add_rows_outer(out, a, y, len, rows, outer, ostride);
 }
 
+// lane_sum of x[0, len) placed in lanes k % LANES, each 0 + x[k]: for len <= P <= LANES the lanes above P only
+// add zeros, so a tree over P lanes gives the same sum without the full tree's cost per row
+template <int P, typename acc_t>
+inline acc_t tree_total(const acc_t* x, int64_t len) {
+  acc_t a[P];
+  for (int l = 0; l < P; ++l) a[l] = l < len ? acc_t(0) + x[l] : acc_t(0);
+  for (int w = P / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return a[0];
+}
+template <typename acc_t>
+inline acc_t piece_total(const acc_t* x, int64_t len) {
+  if (len == 1) return x[0];
+  if (len <= 2) return tree_total<2>(x, len);
+  if (len <= 4) return tree_total<4>(x, len);
+  if (len <= 8) return tree_total<8>(x, len);
+  acc_t lanes[LANES] = {};
+  for (int64_t k = 0; k < len; ++k) lanes[k % LANES] += x[k];
+  return lane_sum(lanes);
+}
+
 // s[r] += sum_{o < outer, k < len} a[o * ostride + r * len + k] b[o * len + k] for r < rows, W in memory order.
-// outer == 1, len == 1 or long rows: each row's dot, its sum taken over o in order.  Otherwise (dim != 0 with a
-// short trailing extent) the partial sums of every (row, k) are carried across o and each row's `len`
-// partials added at the end, as the float32 loop does (cpu_f32_loops.h, dot_rows): the order depends on the
-// shape alone
+// Long pieces: each piece's dot, a row's sum taken over o in order.  Pieces up to DOT_ROWS_MAX_TILED long
+// (dim != 0 with a short trailing extent, tall narrow weights): the partial sums of every (row, k) are carried
+// across o and each row's `len` partials added at the end in dot's lanes (for outer == 1 that is dot's own
+// sum, without a call per row), as the float32 loop does for outer > 1 (cpu_f32_loops.h, dot_rows): the order
+// depends on the shape alone
 template <typename scalar_t, typename acc_t>
 inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, int64_t rows, int64_t outer,
                      int64_t ostride) {
-  if (outer == 1 || len == 1 || len > DOT_ROWS_MAX_TILED) {
+  if (len > DOT_ROWS_MAX_TILED) {
     for (int64_t o = 0; o < outer; ++o)
       for (int64_t r = 0; r < rows; ++r) s[r] += dot(a + o * ostride + r * len, b + o * len, len);
     return;
@@ -186,11 +208,7 @@ inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, i
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t k = 0; k < len; ++k) part[r * len + k] += static_cast<acc_t>(ao[r * len + k]) * bo[k];
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      acc_t lanes[LANES] = {};
-      for (int64_t k = 0; k < len; ++k) lanes[k % LANES] += part[r * len + k];
-      s[r0 + r] += lane_sum(lanes);
-    }
+    for (int64_t r = 0; r < nr; ++r) s[r0 + r] += piece_total(part.data() + r * len, len);
   }
 }
 template <>
