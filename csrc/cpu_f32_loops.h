@@ -54,6 +54,54 @@ void divide(float* __restrict y, const float* __restrict w, float sigma, long le
   for (long k = 0; k < len; ++k) y[k] = w[k] / sigma;
 }
 
+// W / sigma of the other dtypes, with the roundings of the generic loops and ATen's conversions: float64
+// divided as it is; bfloat16 widened exactly (its bits shifted), divided in float32 and rounded to nearest
+// even (NaN to 0x7FC0), as c10::BFloat16 rounds.  Here so that they run AVX2 where ATen's division does.
+void divide_f64(double* __restrict y, const double* __restrict w, double sigma, long len) {
+  for (long k = 0; k < len; ++k) y[k] = w[k] / sigma;
+}
+
+void divide_bf16(unsigned short* __restrict y, const unsigned short* __restrict w, float sigma, long len) {
+  for (long k = 0; k < len; ++k) {
+    const unsigned int bits = static_cast<unsigned int>(w[k]) << 16;
+    float x;
+    __builtin_memcpy(&x, &bits, 4);
+    const float q = x / sigma;
+    unsigned int r;
+    __builtin_memcpy(&r, &q, 4);
+    y[k] = q != q ? static_cast<unsigned short>(0x7FC0)
+                  : static_cast<unsigned short>((r + 0x7FFFu + ((r >> 16) & 1u)) >> 16);
+  }
+}
+
+#ifdef SN_F32_F16C
+// float16: F16C's conversions (exact widening; vcvtps2ph with immediate 0 rounds to nearest even, as
+// ATen's conversion does), eight at a time; the tail through a zero-padded block
+typedef short sn_v8hi __attribute__((vector_size(16)));
+typedef float sn_v8sf __attribute__((vector_size(32)));
+inline void divide8_f16(unsigned short* y, const unsigned short* w, const sn_v8sf& sigma) {
+  sn_v8hi h;
+  __builtin_memcpy(&h, w, 16);
+  const sn_v8sf q = __builtin_ia32_vcvtph2ps256(h) / sigma;
+  const sn_v8hi r = __builtin_ia32_vcvtps2ph256(q, 0);
+  __builtin_memcpy(y, &r, 16);
+}
+void divide_f16(unsigned short* __restrict y, const unsigned short* __restrict w, float sigma, long len) {
+  const sn_v8sf s = {sigma, sigma, sigma, sigma, sigma, sigma, sigma, sigma};
+  long k = 0;
+  for (; k + 8 <= len; k += 8) divide8_f16(y + k, w + k, s);
+  if (k < len) {
+    unsigned short in[8] = {}, out[8];
+    for (long j = k; j < len; ++j) in[j - k] = w[j];
+    divide8_f16(out, in, s);
+    for (long j = k; j < len; ++j) y[j] = out[j - k];
+  }
+}
+#define SN_DIVIDE_F16 &divide_f16
+#else
+#define SN_DIVIDE_F16 nullptr
+#endif
+
 // y[k] = (g[k] - c * (ui * v[k])) / sigma
 void grad_row(float* __restrict y, const float* __restrict g, const float* __restrict v, float c, float ui,
               float sigma, long len) {
@@ -189,5 +237,7 @@ void grad_rows(float* __restrict y, const float* __restrict g, const float* __re
 
 }  // namespace
 
-static const sn_kernels::F32Loops table = {&dot, &axpy, &axpy4, &divide, &grad_row, &dot_rows, &add_rows_outer,
-                                           &grad_rows};
+static const sn_kernels::F32Loops table = {&dot,      &axpy,           &axpy4,     &divide,     &grad_row,
+                                           &dot_rows, &add_rows_outer, &grad_rows, &divide_f64, &divide_bf16,
+                                           SN_DIVIDE_F16};
+#undef SN_DIVIDE_F16

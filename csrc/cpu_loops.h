@@ -1,4 +1,5 @@
-// The float32 inner-loop table of the CPU kernels (baseline or AVX2+FMA, chosen at run time).
+// The float32 inner-loop table of the CPU kernels (baseline or AVX2+FMA+F16C, chosen at run time), with the
+// W / sigma loops of the other dtypes.
 #pragma once
 
 #include <cstdlib>
@@ -17,12 +18,17 @@ struct F32Loops {
   void (*dot_rows)(float*, const float*, const float*, long, long, long, long);
   void (*add_rows_outer)(float*, const float*, const float*, long, long, long, long);
   void (*grad_rows)(float*, const float*, const float*, const float*, float, float, long, long, long, long);
+  // W / sigma of float64, bfloat16 and float16 weights (16-bit ones as their bits), rounded as the generic
+  // loops and ATen's conversions round; divide_f16 is nullptr without F16C (the baseline table)
+  void (*divide_f64)(double*, const double*, double, long);
+  void (*divide_bf16)(unsigned short*, const unsigned short*, float, long);
+  void (*divide_f16)(unsigned short*, const unsigned short*, float, long);
 };
 
-// nullptr when this build or this CPU has no AVX2+FMA
+// nullptr when this build or this CPU has no AVX2+FMA+F16C
 const F32Loops* f32_loops_avx2();
 
-// The table the kernels use: AVX2+FMA when available, unless SN_KERNELS_CPU_ISA=baseline
+// The table the kernels use: AVX2+FMA+F16C when available, unless SN_KERNELS_CPU_ISA=baseline
 // (tests compare the two); ``baseline`` otherwise.
 inline const F32Loops* select_f32_loops(const F32Loops* baseline) {
   const char* isa = std::getenv("SN_KERNELS_CPU_ISA");

@@ -178,20 +178,22 @@ inline acc_t piece_total(const acc_t* x, int64_t len) {
   if (len <= 4) return tree_total<4>(x, len);
   if (len <= 8) return tree_total<8>(x, len);
   acc_t lanes[LANES] = {};
-  for (int64_t k = 0; k < len; ++k) lanes[k % LANES] += x[k];
+  for (int64_t k0 = 0; k0 < len; k0 += LANES)
+    for (int64_t l = 0; l < std::min<int64_t>(LANES, len - k0); ++l) lanes[l] += x[k0 + l];
   return lane_sum(lanes);
 }
 
 // s[r] += sum_{o < outer, k < len} a[o * ostride + r * len + k] b[o * len + k] for r < rows, W in memory order.
 // Long pieces: each piece's dot, a row's sum taken over o in order.  Pieces up to DOT_ROWS_MAX_TILED long
-// (dim != 0 with a short trailing extent, tall narrow weights): the partial sums of every (row, k) are carried
-// across o and each row's `len` partials added at the end in dot's lanes (for outer == 1 that is dot's own
-// sum, without a call per row), as the float32 loop does for outer > 1 (cpu_f32_loops.h, dot_rows): the order
-// depends on the shape alone
+// (dim != 0 with a short trailing extent; tall narrow weights, rows of up to 8): the partial sums of every
+// (row, k) are carried across o and each row's `len` partials added at the end in dot's lanes (for outer == 1
+// that is dot's own sum, without a call per row), as the float32 loop does for outer > 1 (cpu_f32_loops.h,
+// dot_rows): the order depends on the shape alone
 template <typename scalar_t, typename acc_t>
 inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, int64_t rows, int64_t outer,
                      int64_t ostride) {
-  if (len > DOT_ROWS_MAX_TILED) {
+  // outer == 1: a row is one piece; past a few lanes its dot is as cheap as the partials and their total
+  if (len > DOT_ROWS_MAX_TILED || (outer == 1 && len > 8)) {
     for (int64_t o = 0; o < outer; ++o)
       for (int64_t r = 0; r < rows; ++r) s[r] += dot(a + o * ostride + r * len, b + o * len, len);
     return;
@@ -205,6 +207,11 @@ inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, i
     for (int64_t o = 0; o < outer; ++o) {
       const scalar_t* ao = a + o * ostride + r0 * len;
       const acc_t* bo = b + o * len;
+      if (len == 1) {  // one loop over the rows, vectorized
+        const acc_t b0 = bo[0];
+        for (int64_t r = 0; r < nr; ++r) part[r] += static_cast<acc_t>(ao[r]) * b0;
+        continue;
+      }
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t k = 0; k < len; ++k) part[r * len + k] += static_cast<acc_t>(ao[r * len + k]) * bo[k];
     }
@@ -224,6 +231,15 @@ inline void divide(scalar_t* __restrict y, const scalar_t* __restrict w, acc_t s
 template <>
 inline void divide<float, float>(float* __restrict y, const float* __restrict w, float sig, int64_t len) {
   f32().divide(y, w, sig, len);
+}
+template <>
+inline void divide<double, double>(double* __restrict y, const double* __restrict w, double sig, int64_t len) {
+  f32().divide_f64(y, w, sig, len);
+}
+template <>
+inline void divide<at::BFloat16, float>(at::BFloat16* __restrict y, const at::BFloat16* __restrict w, float sig,
+                                        int64_t len) {
+  f32().divide_bf16(reinterpret_cast<unsigned short*>(y), reinterpret_cast<const unsigned short*>(w), sig, len);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -507,10 +523,19 @@ at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const a
   TORCH_CHECK(sigma.numel() == 1, "sn_kernels: sigma must have one element");
   TORCH_CHECK(sigma.scalar_type() == accumulation_type(weight_.scalar_type()),
               "sn_kernels: sigma must be in the accumulation dtype");
-  if (is_half(weight_)) return as_half(normalize_cpu(as_float(weight_), as_float(u), as_float(v), sigma, dim));
+  const auto divide_f16 = f32().divide_f16;
+  if (is_half(weight_) && divide_f16 == nullptr)  // no F16C: through ATen's conversions
+    return as_half(normalize_cpu(as_float(weight_), as_float(u), as_float(v), sigma, dim));
   // elementwise: a dense weight keeps its layout (out has the same strides); anything else is made contiguous
   const at::Tensor weight = weight_.is_non_overlapping_and_dense() ? weight_ : weight_.contiguous();
   at::Tensor out = cached_empty_cpu(weight.sizes(), weight.strides(), weight.scalar_type());
+  if (is_half(weight)) {  // one pass, converting on the fly (what the float32 detour computes, bit for bit)
+    const float sig = safe_sigma(*sigma.const_data_ptr<float>());
+    const auto* w = reinterpret_cast<const unsigned short*>(weight.const_data_ptr<at::Half>());
+    auto* y = reinterpret_cast<unsigned short*>(out.mutable_data_ptr<at::Half>());
+    at::parallel_for(0, weight.numel(), GRAIN, [&](int64_t k0, int64_t k1) { divide_f16(y + k0, w + k0, sig, k1 - k0); });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sn_normalize_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());

@@ -155,3 +155,46 @@ def test_float16_bits_do_not_depend_on_threads(shape, dim):
         for name, outs in runs[0].items():
             for a, b in zip(outs, other[name]):
                 assert torch.equal(a, b), f"{name} depends on the thread count"
+
+
+
+def _every_value(dtype):
+    """Every 16-bit pattern of ``dtype`` (all finite values of both signs, subnormals, infinities, NaNs), then
+    five more so that the length (65541) is not a multiple of the vector width; float64: random values over
+    many binades with the special ones."""
+    if dtype == torch.float64:
+        g = torch.Generator().manual_seed(7)
+        w = torch.randn(70001, generator=g, dtype=dtype) * torch.exp2(torch.randint(-30, 16, (70001,), generator=g))
+        w[:6] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0])
+        return w
+    every = torch.arange(-32768, 32768, dtype=torch.int16).view(dtype)
+    return torch.cat([every, torch.tensor([1.0, -2.5, 0.0, 3.0, -0.0], dtype=dtype)])
+
+
+# sigma: three fixed scales (results that round, underflow to subnormals, overflow) and 21 random ones.  No
+# quotient of a 16-bit weight lands exactly halfway between two 16-bit values (its exact value would need one
+# significant bit more than the weight has; none of these 1.6M float32 quotients does), so ties never reach
+# the rounding: truncating instead of rounding fails here, rounding ties another way cannot
+SIGMAS = [3.0, 1.7e-3, 6.1e4] + torch.empty(21).uniform_(0.5, 8.0, generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_normalize_rounds_as_aten(dtype):
+    """W / sigma of the non-float32 dtypes (one pass over W with F16C, or the AVX2 loops of bfloat16 and
+    float64; NOTES L5) has the bits of float32 (float64) division of ATen's conversion of W, rounded once by
+    ATen's conversion: for every 16-bit weight and 24 sigmas, so roundings, subnormal and overflowing
+    results, signed zeros, infinities and NaNs (where, not their payload), a tail that is not a multiple of the
+    vector width, split over the threads."""
+    w = _every_value(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    u, v = torch.ones(w.numel(), dtype=dtype), torch.ones(1, dtype=dtype)
+    bits = torch.int64 if dtype == torch.float64 else torch.int16
+    for sigma in SIGMAS:
+        s = torch.tensor(sigma, dtype=acc)
+        expected = (w.to(acc) / s).to(dtype)
+        nan = torch.isnan(expected)
+        for name, y in [("normalize", ops().native_normalize(w, u, v, s, 0)),
+                        ("layout", ops().native_normalize_layout(w, u, v, s, 0, False))]:
+            assert torch.equal(torch.isnan(y), nan), name
+            assert torch.equal(y[~nan].view(bits), expected[~nan].view(bits)), \
+                f"{name}: {dtype} W / {sigma} is not ATen's"
