@@ -157,7 +157,7 @@ def _tree(tmp_path, scripts, sn_kernels=None):
     return tmp_path
 
 
-@pytest.mark.parametrize("script", ["cpu_native.py", "cpu_variants.py", "cpu_variants_conv.py"])
+@pytest.mark.parametrize("script", ["cpu_native.py", "cpu_variants.py", "cpu_variants_conv.py", "cpu_layers.py"])
 def test_cpu_scripts_import_their_own_tree(tmp_path, script):
     """Run as files, they must measure the sn_kernels beside them (as run.py does), not an installed one."""
     tree = _tree(tmp_path, [script])
@@ -183,6 +183,21 @@ def test_cpu_variants_writes_to_out(tmp_path):
     subprocess.run([sys.executable, "benchmarks/cpu_variants.py", "--reps", "1", "--out", str(out)], cwd=tree, check=True, capture_output=True, text=True, timeout=300)
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert {r["variant"] for r in rows} == {"plain", "coeff_hard", "coeff_soft", "gain"}
+    assert not (tree / "benchmarks" / "results").exists()
+
+
+def test_cpu_layers_writes_one_row_per_case_and_mode_to_out(tmp_path):
+    """The layer sweep (NOTES L4-L5): train and eval rows for both dims of each kept layer and dtype, ratios of
+    ours to PyTorch's, nothing written into the tree's results."""
+    tree = _tree(tmp_path / "clone", ["cpu_layers.py"], ROOT / "sn_kernels")
+    out = tmp_path / "layers.csv"
+    subprocess.run([sys.executable, "benchmarks/cpu_layers.py", "--only", "Linear(4096,1)", "--dtypes",
+                    "float32,bfloat16", "--rounds", "1", "--out", str(out)], cwd=tree, check=True,
+                   capture_output=True, text=True, timeout=300)
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert {(r["dtype"], r["dim"], r["mode"]) for r in rows} == {
+        (d, dim, m) for d in ("float32", "bfloat16") for dim in ("default", "1") for m in ("train", "eval")}
+    assert all(r["layer"] == "Linear(4096,1)" and float(r["ratio"]) > 0 for r in rows)
     assert not (tree / "benchmarks" / "results").exists()
 
 
