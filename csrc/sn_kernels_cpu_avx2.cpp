@@ -14,7 +14,7 @@
 namespace sn_kernels {
 namespace avx2 {
 #define SN_F32_LANES 32
-#define SN_F32_F16C 1
+#define SN_F32_AVX2 1
 #include "cpu_f32_loops.h"
 }  // namespace avx2
 }  // namespace sn_kernels
