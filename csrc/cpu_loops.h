@@ -23,6 +23,8 @@ struct F32Loops {
   void (*divide_f64)(double*, const double*, double, long);
   void (*divide_bf16)(unsigned short*, const unsigned short*, float, long);
   void (*divide_f16)(unsigned short*, const unsigned short*, float, long);
+  // float16 bits widened to float32 (exact); nullptr without F16C
+  void (*widen_f16)(float*, const unsigned short*, long);
 };
 
 // nullptr when this build or this CPU has no AVX2+FMA+F16C

@@ -453,12 +453,45 @@ at::Tensor converted(const at::Tensor& t, at::ScalarType dtype, bool contiguous 
 at::Tensor as_float(const at::Tensor& t, bool contiguous = false) { return converted(t, at::kFloat, contiguous); }
 at::Tensor as_half(const at::Tensor& t) { return converted(t, at::kHalf); }
 
+// Eval sigma = u^T W v of a float16 weight along dim 0 (outer == 1): what the float32 op gives on ATen's float32
+// copy of W, bit for bit (the same matvec rows and dot_rows sums, on the same exactly widened values), but each
+// task widens its rows a block at a time into a buffer that stays in cache, instead of writing and reading a
+// float32 copy of W.  (Along dim != 0 a row is `outer` pieces: blocks of a few rows cost a call per piece, slower
+// than the copy; rows shorter than SHORT_ROW measured slower too: those keep the copy.)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eval_sigma_half(const at::Tensor& weight_, const at::Tensor& u,
+                                                               const at::Tensor& v, const MatrixView& mv,
+                                                               void (*widen)(float*, const unsigned short*, long)) {
+  const at::Tensor weight = weight_.contiguous();
+  const int64_t m = mv.m, inner = mv.inner, outer = mv.outer, n = mv.n();
+  std::vector<float> ua(m), va(n), s(m);
+  to_acc_vec<at::Half, float>(u.contiguous(), ua.data());
+  to_acc_vec<at::Half, float>(v.contiguous(), va.data());
+  const auto* w = reinterpret_cast<const unsigned short*>(weight.const_data_ptr<at::Half>());
+  const int64_t block_rows = std::max<int64_t>(1, (int64_t{1} << 14) / n);  // 64 KiB of float32 rows
+  at::parallel_for(0, m, std::max<int64_t>(1, GRAIN / n), [&](int64_t i0, int64_t i1) {
+    std::vector<float> rows(static_cast<size_t>(std::min(block_rows, i1 - i0) * n));
+    for (int64_t r0 = i0; r0 < i1; r0 += block_rows) {
+      const int64_t nr = std::min(block_rows, i1 - r0);
+      for (int64_t o = 0; o < outer; ++o)  // the (outer, nr, inner) block of these rows
+        widen(rows.data() + o * nr * inner, w + (o * m + r0) * inner, nr * inner);
+      std::fill(s.begin() + r0, s.begin() + r0 + nr, 0.0f);
+      dot_rows(s.data() + r0, rows.data(), va.data(), inner, nr, outer, nr * inner);
+    }
+  });
+  at::Tensor sigma = at::empty({}, weight.options().dtype(at::kFloat));
+  *sigma.mutable_data_ptr<float>() = dot(ua.data(), s.data(), m);
+  return {sigma, contiguous_copy(u), contiguous_copy(v)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Tensor& weight_, at::Tensor& u,
                                                                    at::Tensor& v, int64_t n_power_iterations,
                                                                    double eps, int64_t dim, c10::string_view order_,
                                                                    bool training) {
   const MatrixView mv = matrix_view(weight_, dim);
   const bool vu = check_power_iteration_args(weight_, u, v, mv, n_power_iterations, eps, order_);
+  const auto widen_f16 = f32().widen_f16;
+  if (is_half(weight_) && !training && widen_f16 != nullptr && mv.outer == 1 && mv.inner >= SHORT_ROW)
+    return eval_sigma_half(weight_, u, v, mv, widen_f16);
   if (is_half(weight_)) {
     // float32 copies of u, v iterated, then rounded into the caller's float16 buffers in place
     at::Tensor uf = as_float(u), vf = as_float(v);
