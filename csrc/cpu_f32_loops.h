@@ -1,9 +1,11 @@
-// Inner loops of the float32 CPU kernels, written once and compiled twice: for the
-// baseline ISA (sn_kernels_cpu.cpp) and for AVX2+FMA (sn_kernels_cpu_avx2.cpp, chosen at
-// run time when the CPU has it).  No includes, no library calls and internal linkage only,
-// so that nothing compiled for AVX2 can be merged into baseline code by the linker.
+// Inner loops of the float32 CPU kernels (and W / sigma of the other dtypes), written once and compiled
+// for the baseline ISA (sn_kernels_cpu.cpp, sn_kernels_grouped_cpu.cpp) and for AVX2+FMA+F16C
+// (sn_kernels_cpu_avx2.cpp, SN_F32_AVX2 defined, chosen at run time when the CPU has it).  No includes, no
+// library calls and internal linkage only, so that nothing compiled for AVX2 can be merged into baseline
+// code by the linker.
 //
-// Include inside a namespace; defines a `static const F32Loops table`.
+// Include inside a namespace; defines a `static const F32Loops table` (and, for AVX2,
+// `table_without_f16c`: its float16 entries nullptr).
 
 #ifndef SN_F32_LANES
 #define SN_F32_LANES 16
@@ -34,30 +36,31 @@ float dot(const float* __restrict a, const float* __restrict b, long len) {
 // tail element, the lane tree through the stack: ~20 ns a row of 10 to 100 elements).  Each lane is one FMA
 // chain, as the compiler contracts `acc[l] += a * b`; the tail's lanes through a masked load (lanes past the
 // tail add 0 * 0 to a lane that is never -0: unchanged); the tree as lane_total pairs its lanes.
-typedef float sn_v8sf_dot __attribute__((vector_size(32)));
-typedef int sn_v8si_dot __attribute__((vector_size(32)));
+typedef float sn_v8sf __attribute__((vector_size(32)));
+typedef int sn_v8si __attribute__((vector_size(32)));
+typedef short sn_v8hi __attribute__((vector_size(16)));
 static_assert(kLanes == 32, "the AVX2 dot keeps 32 lanes in four vectors");
 
-inline sn_v8sf_dot load8(const float* p) {
-  sn_v8sf_dot v;
+inline sn_v8sf load8(const float* p) {
+  sn_v8sf v;
   __builtin_memcpy(&v, p, 32);
   return v;
 }
 
 // p[0, n) for 1 <= n <= 8, zeros after: a masked load reads nothing past p + n
-inline sn_v8sf_dot load8_first(const float* p, long n) {
-  const sn_v8si_dot lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  return __builtin_ia32_maskloadps256(reinterpret_cast<const sn_v8sf_dot*>(p), lane < static_cast<int>(n));
+inline sn_v8sf load8_first(const float* p, long n) {
+  const sn_v8si lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  return __builtin_ia32_maskloadps256(reinterpret_cast<const sn_v8sf*>(p), lane < static_cast<int>(n));
 }
 
 // the last three levels of lane_total: lanes l + 4, l + 2, l + 1
-inline float total8(const sn_v8sf_dot& t) {
+inline float total8(const sn_v8sf& t) {
   const float q0 = t[0] + t[4], q1 = t[1] + t[5], q2 = t[2] + t[6], q3 = t[3] + t[7];
   return (q0 + q2) + (q1 + q3);
 }
 
 float dot(const float* __restrict a, const float* __restrict b, long len) {
-  sn_v8sf_dot acc[4] = {};
+  sn_v8sf acc[4] = {};
   long k = 0;
   for (; k + 32 <= len; k += 32)
     for (int j = 0; j < 4; ++j) acc[j] = __builtin_ia32_vfmaddps256(load8(a + k + 8 * j), load8(b + k + 8 * j), acc[j]);
@@ -117,8 +120,6 @@ void divide_bf16(unsigned short* __restrict y, const unsigned short* __restrict 
 #ifdef SN_F32_AVX2
 // float16: F16C's conversions (exact widening; vcvtps2ph with immediate 0 rounds to nearest even, as
 // ATen's conversion does), eight at a time; the tail through a zero-padded block
-typedef short sn_v8hi __attribute__((vector_size(16)));
-typedef float sn_v8sf __attribute__((vector_size(32)));
 inline void divide8_f16(unsigned short* y, const unsigned short* w, const sn_v8sf& sigma) {
   sn_v8hi h;
   __builtin_memcpy(&h, w, 16);
@@ -185,14 +186,14 @@ inline float tree_dot(const float* a, const float* b, long len) {
 // the same trees on vectors (the compiler built them lane by lane): 0 + a b in each lane as one FMA with 0
 template <>
 inline float tree_dot<8>(const float* a, const float* b, long len) {
-  const sn_v8sf_dot zero = {};
+  const sn_v8sf zero = {};
   return total8(__builtin_ia32_vfmaddps256(load8_first(a, len), load8_first(b, len), zero));
 }
 template <>
-inline float tree_dot<16>(const float* a, const float* b, long len) {  // 8 < len <= 16
-  const sn_v8sf_dot zero = {};
-  const sn_v8sf_dot lo = __builtin_ia32_vfmaddps256(load8(a), load8(b), zero);
-  const sn_v8sf_dot hi = __builtin_ia32_vfmaddps256(load8_first(a + 8, len - 8), load8_first(b + 8, len - 8), zero);
+inline float tree_dot<16>(const float* a, const float* b, long len) {  // 8 < len <= 16 only: reads a[0, 8) whole
+  const sn_v8sf zero = {};
+  const sn_v8sf lo = __builtin_ia32_vfmaddps256(load8(a), load8(b), zero);
+  const sn_v8sf hi = __builtin_ia32_vfmaddps256(load8_first(a + 8, len - 8), load8_first(b + 8, len - 8), zero);
   return total8(lo + hi);  // lanes l + 8 first, as the tree over 16
 }
 #endif
@@ -224,7 +225,7 @@ inline float row_total(const float* x, long len) {
 }
 
 // s[r] += sum_{o < outer, k < len} a[o * ostride + r * len + k] * b[o * len + k] for r < rows.
-// outer == 1 or len == 1: each row's dot (add_row_dots), its sum taken over o in order.  Otherwise (the
+// outer == 1, len == 1 or len > 128: each row's dot (add_row_dots), its sum taken over o in order.  Otherwise (the
 // (outer, m, inner) layouts of dim != 0: ConvTranspose kernels, Conv1d/3d along a later dim) a row is
 // `outer` pieces of `len` elements, too short for a dot each (a lane tree per piece cost ~16 ns): the
 // partial sums of every (row, k) are carried across o instead, a multiply-add per element in memory
@@ -318,5 +319,11 @@ void grad_rows(float* __restrict y, const float* __restrict g, const float* __re
 static const sn_kernels::F32Loops table = {&dot,      &axpy,           &axpy4,     &divide,     &grad_row,
                                            &dot_rows, &add_rows_outer, &grad_rows, &divide_f64, &divide_bf16,
                                            SN_DIVIDE_F16, SN_WIDEN_F16};
+#ifdef SN_F32_AVX2
+// for an AVX2+FMA CPU without F16C (none is known, but the check costs nothing): no float16 loops
+static const sn_kernels::F32Loops table_without_f16c = {
+    &dot, &axpy, &axpy4, &divide, &grad_row, &dot_rows, &add_rows_outer, &grad_rows, &divide_f64, &divide_bf16,
+    nullptr, nullptr};
+#endif
 #undef SN_DIVIDE_F16
 #undef SN_WIDEN_F16

@@ -27,10 +27,10 @@ struct F32Loops {
   void (*widen_f16)(float*, const unsigned short*, long);
 };
 
-// nullptr when this build or this CPU has no AVX2+FMA+F16C
+// nullptr when this build or this CPU has no AVX2+FMA (the float16 entries: nullptr without F16C)
 const F32Loops* f32_loops_avx2();
 
-// The table the kernels use: AVX2+FMA+F16C when available, unless SN_KERNELS_CPU_ISA=baseline
+// The table the kernels use: AVX2+FMA when available, unless SN_KERNELS_CPU_ISA=baseline
 // (tests compare the two); ``baseline`` otherwise.
 inline const F32Loops* select_f32_loops(const F32Loops* baseline) {
   const char* isa = std::getenv("SN_KERNELS_CPU_ISA");

@@ -198,12 +198,12 @@ inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, i
       for (int64_t r = 0; r < rows; ++r) s[r] += dot(a + o * ostride + r * len, b + o * len, len);
     return;
   }
-  constexpr int64_t ACC = 4096;  // (row, k) partial sums per block
-  std::vector<acc_t> part(ACC);
+  constexpr int64_t ACC = 4096;  // (row, k) partial sums per block (32 KiB for float64, on the stack)
+  acc_t part[ACC];
   const int64_t block = ACC / len;
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     const int64_t nr = std::min(block, rows - r0);
-    std::fill(part.begin(), part.begin() + nr * len, acc_t(0));
+    std::fill(part, part + nr * len, acc_t(0));
     for (int64_t o = 0; o < outer; ++o) {
       const scalar_t* ao = a + o * ostride + r0 * len;
       const acc_t* bo = b + o * len;
@@ -215,7 +215,7 @@ inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, i
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t k = 0; k < len; ++k) part[r * len + k] += static_cast<acc_t>(ao[r * len + k]) * bo[k];
     }
-    for (int64_t r = 0; r < nr; ++r) s[r0 + r] += piece_total(part.data() + r * len, len);
+    for (int64_t r = 0; r < nr; ++r) s[r0 + r] += piece_total(part + r * len, len);
   }
 }
 template <>
@@ -551,6 +551,17 @@ void divide_all(scalar_t* y, const scalar_t* w, acc_t sig, int64_t numel) {
   at::parallel_for(0, numel, GRAIN, [&](int64_t k0, int64_t k1) { divide(y + k0, w + k0, sig, k1 - k0); });
 }
 
+// out = W / sigma for a float16 W stored in out's order: one pass, converting on the fly (F16C), which is what
+// the float32 detour (ATen's conversions around the float32 division) computes, bit for bit
+at::Tensor divide_half_into(at::Tensor& out, const at::Tensor& weight, const at::Tensor& sigma,
+                            void (*divide_f16)(unsigned short*, const unsigned short*, float, long)) {
+  const float sig = safe_sigma(*sigma.const_data_ptr<float>());
+  const auto* w = reinterpret_cast<const unsigned short*>(weight.const_data_ptr<at::Half>());
+  auto* y = reinterpret_cast<unsigned short*>(out.mutable_data_ptr<at::Half>());
+  at::parallel_for(0, weight.numel(), GRAIN, [&](int64_t k0, int64_t k1) { divide_f16(y + k0, w + k0, sig, k1 - k0); });
+  return out;
+}
+
 at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma,
                          int64_t dim) {
   TORCH_CHECK(sigma.numel() == 1, "sn_kernels: sigma must have one element");
@@ -562,13 +573,7 @@ at::Tensor normalize_cpu(const at::Tensor& weight_, const at::Tensor& u, const a
   // elementwise: a dense weight keeps its layout (out has the same strides); anything else is made contiguous
   const at::Tensor weight = weight_.is_non_overlapping_and_dense() ? weight_ : weight_.contiguous();
   at::Tensor out = cached_empty_cpu(weight.sizes(), weight.strides(), weight.scalar_type());
-  if (is_half(weight)) {  // one pass, converting on the fly (what the float32 detour computes, bit for bit)
-    const float sig = safe_sigma(*sigma.const_data_ptr<float>());
-    const auto* w = reinterpret_cast<const unsigned short*>(weight.const_data_ptr<at::Half>());
-    auto* y = reinterpret_cast<unsigned short*>(out.mutable_data_ptr<at::Half>());
-    at::parallel_for(0, weight.numel(), GRAIN, [&](int64_t k0, int64_t k1) { divide_f16(y + k0, w + k0, sig, k1 - k0); });
-    return out;
-  }
+  if (is_half(weight)) return divide_half_into(out, weight, sigma, divide_f16);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sn_normalize_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
@@ -682,8 +687,13 @@ void check_layout_args(const at::Tensor& weight, const at::Tensor& u, const at::
 at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, const at::Tensor& v,
                                 const at::Tensor& sigma, int64_t dim, bool channels_last) {
   check_layout_args(weight_, u, v, sigma, dim, channels_last);
-  // as_float keeps a dense weight's layout: the float32 op takes the same route (divide or transpose)
-  if (is_half(weight_))
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  // a weight stored in out's order divides element by element; a 4-d one in the other order transposes
+  const bool same_order = weight_.is_contiguous(format);
+  const auto divide_f16 = f32().divide_f16;
+  // float16 in another order, or without F16C: as_float keeps a dense weight's layout, so the float32 op takes
+  // the same route (divide or transpose)
+  if (is_half(weight_) && !(same_order && divide_f16 != nullptr))
     return as_half(normalize_layout_cpu(as_float(weight_), as_float(u), as_float(v), sigma, dim, channels_last));
   c10::DimVector strides = c10::contiguous_strides(weight_.sizes());
   if (channels_last) {
@@ -691,9 +701,7 @@ at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, 
     strides.assign(cl.begin(), cl.end());
   }
   at::Tensor out = cached_empty_cpu(weight_.sizes(), strides, weight_.scalar_type());
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  // a weight stored in out's order divides element by element; a 4-d one in the other order transposes
-  const bool same_order = weight_.is_contiguous(format);
+  if (is_half(weight_)) return divide_half_into(out, weight_, sigma, divide_f16);
   const bool other_4d = !same_order && (channels_last || is_channels_last_4d(weight_));
   const at::Tensor weight = same_order || (other_4d && !channels_last) ? weight_ : weight_.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sn_normalize_layout_cpu", [&] {

@@ -1,6 +1,10 @@
-// The float32 inner loops compiled for AVX2+FMA+F16C; used only when the CPU reports all three (every
-// AVX2 CPU has F16C).
+// The float32 inner loops compiled for AVX2+FMA+F16C; used when the CPU reports AVX2 and FMA, the float16
+// loops only with F16C (every AVX2 CPU has it).
 #include "cpu_loops.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SN_HAVE_AVX2_TU 1
@@ -30,9 +34,15 @@ namespace sn_kernels {
 
 const F32Loops* f32_loops_avx2() {
 #ifdef SN_HAVE_AVX2_TU
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok ? &avx2::table : nullptr;
+  // F16C from CPUID (leaf 1, ECX bit 29): __builtin_cpu_supports("f16c") needs GCC 11 or clang 18
+  static const F32Loops* table = [] {
+    const F32Loops* none = nullptr;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return none;
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
+    return f16c ? &avx2::table : &avx2::table_without_f16c;
+  }();
+  return table;
 #else
   return nullptr;
 #endif

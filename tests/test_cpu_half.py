@@ -171,10 +171,10 @@ def _every_value(dtype):
     return torch.cat([every, torch.tensor([1.0, -2.5, 0.0, 3.0, -0.0], dtype=dtype)])
 
 
-# sigma: three fixed scales (results that round, underflow to subnormals, overflow) and 21 random ones.  No
-# quotient of a 16-bit weight lands exactly halfway between two 16-bit values (its exact value would need one
-# significant bit more than the weight has; none of these 1.6M float32 quotients does), so ties never reach
-# the rounding: truncating instead of rounding fails here, rounding ties another way cannot
+# sigma: three fixed scales (results that round, underflow to subnormals, overflow) and 21 random ones.  For
+# float16 about a hundred of the float32 quotients are exact ties between two float16 values (subnormal
+# results), so the ties' rounding is checked; for bfloat16 none is, so a loop that truncates fails here but
+# one that rounds ties another way would not
 SIGMAS = [3.0, 1.7e-3, 6.1e4] + torch.empty(21).uniform_(0.5, 8.0, generator=torch.Generator().manual_seed(3)).tolist()
 
 

@@ -25,8 +25,9 @@ SHORT_INNER = [
     ((4, 40, 15), 1), ((4, 40, 16), 1), ((4, 40, 17), 1),
 ]
 # row blocks of dot_rows' (row, k) partial sums (4096 per block: len 2 -> 2048 rows, len 9 -> 448 (float32) or 455
-# rows, len 128 -> 32) and either side of its longest tiled piece (128)
-BLOCKS = [((3, 2100, 2), 1), ((4, 500, 9), 1), ((3, 70, 128), 1), ((3, 40, 129), 1)]
+# rows, len 128 -> 32) and either side of its longest tiled piece (128); outer large enough that the rows are
+# split over the threads too (at least GRAIN / n rows a task)
+BLOCKS = [((16, 2100, 2), 1), ((40, 500, 9), 1), ((30, 70, 128), 1), ((30, 40, 129), 1)]
 # tall narrow along dim 0: m around the row chunks of W^T u (32 rows at least, 32 chunks at most)
 TALL = [((m, n), 0) for m in (31, 32, 33, 1024, 1025, 1057) for n in (1, 2)] + [
     ((1057, n), 0) for n in (3, 4, 15, 16, 17)]
