@@ -464,9 +464,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eval_sigma_half(const at::Tensor&
   const at::Tensor weight = weight_.contiguous();
   const int64_t m = mv.m, inner = mv.inner, outer = mv.outer, n = mv.n();
   std::vector<float> ua(m), va(n), s(m);
-  to_acc_vec<at::Half, float>(u.contiguous(), ua.data());
-  to_acc_vec<at::Half, float>(v.contiguous(), va.data());
-  const auto* w = reinterpret_cast<const unsigned short*>(weight.const_data_ptr<at::Half>());
+  const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const unsigned short*>(t.const_data_ptr<at::Half>()); };
+  widen(ua.data(), bits(u), m);  // u, v contiguous (checked); F16C, not c10's conversion one element at a time
+  widen(va.data(), bits(v), n);
+  const auto* w = bits(weight);
   const int64_t block_rows = std::max<int64_t>(1, (int64_t{1} << 14) / n);  // 64 KiB of float32 rows
   at::parallel_for(0, m, std::max<int64_t>(1, GRAIN / n), [&](int64_t i0, int64_t i1) {
     std::vector<float> rows(static_cast<size_t>(std::min(block_rows, i1 - i0) * n));
