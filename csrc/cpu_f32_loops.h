@@ -118,45 +118,42 @@ void divide_bf16(unsigned short* __restrict y, const unsigned short* __restrict 
 }
 
 #ifdef SN_F32_AVX2
-// float16: F16C's conversions (exact widening; vcvtps2ph with immediate 0 rounds to nearest even, as
-// ATen's conversion does), eight at a time; the tail through a zero-padded block
-inline void divide8_f16(unsigned short* y, const unsigned short* w, const sn_v8sf& sigma) {
-  sn_v8hi h;
-  __builtin_memcpy(&h, w, 16);
-  const sn_v8sf q = __builtin_ia32_vcvtph2ps256(h) / sigma;
-  const sn_v8hi r = __builtin_ia32_vcvtps2ph256(q, 0);
-  __builtin_memcpy(y, &r, 16);
-}
-void divide_f16(unsigned short* __restrict y, const unsigned short* __restrict w, float sigma, long len) {
-  const sn_v8sf s = {sigma, sigma, sigma, sigma, sigma, sigma, sigma, sigma};
+// float16 bits, eight at a time through `eight(out, in)`; the tail through a zero-padded block
+template <typename T, typename Eight>
+inline void by_eight_f16(T* __restrict y, const unsigned short* __restrict w, long len, const Eight& eight) {
   long k = 0;
-  for (; k + 8 <= len; k += 8) divide8_f16(y + k, w + k, s);
-  if (k < len) {
-    unsigned short in[8] = {}, out[8];
-    for (long j = k; j < len; ++j) in[j - k] = w[j];
-    divide8_f16(out, in, s);
-    for (long j = k; j < len; ++j) y[j] = out[j - k];
-  }
-}
-// y[k] = float(w[k]) for float16 bits w: exact, eight at a time, the tail through a zero-padded block
-void widen_f16(float* __restrict y, const unsigned short* __restrict w, long len) {
-  long k = 0;
-  for (; k + 8 <= len; k += 8) {
-    sn_v8hi h;
-    __builtin_memcpy(&h, w + k, 16);
-    const sn_v8sf x = __builtin_ia32_vcvtph2ps256(h);
-    __builtin_memcpy(y + k, &x, 32);
-  }
+  for (; k + 8 <= len; k += 8) eight(y + k, w + k);
   if (k < len) {
     unsigned short in[8] = {};
+    T out[8];
     for (long j = k; j < len; ++j) in[j - k] = w[j];
-    sn_v8hi h;
-    __builtin_memcpy(&h, in, 16);
-    const sn_v8sf x = __builtin_ia32_vcvtph2ps256(h);
-    float out[8];
-    __builtin_memcpy(out, &x, 32);
+    eight(out, in);
     for (long j = k; j < len; ++j) y[j] = out[j - k];
   }
+}
+
+inline sn_v8sf widen8_f16(const unsigned short* w) {  // exact
+  sn_v8hi h;
+  __builtin_memcpy(&h, w, 16);
+  return __builtin_ia32_vcvtph2ps256(h);
+}
+
+// float16: F16C's conversions (exact widening; vcvtps2ph with immediate 0 rounds to nearest even, as
+// ATen's conversion does)
+void divide_f16(unsigned short* __restrict y, const unsigned short* __restrict w, float sigma, long len) {
+  const sn_v8sf s = {sigma, sigma, sigma, sigma, sigma, sigma, sigma, sigma};
+  by_eight_f16(y, w, len, [&](unsigned short* out, const unsigned short* in) {
+    const sn_v8hi r = __builtin_ia32_vcvtps2ph256(widen8_f16(in) / s, 0);
+    __builtin_memcpy(out, &r, 16);
+  });
+}
+
+// y[k] = float(w[k]) for float16 bits w: exact
+void widen_f16(float* __restrict y, const unsigned short* __restrict w, long len) {
+  by_eight_f16(y, w, len, [](float* out, const unsigned short* in) {
+    const sn_v8sf x = widen8_f16(in);
+    __builtin_memcpy(out, &x, 32);
+  });
 }
 #define SN_DIVIDE_F16 &divide_f16
 #define SN_WIDEN_F16 &widen_f16

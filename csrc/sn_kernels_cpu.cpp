@@ -453,30 +453,34 @@ at::Tensor converted(const at::Tensor& t, at::ScalarType dtype, bool contiguous 
 at::Tensor as_float(const at::Tensor& t, bool contiguous = false) { return converted(t, at::kFloat, contiguous); }
 at::Tensor as_half(const at::Tensor& t) { return converted(t, at::kHalf); }
 
-// Eval sigma = u^T W v of a float16 weight along dim 0 (outer == 1): what the float32 op gives on ATen's float32
-// copy of W, bit for bit (the same matvec rows and dot_rows sums, on the same exactly widened values), but each
-// task widens its rows a block at a time into a buffer that stays in cache, instead of writing and reading a
-// float32 copy of W.  (Along dim != 0 a row is `outer` pieces: blocks of a few rows cost a call per piece, slower
-// than the copy; rows shorter than SHORT_ROW measured slower too: those keep the copy.)
+// the bits of a contiguous float16 tensor, for the float16 loops of the table
+const unsigned short* half_bits(const at::Tensor& t) {
+  return reinterpret_cast<const unsigned short*>(t.const_data_ptr<at::Half>());
+}
+
+// Eval sigma = u^T W v of a float16 weight along dim 0 (the (m, n) rows contiguous): what the float32 op gives on
+// ATen's float32 copy of W, bit for bit (the same matvec rows and dot_rows sums, on the same exactly widened
+// values), but each task widens its rows a block at a time into a buffer that stays in cache, instead of writing
+// and reading a float32 copy of W.  (Along dim != 0 a row is `outer` pieces: blocks of a few rows cost a call per
+// piece, slower than the copy; rows shorter than SHORT_ROW measured slower too: those keep the copy.)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eval_sigma_half(const at::Tensor& weight_, const at::Tensor& u,
                                                                const at::Tensor& v, const MatrixView& mv,
                                                                void (*widen)(float*, const unsigned short*, long)) {
+  TORCH_INTERNAL_ASSERT(mv.outer == 1);
   const at::Tensor weight = weight_.contiguous();
-  const int64_t m = mv.m, inner = mv.inner, outer = mv.outer, n = mv.n();
+  const int64_t m = mv.m, n = mv.n();
   std::vector<float> ua(m), va(n), s(m);
-  const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const unsigned short*>(t.const_data_ptr<at::Half>()); };
-  widen(ua.data(), bits(u), m);  // u, v contiguous (checked); F16C, not c10's conversion one element at a time
-  widen(va.data(), bits(v), n);
-  const auto* w = bits(weight);
+  widen(ua.data(), half_bits(u), m);  // u, v contiguous (checked); F16C, not c10's conversion one element at a time
+  widen(va.data(), half_bits(v), n);
+  const unsigned short* w = half_bits(weight);
   const int64_t block_rows = std::max<int64_t>(1, (int64_t{1} << 14) / n);  // 64 KiB of float32 rows
   at::parallel_for(0, m, std::max<int64_t>(1, GRAIN / n), [&](int64_t i0, int64_t i1) {
     std::vector<float> rows(static_cast<size_t>(std::min(block_rows, i1 - i0) * n));
     for (int64_t r0 = i0; r0 < i1; r0 += block_rows) {
       const int64_t nr = std::min(block_rows, i1 - r0);
-      for (int64_t o = 0; o < outer; ++o)  // the (outer, nr, inner) block of these rows
-        widen(rows.data() + o * nr * inner, w + (o * m + r0) * inner, nr * inner);
+      widen(rows.data(), w + r0 * n, nr * n);
       std::fill(s.begin() + r0, s.begin() + r0 + nr, 0.0f);
-      dot_rows(s.data() + r0, rows.data(), va.data(), inner, nr, outer, nr * inner);
+      dot_rows(s.data() + r0, rows.data(), va.data(), n, nr, 1, 0);
     }
   });
   at::Tensor sigma = at::empty({}, weight.options().dtype(at::kFloat));
@@ -557,7 +561,7 @@ void divide_all(scalar_t* y, const scalar_t* w, acc_t sig, int64_t numel) {
 at::Tensor divide_half_into(at::Tensor& out, const at::Tensor& weight, const at::Tensor& sigma,
                             void (*divide_f16)(unsigned short*, const unsigned short*, float, long)) {
   const float sig = safe_sigma(*sigma.const_data_ptr<float>());
-  const auto* w = reinterpret_cast<const unsigned short*>(weight.const_data_ptr<at::Half>());
+  const unsigned short* w = half_bits(weight);
   auto* y = reinterpret_cast<unsigned short*>(out.mutable_data_ptr<at::Half>());
   at::parallel_for(0, weight.numel(), GRAIN, [&](int64_t k0, int64_t k1) { divide_f16(y + k0, w + k0, sig, k1 - k0); });
   return out;
