@@ -180,6 +180,19 @@ def git_commit(tree=ROOT) -> str:
         return os.environ.get("SN_KERNELS_COMMIT") or "unknown"
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (saying so) where matplotlib cannot be imported."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        print("# matplotlib not installed: no plot")
+        return None
+    return plt
+
+
 def write_csv(path, rows: list[dict], fields=None, append: bool = False) -> None:
     """Write ``rows`` under a header (``fields``, default row 0's keys), or append them to an existing file."""
     path = Path(path)

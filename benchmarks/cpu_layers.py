@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this tree's sn_kernels, not an installed copy (as run.py)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
-from _common import device_name, git_commit, quantiles, write_csv  # noqa: E402
+from _common import balanced_orders, device_name, git_commit, pyplot, quantiles, write_csv  # noqa: E402
 
 # name -> constructor: the odd shapes (1 x n, m x 1, ~10 K elements), the common ones (3x3, 1x1, 4x4
 # transposed), grouped and 1-d / 3-d convolutions, and large matrices
@@ -60,18 +60,17 @@ LAYERS = {
     "ConvTranspose2d(256,256,5)": lambda: nn.ConvTranspose2d(256, 256, 5),
     "ConvTranspose3d(64,32,4)": lambda: nn.ConvTranspose3d(64, 32, 4),
 }
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DTYPES = ["float32", "bfloat16", "float16", "float64"]
 
 
 def pair(make, dtype, dim):
     """(PyTorch's, ours): the same layer, weights and u, v, normalized along ``dim`` (None: the default)."""
     torch.manual_seed(0)
     theirs, ours = make().to(dtype), make().to(dtype)
-    ours.load_state_dict(theirs.state_dict())
     kw = {} if dim is None else {"dim": dim}
     torch.nn.utils.parametrizations.spectral_norm(theirs, **kw)
     sn_kernels.parametrizations.spectral_norm(ours, **kw)
-    ours.load_state_dict(theirs.state_dict())  # the same u, v
+    ours.load_state_dict(theirs.state_dict())  # the same weight, u and v
     return theirs, ours
 
 
@@ -92,9 +91,9 @@ def step(module, mode, grad):
 def paired(theirs, ours, rounds, warmup=2):
     """Seconds per round of each, the two run back to back in alternating order."""
     times = ([], [])
+    orders = balanced_orders(2)
     for r in range(warmup + rounds):
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        for i in order:
+        for i in orders[r % len(orders)]:
             fn = (theirs, ours)[i]
             t0 = time.perf_counter()
             fn()
@@ -109,7 +108,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--only", nargs="*", default=[], help="substrings of layer names to keep (all by default)")
-    ap.add_argument("--dtypes", default="float32,bfloat16,float16,float64")
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_layers.csv"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -166,16 +165,12 @@ def summary(rows):
 
 def plot(rows, path):
     """Ratios per case, one panel per mode (skipped without matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
     for ax, mode in zip(axes, ("train", "eval")):
-        for dtype, marker in zip(("float32", "bfloat16", "float16", "float64"), "os^D"):
+        for dtype, marker in zip(DTYPES, "os^D"):
             sel = [r for r in rows if r["mode"] == mode and r["dtype"] == dtype]
             ax.scatter(range(len(sel)), [r["ratio"] for r in sel], marker=marker, label=dtype, s=18)
         ax.axhline(1.0, color="k", lw=0.8)

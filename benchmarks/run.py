@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
 from _common import (Holder, copy_bandwidth, device_name, git_commit, l2_flush, load_shapes, percentile,  # noqa: E402
-                     timer, triton_version, write_csv)
+                     pyplot, timer, triton_version, write_csv)
 
 MODES = ("fwd", "bwd", "fwd_bwd", "train_step")
 # sets beside shapes.json (which is shared): large weights normalized along dim=1 (ConvTranspose
@@ -400,13 +400,8 @@ def targets(rows):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        print("# matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     base = {(r["shape_set"], r["dtype"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == "torch_param"}
     cases = sorted({(r["shape_set"], r["dtype"], r["mode"]) for r in rows})
