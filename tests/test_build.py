@@ -1,6 +1,7 @@
 """The build's toolkit rule (sn_kernels/_build.py): only a toolkit of torch's CUDA release."""
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,22 @@ def test_first_native_calls_from_two_threads_build_and_register_once(monkeypatch
     for t in threads:
         t.join(10)
     assert results == [None, None] and len(finished) == 1
+
+
+def test_package_metadata_states_the_tested_range():
+    """pyproject.toml's torch floor is the default lock's torch (the tested floor), and its Python floor is the
+    README's: metadata that promised an untested torch 2.4 or Python 3.10 let pip install into a range nothing
+    had run on (the locked sets do not even install on 3.10)."""
+    import re
+    import sys
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    lock = (root / "requirements" / "default.txt").read_text()
+    locked = re.search(r"^torch==(\d+)\.(\d+)\.", lock, re.M).groups()
+    assert f"torch>={locked[0]}.{locked[1]}" in project["dependencies"]
+    py_floor = re.fullmatch(r">=3\.(\d+)", project["requires-python"]).group(1)
+    readme = (root / "README.md").read_text()
+    assert f"| Python | 3.{py_floor}–" in readme, "README's supported Python range starts elsewhere"
+    assert sys.version_info >= (3, int(py_floor))
