@@ -193,6 +193,49 @@ inline float tree_dot<16>(const float* a, const float* b, long len) {  // 8 < le
   const sn_v8sf hi = __builtin_ia32_vfmaddps256(load8_first(a + 8, len - 8), load8_first(b + 8, len - 8), zero);
   return total8(lo + hi);  // lanes l + 8 first, as the tree over 16
 }
+
+// float16 bits p[0, n) for 1 <= n <= 8 widened, zeros after (as load8_first's lanes)
+inline sn_v8sf widen8_first_f16(const unsigned short* p, long n) {
+  unsigned short in[8] = {};
+  for (long j = 0; j < n; ++j) in[j] = p[j];
+  return widen8_f16(in);
+}
+
+// dot(float(a), b, len) and tree_dot<16>(float(a), b, len) for float16 bits a, each lane widened exactly as it is
+// loaded: the same lanes, multiply-adds and trees as the float32 loops on a widened copy, so the same bits
+float dot_f16(const unsigned short* __restrict a, const float* __restrict b, long len) {
+  sn_v8sf acc[4] = {};
+  long k = 0;
+  for (; k + 32 <= len; k += 32)
+    for (int j = 0; j < 4; ++j)
+      acc[j] = __builtin_ia32_vfmaddps256(widen8_f16(a + k + 8 * j), load8(b + k + 8 * j), acc[j]);
+  for (int j = 0; k < len; ++j, k += 8) {
+    const long n = len - k < 8 ? len - k : 8;
+    const sn_v8sf x = n == 8 ? widen8_f16(a + k) : widen8_first_f16(a + k, n);
+    acc[j] = __builtin_ia32_vfmaddps256(x, load8_first(b + k, n), acc[j]);
+  }
+  return total8((acc[0] + acc[2]) + (acc[1] + acc[3]));
+}
+
+inline float tree16_f16(const unsigned short* a, const float* b, long len) {  // 8 < len <= 16
+  const sn_v8sf zero = {};
+  const sn_v8sf lo = __builtin_ia32_vfmaddps256(widen8_f16(a), load8(b), zero);
+  const sn_v8sf hi = __builtin_ia32_vfmaddps256(widen8_first_f16(a + 8, len - 8), load8_first(b + 8, len - 8), zero);
+  return total8(lo + hi);
+}
+
+// s[r] += dot of row r of a (float16 bits, len > 8 elements a row) with b: add_row_dots' arithmetic (outer == 1)
+void dot_rows_f16(float* __restrict s, const unsigned short* __restrict a, const float* __restrict b, long len,
+                  long rows) {
+  if (len <= 16) {
+    for (long r = 0; r < rows; ++r) s[r] += tree16_f16(a + r * len, b, len);
+  } else {
+    for (long r = 0; r < rows; ++r) s[r] += dot_f16(a + r * len, b, len);
+  }
+}
+#define SN_DOT_ROWS_F16 &dot_rows_f16
+#else
+#define SN_DOT_ROWS_F16 nullptr
 #endif
 
 // s[r] += dot(a + r * len, b, len) for r < rows
@@ -315,12 +358,13 @@ void grad_rows(float* __restrict y, const float* __restrict g, const float* __re
 
 static const sn_kernels::F32Loops table = {&dot,      &axpy,           &axpy4,     &divide,     &grad_row,
                                            &dot_rows, &add_rows_outer, &grad_rows, &divide_f64, &divide_bf16,
-                                           SN_DIVIDE_F16, SN_WIDEN_F16};
+                                           SN_DIVIDE_F16, SN_WIDEN_F16, SN_DOT_ROWS_F16};
 #ifdef SN_F32_AVX2
 // for an AVX2+FMA CPU without F16C (none is known, but the check costs nothing): no float16 loops
 static const sn_kernels::F32Loops table_without_f16c = {
     &dot, &axpy, &axpy4, &divide, &grad_row, &dot_rows, &add_rows_outer, &grad_rows, &divide_f64, &divide_bf16,
-    nullptr, nullptr};
+    nullptr, nullptr, nullptr};
 #endif
 #undef SN_DIVIDE_F16
 #undef SN_WIDEN_F16
+#undef SN_DOT_ROWS_F16

@@ -459,29 +459,22 @@ const unsigned short* half_bits(const at::Tensor& t) {
 }
 
 // Eval sigma = u^T W v of a float16 weight along dim 0 (the (m, n) rows contiguous): what the float32 op gives on
-// ATen's float32 copy of W, bit for bit (the same matvec rows and dot_rows sums, on the same exactly widened
-// values), but each task widens its rows a block at a time into a buffer that stays in cache, instead of writing
-// and reading a float32 copy of W.  (Along dim != 0 a row is `outer` pieces: blocks of a few rows cost a call per
-// piece, slower than the copy; rows shorter than SHORT_ROW measured slower too: those keep the copy.)
+// ATen's float32 copy of W, bit for bit (the same dot_rows sums, lanes and trees, on the same exactly widened
+// values), each row widened as its dot reads it (`dot_rows_f16`) instead of writing and reading a float32 copy of
+// W.  (Along dim != 0 a row is `outer` pieces, and rows shorter than SHORT_ROW take other trees: those keep the
+// copy.)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eval_sigma_half(const at::Tensor& weight_, const at::Tensor& u,
                                                                const at::Tensor& v, const MatrixView& mv,
-                                                               void (*widen)(float*, const unsigned short*, long)) {
-  TORCH_INTERNAL_ASSERT(mv.outer == 1);
+                                                               const F32Loops& loops) {
+  TORCH_INTERNAL_ASSERT(mv.outer == 1 && mv.inner > 8);
   const at::Tensor weight = weight_.contiguous();
   const int64_t m = mv.m, n = mv.n();
-  std::vector<float> ua(m), va(n), s(m);
-  widen(ua.data(), half_bits(u), m);  // u, v contiguous (checked); F16C, not c10's conversion one element at a time
-  widen(va.data(), half_bits(v), n);
+  std::vector<float> ua(m), va(n), s(m, 0.0f);
+  loops.widen_f16(ua.data(), half_bits(u), m);  // u, v contiguous (checked); F16C, not c10's conversion one at a time
+  loops.widen_f16(va.data(), half_bits(v), n);
   const unsigned short* w = half_bits(weight);
-  const int64_t block_rows = std::max<int64_t>(1, (int64_t{1} << 14) / n);  // 64 KiB of float32 rows
   at::parallel_for(0, m, std::max<int64_t>(1, GRAIN / n), [&](int64_t i0, int64_t i1) {
-    std::vector<float> rows(static_cast<size_t>(std::min(block_rows, i1 - i0) * n));
-    for (int64_t r0 = i0; r0 < i1; r0 += block_rows) {
-      const int64_t nr = std::min(block_rows, i1 - r0);
-      widen(rows.data(), w + r0 * n, nr * n);
-      std::fill(s.begin() + r0, s.begin() + r0 + nr, 0.0f);
-      dot_rows(s.data() + r0, rows.data(), va.data(), n, nr, 1, 0);
-    }
+    loops.dot_rows_f16(s.data() + i0, w + i0 * n, va.data(), n, i1 - i0);
   });
   at::Tensor sigma = at::empty({}, weight.options().dtype(at::kFloat));
   *sigma.mutable_data_ptr<float>() = dot(ua.data(), s.data(), m);
@@ -494,9 +487,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
                                                                    bool training) {
   const MatrixView mv = matrix_view(weight_, dim);
   const bool vu = check_power_iteration_args(weight_, u, v, mv, n_power_iterations, eps, order_);
-  const auto widen_f16 = f32().widen_f16;
-  if (is_half(weight_) && !training && widen_f16 != nullptr && mv.outer == 1 && mv.inner >= SHORT_ROW)
-    return eval_sigma_half(weight_, u, v, mv, widen_f16);
+  if (is_half(weight_) && !training && f32().dot_rows_f16 != nullptr && mv.outer == 1 && mv.inner >= SHORT_ROW)
+    return eval_sigma_half(weight_, u, v, mv, f32());
   if (is_half(weight_)) {
     // float32 copies of u, v iterated, then rounded into the caller's float16 buffers in place
     at::Tensor uf = as_float(u), vf = as_float(v);
