@@ -224,19 +224,25 @@ inline float tree16_f16(const unsigned short* a, const float* b, long len) {  //
   return total8(lo + hi);
 }
 
-// s[r] += dot of row r of a (float16 bits, len > 8 elements a row) with b: add_row_dots' arithmetic (outer == 1)
-void dot_rows_f16(float* __restrict s, const unsigned short* __restrict a, const float* __restrict b, long len,
-                  long rows) {
+// s[r] += dot of row r of a (float16 bits, len > 8 elements a row) with b: add_row_dots' arithmetic, each row
+// widened in registers as it is read
+inline void add_row_dots_f16(float* __restrict s, const unsigned short* __restrict a, const float* __restrict b,
+                             long len, long rows) {
   if (len <= 16) {
     for (long r = 0; r < rows; ++r) s[r] += tree16_f16(a + r * len, b, len);
   } else {
     for (long r = 0; r < rows; ++r) s[r] += dot_f16(a + r * len, b, len);
   }
 }
-#define SN_DOT_ROWS_F16 &dot_rows_f16
-#else
-#define SN_DOT_ROWS_F16 nullptr
+
+// the floats of float16 bits p[0, count), widened into buf (count <= its size)
+inline const float* floats_of(const unsigned short* p, long count, float* buf) {
+  widen_f16(buf, p, count);
+  return buf;
+}
 #endif
+
+inline const float* floats_of(const float* p, long, float*) { return p; }
 
 // s[r] += dot(a + r * len, b, len) for r < rows
 inline void add_row_dots(float* __restrict s, const float* __restrict a, const float* __restrict b, long len,
@@ -272,18 +278,26 @@ inline float row_total(const float* x, long len) {
 // order over a block of rows against b's piece (tiled over eight rows for pieces under 32 elements, so
 // that one vectorized loop serves any len), and each row's len partials added by row_total at the end.
 // The order depends on the shape alone.  The sums are kept in a local block: threads sharing a cache line of s would otherwise contend.
-void dot_rows(float* __restrict s, const float* __restrict a, const float* __restrict b, long len, long rows,
-              long outer, long ostride) {
-  constexpr long BLOCK = 512;
-  constexpr long ACC = 4096;     // floats of (row, k) partial sums: 16 KiB, in L1
+// For float16 bits `a` (len <= DOT_ROWS_WIDE), each stretch of a that a loop reads (a block's rows of one piece)
+// is first widened into an L1 buffer: the same loops on the same exactly widened values, so the float32 bits.
+template <typename Src>
+void dot_rows_of(float* __restrict s, const Src* __restrict a, const float* __restrict b, long len, long rows,
+                 long outer, long ostride) {
+  constexpr bool widen = sizeof(Src) != sizeof(float);
+  constexpr long ACC = DOT_ROWS_WIDE;  // floats of the (row, k) partial sums, and of a widened stretch: 16 KiB each
   constexpr long MAX_TILED = 128;  // longer pieces take the dots (their per-piece cost is amortized)
   constexpr long MAX_UNROLLED = 32;  // shorter pieces are multiplied against v's piece tiled over 8 rows
+  float wide[widen ? ACC : 1];
   if (outer == 1 || len == 1 || len > MAX_TILED) {
+    constexpr long BLOCK = 512;
     float acc[BLOCK];
-    for (long r0 = 0; r0 < rows; r0 += BLOCK) {
-      const long nr = rows - r0 < BLOCK ? rows - r0 : BLOCK;
+    // widened: at most ACC elements a stretch (which rows share a block does not change any row's sums)
+    const long block = widen && BLOCK * len > ACC ? ACC / len : BLOCK;
+    for (long r0 = 0; r0 < rows; r0 += block) {
+      const long nr = rows - r0 < block ? rows - r0 : block;
       for (long r = 0; r < nr; ++r) acc[r] = s[r0 + r];
-      for (long o = 0; o < outer; ++o) add_row_dots(acc, a + o * ostride + r0 * len, b + o * len, len, nr);
+      for (long o = 0; o < outer; ++o)
+        add_row_dots(acc, floats_of(a + o * ostride + r0 * len, nr * len, wide), b + o * len, len, nr);
       for (long r = 0; r < nr; ++r) s[r0 + r] = acc[r];
     }
     return;
@@ -298,7 +312,7 @@ void dot_rows(float* __restrict s, const float* __restrict a, const float* __res
     const long count = nr * len;
     for (long j = 0; j < count; ++j) part[j] = 0.0f;
     for (long o = 0; o < outer; ++o) {
-      const float* __restrict ao = a + o * ostride + r0 * len;
+      const float* __restrict ao = floats_of(a + o * ostride + r0 * len, count, wide);
       const float* __restrict bo = b + o * len;
       const float* __restrict p = bo;
       if (tiled) {
@@ -316,6 +330,25 @@ void dot_rows(float* __restrict s, const float* __restrict a, const float* __res
     for (long r = 0; r < nr; ++r) s[r0 + r] += row_total(part + r * len, len);
   }
 }
+
+void dot_rows(float* __restrict s, const float* __restrict a, const float* __restrict b, long len, long rows,
+              long outer, long ostride) {
+  dot_rows_of(s, a, b, len, rows, outer, ostride);
+}
+
+#ifdef SN_F32_AVX2
+// dot_rows on float16 bits a (rows of at most DOT_ROWS_WIDE elements, or of more than 8 when outer == 1): rows of
+// one piece (outer == 1) widened in registers by the dots themselves, pieces through the L1 buffer
+void dot_rows_f16(float* __restrict s, const unsigned short* __restrict a, const float* __restrict b, long len,
+                  long rows, long outer, long ostride) {
+  if (outer == 1 && len > 8) return add_row_dots_f16(s, a, b, len, rows);
+  if (len > DOT_ROWS_WIDE) __builtin_trap();  // its caller keeps such rows on a float32 copy of W
+  dot_rows_of(s, a, b, len, rows, outer, ostride);
+}
+#define SN_DOT_ROWS_F16 &dot_rows_f16
+#else
+#define SN_DOT_ROWS_F16 nullptr
+#endif
 
 // out[o * len + k] += sum_{r < rows} y[r] * a[o * ostride + r * len + k] for o < outer, k < len, the rows added
 // in order with axpy's roundings; eight outer indices at a time, so that short rows give independent chains

@@ -7,6 +7,9 @@
 
 namespace sn_kernels {
 
+// the longest piece (dim != 0) that dot_rows_f16 takes: its buffer of widened elements holds this many floats
+constexpr long DOT_ROWS_WIDE = 4096;
+
 struct F32Loops {
   float (*dot)(const float*, const float*, long);
   void (*axpy)(float*, const float*, float, long);
@@ -25,9 +28,9 @@ struct F32Loops {
   void (*divide_f16)(unsigned short*, const unsigned short*, float, long);
   // float16 bits widened to float32 (exact); nullptr without F16C
   void (*widen_f16)(float*, const unsigned short*, long);
-  // dot_rows (outer == 1) of rows of float16 bits longer than 8, widened as they are read: the float32 loop's
-  // sums on the exactly widened values, the same bits; nullptr without F16C
-  void (*dot_rows_f16)(float*, const unsigned short*, const float*, long, long);
+  // dot_rows on float16 bits, widened as they are read (rows of more than 8 elements when outer == 1, pieces of
+  // at most DOT_ROWS_WIDE otherwise): the float32 loop's sums on the exactly widened values, the same bits; nullptr without F16C
+  void (*dot_rows_f16)(float*, const unsigned short*, const float*, long, long, long, long);
 };
 
 // nullptr when this build or this CPU has no AVX2+FMA (the float16 entries: nullptr without F16C)

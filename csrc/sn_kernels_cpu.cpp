@@ -458,23 +458,29 @@ const unsigned short* half_bits(const at::Tensor& t) {
   return reinterpret_cast<const unsigned short*>(t.const_data_ptr<at::Half>());
 }
 
-// Eval sigma = u^T W v of a float16 weight along dim 0 (the (m, n) rows contiguous): what the float32 op gives on
-// ATen's float32 copy of W, bit for bit (the same dot_rows sums, lanes and trees, on the same exactly widened
-// values), each row widened as its dot reads it (`dot_rows_f16`) instead of writing and reading a float32 copy of
-// W.  (Along dim != 0 a row is `outer` pieces, and rows shorter than SHORT_ROW take other trees: those keep the
-// copy.)
+// Eval sigma = u^T W v of a float16 weight: what the float32 op gives on ATen's float32 copy of W, bit for bit (the
+// same matvec rows and dot_rows sums, lanes and trees, on the same exactly widened values), W widened as it is
+// read (`dot_rows_f16`: rows of one piece in registers, pieces of the (outer, m, inner) layouts of dim != 0 through
+// an L1 buffer) instead of a float32 copy written and read back (NOTES L9-L10).  Taken where the copy is not
+// faster (`eval_sigma_widens`).
+bool eval_sigma_widens(const MatrixView& mv) {
+  // one piece a row: rows of 16 or more (shorter ones measured faster on the copy, L7); pieces: at most
+  // DOT_ROWS_WIDE elements (the buffer)
+  return mv.outer == 1 ? mv.inner >= SHORT_ROW : mv.inner <= DOT_ROWS_WIDE;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eval_sigma_half(const at::Tensor& weight_, const at::Tensor& u,
                                                                const at::Tensor& v, const MatrixView& mv,
                                                                const F32Loops& loops) {
-  TORCH_INTERNAL_ASSERT(mv.outer == 1 && mv.inner > 8);
+  TORCH_INTERNAL_ASSERT(eval_sigma_widens(mv));
   const at::Tensor weight = weight_.contiguous();
-  const int64_t m = mv.m, n = mv.n();
+  const int64_t m = mv.m, inner = mv.inner, n = mv.n();
   std::vector<float> ua(m), va(n), s(m, 0.0f);
   loops.widen_f16(ua.data(), half_bits(u), m);  // u, v contiguous (checked); F16C, not c10's conversion one at a time
   loops.widen_f16(va.data(), half_bits(v), n);
   const unsigned short* w = half_bits(weight);
-  at::parallel_for(0, m, std::max<int64_t>(1, GRAIN / n), [&](int64_t i0, int64_t i1) {
-    loops.dot_rows_f16(s.data() + i0, w + i0 * n, va.data(), n, i1 - i0);
+  at::parallel_for(0, m, std::max<int64_t>(1, GRAIN / n), [&](int64_t i0, int64_t i1) {  // matvec's split
+    loops.dot_rows_f16(s.data() + i0, w + i0 * inner, va.data(), inner, i1 - i0, mv.outer, m * inner);
   });
   at::Tensor sigma = at::empty({}, weight.options().dtype(at::kFloat));
   *sigma.mutable_data_ptr<float>() = dot(ua.data(), s.data(), m);
@@ -487,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
                                                                    bool training) {
   const MatrixView mv = matrix_view(weight_, dim);
   const bool vu = check_power_iteration_args(weight_, u, v, mv, n_power_iterations, eps, order_);
-  if (is_half(weight_) && !training && f32().dot_rows_f16 != nullptr && mv.outer == 1 && mv.inner >= SHORT_ROW)
+  if (is_half(weight_) && !training && f32().dot_rows_f16 != nullptr && eval_sigma_widens(mv))
     return eval_sigma_half(weight_, u, v, mv, f32());
   if (is_half(weight_)) {
     // float32 copies of u, v iterated, then rounded into the caller's float16 buffers in place

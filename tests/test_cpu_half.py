@@ -158,24 +158,27 @@ def test_float16_bits_do_not_depend_on_threads(shape, dim):
 
 
 
-# eval sigma along dim 0 widens each row as its dot reads it (NOTES L9): rows of 16 (the 16-lane tree), every tail
-# of the 32-lane dot (17-31, 33-40, ...), whole blocks (32, 64, 128), and rows long enough to split over threads
-EVAL_ROWS = [16, 17, 23, 24, 31, 32, 33, 40, 57, 64, 100, 128, 129, 515]
+# eval sigma widens W as it reads it (NOTES L9-L10).  Along dim 0: rows of 16 (the 16-lane tree), every tail of the
+# 32-lane dot (17-31, 33-40, ...), whole blocks (32, 64, 128), rows long enough to split over threads.  Along dim 1
+# ((outer, m, inner) pieces through the L1 buffer): one-element pieces, pieces tiled over 8 rows (< 32), unrolled
+# (32-128), long pieces (129-4096, and 4097: the float32 copy), rows past one block of partial sums (4096 / len
+# rows), a split over threads
+EVAL_CASES = [((37, n), 0) for n in (16, 17, 23, 24, 31, 32, 33, 40, 57, 64, 100, 128, 129, 515)] + [
+    ((300, 515), 0), ((41, 600), 1), ((5, 70, 3), 1), ((3, 700, 7), 1), ((4, 9, 31), 1), ((6, 40, 2, 16), 1),
+    ((3, 5, 128), 1), ((2, 7, 129), 1), ((2, 3, 4096), 1), ((2, 3, 4097), 1), ((9, 300, 5, 5), 1), ((64, 2, 3), 2)]
 
 
-@pytest.mark.parametrize("n", EVAL_ROWS)
-def test_float16_eval_sigma_is_the_float32_kernel(n):
-    """Eval sigma of a float16 weight along dim 0 has the float32 op's bits on the widened W, u, v, for 1, 2 and
-    3 threads, for row lengths that take each branch of the float32 dot (a loop that adds a tail's lanes in
-    another order, or reads past a row, fails)."""
-    m = 37 if n < 500 else 300  # 300 x 515: split over the threads
-    w, u, v = sample_inputs("cpu", HALF, (m, n), 0, warmup=3, warmup_order="uv")
-    expected = ops().native_power_iteration(w.float(), u.float(), v.float(), 1, EPS, 0, "uv", False)[0]
-    for sigma in per_thread_count(lambda: ops().native_power_iteration(w, u.clone(), v.clone(), 1, EPS, 0, "uv",
+@pytest.mark.parametrize("shape,dim", EVAL_CASES, ids=str)
+def test_float16_eval_sigma_is_the_float32_kernel(shape, dim):
+    """Eval sigma of a float16 weight has the float32 op's bits on the widened W, u, v, for 1, 2 and 3 threads,
+    for layouts that take each branch of the float32 loops (a loop that adds a tail's lanes or a piece's partial
+    sums in another order, or reads past a row, fails)."""
+    w, u, v = sample_inputs("cpu", HALF, shape, dim, warmup=3, warmup_order="uv")
+    expected = ops().native_power_iteration(w.float(), u.float(), v.float(), 1, EPS, dim, "uv", False)[0]
+    for sigma in per_thread_count(lambda: ops().native_power_iteration(w, u.clone(), v.clone(), 1, EPS, dim, "uv",
                                                                        False)[0]):
         assert sigma.dtype == torch.float32
-        assert torch.equal(sigma, expected), f"({m}, {n}): float16 eval sigma is not the float32 kernel's"
-
+        assert torch.equal(sigma, expected), f"{shape} dim={dim}: float16 eval sigma is not the float32 kernel's"
 
 def _every_value(dtype):
     """Every 16-bit pattern of ``dtype`` (all finite values of both signs, subnormals, infinities, NaNs), then
