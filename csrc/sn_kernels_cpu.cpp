@@ -465,8 +465,9 @@ const unsigned short* half_bits(const at::Tensor& t) {
 // faster (`eval_sigma_widens`).
 bool eval_sigma_widens(const MatrixView& mv) {
   // one piece a row: rows of 16 or more (shorter ones measured faster on the copy, L7); pieces: at most
-  // DOT_ROWS_WIDE elements (the buffer)
-  return mv.outer == 1 ? mv.inner >= SHORT_ROW : mv.inner <= DOT_ROWS_WIDE;
+  // DOT_ROWS_WIDE elements (the buffer), and stretches of at least 32 (the m rows of one piece: a widening per
+  // piece of Linear(1, 4096) or Linear(10, 1000) along dim=1 cost twice the copy, L10)
+  return mv.outer == 1 ? mv.inner >= SHORT_ROW : mv.inner <= DOT_ROWS_WIDE && mv.m * mv.inner >= 32;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eval_sigma_half(const at::Tensor& weight_, const at::Tensor& u,
