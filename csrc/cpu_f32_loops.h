@@ -285,6 +285,7 @@ void dot_rows_of(float* __restrict s, const Src* __restrict a, const float* __re
                  long outer, long ostride) {
   constexpr bool widen = sizeof(Src) != sizeof(float);
   constexpr long ACC = DOT_ROWS_WIDE;  // floats of the (row, k) partial sums, and of a widened stretch: 16 KiB each
+  if (widen && len > ACC) __builtin_trap();  // no stretch would fit the buffer (callers keep such W on a float32 copy)
   constexpr long MAX_TILED = 128;  // longer pieces take the dots (their per-piece cost is amortized)
   constexpr long MAX_UNROLLED = 32;  // shorter pieces are multiplied against v's piece tiled over 8 rows
   float wide[widen ? ACC : 1];
@@ -342,7 +343,6 @@ void dot_rows(float* __restrict s, const float* __restrict a, const float* __res
 void dot_rows_f16(float* __restrict s, const unsigned short* __restrict a, const float* __restrict b, long len,
                   long rows, long outer, long ostride) {
   if (outer == 1 && len > 8) return add_row_dots_f16(s, a, b, len, rows);
-  if (len > DOT_ROWS_WIDE) __builtin_trap();  // its caller keeps such rows on a float32 copy of W
   dot_rows_of(s, a, b, len, rows, outer, ostride);
 }
 #define SN_DOT_ROWS_F16 &dot_rows_f16

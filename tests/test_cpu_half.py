@@ -180,6 +180,27 @@ def test_float16_eval_sigma_is_the_float32_kernel(shape, dim):
         assert sigma.dtype == torch.float32
         assert torch.equal(sigma, expected), f"{shape} dim={dim}: float16 eval sigma is not the float32 kernel's"
 
+
+@pytest.mark.parametrize("shape,dim,channels_last", [((37, 100), 0, False), ((9, 300, 5, 5), 1, False),
+                                                     ((9, 300, 5, 5), 1, True), ((40, 12, 3, 3), 0, True)], ids=str)
+def test_float16_eval_sigma_bits_of_any_value(shape, dim, channels_last):
+    """The same on random float16 bit patterns (subnormals, signed zeros, every exponent; finite, scaled so the
+    sums stay finite) in W, u and v, and on channels-last weights (made contiguous first)."""
+    g = torch.Generator().manual_seed(11)
+
+    def bits(*size):
+        x = torch.randint(-32768, 32768, size, generator=g, dtype=torch.int16).view(HALF)
+        x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+        return torch.where(x.abs() > 1e3, x / 1024, x)  # finite products and sums: the comparison is of bits
+    w = bits(*shape)
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    m = shape[dim]
+    u, v = bits(m), bits(w.numel() // m)
+    expected = ops().native_power_iteration(w.float(), u.float(), v.float(), 1, EPS, dim, "uv", False)[0]
+    sigma = ops().native_power_iteration(w, u.clone(), v.clone(), 1, EPS, dim, "uv", False)[0]
+    assert torch.isfinite(expected) and torch.equal(sigma, expected)
+
 def _every_value(dtype):
     """Every 16-bit pattern of ``dtype`` (all finite values of both signs, subnormals, infinities, NaNs), then
     five more so that the length (65541) is not a multiple of the vector width; float64: random values over
