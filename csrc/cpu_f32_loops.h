@@ -270,6 +270,61 @@ inline float row_total(const float* x, long len) {
   return lane_total(acc);
 }
 
+#ifdef SN_F32_AVX2
+// float64 rows (dot_rows_f64: dot_rows_of with T = double): sixteen lanes in four vectors of four, one FMA chain
+// each, the tail through masked loads (lanes past it add 0 * 0 to a lane that is never -0), the lanes added as
+// lanes l + 8, then l + 4, then pairwise; a row's piece partials by a 16-lane tree.  Shape-determined, as the
+// float32 loops.
+typedef double sn_v4df __attribute__((vector_size(32)));
+typedef long long sn_v4di __attribute__((vector_size(32)));
+
+inline sn_v4df load4(const double* p) {
+  sn_v4df v;
+  __builtin_memcpy(&v, p, 32);
+  return v;
+}
+
+// p[0, n) for 1 <= n <= 4, zeros after: a masked load reads nothing past p + n
+inline sn_v4df load4_first(const double* p, long n) {
+  const sn_v4di lane = {0, 1, 2, 3};
+  return __builtin_ia32_maskloadpd256(reinterpret_cast<const sn_v4df*>(p), lane < static_cast<long long>(n));
+}
+
+inline double dot_f64(const double* __restrict a, const double* __restrict b, long len) {
+  sn_v4df acc[4] = {};
+  long k = 0;
+  for (; k + 16 <= len; k += 16)
+    for (int j = 0; j < 4; ++j)
+      acc[j] = __builtin_ia32_vfmaddpd256(load4(a + k + 4 * j), load4(b + k + 4 * j), acc[j]);
+  for (int j = 0; k < len; ++j, k += 4) {
+    const long n = len - k < 4 ? len - k : 4;
+    acc[j] = __builtin_ia32_vfmaddpd256(load4_first(a + k, n), load4_first(b + k, n), acc[j]);
+  }
+  const sn_v4df t = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+  return (t[0] + t[2]) + (t[1] + t[3]);
+}
+
+inline void add_row_dots(double* __restrict s, const double* __restrict a, const double* __restrict b, long len,
+                         long rows) {
+  if (len == 1) {
+    const double b0 = b[0];  // one lane: 0 + a b, a vectorized loop over the rows
+    for (long r = 0; r < rows; ++r) s[r] += 0.0 + a[r] * b0;
+  } else {
+    for (long r = 0; r < rows; ++r) s[r] += dot_f64(a + r * len, b, len);
+  }
+}
+
+inline double row_total(const double* x, long len) {
+  double acc[16] = {};
+  for (long k = 0; k < len; ++k) acc[k % 16] += x[k];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+inline const double* floats_of(const double* p, long, double*) { return p; }
+#endif
+
 // s[r] += sum_{o < outer, k < len} a[o * ostride + r * len + k] * b[o * len + k] for r < rows.
 // outer == 1, len == 1 or len > 128: each row's dot (add_row_dots), its sum taken over o in order.  Otherwise (the
 // (outer, m, inner) layouts of dim != 0: ConvTranspose kernels, Conv1d/3d along a later dim) a row is
@@ -280,18 +335,19 @@ inline float row_total(const float* x, long len) {
 // The order depends on the shape alone.  The sums are kept in a local block: threads sharing a cache line of s would otherwise contend.
 // For float16 bits `a` (len <= DOT_ROWS_WIDE), each stretch of a that a loop reads (a block's rows of one piece)
 // is first widened into an L1 buffer: the same loops on the same exactly widened values, so the float32 bits.
-template <typename Src>
-void dot_rows_of(float* __restrict s, const Src* __restrict a, const float* __restrict b, long len, long rows,
-                 long outer, long ostride) {
-  constexpr bool widen = sizeof(Src) != sizeof(float);
+// T: the accumulation type (float, or double for float64 weights in the AVX2 table, dot_rows_f64).
+template <typename T, typename Src>
+void dot_rows_of(T* __restrict s, const Src* __restrict a, const T* __restrict b, long len, long rows, long outer,
+                 long ostride) {
+  constexpr bool widen = sizeof(Src) != sizeof(T);
   constexpr long ACC = DOT_ROWS_WIDE;  // floats of the (row, k) partial sums, and of a widened stretch: 16 KiB each
   if (widen && len > ACC) __builtin_trap();  // no stretch would fit the buffer (callers keep such W on a float32 copy)
   constexpr long MAX_TILED = 128;  // longer pieces take the dots (their per-piece cost is amortized)
   constexpr long MAX_UNROLLED = 32;  // shorter pieces are multiplied against v's piece tiled over 8 rows
-  float wide[widen ? ACC : 1];
+  T wide[widen ? ACC : 1];
   if (outer == 1 || len == 1 || len > MAX_TILED) {
     constexpr long BLOCK = 512;
-    float acc[BLOCK];
+    T acc[BLOCK];
     // widened: at most ACC elements a stretch (which rows share a block does not change any row's sums)
     const long block = widen && BLOCK * len > ACC ? ACC / len : BLOCK;
     for (long r0 = 0; r0 < rows; r0 += block) {
@@ -303,19 +359,19 @@ void dot_rows_of(float* __restrict s, const Src* __restrict a, const float* __re
     }
     return;
   }
-  float part[ACC];
-  float pat[8 * MAX_UNROLLED];
+  T part[ACC];
+  T pat[8 * MAX_UNROLLED];
   const bool tiled = len < MAX_UNROLLED;  // longer pieces vectorize on their own
   const long tile = tiled ? 8 * len : len;
   const long block = ACC / (8 * len) * 8;  // rows per block: a multiple of 8, at least 32
   for (long r0 = 0; r0 < rows; r0 += block) {
     const long nr = rows - r0 < block ? rows - r0 : block;
     const long count = nr * len;
-    for (long j = 0; j < count; ++j) part[j] = 0.0f;
+    for (long j = 0; j < count; ++j) part[j] = T(0);
     for (long o = 0; o < outer; ++o) {
-      const float* __restrict ao = floats_of(a + o * ostride + r0 * len, count, wide);
-      const float* __restrict bo = b + o * len;
-      const float* __restrict p = bo;
+      const T* __restrict ao = floats_of(a + o * ostride + r0 * len, count, wide);
+      const T* __restrict bo = b + o * len;
+      const T* __restrict p = bo;
       if (tiled) {
         for (long q = 0; q < 8; ++q)
           for (long k = 0; k < len; ++k) pat[q * len + k] = bo[k];
@@ -323,8 +379,8 @@ void dot_rows_of(float* __restrict s, const Src* __restrict a, const float* __re
       }
       for (long j0 = 0; j0 < count; j0 += tile) {
         const long lim = count - j0 < tile ? count - j0 : tile;
-        float* __restrict pj = part + j0;
-        const float* __restrict aj = ao + j0;
+        T* __restrict pj = part + j0;
+        const T* __restrict aj = ao + j0;
         for (long t = 0; t < lim; ++t) pj[t] += aj[t] * p[t];
       }
     }
@@ -346,8 +402,15 @@ void dot_rows_f16(float* __restrict s, const unsigned short* __restrict a, const
   dot_rows_of(s, a, b, len, rows, outer, ostride);
 }
 #define SN_DOT_ROWS_F16 &dot_rows_f16
+
+void dot_rows_f64(double* __restrict s, const double* __restrict a, const double* __restrict b, long len, long rows,
+                  long outer, long ostride) {
+  dot_rows_of(s, a, b, len, rows, outer, ostride);
+}
+#define SN_DOT_ROWS_F64 &dot_rows_f64
 #else
 #define SN_DOT_ROWS_F16 nullptr
+#define SN_DOT_ROWS_F64 nullptr
 #endif
 
 // out[o * len + k] += sum_{r < rows} y[r] * a[o * ostride + r * len + k] for o < outer, k < len, the rows added
@@ -391,13 +454,14 @@ void grad_rows(float* __restrict y, const float* __restrict g, const float* __re
 
 static const sn_kernels::F32Loops table = {&dot,      &axpy,           &axpy4,     &divide,     &grad_row,
                                            &dot_rows, &add_rows_outer, &grad_rows, &divide_f64, &divide_bf16,
-                                           SN_DIVIDE_F16, SN_WIDEN_F16, SN_DOT_ROWS_F16};
+                                           SN_DIVIDE_F16, SN_WIDEN_F16, SN_DOT_ROWS_F16, SN_DOT_ROWS_F64};
 #ifdef SN_F32_AVX2
 // for an AVX2+FMA CPU without F16C (none is known, but the check costs nothing): no float16 loops
 static const sn_kernels::F32Loops table_without_f16c = {
     &dot, &axpy, &axpy4, &divide, &grad_row, &dot_rows, &add_rows_outer, &grad_rows, &divide_f64, &divide_bf16,
-    nullptr, nullptr, nullptr};
+    nullptr, nullptr, nullptr, SN_DOT_ROWS_F64};
 #endif
 #undef SN_DIVIDE_F16
 #undef SN_WIDEN_F16
 #undef SN_DOT_ROWS_F16
+#undef SN_DOT_ROWS_F64

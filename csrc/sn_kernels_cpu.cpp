@@ -190,8 +190,8 @@ inline acc_t piece_total(const acc_t* x, int64_t len) {
 // that is dot's own sum, without a call per row), as the float32 loop does for outer > 1 (cpu_f32_loops.h,
 // dot_rows): the order depends on the shape alone
 template <typename scalar_t, typename acc_t>
-inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, int64_t rows, int64_t outer,
-                     int64_t ostride) {
+inline void dot_rows_generic(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, int64_t rows, int64_t outer,
+                             int64_t ostride) {
   // outer == 1: a row is one piece; past a few lanes its dot is as cheap as the partials and their total
   if (len > DOT_ROWS_MAX_TILED || (outer == 1 && len > 8)) {
     for (int64_t o = 0; o < outer; ++o)
@@ -218,10 +218,22 @@ inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, i
     for (int64_t r = 0; r < nr; ++r) s[r0 + r] += piece_total(part + r * len, len);
   }
 }
+template <typename scalar_t, typename acc_t>
+inline void dot_rows(acc_t* s, const scalar_t* a, const acc_t* b, int64_t len, int64_t rows, int64_t outer,
+                     int64_t ostride) {
+  dot_rows_generic(s, a, b, len, rows, outer, ostride);
+}
 template <>
 inline void dot_rows<float, float>(float* s, const float* a, const float* b, int64_t len, int64_t rows, int64_t outer,
                                    int64_t ostride) {
   f32().dot_rows(s, a, b, len, rows, outer, ostride);
+}
+// float64 through the AVX2 table when the CPU has it (NOTES L11): the generic loops are compiled for the baseline ISA
+template <>
+inline void dot_rows<double, double>(double* s, const double* a, const double* b, int64_t len, int64_t rows,
+                                     int64_t outer, int64_t ostride) {
+  if (const auto f64 = f32().dot_rows_f64) return f64(s, a, b, len, rows, outer, ostride);
+  dot_rows_generic(s, a, b, len, rows, outer, ostride);
 }
 
 template <typename scalar_t, typename acc_t>
