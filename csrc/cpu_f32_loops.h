@@ -35,7 +35,8 @@ float dot(const float* __restrict a, const float* __restrict b, long len) {
 // The same sum for kLanes = 32, in registers: the compiler kept the 32 lanes in memory (a store and load per
 // tail element, the lane tree through the stack: ~20 ns a row of 10 to 100 elements).  Each lane is one FMA
 // chain, as the compiler contracts `acc[l] += a * b`; the tail's lanes through a masked load (lanes past the
-// tail add 0 * 0 to a lane that is never -0: unchanged); the tree as lane_total pairs its lanes.
+// tail add 0 * 0, which changes only a -0 lane (an underflowed negative product), to +0: a zero sum may lose its
+// sign); the tree as lane_total pairs its lanes.
 typedef float sn_v8sf __attribute__((vector_size(32)));
 typedef int sn_v8si __attribute__((vector_size(32)));
 typedef short sn_v8hi __attribute__((vector_size(16)));
@@ -272,7 +273,8 @@ inline float row_total(const float* x, long len) {
 
 #ifdef SN_F32_AVX2
 // float64 rows (dot_rows_f64: dot_rows_of with T = double): sixteen lanes in four vectors of four, one FMA chain
-// each, the tail through masked loads (lanes past it add 0 * 0 to a lane that is never -0), the lanes added as
+// each, the tail through masked loads (lanes past it add 0 * 0, which changes only a -0 lane, to +0: a zero sum
+// may lose its sign), the lanes added as
 // lanes l + 8, then l + 4, then pairwise; a row's piece partials by a 16-lane tree.  Shape-determined, as the
 // float32 loops.
 typedef double sn_v4df __attribute__((vector_size(32)));
@@ -340,7 +342,7 @@ template <typename T, typename Src>
 void dot_rows_of(T* __restrict s, const Src* __restrict a, const T* __restrict b, long len, long rows, long outer,
                  long ostride) {
   constexpr bool widen = sizeof(Src) != sizeof(T);
-  constexpr long ACC = DOT_ROWS_WIDE;  // floats of the (row, k) partial sums, and of a widened stretch: 16 KiB each
+  constexpr long ACC = DOT_ROWS_WIDE;  // (row, k) partial sums, and a widened stretch: 16 KiB each of float32
   if (widen && len > ACC) __builtin_trap();  // no stretch would fit the buffer (callers keep such W on a float32 copy)
   constexpr long MAX_TILED = 128;  // longer pieces take the dots (their per-piece cost is amortized)
   constexpr long MAX_UNROLLED = 32;  // shorter pieces are multiplied against v's piece tiled over 8 rows
@@ -407,10 +409,10 @@ void dot_rows_f64(double* __restrict s, const double* __restrict a, const double
                   long outer, long ostride) {
   dot_rows_of(s, a, b, len, rows, outer, ostride);
 }
-#define SN_DOT_ROWS_F64 &dot_rows_f64
+#define SN_DOT_ROWS_F64 &dot_f64, &dot_rows_f64
 #else
 #define SN_DOT_ROWS_F16 nullptr
-#define SN_DOT_ROWS_F64 nullptr
+#define SN_DOT_ROWS_F64 nullptr, nullptr
 #endif
 
 // out[o * len + k] += sum_{r < rows} y[r] * a[o * ostride + r * len + k] for o < outer, k < len, the rows added

@@ -31,7 +31,9 @@ struct F32Loops {
   // dot_rows on float16 bits, widened as they are read (rows of more than 8 elements when outer == 1, pieces of
   // at most DOT_ROWS_WIDE otherwise): the float32 loop's sums on the exactly widened values, the same bits; nullptr without F16C
   void (*dot_rows_f16)(float*, const unsigned short*, const float*, long, long, long, long);
-  // dot_rows of float64 weights (the AVX2 table only; nullptr in the baseline one, which keeps the generic loops)
+  // dot and dot_rows of float64 weights (the AVX2 table only; nullptr in the baseline one, which keeps the generic
+  // loops)
+  double (*dot_f64)(const double*, const double*, long);
   void (*dot_rows_f64)(double*, const double*, const double*, long, long, long, long);
 };
 

@@ -76,13 +76,18 @@ inline acc_t lane_sum(const acc_t* acc) {
 
 // sum_k a[k] * b[k], a in the weight dtype, b in the accumulation dtype
 template <typename scalar_t, typename acc_t>
-inline acc_t dot(const scalar_t* __restrict a, const acc_t* __restrict b, int64_t len) {
+inline acc_t dot_lanes(const scalar_t* __restrict a, const acc_t* __restrict b, int64_t len) {
   acc_t acc[LANES] = {};
   int64_t k = 0;
   for (; k + LANES <= len; k += LANES)
     for (int l = 0; l < LANES; ++l) acc[l] += static_cast<acc_t>(a[k + l]) * b[k + l];
   for (int l = 0; k < len; ++k, ++l) acc[l] += static_cast<acc_t>(a[k]) * b[k];
   return lane_sum(acc);
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const scalar_t* __restrict a, const acc_t* __restrict b, int64_t len) {
+  return dot_lanes(a, b, len);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -114,6 +119,17 @@ inline float dot<float, float>(const float* __restrict a, const float* __restric
 template <>
 inline float dot2<float, float>(const float* __restrict a, const float* __restrict b, int64_t len) {
   return f32().dot(a, b, len);
+}
+// float64 through the AVX2 table when the CPU has it (NOTES L11), so that every float64 sum of products (the rows
+// of matvec and of the fused "uv" pass, norms, <G, W>) takes the same dot
+template <>
+inline double dot<double, double>(const double* __restrict a, const double* __restrict b, int64_t len) {
+  if (const auto f64 = f32().dot_f64) return f64(a, b, len);
+  return dot_lanes(a, b, len);
+}
+template <>
+inline double dot2<double, double>(const double* __restrict a, const double* __restrict b, int64_t len) {
+  return dot<double, double>(a, b, len);
 }
 template <>
 inline void axpy<float, float>(float* __restrict y, const float* __restrict a, float alpha, int64_t len) {
