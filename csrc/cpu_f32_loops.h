@@ -32,14 +32,11 @@ float dot(const float* __restrict a, const float* __restrict b, long len) {
   return lane_total(acc);
 }
 #else
-// The same sum for kLanes = 32, in registers: the compiler kept the 32 lanes in memory (a store and load per
-// tail element, the lane tree through the stack: ~20 ns a row of 10 to 100 elements).  Each lane is one FMA
-// chain, as the compiler contracts `acc[l] += a * b`; the tail's lanes through a masked load (lanes past the
-// tail add 0 * 0, which changes only a -0 lane (an underflowed negative product), to +0: a zero sum may lose its
-// sign); the tree as lane_total pairs its lanes.
 typedef float sn_v8sf __attribute__((vector_size(32)));
 typedef int sn_v8si __attribute__((vector_size(32)));
 typedef short sn_v8hi __attribute__((vector_size(16)));
+typedef double sn_v4df __attribute__((vector_size(32)));
+typedef long long sn_v4di __attribute__((vector_size(32)));
 static_assert(kLanes == 32, "the AVX2 dot keeps 32 lanes in four vectors");
 
 inline sn_v8sf load8(const float* p) {
@@ -54,23 +51,71 @@ inline sn_v8sf load8_first(const float* p, long n) {
   return __builtin_ia32_maskloadps256(reinterpret_cast<const sn_v8sf*>(p), lane < static_cast<int>(n));
 }
 
-// the last three levels of lane_total: lanes l + 4, l + 2, l + 1
+inline sn_v8sf widen8_f16(const unsigned short* w) {  // float16 bits, widened exactly
+  sn_v8hi h;
+  __builtin_memcpy(&h, w, 16);
+  return __builtin_ia32_vcvtph2ps256(h);
+}
+
+// float16 bits p[0, n) for 1 <= n <= 8 widened, zeros after (as load8_first's lanes)
+inline sn_v8sf widen8_first_f16(const unsigned short* p, long n) {
+  unsigned short in[8] = {};
+  for (long j = 0; j < n; ++j) in[j] = p[j];
+  return widen8_f16(in);
+}
+
+inline sn_v4df load4(const double* p) {
+  sn_v4df v;
+  __builtin_memcpy(&v, p, 32);
+  return v;
+}
+
+// p[0, n) for 1 <= n <= 4, zeros after: a masked load reads nothing past p + n
+inline sn_v4df load4_first(const double* p, long n) {
+  const sn_v4di lane = {0, 1, 2, 3};
+  return __builtin_ia32_maskloadpd256(reinterpret_cast<const sn_v4df*>(p), lane < static_cast<long long>(n));
+}
+
+// One vector of a's lanes (8 float32, 8 float16 widened exactly, 4 float64), and its first n lanes with zeros after
+inline sn_v8sf lanes_of(const float* p) { return load8(p); }
+inline sn_v8sf lanes_of(const unsigned short* p) { return widen8_f16(p); }
+inline sn_v4df lanes_of(const double* p) { return load4(p); }
+inline sn_v8sf first_lanes_of(const float* p, long n) { return load8_first(p, n); }
+inline sn_v8sf first_lanes_of(const unsigned short* p, long n) { return n == 8 ? widen8_f16(p) : widen8_first_f16(p, n); }
+inline sn_v4df first_lanes_of(const double* p, long n) { return load4_first(p, n); }
+
+inline sn_v8sf fmadd(const sn_v8sf& a, const sn_v8sf& b, const sn_v8sf& c) { return __builtin_ia32_vfmaddps256(a, b, c); }
+inline sn_v4df fmadd(const sn_v4df& a, const sn_v4df& b, const sn_v4df& c) { return __builtin_ia32_vfmaddpd256(a, b, c); }
+
+// the last levels of lane_total: float32 lanes l + 4, l + 2, l + 1; float64 lanes l + 2, l + 1
 inline float total8(const sn_v8sf& t) {
   const float q0 = t[0] + t[4], q1 = t[1] + t[5], q2 = t[2] + t[6], q3 = t[3] + t[7];
   return (q0 + q2) + (q1 + q3);
 }
+inline double total8(const sn_v4df& t) { return (t[0] + t[2]) + (t[1] + t[3]); }
 
-float dot(const float* __restrict a, const float* __restrict b, long len) {
-  sn_v8sf acc[4] = {};
+// sum_k a[k] * b[k] in four vectors of lanes (32 float32 lanes, or 16 float64), in registers: the compiler kept the
+// 32 lanes of the scalar loop in memory (a store and load per tail element, the lane tree through the stack: ~20 ns a
+// row of 10 to 100 elements).  Each lane is one FMA chain; the tail's lanes through a masked load (lanes past the
+// tail add 0 * 0, which changes only a -0 lane (an underflowed negative product), to +0: a zero sum may lose its
+// sign); the tree as lane_total pairs its lanes.  One template for float32, float16 bits (each lane widened exactly
+// as it is loaded: the float32 dot's bits on the widened values) and float64 (dot_f64).
+template <typename Src, typename T>
+inline T dot_of(const Src* __restrict a, const T* __restrict b, long len) {
+  using V = decltype(lanes_of(b));
+  constexpr long L = sizeof(V) / sizeof(T);
+  V acc[4] = {};
   long k = 0;
-  for (; k + 32 <= len; k += 32)
-    for (int j = 0; j < 4; ++j) acc[j] = __builtin_ia32_vfmaddps256(load8(a + k + 8 * j), load8(b + k + 8 * j), acc[j]);
-  for (int j = 0; k < len; ++j, k += 8) {
-    const long n = len - k < 8 ? len - k : 8;
-    acc[j] = __builtin_ia32_vfmaddps256(load8_first(a + k, n), load8_first(b + k, n), acc[j]);
+  for (; k + 4 * L <= len; k += 4 * L)
+    for (int j = 0; j < 4; ++j) acc[j] = fmadd(lanes_of(a + k + L * j), lanes_of(b + k + L * j), acc[j]);
+  for (int j = 0; k < len; ++j, k += L) {
+    const long n = len - k < L ? len - k : L;
+    acc[j] = fmadd(first_lanes_of(a + k, n), first_lanes_of(b + k, n), acc[j]);
   }
-  return total8((acc[0] + acc[2]) + (acc[1] + acc[3]));  // lanes l + 16, then l + 8, then total8
+  return total8((acc[0] + acc[2]) + (acc[1] + acc[3]));  // lanes l + 4 L / 2, then l + L, then total8
 }
+
+float dot(const float* __restrict a, const float* __restrict b, long len) { return dot_of(a, b, len); }
 #endif
 
 // y[k] += alpha * a[k]
@@ -133,12 +178,6 @@ inline void by_eight_f16(T* __restrict y, const unsigned short* __restrict w, lo
   }
 }
 
-inline sn_v8sf widen8_f16(const unsigned short* w) {  // exact
-  sn_v8hi h;
-  __builtin_memcpy(&h, w, 16);
-  return __builtin_ia32_vcvtph2ps256(h);
-}
-
 // float16: F16C's conversions (exact widening; vcvtps2ph with immediate 0 rounds to nearest even, as
 // ATen's conversion does)
 void divide_f16(unsigned short* __restrict y, const unsigned short* __restrict w, float sigma, long len) {
@@ -187,42 +226,18 @@ inline float tree_dot<8>(const float* a, const float* b, long len) {
   const sn_v8sf zero = {};
   return total8(__builtin_ia32_vfmaddps256(load8_first(a, len), load8_first(b, len), zero));
 }
-template <>
-inline float tree_dot<16>(const float* a, const float* b, long len) {  // 8 < len <= 16 only: reads a[0, 8) whole
+// tree_dot<16> for 8 < len <= 16 (reads a[0, 8) whole), lanes l + 8 first as the tree over 16: float32, or float16
+// bits widened as they are loaded (the same bits on the widened values)
+template <typename Src>
+inline float tree16_of(const Src* a, const float* b, long len) {
   const sn_v8sf zero = {};
-  const sn_v8sf lo = __builtin_ia32_vfmaddps256(load8(a), load8(b), zero);
-  const sn_v8sf hi = __builtin_ia32_vfmaddps256(load8_first(a + 8, len - 8), load8_first(b + 8, len - 8), zero);
-  return total8(lo + hi);  // lanes l + 8 first, as the tree over 16
-}
-
-// float16 bits p[0, n) for 1 <= n <= 8 widened, zeros after (as load8_first's lanes)
-inline sn_v8sf widen8_first_f16(const unsigned short* p, long n) {
-  unsigned short in[8] = {};
-  for (long j = 0; j < n; ++j) in[j] = p[j];
-  return widen8_f16(in);
-}
-
-// dot(float(a), b, len) and tree_dot<16>(float(a), b, len) for float16 bits a, each lane widened exactly as it is
-// loaded: the same lanes, multiply-adds and trees as the float32 loops on a widened copy, so the same bits
-float dot_f16(const unsigned short* __restrict a, const float* __restrict b, long len) {
-  sn_v8sf acc[4] = {};
-  long k = 0;
-  for (; k + 32 <= len; k += 32)
-    for (int j = 0; j < 4; ++j)
-      acc[j] = __builtin_ia32_vfmaddps256(widen8_f16(a + k + 8 * j), load8(b + k + 8 * j), acc[j]);
-  for (int j = 0; k < len; ++j, k += 8) {
-    const long n = len - k < 8 ? len - k : 8;
-    const sn_v8sf x = n == 8 ? widen8_f16(a + k) : widen8_first_f16(a + k, n);
-    acc[j] = __builtin_ia32_vfmaddps256(x, load8_first(b + k, n), acc[j]);
-  }
-  return total8((acc[0] + acc[2]) + (acc[1] + acc[3]));
-}
-
-inline float tree16_f16(const unsigned short* a, const float* b, long len) {  // 8 < len <= 16
-  const sn_v8sf zero = {};
-  const sn_v8sf lo = __builtin_ia32_vfmaddps256(widen8_f16(a), load8(b), zero);
-  const sn_v8sf hi = __builtin_ia32_vfmaddps256(widen8_first_f16(a + 8, len - 8), load8_first(b + 8, len - 8), zero);
+  const sn_v8sf lo = fmadd(lanes_of(a), load8(b), zero);
+  const sn_v8sf hi = fmadd(first_lanes_of(a + 8, len - 8), load8_first(b + 8, len - 8), zero);
   return total8(lo + hi);
+}
+template <>
+inline float tree_dot<16>(const float* a, const float* b, long len) {
+  return tree16_of(a, b, len);
 }
 
 // s[r] += dot of row r of a (float16 bits, len > 8 elements a row) with b: add_row_dots' arithmetic, each row
@@ -230,9 +245,9 @@ inline float tree16_f16(const unsigned short* a, const float* b, long len) {  //
 inline void add_row_dots_f16(float* __restrict s, const unsigned short* __restrict a, const float* __restrict b,
                              long len, long rows) {
   if (len <= 16) {
-    for (long r = 0; r < rows; ++r) s[r] += tree16_f16(a + r * len, b, len);
+    for (long r = 0; r < rows; ++r) s[r] += tree16_of(a + r * len, b, len);
   } else {
-    for (long r = 0; r < rows; ++r) s[r] += dot_f16(a + r * len, b, len);
+    for (long r = 0; r < rows; ++r) s[r] += dot_of(a + r * len, b, len);
   }
 }
 
@@ -272,39 +287,9 @@ inline float row_total(const float* x, long len) {
 }
 
 #ifdef SN_F32_AVX2
-// float64 rows (dot_rows_f64: dot_rows_of with T = double): sixteen lanes in four vectors of four, one FMA chain
-// each, the tail through masked loads (lanes past it add 0 * 0, which changes only a -0 lane, to +0: a zero sum
-// may lose its sign), the lanes added as
-// lanes l + 8, then l + 4, then pairwise; a row's piece partials by a 16-lane tree.  Shape-determined, as the
-// float32 loops.
-typedef double sn_v4df __attribute__((vector_size(32)));
-typedef long long sn_v4di __attribute__((vector_size(32)));
-
-inline sn_v4df load4(const double* p) {
-  sn_v4df v;
-  __builtin_memcpy(&v, p, 32);
-  return v;
-}
-
-// p[0, n) for 1 <= n <= 4, zeros after: a masked load reads nothing past p + n
-inline sn_v4df load4_first(const double* p, long n) {
-  const sn_v4di lane = {0, 1, 2, 3};
-  return __builtin_ia32_maskloadpd256(reinterpret_cast<const sn_v4df*>(p), lane < static_cast<long long>(n));
-}
-
-inline double dot_f64(const double* __restrict a, const double* __restrict b, long len) {
-  sn_v4df acc[4] = {};
-  long k = 0;
-  for (; k + 16 <= len; k += 16)
-    for (int j = 0; j < 4; ++j)
-      acc[j] = __builtin_ia32_vfmaddpd256(load4(a + k + 4 * j), load4(b + k + 4 * j), acc[j]);
-  for (int j = 0; k < len; ++j, k += 4) {
-    const long n = len - k < 4 ? len - k : 4;
-    acc[j] = __builtin_ia32_vfmaddpd256(load4_first(a + k, n), load4_first(b + k, n), acc[j]);
-  }
-  const sn_v4df t = (acc[0] + acc[2]) + (acc[1] + acc[3]);
-  return (t[0] + t[2]) + (t[1] + t[3]);
-}
+// float64 rows (dot_rows_f64: dot_rows_of with T = double): dot_of's sixteen lanes in four vectors of four, a row's
+// piece partials by a 16-lane tree.  Shape-determined, as the float32 loops.
+inline double dot_f64(const double* __restrict a, const double* __restrict b, long len) { return dot_of(a, b, len); }
 
 inline void add_row_dots(double* __restrict s, const double* __restrict a, const double* __restrict b, long len,
                          long rows) {

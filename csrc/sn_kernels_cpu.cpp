@@ -252,6 +252,15 @@ inline void dot_rows<double, double>(double* s, const double* a, const double* b
   dot_rows_generic(s, a, b, len, rows, outer, ostride);
 }
 
+// float16 rows, widened as they are read (eval_sigma_half's matvec; its caller checks that the table has them)
+template <>
+inline void dot_rows<at::Half, float>(float* s, const at::Half* a, const float* b, int64_t len, int64_t rows,
+                                      int64_t outer, int64_t ostride) {
+  const auto f16 = f32().dot_rows_f16;
+  TORCH_INTERNAL_ASSERT(f16 != nullptr, "sn_kernels: float16 rows without F16C");
+  f16(s, reinterpret_cast<const unsigned short*>(a), b, len, rows, outer, ostride);
+}
+
 template <typename scalar_t, typename acc_t>
 inline void divide(scalar_t* __restrict y, const scalar_t* __restrict w, acc_t sig, int64_t len) {
   for (int64_t k = 0; k < len; ++k) y[k] = static_cast<scalar_t>(static_cast<acc_t>(w[k]) / sig);
@@ -503,14 +512,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eval_sigma_half(const at::Tensor&
                                                                const F32Loops& loops) {
   TORCH_INTERNAL_ASSERT(eval_sigma_widens(mv));
   const at::Tensor weight = weight_.contiguous();
-  const int64_t m = mv.m, inner = mv.inner, n = mv.n();
-  std::vector<float> ua(m), va(n), s(m, 0.0f);
+  const int64_t m = mv.m, n = mv.n();
+  std::vector<float> ua(m), va(n), s(m);
   loops.widen_f16(ua.data(), half_bits(u), m);  // u, v contiguous (checked); F16C, not c10's conversion one at a time
   loops.widen_f16(va.data(), half_bits(v), n);
-  const unsigned short* w = half_bits(weight);
-  at::parallel_for(0, m, std::max<int64_t>(1, GRAIN / n), [&](int64_t i0, int64_t i1) {  // matvec's split
-    loops.dot_rows_f16(s.data() + i0, w + i0 * inner, va.data(), inner, i1 - i0, mv.outer, m * inner);
-  });
+  matvec(weight.const_data_ptr<at::Half>(), mv, va.data(), s.data());  // the float32 op's split and rows
   at::Tensor sigma = at::empty({}, weight.options().dtype(at::kFloat));
   *sigma.mutable_data_ptr<float>() = dot(ua.data(), s.data(), m);
   return {sigma, contiguous_copy(u), contiguous_copy(v)};
