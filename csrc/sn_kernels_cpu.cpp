@@ -15,7 +15,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty_strided.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,12 +37,6 @@ namespace baseline {
 #include "cpu_f32_loops.h"
 }  // namespace baseline
 }  // namespace sn_kernels
-
-// `import sn_kernels._C` only has to load the library: the ops register themselves.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sn_kernels native ops", -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 namespace sn_kernels {
 namespace {

@@ -160,6 +160,121 @@ def test_eager_path_is_the_cpp_autograd_function():
     assert torch.equal(w.grad, 2 * _ops().native_backward(G, w.detach(), a, b, s2, 0))
 
 
+def _direct():
+    """sn_kernels._C.spectral_normalize_eager, or skip (a just-in-time build has no Python module)."""
+    entry = native._direct_entry()
+    if entry is None:
+        pytest.skip("the extension was loaded without its Python module sn_kernels._C")
+    return entry
+
+
+def test_prebuilt_extension_has_the_direct_entry():
+    """The installed extension (what CI and users import) gives the eager path its direct entry."""
+    if importlib.util.find_spec("sn_kernels._C") is None:
+        pytest.skip("no prebuilt extension")
+    assert native._direct_entry() is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", [((1, 7), 0), ((7, 1), 0), ((6, 3, 2, 2), 1), ((70, 45), 0)], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_direct_entry_is_the_op(dtype, shape, dim, training):
+    """The direct entry gives the op's bits: W / sigma, sigma, u, v updated in place (versions moved as by
+    the op), the same autograd node and gradient."""
+    direct = _direct()
+    w, u, v = _inputs(shape, dim, dtype)
+    w = torch.nn.Parameter(w)  # the front ends' weight: a Parameter, taken as a plain tensor
+    u1, v1, u2, v2 = u.clone(), v.clone(), u.clone(), v.clone()
+    versions = u1._version, v1._version
+    out1, sigma1 = direct(w, u1, v1, 2, 1e-12, dim, "uv", training)
+    out2, sigma2 = _ops().native_spectral_normalize_eager(w, u2, v2, 2, 1e-12, dim, "uv", training)
+    assert torch.equal(out1, out2) and torch.equal(sigma1, sigma2)
+    assert torch.equal(u1, u2) and torch.equal(v1, v2)
+    assert (u1._version > versions[0]) == training and (v1._version > versions[1]) == training
+    assert type(out1) is torch.Tensor and out1.grad_fn.name() == out2.grad_fn.name()
+    G = torch.randn_like(w)
+    g1, = torch.autograd.grad(out1, w, G)
+    g2, = torch.autograd.grad(out2, w, G)
+    assert torch.equal(g1, g2)
+
+
+class _Logged(torch.Tensor):
+    """A subclass with its own __torch_function__: torch.ops must take its calls."""
+    seen = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_direct_entry_declines_what_torch_ops_must_handle():
+    """NotImplemented (the caller then takes torch.ops) for a tensor subclass with __torch_function__, under
+    a torch function mode, and for arguments not of the schema's exact Python types."""
+    direct = _direct()
+    w, u, v = _inputs((5, 4), 0, torch.float32)
+    args = (1, 1e-12, 0, "uv", True)
+    u0, v0 = u.clone(), v.clone()
+    assert direct(w.as_subclass(_Logged), u, v, *args) is NotImplemented
+    assert direct(w, u, v, True, 1e-12, 0, "uv", True) is NotImplemented  # a bool as n_power_iterations
+    assert direct(w, u, v, 1, 1e-12, 0.0, "uv", True) is NotImplemented  # a float as dim
+    assert direct(w, u, v, 1, 1, 0, "uv", True) is NotImplemented  # an int as eps
+    assert direct(w, u, v, 1, 1e-12, 0, "uv", 1) is NotImplemented
+    assert direct(w, u, v, 1 << 70, 1e-12, 0, "uv", True) is NotImplemented  # torch.ops says it is out of range
+    assert direct(w, u, v) is NotImplemented
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert direct(w, u, v, *args) is NotImplemented
+    assert torch.equal(u, u0) and torch.equal(v, v0)  # nothing declined moved u, v
+    # the front end then gives torch.ops' result, and the subclass saw the call
+    _Logged.seen = 0
+    out, _ = sn_kernels.spectral_normalize(w.as_subclass(_Logged), u, v, backend="native")
+    assert _Logged.seen > 0
+    out2, _ = sn_kernels.spectral_normalize(w, u0, v0, backend="native")
+    assert torch.equal(out.as_subclass(torch.Tensor), out2) and torch.equal(u, u0) and torch.equal(v, v0)
+
+
+def test_direct_entry_raises_as_torch_ops():
+    """A refused call raises the op's exception type and message, and moves no u, v."""
+    direct = _direct()
+    w, u, v = _inputs((5, 4), 0, torch.float32)
+    bad = torch.randn(3)
+    with pytest.raises(RuntimeError) as ops_error:
+        _ops().native_spectral_normalize_eager(w, bad, v, 1, 1e-12, 0, "uv", True)
+    with pytest.raises(type(ops_error.value)) as direct_error:
+        direct(w, bad, v, 1, 1e-12, 0, "uv", True)
+    assert str(direct_error.value) == str(ops_error.value)
+    with pytest.raises(RuntimeError, match="order"):
+        direct(w, u, v, 1, 1e-12, 0, "sideways", True)
+    from sn_kernels import _C
+
+    with pytest.raises(TypeError, match="subclasses of torch.Tensor"):
+        _C._set_plain_types(int)
+    assert direct(torch.nn.Parameter(w), u, v, 1, 1e-12, 0, "uv", True) is not NotImplemented  # kept as it was
+
+
+def test_direct_entry_under_a_dispatch_mode():
+    """A TorchDispatchMode sees the op called through the direct entry, as through torch.ops."""
+    _direct()
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w, u, v = _inputs((5, 4), 0, torch.float32)
+    with Record():
+        sn_kernels.spectral_normalize(w, u, v, backend="native")
+    assert any("native_spectral_normalize_eager" in name or "native_power_iteration" in name for name in seen), seen
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gradgradcheck_float64(training):
     """create_graph=True: the C++ backward switches to the differentiable formula (WGAN-GP): exact in eval
