@@ -201,6 +201,7 @@ def test_float16_eval_sigma_bits_of_any_value(shape, dim, channels_last):
     sigma = ops().native_power_iteration(w, u.clone(), v.clone(), 1, EPS, dim, "uv", False)[0]
     assert torch.isfinite(expected) and torch.equal(sigma, expected)
 
+
 def _every_value(dtype):
     """Every 16-bit pattern of ``dtype`` (all finite values of both signs, subnormals, infinities, NaNs), then
     five more so that the length (65541) is not a multiple of the vector width; float64: random values over
