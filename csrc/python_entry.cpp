@@ -1,8 +1,8 @@
 // The Python module `sn_kernels._C`: importing it loads the library, whose ops register themselves
 // (TORCH_LIBRARY), and gives the eager front ends one direct entry point.
 //
-// `_C.spectral_normalize_eager(weight, u, v, n_power_iterations, eps, dim, order, training)` calls the op
-// `sn_kernels::native_spectral_normalize_eager` through the dispatcher, exactly as
+// `_C.spectral_normalize_eager(weight, u, v, n_power_iterations, eps, dim, order, training[, coeff, soft])`
+// calls the op `sn_kernels::native_spectral_normalize_eager` through the dispatcher, exactly as
 // `torch.ops.sn_kernels.native_spectral_normalize_eager` does (autograd, tracing, dispatch modes and the
 // device's kernel all come from the dispatcher), without the generic binding's work per call: building an
 // IValue stack from the schema and matching the arguments against it took about 12 microseconds on a
@@ -18,6 +18,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <optional>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -26,7 +27,7 @@ namespace sn_kernels {
 namespace {
 
 using EagerSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, double,
-                                                    int64_t, c10::string_view, bool);
+                                                    int64_t, c10::string_view, bool, std::optional<double>, bool);
 
 // the Python types taken as plain tensors besides torch.Tensor (torch.nn.Parameter), set once by the caller
 std::vector<PyObject*>& plain_types() {
@@ -61,10 +62,11 @@ PyObject* set_plain_types(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
 
 PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 8 || THPVariableClass == nullptr || at::impl::torch_function_mode_enabled() ||
+  if ((nargs != 8 && nargs != 10) || THPVariableClass == nullptr || at::impl::torch_function_mode_enabled() ||
       !plain_tensor(args[0]) || !plain_tensor(args[1]) || !plain_tensor(args[2]) || !PyLong_CheckExact(args[3]) ||
       !PyFloat_CheckExact(args[4]) || !PyLong_CheckExact(args[5]) || !PyUnicode_CheckExact(args[6]) ||
-      !PyBool_Check(args[7]))
+      !PyBool_Check(args[7]) || (nargs == 10 && ((args[8] != Py_None && !PyFloat_CheckExact(args[8])) ||
+                                                 !PyBool_Check(args[9]))))
     Py_RETURN_NOTIMPLEMENTED;
   int overflow = 0;
   const long long n = PyLong_AsLongLongAndOverflow(args[3], &overflow);
@@ -76,6 +78,12 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
   if (order == nullptr) return nullptr;
   const double eps = PyFloat_AS_DOUBLE(args[4]);
   const bool training = args[7] == Py_True;
+  std::optional<double> coeff;
+  bool soft = false;
+  if (nargs == 10) {
+    if (args[8] != Py_None) coeff = PyFloat_AS_DOUBLE(args[8]);
+    soft = args[9] == Py_True;
+  }
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("sn_kernels::native_spectral_normalize_eager", "")
                              .typed<EagerSig>();
@@ -86,7 +94,8 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
   std::tuple<at::Tensor, at::Tensor> out;
   {
     pybind11::gil_scoped_release no_gil;  // as torch.ops: the kernels may run long and other threads may call in
-    out = op.call(weight, u, v, n, eps, dim, c10::string_view(order, static_cast<size_t>(len)), training);
+    out = op.call(weight, u, v, n, eps, dim, c10::string_view(order, static_cast<size_t>(len)), training, coeff,
+                  soft);
   }
   PyObject* result = PyTuple_New(2);
   if (result == nullptr) return nullptr;

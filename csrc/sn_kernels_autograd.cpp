@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <typeinfo>
 #include <vector>
@@ -128,29 +129,79 @@ void check_one_device(const at::Tensor& weight, const at::Tensor& u, const at::T
               "sn_kernels: u, v must be on the weight's device ", weight.device());
 }
 
-// power iteration (u, v updated in place, never differentiated) then W / sigma with its gradient:
-// the whole default forward of spectral_normalize in one call
+// The Lipschitz variants' divisor and backward vector, in the ATen ops (and order) of
+// backends/contract.py `lipschitz_scale`, so that both routes round alike: hard W coeff / sigma divides by
+// sigma / coeff with u / coeff; soft W / max(1, sigma / coeff) divides by max(1, sigma / coeff) with
+// u / coeff where sigma > coeff and 0 elsewhere (W passes through unchanged there).  Never differentiated
+// (sigma and u carry no gradient); sigma itself is returned unscaled.
+//
+// For CPU float32 / float64 (the power iteration's own u copy, `u_used`, scaled in place) the same arithmetic
+// is written out: up to six ATen calls on a 0-d sigma and a short u cost about 30 microseconds here, more than the
+// kernels of a small weight.  ATen divides by a Python-float scalar in the tensor's dtype, coeff rounded to
+// it first; tests/test_native.py holds both routes to the same bits.
+template <typename scalar_t>
+at::Tensor lipschitz_scale_cpu(const at::Tensor& sigma, at::Tensor& u_used, double coeff, bool soft) {
+  const scalar_t c = static_cast<scalar_t>(coeff);
+  const scalar_t ratio = *sigma.const_data_ptr<scalar_t>() / c;
+  scalar_t* u = u_used.mutable_data_ptr<scalar_t>();
+  const int64_t m = u_used.numel();
+  scalar_t sigma_eff = ratio;
+  if (!soft) {
+    for (int64_t i = 0; i < m; ++i) u[i] = u[i] / c;
+  } else {
+    const scalar_t t = static_cast<scalar_t>(ratio > 1 ? 1 : 0) / c;
+    for (int64_t i = 0; i < m; ++i) u[i] = u[i] * t;
+    sigma_eff = ratio < 1 ? scalar_t(1) : ratio;  // NaN stays NaN, as clamp_min
+  }
+  return at::scalar_tensor(sigma_eff, sigma.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> lipschitz_scale(const at::Tensor& sigma, const at::Tensor& u, double coeff,
+                                                   bool soft, const at::Tensor& buffer) {
+  // u: the power iteration's copy (never the caller's buffer, which must keep the iterated u)
+  if (sigma.device().is_cpu() && u.device().is_cpu() && sigma.dim() == 0 && u.scalar_type() == sigma.scalar_type() &&
+      (u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble) && u.is_contiguous() &&
+      !u.is_alias_of(buffer)) {
+    at::Tensor u_eff = u;
+    at::Tensor sigma_eff = AT_DISPATCH_FLOATING_TYPES(
+        u.scalar_type(), "lipschitz_scale", [&] { return lipschitz_scale_cpu<scalar_t>(sigma, u_eff, coeff, soft); });
+    return {sigma_eff, u_eff};
+  }
+  const at::Tensor ratio = at::div(sigma, coeff);
+  if (!soft) return {ratio, at::div(u, coeff)};
+  const at::Tensor active = at::gt(ratio, 1);
+  return {at::clamp_min(ratio, 1.0), at::mul(u, at::div(active.to(u.scalar_type()), coeff))};
+}
+
+// power iteration (u, v updated in place, never differentiated), the Lipschitz scaling when coeff is
+// given, then W / sigma with its gradient: the whole eager forward of spectral_normalize in one call
 std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_autograd(const at::Tensor& weight, at::Tensor& u,
                                                                      at::Tensor& v, int64_t n_power_iterations,
                                                                      double eps, int64_t dim, c10::string_view order,
-                                                                     bool training) {
+                                                                     bool training, std::optional<double> coeff,
+                                                                     bool soft) {
   check_one_device(weight, u, v);
-  at::Tensor sigma, u_used, v_used;
+  at::Tensor sigma, u_used, v_used, sigma_eff;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::tie(sigma, u_used, v_used) =
         power_iteration_op().call(weight, u, v, n_power_iterations, eps, dim, order, training);
+    sigma_eff = sigma;
+    if (coeff.has_value()) std::tie(sigma_eff, u_used) = lipschitz_scale(sigma, u_used, *coeff, soft, u);
   }
-  return {NormalizeFunction::apply(weight, u_used, v_used, sigma, dim), sigma};
+  return {NormalizeFunction::apply(weight, u_used, v_used, sigma_eff, dim), sigma};
 }
 
 std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_plain(const at::Tensor& weight, at::Tensor& u,
                                                                   at::Tensor& v, int64_t n_power_iterations,
                                                                   double eps, int64_t dim, c10::string_view order,
-                                                                  bool training) {
+                                                                  bool training, std::optional<double> coeff,
+                                                                  bool soft) {
   check_one_device(weight, u, v);
   auto [sigma, u_used, v_used] = power_iteration_op().call(weight, u, v, n_power_iterations, eps, dim, order, training);
-  return {normalize_op().call(weight, u_used, v_used, sigma, dim), sigma};
+  at::Tensor sigma_eff = sigma;
+  if (coeff.has_value()) std::tie(sigma_eff, u_used) = lipschitz_scale(sigma, u_used, *coeff, soft, u);
+  return {normalize_op().call(weight, u_used, v_used, sigma_eff, dim), sigma};
 }
 
 // ---------------------------------------------------------------- a whole group (sn_kernels.group)

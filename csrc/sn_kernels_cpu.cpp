@@ -880,9 +880,19 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
   return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
 }
 
+// The version of the ops' schemas, checked by the Python side when it loads the library
+// (sn_kernels/backends/native.py OPS_VERSION): an extension built from older sources (an install not
+// rebuilt after an update) is then refused with a reason, instead of failing at the first call that
+// passes an argument it does not know.  Bump both whenever a native_* schema changes
+// (tests/test_native.py compares a digest of the schemas).
+constexpr int64_t kOpsVersion = 2;
+
+int64_t ops_version() { return kOpsVersion; }
+
 }  // namespace
 
 TORCH_LIBRARY(sn_kernels, m) {
+  m.def("native_ops_version() -> int", &ops_version);
   m.def("native_power_iteration(Tensor weight, Tensor(a!) u, Tensor(b!) v, int n_power_iterations, float eps, "
         "int dim, str order, bool training) -> (Tensor, Tensor, Tensor)");
   m.def("native_normalize(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
@@ -899,8 +909,9 @@ TORCH_LIBRARY(sn_kernels, m) {
         "bool channels_last) -> (Tensor, Tensor)");
   // native_normalize with its gradient in C++ (sn_kernels_autograd.cpp): the eager-mode entry point
   m.def("native_normalize_eager(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
+  // the whole eager forward (power iteration, the Lipschitz scaling when coeff is given, W / sigma) in one call
   m.def("native_spectral_normalize_eager(Tensor weight, Tensor(a!) u, Tensor(b!) v, int n_power_iterations, "
-        "float eps, int dim, str order, bool training) -> (Tensor, Tensor)");
+        "float eps, int dim, str order, bool training, float? coeff=None, bool soft=False) -> (Tensor, Tensor)");
   // the block cache of CPU outputs (cpu_block_cache.h): statistics and release of idle blocks
   m.def("native_cpu_cache_stats() -> int[]", &cpu_cache_stats);
   m.def("native_cpu_cache_clear() -> ()", &cpu_cache_clear);

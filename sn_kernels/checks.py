@@ -83,6 +83,17 @@ def front_end_iterations(n_power_iterations) -> int:
         raise TypeError(f"n_power_iterations must be an integer, got {type(n_power_iterations).__name__}") from None
 
 
+def call_iterations(n_power_iterations, training: bool) -> tuple:
+    """(n_power_iterations, training) for one call of a layer's spectral norm.  PyTorch's front ends refuse
+    a count <= 0 when wrapping but iterate ``range(n_power_iterations)`` at each call, so a count set to 0
+    or less afterwards (``layer.parametrizations.weight[0].n_power_iterations = 0``, a common way to
+    freeze u, v) iterates nothing and divides by sigma = u . (W v) of the stored u, v: the eval
+    computation, which is what such a call becomes here."""
+    if type(n_power_iterations) is int and n_power_iterations <= 0:
+        return 1, False
+    return n_power_iterations, training
+
+
 def front_end_dim(dim) -> int:
     """``dim`` as an int, its sign kept: any integer (a NumPy integer, a one-element integer tensor, a
     bool), or a real number equal to 0, which PyTorch's front ends take as dim 0 (they test ``dim != 0``

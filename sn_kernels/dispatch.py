@@ -156,6 +156,13 @@ _REAL_ONLY = {
 }
 
 
+# backends whose kernels read strided (dense) weights only: sparse ones go to the torch backend
+_STRIDED_ONLY = {
+    "native": "its C++/CUDA kernels read strided (dense) weights only",
+    "triton": "its Triton kernels read strided (dense) weights only",
+}
+
+
 def check_complex(backend: str | None = None) -> None:
     """Complex weights run on the torch backend: "auto" and "torch" pass; "native" and
     "triton", requested by name, raise with the reason."""
@@ -163,6 +170,15 @@ def check_complex(backend: str | None = None) -> None:
     if choice in _REAL_ONLY:
         raise RuntimeError(f"sn_kernels backend {choice!r} cannot run complex weights: {_REAL_ONLY[choice]}; "
                            "use 'auto' or 'torch'")
+
+
+def check_sparse(weight: torch.Tensor, backend: str | None = None) -> None:
+    """Sparse weights (any layout but strided) run on the torch backend, as complex ones: "auto" and
+    "torch" pass; "native" and "triton", requested by name, raise with the reason."""
+    choice = get_backend() if backend is None else _check_choice(backend)
+    if choice in _STRIDED_ONLY:
+        raise RuntimeError(f"sn_kernels backend {choice!r} cannot run a {weight.layout} weight: "
+                           f"{_STRIDED_ONLY[choice]}; use 'auto' or 'torch'")
 
 
 def explain(device: torch.device | str = "cpu") -> str:
@@ -173,6 +189,7 @@ def explain(device: torch.device | str = "cpu") -> str:
         reason = why_not(name, device, auto=True)
         lines.append(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
     lines.append("complex weights: torch backend (" + "; ".join(f"{n}: {r}" for n, r in _REAL_ONLY.items()) + ")")
+    lines.append("sparse weights: torch backend (" + "; ".join(f"{n}: {r}" for n, r in _STRIDED_ONLY.items()) + ")")
     return "\n".join(lines)
 
 

@@ -96,6 +96,9 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
         weight_sn, sigma = pytorch.complex_spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order,
                                                               training)
         return weight_sn, weight_sn, sigma
+    if isinstance(weight, Tensor) and weight.layout != torch.strided:
+        dispatch.check_sparse(weight, backend)
+        backend = "torch"
     if torch.compiler.is_compiling():
         weight_sn, kept, sigma = _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,
                                            backend, twice)

@@ -34,9 +34,16 @@ policies:
     zeros for the unused W/sigma; an optimizer with weight decay then moves that weight); and so
     did a layer that the model's forward switches to eval before calling it (the group iterated in
     the mode of the call's start; the layer then refuses that W/sigma, made for another mode, and
-    computes its eval W/sigma from the advanced u, v).  A layer called
-    twice in one model call computes normally the second time (a second power
-    iteration, as PyTorch), and so does the second access of a parametrized weight.  Under
+    computes its eval W/sigma from the advanced u, v).  So, too, does a layer called with grad mode on
+    in a model call that began under ``no_grad`` (the forward turned it on: the group's W/sigma has no graph,
+    and the layer computes its own, with one, from the advanced u, v), and a layer whose weight is changed
+    in place during the model call, after the group computed (a pre-hook of the layer or of the model
+    clamping it): that layer computes its own W/sigma from the advanced u, v, and a backward through the
+    group's node then fails with autograd's in-place error, since the node saved the weight as it was.
+    Change weights before calling the model.  A write through ``.data`` during the call moves no version
+    counter and is not seen: the layer takes the W/sigma of the weight as it was at the call's start.  A
+    layer called twice in one model call computes normally the second time (a second power iteration, as
+    PyTorch), and so does the second access of a parametrized weight.  Under
     ``torch.nn.utils.parametrize.cached()`` the parametrized weights are left to their layers, through
     PyTorch's cache: one power iteration per context, as per module and in PyTorch.
 
@@ -107,7 +114,7 @@ from torch.nn.utils import parametrize
 from . import dispatch, hooks, parametrizations, transforms
 from .backends import native, pytorch
 from .backends.contract import dense
-from .checks import check_call, check_group
+from .checks import call_iterations, check_call, check_group
 from .find import walk
 from .meta import guards_of
 from .nn import check_model
@@ -191,6 +198,8 @@ class _Member:
         if st.coeff is not None or st.soft or st.certifier is not None or (st.gain if self.kind == "hook" else
                                                                             st.gain is not None):
             return None
+        if call_iterations(st.n_power_iterations, True)[1] is False:
+            return None  # an iteration count set to 0 after wrapping: the layer's own eval computation
         t = self.sources()
         if t is None:
             return None
@@ -199,10 +208,11 @@ class _Member:
             return None  # a 1-D parametrized weight is normalized by its length (no u, v)
         return t
 
-    def stamp_now(self, w: Tensor, u: Tensor | None, training: bool) -> None:
-        """Record what a W/sigma just computed from ``w``, ``u`` is valid for: their versions (after the
-        iteration) and the mode.  Held with the W/sigma, whose graph keeps ``w`` anyway."""
-        self.stamp = (w, w._version, u, None if u is None else u._version, training)
+    def stamp_now(self, w: Tensor, u: Tensor | None, training: bool, w_sn: Tensor) -> None:
+        """Record what ``w_sn``, a W/sigma just computed from ``w``, ``u``, is valid for: their versions (after
+        the iteration), the mode, and whether it has a graph.  Held with the W/sigma, whose graph keeps ``w``
+        anyway."""
+        self.stamp = (w, w._version, u, None if u is None else u._version, training, w_sn.requires_grad)
 
     def pending_holds(self) -> bool:
         """Whether a pending W/sigma of this layer may still be used: its stamp holds, and no torch.func
@@ -210,12 +220,13 @@ class _Member:
         return self.stamp_holds() and not transforms.active(self.stamp[0])
 
     def stamp_holds(self) -> bool:
-        """Whether the weight, u and mode are still those of the latest W/sigma: a pending one is stale
-        otherwise (an interrupted model call left it, then they changed).  A few attribute reads: it runs
-        at every layer call."""
+        """Whether the weight, u and mode are still those of the latest W/sigma, and it has a graph if this
+        call needs one: a pending one is stale otherwise (an interrupted model call left it, then they
+        changed; or the model was called under no_grad and its forward turned grad mode on).  A few
+        attribute reads: it runs at every layer call."""
         s = self.stamp
         return s is not None and s[0]._version == s[1] and (s[2] is None or s[2]._version == s[3]) \
-            and self.training() == s[4]
+            and self.training() == s[4] and (s[5] or not (s[0].requires_grad and torch.is_grad_enabled()))
 
     def check(self) -> None:
         """``check_call`` of this weight's arguments (raises what the layer alone would)."""
@@ -227,7 +238,7 @@ class _Member:
             raise hooks.complex_refusal(w)
         if u is not None and v is not None:
             st = self.state
-            check_call(w, u, v, st.n_power_iterations, st.eps, st.dim, order, empty_ok=True)
+            check_call(w, u, v, call_iterations(st.n_power_iterations, True)[0], st.eps, st.dim, order, empty_ok=True)
 
     def key(self) -> tuple:
         """What a cached W/sigma of this weight depends on besides the optimizer and the grad mode: its mode,
@@ -616,14 +627,14 @@ class SNGroup:
             out: dict = {}
             for mem in others:
                 out[mem] = mem.compute_alone()
-                mem.stamp_now(*mem.sources()[:2], mem.training())
+                mem.stamp_now(*mem.sources()[:2], mem.training(), out[mem])
             for (device, _, order, iters, eps, training, _), items in groups.items():
                 if _python_node_in_trace(device):
                     continue
                 for item, w_sn in zip(items, _normalize_group(items, order, iters, eps, training,
                                                               shared=self.refresh == "step")):
                     out[item[0]] = w_sn
-                    item[0].stamp_now(item[1], item[2], training)
+                    item[0].stamp_now(item[1], item[2], training, w_sn)
         except Exception:
             _raise_naming_the_layer(members)
             raise

@@ -22,8 +22,9 @@ from . import conv_norm
 from .backends.contract import exporting
 from .backends.pytorch import exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound, output_factor
-from .checks import (check_bound, check_iterations_eps, check_mode, check_no_second_hook, check_not_lazy, check_variant,
-                     check_weight_args, default_dim, front_end_dim, front_end_iterations, take_pending)
+from .checks import (call_iterations, check_bound, check_iterations_eps, check_mode, check_no_second_hook,
+                     check_not_lazy, check_variant, check_weight_args, default_dim, front_end_dim, front_end_iterations,
+                     take_pending)
 from .find import find, torch_sn
 from .functional import normalize_kept
 from .meta import guard_if_meta
@@ -87,14 +88,15 @@ class SpectralNorm(torch_sn.SpectralNorm):
             raise complex_refusal(weight)
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
+        iterations, do_power_iteration = call_iterations(self.n_power_iterations, do_power_iteration)
         if self.certifier is not None:
             weight_sn, sigma = self.certifier.normalize(
-                weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps, dim=self.dim, order="vu",
+                weight, u, v, n_power_iterations=iterations, eps=self.eps, dim=self.dim, order="vu",
                 training=do_power_iteration, coeff=self.coeff, soft=self.soft)
             self._log(sigma)
             return weight_sn, weight_sn
         weight_sn, kept, sigma = normalize_kept(
-            weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps, dim=self.dim, order="vu",
+            weight, u, v, n_power_iterations=iterations, eps=self.eps, dim=self.dim, order="vu",
             training=do_power_iteration, coeff=self.coeff, soft=self.soft,
             gain=getattr(module, self.name + "_gain") if self.gain else None, backend=None, twice=twice)
         self._log(None if sigma is None else sigma.detach())  # None: batched by vmap (transforms.py)

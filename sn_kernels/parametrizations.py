@@ -15,8 +15,8 @@ from torch.nn.utils import parametrize
 from . import conv_norm
 from .backends.pytorch import as_matrix, exact_top_singular
 from .certified import Certifier, OperatorBound, operator_bound
-from .checks import (INIT_ITERATIONS, check_bound, check_mode, check_not_lazy, check_variant, check_weight_args,
-                     default_dim, front_end_iterations, take_pending)
+from .checks import (INIT_ITERATIONS, call_iterations, check_bound, check_mode, check_not_lazy, check_variant,
+                     check_weight_args, default_dim, front_end_iterations, take_pending)
 from .find import TorchSpectralNorm
 from .functional import spectral_normalize
 from .meta import guard_if_meta
@@ -111,9 +111,10 @@ class SpectralNormParametrization(nn.Module):
         """W / sigma(W) (one power iteration in training mode)."""
         if self.certifier is not None:
             buffers = self._buffers
+            iterations, training = call_iterations(getattr(self, "n_power_iterations", 1), self.training)
             weight_sn, sigma = self.certifier.normalize(
-                weight, buffers.get("_u"), buffers.get("_v"), n_power_iterations=getattr(self, "n_power_iterations", 1),
-                eps=self.eps, dim=self.dim, order="uv", training=self.training, coeff=self.coeff, soft=self.soft)
+                weight, buffers.get("_u"), buffers.get("_v"), n_power_iterations=iterations,
+                eps=self.eps, dim=self.dim, order="uv", training=training, coeff=self.coeff, soft=self.soft)
             self.__dict__["sigma"] = sigma
             return weight_sn
         if weight.ndim == 1 and self.coeff is None:
@@ -128,9 +129,10 @@ class SpectralNormParametrization(nn.Module):
         u, v = buffers.get("_u"), buffers.get("_v")
         if u is None or v is None:  # not registered (yet): the attribute lookup raises as before
             u, v = self._u, self._v
+        iterations, training = call_iterations(self.n_power_iterations, self.training)
         weight_sn, sigma = spectral_normalize(
-            weight, u, v, n_power_iterations=self.n_power_iterations, eps=self.eps,
-            dim=self.dim, order="uv", training=self.training, coeff=self.coeff, soft=self.soft, gain=self.gain,
+            weight, u, v, n_power_iterations=iterations, eps=self.eps,
+            dim=self.dim, order="uv", training=training, coeff=self.coeff, soft=self.soft, gain=self.gain,
         )
         # None: batched by vmap (transforms.py); sigmas() then recomputes it from u, v
         self.__dict__["sigma"] = sigma.detach() if sigma is not None and sigma.requires_grad else sigma

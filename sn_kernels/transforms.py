@@ -87,7 +87,9 @@ def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations:
         # and a u that requires grad, e.g. passed through functional_call, would be differentiated in eval)
         ua, va = u.detach().to(acc), v.detach().to(acc)
         if training:
-            ua, va, _ = power_iteration(W, ua, va, n_power_iterations, eps, order)
+            # W detached too: no_grad stops no forward-mode tangent, and one carried into u, v would be refused
+            # by the out= copies below (forward AD of mul_out) and is not wanted (u, v are constants)
+            ua, va, _ = power_iteration(W.detach(), ua, va, n_power_iterations, eps, order)
             torch.mul(ua, 1, out=u)  # u.copy_(ua) is refused on a captured tensor; out= is not
             torch.mul(va, 1, out=v)
     sigma = torch.dot(ua, W @ va)  # differentiable in W only: u, v are constants

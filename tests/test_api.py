@@ -188,6 +188,29 @@ def test_backend_selection_and_reasons(monkeypatch):
     sn_kernels.spectral_normalize(w, u, v, backend="torch")
 
 
+def test_sparse_weights_run_on_the_torch_backend():
+    """A sparse weight (any layout but strided) runs on the torch backend under "auto" (a COO one with its numbers
+    and a gradient; a CSR one as far as PyTorch's own ops take it); "native" and "triton", named, refuse either
+    with the reason (not a dispatcher error)."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 5)
+    w[w.abs() < 0.5] = 0
+    u, v = nn.functional.normalize(torch.randn(6), dim=0), nn.functional.normalize(torch.randn(5), dim=0)
+    ref, sigma_ref = sn_kernels.spectral_normalize(w, u.clone(), v.clone(), backend="torch")
+    for layout in ("coo", "csr"):
+        ws = (w.to_sparse() if layout == "coo" else w.to_sparse_csr()).requires_grad_()
+        for name in ("native", "triton"):
+            with pytest.raises(RuntimeError, match=f"backend '{name}' cannot run a torch.sparse_{layout} weight"):
+                sn_kernels.spectral_normalize(ws, u.clone(), v.clone(), backend=name)
+        if layout == "csr":
+            continue  # PyTorch's reshape refuses it ("unsupported tensor layout"): the torch backend's error
+        out, sigma = sn_kernels.spectral_normalize(ws, u.clone(), v.clone(), backend="auto")
+        assert torch.equal(out.to_dense(), ref) and torch.equal(sigma, sigma_ref)
+        out.to_dense().sum().backward()
+        assert ws.grad is not None
+    assert "sparse weights: torch backend" in sn_kernels.explain("cpu")
+
+
 def test_auto_fallback_from_native_is_visible(monkeypatch):
     import sn_kernels.backends.native as native
 

@@ -229,6 +229,38 @@ def test_front_ends_take_any_integer_iteration_count_as_pytorch(api):
             our_wrap(nn.Linear(5, 3), n_power_iterations=bad)
 
 
+def _iteration_owner(m, api):
+    """The object whose n_power_iterations a layer's spectral norm reads at each call."""
+    return hook_of(m) if api == "hook" else m.parametrizations.weight[0]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_module", "grouped"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "convT2d"])
+@pytest.mark.parametrize("api", list(API))
+def test_iteration_count_set_to_zero_after_wrapping_as_pytorch(api, layer, grouped):
+    """Both PyTorch front ends refuse n_power_iterations <= 0 when wrapping but iterate range(n) at each call:
+    a count set to 0 (or below) afterwards freezes u, v and divides by sigma = u . (W v), in training too.
+    Ours does the same, per module and inside a group (the layer is then computed alone)."""
+    ref, ours = make_pair(layer, api, 1)
+    x = LAYERS[layer][1]()
+    model = nn.Sequential(ours)
+    if grouped:
+        sn_kernels.group(model)
+    for step, n in enumerate([1, 0, -1, 0, 2]):
+        _iteration_owner(ref, api).n_power_iterations = n
+        _iteration_owner(ours, api).n_power_iterations = n
+        before = [t.clone() for t in API[api][2](ours)]
+        y_ref, y = ref(x), model(x)
+        check(f"step {step} output", y, y_ref)
+        compare_state(ref, ours, api, f"step {step}")
+        if n <= 0:  # nothing moved
+            assert all(torch.equal(a, b) for a, b in zip(API[api][2](ours), before))
+        g = torch.randn_like(y)
+        y_ref.backward(g)
+        y.backward(g)
+        compare_state(ref, ours, api, f"step {step} backward")
+
+
 def test_refuses_non_floating_and_0d():
     m = nn.Module()
     m.weight = nn.Parameter(torch.tensor(2.0))

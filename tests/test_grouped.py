@@ -54,6 +54,96 @@ def test_unused_layer_still_iterates_documented_difference():
     assert not torch.equal(model["unused"].weight_u, u0)
 
 
+class _GradInside(nn.Module):
+    """A model whose forward turns grad mode on itself (called under no_grad by its caller)."""
+
+    def __init__(self, api):
+        super().__init__()
+        self.a = sn_kernels.SNLinear(4, 5, api=api)
+        self.b = sn_kernels.SNLinear(5, 2, api=api)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            return self.b(torch.tanh(self.a(x)))
+
+
+def _iterate_once(layer, api):
+    """One training power iteration of ``layer``'s spectral norm, its W/sigma discarded."""
+    with torch.no_grad():
+        if api == "hook":
+            hook = next(h for h in layer._forward_pre_hooks.values() if isinstance(h, sn_kernels.SpectralNorm))
+            hook.compute_weight(layer, True)
+        else:
+            layer.weight
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_grad_turned_on_inside_a_no_grad_call(api, backend):
+    """A grouped model called under no_grad whose forward enables grad: its weights get their gradients (the
+    group's W/sigma, made without a graph, is refused and each layer computes its own, from u, v the group
+    already advanced: the documented extra iteration, compared here with a per-module model iterated once
+    more first)."""
+    if backend == "native" and native.why_not(torch.device("cpu")) is not None:
+        pytest.skip("no native extension")
+    with sn_kernels.use_backend(backend):
+        torch.manual_seed(0)
+        ref = _GradInside(api)
+        model = copy.deepcopy(ref)
+        sn_kernels.group(model)
+        x = torch.randn(3, 4)
+        for layer in (ref.a, ref.b):
+            _iterate_once(layer, api)
+        with torch.no_grad():
+            y_ref, y = ref(x), model(x)
+        assert y.requires_grad
+        y_ref.sum().backward()
+        y.sum().backward()
+        for name, p in ref.named_parameters():
+            q = dict(model.named_parameters())[name]
+            assert q.grad is not None, name
+            assert torch.equal(q.grad, p.grad), name
+        assert torch.equal(y, y_ref)
+        assert all(torch.equal(a, b) for a, b in zip(_state(ref), _state(model)))
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_weight_changed_during_the_call_documented_difference(api):
+    """The documented behaviour of a grouped weight changed during the model call: in place, the layer
+    computes its own W/sigma from the u, v the group advanced (a second iteration) and the backward through
+    the group's node raises autograd's in-place error; through ``.data``, the layer takes the W/sigma of the
+    weight as it was at the call's start."""
+    def original(layer):
+        return layer.weight_orig if api == "hook" else layer.parametrizations.weight.original
+
+    for how in ("in place", "data"):
+        torch.manual_seed(0)
+        ref = nn.Sequential(sn_kernels.SNLinear(4, 4, api=api), nn.Tanh(), sn_kernels.SNLinear(4, 1, api=api))
+        model = copy.deepcopy(ref)
+        sn_kernels.group(model)
+        x = torch.randn(2, 4)
+
+        def change(layer, inputs):
+            with torch.no_grad():
+                if how == "in place":
+                    original(layer).mul_(0.5)
+                else:
+                    original(layer).data[0].zero_()
+
+        model[0].register_forward_pre_hook(change, prepend=True)  # before a hook-API spectral norm
+        y = model(x)
+        if how == "in place":
+            _iterate_once(ref[0], api)  # the group's iteration, before the change
+            ref[0].register_forward_pre_hook(change, prepend=True)
+            assert torch.equal(y, ref(x))
+            assert all(torch.equal(a, b) for a, b in zip(_state(ref), _state(model)))
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
+        else:
+            assert torch.equal(y, ref(x))  # the weight before the write
+            assert not torch.equal(original(model[0]), original(ref[0]))
+
+
 def _fresh_pair(api):
     torch.manual_seed(0)
     model = TwiceD(api)

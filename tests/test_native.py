@@ -160,6 +160,28 @@ def test_eager_path_is_the_cpp_autograd_function():
     assert torch.equal(w.grad, 2 * _ops().native_backward(G, w.detach(), a, b, s2, 0))
 
 
+def test_ops_version_and_schema_digest():
+    """The library's ops are the version this Python code calls, and their schemas are the ones recorded with
+    that version: a schema changed without bumping OPS_VERSION (here and in csrc/sn_kernels_cpu.cpp) fails."""
+    assert torch.ops.sn_kernels.native_ops_version() == native.OPS_VERSION
+    assert native.ops_schema_digest() == native.OPS_SCHEMA_DIGEST, (
+        "a native_* schema changed: bump kOpsVersion (csrc/sn_kernels_cpu.cpp) and OPS_VERSION "
+        f"(sn_kernels/backends/native.py) together, and set OPS_SCHEMA_DIGEST = {native.ops_schema_digest()!r}")
+
+
+def test_a_library_of_another_version_is_refused_with_the_reason(monkeypatch):
+    """A prebuilt library whose ops are of another version (built from older sources) is refused at load with
+    a reason naming both versions and the fix; "auto" then falls back, as for a missing one."""
+    assert native._stale_reason() is None
+    monkeypatch.setattr(native, "OPS_VERSION", native.OPS_VERSION + 1)
+    reason = native._stale_reason()
+    assert reason is not None and f"version {native.OPS_VERSION}" in reason and "rebuild" in reason
+    monkeypatch.setitem(native._state, "loaded", False)
+    monkeypatch.setitem(native._state, "error", None)
+    assert native._load(build=False) == reason
+    assert native.why_not(torch.device("cpu"), auto=True) == reason
+
+
 def _direct():
     """sn_kernels._C.spectral_normalize_eager, or skip (a just-in-time build has no Python module)."""
     entry = native._direct_entry()
@@ -198,6 +220,50 @@ def test_direct_entry_is_the_op(dtype, shape, dim, training):
     assert torch.equal(g1, g2)
 
 
+def _lipschitz_composed(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft):
+    """The Lipschitz variant composed of the two ops and contract.lipschitz_scale (the other backends' route):
+    what the fused op must reproduce bit for bit."""
+    from sn_kernels.backends.contract import composed_eager
+
+    return composed_eager(_ops().native_power_iteration, _ops().native_normalize_eager)(
+        weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", [((1, 7), 0), ((7, 1), 0), ((6, 3, 2, 2), 1), ((70, 45), 0)], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("coeff,soft", [(0.7, False), (3.0, False), (0.7, True), (1e6, True)], ids=str)
+def test_lipschitz_variants_in_the_fused_op(dtype, shape, dim, training, coeff, soft):
+    """coeff / soft inside native_spectral_normalize_eager (through the front end, the direct entry and
+    torch.ops) give the composed route's bits: W / sigma, the unscaled sigma, u and v in place, and the
+    gradient; soft with a huge coeff is the inactive side (W passes through, no gradient via sigma)."""
+    w, u, v = _inputs(shape, dim, dtype, converged=True)
+    w = torch.nn.Parameter(w)
+    calls = {
+        "front end": lambda w, u, v: sn_kernels.spectral_normalize(
+            w, u, v, n_power_iterations=2, dim=dim, order="uv", training=training, coeff=coeff, soft=soft,
+            backend="native"),
+        "torch.ops": lambda w, u, v: _ops().native_spectral_normalize_eager(
+            w, u, v, 2, 1e-12, dim, "uv", training, coeff, soft),
+    }
+    if native._direct_entry() is not None:
+        calls["direct"] = lambda w, u, v: native._direct_entry()(w, u, v, 2, 1e-12, dim, "uv", training, coeff, soft)
+    ur, vr = u.clone(), v.clone()
+    out_r, sigma_r = _lipschitz_composed(w, ur, vr, 2, 1e-12, dim, "uv", training, coeff, soft)
+    G = torch.randn_like(w)
+    g_r, = torch.autograd.grad(out_r, w, G)
+    if soft and coeff > 1e3:
+        assert torch.equal(out_r.detach(), w.detach()), "the inactive soft variant passes W through"
+    for name, call in calls.items():
+        uc, vc = u.clone(), v.clone()
+        out, sigma = call(w, uc, vc)
+        assert "NormalizeFunction" in out.grad_fn.name(), name
+        assert torch.equal(out, out_r) and torch.equal(sigma, sigma_r), name
+        assert torch.equal(uc, ur) and torch.equal(vc, vr), name
+        g, = torch.autograd.grad(out, w, G)
+        assert torch.equal(g, g_r), name
+
+
 class _Logged(torch.Tensor):
     """A subclass with its own __torch_function__: torch.ops must take its calls."""
     seen = 0
@@ -220,8 +286,13 @@ def test_direct_entry_declines_what_torch_ops_must_handle():
     assert direct(w, u, v, 1, 1e-12, 0.0, "uv", True) is NotImplemented  # a float as dim
     assert direct(w, u, v, 1, 1, 0, "uv", True) is NotImplemented  # an int as eps
     assert direct(w, u, v, 1, 1e-12, 0, "uv", 1) is NotImplemented
-    assert direct(w, u, v, 1 << 70, 1e-12, 0, "uv", True) is NotImplemented  # torch.ops says it is out of range
+    assert direct(w, u, v, 1 << 70, 1e-12, 0, "uv", True) is NotImplemented  # the front end says it is out of range
+    with pytest.raises(ValueError, match="n_power_iterations must fit in 64 bits"):
+        sn_kernels.spectral_normalize(w, u, v, n_power_iterations=2**63, backend="native")
     assert direct(w, u, v) is NotImplemented
+    assert direct(w, u, v, *args, 1, False) is NotImplemented  # an int as coeff
+    assert direct(w, u, v, *args, 0.5, 0) is NotImplemented  # an int as soft
+    assert direct(w, u, v, *args, None) is NotImplemented  # coeff without soft
 
     class Mode(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -145,6 +145,38 @@ def test_forward_mode_ad_matches_pytorch(api):
     torch.testing.assert_close(jac[1], jac[0], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("how", ["forward_ad", "jvp"])
+@pytest.mark.parametrize("api", ["hook", "param"])
+def test_forward_mode_ad_in_training(api, how):
+    """Forward-mode AD with respect to the weight in training mode (where PyTorch's own spectral norm
+    fails: its power iteration writes u, v with out= ops, which forward AD refuses once the weight's
+    tangent reaches them): u, v iterate as without AD, and the tangent is that of W / sigma with the
+    iterated u, v constant, i.e. PyTorch's eval-mode tangent from the state the call left."""
+    import torch.autograd.forward_ad as fwAD
+
+    ref, ours = pair(api)
+    name = "0.weight_orig" if api == "hook" else "0.parametrizations.weight.original"
+    w = dict(ours.named_parameters())[name].detach().clone()
+    tangent = torch.randn_like(w)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    plain = copy.deepcopy(ours)
+    y_plain = plain(x)
+    if how == "jvp":
+        y, t = torch.func.jvp(lambda p: functional_call(ours, {name: p}, (x,)), (w,), (tangent,))
+    else:
+        with fwAD.dual_level():
+            out = functional_call(ours, {name: fwAD.make_dual(w, tangent)}, (x,))
+            y, t = fwAD.unpack_dual(out)
+    torch.testing.assert_close(y, y_plain, rtol=1e-12, atol=1e-14)  # the plain-op route: to rounding
+    for a, b in zip(model_state(ours), model_state(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    ref.load_state_dict(ours.state_dict())
+    ref.eval()
+    with fwAD.dual_level():
+        t_ref = fwAD.unpack_dual(functional_call(ref, {name: fwAD.make_dual(w, tangent)}, (x,))).tangent
+    torch.testing.assert_close(t, t_ref, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("api", ["hook", "param"])
 def test_u_v_are_constants_under_grad_as_under_autograd(api, training):

@@ -16,11 +16,40 @@ import threading
 
 import torch
 
-from .contract import Backend, composed_eager, fake_like_weight, fake_sigma, refuse_double_backward, register_ops
+from .contract import Backend, fake_like_weight, fake_sigma, refuse_double_backward, register_ops
 
 NOT_BUILT = "extension not built (pip install -e . builds it; or set_backend('native') to build it just in time)"
 
 _state = {"loaded": False, "error": None, "build_failed": None}
+
+# The schema version of the native_* ops this Python code calls (csrc/sn_kernels_cpu.cpp kOpsVersion); bumped
+# with it whenever a schema changes.  OPS_SCHEMA_DIGEST: a digest of those schemas (``ops_schema_digest``),
+# which tests/test_native.py compares, so that a changed schema cannot go without a bump.
+OPS_VERSION = 2
+OPS_SCHEMA_DIGEST = "0104011f1ccac105e6ac149a132b46e0b1885fba9da809a4214c36e59652d3a2"
+
+
+def ops_schema_digest() -> str:
+    """The sha256 of the loaded library's native_* ops: each op's name, its arguments' names (with a "="
+    where one has a default) and its number of outputs, sorted; not the types' spelling, which differs
+    between torch releases."""
+    import hashlib
+
+    lines = []
+    for name in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("sn_kernels::native_")):
+        schema = torch._C._get_schema(name, "")
+        args = ",".join(a.name + ("=" if a.has_default_value() else "") for a in schema.arguments)
+        lines.append(f"{name}({args})->{len(schema.returns)}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _stale_reason() -> str | None:
+    """Why the loaded library cannot serve this Python code (built from other sources), or None."""
+    found = torch.ops.sn_kernels.native_ops_version() if has_op("native_ops_version") else 1
+    if found == OPS_VERSION:
+        return None
+    return (f"the built extension is from other sources (its ops are version {found}, this sn_kernels calls "
+            f"version {OPS_VERSION}): rebuild it (pip install --no-build-isolation -e .)")
 
 
 _ops_seen: set[str] = set()
@@ -79,6 +108,10 @@ def _load_locked(build: bool) -> str | None:
         except Exception as exc:
             _state["build_failed"] = f"building the native extension failed: {type(exc).__name__}: {exc}"
             raise
+    reason = _stale_reason()
+    if reason is not None:  # a just-in-time build is of these sources: only a prebuilt library can be stale
+        _state["error"] = reason
+        return reason
     _finish()
     return None
 
@@ -110,41 +143,36 @@ def backward(grad, weight, u, v, sigma, dim):
     return _calls["backward"](grad, weight, u, v, sigma, dim)
 
 
-def _power_iteration_impl(weight, u, v, n_power_iterations, eps, dim, order, training):
-    """Eager path (called under no_grad): the op itself, straight to the C++ kernel."""
-    return _calls["power_iteration"](weight, u, v, n_power_iterations, float(eps), dim, order, bool(training))
-
-
 backend: Backend | None = None  # created when the extension loads (``_finish``)
 
 
 def _finish() -> None:
     """Register the fakes and autograd formula of the loaded extension's ops; create ``backend``."""
     global backend
-    _calls.update(power_iteration=_raw("native_power_iteration"), backward=_raw("native_backward"))
+    _calls.update(backward=_raw("native_backward"))
     power_iteration, normalize = register_ops("sn_kernels::native_power_iteration", "sn_kernels::native_normalize",
                                               backward)
     torch.library.register_fake("sn_kernels::native_backward")(fake_like_weight)
     torch.library.register_fake("sn_kernels::native_normalize_eager")(fake_like_weight)
     torch.library.register_fake("sn_kernels::native_spectral_normalize_eager")(
-        lambda weight, u, v, n_power_iterations, eps, dim, order, training: (torch.empty_like(weight),
-                                                                              fake_sigma(weight)))
-    # eager: one C++ call (power iteration + W / sigma with a C++ autograd formula); the Lipschitz
-    # variants put their scaling between the same C++ power iteration and W / sigma
+        lambda weight, u, v, n_power_iterations, eps, dim, order, training, coeff=None, soft=False: (
+            torch.empty_like(weight), fake_sigma(weight)))
+    # eager: one C++ call (power iteration, the Lipschitz scaling when coeff is given, W / sigma with a
+    # C++ autograd formula), entered directly where it can be (_direct_entry), else through torch.ops
     fused = _raw("native_spectral_normalize_eager")
     direct = _direct_entry()
-    composed = composed_eager(_power_iteration_impl, _raw("native_normalize_eager"))
 
     def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft):
-        if coeff is None:
-            eps, training = float(eps), bool(training)
-            if direct is not None:
-                out = direct(weight, u, v, n_power_iterations, eps, dim, order, training)
-                if out is not NotImplemented:
-                    return out
-            return fused(weight, u, v, n_power_iterations, eps, dim, order, training)
-        dim = dim + weight.dim() if dim < 0 else dim  # out of range: the C++ check refuses it
-        return composed(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+        eps, training, soft = float(eps), bool(training), bool(soft)
+        coeff = None if coeff is None else float(coeff)
+        if direct is not None:
+            out = direct(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+            if out is not NotImplemented:
+                return out
+        if type(n_power_iterations) is int and not -2**63 <= n_power_iterations < 2**63:
+            # torch.ops' own message for it reads "expected ... type 'int' ... found type 'int'"
+            raise ValueError(f"n_power_iterations must fit in 64 bits, got {n_power_iterations}")
+        return fused(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
 
     if has_op("native_carry_forward"):  # the certified carry (certified.py)
         torch.library.register_fake("sn_kernels::native_carry_forward")(
