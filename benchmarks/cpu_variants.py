@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
 from _common import write_csv  # noqa: E402
 
-SHAPES = [(128, 1152), (512, 4608), (1536, 13824)]
+SHAPES = [(64, 64), (128, 1152), (512, 4608), (1536, 13824)]
+SMALL = 100_000  # a weight of fewer elements runs 20x the repeats: each takes microseconds
 VARIANTS = {
     "plain": {},
     "coeff_hard": {"coeff": 0.9},
@@ -60,7 +61,7 @@ def main(argv=None):
     print(f"backend on cpu: {sn_kernels.available_backends('cpu')[0]} (auto), torch {torch.__version__}")
     print(f"{'shape':>12s} {'variant':>11s} {'median ms':>10s} {'x plain':>8s}")
     for shape in SHAPES:
-        samples = time_variants(shape, args.reps)
+        samples = time_variants(shape, args.reps * (20 if shape[0] * shape[1] < SMALL else 1))
         base = statistics.median(samples["plain"])
         for name, xs in samples.items():
             med, lo, hi = statistics.median(xs), min(xs), max(xs)

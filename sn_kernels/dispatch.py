@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import threading
 import warnings
 from typing import Iterator
@@ -24,7 +25,9 @@ _CHOICES = ("auto",) + BACKENDS
 
 
 def _check_choice(name: str) -> str:
-    name = str(name).lower()
+    if not isinstance(name, str):
+        raise TypeError(f"an sn_kernels backend is named by a str, one of {_CHOICES}; got {name!r}")
+    name = name.lower()
     if name not in _CHOICES:
         raise ValueError(f"unknown sn_kernels backend {name!r}; choose one of {_CHOICES}")
     return name
@@ -141,7 +144,7 @@ def resolve(device: torch.device, backend: str | None = None) -> Backend:
         native_reason = dict(skipped).get("native")
         if native_reason and device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
             warnings.warn(f"sn_kernels: the native backend is unavailable on {device.type} ({native_reason}); "
-                          f"using {picked!r}", stacklevel=3)
+                          f"using {picked!r}", stacklevel=_outside_stacklevel())
         if skipped and os.environ.get("SN_KERNELS_VERBOSE"):
             notes = "; ".join(f"{n}: {r}" for n, r in skipped)
             print(f"sn_kernels: auto backend on {device.type} skipped {notes}")
@@ -191,6 +194,17 @@ def explain(device: torch.device | str = "cpu") -> str:
     lines.append("complex weights: torch backend (" + "; ".join(f"{n}: {r}" for n, r in _REAL_ONLY.items()) + ")")
     lines.append("sparse weights: torch backend (" + "; ".join(f"{n}: {r}" for n, r in _STRIDED_ONLY.items()) + ")")
     return "\n".join(lines)
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` for a warning raised in this package's caller of this function that points at the
+    first frame outside sn_kernels and torch (the user's call, whichever front end it went through), so that
+    a ``warnings`` filter by module or line applies."""
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2  # 1: the function that warns
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1
 
 
 def _reset_cache() -> None:

@@ -218,11 +218,23 @@ def test_auto_fallback_from_native_is_visible(monkeypatch):
     dispatch._reset_cache()
     try:
         with pytest.warns(UserWarning, match=r"native backend is unavailable on cpu \(extension not built \(test\)\); "
-                                             r"using 'torch'"):
+                                             r"using 'torch'") as record:
             sn_kernels.spectral_normalize(torch.randn(4, 3), torch.randn(4), torch.randn(3))
+        assert record[0].filename == __file__  # the user's call, not a line of sn_kernels
+        dispatch._reset_cache()
+        with pytest.warns(UserWarning, match="native backend is unavailable") as record:
+            sn_kernels.SNLinear(3, 4)(torch.randn(2, 3))  # through a module's hooks and torch.nn's call machinery
+        assert record[0].filename == __file__
     finally:
         monkeypatch.undo()
         dispatch._reset_cache()
+
+
+def test_backend_named_by_a_str():
+    with pytest.raises(TypeError, match="named by a str"):
+        sn_kernels.set_backend(None)
+    with pytest.raises(ValueError, match="unknown sn_kernels backend 'cuda'"):
+        sn_kernels.set_backend("CUDA")
 
 
 def test_auto_never_picks_unavailable(monkeypatch):

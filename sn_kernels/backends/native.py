@@ -72,6 +72,12 @@ def _import_prebuilt() -> str | None:
     try:
         from .. import _C  # noqa: F401  (registers the ops)
     except ImportError as exc:
+        import importlib.util
+
+        package = __package__.rpartition(".")[0]
+        if importlib.util.find_spec(f"{package}._C") is None:
+            # not found at all: Python's own message, raised while the package imports, blames a circular import
+            return f"{NOT_BUILT}: no compiled {package}._C in {os.path.dirname(os.path.dirname(__file__))}"
         return f"{NOT_BUILT}: {exc}"
     return None
 
