@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this tree's sn_kernels, not an installed copy (as run.py)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sn_kernels  # noqa: E402
-from _common import write_csv  # noqa: E402
+from _common import device_name, git_commit, write_csv  # noqa: E402
 
 SHAPES = [(64, 64), (128, 1152), (512, 4608), (1536, 13824)]
 SMALL = 100_000  # a weight of fewer elements runs 20x the repeats: each takes microseconds
@@ -58,7 +58,10 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_variants.csv"))
     args = ap.parse_args(argv)
     rows = []
-    print(f"backend on cpu: {sn_kernels.available_backends('cpu')[0]} (auto), torch {torch.__version__}")
+    extra = dict(device=device_name(torch.device("cpu")), threads=torch.get_num_threads(), torch=torch.__version__,
+                 sn_kernels=f"{sn_kernels.__version__}+{git_commit()}")
+    print(f"# {extra['device']}, {extra['threads']} threads, torch {extra['torch']}, sn_kernels {extra['sn_kernels']}; "
+          f"backend on cpu: {sn_kernels.available_backends('cpu')[0]} (auto)")
     print(f"{'shape':>12s} {'variant':>11s} {'median ms':>10s} {'x plain':>8s}")
     for shape in SHAPES:
         samples = time_variants(shape, args.reps * (20 if shape[0] * shape[1] < SMALL else 1))
@@ -66,7 +69,7 @@ def main(argv=None):
         for name, xs in samples.items():
             med, lo, hi = statistics.median(xs), min(xs), max(xs)
             rows.append(dict(shape="x".join(map(str, shape)), variant=name, median_ms=med * 1e3, min_ms=lo * 1e3,
-                             max_ms=hi * 1e3, ratio_to_plain=med / base, torch=torch.__version__))
+                             max_ms=hi * 1e3, ratio_to_plain=med / base, **extra))
             print(f"{rows[-1]['shape']:>12s} {name:>11s} {med * 1e3:10.3f} {med / base:8.2f}")
     write_csv(args.out, rows)
     print(f"wrote {args.out}")
