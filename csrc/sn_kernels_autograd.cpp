@@ -12,10 +12,12 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -204,6 +206,89 @@ std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_plain(const at::Tens
   return {normalize_op().call(weight, u_used, v_used, sigma_eff, dim), sigma};
 }
 
+// ---------------------------------------------------------------- the certified carry (certified.py)
+//
+// `native_carry_eager(weight, ref, base, k1, coeff, soft) -> (weight_sn, den)`: `native_carry_forward` with a C++
+// autograd node whose backward is `native_carry_backward`, as `native_normalize_eager` is for W / sigma.  The
+// Python autograd.Function it replaces cost about as much per step as the carry's kernels on a small weight.
+// A double backward (create_graph=True) differentiates the same forward written in ATen ops (certified.py's
+// `_scaled` of `_carried`: the distance's subgradient is 0 at W = W_ref, as linalg_vector_norm's).
+
+using CarryForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                        const at::Tensor&, double, double, bool);
+using CarryBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, double, double, bool);
+
+template <typename Sig>
+const c10::TypedOperatorHandle<Sig>& carry_op(const char* name) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  return op;  // one handle per signature: each is instantiated with a single name
+}
+
+// the carry's W_sn in differentiable ATen ops (certified._carried and _scaled), for a double backward
+at::Tensor carry_differentiable(const at::Tensor& weight, const at::Tensor& ref, const at::Tensor& base, double k1,
+                                double coeff, bool soft) {
+  const double rounding = 1.0 + 4.0 * std::ldexp(1.0, -53);  // (1 + 4u), u float64's unit roundoff
+  const at::Tensor nrm = at::linalg_vector_norm(at::sub(weight, ref).reshape({-1}).to(at::kDouble), 2);
+  const at::Tensor den = (nrm * k1 + base) * rounding;
+  at::Tensor scale = at::reciprocal(den) * coeff;
+  if (soft) scale = at::clamp_max(scale, 1.0);
+  const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const double cap = acc == at::kDouble ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
+  scale = at::where(scale <= cap, scale, at::zeros_like(scale));
+  return (weight.to(acc) * scale.to(acc)).to(weight.scalar_type());
+}
+
+struct CarryFunction : public torch::autograd::Function<CarryFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& ref,
+                               const at::Tensor& base, double k1, double coeff, bool soft) {
+    at::Tensor out, den, nrm;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, den, nrm) = carry_op<CarryForwardSig>("sn_kernels::native_carry_forward")
+                                    .call(weight, ref, base, k1, coeff, soft);
+    }
+    ctx->save_for_backward({weight, ref, base, den, nrm});
+    ctx->saved_data["k1"] = k1;
+    ctx->saved_data["coeff"] = coeff;
+    ctx->saved_data["soft"] = soft;
+    ctx->mark_non_differentiable({den});
+    return {out, den};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(6);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
+    dense(grads[0]);
+    const auto saved = ctx->get_saved_variables();
+    const double k1 = ctx->saved_data["k1"].toDouble(), coeff = ctx->saved_data["coeff"].toDouble();
+    const bool soft = ctx->saved_data["soft"].toBool();
+    if (at::GradMode::is_enabled()) {
+      const at::Tensor scaled = carry_differentiable(saved[0], saved[1], saved[2], k1, coeff, soft);
+      out[0] = torch::autograd::grad({scaled}, {saved[0]}, {grads[0]}, /*retain_graph=*/true,
+                                     /*create_graph=*/true)[0];
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out[0] = carry_op<CarryBackwardSig>("sn_kernels::native_carry_backward")
+                   .call(grads[0], saved[0], saved[1], saved[3], saved[4], k1, coeff, soft);
+    }
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> carry_eager_autograd(const at::Tensor& weight, const at::Tensor& ref,
+                                                        const at::Tensor& base, double k1, double coeff, bool soft) {
+  auto outs = CarryFunction::apply(weight, ref, base, k1, coeff, soft);
+  return {outs[0], outs[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> carry_eager_plain(const at::Tensor& weight, const at::Tensor& ref,
+                                                     const at::Tensor& base, double k1, double coeff, bool soft) {
+  auto [out, den, nrm] =
+      carry_op<CarryForwardSig>("sn_kernels::native_carry_forward").call(weight, ref, base, k1, coeff, soft);
+  return {out, den};
+}
+
 // ---------------------------------------------------------------- a whole group (sn_kernels.group)
 //
 // `native_group_normalize_eager`: `native_group_forward`, the iterated u, v copied into the buffers,
@@ -381,6 +466,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> group_normalize_eag
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sn_kernels, m) {
+  // the certified carry's eager call (certified.py): native_carry_forward with a C++ autograd node
+  m.def("native_carry_eager(Tensor weight, Tensor ref, Tensor base, float k1, float coeff, bool soft) "
+        "-> (Tensor, Tensor)");
   // sn_kernels.group's eager call on the native backend (grouped.py): native_group_forward, u, v
   // updated in place, one C++ autograd node whose backward is native_group_backward
   m.def("native_group_normalize_eager(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, "
@@ -391,12 +479,14 @@ TORCH_LIBRARY_IMPL(sn_kernels, Autograd, m) {
   m.impl("native_normalize_eager", &normalize_eager_autograd);
   m.impl("native_spectral_normalize_eager", &spectral_normalize_eager_autograd);
   m.impl("native_group_normalize_eager", &group_normalize_eager_autograd);
+  m.impl("native_carry_eager", &carry_eager_autograd);
 }
 
 TORCH_LIBRARY_IMPL(sn_kernels, CompositeExplicitAutograd, m) {
   m.impl("native_normalize_eager", &normalize_eager_plain);
   m.impl("native_spectral_normalize_eager", &spectral_normalize_eager_plain);
   m.impl("native_group_normalize_eager", &group_normalize_eager_plain);
+  m.impl("native_carry_eager", &carry_eager_plain);
 }
 
 }  // namespace sn_kernels

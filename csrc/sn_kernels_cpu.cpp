@@ -885,7 +885,7 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
 // rebuilt after an update) is then refused with a reason, instead of failing at the first call that
 // passes an argument it does not know.  Bump both whenever a native_* schema changes
 // (tests/test_native.py compares a digest of the schemas).
-constexpr int64_t kOpsVersion = 2;
+constexpr int64_t kOpsVersion = 3;
 
 int64_t ops_version() { return kOpsVersion; }
 

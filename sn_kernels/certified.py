@@ -42,8 +42,8 @@ first, in between the second:
   covered by the factor 1 / (1 - 2u)), its own rounding bounded by gamma_n as in
   ``bounds._inflate``; the sum B_ref + that is formed by three roundings of non-negative
   terms, covered by constant factors (``_with_rounding``).  On the CPU with the native backend,
-  eager, the carry's forward and backward are one C++ op each (``_NativeCarry``,
-  csrc/sn_kernels_carry_cpu.cpp: the same arithmetic, two passes over W each); elsewhere tensor ops.
+  eager, the carry is one C++ op with a C++ autograd node (``_native_carry_step``,
+  csrc/sn_kernels_carry_cpu.cpp: the same arithmetic, two passes over W each way); elsewhere tensor ops.
 
 The carry holds for ANY pair (W_ref, B_ref) with B_ref >= sigma(W_ref): a W_ref that no
 longer resembles W (a checkpoint loaded in place, a write through ``.data``) makes B
@@ -84,7 +84,7 @@ from torch import Tensor, nn
 
 from . import dispatch, transforms
 from .backends import native
-from .backends.contract import accumulation_dtype, dense, exporting, matrix_shape
+from .backends.contract import accumulation_dtype, exporting, matrix_shape
 from .backends.pytorch import as_matrix
 from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _oriented, _pow2, _rescale, _unwind, _up
 from .checks import check_call
@@ -169,33 +169,14 @@ class _Distance(torch.autograd.Function):
         return (a - b) * scale.to(a.dtype), None
 
 
-class _NativeCarry(torch.autograd.Function):
-    """The carry's W_sn = W fl(s), s = coeff / B' (soft: min(s, 1)), B' = (||fl(W - W_ref)||_F k1 + base)
-    (1 + 4u), and its gradient G s + (W - W_ref) <G, W> ds/dnrm / nrm, each one C++ op on the CPU
-    (``native_carry_forward`` / ``native_carry_backward``): the values of the tensor-op route
-    (``Certifier.divisor`` with ``_Distance``) but for the order of the float64 sums.  A double backward
-    goes through that route."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, ref: Tensor, base: Tensor, k1: float, coeff: float, soft: bool):
-        out, den, nrm = torch.ops.sn_kernels.native_carry_forward(weight, ref, base, k1, coeff, soft)
-        ctx.save_for_backward(weight, ref, base, den, nrm)
-        ctx.k1, ctx.coeff, ctx.soft = k1, coeff, soft
-        ctx.mark_non_differentiable(den)
-        return out, den
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _grad_den):
-        weight, ref, base, den, nrm = ctx.saved_tensors
-        if grad is None:
-            return (None,) * 6
-        grad = dense(grad)
-        if torch.is_grad_enabled():  # create_graph=True: the same formula, differentiable
-            scaled = _scaled(weight, _carried(weight, ref, ctx.k1, base), ctx.coeff, ctx.soft)
-            (g,) = torch.autograd.grad(scaled, weight, grad, create_graph=True)
-            return g, None, None, None, None, None
-        g = torch.ops.sn_kernels.native_carry_backward(grad, weight, ref, den, nrm, ctx.k1, ctx.coeff, ctx.soft)
-        return g, None, None, None, None, None
+def _native_carry_step(weight: Tensor, ref: Tensor, base: Tensor, k1: float, coeff: float,
+                       soft: bool) -> tuple[Tensor, Tensor]:
+    """The carry's (W_sn, B') in one C++ op with a C++ autograd node (``native_carry_eager``, CPU): W_sn =
+    W fl(s), s = coeff / B' (soft: min(s, 1)), B' = (||fl(W - W_ref)||_F k1 + base)(1 + 4u), and the gradient
+    G s + (W - W_ref) <G, W> ds/dnrm / nrm, each in two passes over W (csrc/sn_kernels_carry_cpu.cpp): the
+    values of the tensor-op route (``Certifier.divisor`` with ``_Distance``) but for the order of the
+    float64 sums.  A double backward differentiates the same forward in ATen ops."""
+    return torch.ops.sn_kernels.native_carry_eager(weight, ref, base, k1, coeff, soft)
 
 
 def _carried(weight: Tensor, ref: Tensor, k1: float, base: Tensor) -> Tensor:
@@ -226,7 +207,7 @@ def _native_carry(weight: Tensor) -> bool:
         return False
     if dispatch.resolve(weight.device).name != "native":
         return False
-    return native.has_op("native_carry_forward")
+    return native.has_op("native_carry_eager")
 
 
 def _smooth_bound(mat: Tensor, upper: Tensor, steps: int) -> Tensor:
@@ -458,6 +439,7 @@ class Certifier:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.update(ref=None, ref_bound=None, ref_base=None, left=0, estimate=None)
+        state.pop("_k1", None)
         return state
 
     def _valid_for(self, weight: Tensor) -> bool:
@@ -478,6 +460,16 @@ class Certifier:
         """k1: B' = (||fl(W - W_ref)||_F k1 + ref_base) (1 + 4u) (``divisor``'s carry)."""
         c = 1.0 if self.operator is None else self.operator.factor
         return _with_rounding(factor * c * _subtraction_factor(weight.dtype) * (1 + _gamma(weight.numel())), 3)
+
+    def _carry_k1(self, weight: Tensor, dim: int, coeff: float) -> float:
+        """``_carry_constants`` of ``output_factor``: a function of the weight's dtype and shape, dim and coeff
+        only, kept for the last of them (the native carry's every step asked again: 25 us of Python)."""
+        key = (weight.dtype, weight.shape, dim, coeff)
+        cached = self.__dict__.get("_k1")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_k1"] = (key, self._carry_constants(weight, output_factor(weight, dim, coeff,
+                                                                                                   self.operator)))
+        return cached[1]
 
     def divisor(self, weight: Tensor, dim: int, coeff: float, training: bool, keep: bool = True) -> Tensor:
         """B' >= output_factor * sigma(W): a 0-d float64 tensor, differentiable with respect to ``weight``;
@@ -524,8 +516,8 @@ class Certifier:
             # the carry in two C++ passes forward and two backward (the same W_sn; csrc/sn_kernels_carry_cpu.cpp)
             if training:
                 self.left -= 1
-            k1 = self._carry_constants(weight, output_factor(weight, dim, coeff, self.operator))
-            weight_sn, den = _NativeCarry.apply(weight, self.ref, self.ref_base, k1, coeff, soft)
+            k1 = self._carry_k1(weight, dim, coeff)
+            weight_sn, den = _native_carry_step(weight, self.ref, self.ref_base, k1, coeff, soft)
             return weight_sn, den.detach()
         den = self.divisor(weight, dim, coeff, training)
         return _scaled(weight, den, coeff, soft), den.detach()

@@ -25,8 +25,8 @@ _state = {"loaded": False, "error": None, "build_failed": None}
 # The schema version of the native_* ops this Python code calls (csrc/sn_kernels_cpu.cpp kOpsVersion); bumped
 # with it whenever a schema changes.  OPS_SCHEMA_DIGEST: a digest of those schemas (``ops_schema_digest``),
 # which tests/test_native.py compares, so that a changed schema cannot go without a bump.
-OPS_VERSION = 2
-OPS_SCHEMA_DIGEST = "0104011f1ccac105e6ac149a132b46e0b1885fba9da809a4214c36e59652d3a2"
+OPS_VERSION = 3
+OPS_SCHEMA_DIGEST = "889d912966901e850271fe67336aef71804fdb41881cc9ba8f12f47a278da6ed"
 
 
 def ops_schema_digest() -> str:
@@ -186,6 +186,9 @@ def _finish() -> None:
                 weight.new_empty((), dtype=torch.float64) for _ in range(2)))
         torch.library.register_fake("sn_kernels::native_carry_backward")(
             lambda grad, weight, ref, den, nrm, k1, coeff, soft: torch.empty_like(weight))
+        torch.library.register_fake("sn_kernels::native_carry_eager")(
+            lambda weight, ref, base, k1, coeff, soft: (torch.empty_like(weight),
+                                                        weight.new_empty((), dtype=torch.float64)))
     layout_ops = ()
     if has_op("native_normalize_layout"):  # the compiled CPU route (functional.py)
         torch.library.register_fake("sn_kernels::native_normalize_layout")(_fake_laid_out)
