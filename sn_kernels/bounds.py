@@ -58,6 +58,19 @@ METHODS = ("auto", "gram", "fft", "exact")
 _U = 2.0 ** -53  # unit roundoff of float64
 _ABS = 2.0 ** -1000  # absolute slack per step: covers underflow (all values are scaled to O(1))
 _INF = math.inf
+_SMALLEST_NORMAL = sys.float_info.min  # a variable, so that Python cannot fold the test below at compile time
+
+
+def check_gradual_underflow(what: str) -> None:
+    """Refuse to certify while this thread's CPU flushes subnormal numbers to zero
+    (``torch.set_flush_denormal(True)``: FTZ and DAZ on x86).  Every bound here accounts for rounding under
+    gradual underflow; with subnormal inputs read as 0 and subnormal results flushed to 0, a weight of tiny
+    entries is bounded as if they were zero, and a carry's tiny differences vanish, so a bound could fall
+    below sigma.  A float64 operation in Python itself tells (it uses the same SSE control register)."""
+    if _SMALLEST_NORMAL * 0.5 == 0.0:
+        raise RuntimeError(f"sn_kernels: {what} cannot be certified while subnormal numbers are flushed to zero "
+                           "(torch.set_flush_denormal(True)): the bounds' rounding model assumes gradual "
+                           "underflow; call torch.set_flush_denormal(False) first")
 _MAX_GRAM = 40  # Gram steps at most (k^(1/2^41) - 1 < 1e-11 for any k a float64 matrix can have)
 _SWITCH = 12  # 'auto'/'fft': Gram steps before the eigen-certificate takes over
 _POWER_STEPS = 32  # power iterations for the lower bound at most, after the warm start
@@ -777,6 +790,7 @@ def sigma_bounds(module_or_weight, *, method: str = "auto", input_shape=None, n_
         raise ValueError(f"n_iter must be None or an int >= 0, got {n_iter!r}")
     if not rtol > 0:
         raise ValueError(f"rtol must be > 0, got {rtol!r}")
+    check_gradual_underflow("sigma_bounds")
     if isinstance(module_or_weight, Tensor):
         w = module_or_weight
         _check_weight(w, "sigma_bounds")
@@ -845,6 +859,9 @@ def _check_plain(label: str, module: nn.Module) -> None:
     (a residual Sequential, a scaled Linear), or a forward (pre-)hook of unknown effect.  Known hooks: the
     spectral norms (sn_kernels', PyTorch's) and torch.nn.utils.weight_norm, whose weight ``_eval_weight``
     computes, and sn_kernels' own bookkeeping hooks (group, meta guard, input size)."""
+    if "forward" in module.__dict__:
+        raise TypeError(f"lipschitz_bound: cannot bound {label}: its forward is replaced on the instance, so its map "
+                        f"is not the one {type(module).__name__} is bounded by")
     base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.modules.")), None)
     if base is not None and type(module).forward is not base.forward:
         raise TypeError(f"lipschitz_bound: cannot bound {label}: {type(module).__name__} overrides the forward "
@@ -855,6 +872,20 @@ def _check_plain(label: str, module: nn.Module) -> None:
             if not (owner.startswith("sn_kernels.") or owner in _KNOWN_HOOK_MODULES):
                 raise TypeError(f"lipschitz_bound: cannot bound {label}: it has a {kind} ({hook!r}) that may change "
                                 f"its weight or output; remove it to bound the layer")
+
+
+def _check_no_global_hooks() -> None:
+    """Refuse while a global module forward (pre-)hook of unknown effect is registered
+    (``torch.nn.modules.module.register_module_forward_hook``): it runs on every layer and may change any
+    output."""
+    from torch.nn.modules import module as module_file
+
+    for kind, hooks in (("forward pre-hook", module_file._global_forward_pre_hooks),
+                        ("forward hook", module_file._global_forward_hooks)):
+        for hook in hooks.values():
+            if not _hook_owner(hook).startswith("sn_kernels."):
+                raise TypeError(f"lipschitz_bound: a global module {kind} is registered ({hook!r}); it runs on every "
+                                "layer and may change its output; remove it to bound the model")
 
 
 #: PyTorch's hook-based reparametrizations, whose weight ``_eval_weight`` computes
@@ -969,7 +1000,9 @@ def _layer_lipschitz(name: str, layer: nn.Module, shape) -> tuple[float, tuple[i
             raise ValueError(f"lipschitz_bound: {label} normalizes by batch statistics (training mode or no "
                              f"running stats); call model.eval() to bound the eval-mode network")
         with torch.no_grad():
-            scale = 1.0 / torch.sqrt(layer.running_var.double() + layer.eps)
+            # the eps the forward adds is the layer's, rounded to its dtype: the smaller of the two bounds both
+            eps = min(layer.eps, float(torch.tensor(layer.eps, dtype=layer.running_var.dtype)))
+            scale = 1.0 / torch.sqrt(layer.running_var.double() + eps)
             if layer.weight is not None:
                 scale = scale * layer.weight.detach().double().abs()
             # three roundings of at most u each: 4 u covers them
@@ -1015,6 +1048,8 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     BatchNorm or AlphaDropout in training mode, CELU with alpha <= 0, or a shape that does not fit
     (naming the layer), TypeError for a size that is not an int.  Cost: the sum of the layers' ``sigma_bounds``.
     """
+    check_gradual_underflow("lipschitz_bound")
+    _check_no_global_hooks()
     shape = _sizes(input_shape, "lipschitz_bound")
     if not shape:
         raise ValueError("lipschitz_bound: input_shape () has no dims; a layer's input needs at least one dim")

@@ -86,7 +86,8 @@ from . import dispatch, transforms
 from .backends import native
 from .backends.contract import accumulation_dtype, exporting, matrix_shape
 from .backends.pytorch import as_matrix
-from .bounds import _ABS, _U, _fro_up, _gamma, _margin, _oriented, _pow2, _rescale, _unwind, _up
+from .bounds import (_ABS, _U, _fro_up, _gamma, _margin, _oriented, _pow2, _rescale, _unwind, _up,
+                     check_gradual_underflow)
 from .checks import check_call
 from .cholesky_bound import cholesky_upper_bound
 from .conv_norm import _CONV, _CONV_T, ConvSpec, conv_spec
@@ -347,6 +348,10 @@ def output_factor(weight: Tensor, dim: int, coeff: float, operator: OperatorBoun
     # (1 + u64)(1 + u_acc)^2 (1 + u_dtype) - 1, doubled for the higher-order terms
     delta = 2 * (_U + fa.eps + fd.eps / 2)
     eta = fd.smallest_normal * fd.eps + fa.smallest_normal * fa.eps  # two subnormal spacings
+    if not coeff <= fd.max:
+        # W_sn's entries are at most sigma(W_sn) <= coeff: within the dtype's range only if coeff is
+        raise ValueError(f"coeff={coeff} is above the largest finite {weight.dtype} ({fd.max:g}): a certified "
+                         f"{weight.dtype} W_sn could overflow to inf")
     room = 1 - c * math.sqrt(weight.numel()) * eta / coeff
     if room < 0.5:
         raise ValueError(f"coeff={coeff} is too small for a certified {weight.dtype} weight of shape "
@@ -501,6 +506,7 @@ class Certifier:
         """(W_sn, B'): the certified forward.  In training the power iteration runs as usual (u, v
         updated; its sigma_hat kept in ``estimate``); W_sn does not depend on it."""
         transforms.refuse(f'bound="{self.bound}"', weight)
+        check_gradual_underflow(f'a bound="{self.bound}" spectral norm')
         if training and exporting():
             # export keeps the forward's ops but not the bound's autograd.Functions: the program's backward
             # would differentiate the rounding steps (nextafter has no derivative)

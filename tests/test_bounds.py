@@ -701,6 +701,17 @@ def test_lipschitz_refuses_what_its_class_does_not_describe():
     pre.register_forward_pre_hook(lambda m, i: (10 * i[0],))
     with pytest.raises(TypeError, match="forward pre-hook"):
         lipschitz_bound(pre, (1, 3))
+    instance = nn.Linear(3, 3)
+    plain_forward = instance.forward
+    instance.forward = lambda x: 10 * plain_forward(x)
+    with pytest.raises(TypeError, match="forward is replaced on the instance"):
+        lipschitz_bound(nn.Sequential(instance, nn.ReLU()), (1, 3))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        with pytest.raises(TypeError, match="global module forward hook"):
+            lipschitz_bound(nn.Sequential(nn.Linear(3, 3)), (1, 3))
+    finally:
+        handle.remove()
     with pytest.raises(ValueError, match="no Lipschitz constant"):
         lipschitz_bound(nn.CELU(alpha=-1.0), (1, 4))
     with pytest.raises(TypeError):
@@ -711,6 +722,39 @@ def test_lipschitz_refuses_what_its_class_does_not_describe():
                          torch.nn.utils.spectral_norm(nn.Linear(3, 3)))
     sn_kernels.group(ours)
     assert math.isfinite(lipschitz_bound(ours, (1, 3)))
+
+
+def test_lipschitz_batchnorm_eps_as_the_forward_adds_it():
+    """A float32 BatchNorm adds its eps rounded to float32: the bound takes the smaller of the two, so it is
+    above the layer's actual slope even where that rounding matters (a subnormal eps, a zero variance)."""
+    bn = nn.BatchNorm1d(1, eps=2e-45).eval()
+    with torch.no_grad():
+        bn.running_var.zero_()
+        bn.weight.fill_(1e-22)
+    x = torch.zeros(2, 1)
+    x[1, 0] = 1e-20
+    slope = ((bn(x)[1] - bn(x)[0]) / 1e-20).abs().item()
+    assert slope > 2.6  # 1e-22 / sqrt(fl32(2e-45) = 1.4e-45)
+    assert lipschitz_bound(bn, (2, 1)) >= slope
+
+
+def test_certified_bounds_refuse_flushed_subnormals():
+    """With subnormals flushed to zero (torch.set_flush_denormal(True)) the rounding model of every bound fails
+    (a weight of tiny entries bounds as zero): sigma_bounds, lipschitz_bound and a certified spectral norm's
+    forward refuse, naming the setting; plain spectral norm still runs."""
+    layer = sn_kernels.parametrizations.spectral_norm(nn.Linear(4, 3), bound="upper")
+    plain = sn_kernels.parametrizations.spectral_norm(nn.Linear(4, 3))
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        for call in (lambda: sigma_bounds(torch.randn(3, 4)), lambda: lipschitz_bound(nn.Linear(4, 3), (1, 4)),
+                     lambda: layer(torch.randn(2, 4))):
+            with pytest.raises(RuntimeError, match=r"flushed to zero \(torch.set_flush_denormal\(True\)\)"):
+                call()
+        plain(torch.randn(2, 4))
+    finally:
+        torch.set_flush_denormal(False)
+    layer(torch.randn(2, 4))
 
 
 def test_lipschitz_of_hook_weight_norm_uses_the_next_forwards_weight():

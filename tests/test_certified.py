@@ -315,6 +315,19 @@ def test_carry_gradient_at_the_reference_is_the_subgradient_zero():
     torch.testing.assert_close(w.grad, g / den, rtol=1e-14, atol=0)
 
 
+def test_coeff_beyond_the_dtype_is_refused():
+    """A certified W_sn has entries of at most coeff: a coeff above the weight dtype's largest value could
+    overflow to inf, so it is refused at wrapping and after a conversion to that dtype (at the next refresh)."""
+    with pytest.raises(ValueError, match="above the largest finite torch.float16"):
+        P.spectral_norm(nn.Linear(4, 4).half(), bound="upper", coeff=1e5)
+    layer = P.spectral_norm(nn.Linear(4, 4), bound="upper", coeff=1e30)
+    layer.half()
+    with pytest.raises(ValueError, match="above the largest finite torch.float16"):
+        layer(torch.randn(2, 4).half())
+    w_sn = P.spectral_norm(nn.Linear(4, 4).half(), bound="upper", coeff=6e4).weight
+    assert torch.isfinite(w_sn).all()
+
+
 NATIVE_WHY = native.why_not(torch.device("cpu"), auto=True)
 
 
