@@ -140,16 +140,21 @@ def _padded_shape(spec: ConvSpec, input_shape, pad) -> list[int]:
 
 
 def _pad_adjoint(spec: ConvSpec, g: Tensor, pad, input_shape) -> Tensor:
-    """The adjoint of F.pad: a crop for zero padding, else the vjp of F.pad (pad is linear)."""
+    """The adjoint of F.pad: a crop for zero padding.  The other modes copy input elements, one spatial dim
+    at a time, so their adjoint is, dim by dim, a product with that dim's 0/1 copy matrix: F.pad of an
+    identity, whose column j is the input element that padded position j copies.  Plain ops, deterministic
+    (no scatter), and traceable by torch.compile (the vjp of F.pad by ``torch.autograd.grad`` is not)."""
     if spec.pad_mode == "constant":
         index = [slice(None)] * (g.dim() - spec.ndim)
         for i in reversed(range(spec.ndim)):
             index.append(slice(pad[2 * i], g.shape[-1 - i] - pad[2 * i + 1]))
         return g[tuple(index)]
-    with torch.enable_grad():
-        x = g.new_zeros(input_shape, requires_grad=True)
-        (gx,) = torch.autograd.grad(F.pad(x, pad, mode=spec.pad_mode), x, g, create_graph=g.requires_grad)
-    return gx
+    for i in range(spec.ndim):  # pad lists the last dim first
+        axis, n = g.dim() - 1 - i, input_shape[-1 - i]
+        eye = torch.eye(n, dtype=g.dtype, device=g.device).unsqueeze(0)
+        copies = F.pad(eye, (pad[2 * i], pad[2 * i + 1]), mode=spec.pad_mode)[0]  # (n, n + both pads)
+        g = (g.movedim(axis, -1) @ copies.T).movedim(-1, axis)
+    return g
 
 
 def _conv_backward(spec: ConvSpec, grad_out: Tensor, inp: Tensor, weight: Tensor, mask) -> tuple:

@@ -295,13 +295,16 @@ def test_compile_variants_match_eager(kwargs):
     _compare_compiled("parametrization", "aot_eager", steps=2, **kwargs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype,padding_mode", [(torch.float32, "zeros"), (torch.float64, "zeros"),
+                                                (torch.float32, "circular"), (torch.float64, "reflect")], ids=str)
 @pytest.mark.parametrize("api", ["hook", "parametrization"])
-def test_compiled_conv_mode_gradients(api, dtype):
+def test_compiled_conv_mode_gradients(api, dtype, padding_mode):
     """mode="conv" compiled: the weight gradient is eager's (an autograd.Function whose forward held a
-    no-op ``.to`` got a zero gradient under dynamo), over two steps, with the same u, v."""
+    no-op ``.to`` got a zero gradient under dynamo), over two steps, with the same u, v; with every padding
+    mode (the adjoint of a circular or reflect pad was a ``torch.autograd.grad`` call, which dynamo refused)."""
     torch.manual_seed(0)
-    eager = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(3, 2, 3)).to(dtype)
+    eager = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode), nn.LeakyReLU(0.1),
+                          nn.Conv2d(3, 2, 3)).to(dtype)
     wrap = sn_kernels.spectral_norm if api == "hook" else sn_kernels.parametrizations.spectral_norm
     for layer in (eager[0], eager[2]):
         wrap(layer, mode="conv", input_size=(5, 5))
