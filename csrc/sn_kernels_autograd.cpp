@@ -206,6 +206,13 @@ std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_plain(const at::Tens
   return {normalize_op().call(weight, u_used, v_used, sigma_eff, dim), sigma};
 }
 
+// The handle of the op `name`, looked up once per signature: each Sig below is used with a single name.
+template <typename Sig>
+const c10::TypedOperatorHandle<Sig>& typed_op(const char* name) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  return op;
+}
+
 // ---------------------------------------------------------------- the certified carry (certified.py)
 //
 // `native_carry_eager(weight, ref, base, k1, coeff, soft) -> (weight_sn, den)`: `native_carry_forward` with a C++
@@ -218,12 +225,6 @@ using CarryForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at:
                                                                         const at::Tensor&, double, double, bool);
 using CarryBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, double, double, bool);
-
-template <typename Sig>
-const c10::TypedOperatorHandle<Sig>& carry_op(const char* name) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return op;  // one handle per signature: each is instantiated with a single name
-}
 
 // the carry's W_sn in differentiable ATen ops (certified._carried and _scaled), for a double backward
 at::Tensor carry_differentiable(const at::Tensor& weight, const at::Tensor& ref, const at::Tensor& base, double k1,
@@ -245,7 +246,7 @@ struct CarryFunction : public torch::autograd::Function<CarryFunction> {
     at::Tensor out, den, nrm;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(out, den, nrm) = carry_op<CarryForwardSig>("sn_kernels::native_carry_forward")
+      std::tie(out, den, nrm) = typed_op<CarryForwardSig>("sn_kernels::native_carry_forward")
                                     .call(weight, ref, base, k1, coeff, soft);
     }
     ctx->save_for_backward({weight, ref, base, den, nrm});
@@ -269,7 +270,7 @@ struct CarryFunction : public torch::autograd::Function<CarryFunction> {
                                      /*create_graph=*/true)[0];
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out[0] = carry_op<CarryBackwardSig>("sn_kernels::native_carry_backward")
+      out[0] = typed_op<CarryBackwardSig>("sn_kernels::native_carry_backward")
                    .call(grads[0], saved[0], saved[1], saved[3], saved[4], k1, coeff, soft);
     }
     return out;
@@ -285,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> carry_eager_autograd(const at::Tensor& weight
 std::tuple<at::Tensor, at::Tensor> carry_eager_plain(const at::Tensor& weight, const at::Tensor& ref,
                                                      const at::Tensor& base, double k1, double coeff, bool soft) {
   auto [out, den, nrm] =
-      carry_op<CarryForwardSig>("sn_kernels::native_carry_forward").call(weight, ref, base, k1, coeff, soft);
+      typed_op<CarryForwardSig>("sn_kernels::native_carry_forward").call(weight, ref, base, k1, coeff, soft);
   return {out, den};
 }
 
@@ -301,12 +302,6 @@ using GroupForwardSig = std::tuple<std::vector<at::Tensor>, std::vector<at::Tens
                                                             at::IntArrayRef, int64_t, double, c10::string_view, bool);
 using GroupBackwardSig = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                                  at::TensorList, at::IntArrayRef);
-
-template <typename Sig>
-const c10::TypedOperatorHandle<Sig>& group_op(const char* name) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return op;  // one handle per signature: each is instantiated with a single name
-}
 
 // what the forward computed: W / sigma (the node's outputs), and sigma, u, v as the backward uses them
 struct GroupResult {
@@ -347,7 +342,7 @@ GroupResult run_group_forward(at::TensorList weights, at::TensorList us, at::Ten
   GroupResult r;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(r.outs, r.sigmas, r.us, r.vs) = group_op<GroupForwardSig>("sn_kernels::native_group_forward")
+    std::tie(r.outs, r.sigmas, r.us, r.vs) = typed_op<GroupForwardSig>("sn_kernels::native_group_forward")
                                                  .call(weights, us, vs, dims, n_power_iterations, eps, order, training);
   }
   if (training) {  // the buffers take the iterated u, v
@@ -441,7 +436,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     }
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<at::Tensor> res =
-        group_op<GroupBackwardSig>("sn_kernels::native_group_backward").call(g, w, u, v, s, d);
+        typed_op<GroupBackwardSig>("sn_kernels::native_group_backward").call(g, w, u, v, s, d);
     for (size_t j = 0; j < todo.size(); ++j) out[todo[j]] = std::move(res[j]);
     return out;
   }

@@ -58,19 +58,7 @@ METHODS = ("auto", "gram", "fft", "exact")
 _U = 2.0 ** -53  # unit roundoff of float64
 _ABS = 2.0 ** -1000  # absolute slack per step: covers underflow (all values are scaled to O(1))
 _INF = math.inf
-_SMALLEST_NORMAL = sys.float_info.min  # a variable, so that Python cannot fold the test below at compile time
-
-
-def check_gradual_underflow(what: str) -> None:
-    """Refuse to certify while this thread's CPU flushes subnormal numbers to zero
-    (``torch.set_flush_denormal(True)``: FTZ and DAZ on x86).  Every bound here accounts for rounding under
-    gradual underflow; with subnormal inputs read as 0 and subnormal results flushed to 0, a weight of tiny
-    entries is bounded as if they were zero, and a carry's tiny differences vanish, so a bound could fall
-    below sigma.  A float64 operation in Python itself tells (it uses the same SSE control register)."""
-    if _SMALLEST_NORMAL * 0.5 == 0.0:
-        raise RuntimeError(f"sn_kernels: {what} cannot be certified while subnormal numbers are flushed to zero "
-                           "(torch.set_flush_denormal(True)): the bounds' rounding model assumes gradual "
-                           "underflow; call torch.set_flush_denormal(False) first")
+_SMALLEST_NORMAL = sys.float_info.min  # a variable, so that Python cannot fold ``check_gradual_underflow``'s test
 _MAX_GRAM = 40  # Gram steps at most (k^(1/2^41) - 1 < 1e-11 for any k a float64 matrix can have)
 _SWITCH = 12  # 'auto'/'fft': Gram steps before the eigen-certificate takes over
 _POWER_STEPS = 32  # power iterations for the lower bound at most, after the warm start
@@ -85,6 +73,19 @@ _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 # ----------------------------------------------------------------------------- rounding
+
+
+def check_gradual_underflow(what: str) -> None:
+    """Refuse to certify while this thread's CPU flushes subnormal numbers to zero
+    (``torch.set_flush_denormal(True)``: FTZ and DAZ on x86).  Every bound here accounts for rounding under
+    gradual underflow; with subnormal inputs read as 0 and subnormal results flushed to 0, a weight of tiny
+    entries is bounded as if they were zero, and a carry's tiny differences vanish, so a bound could fall
+    below sigma.  A float64 operation in Python itself tells (it uses the same SSE control register)."""
+    if _SMALLEST_NORMAL * 0.5 == 0.0:
+        raise RuntimeError(f"sn_kernels: {what} cannot be certified while subnormal numbers are flushed to zero "
+                           "(torch.set_flush_denormal(True)): the bounds' rounding model assumes gradual "
+                           "underflow; call torch.set_flush_denormal(False) first")
+
 
 def _gamma(n: int) -> float:
     """gamma_m = m u / (1 - m u) with m = 2 n + 8: Higham's gamma_n with n doubled (complex
@@ -866,12 +867,21 @@ def _check_plain(label: str, module: nn.Module) -> None:
     if base is not None and type(module).forward is not base.forward:
         raise TypeError(f"lipschitz_bound: cannot bound {label}: {type(module).__name__} overrides the forward "
                         f"of {base.__name__}, so its map is not the one {base.__name__} is bounded by")
-    for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
-        for hook in hooks.values():
+    found = _unknown_hook(module._forward_pre_hooks, module._forward_hooks, _KNOWN_HOOK_MODULES)
+    if found is not None:
+        raise TypeError(f"lipschitz_bound: cannot bound {label}: it has a {found[0]} ({found[1]!r}) that may change "
+                        f"its weight or output; remove it to bound the layer")
+
+
+def _unknown_hook(pre_hooks: dict, hooks: dict, known: tuple = ()) -> tuple[str, object] | None:
+    """(kind, hook) of the first forward pre-hook or forward hook among ``pre_hooks``, ``hooks`` that is
+    neither sn_kernels' own nor from a module named in ``known``; None when there is none."""
+    for kind, table in (("forward pre-hook", pre_hooks), ("forward hook", hooks)):
+        for hook in table.values():
             owner = _hook_owner(hook)
-            if not (owner.startswith("sn_kernels.") or owner in _KNOWN_HOOK_MODULES):
-                raise TypeError(f"lipschitz_bound: cannot bound {label}: it has a {kind} ({hook!r}) that may change "
-                                f"its weight or output; remove it to bound the layer")
+            if not (owner.startswith("sn_kernels.") or owner in known):
+                return kind, hook
+    return None
 
 
 def _check_no_global_hooks() -> None:
@@ -880,12 +890,10 @@ def _check_no_global_hooks() -> None:
     output."""
     from torch.nn.modules import module as module_file
 
-    for kind, hooks in (("forward pre-hook", module_file._global_forward_pre_hooks),
-                        ("forward hook", module_file._global_forward_hooks)):
-        for hook in hooks.values():
-            if not _hook_owner(hook).startswith("sn_kernels."):
-                raise TypeError(f"lipschitz_bound: a global module {kind} is registered ({hook!r}); it runs on every "
-                                "layer and may change its output; remove it to bound the model")
+    found = _unknown_hook(module_file._global_forward_pre_hooks, module_file._global_forward_hooks)
+    if found is not None:
+        raise TypeError(f"lipschitz_bound: a global module {found[0]} is registered ({found[1]!r}); it runs on every "
+                        "layer and may change its output; remove it to bound the model")
 
 
 #: PyTorch's hook-based reparametrizations, whose weight ``_eval_weight`` computes

@@ -166,22 +166,22 @@ _STRIDED_ONLY = {
 }
 
 
-def check_complex(backend: str | None = None) -> None:
-    """Complex weights run on the torch backend: "auto" and "torch" pass; "native" and
-    "triton", requested by name, raise with the reason."""
+def _torch_only(what: str, reasons: dict, backend: str | None) -> None:
+    """Weights that only the torch backend runs: "auto" and "torch" pass; a backend in ``reasons``,
+    requested by name, raises with its reason."""
     choice = get_backend() if backend is None else _check_choice(backend)
-    if choice in _REAL_ONLY:
-        raise RuntimeError(f"sn_kernels backend {choice!r} cannot run complex weights: {_REAL_ONLY[choice]}; "
-                           "use 'auto' or 'torch'")
+    if choice in reasons:
+        raise RuntimeError(f"sn_kernels backend {choice!r} cannot run {what}: {reasons[choice]}; use 'auto' or 'torch'")
+
+
+def check_complex(backend: str | None = None) -> None:
+    """Complex weights run on the torch backend (``_torch_only``)."""
+    _torch_only("complex weights", _REAL_ONLY, backend)
 
 
 def check_sparse(weight: torch.Tensor, backend: str | None = None) -> None:
-    """Sparse weights (any layout but strided) run on the torch backend, as complex ones: "auto" and
-    "torch" pass; "native" and "triton", requested by name, raise with the reason."""
-    choice = get_backend() if backend is None else _check_choice(backend)
-    if choice in _STRIDED_ONLY:
-        raise RuntimeError(f"sn_kernels backend {choice!r} cannot run a {weight.layout} weight: "
-                           f"{_STRIDED_ONLY[choice]}; use 'auto' or 'torch'")
+    """Sparse weights (any layout but strided) run on the torch backend (``_torch_only``)."""
+    _torch_only(f"a {weight.layout} weight", _STRIDED_ONLY, backend)
 
 
 def explain(device: torch.device | str = "cpu") -> str:
@@ -191,8 +191,8 @@ def explain(device: torch.device | str = "cpu") -> str:
     for name in BACKENDS:
         reason = why_not(name, device, auto=True)
         lines.append(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
-    lines.append("complex weights: torch backend (" + "; ".join(f"{n}: {r}" for n, r in _REAL_ONLY.items()) + ")")
-    lines.append("sparse weights: torch backend (" + "; ".join(f"{n}: {r}" for n, r in _STRIDED_ONLY.items()) + ")")
+    for what, reasons in (("complex", _REAL_ONLY), ("sparse", _STRIDED_ONLY)):
+        lines.append(f"{what} weights: torch backend (" + "; ".join(f"{n}: {r}" for n, r in reasons.items()) + ")")
     return "\n".join(lines)
 
 

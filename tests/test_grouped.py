@@ -8,7 +8,7 @@ from torch import nn
 
 import sn_kernels
 from sn_kernels.backends import native
-from helpers import TwiceD, model_state as _state, weight_models
+from helpers import TwiceD, hook_of, model_state as _state, weight_models
 
 
 @pytest.mark.parametrize("api", ["hook", "parametrization"])
@@ -71,8 +71,7 @@ def _iterate_once(layer, api):
     """One training power iteration of ``layer``'s spectral norm, its W/sigma discarded."""
     with torch.no_grad():
         if api == "hook":
-            hook = next(h for h in layer._forward_pre_hooks.values() if isinstance(h, sn_kernels.SpectralNorm))
-            hook.compute_weight(layer, True)
+            hook_of(layer).compute_weight(layer, True)
         else:
             layer.weight
 
