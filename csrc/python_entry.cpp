@@ -1,7 +1,7 @@
 // The Python module `sn_kernels._C`: importing it loads the library, whose ops register themselves
 // (TORCH_LIBRARY), and gives the eager front ends one direct entry point.
 //
-// `_C.spectral_normalize_eager(weight, u, v, n_power_iterations, eps, dim, order, training[, coeff, soft])`
+// `_C.spectral_normalize_eager(weight, u, v, n_power_iterations, eps, dim, order, training[, coeff, soft[, gain]])`
 // calls the op `sn_kernels::native_spectral_normalize_eager` through the dispatcher, exactly as
 // `torch.ops.sn_kernels.native_spectral_normalize_eager` does (autograd, tracing, dispatch modes and the
 // device's kernel all come from the dispatcher), without the generic binding's work per call: building an
@@ -27,7 +27,8 @@ namespace sn_kernels {
 namespace {
 
 using EagerSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, double,
-                                                    int64_t, c10::string_view, bool, std::optional<double>, bool);
+                                                    int64_t, c10::string_view, bool, std::optional<double>, bool,
+                                                    const std::optional<at::Tensor>&);
 
 // the Python types taken as plain tensors besides torch.Tensor (torch.nn.Parameter), set once by the caller
 std::vector<PyObject*>& plain_types() {
@@ -62,11 +63,12 @@ PyObject* set_plain_types(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
 
 PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if ((nargs != 8 && nargs != 10) || THPVariableClass == nullptr || at::impl::torch_function_mode_enabled() ||
-      !plain_tensor(args[0]) || !plain_tensor(args[1]) || !plain_tensor(args[2]) || !PyLong_CheckExact(args[3]) ||
-      !PyFloat_CheckExact(args[4]) || !PyLong_CheckExact(args[5]) || !PyUnicode_CheckExact(args[6]) ||
-      !PyBool_Check(args[7]) || (nargs == 10 && ((args[8] != Py_None && !PyFloat_CheckExact(args[8])) ||
-                                                 !PyBool_Check(args[9]))))
+  if ((nargs != 8 && nargs != 10 && nargs != 11) || THPVariableClass == nullptr ||
+      at::impl::torch_function_mode_enabled() || !plain_tensor(args[0]) || !plain_tensor(args[1]) ||
+      !plain_tensor(args[2]) || !PyLong_CheckExact(args[3]) || !PyFloat_CheckExact(args[4]) ||
+      !PyLong_CheckExact(args[5]) || !PyUnicode_CheckExact(args[6]) || !PyBool_Check(args[7]) ||
+      (nargs >= 10 && ((args[8] != Py_None && !PyFloat_CheckExact(args[8])) || !PyBool_Check(args[9]))) ||
+      (nargs == 11 && args[10] != Py_None && !plain_tensor(args[10])))
     Py_RETURN_NOTIMPLEMENTED;
   int overflow = 0;
   const long long n = PyLong_AsLongLongAndOverflow(args[3], &overflow);
@@ -80,10 +82,12 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
   const bool training = args[7] == Py_True;
   std::optional<double> coeff;
   bool soft = false;
-  if (nargs == 10) {
+  if (nargs >= 10) {
     if (args[8] != Py_None) coeff = PyFloat_AS_DOUBLE(args[8]);
     soft = args[9] == Py_True;
   }
+  std::optional<at::Tensor> gain;
+  if (nargs == 11 && args[10] != Py_None) gain = THPVariable_Unpack(args[10]);
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("sn_kernels::native_spectral_normalize_eager", "")
                              .typed<EagerSig>();
@@ -95,7 +99,7 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
   {
     pybind11::gil_scoped_release no_gil;  // as torch.ops: the kernels may run long and other threads may call in
     out = op.call(weight, u, v, n, eps, dim, c10::string_view(order, static_cast<size_t>(len)), training, coeff,
-                  soft);
+                  soft, gain);
   }
   PyObject* result = PyTuple_New(2);
   if (result == nullptr) return nullptr;

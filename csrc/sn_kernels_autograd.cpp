@@ -51,6 +51,13 @@ backward_op() {
   return op;
 }
 
+// The handle of the op `name`, looked up once per signature: each Sig below is used with a single name.
+template <typename Sig>
+const c10::TypedOperatorHandle<Sig>& typed_op(const char* name) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  return op;
+}
+
 using PowerIterationSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, at::Tensor&, at::Tensor&,
                                                                           int64_t, double, int64_t, c10::string_view,
                                                                           bool);
@@ -69,9 +76,11 @@ void dense(at::Tensor& grad) {
 }
 
 // grad_W = (G - <G, W> / sigma u v^T) / sigma in plain ATen ops, differentiable itself: sigma is
-// re-attached to W through d sigma / dW = u v^T (same value), as in reference.backward.
-at::Tensor differentiable_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u,
-                                   const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+// re-attached to W through d sigma / dW = u v^T (same value), as in reference.backward.  Returns it in the
+// accumulation dtype, with c = <G, W> / sigma (the learnable gain's gradient).
+std::tuple<at::Tensor, at::Tensor> differentiable_parts(const at::Tensor& grad, const at::Tensor& weight,
+                                                        const at::Tensor& u, const at::Tensor& v,
+                                                        const at::Tensor& sigma, int64_t dim) {
   const auto acc = sigma.scalar_type();
   const int64_t ndim = weight.dim();
   if (dim < 0) dim += ndim;
@@ -85,7 +94,12 @@ at::Tensor differentiable_backward(const at::Tensor& grad, const at::Tensor& wei
   const at::Tensor uvT = at::outer(u.to(acc), v.to(acc)).reshape(shape).movedim(0, dim);
   if (W.requires_grad()) s = s + (uvT * (W - W.detach())).sum();
   const at::Tensor c = (G * W).sum() / s;
-  return ((G - c * uvT) / s).to(weight.scalar_type());
+  return {(G - c * uvT) / s, c};
+}
+
+at::Tensor differentiable_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u,
+                                   const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+  return std::get<0>(differentiable_parts(grad, weight, u, v, sigma, dim)).to(weight.scalar_type());
 }
 
 struct NormalizeFunction : public torch::autograd::Function<NormalizeFunction> {
@@ -122,6 +136,99 @@ at::Tensor normalize_eager_autograd(const at::Tensor& weight, const at::Tensor& 
 at::Tensor normalize_eager_plain(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                  const at::Tensor& sigma, int64_t dim) {
   return normalize_op().call(weight, u, v, sigma, dim);
+}
+
+// ---------------------------------------------------------------- the learnable gain (gain=True)
+//
+// gamma W / sigma_eff = W / scaled with scaled = sigma_eff / gamma: the same division pass with another
+// scalar.  Its gradients are (G - <G, W>/sigma_eff u v^T) / scaled for W and <G, W>/sigma_eff for gamma, the dot
+// the backward kernel computes anyway (`native_backward_gain`), so the gain costs no pass over W of its own
+// (benchmarks/NOTES.md, P3).  The composition (W / sigma_eff) * gamma, which rounds twice, is kept where gamma
+// would have to be read from another device (a synchronisation) and where `scaled` would not be an ordinary
+// number: gamma zero, non-finite, or beyond 2^-60 .. 2^60.
+
+// a dense CPU tensor with its own memory: no wrapper (functionalization, vmap) or Python subclass
+// (fake tensors), whose data a memcpy or a read would bypass
+bool plain_cpu(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return t.device().is_cpu() && t.layout() == at::kStrided && typeid(*impl) == typeid(c10::TensorImpl) &&
+         !impl->is_python_dispatch() && t.is_contiguous();
+}
+
+// gamma as the composition multiplies by it (rounded to the weight's dtype), where the fused route applies
+std::optional<double> fused_gain(const at::Tensor& weight, const at::Tensor& sigma_eff, const at::Tensor& gain) {
+  if (!weight.device().is_cpu() || !plain_cpu(gain) || !plain_cpu(sigma_eff) || gain.numel() != 1 ||
+      !at::isFloatingType(gain.scalar_type()))
+    return std::nullopt;
+  const double g = (gain.scalar_type() == weight.scalar_type() ? gain : gain.to(weight.scalar_type())).item<double>();
+  const double a = std::fabs(g);
+  if (!std::isfinite(g) || a < 0x1p-60 || a > 0x1p60) return std::nullopt;
+  return g;
+}
+
+// sigma_eff / gamma in sigma_eff's (accumulation) dtype
+at::Tensor gain_divisor(const at::Tensor& sigma_eff, double gamma) {
+  return AT_DISPATCH_FLOATING_TYPES(sigma_eff.scalar_type(), "gain_divisor", [&] {
+    return at::scalar_tensor(*sigma_eff.const_data_ptr<scalar_t>() / static_cast<scalar_t>(gamma),
+                             sigma_eff.options());
+  });
+}
+
+// gamma's gradient, in gamma's dtype and shape
+at::Tensor gain_grad(const at::Tensor& dot, const at::Tensor& gain) {
+  return dot.to(gain.scalar_type()).reshape(gain.sizes());
+}
+
+using BackwardGainSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                           int64_t);
+
+struct GainNormalizeFunction : public torch::autograd::Function<GainNormalizeFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& gain, const at::Tensor& u,
+                            const at::Tensor& v, const at::Tensor& sigma_eff, const at::Tensor& scaled, int64_t dim) {
+    ctx->save_for_backward({weight, gain, u, v, sigma_eff, scaled});
+    ctx->saved_data["dim"] = dim;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return normalize_op().call(weight, u, v, scaled, dim);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(7);
+    const bool want_w = ctx->needs_input_grad(0), want_gain = ctx->needs_input_grad(1);
+    if (!want_w && !want_gain) return out;
+    dense(grads[0]);
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &weight = saved[0], &gain = saved[1];
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    at::Tensor grad_w, dot;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: gamma (W / sigma_eff)'s gradients in ATen ops
+      at::Tensor unscaled;
+      std::tie(unscaled, dot) = differentiable_parts(grads[0], weight, saved[2], saved[3], saved[4], dim);
+      grad_w = (unscaled * gain.reshape({}).to(weight.scalar_type()).to(unscaled.scalar_type()))
+                   .to(weight.scalar_type());
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(grad_w, dot) = typed_op<BackwardGainSig>("sn_kernels::native_backward_gain")
+                                  .call(grads[0], weight, saved[2], saved[3], saved[4], saved[5], dim);
+    }
+    if (want_w) out[0] = grad_w;
+    if (want_gain) out[1] = gain_grad(dot, gain);
+    return out;
+  }
+};
+
+// W / sigma_eff times the gain, with autograd (`record`) or below it: fused where fused_gain applies
+at::Tensor normalize_with_gain(const at::Tensor& weight, const at::Tensor& u_used, const at::Tensor& v_used,
+                               const at::Tensor& sigma_eff, int64_t dim, const at::Tensor& gain, bool record) {
+  const std::optional<double> gamma = fused_gain(weight, sigma_eff, gain);
+  if (gamma.has_value()) {
+    const at::Tensor scaled = gain_divisor(sigma_eff, *gamma);
+    if (record) return GainNormalizeFunction::apply(weight, gain, u_used, v_used, sigma_eff, scaled, dim);
+    return normalize_op().call(weight, u_used, v_used, scaled, dim);
+  }
+  const at::Tensor out = record ? NormalizeFunction::apply(weight, u_used, v_used, sigma_eff, dim)
+                                : normalize_op().call(weight, u_used, v_used, sigma_eff, dim);
+  return at::mul(out, gain.reshape({}).to(out.scalar_type()));
 }
 
 // The kernels check devices too, but a mixed call (a meta or CUDA vector with a CPU weight) would be
@@ -161,9 +268,9 @@ at::Tensor lipschitz_scale_cpu(const at::Tensor& sigma, at::Tensor& u_used, doub
 std::tuple<at::Tensor, at::Tensor> lipschitz_scale(const at::Tensor& sigma, const at::Tensor& u, double coeff,
                                                    bool soft, const at::Tensor& buffer) {
   // u: the power iteration's copy (never the caller's buffer, which must keep the iterated u)
-  if (sigma.device().is_cpu() && u.device().is_cpu() && sigma.dim() == 0 && u.scalar_type() == sigma.scalar_type() &&
-      (u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble) && u.is_contiguous() &&
-      !u.is_alias_of(buffer)) {
+  // (plain tensors only: a traced call's fake or functional tensors have no data to read)
+  if (plain_cpu(sigma) && plain_cpu(u) && sigma.dim() == 0 && u.scalar_type() == sigma.scalar_type() &&
+      (u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble) && !u.is_alias_of(buffer)) {
     at::Tensor u_eff = u;
     at::Tensor sigma_eff = AT_DISPATCH_FLOATING_TYPES(
         u.scalar_type(), "lipschitz_scale", [&] { return lipschitz_scale_cpu<scalar_t>(sigma, u_eff, coeff, soft); });
@@ -181,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_autograd(const at::T
                                                                      at::Tensor& v, int64_t n_power_iterations,
                                                                      double eps, int64_t dim, c10::string_view order,
                                                                      bool training, std::optional<double> coeff,
-                                                                     bool soft) {
+                                                                     bool soft, const std::optional<at::Tensor>& gain) {
   check_one_device(weight, u, v);
   at::Tensor sigma, u_used, v_used, sigma_eff;
   {
@@ -191,6 +298,8 @@ std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_autograd(const at::T
     sigma_eff = sigma;
     if (coeff.has_value()) std::tie(sigma_eff, u_used) = lipschitz_scale(sigma, u_used, *coeff, soft, u);
   }
+  if (gain.has_value() && gain->defined())
+    return {normalize_with_gain(weight, u_used, v_used, sigma_eff, dim, *gain, true), sigma};
   return {NormalizeFunction::apply(weight, u_used, v_used, sigma_eff, dim), sigma};
 }
 
@@ -198,19 +307,14 @@ std::tuple<at::Tensor, at::Tensor> spectral_normalize_eager_plain(const at::Tens
                                                                   at::Tensor& v, int64_t n_power_iterations,
                                                                   double eps, int64_t dim, c10::string_view order,
                                                                   bool training, std::optional<double> coeff,
-                                                                  bool soft) {
+                                                                  bool soft, const std::optional<at::Tensor>& gain) {
   check_one_device(weight, u, v);
   auto [sigma, u_used, v_used] = power_iteration_op().call(weight, u, v, n_power_iterations, eps, dim, order, training);
   at::Tensor sigma_eff = sigma;
   if (coeff.has_value()) std::tie(sigma_eff, u_used) = lipschitz_scale(sigma, u_used, *coeff, soft, u);
+  if (gain.has_value() && gain->defined())
+    return {normalize_with_gain(weight, u_used, v_used, sigma_eff, dim, *gain, false), sigma};
   return {normalize_op().call(weight, u_used, v_used, sigma_eff, dim), sigma};
-}
-
-// The handle of the op `name`, looked up once per signature: each Sig below is used with a single name.
-template <typename Sig>
-const c10::TypedOperatorHandle<Sig>& typed_op(const char* name) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return op;
 }
 
 // ---------------------------------------------------------------- the certified carry (certified.py)
@@ -307,14 +411,6 @@ using GroupBackwardSig = std::vector<at::Tensor>(at::TensorList, at::TensorList,
 struct GroupResult {
   std::vector<at::Tensor> outs, sigmas, us, vs;
 };
-
-// a dense CPU tensor with its own memory: no wrapper (functionalization, vmap) or Python subclass
-// (fake tensors), whose data a memcpy would bypass
-bool plain_cpu(const at::Tensor& t) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  return t.device().is_cpu() && t.layout() == at::kStrided && typeid(*impl) == typeid(c10::TensorImpl) &&
-         !impl->is_python_dispatch() && t.is_contiguous();
-}
 
 // bufs[i].copy_(fresh[i]) for every i, version counters moved as by copy_: a memcpy for contiguous CPU
 // vectors of one dtype (a dispatched copy costs more than the forward of a small weight), the others

@@ -652,28 +652,49 @@ void grad_rows(scalar_t* y, const scalar_t* g, const acc_t* ua, const acc_t* va,
   });
 }
 
-at::Tensor backward_cpu(const at::Tensor& grad_, const at::Tensor& weight_, const at::Tensor& u_,
-                        const at::Tensor& v_, const at::Tensor& sigma, int64_t dim) {
+// (G - <G, W>/sigma u v^T) / scaled and <G, W>/sigma (0-d, the accumulation dtype): the backward kernel with
+// its final divisor apart from sigma.  `scaled` is sigma itself for W / sigma (native_backward), and
+// sigma / gamma for the learnable gain's gamma W / sigma, whose gamma gradient is the returned dot.
+// (`with_dot` false: no dot tensor is made, for native_backward)
+std::tuple<at::Tensor, at::Tensor> backward_scaled(const at::Tensor& grad_, const at::Tensor& weight_,
+                                                   const at::Tensor& u_, const at::Tensor& v_, const at::Tensor& sigma,
+                                                   const at::Tensor& scaled, int64_t dim, bool with_dot) {
   const MatrixView mv = matrix_view(weight_, dim);
   check_args(weight_, u_, v_, mv);
   check_grad_args(grad_, weight_, sigma);
+  check_sigma(weight_, scaled);
   if (is_half(weight_)) {
     const at::Tensor g = as_float(grad_, true), w = as_float(weight_, true);
-    return as_half(backward_cpu(g, w, as_float(u_), as_float(v_), sigma, dim));
+    auto [out, c] = backward_scaled(g, w, as_float(u_), as_float(v_), sigma, scaled, dim, with_dot);
+    return {as_half(out), c};
   }
   const at::Tensor weight = weight_.contiguous(), grad = grad_.contiguous();
   at::Tensor out = cached_empty_cpu(weight.sizes(), weight.strides(), weight.scalar_type());
+  at::Tensor dot = with_dot ? at::empty({}, sigma.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sn_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t sig = safe_sigma(*sigma.const_data_ptr<acc_t>());
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const acc_t c = blocked_dot<scalar_t, acc_t>(g, weight.const_data_ptr<scalar_t>(), weight.numel()) / sig;
+    if (with_dot) *dot.mutable_data_ptr<acc_t>() = c;
     std::vector<acc_t> ua(mv.m), va(mv.n());
     to_acc_vec<scalar_t, acc_t>(u_.contiguous(), ua.data());
     to_acc_vec<scalar_t, acc_t>(v_.contiguous(), va.data());
-    grad_rows(out.mutable_data_ptr<scalar_t>(), g, ua.data(), va.data(), c, sig, mv);
+    const acc_t divisor = safe_sigma(*scaled.const_data_ptr<acc_t>());
+    grad_rows(out.mutable_data_ptr<scalar_t>(), g, ua.data(), va.data(), c, divisor, mv);
   });
-  return out;
+  return {out, dot};
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                        const at::Tensor& sigma, int64_t dim) {
+  return std::get<0>(backward_scaled(grad, weight, u, v, sigma, sigma, dim, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_gain_cpu(const at::Tensor& grad, const at::Tensor& weight,
+                                                     const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma,
+                                                     const at::Tensor& scaled, int64_t dim) {
+  return backward_scaled(grad, weight, u, v, sigma, scaled, dim, true);
 }
 
 // ---- W / sigma laid out for a compiled graph (functional._normalize_laid_out; fakes: backends/native.py) ----
@@ -885,7 +906,7 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
 // rebuilt after an update) is then refused with a reason, instead of failing at the first call that
 // passes an argument it does not know.  Bump both whenever a native_* schema changes
 // (tests/test_native.py compares a digest of the schemas).
-constexpr int64_t kOpsVersion = 3;
+constexpr int64_t kOpsVersion = 4;
 
 int64_t ops_version() { return kOpsVersion; }
 
@@ -897,6 +918,10 @@ TORCH_LIBRARY(sn_kernels, m) {
         "int dim, str order, bool training) -> (Tensor, Tensor, Tensor)");
   m.def("native_normalize(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
   m.def("native_backward(Tensor grad, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
+  // the same with the final divisor `scaled` apart from sigma, and <G, W> / sigma: the learnable gain's gradients
+  // (gamma W / sigma = W / scaled with scaled = sigma / gamma; gamma's gradient is the dot), CPU only
+  m.def("native_backward_gain(Tensor grad, Tensor weight, Tensor u, Tensor v, Tensor sigma, Tensor scaled, "
+        "int dim) -> (Tensor, Tensor)");
   // W / sigma written contiguous or channels-last, and its gradient from W / sigma itself: the compiled
   // CPU route (functional._compiled_ops); the backward takes the gradient in whatever layout it comes
   m.def("native_normalize_layout(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim, bool channels_last) "
@@ -909,9 +934,11 @@ TORCH_LIBRARY(sn_kernels, m) {
         "bool channels_last) -> (Tensor, Tensor)");
   // native_normalize with its gradient in C++ (sn_kernels_autograd.cpp): the eager-mode entry point
   m.def("native_normalize_eager(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> Tensor");
-  // the whole eager forward (power iteration, the Lipschitz scaling when coeff is given, W / sigma) in one call
+  // the whole eager forward (power iteration, the Lipschitz scaling when coeff is given, W / sigma, times the
+  // learnable gain when given) in one call
   m.def("native_spectral_normalize_eager(Tensor weight, Tensor(a!) u, Tensor(b!) v, int n_power_iterations, "
-        "float eps, int dim, str order, bool training, float? coeff=None, bool soft=False) -> (Tensor, Tensor)");
+        "float eps, int dim, str order, bool training, float? coeff=None, bool soft=False, Tensor? gain=None) "
+        "-> (Tensor, Tensor)");
   // the block cache of CPU outputs (cpu_block_cache.h): statistics and release of idle blocks
   m.def("native_cpu_cache_stats() -> int[]", &cpu_cache_stats);
   m.def("native_cpu_cache_clear() -> ()", &cpu_cache_clear);
@@ -921,6 +948,7 @@ TORCH_LIBRARY_IMPL(sn_kernels, CPU, m) {
   m.impl("native_power_iteration", &power_iteration_cpu);
   m.impl("native_normalize", &normalize_cpu);
   m.impl("native_backward", &backward_cpu);
+  m.impl("native_backward_gain", &backward_gain_cpu);
   m.impl("native_normalize_layout", &normalize_layout_cpu);
   m.impl("native_normalize_layout_backward", &normalize_layout_backward_cpu);
   m.impl("native_normalize_layout_twice", &normalize_layout_twice_cpu);

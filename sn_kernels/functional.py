@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import dispatch, transforms
 from .backends import native, pytorch, traced
-from .backends.contract import accumulation_dtype, composed_eager
+from .backends.contract import accumulation_dtype, apply_gain, composed_eager
 from .checks import check_call, check_variant
 
 # device types where "auto" compiles to the layout-aware native ops, or without them to the traced
@@ -107,12 +107,13 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
         weight_sn, sigma = transforms.spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order,
                                                          training, coeff, soft)
         kept = weight_sn
-    else:
-        weight_sn, sigma = _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend)
-        kept = weight_sn
+    else:  # the backend's eager call applies the gain itself
+        weight_sn, sigma = _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain,
+                                  backend)
+        return weight_sn, weight_sn, sigma
     if gain is not None:
-        g = gain.reshape(()).to(weight_sn.dtype)
-        weight_sn, kept = (weight_sn * g, kept * g) if kept is not weight_sn else (weight_sn * g,) * 2
+        weight_sn, kept = ((apply_gain(weight_sn, gain), apply_gain(kept, gain)) if kept is not weight_sn else
+                           (apply_gain(weight_sn, gain),) * 2)
     return weight_sn, kept, sigma
 
 
@@ -129,7 +130,7 @@ def _empty_weight(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int,
     return weight / sigma.to(weight.dtype), sigma
 
 
-def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend):
+def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain, backend):
     """The eager route: the selected backend's ``eager`` entry.  A backend that checks its
     arguments itself (native: in C++, before it touches u, v) is called first, and the
     Python checks run only to name a refused argument; for a small weight they would cost
@@ -140,9 +141,9 @@ def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, s
     chosen = dispatch.resolve(weight.device, backend)
     if not chosen.eager_checks_args:
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
-        return chosen.eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+        return chosen.eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
     try:
-        return chosen.eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+        return chosen.eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
     except (RuntimeError, TypeError, ValueError):
         check_call(weight, u, v, n_power_iterations, eps, dim, order)
         raise

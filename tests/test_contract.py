@@ -164,6 +164,76 @@ def test_backward_matches_formula(backend, backend_device, dtype, shape, dim, or
         check("grad vs torch backend", ww.grad, wt.grad, dtype, scale=scale)
 
 
+def _gain_reference(G, w, u_used, v_used, dim, gamma, coeff, soft):
+    """gamma W / sigma_eff with sigma_eff = u . W v (over coeff; soft: at least 1) in float64, u, v held
+    constant: the output and the gradients of W and gamma by autograd."""
+    W = w.detach().cpu().double().requires_grad_()
+    g = torch.tensor(float(gamma), dtype=torch.float64, requires_grad=True)
+    sigma = torch.dot(u_used.cpu().double(), pytorch.as_matrix(W, dim) @ v_used.cpu().double())
+    if coeff is not None:
+        sigma = sigma / coeff
+        sigma = torch.clamp_min(sigma, 1.0) if soft else sigma
+    out = g * W / sigma
+    out.backward(G.cpu().double())
+    return out.detach(), W.grad, g.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", [(None, False), (0.5, False), (0.5, True), (1e4, True)], ids=str)
+@pytest.mark.parametrize("gamma", [1.7, -0.4, 0.0, 1e-30])
+def test_gain_matches_formula(backend, backend_device, dtype, shape, dim, training, variant, gamma):
+    """The eager call with a learnable gain: gamma W / sigma_eff and the gradients of W and gamma against
+    float64 autograd through the formula (u, v as the call used them).  gamma 0 and 1e-30 are where the
+    native CPU op composes instead of dividing by sigma / gamma (csrc/sn_kernels_autograd.cpp)."""
+    coeff, soft = variant
+    w, u, v, G = sample_inputs(backend_device, dtype, shape, dim, warmup=50, grad=True)
+    u0, v0 = u.clone(), v.clone()
+    ww = w.clone().requires_grad_()
+    # gamma in the weight's dtype, as a converted module holds it, and in float32 beside a half-precision weight
+    gain_dtype = dtype if dtype in (torch.float64, torch.float32) else torch.float32
+    gain = torch.tensor([gamma], dtype=gain_dtype, device=backend_device, requires_grad=True)
+    out, sigma = sn_kernels.spectral_normalize(ww, u, v, dim=dim, training=training, coeff=coeff, soft=soft,
+                                               gain=gain, backend=backend.name)
+    out.backward(G)
+    u_used, v_used = (u, v) if training else (u0, v0)
+    out_r, grad_r, gain_r = _gain_reference(G, w, u_used, v_used, dim, gain.item(), coeff, soft)
+    assert out.dtype == dtype and ww.grad.dtype == dtype and gain.grad.dtype == gain_dtype
+    assert gain.grad.shape == (1,)
+    scale = 1 if dtype in (torch.float64, torch.float32) else 4
+    check("gain output vs float64", out.detach().cpu(), out_r, dtype)
+    check("gain: W's gradient vs float64", ww.grad.cpu(), grad_r, dtype, scale=scale)
+    # gamma's gradient <G, W> / sigma_eff is a sum over all of W: its rounding grows with sqrt(numel)
+    check("gain: gamma's gradient vs float64", gain.grad.cpu().reshape(()), gain_r, dtype,
+          scale=scale * max(1.0, w.numel() ** 0.5))
+    fused = backend.name == "native" and backend_device.type == "cpu" and 2.0 ** -60 <= abs(gamma)
+    assert ("GainNormalize" in out.grad_fn.name()) == fused, out.grad_fn.name()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", [(None, False), (0.5, True)], ids=str)
+def test_gain_gradcheck(backend, backend_device, training, variant):
+    """gradcheck of (W, gamma) -> gamma W / sigma with converged vectors, and in eval gradgradcheck (a double
+    backward through the gain; in training the iterated u, v move with W at second order, which the
+    gradient, holding them constant as PyTorch's does, leaves out)."""
+    coeff, soft = variant
+    w = _f64(planted(7, 5), backend_device)
+    ones = torch.ones(7, dtype=torch.float64, device=backend_device), torch.ones(5, dtype=torch.float64,
+                                                                                 device=backend_device)
+    _, _, u, v = pytorch_formula(w, *ones, n_power_iterations=200)
+    w.requires_grad_(True)
+    gain = torch.tensor([1.3], dtype=torch.float64, device=backend_device, requires_grad=True)
+
+    def f(weight, g):
+        return sn_kernels.spectral_normalize(weight, u.clone(), v.clone(), training=training, coeff=coeff, soft=soft,
+                                             gain=g, backend=backend.name)[0]
+
+    assert torch.autograd.gradcheck(f, (w, gain), eps=1e-6, atol=1e-6)
+    if not training:
+        assert torch.autograd.gradgradcheck(f, (w, gain), eps=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(1, 3), (4, 6)], ids=str)
 def test_backward_of_the_op_with_sigma_beyond_float16_range(backend, backend_device, shape):
     """The op's own autograd formula (the torch.compile route; the eager call has its own node) on a
@@ -311,13 +381,20 @@ def _sample_args(op_name, w, u, v, dim, order, training):
         flat, sigmas, uvs = torch.ops.sn_kernels.triton_group_forward([w, w2], [u, u2], [v, v2], [dim, 0], 1, EPS,
                                                                       order, training)
         return [(torch.randn_like(flat), [w, w2], uvs, sigmas, [dim, 0])]
-    if kind in ("power_iteration", "spectral_normalize_eager"):
+    if kind == "power_iteration":
         return [(w, u.clone(), v.clone(), 2, EPS, dim, order, training),
                 (w, u.clone(), v.clone(), 1, EPS, dim, order, training)]
+    if kind == "spectral_normalize_eager":  # plain, and with coeff and a gain (gamma's gradient too)
+        gain = torch.tensor([1.7], dtype=w.dtype, device=w.device, requires_grad=True)
+        return [(w, u.clone(), v.clone(), 2, EPS, dim, order, training),
+                (w, u.clone(), v.clone(), 1, EPS, dim, order, training),
+                (wg, u.clone(), v.clone(), 1, EPS, dim, order, training, 0.5, True, gain)]
     if kind in ("normalize", "normalize_eager"):
         return [(w, uu, vv, sigma, dim), (wg, uu, vv, sigma, dim)]
     if kind == "backward":
         return [(G, w, uu, vv, sigma, dim)]
+    if kind == "backward_gain":  # the final divisor sigma / gamma
+        return [(G, w, uu, vv, sigma, sigma / 1.7, dim)]
     if kind in ("normalize_layout", "normalize_layout_twice"):  # native: W / sigma contiguous or channels-last
         return [(x, uu, vv, sigma, dim, cl) for x in (w, wg) for cl in ([False, True] if w.dim() == 4 else [False])]
     if kind == "normalize_layout_backward":  # the gradient in either layout (a compiled convolution's is channels-last),

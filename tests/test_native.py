@@ -264,6 +264,47 @@ def test_lipschitz_variants_in_the_fused_op(dtype, shape, dim, training, coeff, 
         assert torch.equal(g, g_r), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("coeff,soft", [(None, False), (0.5, True)])
+def test_gain_in_the_fused_op(dtype, training, coeff, soft):
+    """The learnable gain inside native_spectral_normalize_eager: the front end, the direct entry and torch.ops
+    give the same bits, with the gain's node (GainNormalizeFunction) and under no_grad / inference_mode (no
+    node, the same decision); gamma's gradient alone (a frozen W) and W's alone (gamma a buffer); a gain that
+    is a tensor subclass is left to torch.ops by the direct entry."""
+    w, u, v = _inputs((9, 6, 2), 1, dtype, converged=True)
+    w = torch.nn.Parameter(w)
+    gain = torch.nn.Parameter(torch.tensor([1.25], dtype=dtype))
+    args = (2, 1e-12, 1, "uv", training, coeff, soft)
+    runs = {
+        "front end": lambda w, u, v, g: sn_kernels.spectral_normalize(
+            w, u, v, n_power_iterations=2, dim=1, order="uv", training=training, coeff=coeff, soft=soft, gain=g,
+            backend="native"),
+        "torch.ops": lambda w, u, v, g: _ops().native_spectral_normalize_eager(w, u, v, *args, g),
+        "direct": lambda w, u, v, g: _direct()(w, u, v, *args, g),
+    }
+    G = torch.randn_like(w)
+    ref = None
+    for name, run in runs.items():
+        uc, vc = u.clone(), v.clone()
+        out, sigma = run(w, uc, vc, gain)
+        assert "GainNormalize" in out.grad_fn.name(), name
+        gw, gg = torch.autograd.grad(out, (w, gain), G)
+        got = (out.detach(), sigma, uc, vc, gw, gg)
+        if ref is None:
+            ref = got
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), name
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            out, _ = runs["front end"](w, u.clone(), v.clone(), gain)
+        assert out.grad_fn is None and torch.equal(out, ref[0]), ctx.__name__
+    out, _ = runs["front end"](w.detach(), u.clone(), v.clone(), gain)
+    assert torch.equal(torch.autograd.grad(out, gain, G)[0], ref[5])
+    out, _ = runs["front end"](w, u.clone(), v.clone(), gain.detach())
+    assert torch.equal(torch.autograd.grad(out, w, G)[0], ref[4])
+    assert _direct()(w, u.clone(), v.clone(), *args, gain.detach().as_subclass(_Logged)) is NotImplemented
+
+
 class _Logged(torch.Tensor):
     """A subclass with its own __torch_function__: torch.ops must take its calls."""
     seen = 0

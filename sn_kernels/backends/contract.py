@@ -49,9 +49,10 @@ class Backend:
       ``torch.compile`` traces), with the shared fakes and autograd formula.
     - ``backward(grad, weight, u, v, sigma, dim) -> grad_weight``: the analytic gradient
       (G - <G, W>/sigma u v^T) / sigma for the ``weight`` the forward divided.
-    - ``eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+    - ``eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain=None)
       -> (weight_sn, sigma)``: the whole eager forward, differentiable with respect to
-      ``weight``; ``dim`` is non-negative and the arguments were checked, unless
+      ``weight`` (and ``gain``, a one-element tensor gamma: weight_sn is then gamma W / sigma,
+      ``apply_gain``'s value to rounding); ``dim`` is non-negative and the arguments were checked, unless
       ``eager_checks_args``, in which case the backend checks them itself before it
       touches u, v (and the caller re-checks in Python only to name a refused argument).
     - ``ops``: every custom op the backend registers, the two above included, for
@@ -247,18 +248,25 @@ def composed_eager(power_iteration: Callable, normalize: Callable, traced_by: tu
     kernel not at all."""
     through_ops = composed_eager(*traced_by) if traced_by is not None else None
 
-    def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft):
+    def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain=None):
         if through_ops is not None and torch.jit.is_tracing():
-            return through_ops(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+            return through_ops(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
         with torch.no_grad():
             sigma, u_used, v_used = power_iteration(weight.detach(), u, v, n_power_iterations, float(eps), dim,
                                                     order, bool(training))
             sigma_eff = sigma
             if coeff is not None:
                 sigma_eff, u_used = lipschitz_scale(sigma, u_used, float(coeff), soft)
-        return normalize(weight, u_used, v_used, sigma_eff, dim), sigma
+        weight_sn = normalize(weight, u_used, v_used, sigma_eff, dim)
+        return (weight_sn if gain is None else apply_gain(weight_sn, gain)), sigma
 
     return eager
+
+
+def apply_gain(weight_sn: Tensor, gain: Tensor) -> Tensor:
+    """gamma W / sigma from W / sigma and the one-element ``gain``, composed: one more elementwise
+    product (the native CPU op divides by sigma / gamma instead, in its one pass)."""
+    return weight_sn * gain.reshape(()).to(weight_sn.dtype)
 
 
 def differentiable(normalize_impl: Callable, backward: Callable, differentiable_backward: Callable) -> Callable:

@@ -25,8 +25,8 @@ _state = {"loaded": False, "error": None, "build_failed": None}
 # The schema version of the native_* ops this Python code calls (csrc/sn_kernels_cpu.cpp kOpsVersion); bumped
 # with it whenever a schema changes.  OPS_SCHEMA_DIGEST: a digest of those schemas (``ops_schema_digest``),
 # which tests/test_native.py compares, so that a changed schema cannot go without a bump.
-OPS_VERSION = 3
-OPS_SCHEMA_DIGEST = "889d912966901e850271fe67336aef71804fdb41881cc9ba8f12f47a278da6ed"
+OPS_VERSION = 4
+OPS_SCHEMA_DIGEST = "4578d4bf600a430822abb15227e5d8ed2b2075299b8b0a76cd51c64990c3fc65"
 
 
 def ops_schema_digest() -> str:
@@ -160,25 +160,28 @@ def _finish() -> None:
                                               backward)
     torch.library.register_fake("sn_kernels::native_backward")(fake_like_weight)
     torch.library.register_fake("sn_kernels::native_normalize_eager")(fake_like_weight)
+    torch.library.register_fake("sn_kernels::native_backward_gain")(
+        lambda grad, weight, u, v, sigma, scaled, dim: (torch.empty_like(weight), fake_sigma(weight)))
     torch.library.register_fake("sn_kernels::native_spectral_normalize_eager")(
-        lambda weight, u, v, n_power_iterations, eps, dim, order, training, coeff=None, soft=False: (
+        lambda weight, u, v, n_power_iterations, eps, dim, order, training, coeff=None, soft=False, gain=None: (
             torch.empty_like(weight), fake_sigma(weight)))
-    # eager: one C++ call (power iteration, the Lipschitz scaling when coeff is given, W / sigma with a
-    # C++ autograd formula), entered directly where it can be (_direct_entry), else through torch.ops
+    # eager: one C++ call (power iteration, the Lipschitz scaling when coeff is given, W / sigma times the
+    # gain when given, with a C++ autograd formula), entered directly where it can be (_direct_entry), else
+    # through torch.ops
     fused = _raw("native_spectral_normalize_eager")
     direct = _direct_entry()
 
-    def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft):
+    def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain=None):
         eps, training, soft = float(eps), bool(training), bool(soft)
         coeff = None if coeff is None else float(coeff)
         if direct is not None:
-            out = direct(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+            out = direct(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
             if out is not NotImplemented:
                 return out
         if type(n_power_iterations) is int and not -2**63 <= n_power_iterations < 2**63:
             # torch.ops' own message for it reads "expected ... type 'int' ... found type 'int'"
             raise ValueError(f"n_power_iterations must fit in 64 bits, got {n_power_iterations}")
-        return fused(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft)
+        return fused(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
 
     if has_op("native_carry_forward"):  # the certified carry (certified.py)
         torch.library.register_fake("sn_kernels::native_carry_forward")(
@@ -222,7 +225,8 @@ def _finish() -> None:
         power_iteration=power_iteration, normalize=normalize, backward=backward, eager=eager,
         eager_checks_args=True,
         ops=(power_iteration, normalize, torch.ops.sn_kernels.native_backward,
-             torch.ops.sn_kernels.native_normalize_eager, torch.ops.sn_kernels.native_spectral_normalize_eager)
+             torch.ops.sn_kernels.native_backward_gain, torch.ops.sn_kernels.native_normalize_eager,
+             torch.ops.sn_kernels.native_spectral_normalize_eager)
         + layout_ops + group_ops, **group_calls,
     )
     _state["loaded"] = True
