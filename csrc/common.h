@@ -26,6 +26,10 @@ namespace sn_kernels {
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// The certified carry's rounding factor (1 + 4u), u float64's unit roundoff: certified.py's, applied to the carried
+// bound's denominator by the carry's kernel (sn_kernels_carry_cpu.cpp) and its ATen form (sn_kernels_autograd.cpp).
+constexpr double kCarryRounding = 1.0 + 4.0 * std::numeric_limits<double>::epsilon() / 2;
+
 struct MatrixView {
   int64_t outer = 1, m = 1, inner = 1;
   int64_t n() const { return outer * inner; }

@@ -16,6 +16,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -31,42 +33,32 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          int64_t)>&
-normalize_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sn_kernels::native_normalize", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, int64_t)>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, int64_t)>&
-backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sn_kernels::native_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op;
-}
-
-// The handle of the op `name`, looked up once per signature: each Sig below is used with a single name.
+// The handle of the op `name`, looked up once per signature: each Sig is used with a single name (checked: a second
+// name would get the first one's op).
 template <typename Sig>
 const c10::TypedOperatorHandle<Sig>& typed_op(const char* name) {
+  static const char* const first = name;
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  TORCH_INTERNAL_ASSERT(name == first || std::strcmp(name, first) == 0, "typed_op: ", name, " has ", first,
+                        "'s signature");
   return op;
 }
 
+using NormalizeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+using BackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, int64_t);
 using PowerIterationSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, at::Tensor&, at::Tensor&,
                                                                           int64_t, double, int64_t, c10::string_view,
                                                                           bool);
 
+const c10::TypedOperatorHandle<NormalizeSig>& normalize_op() {
+  return typed_op<NormalizeSig>("sn_kernels::native_normalize");
+}
+const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
+  return typed_op<BackwardSig>("sn_kernels::native_backward");
+}
 const c10::TypedOperatorHandle<PowerIterationSig>& power_iteration_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sn_kernels::native_power_iteration", "")
-                             .typed<PowerIterationSig>();
-  return op;
+  return typed_op<PowerIterationSig>("sn_kernels::native_power_iteration");
 }
 
 // a sparse gradient of W / sigma (nn.Embedding(sparse=True)) made dense, as the weight's gradient is anyway
@@ -333,9 +325,8 @@ using CarryBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const 
 // the carry's W_sn in differentiable ATen ops (certified._carried and _scaled), for a double backward
 at::Tensor carry_differentiable(const at::Tensor& weight, const at::Tensor& ref, const at::Tensor& base, double k1,
                                 double coeff, bool soft) {
-  const double rounding = 1.0 + 4.0 * std::ldexp(1.0, -53);  // (1 + 4u), u float64's unit roundoff
   const at::Tensor nrm = at::linalg_vector_norm(at::sub(weight, ref).reshape({-1}).to(at::kDouble), 2);
-  const at::Tensor den = (nrm * k1 + base) * rounding;
+  const at::Tensor den = (nrm * k1 + base) * kCarryRounding;
   at::Tensor scale = at::reciprocal(den) * coeff;
   if (soft) scale = at::clamp_max(scale, 1.0);
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

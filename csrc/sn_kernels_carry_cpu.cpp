@@ -38,7 +38,6 @@ namespace {
 
 constexpr int64_t BLOCK = 1 << 14;  // elements per partial sum (results depend on it)
 constexpr int LANES = 8;            // interleaved sums inside a block (results depend on it)
-constexpr double ROUNDING = 1.0 + 4.0 * std::numeric_limits<double>::epsilon() / 2;  // certified.py's (1 + 4u)
 
 template <typename T>
 using acc_of = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
@@ -154,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> carry_forward(const at::Tensor& w
     const scalar_t* a = w.const_data_ptr<scalar_t>();
     const scalar_t* c = r.const_data_ptr<scalar_t>();
     nrm = std::sqrt(block_sum<true>(a, c, n));
-    den = (nrm * k1 + b) * ROUNDING;
+    den = (nrm * k1 + b) * kCarryRounding;
     const acc_t s = static_cast<acc_t>(scale_of(den, coeff, soft, std::numeric_limits<acc_t>::max()));
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, BLOCK, [&](int64_t k0, int64_t k1_) {
@@ -187,7 +186,7 @@ at::Tensor carry_backward(const at::Tensor& grad, const at::Tensor& weight, cons
     double t = 0;  // the factor of (W - W_ref)
     if (through) {
       const double gw = block_sum<false>(gp, a, n);
-      t = -gw * coeff / (den * den) * ROUNDING * k1 / nrm;
+      t = -gw * coeff / (den * den) * kCarryRounding * k1 / nrm;
     }
     const acc_t sa = static_cast<acc_t>(s), ta = static_cast<acc_t>(t);
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
