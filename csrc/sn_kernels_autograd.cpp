@@ -136,8 +136,7 @@ at::Tensor normalize_eager_plain(const at::Tensor& weight, const at::Tensor& u, 
 // scalar.  Its gradients are (G - <G, W>/sigma_eff u v^T) / scaled for W and <G, W>/sigma_eff for gamma, the dot
 // the backward kernel computes anyway (`native_backward_gain`), so the gain costs no pass over W of its own
 // (benchmarks/NOTES.md, P3).  The composition (W / sigma_eff) * gamma, which rounds twice, is kept where gamma
-// would have to be read from another device (a synchronisation) and where `scaled` would not be an ordinary
-// number: gamma zero, non-finite, or beyond 2^-60 .. 2^60.
+// would have to be read from another device (a synchronisation), and in the cases `fused_divisor` lists.
 
 // a dense CPU tensor with its own memory: no wrapper (functionalization, vmap) or Python subclass
 // (fake tensors), whose data a memcpy or a read would bypass
@@ -147,22 +146,32 @@ bool plain_cpu(const at::Tensor& t) {
          !impl->is_python_dispatch() && t.is_contiguous();
 }
 
-// gamma as the composition multiplies by it (rounded to the weight's dtype), where the fused route applies
-std::optional<double> fused_gain(const at::Tensor& weight, const at::Tensor& sigma_eff, const at::Tensor& gain) {
-  if (!weight.device().is_cpu() || !plain_cpu(gain) || !plain_cpu(sigma_eff) || gain.numel() != 1 ||
-      !at::isFloatingType(gain.scalar_type()))
+// scaled = sigma_eff / gamma (gamma rounded to the weight's dtype, as the composition multiplies by it), in
+// sigma_eff's (accumulation) dtype, where the fused route applies; nullopt where the call composes.  It composes:
+// - where W / scaled would not be gamma W / sigma_eff to rounding: gamma zero, non-finite or beyond 2^-60 .. 2^60,
+//   and scaled not a normal number (a tiny sigma_eff over a large gamma; scaled 0 would read as a zero weight's);
+// - for a frozen weight with a trained gamma: the node saves W for gamma's gradient (an inference tensor cannot be
+//   saved, and a later in-place change of W would be refused) where the composition saves W / sigma_eff;
+// - for a forward-mode tangent on gamma (forward_ad): the node has no forward formula.
+std::optional<at::Tensor> fused_divisor(const at::Tensor& weight, const at::Tensor& sigma_eff, const at::Tensor& gain) {
+  if (!weight.device().is_cpu() || !plain_cpu(gain) || !plain_cpu(sigma_eff) || sigma_eff.dim() != 0 ||
+      gain.numel() != 1 || !at::isFloatingType(gain.scalar_type()) || !at::isFloatingType(sigma_eff.scalar_type()))
     return std::nullopt;
-  const double g = (gain.scalar_type() == weight.scalar_type() ? gain : gain.to(weight.scalar_type())).item<double>();
-  const double a = std::fabs(g);
-  if (!std::isfinite(g) || a < 0x1p-60 || a > 0x1p60) return std::nullopt;
-  return g;
-}
-
-// sigma_eff / gamma in sigma_eff's (accumulation) dtype
-at::Tensor gain_divisor(const at::Tensor& sigma_eff, double gamma) {
-  return AT_DISPATCH_FLOATING_TYPES(sigma_eff.scalar_type(), "gain_divisor", [&] {
-    return at::scalar_tensor(*sigma_eff.const_data_ptr<scalar_t>() / static_cast<scalar_t>(gamma),
-                             sigma_eff.options());
+  // (the frozen weight's test is the same in no_grad and inference mode, so each mode gives the same bits)
+  if ((gain.requires_grad() && !weight.requires_grad()) || gain._fw_grad(0).defined())
+    return std::nullopt;
+  at::Tensor g = gain;
+  if (g.scalar_type() != weight.scalar_type()) {
+    at::NoGradGuard no_grad;
+    g = g.to(weight.scalar_type());
+  }
+  const double gamma = g.item<double>();
+  if (!std::isfinite(gamma) || std::fabs(gamma) < 0x1p-60 || std::fabs(gamma) > 0x1p60) return std::nullopt;
+  return AT_DISPATCH_FLOATING_TYPES(sigma_eff.scalar_type(), "gain_divisor", [&]() -> std::optional<at::Tensor> {
+    const scalar_t sigma = *sigma_eff.const_data_ptr<scalar_t>();
+    const scalar_t scaled = sigma / static_cast<scalar_t>(gamma);
+    if (sigma != 0 && !std::isnormal(scaled)) return std::nullopt;
+    return at::scalar_tensor(scaled, sigma_eff.options());
   });
 }
 
@@ -175,11 +184,16 @@ using BackwardGainSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, co
                                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                            int64_t);
 
+// gamma's own value is in `scaled`; the node keeps gamma itself (not a saved variable, whose version an in-place
+// update of gamma after the forward would fail, as the composition's copy in another dtype does not) for its
+// gradient's dtype and shape, and for a double backward, which differentiates through it.
 struct GainNormalizeFunction : public torch::autograd::Function<GainNormalizeFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& gain, const at::Tensor& u,
                             const at::Tensor& v, const at::Tensor& sigma_eff, const at::Tensor& scaled, int64_t dim) {
-    ctx->save_for_backward({weight, gain, u, v, sigma_eff, scaled});
+    ctx->save_for_backward({weight, u, v, sigma_eff, scaled});
     ctx->saved_data["dim"] = dim;
+    ctx->saved_data["gain"] = gain;
+    ctx->saved_data["gain_version"] = static_cast<int64_t>(gain._version());
     at::AutoDispatchBelowADInplaceOrView guard;
     return normalize_op().call(weight, u, v, scaled, dim);
   }
@@ -190,18 +204,22 @@ struct GainNormalizeFunction : public torch::autograd::Function<GainNormalizeFun
     if (!want_w && !want_gain) return out;
     dense(grads[0]);
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &weight = saved[0], &gain = saved[1];
+    const at::Tensor& weight = saved[0];
+    const at::Tensor gain = ctx->saved_data["gain"].toTensor();
     const int64_t dim = ctx->saved_data["dim"].toInt();
     at::Tensor grad_w, dot;
     if (at::GradMode::is_enabled()) {  // create_graph=True: gamma (W / sigma_eff)'s gradients in ATen ops
+      TORCH_CHECK(static_cast<int64_t>(gain._version()) == ctx->saved_data["gain_version"].toInt(),
+                  "one of the variables needed for gradient computation has been modified by an inplace "
+                  "operation: the spectral-norm gain changed after the forward, and a double backward needs it");
       at::Tensor unscaled;
-      std::tie(unscaled, dot) = differentiable_parts(grads[0], weight, saved[2], saved[3], saved[4], dim);
+      std::tie(unscaled, dot) = differentiable_parts(grads[0], weight, saved[1], saved[2], saved[3], dim);
       grad_w = (unscaled * gain.reshape({}).to(weight.scalar_type()).to(unscaled.scalar_type()))
                    .to(weight.scalar_type());
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(grad_w, dot) = typed_op<BackwardGainSig>("sn_kernels::native_backward_gain")
-                                  .call(grads[0], weight, saved[2], saved[3], saved[4], saved[5], dim);
+                                  .call(grads[0], weight, saved[1], saved[2], saved[3], saved[4], dim);
     }
     if (want_w) out[0] = grad_w;
     if (want_gain) out[1] = gain_grad(dot, gain);
@@ -209,12 +227,12 @@ struct GainNormalizeFunction : public torch::autograd::Function<GainNormalizeFun
   }
 };
 
-// W / sigma_eff times the gain, with autograd (`record`) or below it: fused where fused_gain applies
+// W / sigma_eff times the gain, with autograd (`record`) or below it: fused where fused_divisor applies
 at::Tensor normalize_with_gain(const at::Tensor& weight, const at::Tensor& u_used, const at::Tensor& v_used,
                                const at::Tensor& sigma_eff, int64_t dim, const at::Tensor& gain, bool record) {
-  const std::optional<double> gamma = fused_gain(weight, sigma_eff, gain);
-  if (gamma.has_value()) {
-    const at::Tensor scaled = gain_divisor(sigma_eff, *gamma);
+  const std::optional<at::Tensor> divisor = fused_divisor(weight, sigma_eff, gain);
+  if (divisor.has_value()) {
+    const at::Tensor& scaled = *divisor;
     if (record) return GainNormalizeFunction::apply(weight, gain, u_used, v_used, sigma_eff, scaled, dim);
     return normalize_op().call(weight, u_used, v_used, scaled, dim);
   }

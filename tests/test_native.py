@@ -270,8 +270,8 @@ def test_lipschitz_variants_in_the_fused_op(dtype, shape, dim, training, coeff, 
 def test_gain_in_the_fused_op(dtype, training, coeff, soft):
     """The learnable gain inside native_spectral_normalize_eager: the front end, the direct entry and torch.ops
     give the same bits, with the gain's node (GainNormalizeFunction) and under no_grad / inference_mode (no
-    node, the same decision); gamma's gradient alone (a frozen W) and W's alone (gamma a buffer); a gain that
-    is a tensor subclass is left to torch.ops by the direct entry."""
+    node, the same decision); W's gradient alone (gamma a buffer), and gamma's alone (a frozen W, composed, to
+    rounding); a gain that is a tensor subclass is left to torch.ops by the direct entry."""
     w, u, v = _inputs((9, 6, 2), 1, dtype, converged=True)
     w = torch.nn.Parameter(w)
     gain = torch.nn.Parameter(torch.tensor([1.25], dtype=dtype))
@@ -298,11 +298,63 @@ def test_gain_in_the_fused_op(dtype, training, coeff, soft):
         with ctx():
             out, _ = runs["front end"](w, u.clone(), v.clone(), gain)
         assert out.grad_fn is None and torch.equal(out, ref[0]), ctx.__name__
-    out, _ = runs["front end"](w.detach(), u.clone(), v.clone(), gain)
-    assert torch.equal(torch.autograd.grad(out, gain, G)[0], ref[5])
+    out, _ = runs["front end"](w.detach(), u.clone(), v.clone(), gain)  # a frozen W composes (the next test)
+    assert out.grad_fn.name() == "MulBackward0"
+    assert_close(torch.autograd.grad(out, gain, G)[0], ref[5], dtype, scale=4, msg="gamma's gradient, W frozen")
     out, _ = runs["front end"](w, u.clone(), v.clone(), gain.detach())
     assert torch.equal(torch.autograd.grad(out, w, G)[0], ref[4])
     assert _direct()(w, u.clone(), v.clone(), *args, gain.detach().as_subclass(_Logged)) is NotImplemented
+
+
+def test_gain_composes_where_the_fused_node_would_differ():
+    """Where the fused gain would not give the composition's values or would refuse what it allows, the op composes
+    (W / sigma_eff) * gamma: sigma_eff / gamma below float32's normal range (a tiny weight, a large gamma), a
+    forward-mode tangent on gamma, a frozen weight with a trained gamma (an inference tensor, or W changed in place
+    before gamma's backward); and a gamma updated in place after the forward leaves the fused backward with the
+    forward's gamma."""
+    torch.manual_seed(0)
+    w0, u, v = _inputs((4, 3), 0, torch.float32, converged=True)
+
+    def call(w, g, **kw):
+        return sn_kernels.spectral_normalize(w, u.clone(), v.clone(), gain=g, training=False, backend="native", **kw)[0]
+
+    def reference(w, g):  # float64 gamma W / (u . W v)
+        return g.double() * w.double() / torch.dot(u.double(), w.double() @ v.double())
+
+    tiny = (w0 * 1e-28).requires_grad_()
+    big = torch.tensor([2.0 ** 59], requires_grad=True)
+    out = call(tiny, big)
+    assert out.grad_fn.name() == "MulBackward0"
+    assert_close(out, reference(tiny.detach(), big.detach()), torch.float32, msg="tiny sigma over a large gamma")
+    assert "GainNormalize" in call((w0 * 1e-20).requires_grad_(), big).grad_fn.name()  # sigma_eff / gamma normal
+
+    import torch.autograd.forward_ad as fwAD
+    g = torch.tensor([1.3])
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(call(w0, fwAD.make_dual(g, torch.ones(1)))).tangent
+    assert_close(tangent, reference(w0, torch.ones(1)), torch.float32, msg="gamma's tangent")
+
+    with torch.inference_mode():
+        frozen = w0.clone()
+    g = torch.tensor([1.5], requires_grad=True)
+    out = call(frozen, g)
+    assert out.grad_fn.name() == "MulBackward0"
+    G = torch.randn_like(out)
+    expected = (G.double() * reference(w0, torch.ones(1))).sum()
+    assert_close(torch.autograd.grad(out, g, G)[0], expected.reshape(1), torch.float32, msg="frozen inference W")
+    frozen = w0.clone()
+    out = call(frozen, g)
+    frozen.mul_(0.5)
+    assert_close(torch.autograd.grad(out, g, G)[0], expected.reshape(1), torch.float32, msg="W changed after")
+
+    w = w0.clone().requires_grad_()
+    g64 = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
+    out = call(w, g64)
+    assert "GainNormalize" in out.grad_fn.name()
+    before = torch.autograd.grad(out, w, G, retain_graph=True)[0]
+    with torch.no_grad():
+        g64.mul_(0.9)
+    assert torch.equal(torch.autograd.grad(out, w, G)[0], before), "the forward's gamma"
 
 
 class _Logged(torch.Tensor):
