@@ -9,11 +9,13 @@
 // 2 GHz core, more than the op itself on a small weight (benchmarks/NOTES.md, P1).
 //
 // It handles only the common call: plain tensors or parameters (exactly torch.Tensor or one of the types
-// given to `_set_plain_types`), no torch function mode active, and arguments of exactly the schema's Python
-// types.  For anything else (a tensor subclass with __torch_function__, a mode, a bool given as dim) it
-// returns NotImplemented and the caller takes torch.ops, which handles every case.
+// given to `_set_plain_types`), no torch function mode or torch.func transform active, a non-empty, real,
+// strided weight, and arguments of exactly the schema's Python types.  For anything else (a tensor subclass
+// with __torch_function__, a mode, a bool given as dim) it returns NotImplemented and the caller takes its
+// other route: torch.ops, which handles every case, or the front end's routes for the weights above.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -70,6 +72,13 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
       (nargs >= 10 && ((args[8] != Py_None && !PyFloat_CheckExact(args[8])) || !PyBool_Check(args[9]))) ||
       (nargs == 11 && args[10] != Py_None && !plain_tensor(args[10])))
     Py_RETURN_NOTIMPLEMENTED;
+  // what the front end's other routes take (functional.normalize_kept): a torch.func transform running (its
+  // wrappers are torch.Tensor to Python; functorch includes its front-mode key while its layer stack is not
+  // empty), an empty, complex or sparse weight
+  const at::Tensor& weight = THPVariable_Unpack(args[0]);
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      weight.numel() == 0 || !weight.is_floating_point() || weight.layout() != at::kStrided)
+    Py_RETURN_NOTIMPLEMENTED;
   int overflow = 0;
   const long long n = PyLong_AsLongLongAndOverflow(args[3], &overflow);
   if (overflow != 0) Py_RETURN_NOTIMPLEMENTED;  // torch.ops says what is wrong with it
@@ -92,7 +101,6 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
                              .findSchemaOrThrow("sn_kernels::native_spectral_normalize_eager", "")
                              .typed<EagerSig>();
   // u and v are the caller's buffers, updated in place (the schema's Tensor(a!)): the same TensorImpl
-  const at::Tensor& weight = THPVariable_Unpack(args[0]);
   at::Tensor u = THPVariable_Unpack(args[1]);
   at::Tensor v = THPVariable_Unpack(args[2]);
   std::tuple<at::Tensor, at::Tensor> out;

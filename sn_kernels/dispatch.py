@@ -84,6 +84,24 @@ def set_backend(name: str) -> None:
     (a ``use_backend`` block overrides it in its own thread)."""
     global _selected
     _selected = _check_choice(name)
+    _direct.clear()
+
+
+# The front end's fast path (functional.normalize_kept): the direct entry (``Backend.direct``) of the backend
+# the selection resolves to for a CPU or CUDA weight, by device type, while no use_backend block is open in
+# any thread (``_open_blocks``).  resolve() fills it, set_backend() clears it.  It spares a call the
+# thread-local selection, the device object and the resolution's lookup, several microseconds each right after
+# a kernel (benchmarks/NOTES.md, P4).
+_direct: dict[str, object] = {}
+_open_blocks = [0]
+_blocks_lock = threading.Lock()
+
+
+def direct_entry(weight) -> object | None:
+    """The direct entry for a call on ``weight`` (a Tensor) with no per-call backend, or None."""
+    if _open_blocks[0]:
+        return None
+    return _direct.get("cpu") if weight.is_cpu else _direct.get("cuda") if weight.is_cuda else None
 
 
 # use_backend's selection, per thread: a block in one thread must not change what another thread runs,
@@ -102,11 +120,15 @@ def use_backend(name: str) -> Iterator[None]:
     """Select a backend for a block, in the calling thread only: ``with sn_kernels.use_backend("torch"): ...``."""
     choice = _check_choice(name)
     previous = getattr(_local, "choice", None)
+    with _blocks_lock:
+        _open_blocks[0] += 1
     _local.choice = choice
     try:
         yield
     finally:
         _local.choice = previous
+        with _blocks_lock:
+            _open_blocks[0] -= 1
 
 
 def loaded_backend(name: str) -> Backend:
@@ -125,30 +147,36 @@ def resolve(device: torch.device, backend: str | None = None) -> Backend:
     choice = get_backend() if backend is None else _check_choice(backend)
     key = (choice, device.type)
     chosen = _resolved.get(key)
-    if chosen is not None:
-        return chosen
+    if chosen is None:
+        chosen = _resolved[key] = _resolve(choice, device)
+    if chosen.direct is not None and backend is None and key[1] not in _direct and key[1] in ("cpu", "cuda") \
+            and not _open_blocks[0] and choice == _selected:
+        _direct[key[1]] = chosen.direct
+    return chosen
+
+
+def _resolve(choice: str, device: torch.device) -> Backend:
+    """``resolve`` without its cache."""
     if choice != "auto":
         reason = why_not(choice, device)
         if reason is not None:
             raise RuntimeError(f"sn_kernels backend {choice!r} cannot run on {device.type}: {reason}")
-        chosen = _load(choice).backend
-    else:
-        skipped = []
-        for name in BACKENDS:
-            reason = why_not(name, device, auto=True)
-            if reason is None:
-                chosen, picked = _load(name).backend, name
-                break
-            skipped.append((name, reason))
-        # the fallback users care about: the compiled extension missing or broken
-        native_reason = dict(skipped).get("native")
-        if native_reason and device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
-            warnings.warn(f"sn_kernels: the native backend is unavailable on {device.type} ({native_reason}); "
-                          f"using {picked!r}", stacklevel=_outside_stacklevel())
-        if skipped and os.environ.get("SN_KERNELS_VERBOSE"):
-            notes = "; ".join(f"{n}: {r}" for n, r in skipped)
-            print(f"sn_kernels: auto backend on {device.type} skipped {notes}")
-    _resolved[key] = chosen
+        return _load(choice).backend
+    skipped = []
+    for name in BACKENDS:
+        reason = why_not(name, device, auto=True)
+        if reason is None:
+            chosen, picked = _load(name).backend, name
+            break
+        skipped.append((name, reason))
+    # the fallback users care about: the compiled extension missing or broken
+    native_reason = dict(skipped).get("native")
+    if native_reason and device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        warnings.warn(f"sn_kernels: the native backend is unavailable on {device.type} ({native_reason}); "
+                      f"using {picked!r}", stacklevel=_outside_stacklevel())
+    if skipped and os.environ.get("SN_KERNELS_VERBOSE"):
+        notes = "; ".join(f"{n}: {r}" for n, r in skipped)
+        print(f"sn_kernels: auto backend on {device.type} skipped {notes}")
     return chosen
 
 
@@ -210,5 +238,6 @@ def _outside_stacklevel() -> int:
 def _reset_cache() -> None:
     """Forget resolved backends (after building the extension, in tests)."""
     _resolved.clear()
+    _direct.clear()
     _load_errors.clear()
 

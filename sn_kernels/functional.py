@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import dispatch, transforms
@@ -84,6 +85,19 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
             raise TypeError(f"gain must be a one-element tensor (the learnable scalar gamma), got {gain!r}; the "
                             "front ends' gain=True makes one")
         check_variant(weight, coeff, soft, gain)
+    if backend is None and isinstance(weight, Tensor) and not torch.compiler.is_compiling() \
+            and _forward_ad._current_level < 0:
+        # the fast path: the selected backend's direct entry, which declines (NotImplemented) what needs the
+        # routes below; it checks its arguments before it touches u, v (benchmarks/NOTES.md, P4)
+        direct = dispatch.direct_entry(weight)
+        if direct is not None:
+            try:
+                out = direct(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
+            except (RuntimeError, TypeError, ValueError):
+                check_call(weight, u, v, n_power_iterations, eps, dim, order)  # names a refused argument
+                raise
+            if out is not NotImplemented:
+                return out[0], out[0], out[1]
     # (not while torch.jit.trace runs: there sizes are traced tensors, and the test would warn that the trace
     # may be wrong)
     if isinstance(weight, Tensor) and not torch.jit.is_tracing() and weight.numel() == 0:

@@ -363,6 +363,52 @@ def test_use_backend_is_per_thread():
     assert sn_kernels.get_backend() == before
 
 
+def test_the_front_ends_fast_path_follows_the_selection(monkeypatch):
+    """functional's fast path (dispatch.direct_entry) calls the selected backend's direct entry without resolving
+    the backend per call, and steps aside for a use_backend block (in this thread or another), set_backend and an
+    explicit backend=; an argument the entry refuses is named by the Python check."""
+    import threading
+
+    if dispatch.resolve(torch.device("cpu")).direct is None:
+        pytest.skip("the native backend's direct entry is not loaded")
+    w = torch.randn(6, 4, requires_grad=True)
+    u, v = torch.nn.functional.normalize(torch.randn(6), dim=0), torch.nn.functional.normalize(torch.randn(4), dim=0)
+    sn_kernels.spectral_normalize(w, u, v)  # resolves once, which fills the fast path's entry
+    resolved = []
+    real = dispatch.resolve
+    monkeypatch.setattr(dispatch, "resolve", lambda *a, **k: resolved.append(a) or real(*a, **k))
+
+    def native(**kw):  # whether the native backend's C++ node made the output
+        grad_fn = sn_kernels.spectral_normalize(w, u, v, **kw)[0].grad_fn
+        return type(grad_fn).__name__ == "CppFunction" and "NormalizeFunction" in grad_fn.name()
+
+    assert native() and resolved == []
+    with sn_kernels.use_backend("torch"):
+        assert not native() and len(resolved) == 1
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        with sn_kernels.use_backend("torch"):
+            inside.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    inside.wait(10)
+    assert native() and len(resolved) == 2  # resolved for this thread: still native
+    done.set()
+    thread.join()
+    assert not native(backend="torch")
+    before = sn_kernels.get_backend()
+    sn_kernels.set_backend("torch")
+    try:
+        assert not native()
+    finally:
+        sn_kernels.set_backend(before)
+    with pytest.raises(ValueError, match="u must have shape"):
+        sn_kernels.spectral_normalize(w, u[:-1].clone(), v)
+
+
 @pytest.mark.parametrize("layer", [lambda: nn.Linear(7, 5), lambda: nn.ConvTranspose2d(3, 4, 3)])
 def test_reset_uv_on_pytorchs_hook(layer):
     """reset_uv takes PyTorch's hook spectral norm too (it has no gain): fresh u, v whose sigma is the SVD's."""

@@ -55,6 +55,11 @@ class Backend:
       ``apply_gain``'s value to rounding); ``dim`` is non-negative and the arguments were checked, unless
       ``eager_checks_args``, in which case the backend checks them itself before it
       touches u, v (and the caller re-checks in Python only to name a refused argument).
+    - ``direct(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)``
+      (optional): ``eager`` for arguments of exactly its types, unchecked by Python (the backend checks
+      them before it touches u, v), or NotImplemented where the call needs another route (a tensor
+      subclass, a torch.func transform, an empty, complex or sparse weight); the front end calls it
+      first when "auto" or the selection resolves to this backend (``dispatch.direct_entry``).
     - ``ops``: every custom op the backend registers, the two above included, for
       ``torch.library.opcheck`` (tests/test_contract.py).
     - ``group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training)
@@ -85,6 +90,7 @@ class Backend:
     group_forward: Optional[Callable] = None
     group_backward: Optional[Callable] = None
     group_eager: Optional[Callable] = None
+    direct: Optional[Callable] = None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

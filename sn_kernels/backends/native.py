@@ -223,7 +223,7 @@ def _finish() -> None:
     backend = Backend(
         name="native", device_types=("cpu", "cuda"), why_not=why_not,
         power_iteration=power_iteration, normalize=normalize, backward=backward, eager=eager,
-        eager_checks_args=True,
+        eager_checks_args=True, direct=direct,
         ops=(power_iteration, normalize, torch.ops.sn_kernels.native_backward,
              torch.ops.sn_kernels.native_backward_gain, torch.ops.sn_kernels.native_normalize_eager,
              torch.ops.sn_kernels.native_spectral_normalize_eager)
