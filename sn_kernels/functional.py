@@ -80,6 +80,7 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
     the forward's tensor too, autograd would add its (zero) gradient to the forward's in a kernel that
     inductor generates per weight shape, where the op's backward adds it in its own call
     (benchmarks/NOTES.md, C5)."""
+    declined = False
     if coeff is not None or soft or gain is not None:
         if gain is not None and not isinstance(gain, Tensor):  # the front ends' gain=True is a flag; here gamma
             raise TypeError(f"gain must be a one-element tensor (the learnable scalar gamma), got {gain!r}; the "
@@ -91,13 +92,10 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
         # routes below; it checks its arguments before it touches u, v (benchmarks/NOTES.md, P4)
         direct = dispatch.direct_entry(weight)
         if direct is not None:
-            try:
-                out = direct(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
-            except (RuntimeError, TypeError, ValueError):
-                check_call(weight, u, v, n_power_iterations, eps, dim, order)  # names a refused argument
-                raise
+            out = _checked(direct, weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
             if out is not NotImplemented:
                 return out[0], out[0], out[1]
+            declined = True  # the routes below must not ask the same entry again
     # (not while torch.jit.trace runs: there sizes are traced tensors, and the test would warn that the trace
     # may be wrong)
     if isinstance(weight, Tensor) and not torch.jit.is_tracing() and weight.numel() == 0:
@@ -123,7 +121,7 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
         kept = weight_sn
     else:  # the backend's eager call applies the gain itself
         weight_sn, sigma = _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain,
-                                  backend)
+                                  backend, declined)
         return weight_sn, weight_sn, sigma
     if gain is not None:
         weight_sn, kept = ((apply_gain(weight_sn, gain), apply_gain(kept, gain)) if kept is not weight_sn else
@@ -144,11 +142,22 @@ def _empty_weight(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int,
     return weight / sigma.to(weight.dtype), sigma
 
 
-def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain, backend):
-    """The eager route: the selected backend's ``eager`` entry.  A backend that checks its
-    arguments itself (native: in C++, before it touches u, v) is called first, and the
-    Python checks run only to name a refused argument; for a small weight they would cost
-    as much as the kernels."""
+def _checked(entry, weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain):
+    """``entry(...)`` for an entry that checks its arguments itself (in C++, before it touches u, v); when
+    it refuses them, the Python checks run to name the refused argument, else its own error stands."""
+    try:
+        return entry(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
+    except (RuntimeError, TypeError, ValueError):
+        check_call(weight, u, v, n_power_iterations, eps, dim, order)
+        raise
+
+
+def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain, backend,
+           declined=False):
+    """The eager route: the selected backend's ``direct`` entry when it has one (unless the fast path
+    just ``declined`` it), else its ``eager`` entry.  A backend that checks its arguments itself
+    (native: in C++, before it touches u, v) is called first, and the Python checks run only to
+    name a refused argument; for a small weight they would cost as much as the kernels."""
     if not isinstance(weight, Tensor) or type(n_power_iterations) is not int or type(dim) is not int \
             or isinstance(eps, str):  # the native op would parse a string eps
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)  # raises, or makes dim an int
@@ -156,11 +165,12 @@ def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, s
     if not chosen.eager_checks_args:
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
         return chosen.eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
-    try:
-        return chosen.eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
-    except (RuntimeError, TypeError, ValueError):
-        check_call(weight, u, v, n_power_iterations, eps, dim, order)
-        raise
+    if chosen.direct is not None and not declined:
+        out = _checked(chosen.direct, weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,
+                       gain)
+        if out is not NotImplemented:
+            return out
+    return _checked(chosen.eager, weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
 
 
 def _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, backend, twice):

@@ -409,6 +409,46 @@ def test_the_front_ends_fast_path_follows_the_selection(monkeypatch):
         sn_kernels.spectral_normalize(w, u[:-1].clone(), v)
 
 
+def test_a_declined_direct_call_is_asked_once(monkeypatch):
+    """A call the direct entry declines (here: under a torch function mode) goes on through torch.ops without
+    asking the entry again, whether the fast path or an explicit backend="native" asked first; the result is
+    the fused op's."""
+    import dataclasses
+
+    from torch.overrides import TorchFunctionMode
+
+    chosen = dispatch.resolve(torch.device("cpu"))
+    if chosen.direct is None:
+        pytest.skip("the native backend's direct entry is not loaded")
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    u0, v0 = torch.nn.functional.normalize(torch.randn(6, dtype=torch.float64), dim=0), \
+        torch.nn.functional.normalize(torch.randn(4, dtype=torch.float64), dim=0)
+    sn_kernels.spectral_normalize(w, u0.clone(), v0.clone())  # fills the fast path's entry
+    answers = []
+
+    class Passing(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def counted(*args):
+        answers.append(chosen.direct(*args))
+        return answers[-1]
+
+    monkeypatch.setitem(dispatch._direct, "cpu", counted)
+    real = dispatch.resolve
+    monkeypatch.setattr(dispatch, "resolve", lambda *a, **k: dataclasses.replace(real(*a, **k), direct=counted))
+    expected = sn_kernels.spectral_normalize(w, u0.clone(), v0.clone())
+    assert len(answers) == 1 and answers[0] is not NotImplemented
+    for backend in (None, "native"):
+        answers.clear()
+        u, v = u0.clone(), v0.clone()
+        with Passing():
+            out = sn_kernels.spectral_normalize(w, u, v, backend=backend)
+        assert answers == [NotImplemented], backend
+        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+        assert "NormalizeFunction" in out[0].grad_fn.name()
+
+
 @pytest.mark.parametrize("layer", [lambda: nn.Linear(7, 5), lambda: nn.ConvTranspose2d(3, 4, 3)])
 def test_reset_uv_on_pytorchs_hook(layer):
     """reset_uv takes PyTorch's hook spectral norm too (it has no gain): fresh u, v whose sigma is the SVD's."""
