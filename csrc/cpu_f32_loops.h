@@ -291,11 +291,52 @@ inline float row_total(const float* x, long len) {
 // piece partials by a 16-lane tree.  Shape-determined, as the float32 loops.
 inline double dot_f64(const double* __restrict a, const double* __restrict b, long len) { return dot_of(a, b, len); }
 
+// dot_f64 of rows of 2 to 16 elements, C = ceil(len / 4) chunks: dot_of's arithmetic with b's chunks loaded once
+// (masked, zeros past len) and each row's chunks loaded whole, their lanes past len cleared by a bit mask (an
+// entry of the next row, Inf or NaN included, never enters; a cleared lane is +0, as a masked load gives): the
+// same lanes, FMAs and tree (with the +0 vectors of the chunks a row lacks, which turn an underflowed -0 lane
+// into +0 as in dot_of), so dot_f64's bits.  Rows whose whole chunks would read past row `rows - 1` take
+// dot_f64 itself.
+template <int C>
+inline void add_short_row_dots_f64(double* __restrict s, const double* __restrict a, const double* __restrict b,
+                                   long len, long rows) {
+  const sn_v4di lane = {0, 1, 2, 3};
+  sn_v4df bv[C];
+  sn_v4di keep[C];
+  for (int j = 0; j < C; ++j) {
+    const long n = len - 4 * j < 4 ? len - 4 * j : 4;
+    keep[j] = lane < static_cast<long long>(n);  // all ones where the lane is in the row
+    bv[j] = load4_first(b + 4 * j, n);
+  }
+  const sn_v4df zero = {};
+  // row r reads a[r len, r len + 4 C): inside the rows while r len + 4 C <= rows len
+  const long whole = rows * len >= 4 * C ? (rows * len - 4 * C) / len + 1 : 0;
+  long r = 0;
+  for (; r < whole; ++r) {
+    const double* row = a + r * len;
+    sn_v4df acc[4] = {};
+    for (int j = 0; j < C; ++j) {
+      const sn_v4di bits = reinterpret_cast<sn_v4di>(load4(row + 4 * j)) & keep[j];
+      acc[j] = fmadd(reinterpret_cast<sn_v4df>(bits), bv[j], zero);
+    }
+    s[r] += total8((acc[0] + acc[2]) + (acc[1] + acc[3]));  // dot_of's tree, its +0 vectors included
+  }
+  for (; r < rows; ++r) s[r] += dot_f64(a + r * len, b, len);
+}
+
 inline void add_row_dots(double* __restrict s, const double* __restrict a, const double* __restrict b, long len,
                          long rows) {
   if (len == 1) {
     const double b0 = b[0];  // one lane: 0 + a b, a vectorized loop over the rows
     for (long r = 0; r < rows; ++r) s[r] += 0.0 + a[r] * b0;
+  } else if (len <= 4) {
+    add_short_row_dots_f64<1>(s, a, b, len, rows);
+  } else if (len <= 8) {
+    add_short_row_dots_f64<2>(s, a, b, len, rows);
+  } else if (len <= 12) {
+    add_short_row_dots_f64<3>(s, a, b, len, rows);
+  } else if (len <= 16) {
+    add_short_row_dots_f64<4>(s, a, b, len, rows);
   } else {
     for (long r = 0; r < rows; ++r) s[r] += dot_f64(a + r * len, b, len);
   }

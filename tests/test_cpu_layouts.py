@@ -91,3 +91,53 @@ def test_bit_identical_for_any_thread_count(shape, dim, dtype):
         for what, tensors in res.items():
             for a, b in zip(tensors, results[0][what]):
                 assert torch.equal(a, b), f"{what}: {threads} threads differ from 1"
+
+
+def _avx2_table() -> bool:
+    """Whether the native CPU kernels run their AVX2+FMA loops here (what the float64 dot's bits depend on)."""
+    import os
+
+    if os.environ.get("SN_KERNELS_CPU_ISA", "").lower() == "baseline":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
+def _dot_f64_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The AVX2 table's float64 dot (dot_f64) of each row of a (at most 16 elements) with b, in its order: lane l
+    holds a_l b_l (zero past the row), lanes l, l + 4, l + 8, l + 12 summed as (l + l+8) + (l+4 + l+12), then the
+    four as (0 + 2) + (1 + 3).  Signs of zero aside."""
+    p = torch.zeros(a.shape[0], 16, dtype=torch.float64)
+    p[:, :a.shape[1]] = a * b + 0.0
+    c = [p[:, 4 * j:4 * j + 4] for j in range(4)]
+    t = (c[0] + c[2]) + (c[1] + c[3])
+    return (t[:, 0] + t[:, 2]) + (t[:, 1] + t[:, 3])
+
+
+@pytest.mark.skipif(not _avx2_table(), reason="the float64 dot's order is the AVX2 table's")
+@pytest.mark.parametrize("n", range(1, 17))
+def test_float64_short_rows_have_the_dots_bits(n):
+    """Rows of 1-16 float64 elements along dim 0 (whole chunks loaded with their tail lanes cleared, v's lanes
+    loaded once: csrc/cpu_f32_loops.h, NOTES L12) give dot_f64's bits exactly, on the rows at the ends of the
+    row blocks of 512 and of the weight, and with products that underflow.  (Rows of Inf or NaN would make every
+    sigma NaN here; their neighbours' lanes are cleared bit by bit, and an A/B of the op before and after the
+    change gave the same bits on such weights: NOTES L12.)"""
+    torch.manual_seed(n)
+    m = 1027
+    w = torch.randn(m, n, dtype=torch.float64)
+    w[2::13] *= 1e-170  # products below the smallest subnormal
+    v = torch.randn(n, dtype=torch.float64) * torch.where(torch.arange(n) % 3 == 0, 1e-170, 1.0)
+    expected = _dot_f64_bits(w, v)
+    rows = sorted({0, 1, 2, 3, 4, 5, 6, 13, 15, 26, 510, 511, 512, 513, 514, 1022, 1023, 1024, 1025, 1026})
+    got = []
+    for i in rows:
+        u = torch.zeros(m, dtype=torch.float64)
+        u[i] = 1.0  # sigma = u . (W v) is then row i's dot (the final dot adds +0 products to it)
+        got.append(ops.native_power_iteration(w, u, v.clone(), 1, EPS, 0, "vu", False)[0])
+    got = torch.stack(got) + 0.0
+    want = expected[rows] + 0.0
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64)), (got - want)
