@@ -19,6 +19,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace sn_kernels {
 
@@ -91,15 +92,39 @@ inline void check_eps_in(double eps, at::ScalarType t) {
                     python_dtype_name(acc), "; a smaller eps is zero there), but got eps=", eps);
 }
 
+// Whether a and b (non-empty, strided) may share memory: the same storage and overlapping byte extents (a gap of a
+// strided tensor counts as its own: a false alarm only for a vector placed inside a strided weight's gaps).
+inline bool extents_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.has_storage() || !b.has_storage() || !a.storage().is_alias_of(b.storage())) return false;
+  const auto extent = [](const at::Tensor& t) {
+    int64_t last = 0;  // the largest element offset from the first (strides are never negative)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const int64_t item = static_cast<int64_t>(t.element_size());
+    return std::make_pair(t.storage_offset() * item, (t.storage_offset() + last + 1) * item);
+  };
+  const auto ea = extent(a), eb = extent(b);
+  return ea.first < eb.second && eb.first < ea.second;
+}
+
+// A training power iteration writes u and v in place between its reads of W, u and v: refuse vectors that share
+// memory with each other or with the weight (the writes would feed the later reads, silently)
+inline void check_written_vectors(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v) {
+  const char* both = extents_overlap(u, v) ? "u and v" : extents_overlap(u, weight) ? "u and the weight"
+                     : extents_overlap(v, weight) ? "v and the weight" : nullptr;
+  TORCH_CHECK_VALUE(both == nullptr, "sn_kernels: ", both, " share memory; u and v are updated in place by the "
+                    "power iteration, so they must not overlap each other or the weight (pass separate tensors)");
+}
+
 // The checks shared by the CPU and CUDA power iterations; returns whether the order is "vu".
 inline bool check_power_iteration_args(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                        const MatrixView& mv, int64_t n_power_iterations, double eps,
-                                       c10::string_view order) {
+                                       c10::string_view order, bool training) {
   check_args(weight, u, v, mv);
   TORCH_CHECK(u.is_contiguous() && v.is_contiguous(), "sn_kernels: u and v must be contiguous");
   TORCH_CHECK(n_power_iterations > 0, "sn_kernels: n_power_iterations must be positive");
   TORCH_CHECK(eps > 0 && eps < std::numeric_limits<double>::infinity(), "sn_kernels: eps must be positive and finite");
   check_eps_in(eps, weight.scalar_type());
+  if (training) check_written_vectors(weight, u, v);
   return order_is_vu(std::string(order.data(), order.size()));
 }
 

@@ -520,7 +520,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
                                                                    double eps, int64_t dim, c10::string_view order_,
                                                                    bool training) {
   const MatrixView mv = matrix_view(weight_, dim);
-  const bool vu = check_power_iteration_args(weight_, u, v, mv, n_power_iterations, eps, order_);
+  const bool vu = check_power_iteration_args(weight_, u, v, mv, n_power_iterations, eps, order_, training);
   if (is_half(weight_) && !training && f32().dot_rows_f16 != nullptr && eval_sigma_widens(mv))
     return eval_sigma_half(weight_, u, v, mv, f32());
   if (is_half(weight_)) {

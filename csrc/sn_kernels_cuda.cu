@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(const at::Te
                                                                     double eps, int64_t dim, c10::string_view order_,
                                                                     bool training) {
   const MatrixView mv = matrix_view(weight_, dim);
-  const bool vu = check_power_iteration_args(weight_, u, v, mv, n_power_iterations, eps, order_);
+  const bool vu = check_power_iteration_args(weight_, u, v, mv, n_power_iterations, eps, order_, training);
   const c10::cuda::CUDAGuard guard(weight_.device());
   const at::Tensor weight = weight_.contiguous();
   const auto acc_dtype = accumulation_type(weight.scalar_type());

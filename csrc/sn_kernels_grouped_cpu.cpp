@@ -469,7 +469,8 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
   bool vu = true;
   for (size_t i = 0; i < k; ++i) {  // every argument checked before any work
     views[i] = matrix_view(weights[i], dims[i]);
-    vu = check_power_iteration_args(weights[i], us[i], vs[i], views[i], n_power_iterations, eps, order);
+    vu = check_power_iteration_args(weights[i], us[i], vs[i], views[i], n_power_iterations, eps, order,
+                                    training);
   }
   if (k == 0) (void)order_is_vu(std::string(order.data(), order.size()));
   std::vector<at::Tensor> out(k), sigmas(k), new_u(k), new_v(k);

@@ -152,6 +152,36 @@ def check_call(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, ep
     return dim
 
 
+def check_written_vectors(weight: Tensor, u: Tensor, v: Tensor) -> None:
+    """A training step writes u and v in place between its reads of W, u and v: refuse vectors that share
+    memory with each other or with the weight, whose writes would feed the later reads silently (the native
+    op's check, csrc/common.h, in its words)."""
+    for a, b, names in ((u, v, "u and v"), (u, weight, "u and the weight"), (v, weight, "v and the weight")):
+        if _extents_overlap(a, b):
+            raise ValueError(f"{names} share memory; u and v are updated in place by the power iteration, so "
+                             "they must not overlap each other or the weight (pass separate tensors)")
+
+
+def _extents_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b may share memory: one storage, overlapping byte extents (a strided tensor's gaps count
+    as its own)."""
+    if a.layout != torch.strided or b.layout != torch.strided or a.device != b.device:
+        return False
+    try:
+        base = a.untyped_storage().data_ptr()
+        if base == 0 or base != b.untyped_storage().data_ptr():  # no data (meta) or another storage
+            return False
+    except (RuntimeError, NotImplementedError):  # a wrapper without storage (functorch, fake)
+        return False
+
+    def extent(t: Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.storage_offset() * t.element_size(), (t.storage_offset() + last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
 def check_group(weights, us, vs, n_power_iterations: int, eps: float, dims, order: str) -> None:
     """``check_call`` for every weight of a group (``sn_kernels.group`` on a backend that does not check
     its own arguments): the shared arguments once, each weight by the fast test alone, and

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import dispatch, transforms
 from .backends import native, pytorch, traced
 from .backends.contract import accumulation_dtype, apply_gain, composed_eager
-from .checks import check_call, check_variant
+from .checks import check_call, check_variant, check_written_vectors
 
 # device types where "auto" compiles to the layout-aware native ops, or without them to the traced
 # torch formulation (benchmarks/NOTES.md, C1, C3 and C4)
@@ -164,6 +164,8 @@ def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, s
     chosen = dispatch.resolve(weight.device, backend)
     if not chosen.eager_checks_args:
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
+        if training:
+            check_written_vectors(weight, u, v)
         return chosen.eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
     if chosen.direct is not None and not declined:
         out = _checked(chosen.direct, weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,

@@ -108,6 +108,25 @@ def test_vectors_in_place_and_copies(backend, backend_device, order, training):
     assert torch.equal(u_used, u_kept) and torch.equal(v_used, v_kept)
 
 
+@pytest.mark.parametrize("case", ["u is v", "u overlaps v", "u in the weight", "v in the weight"])
+def test_vectors_sharing_memory_are_refused_in_training(backend, backend_device, case):
+    """A training step writes u and v in place between its reads: u and v sharing memory with each other or
+    with the weight are refused with the reason, nothing changed.  Eval only reads them (accepted), and
+    disjoint slices of one buffer are fine."""
+    buffer = torch.randn(48, device=backend_device)
+    w, x = buffer[:36].view(6, 6), buffer[36:]
+    u, v = {"u is v": (x[:6], x[:6]), "u overlaps v": (x[:6], x[3:9]), "u in the weight": (w[2], x[:6]),
+            "v in the weight": (x[:6], w[5])}[case]
+    before = buffer.clone()
+    with pytest.raises(ValueError, match="share memory"):
+        sn_kernels.spectral_normalize(w, u, v, backend=backend.name)
+    assert torch.equal(buffer, before)
+    sn_kernels.spectral_normalize(w, u.clone(), v.clone(), backend=backend.name)  # the same values, apart: fine
+    if case in ("u is v", "u overlaps v"):
+        sn_kernels.spectral_normalize(w, u, v, backend=backend.name, training=False)
+    sn_kernels.spectral_normalize(w, x[:6], x[6:12], backend=backend.name)  # one buffer, disjoint: fine
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_sigma_is_accumulation_dtype(backend, backend_device, dtype):
     w, u, v = sample_inputs(backend_device, dtype, (4, 3), 0)

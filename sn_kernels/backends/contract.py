@@ -59,7 +59,8 @@ class Backend:
       (optional): ``eager`` for arguments of exactly its types, unchecked by Python (the backend checks
       them before it touches u, v), or NotImplemented where the call needs another route (a tensor
       subclass, a torch.func transform, an empty, complex or sparse weight); the front end calls it
-      first when "auto" or the selection resolves to this backend (``dispatch.direct_entry``).
+      first whenever the call resolves to this backend (with no per-call ``backend=``, through
+      ``dispatch.direct_entry``), and ``eager`` for what it declines.
     - ``ops``: every custom op the backend registers, the two above included, for
       ``torch.library.opcheck`` (tests/test_contract.py).
     - ``group_forward(weights, us, vs, dims, n_power_iterations, eps, order, training)
