@@ -92,18 +92,19 @@ inline void check_eps_in(double eps, at::ScalarType t) {
                     python_dtype_name(acc), "; a smaller eps is zero there), but got eps=", eps);
 }
 
-// Whether a and b (non-empty, strided) may share memory: the same storage and overlapping byte extents (a gap of a
-// strided tensor counts as its own: a false alarm only for a vector placed inside a strided weight's gaps).
+// Whether a and b (non-empty, strided, on one device) may share memory: overlapping byte extents, addresses
+// compared (so views of one buffer through different storages, numpy's, are seen too); a gap of a strided tensor
+// counts as its own, a false alarm only for a vector placed inside a strided weight's gaps.
 inline bool extents_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.has_storage() || !b.has_storage() || !a.storage().is_alias_of(b.storage())) return false;
+  if (!a.has_storage() || !b.has_storage() || a.device() != b.device()) return false;
   const auto extent = [](const at::Tensor& t) {
     int64_t last = 0;  // the largest element offset from the first (strides are never negative)
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    const int64_t item = static_cast<int64_t>(t.element_size());
-    return std::make_pair(t.storage_offset() * item, (t.storage_offset() + last + 1) * item);
+    const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    return std::make_pair(first, first + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size())));
   };
   const auto ea = extent(a), eb = extent(b);
-  return ea.first < eb.second && eb.first < ea.second;
+  return ea.first != 0 && eb.first != 0 && ea.first < eb.second && eb.first < ea.second;
 }
 
 // A training power iteration writes u and v in place between its reads of W, u and v: refuse vectors that share

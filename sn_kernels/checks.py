@@ -162,24 +162,31 @@ def check_written_vectors(weight: Tensor, u: Tensor, v: Tensor) -> None:
                              "they must not overlap each other or the weight (pass separate tensors)")
 
 
+def _unwrapped(t: Tensor) -> Tensor:
+    """The tensor under torch.func's wrappers (grad, jacrev, vmap), whose memory it is."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
 def _extents_overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether a and b may share memory: one storage, overlapping byte extents (a strided tensor's gaps count
-    as its own)."""
+    """Whether a and b may share memory: overlapping byte extents on one device, addresses compared (views of
+    one buffer through different storages, numpy's, included; a strided tensor's gaps count as its own)."""
+    a, b = _unwrapped(a), _unwrapped(b)
     if a.layout != torch.strided or b.layout != torch.strided or a.device != b.device:
         return False
     try:
-        base = a.untyped_storage().data_ptr()
-        if base == 0 or base != b.untyped_storage().data_ptr():  # no data (meta) or another storage
-            return False
+        a0, b0 = a.data_ptr(), b.data_ptr()
     except (RuntimeError, NotImplementedError):  # a wrapper without storage (functorch, fake)
         return False
+    if a0 == 0 or b0 == 0:  # no data (meta)
+        return False
 
-    def extent(t: Tensor) -> tuple[int, int]:
-        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-        return t.storage_offset() * t.element_size(), (t.storage_offset() + last + 1) * t.element_size()
+    def end(t: Tensor, first: int) -> int:
+        return first + (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
 
-    (a0, a1), (b0, b1) = extent(a), extent(b)
-    return a0 < b1 and b0 < a1
+    return a0 < end(b, b0) and b0 < end(a, a0)
 
 
 def check_group(weights, us, vs, n_power_iterations: int, eps: float, dims, order: str) -> None:

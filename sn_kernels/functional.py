@@ -104,6 +104,8 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
         return weight_sn, weight_sn, sigma
     if isinstance(weight, Tensor) and weight.is_complex():
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
+        if training:
+            check_written_vectors(weight, u, v)
         dispatch.check_complex(backend)
         weight_sn, sigma = pytorch.complex_spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order,
                                                               training)
@@ -116,6 +118,8 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
                                            backend, twice)
     elif transforms.active(weight):  # torch.func: plain ops only (transforms.py)
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
+        if training:
+            check_written_vectors(weight, u, v)
         weight_sn, sigma = transforms.spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order,
                                                          training, coeff, soft)
         kept = weight_sn

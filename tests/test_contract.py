@@ -127,6 +127,40 @@ def test_vectors_sharing_memory_are_refused_in_training(backend, backend_device,
     sn_kernels.spectral_normalize(w, x[:6], x[6:12], backend=backend.name)  # one buffer, disjoint: fine
 
 
+def test_vectors_sharing_memory_through_another_storage_are_refused(backend, backend_device):
+    """Views of one numpy buffer through different tensor storages are seen too (addresses, not storage
+    objects, are compared)."""
+    if backend_device.type != "cpu":
+        pytest.skip("numpy memory is host memory")
+    np = pytest.importorskip("numpy")
+    array = np.random.default_rng(0).standard_normal(48).astype(np.float32)
+    w = torch.from_numpy(array)[:36].view(6, 6)
+    for u in (torch.from_numpy(array)[12:18], torch.from_numpy(array[12:])[:6]):
+        with pytest.raises(ValueError, match="u and the weight share memory"):
+            sn_kernels.spectral_normalize(w, u, torch.from_numpy(array[36:42].copy()), backend=backend.name)
+    sn_kernels.spectral_normalize(w, torch.from_numpy(array[36:42]), torch.from_numpy(array[42:48]),
+                                  backend=backend.name)
+
+
+@pytest.mark.parametrize("route", ["complex", "forward AD", "torch.func"])
+def test_vectors_sharing_memory_are_refused_on_every_route(route):
+    """The routes that do not reach a backend's eager call (complex weights, a forward-AD level, torch.func
+    transforms) refuse u sharing memory with the weight as well."""
+    import torch.autograd.forward_ad as fwad
+
+    dtype = torch.complex128 if route == "complex" else torch.float64
+    buffer = torch.randn(48, dtype=dtype)
+    w, u, v = buffer[:36].view(6, 6), buffer[12:18], buffer[36:42].clone()
+    with pytest.raises(ValueError, match="share memory"):
+        if route == "forward AD":
+            with fwad.dual_level():
+                sn_kernels.spectral_normalize(fwad.make_dual(w, torch.randn_like(w)), u, v)
+        elif route == "torch.func":
+            torch.func.jacrev(lambda x: sn_kernels.spectral_normalize(x, u, v)[0])(w)
+        else:
+            sn_kernels.spectral_normalize(w, u, v)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_sigma_is_accumulation_dtype(backend, backend_device, dtype):
     w, u, v = sample_inputs(backend_device, dtype, (4, 3), 0)

@@ -167,12 +167,21 @@ def _finish() -> None:
             torch.empty_like(weight), fake_sigma(weight)))
     # eager: one C++ call (power iteration, the Lipschitz scaling when coeff is given, W / sigma times the
     # gain when given, with a C++ autograd formula) through torch.ops; the front end enters the same op
-    # directly where it can (``direct``: _direct_entry) and comes here for what that entry declines
+    # directly where it can (``direct``: _direct_entry) and comes here for what that entry declines.  The
+    # entry takes exact types only: a call it declined for an int eps or coeff, a numpy bool and the like
+    # asks it again with the arguments converted (the front end's first try was with the caller's)
     fused = _raw("native_spectral_normalize_eager")
+    direct = _direct_entry()
 
     def eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain=None):
+        converted = type(eps) is not float or type(training) is not bool or type(soft) is not bool \
+            or not (coeff is None or type(coeff) is float)
         eps, training, soft = float(eps), bool(training), bool(soft)
         coeff = None if coeff is None else float(coeff)
+        if converted and direct is not None:
+            out = direct(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
+            if out is not NotImplemented:
+                return out
         if type(n_power_iterations) is int and not -2**63 <= n_power_iterations < 2**63:
             # torch.ops' own message for it reads "expected ... type 'int' ... found type 'int'"
             raise ValueError(f"n_power_iterations must fit in 64 bits, got {n_power_iterations}")
@@ -218,7 +227,7 @@ def _finish() -> None:
     backend = Backend(
         name="native", device_types=("cpu", "cuda"), why_not=why_not,
         power_iteration=power_iteration, normalize=normalize, backward=backward, eager=eager,
-        eager_checks_args=True, direct=_direct_entry(),
+        eager_checks_args=True, direct=direct,
         ops=(power_iteration, normalize, torch.ops.sn_kernels.native_backward,
              torch.ops.sn_kernels.native_backward_gain, torch.ops.sn_kernels.native_normalize_eager,
              torch.ops.sn_kernels.native_spectral_normalize_eager)
