@@ -132,9 +132,11 @@ def check_weight_args(weight: Tensor, n_power_iterations: int, eps: float, dim: 
 
 
 def check_call(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int,
-               order: str, *, empty_ok: bool = False) -> int:
+               order: str, *, empty_ok: bool = False, written: bool = False) -> int:
     """Validate the arguments of ``spectral_normalize``; return ``dim`` made non-negative.
-    An empty weight is refused unless ``empty_ok`` (the op's own route for it: functional.py).
+    An empty weight is refused unless ``empty_ok`` (the op's own route for it: functional.py);
+    with ``written`` (a training call, which updates u, v in place) u, v sharing memory with each
+    other or the weight are refused too (``check_written_vectors``).
 
     Runs on every call, so the common case is a handful of cheap tests; the error
     messages are built only when raising (``_vector_error``)."""
@@ -149,6 +151,8 @@ def check_call(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, ep
             and u.dtype == weight.dtype == v.dtype and u.device == weight.device == v.device
             and u.is_contiguous() and v.is_contiguous()):
         _vector_error(weight, u, v, m, n, dim)
+    if written:
+        check_written_vectors(weight, u, v)
     return dim
 
 

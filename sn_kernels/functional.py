@@ -20,7 +20,7 @@ from torch import Tensor
 from . import dispatch, transforms
 from .backends import native, pytorch, traced
 from .backends.contract import accumulation_dtype, apply_gain, composed_eager
-from .checks import check_call, check_variant, check_written_vectors
+from .checks import check_call, check_variant
 
 # device types where "auto" compiles to the layout-aware native ops, or without them to the traced
 # torch formulation (benchmarks/NOTES.md, C1, C3 and C4)
@@ -103,9 +103,7 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
         weight_sn, sigma = _empty_weight(weight, u, v, n_power_iterations, training)
         return weight_sn, weight_sn, sigma
     if isinstance(weight, Tensor) and weight.is_complex():
-        dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
-        if training:
-            check_written_vectors(weight, u, v)
+        dim = check_call(weight, u, v, n_power_iterations, eps, dim, order, written=training)
         dispatch.check_complex(backend)
         weight_sn, sigma = pytorch.complex_spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order,
                                                               training)
@@ -117,9 +115,7 @@ def normalize_kept(weight, u, v, n_power_iterations, eps, dim, order, training, 
         weight_sn, kept, sigma = _compiled(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,
                                            backend, twice)
     elif transforms.active(weight):  # torch.func: plain ops only (transforms.py)
-        dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
-        if training:
-            check_written_vectors(weight, u, v)
+        dim = check_call(weight, u, v, n_power_iterations, eps, dim, order, written=training)
         weight_sn, sigma = transforms.spectral_normalize(weight, u, v, n_power_iterations, eps, dim, order,
                                                          training, coeff, soft)
         kept = weight_sn
@@ -167,9 +163,7 @@ def _eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, s
         dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)  # raises, or makes dim an int
     chosen = dispatch.resolve(weight.device, backend)
     if not chosen.eager_checks_args:
-        dim = check_call(weight, u, v, n_power_iterations, eps, dim, order)
-        if training:
-            check_written_vectors(weight, u, v)
+        dim = check_call(weight, u, v, n_power_iterations, eps, dim, order, written=training)
         return chosen.eager(weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft, gain)
     if chosen.direct is not None and not declined:
         out = _checked(chosen.direct, weight, u, v, n_power_iterations, eps, dim, order, training, coeff, soft,
