@@ -736,6 +736,13 @@ void check_layout_args(const at::Tensor& weight, const at::Tensor& u, const at::
   check_channels_last(weight, channels_last);
 }
 
+// strides of W / sigma written contiguous or channels-last (the two layouts of these ops)
+c10::DimVector layout_strides(const at::Tensor& weight, bool channels_last) {
+  if (!channels_last) return c10::contiguous_strides(weight.sizes());
+  const auto cl = c10::get_channels_last_strides_2d(weight.sizes());
+  return c10::DimVector(cl.begin(), cl.end());
+}
+
 at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, const at::Tensor& v,
                                 const at::Tensor& sigma, int64_t dim, bool channels_last) {
   check_layout_args(weight_, u, v, sigma, dim, channels_last);
@@ -747,12 +754,7 @@ at::Tensor normalize_layout_cpu(const at::Tensor& weight_, const at::Tensor& u, 
   // the same route (divide or transpose)
   if (is_half(weight_) && !(same_order && divide_f16 != nullptr))
     return as_half(normalize_layout_cpu(as_float(weight_), as_float(u), as_float(v), sigma, dim, channels_last));
-  c10::DimVector strides = c10::contiguous_strides(weight_.sizes());
-  if (channels_last) {
-    const auto cl = c10::get_channels_last_strides_2d(weight_.sizes());
-    strides.assign(cl.begin(), cl.end());
-  }
-  at::Tensor out = cached_empty_cpu(weight_.sizes(), strides, weight_.scalar_type());
+  at::Tensor out = cached_empty_cpu(weight_.sizes(), layout_strides(weight_, channels_last), weight_.scalar_type());
   if (is_half(weight_)) return divide_half_into(out, weight_, sigma, divide_f16);
   const bool other_4d = !same_order && (channels_last || is_channels_last_4d(weight_));
   const at::Tensor weight = same_order || (other_4d && !channels_last) ? weight_ : weight_.contiguous();
@@ -784,6 +786,35 @@ bool own_channels_last(const at::Tensor& weight) {
   return is_channels_last_4d(weight) && !weight.is_contiguous();
 }
 
+// kept = w / sigma element by element (w stored in kept's order), and out = the same bits, in the same order or,
+// when `transposed`, each output channel's (A, B) block as (B, A): (C, S) to (S, C) when kept is contiguous
+// (`own_cl` false), (S, C) to (C, S) when it is channels-last.  One read of W from memory per output channel; the
+// copy reads the channel's slice of kept from the L1 (benchmarks/NOTES.md, C8)
+template <typename scalar_t>
+void divide_twice(scalar_t* out, scalar_t* kept, const scalar_t* w, scalar_t sig, const at::Tensor& weight,
+                  bool transposed, bool own_cl) {
+  const int64_t numel = weight.numel();
+  if (numel == 0) return;
+  if (!transposed) {
+    at::parallel_for(0, numel, GRAIN, [&](int64_t k0, int64_t k1) {
+      divide(kept + k0, w + k0, sig, k1 - k0);
+      std::memcpy(out + k0, kept + k0, (k1 - k0) * sizeof(scalar_t));
+    });
+    return;
+  }
+  const int64_t O = weight.size(0), C = weight.size(1), S = weight.size(2) * weight.size(3);
+  const int64_t A = own_cl ? S : C, B = own_cl ? C : S;
+  at::parallel_for(0, O, std::max<int64_t>(1, GRAIN / (A * B)), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      scalar_t* ko = kept + o * A * B;
+      scalar_t* yo = out + o * A * B;
+      divide(ko, w + o * A * B, sig, A * B);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t a = 0; a < A; ++a) yo[b * A + a] = ko[a * B + b];
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> normalize_layout_twice_cpu(const at::Tensor& weight, const at::Tensor& u,
                                                               const at::Tensor& v, const at::Tensor& sigma,
                                                               int64_t dim, bool channels_last) {
@@ -793,8 +824,25 @@ std::tuple<at::Tensor, at::Tensor> normalize_layout_twice_cpu(const at::Tensor& 
     auto [out, kept] = normalize_layout_twice_cpu(w, as_float(u), as_float(v), sigma, dim, channels_last);
     return {as_half(out), as_half(kept)};
   }
-  at::Tensor out = normalize_layout_cpu(weight, u, v, sigma, dim, channels_last);
-  at::Tensor kept = normalize_layout_cpu(weight, u, v, sigma, dim, own_channels_last(weight));
+  const bool own = own_channels_last(weight);
+  const auto own_format = own ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto type = weight.scalar_type();
+  if ((type != at::kFloat && type != at::kDouble) || !weight.is_contiguous(own_format)) {
+    // bfloat16's transposed division rounds through static_cast and its in-order one through the vector loop,
+    // whose NaN bits a copy would carry into the other's place; a weight not dense in kept's order divides
+    // through a contiguous copy: two calls, each with native_normalize_layout's bits
+    at::Tensor out = normalize_layout_cpu(weight, u, v, sigma, dim, channels_last);
+    at::Tensor kept = normalize_layout_cpu(weight, u, v, sigma, dim, own);
+    return {out, kept};
+  }
+  check_layout_args(weight, u, v, sigma, dim, channels_last);
+  at::Tensor kept = cached_empty_cpu(weight.sizes(), layout_strides(weight, own), type);
+  at::Tensor out = cached_empty_cpu(weight.sizes(), layout_strides(weight, channels_last), type);
+  AT_DISPATCH_FLOATING_TYPES(type, "sn_normalize_layout_twice_cpu", [&] {
+    const scalar_t sig = safe_sigma(*sigma.const_data_ptr<scalar_t>());
+    divide_twice(out.mutable_data_ptr<scalar_t>(), kept.mutable_data_ptr<scalar_t>(),
+                 weight.const_data_ptr<scalar_t>(), sig, weight, channels_last != own, own);
+  });
   return {out, kept};
 }
 
