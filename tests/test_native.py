@@ -847,6 +847,34 @@ def test_normalize_layout_twice_is_two_copies_whose_gradients_add(dtype, shape, 
         _ops().native_normalize_layout_backward(G, a, u, v, sigma, dim, False, K.flatten())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(96, 64, 3, 3), (70, 1000), (5, 2, 1, 1)], ids=str)
+def test_normalize_layout_twice_in_one_pass_has_the_layout_ops_bits(dtype, shape):
+    """The one-pass ``native_normalize_layout_twice`` (NOTES C8: the kept output divided from W, the other copied
+    from it, as it is or transposed per output channel) gives ``native_normalize_layout``'s bits and strides in
+    each output, over weights of several of the cores' chunks, with NaN, Inf and -0 entries, on 1 and 2 threads."""
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    flat = w0.view(-1)
+    flat[::97], flat[1::89], flat[2::83] = float("nan"), float("-inf"), -0.0
+    u, v = torch.randn(shape[0], dtype=dtype), torch.randn(w0[0].numel(), dtype=dtype)
+    sigma = torch.tensor(2.75, dtype=dtype)
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for w in _layouts(w0):
+                own = w.dim() == 4 and not w.is_contiguous()
+                for channels_last in ([False, True] if w.dim() == 4 else [False]):
+                    pair = _ops().native_normalize_layout_twice(w, u, v, sigma, 0, channels_last)
+                    for out, layout in zip(pair, (channels_last, own)):
+                        expected = _ops().native_normalize_layout(w, u, v, sigma, 0, layout)
+                        assert out.stride() == expected.stride()
+                        assert torch.equal(out.flatten().view(bits), expected.flatten().view(bits)), (n, channels_last)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_layout_ops_refuse_bad_arguments():
     """Clear errors: channels-last for a weight that is not 4-d, a gradient of another shape or dtype."""
     w, u, v = _inputs((13, 29), 0, torch.float32)
