@@ -258,7 +258,13 @@ def check_coeff(weight: Tensor, coeff) -> None:
     if not coeff > 0:  # NaN fails too
         raise ValueError(f"coeff must be a positive number, got {coeff!r}")
     dtype = torch.promote_types(weight.dtype, torch.float32) if isinstance(weight, Tensor) else torch.float64
-    if not coeff <= torch.finfo(dtype).max:  # compared exactly: an int past float64's range too
+    # compared exactly, an int past float64's range too; a NumPy scalar as a Python number (NumPy would cast the
+    # float64 bound to its own type, float32 or int64, with an overflow warning at every call)
+    try:
+        value = int(coeff) if isinstance(coeff, numbers.Integral) else float(coeff)
+    except OverflowError:  # a Fraction past float64's range
+        value = math.inf
+    if not value <= torch.finfo(dtype).max:
         raise ValueError(f"coeff must be finite in {dtype}, the dtype that scales the weight by it, got {coeff!r}")
 
 
