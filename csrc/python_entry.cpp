@@ -117,7 +117,86 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
   END_HANDLE_TH_ERRORS
 }
 
+// a Python list of plain tensors as a vector (false: not exactly a list, or an item that is not plain)
+bool plain_tensor_list(PyObject* obj, std::vector<at::Tensor>& out) {
+  if (!PyList_CheckExact(obj)) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(obj);
+  out.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(obj, i);
+    if (!plain_tensor(item)) return false;
+    out.push_back(THPVariable_Unpack(item));
+  }
+  return true;
+}
+
+using GroupEagerSig = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
+    at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, int64_t, double, c10::string_view, bool, bool);
+
+PyObject* wrap_list(std::vector<at::Tensor>&& tensors) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(tensors.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < tensors.size(); ++i)
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), THPVariable_Wrap(std::move(tensors[i])));
+  return list;
+}
+
+// `_C.group_normalize_eager(weights, us, vs, dims, n_power_iterations, eps, order, training, shared)`: the op
+// `sn_kernels::native_group_normalize_eager` (sn_kernels.group's forward) through the dispatcher, as above: four
+// lists of a group's weights converted here, not by torch.ops' binding (benchmarks/NOTES.md, G10).  Exact Python
+// types only (lists of plain tensors, a list of ints); NotImplemented otherwise, and under a torch function mode or
+// a torch.func transform.
+PyObject* group_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 9 || THPVariableClass == nullptr || at::impl::torch_function_mode_enabled() ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      !PyList_CheckExact(args[3]) || !PyLong_CheckExact(args[4]) || !PyFloat_CheckExact(args[5]) ||
+      !PyUnicode_CheckExact(args[6]) || !PyBool_Check(args[7]) || !PyBool_Check(args[8]))
+    Py_RETURN_NOTIMPLEMENTED;
+  std::vector<at::Tensor> weights, us, vs;
+  if (!plain_tensor_list(args[0], weights) || !plain_tensor_list(args[1], us) || !plain_tensor_list(args[2], vs))
+    Py_RETURN_NOTIMPLEMENTED;
+  int overflow = 0;
+  const Py_ssize_t count = PyList_GET_SIZE(args[3]);
+  std::vector<int64_t> dims(static_cast<size_t>(count));
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject* d = PyList_GET_ITEM(args[3], i);
+    if (!PyLong_CheckExact(d)) Py_RETURN_NOTIMPLEMENTED;
+    dims[static_cast<size_t>(i)] = PyLong_AsLongLongAndOverflow(d, &overflow);
+    if (overflow != 0) Py_RETURN_NOTIMPLEMENTED;  // torch.ops says what is wrong with it
+  }
+  const long long n = PyLong_AsLongLongAndOverflow(args[4], &overflow);
+  if (overflow != 0) Py_RETURN_NOTIMPLEMENTED;
+  Py_ssize_t len = 0;
+  const char* order = PyUnicode_AsUTF8AndSize(args[6], &len);
+  if (order == nullptr) return nullptr;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sn_kernels::native_group_normalize_eager", "")
+                             .typed<GroupEagerSig>();
+  std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = op.call(weights, us, vs, dims, n, PyFloat_AS_DOUBLE(args[5]), c10::string_view(order, static_cast<size_t>(len)),
+                  args[7] == Py_True, args[8] == Py_True);
+  }
+  PyObject* outs = wrap_list(std::move(std::get<0>(out)));
+  if (outs == nullptr) return nullptr;
+  PyObject* sigmas = wrap_list(std::move(std::get<1>(out)));
+  if (sigmas == nullptr) {
+    Py_DECREF(outs);
+    return nullptr;
+  }
+  PyObject* result = PyTuple_Pack(2, outs, sigmas);  // its own references (nullptr when it fails)
+  Py_DECREF(outs);
+  Py_DECREF(sigmas);
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
+    {"group_normalize_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&group_normalize_eager)),
+     METH_FASTCALL,
+     "native_group_normalize_eager through the dispatcher; NotImplemented where torch.ops must take the call"},
     {"spectral_normalize_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&spectral_normalize_eager)),
      METH_FASTCALL,
      "native_spectral_normalize_eager through the dispatcher; NotImplemented where torch.ops must take the call"},

@@ -195,6 +195,11 @@ def test_prebuilt_extension_has_the_direct_entry():
     if importlib.util.find_spec("sn_kernels._C") is None:
         pytest.skip("no prebuilt extension")
     assert native._direct_entry() is not None
+    from sn_kernels import _C
+
+    # and sn_kernels.group's forward its own (NOTES G10), which the backend's group_eager enters first
+    assert callable(_C.group_normalize_eager)
+    assert native.backend.group_eager is not native._raw("native_group_normalize_eager")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -419,6 +424,89 @@ def test_direct_entry_raises_as_torch_ops():
     with pytest.raises(TypeError, match="subclasses of torch.Tensor"):
         _C._set_plain_types(int)
     assert direct(torch.nn.Parameter(w), u, v, 1, 1e-12, 0, "uv", True) is not NotImplemented  # kept as it was
+
+
+def _group_entry():
+    """sn_kernels._C.group_normalize_eager, or skip (a just-in-time build has no Python module)."""
+    _direct()
+    from sn_kernels import _C
+
+    return _C.group_normalize_eager
+
+
+def _group_inputs(dtype):
+    """A group of four weights (1 x n, n x 1, a 4-d one along dim 1, a chunked one) as the grouped path passes
+    them: Parameters, with their u, v and dims."""
+    cases = [((1, 7), 0), ((7, 1), 0), ((6, 3, 2, 2), 1), ((70, 45), 0)]
+    ins = [_inputs(shape, dim, dtype, seed=k) for k, (shape, dim) in enumerate(cases)]
+    return ([torch.nn.Parameter(w) for w, _, _ in ins], [u for _, u, _ in ins], [v for _, _, v in ins],
+            [dim for _, dim in cases])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shared", [False, True])
+def test_group_entry_is_the_op(dtype, training, shared):
+    """``_C.group_normalize_eager`` (NOTES G10) gives ``native_group_normalize_eager``'s bits through torch.ops:
+    W / sigma, sigma, u, v updated in place (versions moved as by the op), one node of the same name, the same
+    gradients."""
+    entry = _group_entry()
+    ws, us, vs, dims = _group_inputs(dtype)
+    us1, vs1, us2, vs2 = ([t.clone() for t in ts] for ts in (us, vs, us, vs))
+    versions = [t._version for t in us1 + vs1]
+    outs1, sigmas1 = entry(ws, us1, vs1, dims, 2, 1e-12, "uv", training, shared)
+    outs2, sigmas2 = _ops().native_group_normalize_eager(ws, us2, vs2, dims, 2, 1e-12, "uv", training, shared)
+    assert type(outs1) is list and type(sigmas1) is list and len(outs1) == len(ws)
+    for a, b in zip(outs1 + sigmas1 + us1 + vs1, outs2 + sigmas2 + us2 + vs2):
+        assert torch.equal(a, b)
+    assert [t._version > n for t, n in zip(us1 + vs1, versions)] == [training] * 8
+    assert outs1[0].grad_fn is outs1[-1].grad_fn and outs1[0].grad_fn.name() == outs2[0].grad_fn.name()
+    grads = [torch.randn_like(w) for w in ws]
+    g1 = torch.autograd.grad(outs1, ws, grads)
+    g2 = torch.autograd.grad(outs2, ws, grads)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_group_entry_declines_what_torch_ops_must_handle_and_raises_as_it():
+    """NotImplemented, moving no u, v, for a tensor subclass in a list, a tuple for a list, a dim or a count not
+    of the schema's exact type, an int eps, and under a torch function mode; a refused call raises torch.ops'
+    exception and message; the backend's ``group_eager`` then takes torch.ops and gives its result."""
+    entry = _group_entry()
+    ws, us, vs, dims = _group_inputs(torch.float32)
+    u0, v0 = [u.clone() for u in us], [v.clone() for v in vs]
+    tail = (1, 1e-12, "uv", True, False)
+    declined = [
+        ([ws[0].as_subclass(_Logged)] + ws[1:], us, vs, dims, *tail),
+        (tuple(ws), us, vs, dims, *tail),
+        (ws, us, vs, [0, 0, 1.0, 0], *tail),
+        (ws, us, vs, dims, True, 1e-12, "uv", True, False),
+        (ws, us, vs, dims, 1, 1, "uv", True, False),
+        (ws, us, vs, dims, 1, 1e-12, "uv", 1, False),
+        (ws, us, vs, dims, 1 << 70, 1e-12, "uv", True, False),
+        (ws, us, vs, dims, *tail[:-1]),
+    ]
+    for args in declined:
+        assert entry(*args) is NotImplemented, args[3:]
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert entry(ws, us, vs, dims, *tail) is NotImplemented
+    assert all(torch.equal(a, b) for a, b in zip(us + vs, u0 + v0))
+    bad = us[:1] + [torch.randn(3)] + us[2:]
+    with pytest.raises(RuntimeError) as ops_error:
+        _ops().native_group_normalize_eager(ws, bad, vs, dims, *tail)
+    with pytest.raises(type(ops_error.value)) as entry_error:
+        entry(ws, bad, vs, dims, *tail)
+    assert str(entry_error.value) == str(ops_error.value)
+    group_eager = native.backend.group_eager
+    _Logged.seen = 0
+    outs, _ = group_eager([ws[0].as_subclass(_Logged)] + ws[1:], us, vs, dims, *tail)
+    assert _Logged.seen > 0
+    expected, _ = _ops().native_group_normalize_eager(ws, u0, v0, dims, *tail)
+    assert all(torch.equal(a.as_subclass(torch.Tensor), b) for a, b in zip(outs, expected))
 
 
 def test_direct_entry_under_a_dispatch_mode():

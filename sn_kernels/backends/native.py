@@ -128,6 +128,23 @@ def _raw(name: str):
     return getattr(overload, "_op", overload)
 
 
+def _group_entry(raw):
+    """``native_group_normalize_eager`` (a group's forward) entered through ``sn_kernels._C.group_normalize_eager``
+    (csrc/python_entry.cpp: its four lists converted without torch.ops' binding; benchmarks/NOTES.md, G10), and
+    through ``raw`` (torch.ops) where that entry declines or is missing."""
+    module = sys.modules.get(f"{__package__.rpartition('.')[0]}._C")
+    entry = getattr(module, "group_normalize_eager", None)
+    if entry is None:
+        return raw
+
+    def group_eager(weights, us, vs, dims, n_power_iterations, eps, order, training, shared=False):
+        out = entry(weights, us, vs, dims, n_power_iterations, eps, order, training, shared)
+        if out is NotImplemented:
+            return raw(weights, us, vs, dims, n_power_iterations, eps, order, training, shared)
+        return out
+    return group_eager
+
+
 def _direct_entry():
     """``sn_kernels._C.spectral_normalize_eager`` (csrc/python_entry.cpp): the fused eager op through the
     dispatcher without torch.ops' generic argument handling, about 10 microseconds less per call; it answers
@@ -223,7 +240,7 @@ def _finish() -> None:
             lambda weights, us, vs, dims, n_power_iterations, eps, order, training, shared=False: (
                 [torch.empty_like(w) for w in weights], [fake_sigma(w) for w in weights]))
         group_ops += (torch.ops.sn_kernels.native_group_normalize_eager,)
-        group_calls.update(group_eager=_raw("native_group_normalize_eager"))
+        group_calls.update(group_eager=_group_entry(_raw("native_group_normalize_eager")))
     backend = Backend(
         name="native", device_types=("cpu", "cuda"), why_not=why_not,
         power_iteration=power_iteration, normalize=normalize, backward=backward, eager=eager,
