@@ -19,6 +19,7 @@
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
 
 #include <optional>
 #include <string_view>
@@ -44,6 +45,14 @@ bool plain_tensor(PyObject* obj) {
   for (PyObject* t : plain_types())
     if (type == t) return true;
   return false;
+}
+
+// the UTF-8 bytes of a str, or nullptr with no error set when it has none (a lone surrogate): torch.ops then
+// takes the call and raises its own message for it
+const char* utf8(PyObject* str, Py_ssize_t* len) {
+  const char* bytes = PyUnicode_AsUTF8AndSize(str, len);
+  if (bytes == nullptr) PyErr_Clear();
+  return bytes;
 }
 
 PyObject* set_plain_types(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -85,8 +94,8 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
   const long long dim = PyLong_AsLongLongAndOverflow(args[5], &overflow);
   if (overflow != 0) Py_RETURN_NOTIMPLEMENTED;
   Py_ssize_t len = 0;
-  const char* order = PyUnicode_AsUTF8AndSize(args[6], &len);
-  if (order == nullptr) return nullptr;
+  const char* order = utf8(args[6], &len);
+  if (order == nullptr) Py_RETURN_NOTIMPLEMENTED;
   const double eps = PyFloat_AS_DOUBLE(args[4]);
   const bool training = args[7] == Py_True;
   std::optional<double> coeff;
@@ -109,11 +118,11 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
     out = op.call(weight, u, v, n, eps, dim, c10::string_view(order, static_cast<size_t>(len)), training, coeff,
                   soft, gain);
   }
-  PyObject* result = PyTuple_New(2);
-  if (result == nullptr) return nullptr;
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(out))));
-  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(out))));
-  return result;
+  THPObjectPtr first(THPVariable_Wrap(std::move(std::get<0>(out))));
+  if (!first) return nullptr;
+  THPObjectPtr second(THPVariable_Wrap(std::move(std::get<1>(out))));
+  if (!second) return nullptr;
+  return PyTuple_Pack(2, first.get(), second.get());  // its own references (nullptr when it fails)
   END_HANDLE_TH_ERRORS
 }
 
@@ -133,12 +142,17 @@ bool plain_tensor_list(PyObject* obj, std::vector<at::Tensor>& out) {
 using GroupEagerSig = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
     at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, int64_t, double, c10::string_view, bool, bool);
 
+// a new list of the tensors as Python objects (nullptr with the error set when one cannot be made; the list made
+// so far released, also when THPVariable_Wrap throws)
 PyObject* wrap_list(std::vector<at::Tensor>&& tensors) {
-  PyObject* list = PyList_New(static_cast<Py_ssize_t>(tensors.size()));
-  if (list == nullptr) return nullptr;
-  for (size_t i = 0; i < tensors.size(); ++i)
-    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), THPVariable_Wrap(std::move(tensors[i])));
-  return list;
+  THPObjectPtr list(PyList_New(static_cast<Py_ssize_t>(tensors.size())));
+  if (!list) return nullptr;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    PyObject* item = THPVariable_Wrap(std::move(tensors[i]));
+    if (item == nullptr) return nullptr;
+    PyList_SET_ITEM(list.get(), static_cast<Py_ssize_t>(i), item);
+  }
+  return list.release();
 }
 
 // `_C.group_normalize_eager(weights, us, vs, dims, n_power_iterations, eps, order, training, shared)`: the op
@@ -168,8 +182,8 @@ PyObject* group_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py_ss
   const long long n = PyLong_AsLongLongAndOverflow(args[4], &overflow);
   if (overflow != 0) Py_RETURN_NOTIMPLEMENTED;
   Py_ssize_t len = 0;
-  const char* order = PyUnicode_AsUTF8AndSize(args[6], &len);
-  if (order == nullptr) return nullptr;
+  const char* order = utf8(args[6], &len);
+  if (order == nullptr) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("sn_kernels::native_group_normalize_eager", "")
                              .typed<GroupEagerSig>();
@@ -179,17 +193,11 @@ PyObject* group_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py_ss
     out = op.call(weights, us, vs, dims, n, PyFloat_AS_DOUBLE(args[5]), c10::string_view(order, static_cast<size_t>(len)),
                   args[7] == Py_True, args[8] == Py_True);
   }
-  PyObject* outs = wrap_list(std::move(std::get<0>(out)));
-  if (outs == nullptr) return nullptr;
-  PyObject* sigmas = wrap_list(std::move(std::get<1>(out)));
-  if (sigmas == nullptr) {
-    Py_DECREF(outs);
-    return nullptr;
-  }
-  PyObject* result = PyTuple_Pack(2, outs, sigmas);  // its own references (nullptr when it fails)
-  Py_DECREF(outs);
-  Py_DECREF(sigmas);
-  return result;
+  THPObjectPtr outs(wrap_list(std::move(std::get<0>(out))));
+  if (!outs) return nullptr;
+  THPObjectPtr sigmas(wrap_list(std::move(std::get<1>(out))));
+  if (!sigmas) return nullptr;
+  return PyTuple_Pack(2, outs.get(), sigmas.get());
   END_HANDLE_TH_ERRORS
 }
 

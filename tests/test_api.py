@@ -482,6 +482,8 @@ def test_an_int_or_numpy_coeff_takes_the_direct_entry(monkeypatch):
             out = sn_kernels.spectral_normalize(w, u0.clone(), v0.clone(), coeff=coeff)
         assert len(answers) == 1 and answers[0] is not NotImplemented, type(coeff)
         assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+    with pytest.raises(ValueError, match="coeff must be finite"):  # NumPy compared it with float64's max as float32
+        sn_kernels.spectral_normalize(w, u0.clone(), v0.clone(), coeff=np.float32("inf"))
     layer = sn_kernels.parametrizations.spectral_norm(nn.Linear(4, 6), coeff=2)
     answers.clear()
     layer.weight

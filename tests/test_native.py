@@ -391,6 +391,7 @@ def test_direct_entry_declines_what_torch_ops_must_handle():
     assert direct(w, u, v, *args, 1, False) is NotImplemented  # an int as coeff
     assert direct(w, u, v, *args, 0.5, 0) is NotImplemented  # an int as soft
     assert direct(w, u, v, *args, None) is NotImplemented  # coeff without soft
+    assert direct(w, u, v, 1, 1e-12, 0, "u\ud800", True) is NotImplemented  # no UTF-8 form: torch.ops says so
 
     class Mode(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -484,6 +485,7 @@ def test_group_entry_declines_what_torch_ops_must_handle_and_raises_as_it():
         (ws, us, vs, dims, 1, 1e-12, "uv", 1, False),
         (ws, us, vs, dims, 1 << 70, 1e-12, "uv", True, False),
         (ws, us, vs, dims, *tail[:-1]),
+        (ws, us, vs, dims, 1, 1e-12, "u\ud800", True, False),  # a str with no UTF-8 form: torch.ops' message
     ]
     for args in declined:
         assert entry(*args) is NotImplemented, args[3:]
