@@ -55,6 +55,13 @@ const char* utf8(PyObject* str, Py_ssize_t* len) {
   return bytes;
 }
 
+// a Python int as int64 (false when it does not fit: torch.ops then takes the call and says what is wrong with it)
+bool int64_of(PyObject* obj, long long* out) {
+  int overflow = 0;
+  *out = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  return overflow == 0;
+}
+
 PyObject* set_plain_types(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   for (Py_ssize_t i = 0; i < nargs; ++i) {
     if (!PyType_Check(args[i]) || !PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(args[i]),
@@ -88,11 +95,8 @@ PyObject* spectral_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py
   if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
       weight.numel() == 0 || !weight.is_floating_point() || weight.layout() != at::kStrided)
     Py_RETURN_NOTIMPLEMENTED;
-  int overflow = 0;
-  const long long n = PyLong_AsLongLongAndOverflow(args[3], &overflow);
-  if (overflow != 0) Py_RETURN_NOTIMPLEMENTED;  // torch.ops says what is wrong with it
-  const long long dim = PyLong_AsLongLongAndOverflow(args[5], &overflow);
-  if (overflow != 0) Py_RETURN_NOTIMPLEMENTED;
+  long long n = 0, dim = 0;
+  if (!int64_of(args[3], &n) || !int64_of(args[5], &dim)) Py_RETURN_NOTIMPLEMENTED;
   Py_ssize_t len = 0;
   const char* order = utf8(args[6], &len);
   if (order == nullptr) Py_RETURN_NOTIMPLEMENTED;
@@ -170,17 +174,16 @@ PyObject* group_normalize_eager(PyObject* /*self*/, PyObject* const* args, Py_ss
   std::vector<at::Tensor> weights, us, vs;
   if (!plain_tensor_list(args[0], weights) || !plain_tensor_list(args[1], us) || !plain_tensor_list(args[2], vs))
     Py_RETURN_NOTIMPLEMENTED;
-  int overflow = 0;
   const Py_ssize_t count = PyList_GET_SIZE(args[3]);
   std::vector<int64_t> dims(static_cast<size_t>(count));
   for (Py_ssize_t i = 0; i < count; ++i) {
     PyObject* d = PyList_GET_ITEM(args[3], i);
-    if (!PyLong_CheckExact(d)) Py_RETURN_NOTIMPLEMENTED;
-    dims[static_cast<size_t>(i)] = PyLong_AsLongLongAndOverflow(d, &overflow);
-    if (overflow != 0) Py_RETURN_NOTIMPLEMENTED;  // torch.ops says what is wrong with it
+    long long dim = 0;
+    if (!PyLong_CheckExact(d) || !int64_of(d, &dim)) Py_RETURN_NOTIMPLEMENTED;
+    dims[static_cast<size_t>(i)] = dim;
   }
-  const long long n = PyLong_AsLongLongAndOverflow(args[4], &overflow);
-  if (overflow != 0) Py_RETURN_NOTIMPLEMENTED;
+  long long n = 0;
+  if (!int64_of(args[4], &n)) Py_RETURN_NOTIMPLEMENTED;
   Py_ssize_t len = 0;
   const char* order = utf8(args[6], &len);
   if (order == nullptr) Py_RETURN_NOTIMPLEMENTED;

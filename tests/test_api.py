@@ -409,13 +409,11 @@ def test_the_front_ends_fast_path_follows_the_selection(monkeypatch):
         sn_kernels.spectral_normalize(w, u[:-1].clone(), v)
 
 
-def test_a_declined_direct_call_is_asked_once(monkeypatch):
-    """A call the direct entry declines (here: under a torch function mode) goes on through torch.ops without
-    asking the entry again, whether the fast path or an explicit backend="native" asked first; the result is
-    the fused op's."""
+def _counted_direct(monkeypatch):
+    """(weight, u0, v0, answers): a float64 call's arguments, with the native backend's direct entry replaced, for
+    the fast path and ``dispatch.resolve`` alike, by one that records each of its answers in ``answers``; skips
+    when the entry is not loaded."""
     import dataclasses
-
-    from torch.overrides import TorchFunctionMode
 
     chosen = dispatch.resolve(torch.device("cpu"))
     if chosen.direct is None:
@@ -426,10 +424,6 @@ def test_a_declined_direct_call_is_asked_once(monkeypatch):
     sn_kernels.spectral_normalize(w, u0.clone(), v0.clone())  # fills the fast path's entry
     answers = []
 
-    class Passing(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
     def counted(*args):
         answers.append(chosen.direct(*args))
         return answers[-1]
@@ -437,6 +431,21 @@ def test_a_declined_direct_call_is_asked_once(monkeypatch):
     monkeypatch.setitem(dispatch._direct, "cpu", counted)
     real = dispatch.resolve
     monkeypatch.setattr(dispatch, "resolve", lambda *a, **k: dataclasses.replace(real(*a, **k), direct=counted))
+    return w, u0, v0, answers
+
+
+def test_a_declined_direct_call_is_asked_once(monkeypatch):
+    """A call the direct entry declines (here: under a torch function mode) goes on through torch.ops without
+    asking the entry again, whether the fast path or an explicit backend="native" asked first; the result is
+    the fused op's."""
+    from torch.overrides import TorchFunctionMode
+
+    w, u0, v0, answers = _counted_direct(monkeypatch)
+
+    class Passing(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
     expected = sn_kernels.spectral_normalize(w, u0.clone(), v0.clone())
     assert len(answers) == 1 and answers[0] is not NotImplemented
     for backend in (None, "native"):
@@ -453,28 +462,12 @@ def test_an_int_or_numpy_coeff_takes_the_direct_entry(monkeypatch):
     """``coeff=2`` (an int, or a NumPy scalar) reaches the direct entry as a float, which it accepts at the first
     try (its exact-type rule declined such a call, which then took the slower route: about 20 µs more per call of
     a layer wrapped with coeff=2); the results are those of the float coeff."""
-    import dataclasses
     import warnings
 
     import numpy as np
 
-    chosen = dispatch.resolve(torch.device("cpu"))
-    if chosen.direct is None:
-        pytest.skip("the native backend's direct entry is not loaded")
-    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    u0, v0 = torch.nn.functional.normalize(torch.randn(6, dtype=torch.float64), dim=0), \
-        torch.nn.functional.normalize(torch.randn(4, dtype=torch.float64), dim=0)
-    sn_kernels.spectral_normalize(w, u0.clone(), v0.clone())  # fills the fast path's entry
+    w, u0, v0, answers = _counted_direct(monkeypatch)
     expected = sn_kernels.spectral_normalize(w, u0.clone(), v0.clone(), coeff=2.0)
-    answers = []
-
-    def counted(*args):
-        answers.append(chosen.direct(*args))
-        return answers[-1]
-
-    monkeypatch.setitem(dispatch._direct, "cpu", counted)
-    real = dispatch.resolve
-    monkeypatch.setattr(dispatch, "resolve", lambda *a, **k: dataclasses.replace(real(*a, **k), direct=counted))
     for coeff in (2, np.float32(2.0), np.int64(2)):
         answers.clear()
         with warnings.catch_warnings():

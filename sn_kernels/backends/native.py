@@ -132,8 +132,7 @@ def _group_entry(raw):
     """``native_group_normalize_eager`` (a group's forward) entered through ``sn_kernels._C.group_normalize_eager``
     (csrc/python_entry.cpp: its four lists converted without torch.ops' binding; benchmarks/NOTES.md, G10), and
     through ``raw`` (torch.ops) where that entry declines or is missing."""
-    module = sys.modules.get(f"{__package__.rpartition('.')[0]}._C")
-    entry = getattr(module, "group_normalize_eager", None)
+    entry = _c_entry("group_normalize_eager")
     if entry is None:
         return raw
 
@@ -150,11 +149,16 @@ def _direct_entry():
     dispatcher without torch.ops' generic argument handling, about 10 microseconds less per call; it answers
     NotImplemented where torch.ops must take the call (a tensor subclass, a torch function mode).  None when
     the library was loaded without that module (a just-in-time build, an older build)."""
+    return _c_entry("spectral_normalize_eager")
+
+
+def _c_entry(name: str):
+    """``sn_kernels._C.<name>``, a direct entry of csrc/python_entry.cpp, with Parameters taken as plain tensors
+    (``_set_plain_types``, shared by the entries); None when the library was loaded without that module."""
     module = sys.modules.get(f"{__package__.rpartition('.')[0]}._C")
-    entry = getattr(module, "spectral_normalize_eager", None)
-    if entry is None:
-        return None
-    module._set_plain_types(torch.nn.Parameter)
+    entry = getattr(module, name, None)
+    if entry is not None:
+        module._set_plain_types(torch.nn.Parameter)
     return entry
 
 
