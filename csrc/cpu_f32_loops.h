@@ -202,10 +202,13 @@ void widen_f16(float* __restrict y, const unsigned short* __restrict w, long len
 #define SN_WIDEN_F16 nullptr
 #endif
 
-// y[k] = (g[k] - c * (ui * v[k])) / sigma
+// y[k] = (g[k] - c * (ui * v[k])) * inv, or / sigma where inv is 0 (grad_factor)
 void grad_row(float* __restrict y, const float* __restrict g, const float* __restrict v, float c, float ui,
-              float sigma, long len) {
-  for (long k = 0; k < len; ++k) y[k] = (g[k] - c * (ui * v[k])) / sigma;
+              float sigma, float inv, long len) {
+  if (inv != 0)
+    for (long k = 0; k < len; ++k) y[k] = (g[k] - c * (ui * v[k])) * inv;
+  else
+    for (long k = 0; k < len; ++k) y[k] = (g[k] - c * (ui * v[k])) / sigma;
 }
 
 // dot(a, b, len) for len <= P <= 16 <= kLanes: each lane holds 0 + one product and the lane tree only adds
@@ -458,10 +461,10 @@ void add_rows_outer(float* __restrict out, const float* __restrict a, const floa
   }
 }
 
-// rows [r0, r1) of the (outer * m, len) layout: y[r][k] = (g[r][k] - c * (u[r % m] * v[(r / m) * len + k])) / sigma,
-// grad_row's arithmetic
+// rows [r0, r1) of the (outer * m, len) layout: y[r][k] = (g[r][k] - c * (u[r % m] * v[(r / m) * len + k])) * inv
+// (or / sigma where inv is 0), grad_row's arithmetic
 void grad_rows(float* __restrict y, const float* __restrict g, const float* __restrict u, const float* __restrict v,
-               float c, float sigma, long len, long m, long r0, long r1) {
+               float c, float sigma, float inv, long len, long m, long r0, long r1) {
   for (long r = r0, o = r0 / m, i = r0 % m; r < r1; r += m - i, ++o, i = 0) {
     const long rows = m - i < r1 - r ? m - i : r1 - r;  // the rows of outer index o
     const float* vo = v + o * len;
@@ -470,10 +473,12 @@ void grad_rows(float* __restrict y, const float* __restrict g, const float* __re
     float* yr = y + r * len;
     if (len == 1) {  // one element a row: a loop over the rows, vectorized
       const float v0 = vo[0];
-      for (long j = 0; j < rows; ++j) yr[j] = (gr[j] - c * (ui[j] * v0)) / sigma;
+      if (inv != 0)
+        for (long j = 0; j < rows; ++j) yr[j] = (gr[j] - c * (ui[j] * v0)) * inv;
+      else
+        for (long j = 0; j < rows; ++j) yr[j] = (gr[j] - c * (ui[j] * v0)) / sigma;
     } else {
-      for (long j = 0; j < rows; ++j)
-        for (long k = 0; k < len; ++k) yr[j * len + k] = (gr[j * len + k] - c * (ui[j] * vo[k])) / sigma;
+      for (long j = 0; j < rows; ++j) grad_row(yr + j * len, gr + j * len, vo, c, ui[j], sigma, inv, len);
     }
   }
 }

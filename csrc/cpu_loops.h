@@ -15,12 +15,13 @@ struct F32Loops {
   void (*axpy)(float*, const float*, float, long);
   void (*axpy4)(float*, const float*, const float*, const float*, const float*, const float*, long);
   void (*divide)(float*, const float*, float, long);
-  void (*grad_row)(float*, const float*, const float*, float, float, float, long);
+  // grad_row, grad_rows: multiplied by `inv` (grad_factor: 1 / sigma), or divided by sigma where inv is 0
+  void (*grad_row)(float*, const float*, const float*, float, float, float, float, long);
   // many short rows per call (the (outer, m, inner) layouts of dim != 0, tall narrow weights):
   // the same arithmetic per element as the per-row loops above
   void (*dot_rows)(float*, const float*, const float*, long, long, long, long);
   void (*add_rows_outer)(float*, const float*, const float*, long, long, long, long);
-  void (*grad_rows)(float*, const float*, const float*, const float*, float, float, long, long, long, long);
+  void (*grad_rows)(float*, const float*, const float*, const float*, float, float, float, long, long, long, long);
   // W / sigma of float64, bfloat16 and float16 weights (16-bit ones as their bits), rounded as the generic
   // loops and ATen's conversions round; divide_f16 is nullptr without F16C (the baseline table)
   void (*divide_f64)(double*, const double*, double, long);

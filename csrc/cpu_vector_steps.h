@@ -34,3 +34,13 @@ template <typename acc_t>
 inline acc_t safe_sigma(acc_t s) {
   return s == 0 ? std::numeric_limits<acc_t>::infinity() : s;
 }
+
+// The factor grad_W = (G - c u v^T) / sigma is multiplied by: 1 / sigma where sigma and 1 / sigma are both normal
+// numbers (one more rounding per element than the division, and a multiply instead of a division: 4x the
+// throughput on an AVX2 core, benchmarks/NOTES.md, L13); 0 otherwise (sigma subnormal or above 2^126, zero,
+// infinite or NaN), where the grad_W loops divide by sigma instead
+template <typename acc_t>
+inline acc_t grad_factor(acc_t sigma) {
+  const acc_t r = acc_t(1) / sigma;
+  return std::isnormal(sigma) && std::isnormal(r) ? r : acc_t(0);
+}

@@ -272,28 +272,32 @@ inline void divide<at::BFloat16, float>(at::BFloat16* __restrict y, const at::BF
   f32().divide_bf16(reinterpret_cast<unsigned short*>(y), reinterpret_cast<const unsigned short*>(w), sig, len);
 }
 
+// y[k] = (g[k] - c * (ui * v[k])) * inv, or / sig where inv is 0 (grad_factor, cpu_vector_steps.h)
 template <typename scalar_t, typename acc_t>
 inline void grad_row(scalar_t* __restrict y, const scalar_t* __restrict g, const acc_t* __restrict v, acc_t c,
-                     acc_t ui, acc_t sig, int64_t len) {
-  for (int64_t k = 0; k < len; ++k)
-    y[k] = static_cast<scalar_t>((static_cast<acc_t>(g[k]) - c * (ui * v[k])) / sig);
+                     acc_t ui, acc_t sig, acc_t inv, int64_t len) {
+  if (inv != 0)
+    for (int64_t k = 0; k < len; ++k) y[k] = static_cast<scalar_t>((static_cast<acc_t>(g[k]) - c * (ui * v[k])) * inv);
+  else
+    for (int64_t k = 0; k < len; ++k) y[k] = static_cast<scalar_t>((static_cast<acc_t>(g[k]) - c * (ui * v[k])) / sig);
 }
 template <>
 inline void grad_row<float, float>(float* __restrict y, const float* __restrict g, const float* __restrict v, float c,
-                                   float ui, float sig, int64_t len) {
-  f32().grad_row(y, g, v, c, ui, sig, len);
+                                   float ui, float sig, float inv, int64_t len) {
+  f32().grad_row(y, g, v, c, ui, sig, inv, len);
 }
 
 // rows [r0, r1) of the (outer * m, len) layout of y = (G - c u v^T) / sigma, grad_row's arithmetic
 template <typename scalar_t, typename acc_t>
 inline void grad_row_range(scalar_t* y, const scalar_t* g, const acc_t* u, const acc_t* v, acc_t c, acc_t sig,
-                           int64_t len, int64_t m, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) grad_row(y + r * len, g + r * len, v + (r / m) * len, c, u[r % m], sig, len);
+                           acc_t inv, int64_t len, int64_t m, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    grad_row(y + r * len, g + r * len, v + (r / m) * len, c, u[r % m], sig, inv, len);
 }
 template <>
 inline void grad_row_range<float, float>(float* y, const float* g, const float* u, const float* v, float c, float sig,
-                                         int64_t len, int64_t m, int64_t r0, int64_t r1) {
-  f32().grad_rows(y, g, u, v, c, sig, len, m, r0, r1);  // many rows per call: short rows cost no call each
+                                         float inv, int64_t len, int64_t m, int64_t r0, int64_t r1) {
+  f32().grad_rows(y, g, u, v, c, sig, inv, len, m, r0, r1);  // many rows per call: short rows cost no call each
 }
 
 template <typename acc_t>
@@ -647,8 +651,9 @@ template <typename scalar_t, typename acc_t>
 void grad_rows(scalar_t* y, const scalar_t* g, const acc_t* ua, const acc_t* va, acc_t c, acc_t sig,
                const MatrixView& mv) {
   const int64_t m = mv.m, inner = mv.inner;
+  const acc_t inv = grad_factor(sig);
   at::parallel_for(0, mv.outer * m, std::max<int64_t>(1, GRAIN / inner), [&](int64_t r0, int64_t r1) {
-    grad_row_range(y, g, ua, va, c, sig, inner, m, r0, r1);
+    grad_row_range(y, g, ua, va, c, sig, inv, inner, m, r0, r1);
   });
 }
 
@@ -932,6 +937,7 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
     }
     // y[o][b][s] from g[o][s][b]: u by the `dim` index, v by the rest flattened in order (grad_row's arithmetic)
     const int64_t O = grad.size(0), B = grad.size(1), S = grad.size(2) * grad.size(3);
+    const acc_t inv = grad_factor(sig);
     at::parallel_for(0, O, std::max<int64_t>(1, GRAIN / (B * S)), [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {
         const scalar_t* go = g + o * B * S;
@@ -939,8 +945,12 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
         for (int64_t b = 0; b < B; ++b) {
           const acc_t ub = d == 0 ? ua[o] : ua[b];
           const acc_t* vb = va.data() + (d == 0 ? b * S : o * S);
-          for (int64_t s = 0; s < S; ++s)
-            yo[b * S + s] = static_cast<scalar_t>((static_cast<acc_t>(go[s * B + b]) - c * (ub * vb[s])) / sig);
+          if (inv != 0)
+            for (int64_t s = 0; s < S; ++s)
+              yo[b * S + s] = static_cast<scalar_t>((static_cast<acc_t>(go[s * B + b]) - c * (ub * vb[s])) * inv);
+          else
+            for (int64_t s = 0; s < S; ++s)
+              yo[b * S + s] = static_cast<scalar_t>((static_cast<acc_t>(go[s * B + b]) - c * (ub * vb[s])) / sig);
         }
       }
     });

@@ -650,7 +650,7 @@ struct Bw {
   const float* v = nullptr;
   float* y = nullptr;
   int64_t m = 0, inner = 0, rows = 0, numel = 0, blocks = 0;
-  float sig = 0, c = 0;
+  float sig = 0, inv = 0, c = 0;  // inv: grad_factor(sig)
   std::vector<float> part;
   bool whole = false;
 };
@@ -673,7 +673,7 @@ void grad_rows(Bw& b, int64_t r0, int64_t r1) {
   const F32Loops& L = f32();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r / b.m, i = r % b.m;
-    L.grad_row(b.y + r * b.inner, b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inner);
+    L.grad_row(b.y + r * b.inner, b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inv, b.inner);
   }
 }
 
@@ -732,6 +732,7 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
       b.numel = w.numel();
       b.blocks = (b.numel + DOT_BLOCK - 1) / DOT_BLOCK;
       b.sig = safe_sigma(*sigmas[i].const_data_ptr<float>());
+      b.inv = grad_factor(b.sig);
       b.part.resize(b.blocks);
     }
   }

@@ -1000,3 +1000,50 @@ def test_layout_op_autograd_gives_the_gradient_in_the_weight_layout():
     out = _ops().native_normalize_layout(weight, u, v, sigma, 0, False)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out, weight, G, create_graph=True)
+
+
+def _disjoint(shape, dtype, scale=1.0):
+    """G and W with disjoint supports: <G, W> is exactly zero, so every CPU grad_W kernel gives G times
+    grad_factor(sigma) = 1 / sigma, or G / sigma where it divides, with no other rounding."""
+    gen = torch.Generator().manual_seed(7)
+    G = torch.randn(shape, dtype=torch.float64, generator=gen) * scale
+    W = torch.randn(shape, dtype=torch.float64, generator=gen)
+    mask = torch.rand(shape, generator=gen) < 0.5
+    return G.masked_fill(mask, 0).to(dtype), W.masked_fill(~mask, 0).to(dtype)
+
+
+def _grad_routes(G, W, sigma, dim):
+    """grad_W of every CPU route: the per-weight op, the layout op (from W as its saved output; G channels-last
+    for a 4-d weight along dim 0, its block-transposed loop) and the grouped op."""
+    m = W.shape[dim]
+    u = torch.nn.functional.normalize(torch.ones(m, dtype=W.dtype), dim=0)
+    v = torch.nn.functional.normalize(torch.ones(W.numel() // m, dtype=W.dtype), dim=0)
+    out = {"native_backward": _ops().native_backward(G, W, u, v, sigma, dim),
+           "layout": _ops().native_normalize_layout_backward(G, W, u, v, sigma, dim, False, None),
+           "group": _ops().native_group_backward([G], [W], [u], [v], [sigma], [dim])[0]}
+    if W.dim() == 4 and dim == 0:
+        cl = torch.channels_last
+        out["layout, transposed"] = _ops().native_normalize_layout_backward(
+            G.contiguous(memory_format=cl), W.contiguous(memory_format=cl), u, v, sigma, dim, False, None)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,dim", [((37, 53), 0), ((40, 1), 0), ((6, 5, 7), 1), ((8, 6, 3, 3), 0),
+                                       ((300, 260), 1)], ids=str)
+def test_grad_w_multiplies_by_the_reciprocal_of_a_normal_sigma(shape, dim, dtype):
+    """grad_W = (G - c u v^T) * (1 / sigma) where sigma and 1 / sigma are normal numbers (a multiply instead of
+    a division per element: benchmarks/NOTES.md, L13), and the division where 1 / sigma would lose bits
+    (sigma subnormal or near the dtype's largest power of two); every CPU route alike."""
+    G, W = _disjoint(shape, dtype)
+    sigma = torch.tensor(3.0, dtype=dtype)
+    for route, grad in _grad_routes(G, W, sigma, dim).items():
+        assert torch.equal(grad, G * (1 / sigma)), route
+        assert not torch.equal(grad, G / sigma), route  # the two differ on these G: the test tells them apart
+    info = torch.finfo(dtype)
+    tiny = torch.tensor(info.tiny, dtype=dtype) / 16  # subnormal: 1 / sigma overflows or loses nothing useful
+    huge = torch.tensor(info.max, dtype=dtype) / 2  # 1 / sigma subnormal
+    for sigma, scale in ((tiny, info.tiny), (huge, 1.0)):
+        G, W = _disjoint(shape, dtype, scale)
+        for route, grad in _grad_routes(G, W, sigma, dim).items():
+            assert torch.equal(grad, G / sigma), (route, float(sigma))
