@@ -88,20 +88,29 @@ def set_backend(name: str) -> None:
 
 
 # The front end's fast path (functional.normalize_kept): the direct entry (``Backend.direct``) of the backend
-# the selection resolves to for a CPU or CUDA weight, by device type, while no use_backend block is open in
-# any thread (``_open_blocks``).  resolve() fills it, set_backend() clears it.  It spares a call the
-# thread-local selection, the device object and the resolution's lookup, several microseconds each right after
-# a kernel (benchmarks/NOTES.md, P4).
+# the selection resolves to for a CPU or CUDA weight, by device type.  resolve() fills it, set_backend() clears
+# it.  It spares a call the thread-local selection, the device object and the resolution's lookup, several
+# microseconds each right after a kernel (benchmarks/NOTES.md, P4).  A thread inside a use_backend block has a
+# table of its own for the block's selection (``_local.direct``, made empty when the block opens); only while
+# some block is open (``_open_blocks``, any thread) does a call look for it.
 _direct: dict[str, object] = {}
 _open_blocks = [0]
 _blocks_lock = threading.Lock()
 
 
+def _direct_table() -> dict[str, object]:
+    """The fast-path table of the calling thread's selection: its use_backend block's, else the global one."""
+    if _open_blocks[0]:
+        table = getattr(_local, "direct", None)
+        if table is not None:
+            return table
+    return _direct
+
+
 def direct_entry(weight) -> object | None:
     """The direct entry for a call on ``weight`` (a Tensor) with no per-call backend, or None."""
-    if _open_blocks[0]:
-        return None
-    return _direct.get("cpu") if weight.is_cpu else _direct.get("cuda") if weight.is_cuda else None
+    table = _direct_table()
+    return table.get("cpu") if weight.is_cpu else table.get("cuda") if weight.is_cuda else None
 
 
 # use_backend's selection, per thread: a block in one thread must not change what another thread runs,
@@ -119,14 +128,14 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Select a backend for a block, in the calling thread only: ``with sn_kernels.use_backend("torch"): ...``."""
     choice = _check_choice(name)
-    previous = getattr(_local, "choice", None)
+    previous, previous_direct = getattr(_local, "choice", None), getattr(_local, "direct", None)
     with _blocks_lock:
         _open_blocks[0] += 1
-    _local.choice = choice
+    _local.choice, _local.direct = choice, {}
     try:
         yield
     finally:
-        _local.choice = previous
+        _local.choice, _local.direct = previous, previous_direct
         with _blocks_lock:
             _open_blocks[0] -= 1
 
@@ -149,9 +158,13 @@ def resolve(device: torch.device, backend: str | None = None) -> Backend:
     chosen = _resolved.get(key)
     if chosen is None:
         chosen = _resolved[key] = _resolve(choice, device)
-    if chosen.direct is not None and backend is None and key[1] not in _direct and key[1] in ("cpu", "cuda") \
-            and not _open_blocks[0] and choice == _selected:
-        _direct[key[1]] = chosen.direct
+    if chosen.direct is not None and backend is None and key[1] in ("cpu", "cuda"):
+        # the table of the selection just resolved: the calling thread's block's, or the global one (unless
+        # set_backend changed the selection meanwhile in another thread)
+        table = getattr(_local, "direct", None) if getattr(_local, "choice", None) is not None else (
+            _direct if choice == _selected else None)
+        if table is not None and key[1] not in table:
+            table[key[1]] = chosen.direct
     return chosen
 
 
@@ -239,5 +252,7 @@ def _reset_cache() -> None:
     """Forget resolved backends (after building the extension, in tests)."""
     _resolved.clear()
     _direct.clear()
+    if getattr(_local, "direct", None) is not None:  # the calling thread's block (other threads' end with them)
+        _local.direct.clear()
     _load_errors.clear()
 

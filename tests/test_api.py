@@ -365,8 +365,9 @@ def test_use_backend_is_per_thread():
 
 def test_the_front_ends_fast_path_follows_the_selection(monkeypatch):
     """functional's fast path (dispatch.direct_entry) calls the selected backend's direct entry without resolving
-    the backend per call, and steps aside for a use_backend block (in this thread or another), set_backend and an
-    explicit backend=; an argument the entry refuses is named by the Python check."""
+    the backend per call: the global selection's, or a use_backend block's own (resolved once in the block, not
+    shared with other threads nor kept after it); it follows set_backend and steps aside for an explicit
+    backend=; an argument the entry refuses is named by the Python check."""
     import threading
 
     if dispatch.resolve(torch.device("cpu")).direct is None:
@@ -385,17 +386,25 @@ def test_the_front_ends_fast_path_follows_the_selection(monkeypatch):
     assert native() and resolved == []
     with sn_kernels.use_backend("torch"):
         assert not native() and len(resolved) == 1
+    with sn_kernels.use_backend("native"):
+        assert native() and native() and len(resolved) == 2  # the block's table: resolved at its first call only
+        with sn_kernels.use_backend("torch"):  # a nested block has a table of its own
+            assert not native() and len(resolved) == 3
+        assert native() and len(resolved) == 3
     inside, done = threading.Event(), threading.Event()
+    seen = []
 
     def other():
         with sn_kernels.use_backend("torch"):
+            seen.append(native())  # the other thread's block: its own selection, not this thread's table
             inside.set()
             done.wait(10)
 
     thread = threading.Thread(target=other)
     thread.start()
     inside.wait(10)
-    assert native() and len(resolved) == 2  # resolved for this thread: still native
+    assert seen == [False] and len(resolved) == 4
+    assert native() and len(resolved) == 4  # this thread, no block: the global table, while the other's is open
     done.set()
     thread.join()
     assert not native(backend="torch")
