@@ -31,6 +31,7 @@
 #include "common.h"
 #include "cpu_block_cache.h"
 #include "cpu_loops.h"
+#include "cpu_stream.h"
 
 namespace sn_kernels {
 namespace baseline {
@@ -583,6 +584,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
 // y = w / sigma over `numel` elements stored alike, split over the cores
 template <typename scalar_t, typename acc_t>
 void divide_all(scalar_t* y, const scalar_t* w, acc_t sig, int64_t numel) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (streamed(numel)) {  // a large W / sigma leaves the caches anyway: written around them (cpu_stream.h)
+      at::parallel_for(0, numel, GRAIN, [&](int64_t k0, int64_t k1) {
+        stream_blocks(y, k0, k1, [&](float* buf, int64_t k, int64_t len) { divide(buf, w + k, sig, len); });
+        stream_fence();
+      });
+      return;
+    }
+  }
   at::parallel_for(0, numel, GRAIN, [&](int64_t k0, int64_t k1) { divide(y + k0, w + k0, sig, k1 - k0); });
 }
 
@@ -652,6 +662,23 @@ void grad_rows(scalar_t* y, const scalar_t* g, const acc_t* ua, const acc_t* va,
                const MatrixView& mv) {
   const int64_t m = mv.m, inner = mv.inner;
   const acc_t inv = grad_factor(sig);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // a large float32 gradient leaves the caches anyway: written around them, row by row through an L1
+    // buffer (cpu_stream.h; grad_row's loop, so the same values), when its rows are long enough for that
+    if (inner >= STREAM_ROW && streamed(mv.outer * m * inner)) {
+      at::parallel_for(0, mv.outer * m, std::max<int64_t>(1, GRAIN / inner), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* gr = g + r * inner;
+          const float* vr = va + (r / m) * inner;
+          stream_blocks(y + r * inner, 0, inner, [&](float* buf, int64_t k, int64_t len) {
+            f32().grad_row(buf, gr + k, vr + k, c, ua[r % m], sig, inv, len);
+          });
+        }
+        stream_fence();
+      });
+      return;
+    }
+  }
   at::parallel_for(0, mv.outer * m, std::max<int64_t>(1, GRAIN / inner), [&](int64_t r0, int64_t r1) {
     grad_row_range(y, g, ua, va, c, sig, inv, inner, m, r0, r1);
   });

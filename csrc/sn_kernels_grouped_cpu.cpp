@@ -50,6 +50,7 @@
 #include "common.h"
 #include "cpu_block_cache.h"
 #include "cpu_loops.h"
+#include "cpu_stream.h"
 #ifdef SN_KERNELS_WITH_CUDA
 #include "grouped_cuda.h"
 #endif
@@ -83,47 +84,8 @@ constexpr int64_t L2_WHOLE = 1 << 18;
 // in the L3 as the per-weight kernels do, instead of each phase streaming the whole group from memory
 constexpr int64_t BAND = 1 << 21;
 
-// W / sigma of weights of STREAM_MIN elements or more (8 MiB of float32, a quarter of the L3 here:
-// it leaves the caches anyway) is written with non-temporal stores: computed by the same loop into an
-// L1 buffer, then streamed out, so the values are the same and the write costs |W| of memory traffic
-// instead of 2|W| (no read-for-ownership).  Not grad_W: a row of G - c u v^T is too long for L1, and
-// going through a buffer measured no better than the plain stores there (biggan128_d, 2 cores).
-constexpr int64_t STREAM_MIN = 1 << 21;
-
-// SN_KERNELS_GROUP_STREAM=0 turns the non-temporal stores off (for measurements; same values either way)
-bool stream_on() {
-  static const bool on = [] {
-    const char* e = std::getenv("SN_KERNELS_GROUP_STREAM");
-    return e == nullptr || std::string(e) != "0";
-  }();
-  return on;
-}
-constexpr int64_t STREAM_BLOCK = 2048;  // floats per L1 buffer of W / sigma
-
-// dst[0, len) = src[0, len), dst written around the caches
-void stream_store(float* dst, const float* src, int64_t len) {
-#if defined(__SSE2__)
-  int64_t k = 0;
-  for (; k < len && (reinterpret_cast<uintptr_t>(dst + k) & 15) != 0; ++k) dst[k] = src[k];
-  for (; k + 16 <= len; k += 16) {
-    _mm_stream_ps(dst + k, _mm_loadu_ps(src + k));
-    _mm_stream_ps(dst + k + 4, _mm_loadu_ps(src + k + 4));
-    _mm_stream_ps(dst + k + 8, _mm_loadu_ps(src + k + 8));
-    _mm_stream_ps(dst + k + 12, _mm_loadu_ps(src + k + 12));
-  }
-  for (; k + 4 <= len; k += 4) _mm_stream_ps(dst + k, _mm_loadu_ps(src + k));
-  for (; k < len; ++k) dst[k] = src[k];
-#else
-  std::copy(src, src + len, dst);
-#endif
-}
-
-// orders the streamed stores before what follows (the end of a parallel phase)
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
+// W / sigma and grad_W of weights of STREAM_MIN elements or more (cpu_stream.h: they leave the caches anyway)
+// are written with non-temporal stores, computed by the same loops into an L1 buffer, so the values are the same.
 
 bool run_whole(int64_t numel, int64_t group_numel) {
   return numel <= WHOLE_MAX ||
@@ -259,12 +221,8 @@ void finish_fused(Fw& f, double eps) {
 void divide_range(Fw& f, int64_t k0, int64_t k1) {
   const float sig = safe_sigma(f.sig);
   if (!f.stream) return f32().divide(f.y + k0, f.w + k0, sig, k1 - k0);
-  alignas(64) float buf[STREAM_BLOCK];
-  for (int64_t k = k0; k < k1; k += STREAM_BLOCK) {
-    const int64_t len = std::min(STREAM_BLOCK, k1 - k);
-    f32().divide(buf, f.w + k, sig, len);  // elementwise: the same quotients as in place
-    stream_store(f.y + k, buf, len);
-  }
+  // elementwise: the same quotients as in place
+  stream_blocks(f.y, k0, k1, [&](float* buf, int64_t k, int64_t len) { f32().divide(buf, f.w + k, sig, len); });
   stream_fence();
 }
 
@@ -539,7 +497,7 @@ group_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, at::
     if (training && f.chunked()) f.part.resize(static_cast<size_t>(f.chunks * f.n));
     f.whole = is_whole[j];
     f.sig = 0;
-    f.stream = stream_on() && f.m * f.n >= STREAM_MIN;
+    f.stream = streamed(f.m * f.n);
     if (f.whole) whole.push_back({f.m * f.n * (training ? n_power_iterations + 1 : 2), int32_t(j), WHOLE, 0, 0});
   }
   const int64_t nf = static_cast<int64_t>(fast.size());
@@ -653,6 +611,7 @@ struct Bw {
   float sig = 0, inv = 0, c = 0;  // inv: grad_factor(sig)
   std::vector<float> part;
   bool whole = false;
+  bool stream = false;  // grad_W written with non-temporal stores (cpu_stream.h)
 };
 
 void dot_blocks(Bw& b, int64_t b0, int64_t b1) {
@@ -673,8 +632,16 @@ void grad_rows(Bw& b, int64_t r0, int64_t r1) {
   const F32Loops& L = f32();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r / b.m, i = r % b.m;
-    L.grad_row(b.y + r * b.inner, b.g + r * b.inner, b.v + o * b.inner, b.c, b.u[i], b.sig, b.inv, b.inner);
+    const float *g = b.g + r * b.inner, *v = b.v + o * b.inner;
+    if (!b.stream) {
+      L.grad_row(b.y + r * b.inner, g, v, b.c, b.u[i], b.sig, b.inv, b.inner);
+      continue;
+    }
+    stream_blocks(b.y + r * b.inner, 0, b.inner, [&](float* buf, int64_t k, int64_t len) {
+      L.grad_row(buf, g + k, v + k, b.c, b.u[i], b.sig, b.inv, len);  // the same loop: the same values
+    });
   }
+  if (b.stream) stream_fence();
 }
 
 std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weights, at::TensorList us,
@@ -733,6 +700,7 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
       b.blocks = (b.numel + DOT_BLOCK - 1) / DOT_BLOCK;
       b.sig = safe_sigma(*sigmas[i].const_data_ptr<float>());
       b.inv = grad_factor(b.sig);
+      b.stream = b.inner >= STREAM_ROW && streamed(b.numel);
       b.part.resize(b.blocks);
     }
   }

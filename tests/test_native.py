@@ -1047,3 +1047,42 @@ def test_grad_w_multiplies_by_the_reciprocal_of_a_normal_sigma(shape, dim, dtype
         G, W = _disjoint(shape, dtype, scale)
         for route, grad in _grad_routes(G, W, sigma, dim).items():
             assert torch.equal(grad, G / sigma), (route, float(sigma))
+
+
+_STREAM_CODE = """
+import sys, torch
+import sn_kernels
+ops = torch.ops.sn_kernels
+torch.manual_seed(0)
+out = []
+for shape, dim in (((1025, 2049), 0), ((4, 1000, 600), 1), ((2, 2100, 500), 1)):
+    w = torch.randn(shape)
+    G = torch.randn(shape)
+    m = shape[dim]
+    u = torch.nn.functional.normalize(torch.randn(m), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(w.numel() // m), dim=0)
+    sigma = ops.native_power_iteration(w, u.clone(), v.clone(), 1, 1e-12, dim, "uv", False)[0]
+    out += [ops.native_normalize(w, u, v, sigma, dim), ops.native_backward(G, w, u, v, sigma, dim),
+            ops.native_normalize_layout(w, u, v, sigma, dim, False)]
+    ws, sigmas, _, _ = ops.native_group_forward([w], [u.clone()], [v.clone()], [dim], 1, 1e-12, "uv", True)
+    out += [ws[0], sigmas[0], ops.native_group_backward([G], [w], [u], [v], [sigma], [dim])[0]]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_large_outputs_written_around_the_caches_have_the_same_bits(tmp_path):
+    """W / sigma and grad_W of STREAM_MIN elements or more (csrc/cpu_stream.h: non-temporal stores through an L1
+    buffer, rows from 500 to 2049 elements, unaligned row starts) are the bits of the plain stores
+    (SN_KERNELS_STREAM=0), for the per-weight ops, the layout op and the grouped ops."""
+    results = []
+    for stream in ("1", "0"):
+        path = tmp_path / f"out{stream}.pt"
+        env = dict(os.environ, SN_KERNELS_STREAM=stream)
+        r = subprocess.run([sys.executable, "-c", _STREAM_CODE, str(path)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(torch.load(path))
+    assert len(results[0]) == 18
+    for k, (a, b) in enumerate(zip(*results)):
+        assert a.dtype == b.dtype and a.stride() == b.stride(), k
+        assert torch.equal(a.view(torch.int32) if a.dim() else a, b.view(torch.int32) if b.dim() else b), k
