@@ -962,23 +962,22 @@ at::Tensor normalize_layout_backward_cpu(const at::Tensor& grad_in, const at::Te
       grad_rows(y, g, ua.data(), va.data(), c, sig, mv);
       return;
     }
-    // y[o][b][s] from g[o][s][b]: u by the `dim` index, v by the rest flattened in order (grad_row's arithmetic)
+    // y[o][b][s] from g[o][s][b]: each output channel's (S, B) block of G transposed into a buffer, then the
+    // same-order route's row loop on it (grad_row_range with that route's row length and u, v indexing), so the
+    // two routes run the same arithmetic (the float32 loops fuse g - c * (u v) into an FMA where the CPU has one)
     const int64_t O = grad.size(0), B = grad.size(1), S = grad.size(2) * grad.size(3);
     const acc_t inv = grad_factor(sig);
     at::parallel_for(0, O, std::max<int64_t>(1, GRAIN / (B * S)), [&](int64_t o0, int64_t o1) {
+      std::vector<scalar_t> t(B * S);
       for (int64_t o = o0; o < o1; ++o) {
         const scalar_t* go = g + o * B * S;
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t b = 0; b < B; ++b) t[b * S + s] = go[s * B + b];
         scalar_t* yo = y + o * B * S;
-        for (int64_t b = 0; b < B; ++b) {
-          const acc_t ub = d == 0 ? ua[o] : ua[b];
-          const acc_t* vb = va.data() + (d == 0 ? b * S : o * S);
-          if (inv != 0)
-            for (int64_t s = 0; s < S; ++s)
-              yo[b * S + s] = static_cast<scalar_t>((static_cast<acc_t>(go[s * B + b]) - c * (ub * vb[s])) * inv);
-          else
-            for (int64_t s = 0; s < S; ++s)
-              yo[b * S + s] = static_cast<scalar_t>((static_cast<acc_t>(go[s * B + b]) - c * (ub * vb[s])) / sig);
-        }
+        if (d == 0)  // row o of the (O, B * S) matrix
+          grad_row_range(yo, t.data(), ua.data() + o, va.data(), c, sig, inv, B * S, 1, 0, 1);
+        else  // rows (o, b) of the (O * B, S) layout: u by b, v by o
+          grad_row_range(yo, t.data(), ua.data(), va.data() + o * S, c, sig, inv, S, B, 0, B);
       }
     });
   });

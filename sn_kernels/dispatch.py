@@ -91,25 +91,32 @@ def set_backend(name: str) -> None:
 # the selection resolves to for a CPU or CUDA weight, by device type.  resolve() fills it, set_backend() clears
 # it.  It spares a call the thread-local selection, the device object and the resolution's lookup, several
 # microseconds each right after a kernel (benchmarks/NOTES.md, P4).  A thread inside a use_backend block has a
-# table of its own for the block's selection (``_local.direct``, made empty when the block opens); only while
-# some block is open (``_open_blocks``, any thread) does a call look for it.
+# table of its own for the block's selection (``_local.direct``: (generation, table), made empty when the block
+# opens); only while some block is open (``_open_blocks``, any thread) does a call look for it.  _reset_cache
+# starts a new generation, which empties every block's table, an outer block's or another thread's included.
 _direct: dict[str, object] = {}
 _open_blocks = [0]
 _blocks_lock = threading.Lock()
+_generation = [0]
 
 
-def _direct_table() -> dict[str, object]:
-    """The fast-path table of the calling thread's selection: its use_backend block's, else the global one."""
-    if _open_blocks[0]:
-        table = getattr(_local, "direct", None)
-        if table is not None:
-            return table
-    return _direct
+def _block_table() -> dict[str, object] | None:
+    """The fast-path table of the calling thread's innermost use_backend block (None outside blocks)."""
+    mine = getattr(_local, "direct", None)
+    if mine is None:
+        return None
+    if mine[0] != _generation[0]:  # made before a _reset_cache
+        mine = _local.direct = (_generation[0], {})
+    return mine[1]
 
 
 def direct_entry(weight) -> object | None:
     """The direct entry for a call on ``weight`` (a Tensor) with no per-call backend, or None."""
-    table = _direct_table()
+    table = _direct
+    if _open_blocks[0]:
+        table = _block_table()
+        if table is None:
+            table = _direct
     return table.get("cpu") if weight.is_cpu else table.get("cuda") if weight.is_cuda else None
 
 
@@ -131,7 +138,7 @@ def use_backend(name: str) -> Iterator[None]:
     previous, previous_direct = getattr(_local, "choice", None), getattr(_local, "direct", None)
     with _blocks_lock:
         _open_blocks[0] += 1
-    _local.choice, _local.direct = choice, {}
+    _local.choice, _local.direct = choice, (_generation[0], {})
     try:
         yield
     finally:
@@ -161,7 +168,7 @@ def resolve(device: torch.device, backend: str | None = None) -> Backend:
     if chosen.direct is not None and backend is None and key[1] in ("cpu", "cuda"):
         # the table of the selection just resolved: the calling thread's block's, or the global one (unless
         # set_backend changed the selection meanwhile in another thread)
-        table = getattr(_local, "direct", None) if getattr(_local, "choice", None) is not None else (
+        table = _block_table() if getattr(_local, "choice", None) is not None else (
             _direct if choice == _selected else None)
         if table is not None and key[1] not in table:
             table[key[1]] = chosen.direct
@@ -252,7 +259,6 @@ def _reset_cache() -> None:
     """Forget resolved backends (after building the extension, in tests)."""
     _resolved.clear()
     _direct.clear()
-    if getattr(_local, "direct", None) is not None:  # the calling thread's block (other threads' end with them)
-        _local.direct.clear()
+    _generation[0] += 1  # every use_backend block's table, in any thread
     _load_errors.clear()
 

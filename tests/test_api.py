@@ -712,3 +712,20 @@ def test_convert_leaves_subclasses_of_pytorchs_spectral_norm(api):
     with pytest.warns(UserWarning, match="subclass of PyTorch's spectral norm"):
         sn_kernels.convert(layer)
     assert torch.equal(layer(x), expected)
+
+
+def test_reset_cache_empties_every_blocks_fast_path_table():
+    """dispatch._reset_cache (after a build) forgets the direct entries of every use_backend block's table, an
+    outer block's included, not only the global table's."""
+    if dispatch.resolve(torch.device("cpu")).direct is None:
+        pytest.skip("the native backend's direct entry is not loaded")
+    w = torch.randn(6, 4)
+    u, v = torch.nn.functional.normalize(torch.randn(6), dim=0), torch.nn.functional.normalize(torch.randn(4), dim=0)
+    with sn_kernels.use_backend("native"):
+        sn_kernels.spectral_normalize(w, u, v)  # fills the block's table
+        assert dispatch.direct_entry(w) is not None
+        with sn_kernels.use_backend("torch"):
+            dispatch._reset_cache()
+        assert dispatch.direct_entry(w) is None
+        sn_kernels.spectral_normalize(w, u, v)  # resolved again: the table refilled
+        assert dispatch.direct_entry(w) is not None

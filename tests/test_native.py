@@ -1086,3 +1086,28 @@ def test_large_outputs_written_around_the_caches_have_the_same_bits(tmp_path):
     for k, (a, b) in enumerate(zip(*results)):
         assert a.dtype == b.dtype and a.stride() == b.stride(), k
         assert torch.equal(a.view(torch.int32) if a.dim() else a, b.view(torch.int32) if b.dim() else b), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,dim", [((16, 12, 3, 3), 0), ((16, 12, 3, 3), 1), ((40, 70, 1, 3), 0), ((5, 2, 1, 1), 1)],
+                         ids=str)
+def test_layout_backward_reads_a_channels_last_grad_with_the_same_bits(shape, dim, dtype):
+    """The layout op's backward from a channels-last G (the compiled convolution's, read block-transposed) gives
+    the bits of the same-order route: the same row loop (grad_row_range) on each transposed block, so the
+    float32 AVX2 loop's fused multiply-add is in both.  Integer-valued G and W make <G, W / sigma>'s sum exact in
+    either storage order, so only the per-element arithmetic can differ; sigma 1 and 3 (multiplied by 1/3)."""
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randint(-8, 9, shape, generator=gen).to(dtype)
+    W = torch.randint(-8, 9, shape, generator=gen).to(dtype)
+    m = shape[dim]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    u = torch.nn.functional.normalize(torch.randn(m, generator=gen, dtype=torch.float64), dim=0).to(dtype)
+    v = torch.nn.functional.normalize(torch.randn(W.numel() // m, generator=gen, dtype=torch.float64), dim=0).to(dtype)
+    cl = torch.channels_last
+    for value in (1.0, 3.0):
+        sigma = torch.tensor(value, dtype=acc)
+        same = _ops().native_normalize_layout_backward(G, W, u, v, sigma, dim, False, None)
+        moved = _ops().native_normalize_layout_backward(G.contiguous(memory_format=cl), W.contiguous(memory_format=cl),
+                                                        u, v, sigma, dim, False, None)
+        assert moved.is_contiguous() and same.is_contiguous()
+        assert torch.equal(moved, same), (value, (moved != same).sum().item())
