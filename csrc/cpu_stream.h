@@ -31,6 +31,10 @@ inline bool stream_on() {
 // whether an output of `numel` float32 elements is written with non-temporal stores
 inline bool streamed(int64_t numel) { return numel >= STREAM_MIN && stream_on(); }
 
+// whether a grad_W of `numel` float32 elements in rows of `inner` is written around the caches, a row at a
+// time through the L1 buffer (rows shorter than STREAM_ROW keep the plain stores)
+inline bool streamed_rows(int64_t inner, int64_t numel) { return inner >= STREAM_ROW && streamed(numel); }
+
 // dst[0, len) = src[0, len), dst written around the caches
 inline void stream_store(float* dst, const float* src, int64_t len) {
 #if defined(__SSE2__)

@@ -665,7 +665,7 @@ void grad_rows(scalar_t* y, const scalar_t* g, const acc_t* ua, const acc_t* va,
   if constexpr (std::is_same_v<scalar_t, float>) {
     // a large float32 gradient leaves the caches anyway: written around them, row by row through an L1
     // buffer (cpu_stream.h; grad_row's loop, so the same values), when its rows are long enough for that
-    if (inner >= STREAM_ROW && streamed(mv.outer * m * inner)) {
+    if (streamed_rows(inner, mv.outer * m * inner)) {
       at::parallel_for(0, mv.outer * m, std::max<int64_t>(1, GRAIN / inner), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const float* gr = g + r * inner;

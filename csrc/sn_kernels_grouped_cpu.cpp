@@ -43,10 +43,6 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include "common.h"
 #include "cpu_block_cache.h"
 #include "cpu_loops.h"
@@ -700,7 +696,7 @@ std::vector<at::Tensor> group_backward(at::TensorList grads, at::TensorList weig
       b.blocks = (b.numel + DOT_BLOCK - 1) / DOT_BLOCK;
       b.sig = safe_sigma(*sigmas[i].const_data_ptr<float>());
       b.inv = grad_factor(b.sig);
-      b.stream = b.inner >= STREAM_ROW && streamed(b.numel);
+      b.stream = streamed_rows(b.inner, b.numel);
       b.part.resize(b.blocks);
     }
   }

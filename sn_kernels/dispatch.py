@@ -83,8 +83,10 @@ def set_backend(name: str) -> None:
     """Select "auto" (default), "native", "triton" or "torch" for every later call, in every thread
     (a ``use_backend`` block overrides it in its own thread)."""
     global _selected
-    _selected = _check_choice(name)
-    _direct.clear()
+    choice = _check_choice(name)
+    with _select_lock:
+        _selected = choice
+        _direct.clear()
 
 
 # The front end's fast path (functional.normalize_kept): the direct entry (``Backend.direct``) of the backend
@@ -98,6 +100,9 @@ _direct: dict[str, object] = {}
 _open_blocks = [0]
 _blocks_lock = threading.Lock()
 _generation = [0]
+# set_backend, _reset_cache and resolve's writes to the shared caches: a resolution that raced a change of
+# selection or a reset must not leave the old backend in them
+_select_lock = threading.Lock()
 
 
 def _block_table() -> dict[str, object] | None:
@@ -164,14 +169,20 @@ def resolve(device: torch.device, backend: str | None = None) -> Backend:
     key = (choice, device.type)
     chosen = _resolved.get(key)
     if chosen is None:
-        chosen = _resolved[key] = _resolve(choice, device)
+        generation = _generation[0]
+        chosen = _resolve(choice, device)  # may build the extension: not under the lock
+        with _select_lock:
+            if _generation[0] == generation:
+                _resolved[key] = chosen
     if chosen.direct is not None and backend is None and key[1] in ("cpu", "cuda"):
-        # the table of the selection just resolved: the calling thread's block's, or the global one (unless
-        # set_backend changed the selection meanwhile in another thread)
-        table = _block_table() if getattr(_local, "choice", None) is not None else (
-            _direct if choice == _selected else None)
-        if table is not None and key[1] not in table:
-            table[key[1]] = chosen.direct
+        if getattr(_local, "choice", None) is not None:  # the calling thread's block's own table
+            table = _block_table()
+            if key[1] not in table and _resolved.get(key) is chosen:  # not resolved before a reset
+                table[key[1]] = chosen.direct
+        elif key[1] not in _direct:
+            with _select_lock:  # the global table, unless set_backend or _reset_cache came in between
+                if choice == _selected and _resolved.get(key) is chosen:
+                    _direct[key[1]] = chosen.direct
     return chosen
 
 
@@ -257,8 +268,9 @@ def _outside_stacklevel() -> int:
 
 def _reset_cache() -> None:
     """Forget resolved backends (after building the extension, in tests)."""
-    _resolved.clear()
-    _direct.clear()
-    _generation[0] += 1  # every use_backend block's table, in any thread
-    _load_errors.clear()
+    with _select_lock:
+        _resolved.clear()
+        _direct.clear()
+        _generation[0] += 1  # every use_backend block's table, in any thread
+        _load_errors.clear()
 

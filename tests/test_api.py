@@ -1,4 +1,5 @@
 """Helpers and the dispatcher: apply_spectral_norm, convert, sigmas, SN layers, backends."""
+import contextlib
 import copy
 import os
 import subprocess
@@ -729,3 +730,29 @@ def test_reset_cache_empties_every_blocks_fast_path_table():
         assert dispatch.direct_entry(w) is None
         sn_kernels.spectral_normalize(w, u, v)  # resolved again: the table refilled
         assert dispatch.direct_entry(w) is not None
+
+
+@pytest.mark.parametrize("in_block", [False, True])
+def test_a_resolution_overtaken_by_a_reset_is_not_cached(monkeypatch, in_block):
+    """A resolution that another thread's dispatch._reset_cache overtakes (the reset comes while the
+    backend is being resolved, e.g. during the extension's build) leaves no entry behind: neither in the
+    resolution cache nor in a fast-path table, so the next call resolves afresh."""
+    real = dispatch._resolve
+
+    def overtaken(choice, device):
+        chosen = real(choice, device)
+        dispatch._reset_cache()  # as another thread would, between the resolution and its caching
+        return chosen
+
+    w = torch.randn(6, 4)
+    block = sn_kernels.use_backend("auto") if in_block else contextlib.nullcontext()
+    dispatch._reset_cache()
+    with block:
+        monkeypatch.setattr(dispatch, "_resolve", overtaken)
+        chosen = dispatch.resolve(torch.device("cpu"))
+        monkeypatch.setattr(dispatch, "_resolve", real)
+        assert dispatch._resolved == {}
+        assert dispatch.direct_entry(w) is None
+        assert dispatch.resolve(torch.device("cpu")) is chosen  # resolved again, and cached this time
+        assert ("auto", "cpu") in dispatch._resolved
+        assert (dispatch.direct_entry(w) is not None) == (chosen.direct is not None)

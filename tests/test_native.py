@@ -1049,6 +1049,61 @@ def test_grad_w_multiplies_by_the_reciprocal_of_a_normal_sigma(shape, dim, dtype
             assert torch.equal(grad, G / sigma), (route, float(sigma))
 
 
+def _division_probe(n: int, seed: int) -> torch.Tensor:
+    """float32 values for W / sigma: every bit pattern, normal values over the exponent range, runs of plain
+    values (whole blocks of eight on the reciprocal route, csrc/cpu_f32_loops.h), and +-0, infinities, NaN
+    payloads, subnormals and the bounds of that route's range and their neighbours sprinkled between them."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, generator=g).view(torch.float32)
+    wide = torch.randn(n, generator=g) * torch.pow(10.0, torch.randint(-37, 38, (n,), generator=g).float())
+    plain = torch.randn(n, generator=g)
+    w = torch.where(torch.arange(n) % 3 == 0, bits, torch.where(torch.arange(n) % 3 == 1, wide, plain))
+    w[torch.arange(n) % 96 < 48] = plain[torch.arange(n) % 96 < 48]  # half the blocks in range throughout
+    edges = []
+    for sigma in (1.0, 3.0, 0.3, 1e-30, 3e37):
+        a = torch.tensor(sigma)
+        for bound in (2.0 ** -100 * torch.clamp(a, min=1), 2.0 ** 100 * torch.clamp(a, max=1)):
+            edges += [bound, torch.nextafter(bound, torch.tensor(0.0)), torch.nextafter(bound, torch.tensor(1e38))]
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-40, 1.17549435e-38,
+                             3.4028235e38, -3.4028235e38] + [float(e) for e in edges])
+    nan = torch.tensor([0x7FC00001, 0x7F800123, -0x00400001, 0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    where = torch.randint(0, n, (2 * (len(specials) + len(nan)),), generator=g)
+    values = torch.cat([specials, nan, specials, nan])
+    w[where] = values
+    return w
+
+
+def test_w_over_sigma_has_the_bits_of_the_division():
+    """W / sigma on every float32 CPU route (per weight, the layout op's same-order route, the grouped op) is
+    the division's result bit for bit, where the AVX2 table computes it from 1 / sigma with two FMAs
+    (benchmarks/NOTES.md, L15): every bit pattern of W, NaN payloads, +-0, infinities, subnormals, the
+    route's range bounds; sigma normal, tiny, huge, negative, subnormal, or with 1 / sigma subnormal."""
+    ops = torch.ops.sn_kernels
+    n = 5 * 13109  # rows of odd length, a tail after the blocks of eight
+    for seed, sigma in enumerate((1.7, 3.0, 0.3, 1e-30, 3e37, -2.5, 2.0 ** -126, 1.5 * 2.0 ** 127, 1e-39, 1e-20)):
+        w = _division_probe(n, seed).view(5, -1)
+        u, v = torch.zeros(5), torch.zeros(w.shape[1])
+        s = torch.tensor(sigma)
+        expected = (w / s).view(torch.int32)
+        for route, got in (("normalize", ops.native_normalize(w, u, v, s, 0)),
+                           ("normalize dim 1", ops.native_normalize(w, u, v, s, 1)),
+                           ("layout", ops.native_normalize_layout(w, u, v, s, 0, False))):
+            assert torch.equal(got.view(torch.int32), expected), (route, sigma)
+    # the grouped op divides by the sigma it computes: weights whose sigma stays finite, with zeros and
+    # subnormals among plain values, a small weight (one item) and a large one (the phases), two threads
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(shape, generator=g) for shape in ((37, 53), (600, 520))]
+    for w in weights:
+        w.view(-1)[::97] = 0.0
+        w.view(-1)[5::101] = -0.0
+        w.view(-1)[9::89] = 1e-41
+    us = [torch.nn.functional.normalize(torch.randn(w.shape[0], generator=g), dim=0) for w in weights]
+    vs = [torch.nn.functional.normalize(torch.randn(w.shape[1], generator=g), dim=0) for w in weights]
+    outs, sigmas, _, _ = ops.native_group_forward(weights, us, vs, [0, 0], 1, 1e-12, "uv", True)
+    for w, out, sigma in zip(weights, outs, sigmas):
+        assert torch.equal(out.view(torch.int32), (w / sigma).view(torch.int32))
+
+
 _STREAM_CODE = """
 import sys, torch
 import sn_kernels
