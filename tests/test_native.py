@@ -1104,6 +1104,35 @@ def test_w_over_sigma_has_the_bits_of_the_division():
         assert torch.equal(out.view(torch.int32), (w / sigma).view(torch.int32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_w_over_sigma_has_the_bits_of_the_float32_detour_for_every_value(dtype):
+    """float16 and bfloat16 W / sigma (the AVX2 table's loops, which keep the division: benchmarks/NOTES.md, L15)
+    equal PyTorch's own `W / sigma` in that dtype (a float32 division, rounded once)
+    for every one of the 65536 bit patterns, each in blocks of plain values and beside them, and a tail.  NaN
+    results are NaN; their bits are compared for float16 only: ATen's vectorized bfloat16 rounding makes
+    every NaN 0xFFFF where its scalar one (c10::BFloat16, what these loops follow) makes 0x7FC0."""
+    ops = torch.ops.sn_kernels
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    plain = torch.randn(every.numel(), generator=torch.Generator().manual_seed(3)).to(dtype)
+    # each pattern both among other patterns and as the one odd lane of a block of plain values
+    lone = plain.clone().view(-1, 8)
+    lone[:, 3] = every.view(-1, 8)[:, 0]
+    w = torch.cat([every, plain, lone.flatten(), every[:5]]).view(1, -1)
+    u, v = torch.zeros(1, dtype=dtype), torch.zeros(w.shape[1], dtype=dtype)
+    for sigma in (1.7, 0.3, 3e-5, 7e4, -2.5, 2.0 ** -126, 1e-39, 3e37):
+        s = torch.tensor(sigma)
+        expected = w / s  # ATen: float32 opmath, rounded to the dtype
+        nan = expected.isnan()
+        if dtype == torch.bfloat16:
+            expected = expected.masked_fill(nan, 0)
+        for route, got in (("normalize", ops.native_normalize(w, u, v, s, 0)),
+                           ("layout", ops.native_normalize_layout(w, u, v, s, 0, False))):
+            assert got.dtype == dtype and torch.equal(got.isnan(), nan), (route, sigma)
+            if dtype == torch.bfloat16:
+                got = got.masked_fill(nan, 0)
+            assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), (route, sigma)
+
+
 _STREAM_CODE = """
 import sys, torch
 import sn_kernels
