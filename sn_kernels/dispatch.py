@@ -140,14 +140,27 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Select a backend for a block, in the calling thread only: ``with sn_kernels.use_backend("torch"): ...``."""
     choice = _check_choice(name)
-    previous, previous_direct = getattr(_local, "choice", None), getattr(_local, "direct", None)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    # the thread's open blocks, innermost last: each entry is (choice, fast-path table); _local.choice and
+    # _local.direct hold the innermost one's for the per-call reads
+    entry = (choice, (_generation[0], {}))
+    stack.append(entry)
     with _blocks_lock:
         _open_blocks[0] += 1
-    _local.choice, _local.direct = choice, (_generation[0], {})
+    _local.choice, _local.direct = entry
     try:
         yield
     finally:
-        _local.choice, _local.direct = previous, previous_direct
+        # this block's entry goes wherever it is: a block that ends out of order (generators or tasks that
+        # interleave their blocks in one thread) leaves the blocks still open in force, and the thread's
+        # selection is the default again once every block has ended
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is entry:
+                del stack[i]
+                break
+        _local.choice, _local.direct = stack[-1] if stack else (None, None)
         with _blocks_lock:
             _open_blocks[0] -= 1
 

@@ -756,3 +756,23 @@ def test_a_resolution_overtaken_by_a_reset_is_not_cached(monkeypatch, in_block):
         assert dispatch.resolve(torch.device("cpu")) is chosen  # resolved again, and cached this time
         assert ("auto", "cpu") in dispatch._resolved
         assert (dispatch.direct_entry(w) is not None) == (chosen.direct is not None)
+
+
+def test_use_backend_blocks_ended_out_of_order_leave_no_selection_behind():
+    """Two use_backend blocks of one thread that end out of order (as interleaved generators or tasks end
+    them): the block still open stays in force, and once both have ended the thread's selection is the
+    default again, not the first block's."""
+    before = sn_kernels.get_backend()
+    outer, inner = sn_kernels.use_backend("torch"), sn_kernels.use_backend("native")
+    outer.__enter__()
+    inner.__enter__()
+    assert sn_kernels.get_backend() == "native"
+    outer.__exit__(None, None, None)
+    assert sn_kernels.get_backend() == "native"
+    inner.__exit__(None, None, None)
+    assert sn_kernels.get_backend() == before
+    with sn_kernels.use_backend("torch"):
+        with sn_kernels.use_backend("native"):
+            assert sn_kernels.get_backend() == "native"
+        assert sn_kernels.get_backend() == "torch"
+    assert sn_kernels.get_backend() == before
