@@ -147,13 +147,16 @@ void divide(float* __restrict y, const float* __restrict w, float sigma, long le
 typedef unsigned int sn_v8su __attribute__((vector_size(32)));
 
 // y[k] = w[k] / sigma with the division's bits, from the reciprocal (benchmarks/NOTES.md, L15): with
-// z = RN(1 / sigma), q = RN(w z), r = w - q sigma (exact, one FMA) and RN(q + r z) (one FMA) is the
-// correctly rounded quotient w / sigma whenever nothing under- or overflows (Markstein's division with an
-// FMA, the divisor known in advance: Muller, Raina and Brisebarre, IEEE Trans. Computers 53(8), 2004).  A
-// multiply and two FMAs cost 0.7 of vdivps here, range check included.  Eight lanes take that route when every |w| lies in
-// [lo, hi], 2^25 or more inside the exponent range's ends for both w and w / sigma, tested on the bits in
-// one unsigned compare; a block with a zero, a subnormal, an extreme value, an infinity or a NaN, and a
-// sigma or 1 / sigma that is not a normal number, are divided.
+// z = RN(1 / sigma), q = RN(w z), r = RN(w - q sigma) (one FMA) and RN(q + r z) (one FMA) is the correctly
+// rounded quotient w / sigma whenever nothing under- or overflows: Markstein's division with an FMA, the
+// divisor known in advance (cited as known by Brisebarre, Muller and Raina, IEEE Trans. Computers 53(8),
+// 2004).  q can be 1.5 ulp off, and r is then not always exact, so the claim rests on sweeps against the
+// division (NOTES L15), the hardest cases, near rounding midpoints, for every mantissa of sigma included.  A
+// multiply and two FMAs cost 0.7 of vdivps here, range check included.  Eight lanes take that route when
+// every |w| lies in [lo, hi] = [2^-100 max(1, |sigma|), 2^100 min(1, |sigma|)] (so both w and w / sigma stay
+// 2^25 or more inside the exponent range), tested on the bits in one unsigned compare; a block with a zero, a
+// subnormal, a value outside that range, an infinity or a NaN, and a sigma or 1 / sigma that is not a normal
+// number, are divided.
 void divide(float* __restrict y, const float* __restrict w, float sigma, long len) {
   long k = 0;
   const float z = 1.0f / sigma;

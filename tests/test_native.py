@@ -1076,8 +1076,9 @@ def _division_probe(n: int, seed: int) -> torch.Tensor:
 def test_w_over_sigma_has_the_bits_of_the_division():
     """W / sigma on every float32 CPU route (per weight, the layout op's same-order route, the grouped op) is
     the division's result bit for bit, where the AVX2 table computes it from 1 / sigma with two FMAs
-    (benchmarks/NOTES.md, L15): every bit pattern of W, NaN payloads, +-0, infinities, subnormals, the
-    route's range bounds; sigma normal, tiny, huge, negative, subnormal, or with 1 / sigma subnormal."""
+    (benchmarks/NOTES.md, L15; on a CPU without AVX2 and FMA the table divides, and this checks that): random
+    bit patterns of W, NaN payloads, +-0, infinities, subnormals, the route's range bounds; sigma normal,
+    tiny, huge, negative, subnormal, or with 1 / sigma subnormal."""
     ops = torch.ops.sn_kernels
     n = 5 * 13109  # rows of odd length, a tail after the blocks of eight
     for seed, sigma in enumerate((1.7, 3.0, 0.3, 1e-30, 3e37, -2.5, 2.0 ** -126, 1.5 * 2.0 ** 127, 1e-39, 1e-20)):
