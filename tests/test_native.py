@@ -1050,7 +1050,7 @@ def test_grad_w_multiplies_by_the_reciprocal_of_a_normal_sigma(shape, dim, dtype
 
 
 def _division_probe(n: int, seed: int) -> torch.Tensor:
-    """float32 values for W / sigma: every bit pattern, normal values over the exponent range, runs of plain
+    """float32 values for W / sigma: random bit patterns, normal values over the exponent range, runs of plain
     values (whole blocks of eight on the reciprocal route, csrc/cpu_f32_loops.h), and +-0, infinities, NaN
     payloads, subnormals and the bounds of that route's range and their neighbours sprinkled between them."""
     g = torch.Generator().manual_seed(seed)
